@@ -1,0 +1,94 @@
+//! Shared helpers of sanare's benchmarks.
+//!
+//! Every bench target measures its figures against a baseline measured in the same
+//! run and writes them with [`Figures`] as a flat JSON object to the file named by
+//! `SANARE_BENCH_OUT` (set by `cargo xtask bench <area>` to
+//! `target/bench/<area>.json`).
+
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A flat set of named figures, written as one JSON object.
+#[derive(Debug, Default)]
+pub struct Figures {
+    values: BTreeMap<String, serde_json::Value>,
+}
+
+impl Figures {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a number.
+    pub fn set(&mut self, name: &str, value: f64) -> &mut Self {
+        let value = serde_json::Number::from_f64(value)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null);
+        self.values.insert(name.to_owned(), value);
+        self
+    }
+
+    /// Records a string (the machine, the workload).
+    pub fn note(&mut self, name: &str, value: impl Into<String>) -> &mut Self {
+        self.values
+            .insert(name.to_owned(), serde_json::Value::String(value.into()));
+        self
+    }
+
+    /// A recorded number.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.values.get(name).and_then(serde_json::Value::as_f64)
+    }
+
+    /// Where figures for `area` go: `$SANARE_BENCH_OUT`, else
+    /// `target/bench/<area>.json` under the workspace.
+    pub fn path_for(area: &str) -> PathBuf {
+        std::env::var_os("SANARE_BENCH_OUT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/bench")
+                    .join(format!("{area}.json"))
+            })
+    }
+
+    /// Writes the figures as pretty JSON to `path` (folders created), merging into
+    /// the figures already there so that partial runs (`-- <filter>`) keep the rest.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut merged: BTreeMap<String, serde_json::Value> = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        merged.extend(self.values.clone());
+        let json = serde_json::to_vec_pretty(&merged).map_err(std::io::Error::other)?;
+        std::fs::write(path, json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_are_a_flat_json_object_merged_across_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("area.json");
+        let mut a = Figures::new();
+        a.set("x_per_s", 10.5).note("machine", "test");
+        a.write(&path).unwrap();
+        let mut b = Figures::new();
+        b.set("y_ratio", 2.0);
+        b.write(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["x_per_s"], 10.5);
+        assert_eq!(v["y_ratio"], 2.0);
+        assert_eq!(v["machine"], "test");
+        assert_eq!(b.get("y_ratio"), Some(2.0));
+    }
+}

@@ -1,0 +1,215 @@
+//! What other crates need of snapshots.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{Control, JournalCut, Result, RowImage, RowRef, SnapshotId, TableRef};
+
+/// Where a snapshot is in its life (spec §4.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SnapshotStatus {
+    /// Being written; never restorable.
+    Creating,
+    /// Complete and verified at write time.
+    Ready,
+    /// Being verified.
+    Validating,
+    /// Verification failed; skipped in favour of an older good snapshot.
+    Corrupted,
+    /// Kept in colder storage.
+    Archived,
+    /// Deleted; its blocks are garbage once unreferenced.
+    Deleted,
+}
+
+/// Rows captured for one table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableRowCount {
+    /// The table.
+    pub table: TableRef,
+    /// Its rows.
+    pub rows: u64,
+}
+
+/// What other components need to know about a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SnapshotInfo {
+    /// Its id.
+    pub id: SnapshotId,
+    /// When its consistent view was taken.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Its status.
+    pub status: SnapshotStatus,
+    /// An optional human label.
+    pub label: Option<String>,
+    /// The snapshot it is incremental on, if any.
+    pub base: Option<SnapshotId>,
+    /// The journal cut it is consistent with, if a journal is attached.
+    pub journal_cut: Option<JournalCut>,
+    /// Rows per captured table.
+    pub tables: Vec<TableRowCount>,
+    /// Uncompressed bytes.
+    pub size_bytes: u64,
+    /// Bytes newly stored for it.
+    pub stored_bytes: u64,
+    /// Host metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What to capture.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SnapshotRequest {
+    /// These tables (in addition to `schemas`).
+    pub tables: Vec<TableRef>,
+    /// Every table of these schemas. When both are empty, the configured default set.
+    pub schemas: Vec<String>,
+    /// An optional label.
+    pub label: Option<String>,
+    /// Host metadata stored in the manifest.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl SnapshotRequest {
+    /// The configured default set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only these tables.
+    pub fn tables(mut self, tables: impl IntoIterator<Item = TableRef>) -> Self {
+        self.tables = tables.into_iter().collect();
+        self
+    }
+
+    /// Every table of these schemas.
+    pub fn schemas<I: IntoIterator<Item = S>, S: Into<String>>(mut self, schemas: I) -> Self {
+        self.schemas = schemas.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// A label.
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+}
+
+/// Where restored rows go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "target", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RestoreTarget {
+    /// Into the live tables, replacing their contents, in one transaction.
+    Live,
+    /// Into tables of the same names in `schema` (created if missing).
+    Scratch {
+        /// The scratch schema.
+        schema: String,
+    },
+}
+
+/// What to restore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RestoreRequest {
+    /// The snapshot.
+    pub snapshot: SnapshotId,
+    /// Only these tables (all when empty).
+    pub tables: Vec<TableRef>,
+    /// Where to.
+    pub target: RestoreTarget,
+}
+
+impl RestoreRequest {
+    /// Restore every table of `snapshot` into the live tables.
+    pub fn new(snapshot: SnapshotId) -> Self {
+        Self {
+            snapshot,
+            tables: Vec::new(),
+            target: RestoreTarget::Live,
+        }
+    }
+
+    /// Only these tables.
+    pub fn tables(mut self, tables: impl IntoIterator<Item = TableRef>) -> Self {
+        self.tables = tables.into_iter().collect();
+        self
+    }
+
+    /// Restore into `target`.
+    pub fn target(mut self, target: RestoreTarget) -> Self {
+        self.target = target;
+        self
+    }
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RestoreOutcome {
+    /// The snapshot restored.
+    pub snapshot: SnapshotId,
+    /// Rows written per table.
+    pub tables: Vec<TableRowCount>,
+    /// The journal cut the restored state is consistent with: replay from here.
+    pub journal_cut: Option<JournalCut>,
+}
+
+/// What verifying a snapshot found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct VerifyReport {
+    /// The snapshot.
+    pub snapshot: SnapshotId,
+    /// Blocks whose hash was checked.
+    pub blocks_checked: u64,
+    /// Blocks referenced but not in the store.
+    pub blocks_missing: u64,
+    /// Blocks whose content does not match their id.
+    pub blocks_corrupt: u64,
+    /// Each problem found, in words.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether the snapshot is intact.
+    pub fn is_ok(&self) -> bool {
+        self.blocks_missing == 0 && self.blocks_corrupt == 0 && self.problems.is_empty()
+    }
+}
+
+/// Snapshots, as the other components use them (recovery restores the latest good
+/// one; repair fetches rows by primary key; corruption detection compares values).
+///
+/// # Contract
+/// `Send + Sync`, methods callable concurrently. Long methods check their
+/// [`Control`] between blocks and tables; a cancelled restore into live tables rolls
+/// back completely.
+#[async_trait]
+pub trait SnapshotService: Send + Sync {
+    /// Captures a snapshot.
+    async fn create(&self, request: SnapshotRequest, control: &Control) -> Result<SnapshotInfo>;
+
+    /// The newest snapshot in status `Ready` taken at or before `before` (now when
+    /// `None`), skipping any found corrupted.
+    async fn latest_good(&self, before: Option<OffsetDateTime>) -> Result<Option<SnapshotInfo>>;
+
+    /// Restores a snapshot.
+    async fn restore(&self, request: RestoreRequest, control: &Control) -> Result<RestoreOutcome>;
+
+    /// The rows of `snapshot` with the given primary keys. Rows absent from the
+    /// snapshot are absent from the result; order follows `rows`.
+    async fn fetch_rows(&self, snapshot: SnapshotId, rows: &[RowRef]) -> Result<Vec<RowImage>>;
+
+    /// Verifies every block and the manifest of a snapshot, marking it corrupted if
+    /// it is not intact.
+    async fn verify(&self, snapshot: SnapshotId, control: &Control) -> Result<VerifyReport>;
+}

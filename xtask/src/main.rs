@@ -1,0 +1,263 @@
+//! `cargo xtask <task>`: the project's development tasks.
+//!
+//! - `test`: format check, clippy with `-D warnings`, docs with `-D warnings`, and every
+//!   test of the workspace, against one throwaway PostgreSQL for the whole run (or
+//!   `DATABASE_URL` when set);
+//! - `demo`: the quickstart example on embedded defaults with a throwaway PostgreSQL;
+//! - `bench <area>`: one area's criterion benchmarks; figures land in
+//!   `target/bench/<area>.json`.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use sanare_testing::cluster::{Cluster, ClusterError, ClusterOptions};
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  test            fmt check, clippy -D warnings, docs, every test (throwaway PostgreSQL
+                  unless DATABASE_URL is set)
+  demo            run the quickstart example against a throwaway PostgreSQL
+  bench <area>    run one area's benchmarks (journal, snapshot, integrity, repair,
+                  recovery, corruption); figures go to target/bench/<area>.json";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("-h" | "--help" | "help") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown task `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(step: &str, cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: == {step}");
+    let started = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{step}: could not run {cmd:?}: {e}"))?;
+    eprintln!(
+        "xtask: == {step}: {} in {:.1}s",
+        if status.success() { "ok" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{step} failed ({status})"))
+    }
+}
+
+fn has_command(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `DATABASE_URL` when set; otherwise a throwaway cluster (installing PostgreSQL
+/// with apt first when there are no binaries, we are root and apt exists).
+fn database(options: ClusterOptions) -> Result<(String, Option<Cluster>), String> {
+    if let Ok(url) = env::var("DATABASE_URL")
+        && !url.trim().is_empty()
+    {
+        eprintln!("xtask: using DATABASE_URL");
+        return Ok((url, None));
+    }
+    let cluster = match Cluster::start_with(options.clone()) {
+        Ok(c) => c,
+        Err(ClusterError::NoBinaries { .. }) if can_apt_install() => {
+            eprintln!("xtask: no PostgreSQL binaries; installing `postgresql` with apt-get");
+            run(
+                "apt-get update",
+                Command::new("apt-get").args(["update", "-qq"]),
+            )?;
+            run(
+                "apt-get install postgresql",
+                Command::new("apt-get")
+                    .args([
+                        "install",
+                        "-y",
+                        "-qq",
+                        "--no-install-recommends",
+                        "postgresql",
+                        "postgresql-contrib",
+                    ])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+            Cluster::start_with(options).map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let url = cluster.url("postgres");
+    eprintln!(
+        "xtask: started a throwaway PostgreSQL ({}) on port {}",
+        cluster.bin_dir().display(),
+        cluster.port()
+    );
+    Ok((url, Some(cluster)))
+}
+
+fn can_apt_install() -> bool {
+    sanare_testing::cluster::running_as_root() && has_command("apt-get", "--version")
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    let started = Instant::now();
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--check"]),
+    )?;
+    run(
+        "cargo clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "cargo doc",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps", "--all-features"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )?;
+    let (url, cluster) = database(ClusterOptions::default())?;
+    let mut tests = if has_command("cargo-nextest", "--version")
+        || cargo()
+            .args(["nextest", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
+        let mut cmd = cargo();
+        cmd.args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--all-features",
+            "--no-fail-fast",
+        ]);
+        cmd
+    } else {
+        let mut cmd = cargo();
+        cmd.args(["test", "--workspace", "--all-features", "--no-fail-fast"]);
+        cmd
+    };
+    tests.args(args).env("DATABASE_URL", &url);
+    let result = run("tests", &mut tests).and_then(|()| {
+        run(
+            "doc tests",
+            cargo()
+                .args(["test", "--workspace", "--all-features", "--doc"])
+                .env("DATABASE_URL", &url),
+        )
+    });
+    drop(cluster);
+    result?;
+    eprintln!(
+        "xtask: all checks passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn demo(args: &[String]) -> Result<(), String> {
+    let (url, cluster) = database(ClusterOptions::default())?;
+    let result = run(
+        "quickstart",
+        cargo()
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "sanare-examples",
+                "--bin",
+                "quickstart",
+                "--",
+            ])
+            .args(args)
+            .env("DATABASE_URL", &url),
+    );
+    drop(cluster);
+    result
+}
+
+const AREAS: [&str; 6] = [
+    "journal",
+    "snapshot",
+    "integrity",
+    "repair",
+    "recovery",
+    "corruption",
+];
+
+fn bench(args: &[String]) -> Result<(), String> {
+    let Some(area) = args.first() else {
+        return Err(format!("bench needs an area: one of {}", AREAS.join(", ")));
+    };
+    if !AREAS.contains(&area.as_str()) {
+        return Err(format!(
+            "unknown bench area `{area}`: expected one of {}",
+            AREAS.join(", ")
+        ));
+    }
+    if !root()
+        .join("benches/benches")
+        .join(format!("{area}.rs"))
+        .is_file()
+    {
+        return Err(format!(
+            "no benchmark for `{area}` yet (benches/benches/{area}.rs does not exist)"
+        ));
+    }
+    // Benchmarks compare against durable baselines, so the server keeps fsync on.
+    let (url, cluster) = database(ClusterOptions::default().durable(true))?;
+    let out_dir = root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "sanare-benches", "--bench", area, "--"])
+        .args(&args[1..])
+        .env("DATABASE_URL", &url)
+        .env("SANARE_BENCH_OUT", out_dir.join(format!("{area}.json")));
+    if let Some(c) = &cluster {
+        cmd.env("SANARE_PG_BINDIR", c.bin_dir());
+    }
+    let result = run(&format!("bench {area}"), &mut cmd);
+    drop(cluster);
+    result?;
+    eprintln!("xtask: figures written to target/bench/{area}.json");
+    Ok(())
+}
