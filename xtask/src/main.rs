@@ -20,6 +20,8 @@ tasks:
   test            fmt check, clippy -D warnings, docs, every test (throwaway PostgreSQL
                   unless DATABASE_URL is set)
   demo            run the quickstart example against a throwaway PostgreSQL
+  pg              start a throwaway PostgreSQL, print its DATABASE_URL, keep it
+                  running until this process is interrupted (for quick test loops)
   bench <area>    run one area's benchmarks (journal, snapshot, integrity, repair,
                   recovery, corruption); figures go to target/bench/<area>.json";
 
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("pg") => pg(),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -212,6 +215,16 @@ fn demo(args: &[String]) -> Result<(), String> {
     );
     drop(cluster);
     result
+}
+
+fn pg() -> Result<(), String> {
+    let cluster = Cluster::start().map_err(|e| e.to_string())?;
+    println!("DATABASE_URL={}", cluster.url("postgres"));
+    eprintln!("xtask: PostgreSQL running; interrupt (Ctrl-C) or kill this process to stop it");
+    // The server dies with this process (parent-death signal); park until then.
+    loop {
+        std::thread::park();
+    }
 }
 
 const AREAS: [&str; 6] = [
