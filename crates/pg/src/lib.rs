@@ -24,7 +24,7 @@ mod migrate;
 
 pub use error::{PgResultExt, map_pg_error};
 pub use ident::{SchemaName, quote_ident, quote_literal};
-pub use migrate::{Migration, MigrationReport, Migrations};
+pub use migrate::{Migration, MigrationReport, Migrations, advisory_key};
 
 pub use deadpool_postgres::Pool;
 pub use tokio_postgres;

@@ -166,7 +166,7 @@ impl Migrations {
 
 /// A stable 64-bit advisory-lock key for `name` (FNV-1a), the same in every process
 /// and release.
-pub(crate) fn advisory_key(name: &str) -> i64 {
+pub fn advisory_key(name: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         hash ^= u64::from(b);

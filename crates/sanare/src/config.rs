@@ -1,0 +1,631 @@
+//! sanare's configuration: one struct, read from TOML and `SANARE__…` environment
+//! variables, every unknown key and bad value rejected by name.
+//!
+//! ```toml
+//! schema = "sanare"
+//! data_dir = "/var/lib/orders/sanare"
+//! auto_recovery = true
+//!
+//! [snapshots]
+//! interval = "30m"
+//! keep_last = 10
+//!
+//! [corruption]
+//! scan_interval = "1h"
+//! ```
+//!
+//! Environment variables override the file: `SANARE__SNAPSHOTS__INTERVAL=15m` sets
+//! `snapshots.interval` (sections and keys joined by `__`, case-insensitive). Values
+//! are read as TOML when they parse as TOML (`true`, `8`, `["slack"]`) and as strings
+//! otherwise.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sanare_core::{Error, Result, Severity};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration (the spec's §19 settings, in Rust shape).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SanareConfig {
+    /// The schema of sanare's own tables.
+    pub schema: String,
+    /// Where the embedded journal, snapshot blocks, crash spool and shutdown marker live.
+    pub data_dir: PathBuf,
+    /// A connection string, when the host does not hand over a pool.
+    pub database_url: Option<String>,
+    /// Recover automatically at start-up after a crash.
+    pub auto_recovery: bool,
+    /// Crash detection.
+    pub crash_detection: CrashDetectionConfig,
+    /// Integrity validation.
+    pub validation: ValidationConfig,
+    /// Automatic repair.
+    pub repair: RepairConfig,
+    /// Snapshots.
+    pub snapshots: SnapshotConfig,
+    /// The transaction journal.
+    pub journal: JournalConfig,
+    /// Corruption detection.
+    pub corruption: CorruptionConfig,
+}
+
+impl Default for SanareConfig {
+    fn default() -> Self {
+        Self {
+            schema: "sanare".into(),
+            data_dir: PathBuf::from("sanare-data"),
+            database_url: None,
+            auto_recovery: true,
+            crash_detection: CrashDetectionConfig::default(),
+            validation: ValidationConfig::default(),
+            repair: RepairConfig::default(),
+            snapshots: SnapshotConfig::default(),
+            journal: JournalConfig::default(),
+            corruption: CorruptionConfig::default(),
+        }
+    }
+}
+
+/// Crash detection settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CrashDetectionConfig {
+    /// Check how the previous run ended at start-up.
+    pub enabled: bool,
+    /// Longest time the start-up check may take.
+    #[serde(with = "humantime_serde")]
+    pub detection_timeout: Duration,
+    /// Crash records older than this many days are purged.
+    pub history_days: u32,
+}
+
+impl Default for CrashDetectionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            detection_timeout: Duration::from_secs(2),
+            history_days: 30,
+        }
+    }
+}
+
+/// Integrity validation settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ValidationConfig {
+    /// Run schema checks.
+    pub schema: bool,
+    /// Run referential checks.
+    pub referential: bool,
+    /// Run checksum checks.
+    pub checksum: bool,
+    /// Run consistency checks.
+    pub consistency: bool,
+    /// Rows per chunk.
+    pub chunk_size: u32,
+    /// Longest time one chunk may take (`statement_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub chunk_timeout: Duration,
+    /// Parallel workers.
+    pub parallelism: u16,
+    /// Run a scheduled validation this often (never when unset).
+    #[serde(with = "humantime_serde::option")]
+    pub interval: Option<Duration>,
+    /// A TOML file of declared rules.
+    pub rules_file: Option<PathBuf>,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            schema: true,
+            referential: true,
+            checksum: true,
+            consistency: true,
+            chunk_size: 10_000,
+            chunk_timeout: Duration::from_secs(60),
+            parallelism: 2,
+            interval: None,
+            rules_file: None,
+        }
+    }
+}
+
+/// Automatic repair settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RepairConfig {
+    /// Repair what validation and scans find, by policy, without an operator.
+    pub auto_repair: bool,
+    /// Repairs at or above this severity wait for an approval.
+    pub approval_threshold: Severity,
+    /// Repairs touching more rows than this wait for an approval.
+    pub max_rows_without_approval: u64,
+    /// Longest time one repair may run.
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+    /// Dry-run every repair before running it.
+    pub dry_run_first: bool,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        Self {
+            auto_repair: false,
+            approval_threshold: Severity::High,
+            max_rows_without_approval: 1_000,
+            max_duration: Duration::from_secs(120),
+            dry_run_first: true,
+        }
+    }
+}
+
+/// Where snapshot blocks are stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields, tag = "kind")]
+#[non_exhaustive]
+pub enum StorageConfig {
+    /// Files under a folder (default: `<data_dir>/snapshots`).
+    Filesystem {
+        /// The folder.
+        path: Option<PathBuf>,
+    },
+    /// A table in sanare's schema.
+    Postgres,
+    /// An S3-compatible bucket.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// A key prefix.
+        #[serde(default)]
+        prefix: String,
+        /// The endpoint, for non-AWS stores.
+        endpoint: Option<String>,
+        /// The region.
+        region: Option<String>,
+    },
+}
+
+/// Block compression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Codec {
+    /// lz4 (fast; the default).
+    Lz4,
+    /// brotli (dense; for archives).
+    Brotli,
+    /// No compression.
+    None,
+}
+
+/// Snapshot settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SnapshotConfig {
+    /// Take a scheduled snapshot this often (never when unset).
+    #[serde(with = "humantime_serde::option")]
+    pub interval: Option<Duration>,
+    /// The block codec.
+    pub codec: Codec,
+    /// Capture only what changed since the previous snapshot.
+    pub incremental: bool,
+    /// Keep at least the newest N snapshots.
+    pub keep_last: u32,
+    /// Keep every snapshot younger than this many days.
+    pub keep_days: u32,
+    /// Where blocks go.
+    pub storage: StorageConfig,
+    /// Only these schemas are captured (all host schemas when empty).
+    pub schemas: Vec<String>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            interval: Some(Duration::from_secs(30 * 60)),
+            codec: Codec::Lz4,
+            incremental: true,
+            keep_last: 10,
+            keep_days: 7,
+            storage: StorageConfig::Filesystem { path: None },
+            schemas: Vec::new(),
+        }
+    }
+}
+
+/// Which journal backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum JournalBackend {
+    /// Segment files under `<data_dir>/journal` (the default).
+    Wal,
+    /// A table in sanare's schema, written inside the host's transactions.
+    Postgres,
+}
+
+/// Journal settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct JournalConfig {
+    /// Keep a journal.
+    pub enabled: bool,
+    /// Which backend.
+    pub backend: JournalBackend,
+    /// Compact sealed data this often.
+    #[serde(with = "humantime_serde::option")]
+    pub compaction_interval: Option<Duration>,
+    /// Archive entries older than this many days.
+    pub archive_after_days: u32,
+    /// Purge entries older than this many days (and covered by a snapshot).
+    pub retention_days: u32,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            backend: JournalBackend::Wal,
+            compaction_interval: Some(Duration::from_secs(24 * 3600)),
+            archive_after_days: 30,
+            retention_days: 90,
+        }
+    }
+}
+
+/// Alert channels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AlertsConfig {
+    /// Alerts below this severity are not sent.
+    pub min_severity: Option<Severity>,
+    /// A generic webhook URL (signed per Standard Webhooks).
+    pub webhook_url: Option<String>,
+    /// The webhook signing secret (`whsec_…`).
+    pub webhook_secret: Option<String>,
+    /// A Slack incoming-webhook URL.
+    pub slack_webhook_url: Option<String>,
+    /// A PagerDuty Events API v2 routing key.
+    pub pagerduty_routing_key: Option<String>,
+    /// SMTP server URL (`smtp://host:25`).
+    pub smtp_url: Option<String>,
+    /// Sender address.
+    pub email_from: Option<String>,
+    /// Recipient addresses.
+    pub email_to: Vec<String>,
+}
+
+/// Corruption detection settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CorruptionConfig {
+    /// Run periodic scans.
+    pub monitoring: bool,
+    /// Scan this often.
+    #[serde(with = "humantime_serde::option")]
+    pub scan_interval: Option<Duration>,
+    /// Re-verify rows soon after they change.
+    pub real_time: bool,
+    /// Send alerts when corruption is found.
+    pub alert_on_detection: bool,
+    /// Where alerts go.
+    pub alerts: AlertsConfig,
+}
+
+impl Default for CorruptionConfig {
+    fn default() -> Self {
+        Self {
+            monitoring: true,
+            scan_interval: Some(Duration::from_secs(3600)),
+            real_time: false,
+            alert_on_detection: true,
+            alerts: AlertsConfig::default(),
+        }
+    }
+}
+
+/// The prefix of environment variables read by [`SanareConfig::from_env`].
+pub const ENV_PREFIX: &str = "SANARE__";
+
+impl SanareConfig {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self> {
+        let value: toml::Value = toml::from_str(text).map_err(|e| {
+            Error::config(
+                origin.to_owned(),
+                format!("not valid TOML: {}", e.message()),
+            )
+        })?;
+        Self::from_value(value)
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading configuration file {}", path.display()), e))?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// The defaults overridden by `SANARE__…` variables of the process environment.
+    pub fn from_env() -> Result<Self> {
+        Self::default().with_env(std::env::vars())
+    }
+
+    /// This configuration overridden by `SANARE__SECTION__KEY=value` pairs from `vars`
+    /// (other variables are ignored).
+    pub fn with_env(self, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        let mut value = toml::Value::try_from(&self)
+            .map_err(|e| Error::config("configuration", e.to_string()))?;
+        for (name, raw) in vars {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(Error::config(
+                    name,
+                    "empty key segment (use `__` between keys)",
+                ));
+            }
+            let parsed = parse_env_value(&raw);
+            set_path(&mut value, &path, parsed).map_err(|msg| Error::config(name.clone(), msg))?;
+        }
+        Self::from_value(value)
+    }
+
+    fn from_value(value: toml::Value) -> Result<Self> {
+        let config: SanareConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.inner().to_string();
+            Error::config(
+                if key == "." {
+                    "configuration".into()
+                } else {
+                    key
+                },
+                message,
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self) -> Result<()> {
+        sanare_pg::SchemaName::new(self.schema.clone())?;
+        if self.validation.chunk_size == 0 {
+            return Err(Error::config("validation.chunk_size", "must be at least 1"));
+        }
+        if self.validation.parallelism == 0 {
+            return Err(Error::config(
+                "validation.parallelism",
+                "must be at least 1",
+            ));
+        }
+        if self.snapshots.keep_last == 0 {
+            return Err(Error::config(
+                "snapshots.keep_last",
+                "must be at least 1 (sanare always keeps one snapshot)",
+            ));
+        }
+        for (key, d) in [
+            ("snapshots.interval", self.snapshots.interval),
+            ("validation.interval", self.validation.interval),
+            ("corruption.scan_interval", self.corruption.scan_interval),
+            (
+                "journal.compaction_interval",
+                self.journal.compaction_interval,
+            ),
+        ] {
+            if d.is_some_and(|d| d < Duration::from_secs(1)) {
+                return Err(Error::config(key, "must be at least 1s"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The schema as a validated name.
+    pub fn schema_name(&self) -> Result<sanare_pg::SchemaName> {
+        sanare_pg::SchemaName::new(self.schema.clone())
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // `x = <raw>` parses for numbers, booleans, arrays and quoted strings.
+    toml::from_str::<toml::Table>(&format!("x = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("x"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(root: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
+    let mut cur = root;
+    for (i, key) in path.iter().enumerate() {
+        let toml::Value::Table(table) = cur else {
+            return Err(format!("`{}` is not a section", path[..i].join(".")));
+        };
+        if i + 1 == path.len() {
+            table.insert(key.clone(), value);
+            return Ok(());
+        }
+        cur = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    Err("empty key".into())
+}
+
+/// Serde helpers for durations written like `30m`, `1h 30m`, `250ms`.
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration ({e}); write it like `30s`, `15m`, `1h 30m`"
+            ))
+        })
+    }
+
+    pub(crate) mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub(crate) fn serialize<S: Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                // TOML has no null: "off" disables the schedule.
+                None => s.serialize_str("off"),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            let s = String::deserialize(d)?;
+            if matches!(s.trim(), "off" | "never" | "") {
+                return Ok(None);
+            }
+            humantime::parse_duration(&s).map(Some).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a duration ({e}); write it like `30m` or `off`"
+                ))
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = toml::to_string(&SanareConfig::default()).unwrap();
+        let back = SanareConfig::from_toml_str(&text, "defaults").unwrap();
+        assert_eq!(back, SanareConfig::default());
+    }
+
+    #[test]
+    fn a_file_sets_values_and_keeps_defaults() {
+        let c = SanareConfig::from_toml_str(
+            r#"
+            schema = "ops"
+            [snapshots]
+            interval = "15m"
+            codec = "brotli"
+            storage = { kind = "s3", bucket = "b", endpoint = "http://127.0.0.1:9000" }
+            [repair]
+            approval_threshold = "critical"
+            [corruption]
+            scan_interval = "off"
+            alerts = { slack_webhook_url = "https://hooks.slack.test/x", email_to = ["ops@example.com"] }
+            "#,
+            "sanare.toml",
+        )
+        .unwrap();
+        assert_eq!(c.schema, "ops");
+        assert_eq!(c.snapshots.interval, Some(Duration::from_secs(900)));
+        assert_eq!(c.snapshots.codec, Codec::Brotli);
+        assert!(
+            matches!(c.snapshots.storage, StorageConfig::S3 { ref bucket, .. } if bucket == "b")
+        );
+        assert_eq!(c.repair.approval_threshold, Severity::Critical);
+        assert_eq!(c.corruption.scan_interval, None);
+        assert_eq!(c.corruption.alerts.email_to, vec!["ops@example.com"]);
+        assert_eq!(c.journal, JournalConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = SanareConfig::from_toml_str("[snapshots]\nintervall = \"1m\"", "f").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("snapshots") && msg.contains("intervall"),
+            "{msg}"
+        );
+
+        let err = SanareConfig::from_toml_str("[snapshots]\ninterval = \"soon\"", "f").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("snapshots.interval") && msg.contains("soon"),
+            "{msg}"
+        );
+
+        let err = SanareConfig::from_toml_str("[repair]\napproval_threshold = \"severe\"", "f")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("repair.approval_threshold"),
+            "{err}"
+        );
+
+        let err = SanareConfig::from_toml_str("schema = \"Bad-Name\"", "f").unwrap_err();
+        assert!(err.to_string().contains("schema"), "{err}");
+
+        let err = SanareConfig::from_toml_str("[validation]\nchunk_size = 0", "f").unwrap_err();
+        assert!(err.to_string().contains("validation.chunk_size"), "{err}");
+
+        let err = SanareConfig::from_toml_str("not toml [", "sanare.toml").unwrap_err();
+        assert!(err.to_string().contains("sanare.toml"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_by_path_and_rejects_unknown_keys() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let c = SanareConfig::default()
+            .with_env(env(&[
+                ("SANARE__SNAPSHOTS__INTERVAL", "5m"),
+                ("SANARE__VALIDATION__PARALLELISM", "8"),
+                ("SANARE__AUTO_RECOVERY", "false"),
+                ("SANARE__CORRUPTION__ALERTS__EMAIL_TO", r#"["a@x.io"]"#),
+                ("SANARE_PG_BINDIR", "/ignored"),
+                ("PATH", "/ignored"),
+            ]))
+            .unwrap();
+        assert_eq!(c.snapshots.interval, Some(Duration::from_secs(300)));
+        assert_eq!(c.validation.parallelism, 8);
+        assert!(!c.auto_recovery);
+        assert_eq!(c.corruption.alerts.email_to, vec!["a@x.io"]);
+
+        let err = SanareConfig::default()
+            .with_env(env(&[("SANARE__SNAPSHOT__INTERVAL", "5m")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("snapshot"), "{err}");
+        let err = SanareConfig::default()
+            .with_env(env(&[("SANARE__VALIDATION__PARALLELISM", "many")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("validation.parallelism"), "{err}");
+        let err = SanareConfig::default()
+            .with_env(env(&[("SANARE__SCHEMA__X", "1")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("SANARE__SCHEMA__X"), "{err}");
+    }
+}

@@ -1,0 +1,39 @@
+//! # sanare
+//!
+//! Embeddable crash recovery and data healing for Rust services on PostgreSQL.
+//!
+//! This facade re-exports the shared vocabulary ([`core`]) and wires the components
+//! together: configuration ([`SanareConfig`], from TOML and `SANARE__…` variables),
+//! migrations at start-up, leader election for scheduled work ([`LeaderLease`]) and
+//! chunk jobs any instance can claim ([`JobQueue`]).
+//!
+//! # Architecture invariant
+//!
+//! The facade holds no component logic: it builds, wires and schedules. Every
+//! behaviour lives in a component crate and reaches other components only through
+//! the traits of `sanare-core`.
+
+#![deny(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod config;
+mod jobs;
+mod leader;
+
+pub use config::SanareConfig;
+pub use jobs::{BatchStatus, Job, JobQueue};
+pub use leader::LeaderLease;
+pub use sanare_core as core;
+pub use sanare_core::{Control, Error, Event, EventBus, Result, Severity};
+
+use sanare_pg::{Migration, Migrations};
+
+/// The facade's own migrations: the job queue and the scheduler's bookkeeping.
+pub const MIGRATIONS: Migrations = Migrations::new(
+    "sanare",
+    &[Migration::new(
+        1,
+        "jobs_and_schedules",
+        include_str!("../migrations/V1__jobs_and_schedules.sql"),
+    )],
+);
