@@ -1,0 +1,75 @@
+//! Every subcommand runs the real binary against a real database.
+
+use std::process::Command;
+
+fn sanare(db: &sanare_testing::TestDb, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sanare"))
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env_remove("SANARE_CONFIG")
+        .output()
+        .expect("run the sanare binary")
+}
+
+#[tokio::test]
+async fn status_reports_components_and_tables_as_json_and_text() {
+    let db = sanare_testing::test_db().await;
+    let out = sanare(&db, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["schema"], "sanare");
+    assert_eq!(v["components"].as_array().unwrap().len(), 0);
+
+    sanare::MIGRATIONS
+        .run(&mut db.connect().await, &sanare_pg::SchemaName::default())
+        .await
+        .unwrap();
+    let out = sanare(&db, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["components"][0]["component"], "sanare");
+    assert_eq!(v["components"][0]["schema_version"], 1);
+    assert_eq!(v["tables"][0]["table"], "jobs");
+
+    let out = sanare(&db, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("schema `sanare`") && text.contains("jobs"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gives_clear_errors_and_exit_codes() {
+    let db = sanare_testing::test_db().await;
+    let out = sanare(&db, &["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sanare"))
+        .args([
+            "status",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sanare"))
+        .args(["status"])
+        .env("DATABASE_URL", db.url())
+        .env("SANARE__SNAPSHOTS__INTERVALL", "5m")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("intervall"), "{err}");
+
+    let out = sanare(&db, &["status", "--schema", "Bad-Schema"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Bad-Schema"));
+}
