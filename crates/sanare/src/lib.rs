@@ -19,12 +19,14 @@
 pub mod config;
 mod jobs;
 mod leader;
+mod scheduler;
 
 pub use config::SanareConfig;
 pub use jobs::{BatchStatus, Job, JobQueue};
 pub use leader::LeaderLease;
 pub use sanare_core as core;
 pub use sanare_core::{Control, Error, Event, EventBus, Result, Severity};
+pub use scheduler::Scheduler;
 
 use sanare_pg::{Migration, Migrations};
 

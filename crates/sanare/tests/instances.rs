@@ -152,3 +152,79 @@ async fn two_instances_split_a_batch_without_overlap_and_expired_leases_are_recl
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_tasks_run_on_one_instance_and_fail_over() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use sanare::Scheduler;
+    use tokio_util::sync::CancellationToken;
+
+    let db = sanare_testing::test_db().await;
+    let schema = SchemaName::default();
+    MIGRATIONS
+        .run(&mut db.connect().await, &schema)
+        .await
+        .unwrap();
+    let runs_a = Arc::new(AtomicU32::new(0));
+    let runs_b = Arc::new(AtomicU32::new(0));
+    let scheduler = |name: &'static str, runs: Arc<AtomicU32>| {
+        let pool = sanare_pg::connect_pool(db.url(), 4).unwrap();
+        Scheduler::new(pool, schema.clone(), name)
+            .poll_interval(Duration::from_millis(20))
+            .task("snapshot", Duration::from_millis(100), move |_control| {
+                let runs = runs.clone();
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+    };
+    let stop_a = CancellationToken::new();
+    let stop_b = CancellationToken::new();
+    let a = scheduler("a", runs_a.clone()).spawn(stop_a.clone());
+    let b = scheduler("b", runs_b.clone()).spawn(stop_b.clone());
+    // Wait until the task ran a few times.
+    for _ in 0..200 {
+        if runs_a.load(Ordering::SeqCst) + runs_b.load(Ordering::SeqCst) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ra, rb) = (runs_a.load(Ordering::SeqCst), runs_b.load(Ordering::SeqCst));
+    assert!(ra + rb >= 3, "the task runs on schedule");
+    assert!(
+        ra == 0 || rb == 0,
+        "only the leader runs tasks (a={ra}, b={rb})"
+    );
+    // Stop the leader: the other instance takes over.
+    let (leader_stop, leader, follower_runs) = if ra > 0 {
+        (stop_a, a, runs_b.clone())
+    } else {
+        (stop_b, b, runs_a.clone())
+    };
+    leader_stop.cancel();
+    leader.await.unwrap();
+    for _ in 0..200 {
+        if follower_runs.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        follower_runs.load(Ordering::SeqCst) > 0,
+        "the follower took over"
+    );
+    let outcome: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT last_outcome FROM sanare.scheduled_tasks WHERE name = 'snapshot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outcome, "ok");
+}
