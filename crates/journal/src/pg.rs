@@ -112,6 +112,7 @@ pub(crate) struct Sql {
     pub(crate) mark_one: String,
     pub(crate) mark_many: String,
     pub(crate) cut: String,
+    pub(crate) stable: String,
 }
 
 impl Sql {
@@ -163,6 +164,14 @@ impl Sql {
                      WHERE writer_xid >= pg_snapshot_xmin($1::text::pg_snapshot) \
                        AND NOT pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot)), \
                    (SELECT max(sequence_number) FROM {j}), 0)"
+            ),
+            // The highest position visible in the snapshot $1: once its in-progress
+            // writers have finished, every entry at or before it has committed (a
+            // lower number was drawn earlier, by a writer whose xid the snapshot knew).
+            stable: format!(
+                "SELECT coalesce((SELECT sequence_number FROM {j} \
+                   WHERE pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot) \
+                   ORDER BY sequence_number DESC LIMIT 1), 0)"
             ),
         }
     }
@@ -278,7 +287,7 @@ impl PgJournal {
         loop {
             let row = client
                 .query_one(
-                    "SELECT count(*) FROM unnest(pg_snapshot_xip($1::text::pg_snapshot)) AS x \
+                    "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot) AS x \
                      WHERE pg_xact_status(x) = 'in progress'",
                     &[&snapshot],
                 )
@@ -347,7 +356,7 @@ impl PgJournal {
         let snapshot: String = row.get(0);
         self.settle(&**client, &snapshot).await?;
         let row = client
-            .query_one(&self.sql.cut, &[&snapshot])
+            .query_one(&self.sql.stable, &[&snapshot])
             .await
             .context("computing the journal's stable head")?;
         Ok(pos(row.get(0)))
