@@ -700,13 +700,56 @@ impl Journal {
                     }
                 } else {
                     let mut r = Ok(());
-                    for e in &batch {
+                    let mut i = 0;
+                    while i < batch.len() {
                         if let Err(err) = control.checkpoint() {
                             r = Err(err);
                             break;
                         }
-                        self.apply_one(e, request.dry_run, &pg_marked, &state, &pending)
+                        // A run of entries for PostgreSQL handlers commits in one
+                        // transaction with their marks; on any failure the run is
+                        // rolled back and retried entry by entry.
+                        let run = if request.dry_run {
+                            0
+                        } else {
+                            batch[i..]
+                                .iter()
+                                .take_while(|e| {
+                                    matches!(
+                                        self.inner.handlers.get(&e.operation_type),
+                                        Some(AnyHandler::Pg(_))
+                                    ) && e.payload_intact()
+                                })
+                                .count()
+                        };
+                        if run > 1 {
+                            let chunk: Vec<&JournalEntry> = batch[i..i + run].iter().collect();
+                            match self.apply_pg_chunk(&chunk).await {
+                                Ok(applied) => {
+                                    let mut s = lock(&state);
+                                    for fresh in applied {
+                                        s.entries_seen += 1;
+                                        if fresh {
+                                            s.applied += 1;
+                                        } else {
+                                            s.already_applied += 1;
+                                        }
+                                    }
+                                }
+                                Err(err) => {
+                                    tracing::debug!(error = %err, "replay chunk failed; applying one by one");
+                                    for e in chunk {
+                                        self.apply_one(e, false, &pg_marked, &state, &pending)
+                                            .await;
+                                    }
+                                }
+                            }
+                            i += run;
+                            continue;
+                        }
+                        self.apply_one(&batch[i], request.dry_run, &pg_marked, &state, &pending)
                             .await;
+                        i += 1;
                     }
                     r
                 };
@@ -851,6 +894,47 @@ impl Journal {
                 });
             }
         }
+    }
+
+    /// Applies a run of entries for PostgreSQL handlers in one transaction with
+    /// their applied marks. Returns, per entry, whether it was newly applied.
+    async fn apply_pg_chunk(&self, run: &[&JournalEntry]) -> Result<Vec<bool>> {
+        let Some((pool, sql)) = &self.inner.handler_db else {
+            return Err(Error::config(
+                "journal.handler_database",
+                "no database for PostgreSQL handlers",
+            ));
+        };
+        let mut client = sanare_pg::get_conn(pool).await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|err| sanare_pg::map_pg_error("starting a replay transaction", err))?;
+        let ids: Vec<uuid::Uuid> = run.iter().map(|e| e.id.as_uuid()).collect();
+        let seqs: Vec<i64> = run
+            .iter()
+            .map(|e| i64::try_from(e.position.0).unwrap_or(i64::MAX))
+            .collect();
+        let fresh: HashSet<uuid::Uuid> = tx
+            .query(&sql.mark_many_returning, &[&ids, &seqs])
+            .await
+            .map_err(|err| sanare_pg::map_pg_error("writing journal applied marks", err))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut out = Vec::with_capacity(run.len());
+        for e in run {
+            let is_fresh = fresh.contains(&e.id.as_uuid());
+            if is_fresh && let Some(AnyHandler::Pg(h)) = self.inner.handlers.get(&e.operation_type)
+            {
+                h.apply(&tx, e).await?;
+            }
+            out.push(is_fresh);
+        }
+        tx.commit()
+            .await
+            .map_err(|err| sanare_pg::map_pg_error("committing replayed journal entries", err))?;
+        Ok(out)
     }
 
     /// Runs a PostgreSQL handler with the applied mark in the same transaction.

@@ -111,6 +111,7 @@ pub(crate) struct Sql {
     pub(crate) scan: String,
     pub(crate) mark_one: String,
     pub(crate) mark_many: String,
+    pub(crate) mark_many_returning: String,
     pub(crate) cut: String,
     pub(crate) stable: String,
 }
@@ -151,6 +152,10 @@ impl Sql {
             ),
             mark_one: format!(
                 "INSERT INTO {a} (entry_id, sequence_number) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+            ),
+            mark_many_returning: format!(
+                "INSERT INTO {a} (entry_id, sequence_number) SELECT * FROM unnest($1::uuid[], $2::bigint[]) \
+                 ON CONFLICT DO NOTHING RETURNING entry_id"
             ),
             mark_many: format!(
                 "INSERT INTO {a} (entry_id, sequence_number) SELECT * FROM unnest($1::uuid[], $2::bigint[]) \
