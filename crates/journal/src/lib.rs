@@ -967,6 +967,31 @@ impl Journal {
     }
 }
 
+/// Decodes the bytes of a segment file, raw (`SANAREJW`) or sealed (`SANAREJZ`):
+/// the entries that check, and every damaged region (including a torn tail). Never
+/// panics on any input (a proptest and the `fuzz/` target check this); an unreadable
+/// header or container is an [`Error::Corrupt`].
+pub fn decode_segment_file(bytes: &[u8]) -> Result<(Vec<JournalEntry>, Vec<CorruptRegion>)> {
+    let name = "segment";
+    let raw;
+    let bytes = if bytes.starts_with(&frame::SEALED_MAGIC) {
+        raw = frame::unseal(frame::SEALED_MAGIC, bytes, name)?;
+        &raw[..]
+    } else {
+        bytes
+    };
+    let (entries, mut corrupt, torn) = wal::decode_segment(bytes, name)?;
+    if let Some(at) = torn {
+        corrupt.push(CorruptRegion {
+            segment: name.to_owned(),
+            offset: at as u64,
+            len: (bytes.len() - at) as u64,
+            reason: "torn tail".into(),
+        });
+    }
+    Ok((entries, corrupt))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
