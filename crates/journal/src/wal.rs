@@ -1,0 +1,791 @@
+//! The segment-file WAL backend: group commit, rotation, recovery on open,
+//! compression of sealed segments, retention.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use sanare_core::{Error, JournalEntryId, JournalPosition, Result};
+
+use crate::entry::{JournalEntry, NewEntry, Recorded};
+use crate::frame::{self, CorruptRegion};
+use crate::query::ScanPlan;
+
+/// What opening the WAL found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct OpenReport {
+    /// Segments found.
+    pub segments: u64,
+    /// Entries found.
+    pub entries: u64,
+    /// A torn tail cut off the active segment: (segment, offset, bytes removed).
+    pub truncated_tail: Option<(String, u64, u64)>,
+    /// Damaged regions isolated (each followed by valid records, which stay readable).
+    pub corrupt: Vec<CorruptRegion>,
+}
+
+/// Metadata of one segment, kept in memory: the sparse index used to skip segments
+/// for position, time and operation-type queries.
+#[derive(Clone, Debug)]
+pub(crate) struct SegmentInfo {
+    pub(crate) base: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) sealed: bool,
+    pub(crate) first: Option<u64>,
+    pub(crate) last: Option<u64>,
+    pub(crate) min_time_ns: i128,
+    pub(crate) max_time_ns: i128,
+    pub(crate) op_types: BTreeSet<String>,
+    /// Durable length of a raw segment (bytes readers may look at).
+    pub(crate) len: u64,
+    pub(crate) raw_len: u64,
+}
+
+impl SegmentInfo {
+    fn new(base: u64, path: PathBuf, sealed: bool) -> Self {
+        Self {
+            base,
+            path,
+            sealed,
+            first: None,
+            last: None,
+            min_time_ns: i128::MAX,
+            max_time_ns: i128::MIN,
+            op_types: BTreeSet::new(),
+            len: 0,
+            raw_len: 0,
+        }
+    }
+
+    fn add(&mut self, e: &JournalEntry) {
+        self.first.get_or_insert(e.position.0);
+        self.last = Some(e.position.0);
+        let t = e.recorded_at.unix_timestamp_nanos();
+        self.min_time_ns = self.min_time_ns.min(t);
+        self.max_time_ns = self.max_time_ns.max(t);
+        if !self.op_types.contains(&e.operation_type) {
+            self.op_types.insert(e.operation_type.clone());
+        }
+    }
+
+    fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Whether the plan could match anything in this segment.
+    fn may_match(&self, plan: &ScanPlan) -> bool {
+        let Some(last) = self.last else { return false };
+        if last <= plan.after {
+            return false;
+        }
+        if let (Some(to), Some(first)) = (plan.to, self.first)
+            && first > to
+        {
+            return false;
+        }
+        if let Some(from) = plan.time_from
+            && self.max_time_ns < from.unix_timestamp_nanos()
+        {
+            return false;
+        }
+        if let Some(to) = plan.time_to
+            && self.min_time_ns >= to.unix_timestamp_nanos()
+        {
+            return false;
+        }
+        plan.operation_types.is_empty()
+            || plan
+                .operation_types
+                .iter()
+                .any(|t| self.op_types.contains(t))
+    }
+}
+
+type Reply = oneshot::Sender<Result<Recorded>>;
+
+enum Cmd {
+    Append(NewEntry, Reply),
+    Rotate(oneshot::Sender<Result<()>>),
+}
+
+struct Shared {
+    head: AtomicU64,
+    segments: Mutex<Vec<SegmentInfo>>,
+    report: OpenReport,
+    marks: Mutex<Marks>,
+}
+
+struct Marks {
+    file: File,
+    applied: HashSet<u64>,
+}
+
+/// Options of the WAL.
+#[derive(Clone, Debug)]
+pub(crate) struct WalOptions {
+    pub(crate) segment_size: u64,
+    pub(crate) max_batch: usize,
+}
+
+/// The segment-file WAL.
+pub(crate) struct Wal {
+    dir: PathBuf,
+    tx: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+}
+
+fn seg_name(base: u64, sealed: bool) -> String {
+    if sealed {
+        format!("{base:020}.walz")
+    } else {
+        format!("{base:020}.wal")
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing journal directory {}", dir.display()), e))
+}
+
+/// Reads the uncompressed bytes of a segment (up to its durable length).
+fn read_raw(info: &SegmentInfo) -> Result<Vec<u8>> {
+    let bytes = fs::read(&info.path).map_err(|e| {
+        Error::io(
+            format!("reading journal segment {}", info.path.display()),
+            e,
+        )
+    })?;
+    if info.sealed {
+        frame::unseal(frame::SEALED_MAGIC, &bytes, &info.name())
+    } else {
+        let mut bytes = bytes;
+        if info.len > 0 {
+            bytes.truncate(usize::try_from(info.len).unwrap_or(usize::MAX));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Decodes every entry of a segment's bytes, isolating damage.
+pub(crate) fn decode_segment(
+    raw: &[u8],
+    name: &str,
+) -> Result<(Vec<JournalEntry>, Vec<CorruptRegion>, Option<usize>)> {
+    frame::parse_segment_header(raw, name)?;
+    let scan = frame::scan(raw, frame::SEGMENT_HEADER);
+    let mut corrupt: Vec<CorruptRegion> = scan
+        .corrupt
+        .iter()
+        .map(|&(offset, len, reason)| CorruptRegion {
+            segment: name.to_owned(),
+            offset: offset as u64,
+            len: len as u64,
+            reason: reason.to_owned(),
+        })
+        .collect();
+    let mut entries = Vec::with_capacity(scan.frames.len());
+    for (offset, kind, range) in scan.frames {
+        if kind != frame::KIND_ENTRY {
+            continue;
+        }
+        match frame::decode_entry(&raw[range.clone()]) {
+            Ok(e) => entries.push(e),
+            Err(e) => corrupt.push(CorruptRegion {
+                segment: name.to_owned(),
+                offset: offset as u64,
+                len: (range.end - offset) as u64,
+                reason: e.to_string(),
+            }),
+        }
+    }
+    Ok((entries, corrupt, scan.torn_tail_at))
+}
+
+struct Writer {
+    dir: PathBuf,
+    file: File,
+    base: u64,
+    len: u64,
+    next: u64,
+    index: HashMap<String, (u64, Uuid)>,
+    options: WalOptions,
+    shared: Arc<Shared>,
+    poisoned: Option<String>,
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir`: recovers a torn tail, isolates damage.
+    pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Self> {
+        fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating journal directory {}", dir.display()), e))?;
+        let mut by_base: std::collections::BTreeMap<u64, (Option<PathBuf>, Option<PathBuf>)> =
+            Default::default();
+        let rd = fs::read_dir(dir)
+            .map_err(|e| Error::io(format!("listing journal directory {}", dir.display()), e))?;
+        for item in rd {
+            let item = item.map_err(|e| Error::io("listing journal directory", e))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            let (stem, sealed) = if let Some(s) = name.strip_suffix(".walz") {
+                (s, true)
+            } else if let Some(s) = name.strip_suffix(".wal") {
+                (s, false)
+            } else {
+                continue;
+            };
+            let Ok(base) = stem.parse::<u64>() else {
+                continue;
+            };
+            let slot = by_base.entry(base).or_default();
+            if sealed {
+                slot.1 = Some(item.path());
+            } else {
+                slot.0 = Some(item.path());
+            }
+        }
+        let mut report = OpenReport::default();
+        let mut segments = Vec::new();
+        let mut index = HashMap::new();
+        let mut last_pos = 0u64;
+        let count = by_base.len();
+        for (i, (base, (raw, sealed))) in by_base.into_iter().enumerate() {
+            let is_last = i + 1 == count;
+            // A crash during compaction can leave both files; the sealed one wins
+            // when it verifies.
+            let mut info = None;
+            if let Some(path) = sealed {
+                let candidate = SegmentInfo::new(base, path.clone(), true);
+                match read_raw(&candidate) {
+                    Ok(bytes) => {
+                        if let Some(raw) = &raw {
+                            let _ = fs::remove_file(raw);
+                        }
+                        info = Some((candidate, bytes));
+                    }
+                    Err(e) if raw.is_some() => {
+                        tracing::warn!(error = %e, "sealed journal segment unreadable; using its raw copy");
+                        let _ = fs::remove_file(&path);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let (mut info, bytes) = match info {
+                Some(x) => x,
+                None => {
+                    let Some(path) = raw else { continue };
+                    let mut candidate = SegmentInfo::new(base, path, false);
+                    let bytes = read_raw(&candidate)?;
+                    candidate.len = bytes.len() as u64;
+                    (candidate, bytes)
+                }
+            };
+            if bytes.len() < frame::SEGMENT_HEADER && !info.sealed && is_last {
+                // Crashed while creating the segment: rewrite its header.
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(&info.path)
+                    .map_err(|e| Error::io("rewriting a torn journal segment header", e))?;
+                f.write_all(&frame::segment_header(base))
+                    .and_then(|()| f.sync_data())
+                    .map_err(|e| Error::io("rewriting a torn journal segment header", e))?;
+                info.len = frame::SEGMENT_HEADER as u64;
+                segments.push(info);
+                continue;
+            }
+            let name = info.name();
+            let (entries, corrupt, torn) = decode_segment(&bytes, &name)?;
+            report.corrupt.extend(corrupt);
+            info.raw_len = bytes.len() as u64;
+            for e in &entries {
+                if e.position.0 <= last_pos {
+                    report.corrupt.push(CorruptRegion {
+                        segment: name.clone(),
+                        offset: 0,
+                        len: 0,
+                        reason: format!("position {} out of order; entry ignored", e.position),
+                    });
+                    continue;
+                }
+                last_pos = e.position.0;
+                info.add(e);
+                if let Some(k) = &e.idempotency_key {
+                    index.insert(k.clone(), (e.position.0, e.id.as_uuid()));
+                }
+                report.entries += 1;
+            }
+            if let Some(at) = torn {
+                let removed = bytes.len() - at;
+                if is_last && !info.sealed {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&info.path)
+                        .map_err(|e| {
+                            Error::io(format!("opening {} to cut its torn tail", name), e)
+                        })?;
+                    f.set_len(at as u64)
+                        .and_then(|()| f.sync_all())
+                        .map_err(|e| Error::io(format!("cutting the torn tail of {name}"), e))?;
+                    info.len = at as u64;
+                    info.raw_len = at as u64;
+                    tracing::warn!(segment = %name, offset = at, bytes = removed, "journal: torn tail truncated");
+                    metrics::counter!("sanare_journal_torn_tails_total").increment(1);
+                    report.truncated_tail = Some((name.clone(), at as u64, removed as u64));
+                } else {
+                    report.corrupt.push(CorruptRegion {
+                        segment: name.clone(),
+                        offset: at as u64,
+                        len: removed as u64,
+                        reason: "unreadable data at the end of a sealed segment".into(),
+                    });
+                }
+            }
+            segments.push(info);
+        }
+        for c in &report.corrupt {
+            tracing::error!(segment = %c.segment, offset = c.offset, reason = %c.reason, "journal: corrupt region isolated");
+        }
+        report.segments = segments.len() as u64;
+        let next = last_pos + 1;
+        // The active segment: the last raw one, or a new one.
+        let need_new = segments.last().is_none_or(|s| s.sealed);
+        if need_new {
+            let info = create_segment(dir, next)?;
+            segments.push(info);
+        }
+        let active = segments
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::invalid_input("journal has no active segment"))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&active.path)
+            .map_err(|e| {
+                Error::io(
+                    format!("opening journal segment {}", active.path.display()),
+                    e,
+                )
+            })?;
+        let marks = open_marks(dir)?;
+        let shared = Arc::new(Shared {
+            head: AtomicU64::new(last_pos),
+            segments: Mutex::new(segments),
+            report,
+            marks: Mutex::new(marks),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            dir: dir.to_owned(),
+            file,
+            base: active.base,
+            len: active.len,
+            next,
+            index,
+            options,
+            shared: shared.clone(),
+            poisoned: None,
+        };
+        std::thread::Builder::new()
+            .name("sanare-journal-wal".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| Error::io("starting the journal writer thread", e))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            tx,
+            shared,
+        })
+    }
+
+    /// The directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn report(&self) -> &OpenReport {
+        &self.shared.report
+    }
+
+    pub(crate) fn head(&self) -> JournalPosition {
+        JournalPosition(self.shared.head.load(Ordering::Acquire))
+    }
+
+    /// Appends `entry`; returns once it is durable (group commit).
+    pub(crate) async fn append(&self, entry: NewEntry) -> Result<Recorded> {
+        entry.validate()?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Append(entry, reply))
+            .map_err(|_| Error::unavailable("the journal writer has stopped"))?;
+        rx.await.map_err(|_| {
+            Error::unavailable("the journal writer stopped before the entry was durable")
+        })?
+    }
+
+    /// Seals the active segment and starts a new one.
+    pub(crate) async fn rotate(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Rotate(reply))
+            .map_err(|_| Error::unavailable("the journal writer has stopped"))?;
+        rx.await
+            .map_err(|_| Error::unavailable("the journal writer stopped"))?
+    }
+
+    fn segments(&self) -> Vec<SegmentInfo> {
+        lock(&self.shared.segments).clone()
+    }
+
+    /// Entries matching `plan` with positions after `after`, in order, at most about
+    /// `limit` (whole segments are read). Also returns the corrupt regions seen.
+    pub(crate) fn scan(
+        &self,
+        plan: &ScanPlan,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<JournalEntry>, Vec<CorruptRegion>)> {
+        let mut plan = plan.clone();
+        plan.after = after;
+        let mut out = Vec::new();
+        let mut damage = Vec::new();
+        for info in self.segments() {
+            if !info.may_match(&plan) {
+                continue;
+            }
+            let raw = read_raw(&info)?;
+            let (entries, corrupt, _) = decode_segment(&raw, &info.name())?;
+            damage.extend(corrupt);
+            out.extend(entries.into_iter().filter(|e| plan.matches(e)));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok((out, damage))
+    }
+
+    /// Every entry and damaged region (for `validate`).
+    pub(crate) fn validate(&self) -> Result<(u64, u64, Vec<CorruptRegion>)> {
+        let mut entries = 0u64;
+        let mut damage = Vec::new();
+        let segs = self.segments();
+        let mut last = 0u64;
+        for info in &segs {
+            let raw = read_raw(info)?;
+            let (es, corrupt, torn) = decode_segment(&raw, &info.name())?;
+            damage.extend(corrupt);
+            if let Some(at) = torn {
+                damage.push(CorruptRegion {
+                    segment: info.name(),
+                    offset: at as u64,
+                    len: (raw.len() - at) as u64,
+                    reason: "unreadable data at the end of the segment".into(),
+                });
+            }
+            for e in es {
+                if !e.payload_intact() {
+                    damage.push(CorruptRegion {
+                        segment: info.name(),
+                        offset: 0,
+                        len: 0,
+                        reason: format!("entry {} payload does not match its hash", e.position),
+                    });
+                }
+                if e.position.0 <= last {
+                    damage.push(CorruptRegion {
+                        segment: info.name(),
+                        offset: 0,
+                        len: 0,
+                        reason: format!("entry {} out of order", e.position),
+                    });
+                }
+                last = e.position.0;
+                entries += 1;
+            }
+        }
+        Ok((segs.len() as u64, entries, damage))
+    }
+
+    /// Compresses every sealed raw segment. Returns (segments, raw bytes, stored bytes).
+    pub(crate) fn compact(&self) -> Result<(u64, u64, u64)> {
+        let segs = self.segments();
+        let active = segs.last().map(|s| s.base);
+        let (mut n, mut before, mut after) = (0u64, 0u64, 0u64);
+        for info in segs {
+            if info.sealed || Some(info.base) == active {
+                continue;
+            }
+            let raw = read_raw(&info)?;
+            let sealed = frame::seal(frame::SEALED_MAGIC, &raw)?;
+            let path = self.dir.join(seg_name(info.base, true));
+            let tmp = path.with_extension("walz.tmp");
+            write_durable(&tmp, &sealed)?;
+            fs::rename(&tmp, &path)
+                .map_err(|e| Error::io(format!("installing {}", path.display()), e))?;
+            sync_dir(&self.dir)?;
+            {
+                let mut list = lock(&self.shared.segments);
+                if let Some(s) = list.iter_mut().find(|s| s.base == info.base) {
+                    s.sealed = true;
+                    s.path = path.clone();
+                }
+            }
+            fs::remove_file(&info.path)
+                .map_err(|e| Error::io(format!("removing {}", info.path.display()), e))?;
+            n += 1;
+            before += raw.len() as u64;
+            after += sealed.len() as u64;
+        }
+        Ok((n, before, after))
+    }
+
+    /// Removes whole sealed segments whose entries are all at or before `retain_after`.
+    pub(crate) fn purge(&self, retain_after: JournalPosition) -> Result<u64> {
+        let segs = self.segments();
+        let active = segs.last().map(|s| s.base);
+        let mut removed = 0;
+        for info in segs {
+            if Some(info.base) == active {
+                continue;
+            }
+            if info.last.is_some_and(|l| l <= retain_after.0) {
+                lock(&self.shared.segments).retain(|s| s.base != info.base);
+                fs::remove_file(&info.path)
+                    .map_err(|e| Error::io(format!("removing {}", info.path.display()), e))?;
+                removed += 1;
+            }
+        }
+        sync_dir(&self.dir)?;
+        Ok(removed)
+    }
+
+    pub(crate) fn is_marked(&self, position: JournalPosition) -> bool {
+        lock(&self.shared.marks).applied.contains(&position.0)
+    }
+
+    /// Appends applied marks and makes them durable.
+    pub(crate) fn mark(&self, marks: &[(JournalPosition, JournalEntryId)]) -> Result<()> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(marks.len() * 36);
+        for (p, id) in marks {
+            frame::encode_applied(*p, *id, &mut buf);
+        }
+        let mut m = lock(&self.shared.marks);
+        m.file
+            .write_all(&buf)
+            .and_then(|()| m.file.sync_data())
+            .map_err(|e| Error::io("writing journal applied marks", e))?;
+        m.applied.extend(marks.iter().map(|(p, _)| p.0));
+        Ok(())
+    }
+}
+
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f =
+        File::create(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+fn create_segment(dir: &Path, base: u64) -> Result<SegmentInfo> {
+    let path = dir.join(seg_name(base, false));
+    write_durable(&path, &frame::segment_header(base))?;
+    sync_dir(dir)?;
+    let mut info = SegmentInfo::new(base, path, false);
+    info.len = frame::SEGMENT_HEADER as u64;
+    info.raw_len = info.len;
+    Ok(info)
+}
+
+fn open_marks(dir: &Path) -> Result<Marks> {
+    let path = dir.join("applied.marks");
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let mut applied = HashSet::new();
+    if bytes.len() < frame::SEGMENT_HEADER {
+        write_durable(&path, &frame::segment_header(0))?;
+    } else {
+        frame::parse_segment_header(&bytes, "journal applied marks")?;
+        let scan = frame::scan(&bytes, frame::SEGMENT_HEADER);
+        for (_, kind, range) in scan.frames {
+            if kind == frame::KIND_APPLIED
+                && let Some((p, _)) = frame::decode_applied(&bytes[range])
+            {
+                applied.insert(p.0);
+            }
+        }
+        if let Some(at) = scan.torn_tail_at {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io("opening journal applied marks", e))?;
+            f.set_len(at as u64)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| Error::io("cutting the torn tail of journal applied marks", e))?;
+        }
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    Ok(Marks { file, applied })
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut buf = Vec::with_capacity(1 << 20);
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.options.max_batch {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut replies: Vec<(Reply, Result<Recorded>)> = Vec::with_capacity(batch.len());
+            let mut written: Vec<JournalEntry> = Vec::new();
+            let mut rotate = Vec::new();
+            buf.clear();
+            let mut batch_keys: HashMap<String, (u64, Uuid)> = HashMap::new();
+            for cmd in batch {
+                match cmd {
+                    Cmd::Rotate(r) => rotate.push(r),
+                    Cmd::Append(entry, reply) => {
+                        if let Some(p) = &self.poisoned {
+                            let _ = reply.send(Err(Error::unavailable(format!(
+                                "the journal stopped accepting writes after a failed write ({p}); reopen it"
+                            ))));
+                            continue;
+                        }
+                        if let Some(k) = &entry.idempotency_key
+                            && let Some(&(pos, id)) =
+                                self.index.get(k).or_else(|| batch_keys.get(k))
+                        {
+                            replies.push((
+                                reply,
+                                Ok(Recorded {
+                                    position: JournalPosition(pos),
+                                    id: JournalEntryId::from_uuid(id),
+                                    duplicate: true,
+                                }),
+                            ));
+                            continue;
+                        }
+                        let e = entry.into_entry(JournalPosition(self.next));
+                        if let Err(err) = frame::encode_entry(&e, &mut buf) {
+                            let _ = reply.send(Err(err));
+                            continue;
+                        }
+                        self.next += 1;
+                        if let Some(k) = &e.idempotency_key {
+                            batch_keys.insert(k.clone(), (e.position.0, e.id.as_uuid()));
+                        }
+                        replies.push((
+                            reply,
+                            Ok(Recorded {
+                                position: e.position,
+                                id: e.id,
+                                duplicate: false,
+                            }),
+                        ));
+                        written.push(e);
+                    }
+                }
+            }
+            if !buf.is_empty() {
+                let res = self
+                    .file
+                    .write_all(&buf)
+                    .and_then(|()| self.file.sync_data());
+                if let Err(e) = res {
+                    let msg = e.to_string();
+                    tracing::error!(error = %msg, "journal append failed");
+                    self.poisoned = Some(msg.clone());
+                    self.next -= written.len() as u64;
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(Error::io(
+                            "appending to the journal",
+                            std::io::Error::new(e.kind(), msg.clone()),
+                        )));
+                    }
+                    for r in rotate {
+                        let _ = r.send(Err(Error::unavailable("journal write failed")));
+                    }
+                    continue;
+                }
+                self.len += buf.len() as u64;
+                self.index.extend(batch_keys);
+                {
+                    let mut segs = lock(&self.shared.segments);
+                    if let Some(active) = segs.last_mut() {
+                        for e in &written {
+                            active.add(e);
+                        }
+                        active.len = self.len;
+                        active.raw_len = self.len;
+                    }
+                }
+                self.shared.head.store(self.next - 1, Ordering::Release);
+                metrics::counter!("sanare_journal_records_total", "backend" => "wal")
+                    .increment(written.len() as u64);
+                metrics::counter!("sanare_journal_fsyncs_total", "backend" => "wal").increment(1);
+            }
+            for (reply, r) in replies {
+                let _ = reply.send(r);
+            }
+            if self.len >= self.options.segment_size || !rotate.is_empty() {
+                let res = self.rotate_now();
+                if let Err(e) = &res {
+                    tracing::error!(error = %e, "journal segment rotation failed");
+                }
+                for r in rotate {
+                    let _ = r.send(match &res {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(Error::unavailable(format!("rotation failed: {e}"))),
+                    });
+                }
+            }
+        }
+    }
+
+    fn rotate_now(&mut self) -> Result<()> {
+        if self.len <= frame::SEGMENT_HEADER as u64 {
+            return Ok(());
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("sealing a journal segment", e))?;
+        let info = create_segment(&self.dir, self.next)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&info.path)
+            .map_err(|e| {
+                Error::io(
+                    format!("opening journal segment {}", info.path.display()),
+                    e,
+                )
+            })?;
+        self.base = info.base;
+        self.len = info.len;
+        lock(&self.shared.segments).push(info);
+        Ok(())
+    }
+}

@@ -1,0 +1,452 @@
+//! The PostgreSQL backend: conformance suite, record_in atomicity, the sequence-gap
+//! race, exactly-once PostgreSQL handlers, bad payload hashes, dropped connections.
+
+mod common;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Counting, entry};
+use sanare_core::{
+    Control, JournalCut, JournalPosition, JournalService, ReplayRange, ReplayRequest, Result,
+};
+use sanare_journal::{Journal, JournalEntry, PgHandler, Query};
+use sanare_pg::SchemaName;
+use sanare_testing::{TestDb, test_db};
+
+fn schema() -> SchemaName {
+    SchemaName::default()
+}
+
+async fn open(db: &TestDb) -> Journal {
+    Journal::postgres(db.pool().clone(), schema())
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_ordering_idempotency_queries() {
+    let db = test_db().await;
+    let journal = open(&db).await;
+    common::ordering_idempotency_queries(&journal).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_replay_exactly_once() {
+    let db = test_db().await;
+    let pool = db.pool().clone();
+    common::replay_exactly_once(async |h: Counting| {
+        Journal::postgres(pool.clone(), schema())
+            .handler("op", h)
+            .build()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_parallel_replay() {
+    let db = test_db().await;
+    let pool = db.pool().clone();
+    common::parallel_replay_applies_everything(async |h: Counting| {
+        Journal::postgres(pool.clone(), schema())
+            .handler("op", h)
+            .build()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_in_commits_and_rolls_back_with_the_host_transaction() {
+    let db = test_db().await;
+    let journal = open(&db).await;
+    let mut client = db.connect().await;
+    client
+        .batch_execute("CREATE TABLE orders (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    let tx = client.transaction().await.unwrap();
+    tx.execute("INSERT INTO orders VALUES (1)", &[])
+        .await
+        .unwrap();
+    journal.record_in(&tx, entry("order", "1")).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert!(journal.query(&Query::all()).await.unwrap().is_empty());
+
+    let tx = client.transaction().await.unwrap();
+    tx.execute("INSERT INTO orders VALUES (2)", &[])
+        .await
+        .unwrap();
+    let r = journal
+        .record_in(&tx, entry("order", "2").idempotency_key("o2"))
+        .await
+        .unwrap();
+    let dup = journal
+        .record_in(&tx, entry("order", "2 again").idempotency_key("o2"))
+        .await
+        .unwrap();
+    assert!(dup.duplicate);
+    assert_eq!(dup.position, r.position);
+    tx.commit().await.unwrap();
+    let all = journal.query(&Query::all()).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].payload_as::<String>().unwrap(), "2");
+    assert_eq!(journal.head().await.unwrap(), r.position);
+}
+
+/// The sequence-gap race: a writer holding a lower sequence number commits after a
+/// higher one. An open-range replay must wait for it rather than pass over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_sequence_committed_late_is_never_missed_by_replay() {
+    let db = test_db().await;
+    let counting = Counting::default();
+    let journal = Journal::postgres(db.pool().clone(), schema())
+        .handler("op", counting.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut slow = db.connect().await;
+    let slow_tx = slow.transaction().await.unwrap();
+    let low = journal
+        .record_in(&slow_tx, entry("op", "low"))
+        .await
+        .unwrap();
+    let high = journal.record(entry("op", "high")).await.unwrap();
+    assert!(low.position < high.position);
+
+    // The replay cannot finish while the lower number is in flight.
+    let replay = {
+        let journal = journal.clone();
+        tokio::spawn(async move {
+            journal
+                .replay(
+                    ReplayRequest::new(ReplayRange::Positions {
+                        from: JournalPosition(1),
+                        to: None,
+                    }),
+                    &Control::detached(),
+                )
+                .await
+        })
+    };
+    let mut replay = std::pin::pin!(replay);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut replay)
+            .await
+            .is_err(),
+        "replay must wait for the in-flight writer"
+    );
+    assert!(counting.positions().is_empty());
+    slow_tx.commit().await.unwrap();
+    let summary = replay.await.unwrap().unwrap();
+    assert_eq!(summary.applied, 2);
+    assert_eq!(summary.last_position, Some(high.position));
+    assert_eq!(counting.positions(), vec![low.position.0, high.position.0]);
+}
+
+/// A cut taken in a snapshot that misses a late, lower-numbered writer, and whose
+/// writers commit out of xid order: restore + replay(After(cut)) applies exactly the
+/// entries the snapshot does not contain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_are_exact_with_out_of_order_commits() {
+    let db = test_db().await;
+    let counting = Counting::default();
+    let journal = Journal::postgres(db.pool().clone(), schema())
+        .handler("op", counting.clone())
+        .build()
+        .await
+        .unwrap();
+    let before = journal.record(entry("op", "before")).await.unwrap();
+
+    // T0 takes its xid first, T1 second; T1 draws the lower sequence number.
+    let mut c0 = db.connect().await;
+    let mut c1 = db.connect().await;
+    let t0 = c0.transaction().await.unwrap();
+    let t1 = c1.transaction().await.unwrap();
+    t0.query_one("SELECT pg_current_xact_id()", &[])
+        .await
+        .unwrap();
+    t1.query_one("SELECT pg_current_xact_id()", &[])
+        .await
+        .unwrap();
+    let low = journal.record_in(&t1, entry("op", "t1-low")).await.unwrap();
+    let mid = journal.record_in(&t0, entry("op", "t0-mid")).await.unwrap();
+    assert!(low.position < mid.position);
+    t0.commit().await.unwrap();
+
+    // The snapshot: sees `before` and T0, not T1 (still running).
+    let mut snap_client = db.connect().await;
+    let snap_tx = snap_client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    let snapshot: String = snap_tx
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let cut_task = {
+        let journal = journal.clone();
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move { journal.cut(Some(&snapshot)).await })
+    };
+    t1.commit().await.unwrap();
+    let cut: JournalCut = cut_task.await.unwrap().unwrap();
+    snap_tx.commit().await.unwrap();
+    assert_eq!(cut.db_snapshot.as_deref(), Some(snapshot.as_str()));
+    // Everything at or before the position is in the snapshot: T1's entry is not.
+    assert!(cut.position < low.position, "{cut:?} vs {low:?}");
+    assert!(cut.position >= before.position);
+    let after = journal.record(entry("op", "after")).await.unwrap();
+
+    let s = journal
+        .replay(
+            ReplayRequest::new(ReplayRange::After(cut)),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        counting.positions(),
+        vec![low.position.0, after.position.0],
+        "exactly the entries missing from the snapshot, in order"
+    );
+    assert_eq!(s.applied, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_without_a_snapshot_takes_one() {
+    let db = test_db().await;
+    let journal = open(&db).await;
+    let r = journal.record(entry("op", "a")).await.unwrap();
+    let cut = journal.cut(None).await.unwrap();
+    assert_eq!(cut.position, r.position);
+    assert!(cut.db_snapshot.is_some());
+}
+
+/// Inserts the entry's payload into `applied_rows` in the replay transaction.
+struct InsertRow {
+    fail_on: Option<String>,
+}
+
+#[async_trait]
+impl PgHandler for InsertRow {
+    async fn apply(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        entry: &JournalEntry,
+    ) -> Result<()> {
+        let value: String = entry.payload_as()?;
+        tx.execute(
+            "INSERT INTO applied_rows (position, value) VALUES ($1, $2)",
+            &[&(entry.position.0 as i64), &value],
+        )
+        .await
+        .map_err(|e| sanare_pg::map_pg_error("inserting a replayed row", e))?;
+        if self.fail_on.as_deref() == Some(value.as_str()) {
+            return Err(sanare_core::Error::invalid_input("refusing this entry"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_handlers_commit_effect_and_mark_together() {
+    let db = test_db().await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE applied_rows (position bigint, value text)")
+        .await
+        .unwrap();
+    // The effect of e7 fails: its row and its mark roll back together.
+    let journal = Journal::postgres(db.pool().clone(), schema())
+        .pg_handler(
+            "op",
+            InsertRow {
+                fail_on: Some("e7".into()),
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+    for i in 0..20 {
+        journal.record(entry("op", &format!("e{i}"))).await.unwrap();
+    }
+    let first = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(first.applied, 19);
+    assert_eq!(first.failures.len(), 1);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM applied_rows", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 19);
+
+    // A second replay (the handler fixed) applies only the failed one.
+    let journal = Journal::postgres(db.pool().clone(), schema())
+        .pg_handler("op", InsertRow { fail_on: None })
+        .build()
+        .await
+        .unwrap();
+    let second = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!((second.applied, second.already_applied), (1, 19));
+    let rows: Vec<(i64, i64)> = client
+        .query(
+            "SELECT position, count(*) FROM applied_rows GROUP BY position ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows.len(), 20);
+    assert!(rows.iter().all(|(_, n)| *n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_journal_with_pg_handlers_is_exactly_once() {
+    let db = test_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE applied_rows (position bigint, value text)")
+        .await
+        .unwrap();
+    let build = || {
+        Journal::wal(dir.path())
+            .pg_handler("op", InsertRow { fail_on: None })
+            .handler_database(db.pool().clone(), schema())
+            .build()
+    };
+    let journal = build().await.unwrap();
+    for i in 0..10 {
+        journal.record(entry("op", &format!("e{i}"))).await.unwrap();
+    }
+    let s = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(s.applied, 10);
+    drop(journal);
+    let journal = build().await.unwrap();
+    let s = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!((s.applied, s.already_applied), (0, 10));
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM applied_rows", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 10);
+
+    // Without a handler database, a PostgreSQL handler is a configuration error.
+    let err = Journal::wal(dir.path())
+        .pg_handler("op", InsertRow { fail_on: None })
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, sanare_core::Error::Config { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_with_a_bad_hash_are_reported_and_never_applied() {
+    let db = test_db().await;
+    let counting = Counting::default();
+    let journal = Journal::postgres(db.pool().clone(), schema())
+        .handler("op", counting.clone())
+        .build()
+        .await
+        .unwrap();
+    for i in 0..3 {
+        journal.record(entry("op", &format!("e{i}"))).await.unwrap();
+    }
+    let client = db.client().await;
+    client
+        .execute(
+            "UPDATE sanare.transaction_journal SET payload = payload || '\\x00'::bytea \
+             WHERE sequence_number = 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let v = journal.validate(&Control::detached()).await.unwrap();
+    assert_eq!(v.entries, 3);
+    assert_eq!(v.problems.len(), 1);
+    let s = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(s.applied, 2);
+    assert_eq!(s.failures.len(), 1);
+    assert_eq!(s.failures[0].position, JournalPosition(2));
+    assert!(s.failures[0].reason.contains("hash"));
+    assert_eq!(counting.positions(), vec![1, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_fails_record_in_cleanly() {
+    let db = test_db().await;
+    let journal = open(&db).await;
+    let mut victim = db.connect().await;
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tx = victim.transaction().await.unwrap();
+    db.client()
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let err = journal
+        .record_in(&tx, entry("op", "lost"))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    drop(tx);
+    assert!(journal.query(&Query::all()).await.unwrap().is_empty());
+    // The journal itself keeps working.
+    assert!(journal.record(entry("op", "ok")).await.unwrap().position.0 >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_and_purge_on_postgres() {
+    let db = test_db().await;
+    let journal = open(&db).await;
+    for i in 0..30 {
+        journal.record(entry("op", &format!("e{i}"))).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pg.archive");
+    assert_eq!(
+        journal
+            .archive(&Query::all().to(JournalPosition(10)), &path)
+            .await
+            .unwrap(),
+        10
+    );
+    let back = Journal::read_archive(&path).unwrap();
+    assert_eq!(back.len(), 10);
+    assert!(back.iter().all(JournalEntry::payload_intact));
+    assert_eq!(journal.purge(JournalPosition(10)).await.unwrap(), 10);
+    let left = journal.query(&Query::all()).await.unwrap();
+    assert_eq!(left.len(), 20);
+    assert_eq!(journal.stats().await.unwrap().entries, 20);
+}

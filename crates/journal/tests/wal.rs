@@ -1,0 +1,297 @@
+//! The segment-file WAL backend: conformance suite, crash, torn tail, bit flip,
+//! rotation, compaction, retention, archive.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{Counting, entry};
+use sanare_core::{Control, JournalPosition, JournalService, ReplayRange, ReplayRequest};
+use sanare_journal::{Journal, Query};
+
+async fn open(dir: &Path) -> Journal {
+    Journal::wal(dir).build().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_ordering_idempotency_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = open(dir.path()).await;
+    common::ordering_idempotency_queries(&journal).await;
+    // Idempotency keys survive a reopen.
+    drop(journal);
+    let journal = open(dir.path()).await;
+    let again = journal
+        .record(entry("pay", "third").idempotency_key("pay-1"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_replay_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    common::replay_exactly_once(async |h: Counting| {
+        Journal::wal(&path).handler("op", h).build().await.unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_parallel_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    common::parallel_replay_applies_everything(async |h: Counting| {
+        Journal::wal(&path).handler("op", h).build().await.unwrap()
+    })
+    .await;
+}
+
+fn segment(dir: &Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    segs.sort();
+    segs.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_truncated_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = open(dir.path()).await;
+    for i in 0..3 {
+        journal.record(entry("op", &format!("e{i}"))).await.unwrap();
+    }
+    drop(journal);
+    let seg = segment(dir.path());
+    let good_len = std::fs::metadata(&seg).unwrap().len();
+    // Half a record: a header claiming 100 bytes, then 10 bytes.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(b"SJ\x01\x01\x64\x00\x00\x00\x00\x00\x00\x00abcdefghij")
+        .unwrap();
+    drop(f);
+
+    let journal = open(dir.path()).await;
+    let report = journal.open_report().unwrap().clone();
+    let (name, offset, removed) = report.truncated_tail.expect("torn tail reported");
+    assert!(seg.ends_with(&name));
+    assert_eq!(offset, good_len);
+    assert_eq!(removed, 22);
+    assert!(report.corrupt.is_empty());
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len);
+    assert_eq!(journal.head().await.unwrap(), JournalPosition(3));
+    let next = journal.record(entry("op", "e3")).await.unwrap();
+    assert_eq!(next.position, JournalPosition(4));
+    assert!(
+        journal
+            .validate(&Control::detached())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bit_flip_in_the_middle_is_isolated_and_never_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = open(dir.path()).await;
+    for i in 0..3 {
+        journal
+            .record(entry("op", &format!("payload-number-{i}")))
+            .await
+            .unwrap();
+    }
+    drop(journal);
+    let seg = segment(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes
+        .windows(16)
+        .position(|w| w == b"payload-number-1")
+        .unwrap();
+    bytes[at + 3] ^= 0x04;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let counting = Counting::default();
+    let journal = Journal::wal(dir.path())
+        .handler("op", counting.clone())
+        .build()
+        .await
+        .unwrap();
+    let report = journal.open_report().unwrap().clone();
+    assert_eq!(
+        report.truncated_tail, None,
+        "damage in the middle is not a torn tail"
+    );
+    assert_eq!(report.corrupt.len(), 1);
+    assert!(report.corrupt[0].reason.contains("checksum"));
+    assert!(report.corrupt[0].offset < at as u64);
+    let entries = journal.query(&Query::all()).await.unwrap();
+    let positions: Vec<u64> = entries.iter().map(|e| e.position.0).collect();
+    assert_eq!(
+        positions,
+        vec![1, 3],
+        "the records around the damage stay readable"
+    );
+    let v = journal.validate(&Control::detached()).await.unwrap();
+    assert_eq!(v.problems.len(), 1);
+
+    let s = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(s.applied, 2);
+    assert_eq!(s.failures.len(), 1);
+    assert!(s.failures[0].reason.contains("corrupt"));
+    assert_eq!(counting.positions(), vec![1, 3]);
+    // New records still append after the highest position.
+    assert_eq!(
+        journal.record(entry("op", "x")).await.unwrap().position,
+        JournalPosition(4)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_compaction_retention_and_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::wal(dir.path())
+        .segment_size(8 * 1024)
+        .build()
+        .await
+        .unwrap();
+    let order = r#"{"order_id":1234,"customer":{"id":77,"email":"c77@example.com"},"status":"paid","lines":[{"product":"widget","qty":2,"price_cents":1999}]}"#;
+    for i in 0..300 {
+        journal
+            .record(entry(
+                if i % 3 == 0 { "a" } else { "b" },
+                &format!("{order}{i}"),
+            ))
+            .await
+            .unwrap();
+    }
+    let before = journal.query(&Query::all()).await.unwrap();
+    let stats = journal.stats().await.unwrap();
+    assert!(stats.segments > 3, "{stats:?}");
+    assert_eq!(stats.entries, 300);
+
+    let report = journal.compact(&Control::detached()).await.unwrap();
+    assert_eq!(report.segments, stats.segments - 1);
+    assert!(report.bytes_after * 3 < report.bytes_before, "{report:?}");
+    assert_eq!(journal.query(&Query::all()).await.unwrap(), before);
+    let only_a = journal
+        .query(&Query::all().operation_types(["a"]))
+        .await
+        .unwrap();
+    assert_eq!(only_a.len(), 100);
+
+    // Reopen reads sealed segments.
+    drop(journal);
+    let journal = open(dir.path()).await;
+    assert_eq!(journal.query(&Query::all()).await.unwrap(), before);
+
+    // Archive a range and read it back; damage is detected.
+    let archive = dir.path().join("range.archive");
+    let n = journal
+        .archive(
+            &Query::all()
+                .after(JournalPosition(100))
+                .to(JournalPosition(200)),
+            &archive,
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 100);
+    let back = Journal::read_archive(&archive).unwrap();
+    assert_eq!(back, before[100..200].to_vec());
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&archive, &bytes).unwrap();
+    assert!(matches!(
+        Journal::read_archive(&archive),
+        Err(sanare_core::Error::Corrupt { .. })
+    ));
+
+    // Retention: whole segments before the retained position go.
+    let removed = journal.purge(JournalPosition(150)).await.unwrap();
+    assert!(removed > 0);
+    let left = journal.query(&Query::all()).await.unwrap();
+    assert!(left.first().unwrap().position.0 <= 151);
+    assert_eq!(left.last().unwrap().position.0, 300);
+    assert!(left.iter().all(|e| e.position.0 > 100));
+}
+
+/// The child half of the crash test: records forever, printing each durable position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child() {
+    let Ok(dir) = std::env::var("SANARE_JOURNAL_CRASH_DIR") else {
+        return;
+    };
+    let journal = open(Path::new(&dir)).await;
+    let mut out = std::io::stdout();
+    for i in 0u64.. {
+        let r = journal.record(entry("op", &format!("c{i}"))).await.unwrap();
+        writeln!(out, "durable {}", r.position.0).unwrap();
+        out.flush().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_acknowledged_before_a_sigkill_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .env("SANARE_JOURNAL_CRASH_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acked = 0u64;
+    while acked < 300 {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(p) = line.strip_prefix("durable ") {
+            acked = p.parse().unwrap();
+        }
+    }
+    child.kill().unwrap(); // SIGKILL, mid-write
+    child.wait().unwrap();
+
+    let journal = open(dir.path()).await;
+    let report = journal.open_report().unwrap();
+    assert!(report.corrupt.is_empty(), "{report:?}");
+    let head = journal.head().await.unwrap();
+    assert!(head.0 >= acked, "acknowledged {acked}, recovered {head}");
+    let all = journal.query(&Query::all()).await.unwrap();
+    assert_eq!(all.len() as u64, head.0);
+    assert!(
+        all.iter()
+            .enumerate()
+            .all(|(i, e)| e.position.0 == i as u64 + 1)
+    );
+    assert!(
+        journal
+            .validate(&Control::detached())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_cut_is_the_durable_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = open(dir.path()).await;
+    journal.record(entry("op", "a")).await.unwrap();
+    let cut = journal.cut(Some("1:1:")).await.unwrap();
+    assert_eq!(cut.position, JournalPosition(1));
+    assert_eq!(cut.db_snapshot, None);
+    let tx_err = journal
+        .record(sanare_journal::NewEntry::from_bytes("", vec![]))
+        .await;
+    assert!(matches!(tx_err, Err(sanare_core::Error::InvalidInput(_))));
+}
