@@ -518,16 +518,16 @@ impl Recovery {
         if outcome.is_err() {
             result.errors.push("cancelled".into());
         }
-        if let Ok(mut last) = self.last.write() {
-            if !result.success {
-                *last = Readiness::not_ready(
-                    result
-                        .errors
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| "recovery did not finish".into()),
-                );
-            }
+        if !result.success
+            && let Ok(mut last) = self.last.write()
+        {
+            *last = Readiness::not_ready(
+                result
+                    .errors
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "recovery did not finish".into()),
+            );
         }
         if let (Some(store), Some(crash)) = (&self.store, result.crash) {
             let notes = serde_json::to_string(&result.steps).unwrap_or_default();
