@@ -18,9 +18,9 @@ use criterion::Criterion;
 use sanare_benches::Figures;
 use sanare_core::{
     BoxStream, CheckId, Control, CrashKind, IntegrityService, JournalCut, JournalPosition,
-    JournalService, ReplayRequest, ReplaySummary, RestoreOutcome, RestoreRequest, Result,
-    RowImage, RowRef, SnapshotId, SnapshotInfo, SnapshotRequest, SnapshotService,
-    ValidationScope, ValidationSummary, VerifyReport, Violation,
+    JournalService, ReplayRequest, ReplaySummary, RestoreOutcome, RestoreRequest, Result, RowImage,
+    RowRef, SnapshotId, SnapshotInfo, SnapshotRequest, SnapshotService, ValidationScope,
+    ValidationSummary, VerifyReport, Violation,
 };
 use sanare_recovery::{
     CrashDetector, HandlerOptions, PreviousOutcome, Readiness, ReadinessCheck, Recovery,
@@ -191,9 +191,11 @@ impl SnapshotService for PgSnapshots {
         Ok(Vec::new())
     }
     async fn verify(&self, s: SnapshotId, _: &Control) -> Result<VerifyReport> {
-        Ok(serde_json::from_value(json!({"snapshot": s, "blocks_checked": 0,
+        Ok(
+            serde_json::from_value(json!({"snapshot": s, "blocks_checked": 0,
             "blocks_missing": 0, "blocks_corrupt": 0, "problems": []}))
-        .expect("report"))
+            .expect("report"),
+        )
     }
 }
 

@@ -218,17 +218,8 @@ pub(crate) fn looks_like_stack_overflow(addr: u64, sp: u64) -> bool {
 pub(crate) mod signals {
     use super::*;
 
-    /// The crash-handler registration; dropping it detaches.
-    pub(crate) struct Attached(crash_handler::CrashHandler);
-
-    impl Drop for Attached {
-        fn drop(&mut self) {
-            // The handler struct is a zero-sized token; detach restores the previous
-            // dispositions.
-            let handler = std::mem::replace(&mut self.0, crash_handler::CrashHandler);
-            handler.detach();
-        }
-    }
+    /// The crash-handler registration; dropping it detaches the handler.
+    pub(crate) struct Attached(#[allow(dead_code)] crash_handler::CrashHandler);
 
     fn stack_pointer(ctx: &crash_handler::CrashContext) -> Option<u64> {
         #[cfg(target_arch = "x86_64")]

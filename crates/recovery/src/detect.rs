@@ -211,7 +211,7 @@ impl CrashDetectorBuilder {
                 cgroup_root: self.cgroup_root.unwrap_or_else(marker::own_cgroup_root),
                 version: self.version.unwrap_or_default(),
                 events: self.events,
-                installed: Mutex::new(None),
+                installed: Mutex::new(false),
             }),
         })
     }
@@ -226,19 +226,12 @@ struct Inner {
     cgroup_root: PathBuf,
     version: String,
     events: Option<EventBus>,
-    installed: Mutex<Option<Installed>>,
+    installed: Mutex<bool>,
 }
 
-struct Installed {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    _signals: Option<capture::signals::Attached>,
-}
-
-impl std::fmt::Debug for Installed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Installed")
-    }
-}
+/// The fatal-signal registration, process-wide and never dropped.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+static SIGNALS: Mutex<Option<capture::signals::Attached>> = Mutex::new(None);
 
 /// Detects and classifies crashes of the host process.
 ///
@@ -364,15 +357,16 @@ impl CrashDetector {
     }
 
     /// Installs the chained panic hook and the fatal-signal handler, writing to this
-    /// detector's spool (opened now, so nothing is opened in a crash path). Only one
-    /// detector's handlers are active per process; installing again is a no-op.
+    /// detector's spool (opened now, so nothing is opened in a crash path). The hook
+    /// and handlers are process-wide and installed once; installing from another
+    /// detector redirects them to that detector's spool.
     pub fn install_handlers(&self, options: HandlerOptions) -> Result<()> {
         let mut installed = self
             .inner
             .installed
             .lock()
             .map_err(|_| Error::conflict("the crash handler registry is poisoned"))?;
-        if installed.is_some() {
+        if *installed {
             return Ok(());
         }
         let file = std::fs::OpenOptions::new()
@@ -395,10 +389,15 @@ impl CrashDetector {
                 .write_all(&spool::header())
                 .map_err(|e| Error::io("writing the crash spool header", e))?;
         }
-        let old = capture::set_spool_fd(file.into_raw_fd());
-        if old >= 0 {
-            // SAFETY: the descriptor was ours (from an earlier detector in this process).
-            unsafe { libc::close(old) };
+        // A previous detector's descriptor is left open on purpose: a thread crashing
+        // right now may still be writing to it, and closing could let the number be
+        // reused by an unrelated file.
+        let _previous = capture::set_spool_fd(file.into_raw_fd());
+        // The panic hook and signal handlers are process-wide: a second detector in
+        // the same process only redirects them to its own spool (above).
+        *installed = true;
+        if PROCESS_HANDLERS.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
         }
         if options.panic_hook {
             let previous = std::panic::take_hook();
@@ -409,19 +408,19 @@ impl CrashDetector {
             }));
         }
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        let signals = if options.fatal_signals {
-            Some(capture::signals::attach()?)
-        } else {
-            None
-        };
-        *installed = Some(Installed {
-            #[cfg(any(target_os = "linux", target_os = "android"))]
-            _signals: signals,
-        });
+        if options.fatal_signals {
+            let attached = capture::signals::attach()?;
+            if let Ok(mut slot) = SIGNALS.lock() {
+                *slot = Some(attached);
+            }
+        }
         tracing::info!(spool = %self.inner.spool_path.display(), "crash capture installed");
         Ok(())
     }
 }
+
+/// Whether some detector already installed the process-wide hook and handlers.
+static PROCESS_HANDLERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Host facts read at detection.
 pub(crate) struct Facts {
