@@ -376,3 +376,176 @@ async fn crashes_persist_with_history_by_date_and_recovery_outcome() {
     let gone = CrashStore::new(pool, sanare_pg::SchemaName::default_schema());
     assert!(gone.history(None, None).await.is_err());
 }
+
+/// The journal of the mid-workload test: entries are written ahead in their own
+/// transaction; the effect and the applied mark commit together.
+struct PgJournal(tokio_postgres::Client);
+
+#[async_trait::async_trait]
+impl sanare_core::JournalService for PgJournal {
+    async fn head(&self) -> sanare_core::Result<sanare_core::JournalPosition> {
+        let n: i64 = self
+            .0
+            .query_one("SELECT coalesce(max(pos), 0) FROM journal", &[])
+            .await
+            .map_err(|e| sanare_core::Error::database("head", e, true))?
+            .get(0);
+        Ok(sanare_core::JournalPosition(n as u64))
+    }
+    async fn cut(&self, _: Option<&str>) -> sanare_core::Result<sanare_core::JournalCut> {
+        Ok(sanare_core::JournalCut::default())
+    }
+    async fn replay(
+        &self,
+        _: sanare_core::ReplayRequest,
+        control: &sanare_core::Control,
+    ) -> sanare_core::Result<sanare_core::ReplaySummary> {
+        control.checkpoint()?;
+        let db = |e| sanare_core::Error::database("replaying", e, false);
+        let mut s = sanare_core::ReplaySummary::default();
+        let rows = self
+            .0
+            .query("SELECT pos, applied FROM journal ORDER BY pos", &[])
+            .await
+            .map_err(db)?;
+        for row in rows {
+            let (pos, applied): (i64, bool) = (row.get(0), row.get(1));
+            s.entries_seen += 1;
+            if applied {
+                s.already_applied += 1;
+                continue;
+            }
+            self.0
+                .batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO orders SELECT id, amount FROM journal WHERE pos = {pos};
+                     UPDATE journal SET applied = true WHERE pos = {pos};
+                     UPDATE replays SET n = n + 1;
+                     COMMIT"
+                ))
+                .await
+                .map_err(db)?;
+            s.applied += 1;
+        }
+        Ok(s)
+    }
+}
+
+const WORKLOAD_SQL: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, amount bigint NOT NULL);
+     CREATE TABLE journal (pos bigint PRIMARY KEY, id bigint NOT NULL, amount bigint NOT NULL,
+         applied boolean NOT NULL DEFAULT false);
+     CREATE TABLE replays (n bigint NOT NULL); INSERT INTO replays VALUES (0);";
+
+/// In a child: journal and apply 40 orders, then journal the 41st and die by
+/// SIGKILL before applying it.
+fn workload_child(url: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for i in 1..=41i64 {
+            client
+                .execute(
+                    "INSERT INTO journal (pos, id, amount) VALUES ($1, $1, $1 * 10::bigint)",
+                    &[&i],
+                )
+                .await
+                .unwrap();
+            if i == 41 {
+                // SAFETY: killing ourselves mid-workload.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+            client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO orders VALUES ({i}, {i} * 10);
+                     UPDATE journal SET applied = true WHERE pos = {i}; COMMIT"
+                ))
+                .await
+                .unwrap();
+        }
+    });
+}
+
+#[test]
+fn workload_child_entry() {
+    if std::env::var(MODE).as_deref() == Ok("workload") {
+        let dir = PathBuf::from(std::env::var_os(DIR).unwrap());
+        let boot = PathBuf::from(std::env::var_os(BOOT).unwrap());
+        let d = detector(&dir, &boot);
+        d.mark_running().unwrap();
+        d.install_handlers(HandlerOptions::default()).unwrap();
+        workload_child(&std::env::var("SANARE_WORKLOAD_URL").unwrap());
+        return;
+    }
+    // Run normally: the SQL of the workload is valid.
+    assert!(WORKLOAD_SQL.contains("CREATE TABLE journal"));
+}
+
+#[tokio::test]
+async fn a_child_killed_mid_workload_recovers_to_all_committed_work_replayed_once() {
+    use std::sync::Arc;
+    let db = sanare_testing::test_db().await;
+    let client = db.connect().await;
+    client.batch_execute(WORKLOAD_SQL).await.unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let boot = tmp.path().join("boot_id");
+    std::fs::write(&boot, "boot-a").unwrap();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "workload_child_entry", "--nocapture"])
+        .env(MODE, "workload")
+        .env(DIR, &data)
+        .env(BOOT, &boot)
+        .env("SANARE_WORKLOAD_URL", db.url())
+        .status()
+        .unwrap();
+    assert!(!status.success());
+
+    let d = detector(&data, &boot);
+    let crash = d.detect_previous_run().unwrap().crash.unwrap();
+    assert_eq!(crash.kind, CrashKind::ApplicationCrash);
+    assert_eq!(crash.exception_type.as_deref(), Some("killed"));
+
+    let recovery = sanare_recovery::Recovery::builder()
+        .journal(Arc::new(PgJournal(db.connect().await)))
+        .build();
+    let plan = recovery.plan(Some(&crash), sanare_recovery::RecoveryOptions::default());
+    let r = recovery
+        .recover(&plan, &sanare_core::Control::detached())
+        .await
+        .unwrap();
+    assert!(r.success, "{r:#?}");
+    assert_eq!(r.entries_replayed, 1);
+    // A second recovery applies nothing.
+    let again = recovery
+        .recover(&plan, &sanare_core::Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(again.entries_replayed, 0);
+
+    // The database equals all committed (journaled) work.
+    let hash = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let h: String = client.query_one(sql, &[]).await.unwrap().get(0);
+            h
+        }
+    };
+    let orders =
+        hash("SELECT md5(string_agg(id || ':' || amount, ',' ORDER BY id)) FROM orders").await;
+    let journaled =
+        hash("SELECT md5(string_agg(id || ':' || amount, ',' ORDER BY id)) FROM journal").await;
+    assert_eq!(orders, journaled);
+    let n: i64 = client
+        .query_one("SELECT n FROM replays", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the journal entry was replayed exactly once");
+}
