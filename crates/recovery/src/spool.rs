@@ -2,7 +2,7 @@
 //! paths (panic hook, fatal-signal handler, failing allocator) and read at the next
 //! start. The layout is specified in `docs/formats.md` ("Crash spool").
 //!
-//! Encoding never allocates ([`encode_into`] formats into a caller's buffer), so the
+//! Encoding never allocates (the encoder formats into a caller's buffer), so the
 //! signal handler and the allocator can use it; decoding is tolerant: a torn or
 //! garbage record is reported as a [`SpoolProblem`] and skipped, never fatal.
 
