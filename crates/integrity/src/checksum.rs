@@ -309,7 +309,11 @@ pub async fn install_checksum_trigger(
 ) -> Result<()> {
     let columns = checksum_columns(client, table, column).await?;
     let info = sanare_pg::catalog::describe(client, table).await?;
-    let func = format!("{}.{}", schema.quoted(), quote_ident(&format!("row_checksum_{}", info.oid)));
+    let func = format!(
+        "{}.{}",
+        schema.quoted(),
+        quote_ident(&format!("row_checksum_{}", info.oid))
+    );
     let settings: String = CANONICAL_SETTINGS
         .iter()
         .map(|(k, v)| format!(" SET {} = '{v}'", quote_ident(k)))
@@ -331,7 +335,11 @@ pub async fn install_checksum_trigger(
     if backfill {
         client
             .execute(
-                &format!("UPDATE {} SET {c} = {c}", table.quoted(), c = quote_ident(column)),
+                &format!(
+                    "UPDATE {} SET {c} = {c}",
+                    table.quoted(),
+                    c = quote_ident(column)
+                ),
                 &[],
             )
             .await
@@ -366,10 +374,7 @@ mod tests {
             hex(&Checksummer::blake3().checksum(&values)),
             hex(blake3::hash(&enc).as_bytes())
         );
-        assert_eq!(
-            hex(&Checksummer::blake3().checksum(&values)),
-            GOLDEN_BLAKE3
-        );
+        assert_eq!(hex(&Checksummer::blake3().checksum(&values)), GOLDEN_BLAKE3);
         assert_eq!(hex(&Checksummer::sha256().checksum(&values)), GOLDEN_SHA256);
         assert_eq!(
             hex(&Checksummer::blake3_keyed([7; 32]).checksum(&values)),
@@ -382,7 +387,8 @@ mod tests {
 
     const GOLDEN_BLAKE3: &str = "7d970e6e104f8119a56982e9aad43df428e5f70abfe71a944a0b5a943ea37cf1";
     const GOLDEN_SHA256: &str = "2781738fa6a458f52d7b5a5bccd3867a8484608fd62601952856928382e2debc";
-    const GOLDEN_BLAKE3_KEYED: &str = "1c005fd56a12d9db5213a3a417bb284da1ba798cf190697563e4663870a27fe2";
+    const GOLDEN_BLAKE3_KEYED: &str =
+        "1c005fd56a12d9db5213a3a417bb284da1ba798cf190697563e4663870a27fe2";
 
     #[test]
     fn keys_change_the_checksum_and_are_not_printed() {

@@ -83,7 +83,10 @@ impl Probe {
 
     /// Whether this probe runs per chunk (else once per table).
     pub(crate) fn chunked(&self) -> bool {
-        matches!(self, Probe::Fused(_) | Probe::Orphans(_) | Probe::Checksum { .. })
+        matches!(
+            self,
+            Probe::Fused(_) | Probe::Orphans(_) | Probe::Checksum { .. }
+        )
     }
 }
 
@@ -111,12 +114,20 @@ impl TablePlan {
     }
 
     fn key_ident(&self, k: &KeyCol) -> String {
-        if self.by_ctid() { "ctid".to_owned() } else { quote_ident(&k.name) }
+        if self.by_ctid() {
+            "ctid".to_owned()
+        } else {
+            quote_ident(&k.name)
+        }
     }
 
     /// `(t.k1, t.k2)`
     pub(crate) fn key_tuple(&self) -> String {
-        let cols: Vec<String> = self.key.iter().map(|k| format!("t.{}", self.key_ident(k))).collect();
+        let cols: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("t.{}", self.key_ident(k)))
+            .collect();
         format!("({})", cols.join(", "))
     }
 
@@ -168,7 +179,9 @@ pub(crate) async fn plan_table(
             .iter()
             .map(|k| KeyCol {
                 name: k.clone(),
-                type_name: info.column(k).map_or_else(|| "text".to_owned(), |c| c.type_name.clone()),
+                type_name: info
+                    .column(k)
+                    .map_or_else(|| "text".to_owned(), |c| c.type_name.clone()),
             })
             .collect()
     };
@@ -182,7 +195,9 @@ pub(crate) async fn plan_table(
         for r in rules.not_null.iter().filter(|r| mine(&r.table)) {
             require_column(&info, &r.column)?;
             fused.push(RowRule {
-                kind: ViolationKind::NullConstraint { column: r.column.clone() },
+                kind: ViolationKind::NullConstraint {
+                    column: r.column.clone(),
+                },
                 severity: r.severity.unwrap_or(Severity::Medium),
                 family: CheckFamily::Schema,
                 violated: format!("t.{} IS NULL", quote_ident(&r.column)),
@@ -248,7 +263,9 @@ pub(crate) async fn plan_table(
             });
             if let Some(p) = &r.predicate {
                 fused.push(RowRule {
-                    kind: ViolationKind::Consistency { rule: r.name.clone() },
+                    kind: ViolationKind::Consistency {
+                        rule: r.name.clone(),
+                    },
                     severity,
                     family: CheckFamily::Consistency,
                     violated: format!("coalesce(NOT ({p}), false)"),
@@ -324,7 +341,10 @@ fn require_column(info: &TableInfo, column: &str) -> Result<()> {
     if info.column(column).is_none() {
         return Err(Error::config(
             "integrity rules",
-            format!("a rule names column `{column}`, which {} does not have", info.table),
+            format!(
+                "a rule names column `{column}`, which {} does not have",
+                info.table
+            ),
         ));
     }
     Ok(())
@@ -362,7 +382,9 @@ async fn catalog_row_rules(
         let col = format!("t.{}", quote_ident(&c.name));
         if c.not_null {
             out.push(RowRule {
-                kind: ViolationKind::NullConstraint { column: c.name.clone() },
+                kind: ViolationKind::NullConstraint {
+                    column: c.name.clone(),
+                },
                 severity: Severity::High,
                 family: CheckFamily::Schema,
                 violated: format!("{col} IS NULL"),
@@ -371,7 +393,12 @@ async fn catalog_row_rules(
             });
         }
         if let Some(n) = length_limit(&c.type_name) {
-            out.push(type_rule(&name, &c.name, &c.type_name, format!("coalesce(char_length({col}) > {n}, false)")));
+            out.push(type_rule(
+                &name,
+                &c.name,
+                &c.type_name,
+                format!("coalesce(char_length({col}) > {n}, false)"),
+            ));
         }
         if let Some((p, s)) = numeric_limits(&c.type_name) {
             out.push(type_rule(
@@ -432,8 +459,16 @@ async fn catalog_row_rules(
         let column: String = r.get(0);
         let type_name: String = r.get(1);
         let def: String = r.get(3);
-        let expr = replace_value_keyword(&check_expression(&def), &format!("t.{}", quote_ident(&column)));
-        out.push(type_rule(&name, &column, &type_name, format!("coalesce(NOT ({expr}), false)")));
+        let expr = replace_value_keyword(
+            &check_expression(&def),
+            &format!("t.{}", quote_ident(&column)),
+        );
+        out.push(type_rule(
+            &name,
+            &column,
+            &type_name,
+            format!("coalesce(NOT ({expr}), false)"),
+        ));
     }
     Ok(())
 }
@@ -471,10 +506,14 @@ fn replace_value_keyword(expr: &str, replacement: &str) -> String {
         if c == b'\'' {
             in_str = !in_str;
         }
-        let word_start = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_' || bytes[i - 1] == b'"');
+        let word_start = i == 0
+            || !(bytes[i - 1].is_ascii_alphanumeric()
+                || bytes[i - 1] == b'_'
+                || bytes[i - 1] == b'"');
         if !in_str && word_start && expr[i..].starts_with("VALUE") {
             let end = i + 5;
-            let word_end = end >= bytes.len() || !(bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_');
+            let word_end =
+                end >= bytes.len() || !(bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_');
             if word_end {
                 out.push_str(replacement);
                 i = end;
@@ -506,7 +545,10 @@ fn numeric_limits(type_name: &str) -> Option<(u32, u32)> {
 }
 
 /// Primary-key and unique constraints: (name, columns).
-async fn unique_constraints(client: &impl GenericClient, oid: u32) -> Result<Vec<(String, Vec<String>)>> {
+async fn unique_constraints(
+    client: &impl GenericClient,
+    oid: u32,
+) -> Result<Vec<(String, Vec<String>)>> {
     let rows = client
         .query(
             "SELECT con.conname::text,

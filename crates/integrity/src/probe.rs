@@ -87,8 +87,16 @@ pub(crate) async fn run_probe(
             })
         }
         Probe::Orphans(rel) => {
-            let fk_sel: Vec<String> = rel.columns.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect();
-            let not_null: Vec<String> = rel.columns.iter().map(|c| format!("t.{} IS NOT NULL", quote_ident(c))).collect();
+            let fk_sel: Vec<String> = rel
+                .columns
+                .iter()
+                .map(|c| format!("t.{}::text", quote_ident(c)))
+                .collect();
+            let not_null: Vec<String> = rel
+                .columns
+                .iter()
+                .map(|c| format!("t.{} IS NOT NULL", quote_ident(c)))
+                .collect();
             let join: Vec<String> = rel
                 .columns
                 .iter()
@@ -153,7 +161,10 @@ pub(crate) async fn run_probe(
                     }
                 })
                 .collect();
-            Ok(ProbeResult { rows: None, suspects })
+            Ok(ProbeResult {
+                rows: None,
+                suspects,
+            })
         }
         Probe::Checksum {
             column,
@@ -161,7 +172,10 @@ pub(crate) async fn run_probe(
             checksummer,
             severity,
         } => {
-            let cols: Vec<String> = columns.iter().map(|c| format!("t.{}::text", quote_ident(c))).collect();
+            let cols: Vec<String> = columns
+                .iter()
+                .map(|c| format!("t.{}::text", quote_ident(c)))
+                .collect();
             let sql = format!(
                 "COPY (SELECT {keys}, {stored}{sep}{cols} FROM {t} t WHERE {pred}) TO STDOUT (FORMAT binary)",
                 keys = plan.key_select(),
@@ -181,7 +195,14 @@ pub(crate) async fn run_probe(
             let mut on_tuple = |fields: &[Option<&[u8]>]| -> Result<()> {
                 rows += 1;
                 if fields.len() != nkey + 1 + columns.len() {
-                    return Err(Error::corrupt("COPY tuple", format!("expected {} fields, got {}", nkey + 1 + columns.len(), fields.len())));
+                    return Err(Error::corrupt(
+                        "COPY tuple",
+                        format!(
+                            "expected {} fields, got {}",
+                            nkey + 1 + columns.len(),
+                            fields.len()
+                        ),
+                    ));
                 }
                 let mut h = checksummer.row(ncols);
                 for f in &fields[nkey + 1..] {
@@ -227,7 +248,10 @@ pub(crate) async fn run_probe(
             severity,
         } => {
             let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-            let tcols: Vec<String> = columns.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
+            let tcols: Vec<String> = columns
+                .iter()
+                .map(|c| format!("t.{}", quote_ident(c)))
+                .collect();
             let txt: Vec<String> = tcols.iter().map(|c| format!("{c}::text")).collect();
             let nn: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
             // The index backing the constraint is what may be damaged: do not trust it.
@@ -235,13 +259,15 @@ pub(crate) async fn run_probe(
                 .batch_execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_indexonlyscan = off; SET LOCAL enable_bitmapscan = off")
                 .await
                 .context("setting planner options for a unique check")?;
+            // No join: the planner would trust the unique index to stop at the first
+            // match ("inner unique"), hiding exactly the duplicates looked for.
             let sql = format!(
-                "SELECT {keys}, {txt} FROM {t} t
-                  WHERE ({pred}) AND ({tc}) IN (SELECT {c} FROM {t} WHERE {nn} GROUP BY {c} HAVING count(*) > 1)",
+                "SELECT {keys}, {txt} FROM (SELECT t.*, t.ctid AS ctid, count(*) OVER (PARTITION BY {tc}) AS sanare_n
+                                              FROM {t} t WHERE {nn}) t
+                  WHERE t.sanare_n > 1 AND ({pred})",
                 keys = plan.key_select(),
                 txt = txt.join(", "),
                 tc = tcols.join(", "),
-                c = cols.join(", "),
                 nn = nn.join(" AND "),
             );
             let rows = client
@@ -249,7 +275,9 @@ pub(crate) async fn run_probe(
                 .await
                 .with_context(|| format!("looking for duplicates of {constraint} on {name}"))?;
             client
-                .batch_execute("RESET enable_indexscan; RESET enable_indexonlyscan; RESET enable_bitmapscan")
+                .batch_execute(
+                    "RESET enable_indexscan; RESET enable_indexonlyscan; RESET enable_bitmapscan",
+                )
                 .await
                 .context("resetting planner options")?;
             let suspects = rows
@@ -275,7 +303,10 @@ pub(crate) async fn run_probe(
                     }
                 })
                 .collect();
-            Ok(ProbeResult { rows: None, suspects })
+            Ok(ProbeResult {
+                rows: None,
+                suspects,
+            })
         }
         Probe::Query {
             rule,
@@ -284,7 +315,11 @@ pub(crate) async fn run_probe(
             severity,
             action,
         } => {
-            let keys: Vec<String> = plan.key.iter().map(|k| format!("q.{}::text", quote_ident(&k.name))).collect();
+            let keys: Vec<String> = plan
+                .key
+                .iter()
+                .map(|k| format!("q.{}::text", quote_ident(&k.name)))
+                .collect();
             // `pred` is written over alias `t`; the query's rows are aliased `t` too.
             let full = format!(
                 "SELECT {keys} FROM (SELECT * FROM ({sql}) q0) q, LATERAL (SELECT {tk}) t WHERE {pred}",
@@ -296,7 +331,8 @@ pub(crate) async fn run_probe(
                     .collect::<Vec<_>>()
                     .join(", "),
             );
-            let p: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            let p: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
             let rows = client
                 .query(&full, &p)
                 .await
@@ -313,7 +349,10 @@ pub(crate) async fn run_probe(
                     details: serde_json::Value::Null,
                 })
                 .collect();
-            Ok(ProbeResult { rows: None, suspects })
+            Ok(ProbeResult {
+                rows: None,
+                suspects,
+            })
         }
     }
 }
@@ -361,7 +400,8 @@ impl CopyParser {
                 return Err(Error::corrupt("binary COPY stream", "bad signature"));
             }
             let ext = read_i32(&self.buf[15..19]);
-            let ext = usize::try_from(ext).map_err(|_| Error::corrupt("binary COPY stream", "negative header extension"))?;
+            let ext = usize::try_from(ext)
+                .map_err(|_| Error::corrupt("binary COPY stream", "negative header extension"))?;
             if self.buf.len() < 19 + ext {
                 return Ok(());
             }
@@ -385,7 +425,8 @@ impl CopyParser {
                 pos = p;
                 continue;
             }
-            let n = usize::try_from(n).map_err(|_| Error::corrupt("binary COPY stream", "bad field count"))?;
+            let n = usize::try_from(n)
+                .map_err(|_| Error::corrupt("binary COPY stream", "bad field count"))?;
             fields.clear();
             let mut complete = true;
             for _ in 0..n {
@@ -420,7 +461,10 @@ impl CopyParser {
 
     pub(crate) fn finish(&self) -> Result<()> {
         if !self.ended || !self.buf.is_empty() {
-            return Err(Error::corrupt("binary COPY stream", "ended without its trailer (torn stream)"));
+            return Err(Error::corrupt(
+                "binary COPY stream",
+                "ended without its trailer (torn stream)",
+            ));
         }
         Ok(())
     }
@@ -459,7 +503,10 @@ mod tests {
 
     #[test]
     fn copy_parser_handles_any_split_and_rejects_torn_streams() {
-        let tuples = vec![vec![Some(&b"1"[..]), None], vec![Some(&b"22"[..]), Some(&b""[..])]];
+        let tuples = vec![
+            vec![Some(&b"1"[..]), None],
+            vec![Some(&b"22"[..]), Some(&b""[..])],
+        ];
         let data = stream(&tuples, true);
         for split in 0..data.len() {
             let mut p = CopyParser::default();
@@ -480,6 +527,9 @@ mod tests {
         p.feed(&torn[..torn.len() - 1], &mut |_| Ok(())).unwrap();
         assert!(p.finish().is_err());
         let mut p = CopyParser::default();
-        assert!(p.feed(&b"NOTCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0"[..], &mut |_| Ok(())).is_err());
+        assert!(
+            p.feed(&b"NOTCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0"[..], &mut |_| Ok(()))
+                .is_err()
+        );
     }
 }

@@ -131,13 +131,15 @@ pub fn write_json<W: Write>(
 ) -> Result<()> {
     let io = |e| Error::io("writing the JSON report", e);
     out.write_all(b"{\"report\":").map_err(io)?;
-    serde_json::to_writer(&mut *out, report).map_err(|e| Error::other("writing the JSON report", e))?;
+    serde_json::to_writer(&mut *out, report)
+        .map_err(|e| Error::other("writing the JSON report", e))?;
     out.write_all(b",\"violations\":[").map_err(io)?;
     for (i, v) in violations.into_iter().enumerate() {
         if i > 0 {
             out.write_all(b",").map_err(io)?;
         }
-        serde_json::to_writer(&mut *out, &v?).map_err(|e| Error::other("writing the JSON report", e))?;
+        serde_json::to_writer(&mut *out, &v?)
+            .map_err(|e| Error::other("writing the JSON report", e))?;
     }
     out.write_all(b"]}").map_err(io)?;
     Ok(())
@@ -145,12 +147,12 @@ pub fn write_json<W: Write>(
 
 /// Reads a document written by [`write_json`].
 pub fn read_json(input: impl std::io::Read) -> Result<ReportDocument> {
-    serde_json::from_reader(input).map_err(|e| Error::corrupt("JSON integrity report", e.to_string()))
+    serde_json::from_reader(input)
+        .map_err(|e| Error::corrupt("JSON integrity report", e.to_string()))
 }
 
 /// The CSV header of [`write_csv`].
-pub const CSV_HEADER: &str =
-    "violation_id,check_id,table,row_key,violation_type,severity,description,recommended_action,detected_at,details";
+pub const CSV_HEADER: &str = "violation_id,check_id,table,row_key,violation_type,severity,description,recommended_action,detected_at,details";
 
 /// Writes one CSV row per affected record (RFC 4180 quoting).
 pub fn write_csv<W: Write>(

@@ -338,8 +338,9 @@ impl Rules {
 
     /// Parses a TOML rule file (see the module docs) and checks it.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let rules: Rules = toml::from_str(text)
-            .map_err(|e| Error::config("integrity rules", format!("invalid TOML rule file: {e}")))?;
+        let rules: Rules = toml::from_str(text).map_err(|e| {
+            Error::config("integrity rules", format!("invalid TOML rule file: {e}"))
+        })?;
         rules.validate()?;
         Ok(rules)
     }
@@ -396,7 +397,10 @@ impl Rules {
         }
         for r in &self.range {
             if r.min.is_none() && r.max.is_none() {
-                return bad(format!("range rule on {}.{} has neither min nor max", r.table, r.column));
+                return bad(format!(
+                    "range rule on {}.{} has neither min nor max",
+                    r.table, r.column
+                ));
             }
         }
         for r in &self.consistency {
@@ -508,7 +512,12 @@ impl RulesBuilder {
     }
 
     /// `table.column` holds the row checksum, computed with `algorithm`.
-    pub fn checksum(mut self, table: &TableRef, column: &str, algorithm: ChecksumAlgorithm) -> Self {
+    pub fn checksum(
+        mut self,
+        table: &TableRef,
+        column: &str,
+        algorithm: ChecksumAlgorithm,
+    ) -> Self {
         self.rules.checksum.push(ChecksumRule {
             table: table.to_string(),
             column: column.into(),
@@ -594,8 +603,21 @@ predicate = "shipped_at >= placed_at"
     fn builder_helpers_produce_sql() {
         let orders = TableRef::new("shop", "orders");
         let lines = TableRef::new("shop", "order_lines");
-        let r = ConsistencyRule::aggregate_equals("total", &orders, "id", "total_cents", &lines, "order_id", "amount_cents");
-        assert!(r.query.as_deref().unwrap().contains("sum(\"amount_cents\")"));
+        let r = ConsistencyRule::aggregate_equals(
+            "total",
+            &orders,
+            "id",
+            "total_cents",
+            &lines,
+            "order_id",
+            "amount_cents",
+        );
+        assert!(
+            r.query
+                .as_deref()
+                .unwrap()
+                .contains("sum(\"amount_cents\")")
+        );
         let t = ConsistencyRule::status_transitions("tr", &orders, "from_s", "to_s", &[("a", "b")]);
         assert!(t.predicate.as_deref().unwrap().contains("IN (('a', 'b'))"));
         let rules = Rules::builder()
@@ -603,7 +625,15 @@ predicate = "shipped_at >= placed_at"
             .consistency(r)
             .build()
             .unwrap();
-        assert_eq!(Rules::range_violation(&rules.range[0]), "coalesce(\"total_cents\" < '0', false)");
-        assert!(Rules::builder().range(&orders, "x", None, None).build().is_err());
+        assert_eq!(
+            Rules::range_violation(&rules.range[0]),
+            "coalesce(\"total_cents\" < '0', false)"
+        );
+        assert!(
+            Rules::builder()
+                .range(&orders, "x", None, None)
+                .build()
+                .is_err()
+        );
     }
 }

@@ -13,7 +13,7 @@ use sanare_core::{
     IntegrityService, Result, RowRef, Severity, TableRef, ValidationScope, ValidationSummary,
     Violation, ViolationKind,
 };
-use sanare_pg::{Pool, PgResultExt, SchemaName, get_conn};
+use sanare_pg::{PgResultExt, Pool, SchemaName, get_conn};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, RwLock};
 use tracing::Instrument;
@@ -132,12 +132,18 @@ impl IntegrityBuilder {
 
     /// The service.
     pub fn build(self) -> Result<Integrity> {
-        let pool = self
-            .pool
-            .ok_or_else(|| Error::config("pool", "Integrity::builder() needs a connection pool: call .pool(..)"))?;
+        let pool = self.pool.ok_or_else(|| {
+            Error::config(
+                "pool",
+                "Integrity::builder() needs a connection pool: call .pool(..)",
+            )
+        })?;
         self.rules.validate()?;
         if self.config.chunk_rows == 0 || self.config.parallelism == 0 {
-            return Err(Error::config("integrity config", "chunk_rows and parallelism must be at least 1"));
+            return Err(Error::config(
+                "integrity config",
+                "chunk_rows and parallelism must be at least 1",
+            ));
         }
         Ok(Integrity {
             inner: Arc::new(Inner {
@@ -220,18 +226,18 @@ impl SnapshotHolder {
     }
 
     /// Runs `f` with the current snapshot id, guaranteed alive while `f` runs.
-    async fn with_snapshot<T>(
-        &self,
-        f: impl AsyncFnOnce(&str) -> Result<T>,
-    ) -> Result<T> {
+    async fn with_snapshot<T>(&self, f: impl AsyncFnOnce(&str) -> Result<T>) -> Result<T> {
         {
             let needs = {
                 let g = self.state.read().await;
-                g.as_ref().is_none_or(|(_, _, at)| at.elapsed() > self.max_age)
+                g.as_ref()
+                    .is_none_or(|(_, _, at)| at.elapsed() > self.max_age)
             };
             if needs {
                 let mut g = self.state.write().await;
-                if g.as_ref().is_none_or(|(_, _, at)| at.elapsed() > self.max_age) {
+                if g.as_ref()
+                    .is_none_or(|(_, _, at)| at.elapsed() > self.max_age)
+                {
                     if let Some((old, _, _)) = g.take() {
                         // Ending a read-only transaction cannot lose anything.
                         let _ = old.batch_execute("COMMIT").await;
@@ -298,11 +304,17 @@ impl Integrity {
         self.run_inner(id, scope, control).instrument(span).await
     }
 
-    async fn run_inner(&self, id: CheckId, scope: ValidationScope, control: &Control) -> Result<IntegrityReport> {
+    async fn run_inner(
+        &self,
+        id: CheckId,
+        scope: ValidationScope,
+        control: &Control,
+    ) -> Result<IntegrityReport> {
         let started_at = sanare_core::now();
         let t0 = Instant::now();
         let client = get_conn(&self.inner.pool).await?;
-        let scope_json = serde_json::to_value(&scope).map_err(|e| Error::other("encoding the scope", e))?;
+        let scope_json =
+            serde_json::to_value(&scope).map_err(|e| Error::other("encoding the scope", e))?;
         client
             .execute(
                 &format!(
@@ -350,12 +362,18 @@ impl Integrity {
             (_, Err(e)) => Err(Error::io(format!("writing {}", path.display()), e)),
         };
         if let Err(e) = &result {
-            report.status = if e.is_cancelled() { CheckStatus::Cancelled } else { CheckStatus::Failed };
+            report.status = if e.is_cancelled() {
+                CheckStatus::Cancelled
+            } else {
+                CheckStatus::Failed
+            };
             report.error = Some(e.to_string());
         }
         report.recommend();
-        let report_json = serde_json::to_value(&report).map_err(|e| Error::other("encoding the report", e))?;
-        let sev = serde_json::to_value(&report.violations_by_severity).map_err(|e| Error::other("encoding counts", e))?;
+        let report_json =
+            serde_json::to_value(&report).map_err(|e| Error::other("encoding the report", e))?;
+        let sev = serde_json::to_value(&report.violations_by_severity)
+            .map_err(|e| Error::other("encoding counts", e))?;
         // Record the outcome even when the scan failed; use a fresh connection in case
         // the failure was this one's.
         let client = match get_conn(&self.inner.pool).await {
@@ -387,7 +405,11 @@ impl Integrity {
         metrics::histogram!("sanare_integrity_run_seconds").record(report.duration.as_secs_f64());
         result?;
         recorded?;
-        tracing::info!(rows = report.rows_checked, violations = report.total_violations(), "integrity check done");
+        tracing::info!(
+            rows = report.rows_checked,
+            violations = report.total_violations(),
+            "integrity check done"
+        );
         Ok(report)
     }
 
@@ -396,7 +418,14 @@ impl Integrity {
         tables.extend(scope.rows.iter().map(|r| r.table.clone()));
         if tables.is_empty() || !scope.schemas.is_empty() {
             let client = get_conn(&self.inner.pool).await?;
-            tables.extend(sanare_pg::catalog::list_tables(&**client, &scope.schemas, self.inner.schema.as_str()).await?);
+            tables.extend(
+                sanare_pg::catalog::list_tables(
+                    &**client,
+                    &scope.schemas,
+                    self.inner.schema.as_str(),
+                )
+                .await?,
+            );
         }
         Ok(tables.into_iter().collect())
     }
@@ -420,13 +449,24 @@ impl Integrity {
         {
             let client = get_conn(&self.inner.pool).await?;
             for t in &tables {
-                plans.push(plan_table(&**client, t, &self.inner.rules, &scope.families, self.inner.checksum_key).await?);
+                plans.push(
+                    plan_table(
+                        &**client,
+                        t,
+                        &self.inner.rules,
+                        &scope.families,
+                        self.inner.checksum_key,
+                    )
+                    .await?,
+                );
             }
         }
         let total: i64 = plans.iter().map(|p| p.estimated_rows.max(0)).sum();
-        control
-            .progress()
-            .phase("validating integrity", "rows", Some(u64::try_from(total).unwrap_or(0)));
+        control.progress().phase(
+            "validating integrity",
+            "rows",
+            Some(u64::try_from(total).unwrap_or(0)),
+        );
         let result = async {
             for plan in &plans {
                 control.checkpoint()?;
@@ -479,25 +519,50 @@ impl Integrity {
         if !chunked.is_empty() {
             let chunked = &chunked;
             let preds = &preds;
-            let units = futures_util::stream::iter(0..preds.len()).map(|i| {
-                let pred = &preds[i];
-                async move {
-                    control.checkpoint()?;
-                    self.run_unit(check, plan, chunked, pred, cfg.chunk_timeout, control, sink, stats, holder)
+            let units = futures_util::stream::iter(0..preds.len())
+                .map(|i| {
+                    let pred = &preds[i];
+                    async move {
+                        control.checkpoint()?;
+                        self.run_unit(
+                            check,
+                            plan,
+                            chunked,
+                            pred,
+                            cfg.chunk_timeout,
+                            control,
+                            sink,
+                            stats,
+                            holder,
+                        )
                         .await
-                }
-            })
-            .buffer_unordered(cfg.parallelism);
+                    }
+                })
+                .buffer_unordered(cfg.parallelism);
             futures_util::pin_mut!(units);
             while let Some(r) = units.next().await {
                 r?;
             }
         }
-        let table_pred = if scope.rows.is_empty() { "true".to_owned() } else { plan.keys_predicate(&rows) };
+        let table_pred = if scope.rows.is_empty() {
+            "true".to_owned()
+        } else {
+            plan.keys_predicate(&rows)
+        };
         for p in whole {
             control.checkpoint()?;
-            self.run_unit(check, plan, &[p], &table_pred, cfg.table_timeout, control, sink, stats, holder)
-                .await?;
+            self.run_unit(
+                check,
+                plan,
+                &[p],
+                &table_pred,
+                cfg.table_timeout,
+                control,
+                sink,
+                stats,
+                holder,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -541,7 +606,10 @@ impl Integrity {
                 }
                 found.push((i, r.suspects));
             }
-            client.batch_execute("COMMIT").await.context("ending a chunk transaction")
+            client
+                .batch_execute("COMMIT")
+                .await
+                .context("ending a chunk transaction")
         }
         .await;
         if let Err(e) = scanned {
@@ -567,7 +635,9 @@ impl Integrity {
             let mut again: BTreeSet<(Vec<Option<String>>, String)> = BTreeSet::new();
             for batch in keys.chunks(1000) {
                 client
-                    .batch_execute(&format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {setup}"))
+                    .batch_execute(&format!(
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {setup}"
+                    ))
                     .await
                     .context("starting the re-check transaction")?;
                 let r = run_probe(&client, plan, probe, &plan.keys_predicate(batch)).await;
@@ -586,7 +656,10 @@ impl Integrity {
                 }
             }
         }
-        let violations: Vec<Violation> = confirmed.into_iter().map(|s| to_violation(plan, s)).collect();
+        let violations: Vec<Violation> = confirmed
+            .into_iter()
+            .map(|s| to_violation(plan, s))
+            .collect();
         self.record(check, &violations, sink, stats).await?;
         {
             let mut f = stats.families.lock().await;
@@ -599,7 +672,12 @@ impl Integrity {
             }
         }
         if rows_seen > 0 {
-            *stats.rows_by_table.lock().await.entry(plan.table.clone()).or_default() += rows_seen;
+            *stats
+                .rows_by_table
+                .lock()
+                .await
+                .entry(plan.table.clone())
+                .or_default() += rows_seen;
             control.progress().advance(rows_seen);
             metrics::counter!("sanare_integrity_rows_checked_total").increment(rows_seen);
         }
@@ -617,13 +695,20 @@ impl Integrity {
         )
     }
 
-    async fn record(&self, check: CheckId, violations: &[Violation], sink: &Sink, stats: &RunStats) -> Result<()> {
+    async fn record(
+        &self,
+        check: CheckId,
+        violations: &[Violation],
+        sink: &Sink,
+        stats: &RunStats,
+    ) -> Result<()> {
         if violations.is_empty() {
             return Ok(());
         }
         let mut lines = Vec::new();
         for v in violations {
-            serde_json::to_writer(&mut lines, v).map_err(|e| Error::other("encoding a violation", e))?;
+            serde_json::to_writer(&mut lines, v)
+                .map_err(|e| Error::other("encoding a violation", e))?;
             lines.push(b'\n');
         }
         sink.file
@@ -632,7 +717,8 @@ impl Integrity {
             .write_all(&lines)
             .await
             .map_err(|e| Error::io(format!("writing {}", sink.path.display()), e))?;
-        let json = serde_json::to_value(violations).map_err(|e| Error::other("encoding violations", e))?;
+        let json =
+            serde_json::to_value(violations).map_err(|e| Error::other("encoding violations", e))?;
         let client = get_conn(&self.inner.pool).await?;
         client
             .execute(
@@ -667,7 +753,9 @@ impl Integrity {
                 });
             }
         }
-        stats.written.fetch_add(violations.len() as u64, Ordering::Relaxed);
+        stats
+            .written
+            .fetch_add(violations.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -676,15 +764,20 @@ impl Integrity {
         let client = get_conn(&self.inner.pool).await?;
         let row = client
             .query_opt(
-                &format!("SELECT report FROM {}.integrity_checks WHERE id = $1", self.s()),
+                &format!(
+                    "SELECT report FROM {}.integrity_checks WHERE id = $1",
+                    self.s()
+                ),
                 &[&check.as_uuid()],
             )
             .await
             .context("reading an integrity report")?
             .ok_or_else(|| Error::not_found(format!("integrity check {check}")))?;
         let report: Option<serde_json::Value> = row.get(0);
-        let report = report.ok_or_else(|| Error::conflict(format!("integrity check {check} has not finished")))?;
-        serde_json::from_value(report).map_err(|e| Error::corrupt("stored integrity report", e.to_string()))
+        let report = report
+            .ok_or_else(|| Error::conflict(format!("integrity check {check} has not finished")))?;
+        serde_json::from_value(report)
+            .map_err(|e| Error::corrupt("stored integrity report", e.to_string()))
     }
 
     /// Persisted violations matching `query`, oldest first.
@@ -712,7 +805,8 @@ impl Integrity {
             .context("querying violations")?;
         rows.iter()
             .map(|r| {
-                serde_json::from_value(r.get(0)).map_err(|e| Error::corrupt("stored violation", e.to_string()))
+                serde_json::from_value(r.get(0))
+                    .map_err(|e| Error::corrupt("stored violation", e.to_string()))
             })
             .collect()
     }
@@ -739,7 +833,11 @@ impl Integrity {
     }
 }
 
-fn write_csv_rows(check: CheckId, rows: Vec<Result<Violation>>, out: &mut impl std::io::Write) -> Result<()> {
+fn write_csv_rows(
+    check: CheckId,
+    rows: Vec<Result<Violation>>,
+    out: &mut impl std::io::Write,
+) -> Result<()> {
     // write_csv emits the header first; drop it for the continuation batches.
     let mut buf = Vec::new();
     crate::report::write_csv(check, rows, &mut buf)?;
@@ -747,7 +845,8 @@ fn write_csv_rows(check: CheckId, rows: Vec<Result<Violation>>, out: &mut impl s
         .iter()
         .position(|b| *b == b'\n')
         .map_or(&buf[..0], |i| &buf[i + 1..]);
-    out.write_all(body).map_err(|e| Error::io("writing the CSV report", e))
+    out.write_all(body)
+        .map_err(|e| Error::io("writing the CSV report", e))
 }
 
 fn key_of(plan: &TablePlan, r: &RowRef) -> Result<Vec<Option<String>>> {
@@ -759,7 +858,10 @@ fn key_of(plan: &TablePlan, r: &RowRef) -> Result<Vec<Option<String>>> {
                 .find(|c| c.column == k.name)
                 .map(|c| c.value.clone())
                 .ok_or_else(|| {
-                    Error::invalid_input(format!("row {r} lacks key column `{}` of {}", k.name, plan.table))
+                    Error::invalid_input(format!(
+                        "row {r} lacks key column `{}` of {}",
+                        k.name, plan.table
+                    ))
                 })
         })
         .collect()
@@ -779,9 +881,15 @@ fn to_violation(plan: &TablePlan, s: Suspect) -> Violation {
             .collect(),
     );
     let description = format!("{} at {row}", s.description);
-    Violation::new(s.kind, s.severity, plan.table.clone(), Some(row), description)
-        .with_recommended_action(s.action)
-        .with_details(s.details)
+    Violation::new(
+        s.kind,
+        s.severity,
+        plan.table.clone(),
+        Some(row),
+        description,
+    )
+    .with_recommended_action(s.action)
+    .with_details(s.details)
 }
 
 /// Key-range predicates covering every row of the table (with open ends, so rows
@@ -803,7 +911,11 @@ async fn chunk_predicates(
     r
 }
 
-async fn plan_chunks(client: &tokio_postgres::Client, plan: &TablePlan, chunk_rows: u64) -> Result<Vec<String>> {
+async fn plan_chunks(
+    client: &tokio_postgres::Client,
+    plan: &TablePlan,
+    chunk_rows: u64,
+) -> Result<Vec<String>> {
     let t = plan.table.quoted();
     let kt = plan.key_tuple();
     let mut bounds: Vec<String> = Vec::new();
@@ -816,14 +928,23 @@ async fn plan_chunks(client: &tokio_postgres::Client, plan: &TablePlan, chunk_ro
             .await
             .context("measuring a table without primary key")?;
         let blocks: i64 = row.get(0);
-        let per_block = if blocks > 0 { (plan.estimated_rows.max(1) / blocks).max(1) } else { 1 };
+        let per_block = if blocks > 0 {
+            (plan.estimated_rows.max(1) / blocks).max(1)
+        } else {
+            1
+        };
         let step = (i64::try_from(chunk_rows).unwrap_or(i64::MAX) / per_block).max(1);
         let mut b = step;
         while b < blocks {
             bounds.push(format!("'({b},0)'::tid"));
             b += step;
         }
-    } else if plan.key.len() == 1 && matches!(plan.key[0].type_name.as_str(), "bigint" | "integer" | "smallint") {
+    } else if plan.key.len() == 1
+        && matches!(
+            plan.key[0].type_name.as_str(),
+            "bigint" | "integer" | "smallint"
+        )
+    {
         let row = client
             .query_one(&format!("SELECT min({c})::bigint, max({c})::bigint, count(*) FILTER (WHERE false) FROM {t} t", c = format_args!("t.{}", sanare_pg::quote_ident(&plan.key[0].name))), &[])
             .await
@@ -833,7 +954,9 @@ async fn plan_chunks(client: &tokio_postgres::Client, plan: &TablePlan, chunk_ro
             let est = u64::try_from(plan.estimated_rows.max(1)).unwrap_or(1);
             let span = u64::try_from(hi - lo).unwrap_or(u64::MAX).saturating_add(1);
             let nchunks = est.div_ceil(chunk_rows).max(1);
-            let width = i64::try_from(span.div_ceil(nchunks)).unwrap_or(i64::MAX).max(1);
+            let width = i64::try_from(span.div_ceil(nchunks))
+                .unwrap_or(i64::MAX)
+                .max(1);
             let mut b = lo.saturating_add(width);
             while b <= hi {
                 bounds.push(format!("{b}::{}", plan.key[0].type_name));
@@ -848,20 +971,31 @@ async fn plan_chunks(client: &tokio_postgres::Client, plan: &TablePlan, chunk_ro
                 .as_ref()
                 .map(|k| format!("WHERE {kt} >= {}", plan.key_literal(k)))
                 .unwrap_or_default();
-            let order: Vec<String> = plan.key.iter().map(|k| format!("t.{}", sanare_pg::quote_ident(&k.name))).collect();
+            let order: Vec<String> = plan
+                .key
+                .iter()
+                .map(|k| format!("t.{}", sanare_pg::quote_ident(&k.name)))
+                .collect();
             let sql = format!(
                 "SELECT {} FROM {t} t {from} ORDER BY {} OFFSET {chunk_rows} LIMIT 1",
                 plan.key_select(),
                 order.join(", ")
             );
-            let row = client.query_opt(&sql, &[]).await.context("planning key-range chunks")?;
+            let row = client
+                .query_opt(&sql, &[])
+                .await
+                .context("planning key-range chunks")?;
             let Some(row) = row else { break };
             let key: Vec<Option<String>> = (0..plan.key.len()).map(|i| row.get(i)).collect();
             bounds.push(plan.key_literal(&key));
             last = Some(key);
         }
     }
-    let kt = if plan.by_ctid() { "t.ctid".to_owned() } else { kt };
+    let kt = if plan.by_ctid() {
+        "t.ctid".to_owned()
+    } else {
+        kt
+    };
     let mut preds = Vec::with_capacity(bounds.len() + 1);
     let mut prev: Option<&String> = None;
     for b in &bounds {
@@ -880,7 +1014,11 @@ async fn plan_chunks(client: &tokio_postgres::Client, plan: &TablePlan, chunk_ro
 
 #[async_trait]
 impl IntegrityService for Integrity {
-    async fn validate(&self, scope: ValidationScope, control: &Control) -> Result<ValidationSummary> {
+    async fn validate(
+        &self,
+        scope: ValidationScope,
+        control: &Control,
+    ) -> Result<ValidationSummary> {
         Ok(self.run(scope, control).await?.summary())
     }
 
@@ -898,7 +1036,14 @@ impl IntegrityService for Integrity {
         };
         let client = get_conn(&self.inner.pool).await?;
         let families: Vec<CheckFamily> = CheckFamily::ALL.to_vec();
-        let plan = plan_table(&**client, &violation.table, &self.inner.rules, &families, self.inner.checksum_key).await?;
+        let plan = plan_table(
+            &**client,
+            &violation.table,
+            &self.inner.rules,
+            &families,
+            self.inner.checksum_key,
+        )
+        .await?;
         let key = key_of(&plan, row)?;
         let pred = plan.keys_predicate(std::slice::from_ref(&key));
         let setup = self.tx_setup(self.inner.config.table_timeout);
@@ -907,12 +1052,18 @@ impl IntegrityService for Integrity {
                 continue;
             }
             client
-                .batch_execute(&format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {setup}"))
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {setup}"
+                ))
                 .await
                 .context("starting the re-check transaction")?;
             let r = run_probe(&client, &plan, probe, &pred).await;
             let _ = client.batch_execute("COMMIT").await;
-            if r?.suspects.iter().any(|s| s.key == key && s.kind == violation.kind) {
+            if r?
+                .suspects
+                .iter()
+                .any(|s| s.key == key && s.kind == violation.kind)
+            {
                 return Ok(true);
             }
         }
@@ -934,7 +1085,10 @@ fn probe_can_find(probe: &Probe, kind: &ViolationKind) -> bool {
 }
 
 /// Streams a run's violations from `integrity_violations` in pages (keyset on id).
-fn async_stream(this: Integrity, check: CheckId) -> impl futures_util::Stream<Item = Result<Violation>> + Send {
+fn async_stream(
+    this: Integrity,
+    check: CheckId,
+) -> impl futures_util::Stream<Item = Result<Violation>> + Send {
     futures_util::stream::try_unfold(
         (this, Some(uuid::Uuid::nil())),
         move |(this, after)| async move {

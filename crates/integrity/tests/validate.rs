@@ -35,7 +35,9 @@ async fn setup(orders: u64) -> Setup {
     order_service::install(&client, S).await.unwrap();
     order_service::generate(&client, S, orders).await.unwrap();
     let mut c = db.connect().await;
-    sanare_integrity::migrate(&mut c, &SchemaName::default_schema()).await.unwrap();
+    sanare_integrity::migrate(&mut c, &SchemaName::default_schema())
+        .await
+        .unwrap();
     Setup {
         db,
         report_dir: tempfile::tempdir().unwrap(),
@@ -145,7 +147,7 @@ async fn every_planted_rule_violation_is_found_exactly() {
          UPDATE pg_attribute SET atttypmod = (4 << 16) + 4 WHERE attrelid = 'shop.payments'::regclass AND attname = 'amount_cents';
          -- UNIQUE: keep the index from seeing a duplicate.
          UPDATE pg_index SET indisready = false WHERE indexrelid = 'shop.customers_email_key'::regclass;
-         UPDATE shop.customers SET email = 'customer1@example.com' WHERE id = 2;
+         INSERT INTO shop.customers (id, email, full_name, country) VALUES (100000, 'customer1@example.com', 'Dup', 'DE');
          UPDATE pg_index SET indisready = true WHERE indexrelid = 'shop.customers_email_key'::regclass;
          -- Business rules.
          UPDATE shop.orders SET total_cents = total_cents + 1 WHERE id IN (5, 8);
@@ -155,10 +157,21 @@ async fn every_planted_rule_violation_is_found_exactly() {
     .unwrap();
     let rules = Rules::builder()
         .not_null(&t("orders"), "note")
-        .range(&t("order_lines"), "quantity", Some(Bound::Int(1)), Some(Bound::Int(3)))
+        .range(
+            &t("order_lines"),
+            "quantity",
+            Some(Bound::Int(1)),
+            Some(Bound::Int(3)),
+        )
         .regex(&t("products"), "sku", "^SKU-0000000[0-9]$")
         .allowed_values(&t("customers"), "country", ["DE", "FR", "US", "JP", "BR"])
-        .relationship("payment_customer", &t("payments"), &["id"], &t("customers"), &["id"])
+        .relationship(
+            "payment_customer",
+            &t("payments"),
+            &["id"],
+            &t("customers"),
+            &["id"],
+        )
         .consistency(ConsistencyRule::aggregate_equals(
             "order_total",
             &t("orders"),
@@ -192,9 +205,15 @@ async fn every_planted_rule_violation_is_found_exactly() {
     assert_eq!(vs.len() as u64, summary.total_violations());
 
     let e = |sql: &'static str| expected(&s.db, sql);
-    assert_eq!(keys(&vs, "null_constraint", "full_name"), e("SELECT id::text FROM shop.customers WHERE full_name IS NULL").await);
+    assert_eq!(
+        keys(&vs, "null_constraint", "full_name"),
+        e("SELECT id::text FROM shop.customers WHERE full_name IS NULL").await
+    );
     assert_eq!(keys(&vs, "null_constraint", "full_name").len(), 2);
-    assert_eq!(keys(&vs, "check_constraint", "price_below_500"), e("SELECT id::text FROM shop.products WHERE price_cents >= 500").await);
+    assert_eq!(
+        keys(&vs, "check_constraint", "price_below_500"),
+        e("SELECT id::text FROM shop.products WHERE price_cents >= 500").await
+    );
     assert!(!keys(&vs, "check_constraint", "price_below_500").is_empty());
     assert_eq!(
         keys(&vs, "referential", "order_lines_order_id_fkey"),
@@ -213,18 +232,38 @@ async fn every_planted_rule_violation_is_found_exactly() {
         keys(&vs, "type_mismatch", "amount_cents"),
         e("SELECT id::text FROM shop.payments WHERE amount_cents >= 10000").await
     );
-    eprintln!("UNIQ {:#?}", vs.iter().filter(|v| v.kind.code() == "unique_constraint").collect::<Vec<_>>());
-    assert_eq!(keys(&vs, "unique_constraint", "customers_email_key"), BTreeSet::from(["1".to_owned(), "2".to_owned()]));
-    assert_eq!(keys(&vs, "null_constraint", "note"), e("SELECT id::text FROM shop.orders WHERE note IS NULL").await);
-    assert_eq!(keys(&vs, "check_constraint", "range_quantity"), e("SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity > 3").await);
-    assert_eq!(keys(&vs, "check_constraint", "regex_sku"), e("SELECT id::text FROM shop.products WHERE sku !~ '^SKU-0000000[0-9]$'").await);
-    assert_eq!(keys(&vs, "check_constraint", "allowed_country"), e("SELECT id::text FROM shop.customers WHERE country = 'IN'").await);
+    assert_eq!(
+        keys(&vs, "unique_constraint", "customers_email_key"),
+        BTreeSet::from(["1".to_owned(), "100000".to_owned()])
+    );
+    assert_eq!(
+        keys(&vs, "null_constraint", "note"),
+        e("SELECT id::text FROM shop.orders WHERE note IS NULL").await
+    );
+    assert_eq!(
+        keys(&vs, "check_constraint", "range_quantity"),
+        e("SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity > 3").await
+    );
+    assert_eq!(
+        keys(&vs, "check_constraint", "regex_sku"),
+        e("SELECT id::text FROM shop.products WHERE sku !~ '^SKU-0000000[0-9]$'").await
+    );
+    assert_eq!(
+        keys(&vs, "check_constraint", "allowed_country"),
+        e("SELECT id::text FROM shop.customers WHERE country = 'IN'").await
+    );
     assert_eq!(
         keys(&vs, "referential", "payment_customer"),
         e("SELECT id::text FROM shop.payments p WHERE NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = p.id)").await
     );
-    assert_eq!(keys(&vs, "consistency", "order_total"), BTreeSet::from(["5".to_owned(), "8".to_owned()]));
-    assert_eq!(keys(&vs, "consistency", "cancelled_not_shipped"), BTreeSet::from(["4".to_owned()]));
+    assert_eq!(
+        keys(&vs, "consistency", "order_total"),
+        BTreeSet::from(["5".to_owned(), "8".to_owned()])
+    );
+    assert_eq!(
+        keys(&vs, "consistency", "cancelled_not_shipped"),
+        BTreeSet::from(["4".to_owned()])
+    );
 
     // Nothing else was reported: every violation belongs to one of the sets above.
     let accounted: usize = [
@@ -239,8 +278,14 @@ async fn every_planted_rule_violation_is_found_exactly() {
     .map(|(code, _)| vs.iter().filter(|v| v.kind.code() == *code).count())
     .sum();
     assert_eq!(accounted, vs.len());
-    let orphan = vs.iter().find(|v| format!("{:?}", v.kind).contains("order_lines_order_id_fkey")).unwrap();
-    assert!(orphan.details["missing_parent_key"]["id"] == "900001" || orphan.details["missing_parent_key"]["id"] == "900002");
+    let orphan = vs
+        .iter()
+        .find(|v| format!("{:?}", v.kind).contains("order_lines_order_id_fkey"))
+        .unwrap();
+    assert!(
+        orphan.details["missing_parent_key"]["id"] == "900001"
+            || orphan.details["missing_parent_key"]["id"] == "900002"
+    );
 
     // Every violation was published.
     let mut events = 0;
@@ -254,7 +299,11 @@ async fn every_planted_rule_violation_is_found_exactly() {
 
     // Queries by table and type.
     let q = i
-        .query_violations(&ViolationQuery::new().table(t("order_lines")).violation_type("referential"))
+        .query_violations(
+            &ViolationQuery::new()
+                .table(t("order_lines"))
+                .violation_type("referential"),
+        )
         .await
         .unwrap();
     assert_eq!(q.len(), keys(&vs, "referential", "order_lines_").len());
@@ -281,9 +330,14 @@ async fn every_planted_rule_violation_is_found_exactly() {
     assert_eq!(file.lines().count(), vs.len());
 
     // Re-check: a live violation holds; once repaired it does not.
-    let v = vs.iter().find(|v| format!("{:?}", v.kind).contains("cancelled_not_shipped")).unwrap();
+    let v = vs
+        .iter()
+        .find(|v| format!("{:?}", v.kind).contains("cancelled_not_shipped"))
+        .unwrap();
     assert!(i.recheck(v).await.unwrap());
-    c.execute("UPDATE shop.orders SET shipped_at = NULL WHERE id = 4", &[]).await.unwrap();
+    c.execute("UPDATE shop.orders SET shipped_at = NULL WHERE id = 4", &[])
+        .await
+        .unwrap();
     assert!(!i.recheck(v).await.unwrap());
 }
 
@@ -293,9 +347,11 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
     let c = s.db.connect().await;
     let schema = SchemaName::default_schema();
     for table in ["customers", "orders", "payments", "order_lines", "products"] {
-        c.batch_execute(&format!("ALTER TABLE shop.{table} ADD COLUMN row_checksum bytea"))
-            .await
-            .unwrap();
+        c.batch_execute(&format!(
+            "ALTER TABLE shop.{table} ADD COLUMN row_checksum bytea"
+        ))
+        .await
+        .unwrap();
         install_checksum_trigger(&c, &schema, &t(table), "row_checksum", true)
             .await
             .unwrap();
@@ -310,9 +366,13 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
     .await
     .unwrap();
     // ALTER TYPE rewrote payments with the trigger firing? No: refresh them.
-    c.batch_execute("UPDATE shop.payments SET row_checksum = NULL").await.unwrap();
+    c.batch_execute("UPDATE shop.payments SET row_checksum = NULL")
+        .await
+        .unwrap();
     // Rust over text forms read under the canonical settings equals the stored value.
-    c.batch_execute(&sanare_integrity::checksum::canonical_settings_sql()).await.unwrap();
+    c.batch_execute(&sanare_integrity::checksum::canonical_settings_sql())
+        .await
+        .unwrap();
     let sha = Checksummer::sha256();
     let mut compared = 0;
     for table in ["customers", "orders", "payments", "order_lines", "products"] {
@@ -321,7 +381,13 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
             .unwrap();
         let select: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
         let rows = c
-            .query(&format!("SELECT row_checksum, {} FROM shop.{table}", select.join(", ")), &[])
+            .query(
+                &format!(
+                    "SELECT row_checksum, {} FROM shop.{table}",
+                    select.join(", ")
+                ),
+                &[],
+            )
             .await
             .unwrap();
         assert!(!rows.is_empty());
@@ -330,9 +396,15 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
             let values: Vec<ColumnValue> = cols
                 .iter()
                 .enumerate()
-                .map(|(i, name)| ColumnValue::new(name.clone(), "text", r.get::<_, Option<String>>(i + 1)))
+                .map(|(i, name)| {
+                    ColumnValue::new(name.clone(), "text", r.get::<_, Option<String>>(i + 1))
+                })
                 .collect();
-            assert_eq!(stored, sha.checksum(&values).to_vec(), "{table}: {values:?}");
+            assert_eq!(
+                stored,
+                sha.checksum(&values).to_vec(),
+                "{table}: {values:?}"
+            );
             compared += 1;
         }
     }
@@ -346,7 +418,10 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
         .unwrap();
     let i = integrity(&s, rules);
     let only_checksums = scope().families([CheckFamily::Checksum]);
-    let clean = i.validate(only_checksums.clone(), &Control::detached()).await.unwrap();
+    let clean = i
+        .validate(only_checksums.clone(), &Control::detached())
+        .await
+        .unwrap();
     assert!(clean.is_clean(), "{clean:?}");
     c.batch_execute(
         "SET session_replication_role = replica;
@@ -356,9 +431,15 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
     )
     .await
     .unwrap();
-    let run = i.validate(only_checksums, &Control::detached()).await.unwrap();
+    let run = i
+        .validate(only_checksums, &Control::detached())
+        .await
+        .unwrap();
     let vs = all_violations(&i, run.check).await;
-    assert_eq!(keys(&vs, "checksum_mismatch", ""), BTreeSet::from(["5".to_owned(), "9".to_owned()]));
+    assert_eq!(
+        keys(&vs, "checksum_mismatch", ""),
+        BTreeSet::from(["5".to_owned(), "9".to_owned()])
+    );
     assert_eq!(vs.len(), 2);
     assert_eq!(vs[0].details["algorithm"], "sha256");
 }
@@ -375,9 +456,18 @@ async fn keyed_checksums_written_by_the_host_detect_tampering() {
     .unwrap();
     let key = [42u8; 32];
     let keyed = Checksummer::blake3_keyed(key);
-    let cols = sanare_integrity::checksum::checksum_columns(&c, &t("products"), "sig").await.unwrap();
+    let cols = sanare_integrity::checksum::checksum_columns(&c, &t("products"), "sig")
+        .await
+        .unwrap();
     let select: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
-    for r in c.query(&format!("SELECT id, {} FROM shop.products", select.join(", ")), &[]).await.unwrap() {
+    for r in c
+        .query(
+            &format!("SELECT id, {} FROM shop.products", select.join(", ")),
+            &[],
+        )
+        .await
+        .unwrap()
+    {
         let id: i64 = r.get(0);
         let values: Vec<ColumnValue> = cols
             .iter()
@@ -385,13 +475,34 @@ async fn keyed_checksums_written_by_the_host_detect_tampering() {
             .map(|(i, n)| ColumnValue::new(n.clone(), "text", r.get::<_, Option<String>>(i + 1)))
             .collect();
         let sum = keyed.checksum(&values).to_vec();
-        c.execute("UPDATE shop.products SET sig = $1 WHERE id = $2", &[&sum, &id]).await.unwrap();
+        c.execute(
+            "UPDATE shop.products SET sig = $1 WHERE id = $2",
+            &[&sum, &id],
+        )
+        .await
+        .unwrap();
     }
     // An intruder recomputes an unkeyed checksum after changing a row: still caught.
-    c.execute("UPDATE shop.products SET price_cents = 1 WHERE id = 3", &[]).await.unwrap();
-    let rules = Rules::builder().checksum(&t("products"), "sig", ChecksumAlgorithm::Blake3Keyed).build().unwrap();
-    let no_key = Integrity::builder().pool(s.db.pool().clone()).rules(rules.clone()).config(config(&s)).build().unwrap();
-    let err = no_key.validate(scope().families([CheckFamily::Checksum]), &Control::detached()).await.unwrap_err();
+    c.execute("UPDATE shop.products SET price_cents = 1 WHERE id = 3", &[])
+        .await
+        .unwrap();
+    let rules = Rules::builder()
+        .checksum(&t("products"), "sig", ChecksumAlgorithm::Blake3Keyed)
+        .build()
+        .unwrap();
+    let no_key = Integrity::builder()
+        .pool(s.db.pool().clone())
+        .rules(rules.clone())
+        .config(config(&s))
+        .build()
+        .unwrap();
+    let err = no_key
+        .validate(
+            scope().families([CheckFamily::Checksum]),
+            &Control::detached(),
+        )
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
     let i = Integrity::builder()
         .pool(s.db.pool().clone())
@@ -400,9 +511,18 @@ async fn keyed_checksums_written_by_the_host_detect_tampering() {
         .config(config(&s))
         .build()
         .unwrap();
-    let run = i.validate(scope().families([CheckFamily::Checksum]), &Control::detached()).await.unwrap();
+    let run = i
+        .validate(
+            scope().families([CheckFamily::Checksum]),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
     let vs = all_violations(&i, run.check).await;
-    assert_eq!(keys(&vs, "checksum_mismatch", ""), BTreeSet::from(["3".to_owned()]));
+    assert_eq!(
+        keys(&vs, "checksum_mismatch", ""),
+        BTreeSet::from(["3".to_owned()])
+    );
 }
 
 #[tokio::test]
@@ -455,7 +575,12 @@ async fn concurrent_writes_produce_no_false_positives() {
     let mut cfg = config(&s);
     // Rotate the snapshot constantly so chunks see different states.
     cfg.snapshot_max_age = Duration::from_millis(1);
-    let i = Integrity::builder().pool(s.db.pool().clone()).rules(rules).config(cfg).build().unwrap();
+    let i = Integrity::builder()
+        .pool(s.db.pool().clone())
+        .rules(rules)
+        .config(cfg)
+        .build()
+        .unwrap();
     let mut runs = 0;
     while runs < 3 {
         let run = i.validate(scope(), &Control::detached()).await.unwrap();
@@ -487,7 +612,10 @@ async fn cancellation_and_a_dropped_connection_are_recorded() {
     assert!(err.is_cancelled(), "{err}");
     let c = s.db.connect().await;
     let status: String = c
-        .query_one("SELECT status FROM sanare.integrity_checks ORDER BY started_at DESC LIMIT 1", &[])
+        .query_one(
+            "SELECT status FROM sanare.integrity_checks ORDER BY started_at DESC LIMIT 1",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -529,16 +657,25 @@ async fn rows_scope_tables_without_keys_and_timeouts() {
     .unwrap();
     let i = integrity(&s, Rules::default());
     let run = i
-        .validate(ValidationScope::all().tables([t("audit")]), &Control::detached())
+        .validate(
+            ValidationScope::all().tables([t("audit")]),
+            &Control::detached(),
+        )
         .await
         .unwrap();
     let vs = all_violations(&i, run.check).await;
     assert_eq!(vs.len(), 51);
-    assert!(vs.iter().all(|v| v.row.as_ref().unwrap().key[0].column == "ctid"));
+    assert!(
+        vs.iter()
+            .all(|v| v.row.as_ref().unwrap().key[0].column == "ctid")
+    );
     assert_eq!(run.rows_checked, 500);
 
     // Only given rows.
-    let row = RowRef::new(t("audit"), vec![ColumnValue::new("ctid", "tid", Some("(0,1)"))]);
+    let row = RowRef::new(
+        t("audit"),
+        vec![ColumnValue::new("ctid", "tid", Some("(0,1)"))],
+    );
     let only = i
         .validate(ValidationScope::all().rows([row]), &Control::detached())
         .await
@@ -550,12 +687,24 @@ async fn rows_scope_tables_without_keys_and_timeouts() {
     let mut cfg = config(&s);
     cfg.chunk_timeout = Duration::from_millis(1);
     let rules = Rules::builder()
-        .consistency(ConsistencyRule::predicate("slow", &t("audit"), "pg_sleep(0.01) IS NOT NULL"))
+        .consistency(ConsistencyRule::predicate(
+            "slow",
+            &t("audit"),
+            "pg_sleep(0.01) IS NOT NULL",
+        ))
         .build()
         .unwrap();
-    let slow = Integrity::builder().pool(s.db.pool().clone()).rules(rules).config(cfg).build().unwrap();
+    let slow = Integrity::builder()
+        .pool(s.db.pool().clone())
+        .rules(rules)
+        .config(cfg)
+        .build()
+        .unwrap();
     let err = slow
-        .validate(ValidationScope::all().tables([t("audit")]), &Control::detached())
+        .validate(
+            ValidationScope::all().tables([t("audit")]),
+            &Control::detached(),
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("fused"), "{err}");
@@ -575,11 +724,31 @@ severity = "low"
     )
     .unwrap();
     let i = integrity(&s, rules);
-    let run = i.validate(scope().families([CheckFamily::Schema]), &Control::detached()).await.unwrap();
-    assert_eq!(run.violations_by_severity.get(&Severity::Low).copied(), Some(
-        s.db.connect().await.query_one("SELECT count(*) FROM shop.customers WHERE country <> 'DE'", &[]).await.unwrap().get::<_, i64>(0) as u64
-    ));
-    let bad = Rules::builder().not_null(&t("customers"), "no_such_column").build().unwrap();
+    let run = i
+        .validate(
+            scope().families([CheckFamily::Schema]),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        run.violations_by_severity.get(&Severity::Low).copied(),
+        Some(
+            s.db.connect()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM shop.customers WHERE country <> 'DE'",
+                    &[]
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0) as u64
+        )
+    );
+    let bad = Rules::builder()
+        .not_null(&t("customers"), "no_such_column")
+        .build()
+        .unwrap();
     let i = integrity(&s, bad);
     let err = i.validate(scope(), &Control::detached()).await.unwrap_err();
     assert!(err.to_string().contains("no_such_column"), "{err}");
