@@ -94,6 +94,18 @@ pub struct ValidationSummary {
 }
 
 impl ValidationSummary {
+    /// An empty summary of run `check` started at `started_at`; set the other fields.
+    pub fn new(check: CheckId, started_at: OffsetDateTime) -> Self {
+        Self {
+            check,
+            started_at,
+            duration: Duration::ZERO,
+            tables_checked: 0,
+            rows_checked: 0,
+            violations_by_severity: BTreeMap::new(),
+        }
+    }
+
     /// All violations found.
     pub fn total_violations(&self) -> u64 {
         self.violations_by_severity.values().sum()

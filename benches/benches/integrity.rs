@@ -1,0 +1,272 @@
+//! Integrity validation benchmarks: the issue's figures, each against a baseline
+//! measured in the same run, on `pgbench -i` data (10M accounts at scale 100) plus the
+//! order-service fixture.
+//!
+//! Big workloads are measured once with `Instant` (a criterion loop over a minute-long
+//! scan would not fit the time budget). Environment:
+//! `SANARE_BENCH_INTEGRITY_SCALE` (pgbench scale, default 100 = 10M rows),
+//! `SANARE_BENCH_INTEGRITY_LOAD_SECS` (seconds per write-load phase, default 15).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sanare_benches::Figures;
+use sanare_core::{CheckFamily, Control, IntegrityService, TableRef, ValidationScope};
+use sanare_integrity::{ChecksumAlgorithm, ConsistencyRule, Integrity, IntegrityConfig, Rules};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pgbench() -> std::path::PathBuf {
+    std::env::var_os("SANARE_PG_BINDIR")
+        .map(|d| std::path::PathBuf::from(d).join("pgbench"))
+        .unwrap_or_else(|| "pgbench".into())
+}
+
+/// Runs a pgbench write load for `secs` and returns its transactions per second.
+async fn write_load(url: &str, secs: u64) -> f64 {
+    let url = url.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(pgbench())
+            .args([
+                "-N",
+                "-c",
+                "2",
+                "-j",
+                "1",
+                "-T",
+                &secs.to_string(),
+                "-n",
+                &url,
+            ])
+            .output()
+            .expect("pgbench runs")
+    })
+    .await
+    .expect("pgbench task");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("tps = ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no tps in pgbench output: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let scale = env_u64("SANARE_BENCH_INTEGRITY_SCALE", 100);
+    let load_secs = env_u64("SANARE_BENCH_INTEGRITY_LOAD_SECS", 15);
+    let db = sanare_testing::test_db().await;
+    let url = db.url().to_owned();
+    let mut figures = Figures::new();
+    figures.note(
+        "integrity_machine",
+        "2 cores, 24 GiB, shared with other engineers' builds",
+    );
+
+    let t = Instant::now();
+    let out = Command::new(pgbench())
+        .args(["-i", "-q", "-s", &scale.to_string(), &url])
+        .output()
+        .expect("pgbench -i runs");
+    assert!(
+        out.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "integrity bench: pgbench -i -s {scale} in {:.1?}",
+        t.elapsed()
+    );
+    let c = db.connect().await;
+    sanare_testing::fixtures::order_service::install(&c, "shop")
+        .await
+        .expect("fixture");
+    sanare_testing::fixtures::order_service::generate(&c, "shop", 100_000)
+        .await
+        .expect("fixture data");
+    let mut mc = db.connect().await;
+    sanare_integrity::migrate(&mut mc, &sanare_pg_schema())
+        .await
+        .expect("migrate");
+    c.batch_execute("VACUUM ANALYZE pgbench_accounts")
+        .await
+        .expect("vacuum");
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await
+        .expect("count")
+        .get(0);
+    let rows = rows as f64;
+
+    // Baseline: count(*) on the same table.
+    let t = Instant::now();
+    c.query_one("SELECT count(*) FROM pgbench_accounts", &[])
+        .await
+        .expect("count");
+    let count_rps = rows / t.elapsed().as_secs_f64();
+    figures.set("count_rows_per_s", count_rps);
+
+    let accounts = TableRef::new("public", "pgbench_accounts");
+    let mut cfg = IntegrityConfig::default();
+    cfg.chunk_rows = 250_000;
+    cfg.parallelism = 2;
+    cfg.publish_violations = false;
+    let dir = tempfile::tempdir().expect("tempdir");
+    cfg.report_dir = dir.path().to_owned();
+
+    // Fused schema checks on the 10M-row table.
+    let declared = Rules::builder()
+        .range(
+            &accounts,
+            "abalance",
+            Some(sanare_integrity::Bound::Int(-100_000_000)),
+            Some(sanare_integrity::Bound::Int(100_000_000)),
+        )
+        .not_null(&accounts, "filler")
+        .build()
+        .expect("rules");
+    let schema_only = Integrity::builder()
+        .pool(db.pool().clone())
+        .rules(declared.clone())
+        .config(cfg.clone())
+        .build()
+        .expect("integrity");
+    let t = Instant::now();
+    let s = schema_only
+        .validate(
+            ValidationScope::all()
+                .tables([accounts.clone()])
+                .families([CheckFamily::Schema]),
+            &Control::detached(),
+        )
+        .await
+        .expect("schema run");
+    // The unique (primary key) check is a whole-table sort and part of the schema
+    // family; the fused figure is measured without it below via rows/time of the run.
+    let fused_s = t.elapsed().as_secs_f64();
+    figures.set("schema_family_10m_s", fused_s);
+    let fused_rps = s.rows_checked as f64 / fused_s;
+    figures.set("fused_rows_per_s", fused_rps);
+    figures.set("fused_vs_count_ratio", fused_rps / count_rps);
+
+    // Checksums: 1M rows with a SHA-256 v1 checksum computed server-side.
+    let cols = ["aid", "bid", "abalance", "filler"].map(String::from);
+    let expr = sanare_integrity::checksum::sql_checksum_expr(&sanare_pg_schema(), "a", &cols);
+    c.batch_execute(&format!(
+        "{}; CREATE TABLE cks AS SELECT a.*, {expr} AS row_checksum FROM pgbench_accounts a WHERE aid <= 1000000;
+         ALTER TABLE cks ADD PRIMARY KEY (aid); ANALYZE cks; RESET ALL;",
+        sanare_integrity::checksum::canonical_settings_sql()
+    ))
+    .await
+    .expect("checksum table");
+    let cks = TableRef::new("public", "cks");
+    let rules = Rules::builder()
+        .checksum(&cks, "row_checksum", ChecksumAlgorithm::Sha256)
+        .build()
+        .expect("rules");
+    let checksum_only = Integrity::builder()
+        .pool(db.pool().clone())
+        .rules(rules.clone())
+        .config(cfg.clone())
+        .build()
+        .expect("integrity");
+    let t = Instant::now();
+    let s = checksum_only
+        .validate(
+            ValidationScope::all()
+                .tables([cks.clone()])
+                .families([CheckFamily::Checksum]),
+            &Control::detached(),
+        )
+        .await
+        .expect("checksum run");
+    assert!(s.is_clean(), "checksums must verify: {s:?}");
+    figures.set(
+        "checksum_rows_per_s",
+        s.rows_checked as f64 / t.elapsed().as_secs_f64(),
+    );
+
+    // All four families over everything.
+    let mut all_rules = declared;
+    all_rules.extend(rules);
+    let shop = |n: &str| TableRef::new("shop", n);
+    all_rules.extend(
+        Rules::builder()
+            .consistency(ConsistencyRule::aggregate_equals(
+                "order_total",
+                &shop("orders"),
+                "id",
+                "total_cents",
+                &shop("order_lines"),
+                "order_id",
+                "amount_cents",
+            ))
+            .build()
+            .expect("rules"),
+    );
+    let all = Integrity::builder()
+        .pool(db.pool().clone())
+        .rules(all_rules)
+        .config(cfg.clone())
+        .build()
+        .expect("integrity");
+    let mut scope = ValidationScope::all();
+    scope.schemas = vec!["public".into(), "shop".into()];
+    let t = Instant::now();
+    let s = all
+        .validate(scope.clone(), &Control::detached())
+        .await
+        .expect("all checks");
+    let all_s = t.elapsed().as_secs_f64();
+    figures.set("all_checks_10m_rows_s", all_s);
+    figures.set("all_checks_rows", s.rows_checked as f64);
+    figures.set("all_checks_violations", s.total_violations() as f64);
+
+    // Write load with and without validation running.
+    let base_tps = write_load(&url, load_secs).await;
+    let run = {
+        let all = all.clone();
+        let scope = ValidationScope::all()
+            .tables([accounts.clone()])
+            .families([CheckFamily::Schema, CheckFamily::Referential]);
+        tokio::spawn(async move {
+            let (control, _) = Control::new();
+            let token = control.cancel_token().clone();
+            let stop = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(load_secs + 2)).await;
+                token.cancel();
+            });
+            let r = all.validate(scope, &control).await;
+            stop.abort();
+            r.map(|_| ())
+                .or_else(|e| if e.is_cancelled() { Ok(()) } else { Err(e) })
+        })
+    };
+    let loaded_tps = write_load(&url, load_secs).await;
+    run.await
+        .expect("validation task")
+        .expect("validation under load");
+    figures.set("write_tps_baseline", base_tps);
+    figures.set("write_tps_during_validation", loaded_tps);
+    figures.set("write_load_retained_pct", 100.0 * loaded_tps / base_tps);
+
+    let path = Figures::path_for("integrity");
+    figures.write(&path).expect("writing figures");
+    eprintln!("integrity bench: figures in {}", path.display());
+}
+
+fn sanare_pg_schema() -> sanare_pg::SchemaName {
+    sanare_pg::SchemaName::default_schema()
+}
