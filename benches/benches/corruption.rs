@@ -62,10 +62,7 @@ async fn load(c: &tokio_postgres::Client, name: &str, n: i64) {
     ))
     .await
     .unwrap();
-    let sink = c
-        .copy_in(&format!("COPY {name} FROM STDIN"))
-        .await
-        .unwrap();
+    let sink = c.copy_in(&format!("COPY {name} FROM STDIN")).await.unwrap();
     let mut sink = std::pin::pin!(sink);
     use futures_util::SinkExt;
     let mut buf = String::new();
@@ -75,12 +72,16 @@ async fn load(c: &tokio_postgres::Client, name: &str, n: i64) {
         let sum = Blake3Rows.checksum(&values(i, &email, &balance));
         buf.push_str(&format!("{i}\t{email}\t{balance}\t\\\\x{}\n", hex(&sum)));
         if buf.len() > 1 << 20 {
-            sink.send(bytes::Bytes::from(std::mem::take(&mut buf))).await.unwrap();
+            sink.send(bytes::Bytes::from(std::mem::take(&mut buf)))
+                .await
+                .unwrap();
         }
     }
     sink.send(bytes::Bytes::from(buf)).await.unwrap();
     sink.as_mut().finish().await.unwrap();
-    c.batch_execute(&format!("VACUUM ANALYZE {name}")).await.unwrap();
+    c.batch_execute(&format!("VACUUM ANALYZE {name}"))
+        .await
+        .unwrap();
 }
 
 async fn upsert(c: &tokio_postgres::Client, table: &str, id: i64, i: i64) {
@@ -191,9 +192,12 @@ fn main() {
         let mut lat = Vec::new();
         for k in 0..20i64 {
             let t = Instant::now();
-            c.execute("UPDATE hot_rows SET email = email || 'x' WHERE id = $1", &[&(50 + k * 997)])
-                .await
-                .unwrap();
+            c.execute(
+                "UPDATE hot_rows SET email = email || 'x' WHERE id = $1",
+                &[&(50 + k * 997)],
+            )
+            .await
+            .unwrap();
             loop {
                 let r = tokio::time::timeout(Duration::from_secs(60), events.recv())
                     .await

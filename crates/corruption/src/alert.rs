@@ -152,7 +152,12 @@ impl AlertDispatcherBuilder {
                 backoff: self.backoff,
                 max_backoff: self.max_backoff,
             };
-            tokio::spawn(route_worker(route.clone(), policy, rx, Arc::clone(&counters)));
+            tokio::spawn(route_worker(
+                route.clone(),
+                policy,
+                rx,
+                Arc::clone(&counters),
+            ));
             routes.push((route.min_severity, route.sink.name().to_owned(), tx));
         }
         AlertDispatcher { routes, counters }
@@ -179,7 +184,10 @@ pub struct AlertDispatcher {
 impl std::fmt::Debug for AlertDispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlertDispatcher")
-            .field("routes", &self.routes.iter().map(|r| &r.1).collect::<Vec<_>>())
+            .field(
+                "routes",
+                &self.routes.iter().map(|r| &r.1).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -219,7 +227,8 @@ impl AlertSink for AlertDispatcher {
             }
             if tx.try_send(alert.clone()).is_err() {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("sanare_alerts_dropped_total", "sink" => name.clone()).increment(1);
+                metrics::counter!("sanare_alerts_dropped_total", "sink" => name.clone())
+                    .increment(1);
                 full.push(name.clone());
             }
         }
@@ -234,7 +243,12 @@ impl AlertSink for AlertDispatcher {
     }
 }
 
-async fn route_worker(route: Route, policy: Policy, mut rx: mpsc::Receiver<Alert>, c: Arc<Counters>) {
+async fn route_worker(
+    route: Route,
+    policy: Policy,
+    mut rx: mpsc::Receiver<Alert>,
+    c: Arc<Counters>,
+) {
     let mut bucket = Bucket::new(route.per_minute);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -247,7 +261,8 @@ async fn route_worker(route: Route, policy: Policy, mut rx: mpsc::Receiver<Alert
                 }
             }
         }
-        let (resolved, open): (Vec<Alert>, Vec<Alert>) = batch.into_iter().partition(|a| a.resolved);
+        let (resolved, open): (Vec<Alert>, Vec<Alert>) =
+            batch.into_iter().partition(|a| a.resolved);
         let mut deliveries = resolved;
         if route.batch && open.len() > 1 {
             deliveries.push(merge(open));
@@ -290,7 +305,11 @@ async fn deliver(sink: &dyn AlertSink, alert: &Alert, p: Policy, c: &Counters) {
 
 /// Several alerts as one: the highest severity, a summary listing each.
 fn merge(alerts: Vec<Alert>) -> Alert {
-    let severity = alerts.iter().map(|a| a.severity).max().unwrap_or(Severity::Low);
+    let severity = alerts
+        .iter()
+        .map(|a| a.severity)
+        .max()
+        .unwrap_or(Severity::Low);
     let summary = alerts
         .iter()
         .map(|a| format!("- [{}] {}", a.severity, a.title))
@@ -299,7 +318,14 @@ fn merge(alerts: Vec<Alert>) -> Alert {
     let mut merged = Alert::new(
         severity,
         alerts.first().map_or("corruption", |a| a.source.as_str()),
-        format!("batch:{}", alerts.iter().map(|a| a.dedup_key.as_str()).collect::<Vec<_>>().join("|")),
+        format!(
+            "batch:{}",
+            alerts
+                .iter()
+                .map(|a| a.dedup_key.as_str())
+                .collect::<Vec<_>>()
+                .join("|")
+        ),
         format!("{} corruption alerts", alerts.len()),
         summary,
     );
@@ -315,7 +341,11 @@ struct Bucket {
 
 impl Bucket {
     fn new(per_minute: u32) -> Self {
-        Self { per_minute, tokens: f64::from(per_minute), last: Instant::now() }
+        Self {
+            per_minute,
+            tokens: f64::from(per_minute),
+            last: Instant::now(),
+        }
     }
 
     fn take(&mut self) -> bool {
@@ -411,13 +441,22 @@ impl WebhookSink {
         let secret = match secret.strip_prefix("whsec_") {
             Some(b64) => base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|e| Error::config("alerts.webhook.secret", format!("not valid base64 after `whsec_`: {e}")))?,
+                .map_err(|e| {
+                    Error::config(
+                        "alerts.webhook.secret",
+                        format!("not valid base64 after `whsec_`: {e}"),
+                    )
+                })?,
             None => secret.as_bytes().to_vec(),
         };
         if secret.is_empty() {
             return Err(Error::config("alerts.webhook.secret", "must not be empty"));
         }
-        Ok(Self { url: url.into(), secret, client: http_client(Duration::from_secs(10))? })
+        Ok(Self {
+            url: url.into(),
+            secret,
+            client: http_client(Duration::from_secs(10))?,
+        })
     }
 }
 
@@ -428,7 +467,8 @@ impl AlertSink for WebhookSink {
     }
 
     async fn send(&self, alert: &Alert) -> Result<()> {
-        let body = serde_json::to_vec(&webhook_payload(alert)).map_err(|e| Error::other("encoding a webhook payload", e))?;
+        let body = serde_json::to_vec(&webhook_payload(alert))
+            .map_err(|e| Error::other("encoding a webhook payload", e))?;
         let id = format!("msg_{}", alert.id.as_uuid().simple());
         let ts = sanare_core::now().unix_timestamp();
         let sig = standard_webhooks_signature(&self.secret, &id, ts, &body);
@@ -454,7 +494,10 @@ pub struct SlackSink {
 impl SlackSink {
     /// Posts to the incoming-webhook `url`.
     pub fn new(url: impl Into<String>) -> Result<Self> {
-        Ok(Self { url: url.into(), client: http_client(Duration::from_secs(10))? })
+        Ok(Self {
+            url: url.into(),
+            client: http_client(Duration::from_secs(10))?,
+        })
     }
 }
 
@@ -586,7 +629,10 @@ pub struct EmailSink {
 
 impl std::fmt::Debug for EmailSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmailSink").field("from", &self.from).field("to", &self.to).finish_non_exhaustive()
+        f.debug_struct("EmailSink")
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .finish_non_exhaustive()
     }
 }
 
@@ -595,17 +641,26 @@ impl EmailSink {
     /// `host:port`.
     pub fn new(host: &str, port: u16, from: &str, to: &[&str]) -> Result<Self> {
         let parse = |a: &str| {
-            a.parse::<lettre::message::Mailbox>()
-                .map_err(|e| Error::config("alerts.email", format!("`{a}` is not an email address: {e}")))
+            a.parse::<lettre::message::Mailbox>().map_err(|e| {
+                Error::config(
+                    "alerts.email",
+                    format!("`{a}` is not an email address: {e}"),
+                )
+            })
         };
         if to.is_empty() {
-            return Err(Error::config("alerts.email.to", "at least one recipient is required"));
+            return Err(Error::config(
+                "alerts.email.to",
+                "at least one recipient is required",
+            ));
         }
         Ok(Self {
-            transport: lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(host)
-                .port(port)
-                .timeout(Some(Duration::from_secs(10)))
-                .build(),
+            transport: lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(
+                host,
+            )
+            .port(port)
+            .timeout(Some(Duration::from_secs(10)))
+            .build(),
             from: parse(from)?,
             to: to.iter().map(|a| parse(a)).collect::<Result<_>>()?,
         })
@@ -613,14 +668,15 @@ impl EmailSink {
 
     /// With SMTP credentials.
     pub fn credentials(mut self, host: &str, port: u16, user: &str, password: &str) -> Self {
-        self.transport = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(host)
-            .port(port)
-            .timeout(Some(Duration::from_secs(10)))
-            .credentials(lettre::transport::smtp::authentication::Credentials::new(
-                user.to_owned(),
-                password.to_owned(),
-            ))
-            .build();
+        self.transport =
+            lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(host)
+                .port(port)
+                .timeout(Some(Duration::from_secs(10)))
+                .credentials(lettre::transport::smtp::authentication::Credentials::new(
+                    user.to_owned(),
+                    password.to_owned(),
+                ))
+                .build();
         self
     }
 }

@@ -513,7 +513,7 @@ async fn worker(
         conn.batch_execute("SAVEPOINT chunk")
             .await
             .context("starting a scan chunk")?;
-        match scan::verify_where(&**conn, plan, &*inner.checksum, &predicate).await {
+        match scan::verify_where(&conn, plan, &*inner.checksum, &predicate).await {
             Ok((rows, suspects)) => {
                 conn.batch_execute("RELEASE SAVEPOINT chunk")
                     .await
@@ -575,7 +575,10 @@ pub fn alert_for(issue: &CorruptionIssue) -> Alert {
         "corruption",
         issue.fingerprint(),
         format!("{} corruption in {}", issue.kind.as_str(), issue.table),
-        format!("{}\nRecommended action: {}", issue.description, issue.recommended_action),
+        format!(
+            "{}\nRecommended action: {}",
+            issue.description, issue.recommended_action
+        ),
     );
     alert.table = Some(issue.table.clone());
     alert.occurred_at = issue.detected_at;

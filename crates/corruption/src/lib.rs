@@ -72,7 +72,9 @@ pub use alert::{
     standard_webhooks_signature, webhook_payload,
 };
 pub use classify::{bit_distance, classify_bytes, classify_value};
-pub use detector::{CorruptionDetector, CorruptionDetectorBuilder, DetectorConfig, ScanReport, alert_for};
+pub use detector::{
+    CorruptionDetector, CorruptionDetectorBuilder, DetectorConfig, ScanReport, alert_for,
+};
 pub use issue::{CorruptionIssue, IssueQuery, Layer, default_action, default_severity};
 pub use monitor::{MonitorHandle, MonitorStats};
 pub use physical::{AmcheckStatus, PhysicalReport};

@@ -133,10 +133,14 @@ impl CorruptionDetector {
 
     async fn poll_once(&self, tables: &[TableRef], state: &mut MonitorState) -> Result<(u64, u64)> {
         let conn = get_conn(&self.inner.pool).await?;
-        if state.plans.is_none() || state.polls % 60 == 0 {
+        if state.plans.is_none() || state.polls.is_multiple_of(60) {
             let list = if tables.is_empty() {
-                catalog::list_tables(&**conn, &self.inner.config.host_schemas, self.inner.schema.as_str())
-                    .await?
+                catalog::list_tables(
+                    &**conn,
+                    &self.inner.config.host_schemas,
+                    self.inner.schema.as_str(),
+                )
+                .await?
             } else {
                 tables.to_vec()
             };
@@ -155,7 +159,10 @@ impl CorruptionDetector {
             .await
             .context("starting a monitor poll")?;
         let horizon: i64 = conn
-            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint", &[])
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                &[],
+            )
             .await
             .context("reading the snapshot horizon")?
             .get(0);
@@ -172,21 +179,30 @@ impl CorruptionDetector {
             } else {
                 format!("(xmin::text::bigint >= {lo} OR xmin::text::bigint < {hi})")
             };
-            let (n, s) = scan::verify_where(&**conn, plan, &*self.inner.checksum, &predicate).await?;
+            let (n, s) =
+                scan::verify_where(&conn, plan, &*self.inner.checksum, &predicate).await?;
             rows += n;
             if !s.is_empty() {
                 suspects.push((plan.clone(), s));
             }
         }
-        conn.batch_execute("COMMIT").await.context("ending a monitor poll")?;
+        conn.batch_execute("COMMIT")
+            .await
+            .context("ending a monitor poll")?;
         for plan in &plans {
             state.horizons.insert(plan.table.clone(), horizon);
         }
         let mut found = Vec::new();
         for (plan, s) in &suspects {
             found.extend(
-                scan::confirm_and_classify(&**conn, plan, &*self.inner.checksum, self.inner.snapshots.as_ref(), s)
-                    .await?,
+                scan::confirm_and_classify(
+                    &**conn,
+                    plan,
+                    &*self.inner.checksum,
+                    self.inner.snapshots.as_ref(),
+                    s,
+                )
+                .await?,
             );
         }
         drop(conn);

@@ -81,7 +81,8 @@ impl CorruptionDetector {
                         reason: format!(
                             "amcheck is not installed and this role cannot install it ({}); \
                              run `CREATE EXTENSION amcheck` as a superuser",
-                            e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())
+                            e.as_db_error()
+                                .map_or_else(|| e.to_string(), |d| d.message().to_owned())
                         ),
                     });
                 }
@@ -116,7 +117,11 @@ impl CorruptionDetector {
     /// Verifies `table`'s heap (by block ranges) and its B-tree indexes with amcheck
     /// (never the parent checks, which take heavier locks). Degrades to a report
     /// saying why when amcheck is missing or not granted. Findings are recorded.
-    pub async fn check_physical(&self, table: &TableRef, control: &Control) -> Result<PhysicalReport> {
+    pub async fn check_physical(
+        &self,
+        table: &TableRef,
+        control: &Control,
+    ) -> Result<PhysicalReport> {
         let span = tracing::info_span!("corruption.physical", %table);
         async {
             let mut report = PhysicalReport {

@@ -444,7 +444,11 @@ pub(crate) async fn confirm_and_classify(
     {
         have_reference = true;
         let keys: Vec<RowRef> = confirmed.iter().map(|s| s.row.clone()).collect();
-        let key_cols: Vec<&str> = plan.key_idx.iter().map(|&i| plan.columns[i].0.as_str()).collect();
+        let key_cols: Vec<&str> = plan
+            .key_idx
+            .iter()
+            .map(|&i| plan.columns[i].0.as_str())
+            .collect();
         let images = snap.fetch_rows(info.id, &keys).await?;
         for img in images {
             if let Some(r) = img.row_ref(&key_cols)
@@ -463,8 +467,7 @@ pub(crate) async fn confirm_and_classify(
 
 fn same_key(a: &RowRef, b: &RowRef) -> bool {
     a.key.len() == b.key.len()
-        && a
-            .key
+        && a.key
             .iter()
             .zip(&b.key)
             .all(|(x, y)| x.column == y.column && x.value == y.value)

@@ -57,7 +57,8 @@ impl CorruptionDetector {
         let mut select = vec!["count(*)::bigint".to_owned()];
         for c in &info.columns {
             let q = quote_ident(&c.name);
-            let numeric = NUMERIC.iter().any(|n| c.type_name.starts_with(n)) && c.type_name != "money";
+            let numeric =
+                NUMERIC.iter().any(|n| c.type_name.starts_with(n)) && c.type_name != "money";
             select.push(format!("count({q})::bigint"));
             select.push(format!("count(DISTINCT {q})::bigint"));
             select.push(format!("coalesce(avg(length({q}::text)), 0)::float8"));
@@ -84,7 +85,11 @@ impl CorruptionDetector {
             columns.insert(
                 c.name.clone(),
                 ColumnStats {
-                    null_fraction: if rows == 0 { 0.0 } else { (rows - non_null) as f64 / rows as f64 },
+                    null_fraction: if rows == 0 {
+                        0.0
+                    } else {
+                        (rows - non_null) as f64 / rows as f64
+                    },
                     distinct: row.get(b + 1),
                     avg_length: row.get(b + 2),
                     min: row.get(b + 3),
@@ -92,7 +97,11 @@ impl CorruptionDetector {
                 },
             );
         }
-        Ok(TableStats { table: table.clone(), row_count: rows, columns })
+        Ok(TableStats {
+            table: table.clone(),
+            row_count: rows,
+            columns,
+        })
     }
 
     /// Computes and stores `table`'s baseline (replacing the previous one).
@@ -133,10 +142,14 @@ impl CorruptionDetector {
             .await
             .context("reading a statistics baseline")?
         };
-        let Some(baseline) = baseline else { return Ok(Vec::new()) };
+        let Some(baseline) = baseline else {
+            return Ok(Vec::new());
+        };
         let base_rows: i64 = baseline.get(0);
         let base_cols: BTreeMap<String, ColumnStats> = serde_json::from_value(baseline.get(1))
-            .map_err(|e| Error::corrupt(format!("statistics baseline of {table}"), e.to_string()))?;
+            .map_err(|e| {
+                Error::corrupt(format!("statistics baseline of {table}"), e.to_string())
+            })?;
         let now = self.table_stats(table).await?;
         let cfg = &self.inner.config;
         let mut issues = Vec::new();
@@ -160,9 +173,17 @@ impl CorruptionDetector {
                 );
             }
         }
-        let rel = |a: f64, b: f64| if a.abs() < f64::EPSILON { b.abs() } else { (b - a).abs() / a.abs() };
+        let rel = |a: f64, b: f64| {
+            if a.abs() < f64::EPSILON {
+                b.abs()
+            } else {
+                (b - a).abs() / a.abs()
+            }
+        };
         for (name, base) in &base_cols {
-            let Some(cur) = now.columns.get(name) else { continue };
+            let Some(cur) = now.columns.get(name) else {
+                continue;
+            };
             let mut reasons = Vec::new();
             if (cur.null_fraction - base.null_fraction).abs() > cfg.max_null_fraction_drift {
                 reasons.push(format!(
@@ -170,15 +191,29 @@ impl CorruptionDetector {
                     base.null_fraction, cur.null_fraction
                 ));
             }
-            if base.distinct > 10 && rel(base.distinct as f64, cur.distinct as f64) > cfg.max_relative_drift {
-                reasons.push(format!("distinct values {} → {}", base.distinct, cur.distinct));
+            if base.distinct > 10
+                && rel(base.distinct as f64, cur.distinct as f64) > cfg.max_relative_drift
+            {
+                reasons.push(format!(
+                    "distinct values {} → {}",
+                    base.distinct, cur.distinct
+                ));
             }
-            if base.avg_length > 0.0 && rel(base.avg_length, cur.avg_length) > cfg.max_relative_drift {
-                reasons.push(format!("average length {:.1} → {:.1}", base.avg_length, cur.avg_length));
+            if base.avg_length > 0.0
+                && rel(base.avg_length, cur.avg_length) > cfg.max_relative_drift
+            {
+                reasons.push(format!(
+                    "average length {:.1} → {:.1}",
+                    base.avg_length, cur.avg_length
+                ));
             }
-            if let (Some(bmin), Some(bmax), Some(cmin), Some(cmax)) = (base.min, base.max, cur.min, cur.max) {
+            if let (Some(bmin), Some(bmax), Some(cmin), Some(cmax)) =
+                (base.min, base.max, cur.min, cur.max)
+            {
                 let span = (bmax - bmin).abs().max(1.0);
-                if cmin < bmin - span * cfg.max_relative_drift || cmax > bmax + span * cfg.max_relative_drift {
+                if cmin < bmin - span * cfg.max_relative_drift
+                    || cmax > bmax + span * cfg.max_relative_drift
+                {
                     reasons.push(format!("range [{bmin}, {bmax}] → [{cmin}, {cmax}]"));
                 }
             }
@@ -188,7 +223,10 @@ impl CorruptionDetector {
                         table.clone(),
                         CorruptionKind::Unknown,
                         Layer::Statistics,
-                        format!("column {name} of {table} drifted from its baseline: {}", reasons.join("; ")),
+                        format!(
+                            "column {name} of {table} drifted from its baseline: {}",
+                            reasons.join("; ")
+                        ),
                     )
                     .with_column(name.clone())
                     .with_severity(sanare_core::Severity::Medium)
@@ -208,13 +246,19 @@ impl CorruptionDetector {
     /// Run it right after a snapshot or restore: rows the application deleted since
     /// the snapshot are reported too, because the journal service does not expose
     /// per-row history through its trait.
-    pub async fn check_deletions(&self, table: &TableRef, control: &Control) -> Result<Vec<CorruptionIssue>> {
+    pub async fn check_deletions(
+        &self,
+        table: &TableRef,
+        control: &Control,
+    ) -> Result<Vec<CorruptionIssue>> {
         let Some(snapshots) = &self.inner.snapshots else {
             return Err(Error::unavailable(
                 "deletion checks need a snapshot service (CorruptionDetector::builder().snapshots(..))",
             ));
         };
-        let Some(snap) = snapshots.latest_good(None).await? else { return Ok(Vec::new()) };
+        let Some(snap) = snapshots.latest_good(None).await? else {
+            return Ok(Vec::new());
+        };
         let conn = get_conn(&self.inner.pool).await?;
         let info = catalog::describe(&**conn, table).await?;
         let [pk] = info.primary_key.as_slice() else {
@@ -223,7 +267,10 @@ impl CorruptionDetector {
                 info.primary_key
             )));
         };
-        let ty = info.column(pk).map(|c| c.type_name.clone()).unwrap_or_default();
+        let ty = info
+            .column(pk)
+            .map(|c| c.type_name.clone())
+            .unwrap_or_default();
         if !["smallint", "integer", "bigint"].contains(&ty.as_str()) {
             return Err(Error::invalid_input(format!(
                 "deletion checks need an integer primary key; {table}.{pk} is {ty}"
@@ -255,7 +302,11 @@ impl CorruptionDetector {
             .map(|r| {
                 RowRef::new(
                     table.clone(),
-                    vec![ColumnValue::new(pk.clone(), ty.clone(), Some(r.get::<_, i64>(0).to_string()))],
+                    vec![ColumnValue::new(
+                        pk.clone(),
+                        ty.clone(),
+                        Some(r.get::<_, i64>(0).to_string()),
+                    )],
                 )
             })
             .collect();
@@ -272,7 +323,10 @@ impl CorruptionDetector {
                         table.clone(),
                         CorruptionKind::Deletion,
                         Layer::Pattern,
-                        format!("row {row} is in snapshot {} but gone from the table", snap.id),
+                        format!(
+                            "row {row} is in snapshot {} but gone from the table",
+                            snap.id
+                        ),
                     )
                     .with_row(row)
                     .with_affected(serde_json::json!({

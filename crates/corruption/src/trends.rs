@@ -81,7 +81,10 @@ impl CorruptionDetector {
                     .context("computing corruption trends")?;
                 Ok::<_, sanare_core::Error>(
                     rows.iter()
-                        .map(|r| Count { key: r.get(0), count: r.get(1) })
+                        .map(|r| Count {
+                            key: r.get(0),
+                            count: r.get(1),
+                        })
                         .collect::<Vec<_>>(),
                 )
             }
@@ -139,9 +142,16 @@ impl CorruptionDetector {
     /// damage on a row (or, for table-level findings, a table) that no issue names
     /// was missed by the scans. Corruption findings produced by this detector count
     /// as caught.
-    pub async fn analyze_recovery(&self, since: OffsetDateTime, found: &[Violation]) -> Result<RecoveryAnalysis> {
+    pub async fn analyze_recovery(
+        &self,
+        since: OffsetDateTime,
+        found: &[Violation],
+    ) -> Result<RecoveryAnalysis> {
         let issues = self
-            .issues(&crate::IssueQuery { from: Some(since), ..Default::default() })
+            .issues(&crate::IssueQuery {
+                from: Some(since),
+                ..Default::default()
+            })
             .await?;
         let mut caught = 0;
         let mut missed = Vec::new();
@@ -152,7 +162,10 @@ impl CorruptionDetector {
                         && match (&v.row, &i.row) {
                             (Some(a), Some(b)) => a == b,
                             (None, _) => true,
-                            (Some(_), None) => i.row.is_none() && matches!(v.kind, ViolationKind::Corruption { .. }),
+                            (Some(_), None) => {
+                                i.row.is_none()
+                                    && matches!(v.kind, ViolationKind::Corruption { .. })
+                            }
                         })
             });
             if hit {

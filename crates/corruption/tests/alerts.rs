@@ -51,7 +51,11 @@ async fn receiver(statuses: Vec<u16>) -> (SocketAddr, mpsc::UnboundedReceiver<Re
                         let headers = req.headers().clone();
                         let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
                         let status = statuses.lock().unwrap().pop_front().unwrap_or(200);
-                        let _ = tx.send(Received { path, headers, body });
+                        let _ = tx.send(Received {
+                            path,
+                            headers,
+                            body,
+                        });
                         Ok::<_, hyper::Error>(
                             hyper::Response::builder()
                                 .status(status)
@@ -77,7 +81,13 @@ async fn next(rx: &mut mpsc::UnboundedReceiver<Received>) -> Received {
 }
 
 fn alert(sev: Severity, key: &str) -> Alert {
-    let mut a = Alert::new(sev, "corruption", key, format!("bit_flip corruption in public.accounts ({key})"), "email of row 7 is damaged");
+    let mut a = Alert::new(
+        sev,
+        "corruption",
+        key,
+        format!("bit_flip corruption in public.accounts ({key})"),
+        "email of row 7 is damaged",
+    );
     a.table = Some(TableRef::new("public", "accounts"));
     a.details = serde_json::json!({ "kind": "bit_flip", "column": "email" });
     a
@@ -93,7 +103,11 @@ async fn webhooks_are_signed_per_standard_webhooks() {
     let got = next(&mut rx).await;
     assert_eq!(got.path, "/hook");
     let id = got.headers["webhook-id"].to_str().unwrap().to_owned();
-    let ts: i64 = got.headers["webhook-timestamp"].to_str().unwrap().parse().unwrap();
+    let ts: i64 = got.headers["webhook-timestamp"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let sig = got.headers["webhook-signature"].to_str().unwrap();
     assert_eq!(id, format!("msg_{}", a.id.as_uuid().simple()));
     assert!((sanare_core::now().unix_timestamp() - ts).abs() < 60);
@@ -119,17 +133,35 @@ async fn slack_gets_an_incoming_webhook_message() {
     let sink = SlackSink::new(format!("http://{addr}/services/T/B/X")).unwrap();
     sink.send(&alert(Severity::Critical, "k2")).await.unwrap();
     let body = next(&mut rx).await.json();
-    assert_eq!(body["text"], ":rotating_light: [critical] bit_flip corruption in public.accounts (k2)");
+    assert_eq!(
+        body["text"],
+        ":rotating_light: [critical] bit_flip corruption in public.accounts (k2)"
+    );
     assert_eq!(body["blocks"][0]["type"], "section");
-    assert!(body["blocks"][0]["text"]["text"].as_str().unwrap().contains("email of row 7 is damaged"));
-    assert!(body["blocks"][1]["elements"][0]["text"].as_str().unwrap().contains("table: public.accounts"));
+    assert!(
+        body["blocks"][0]["text"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("email of row 7 is damaged")
+    );
+    assert!(
+        body["blocks"][1]["elements"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("table: public.accounts")
+    );
 }
 
 #[tokio::test]
 async fn pagerduty_triggers_and_resolves_with_one_dedup_key() {
     let (addr, mut rx) = receiver(vec![]).await;
-    let sink = PagerDutySink::new("R0UT1NGKEY").unwrap().endpoint(format!("http://{addr}/v2/enqueue"));
-    let mut a = alert(Severity::Critical, "corruption:bit_flip:public.accounts:id=7:email:");
+    let sink = PagerDutySink::new("R0UT1NGKEY")
+        .unwrap()
+        .endpoint(format!("http://{addr}/v2/enqueue"));
+    let mut a = alert(
+        Severity::Critical,
+        "corruption:bit_flip:public.accounts:id=7:email:",
+    );
     sink.send(&a).await.unwrap();
     a.resolved = true;
     sink.send(&a).await.unwrap();
@@ -142,11 +174,19 @@ async fn pagerduty_triggers_and_resolves_with_one_dedup_key() {
     assert_eq!(t["payload"]["source"], "corruption");
     assert_eq!(t["payload"]["component"], "public.accounts");
     assert_eq!(t["payload"]["class"], "bit_flip");
-    assert!(t["payload"]["summary"].as_str().unwrap().starts_with("bit_flip corruption"));
+    assert!(
+        t["payload"]["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("bit_flip corruption")
+    );
     let r = next(&mut rx).await.json();
     assert_eq!(r["event_action"], "resolve");
     assert_eq!(r["dedup_key"], t["dedup_key"]);
-    assert_eq!(r["dedup_key"], "corruption:bit_flip:public.accounts:id=7:email:");
+    assert_eq!(
+        r["dedup_key"],
+        "corruption:bit_flip:public.accounts:id=7:email:"
+    );
 }
 
 #[tokio::test]
@@ -167,20 +207,33 @@ async fn the_dispatcher_routes_by_severity_batches_retries_and_rate_limits() {
     let dispatcher = AlertDispatcher::builder()
         .route(
             Route::new(Arc::new(
-                PagerDutySink::new("rk").unwrap().endpoint(format!("http://{pd_addr}/")),
+                PagerDutySink::new("rk")
+                    .unwrap()
+                    .endpoint(format!("http://{pd_addr}/")),
             ))
             .min_severity(Severity::Critical)
             .batch(false),
         )
-        .route(Route::new(Arc::new(SlackSink::new(format!("http://{slack_addr}/")).unwrap())).per_minute(1))
+        .route(
+            Route::new(Arc::new(
+                SlackSink::new(format!("http://{slack_addr}/")).unwrap(),
+            ))
+            .per_minute(1),
+        )
         .batch_window(Duration::from_millis(300))
         .retries(4, Duration::from_millis(20))
         .build();
     // Enqueueing never waits for the network.
     let started = std::time::Instant::now();
     dispatcher.send(&alert(Severity::High, "a")).await.unwrap();
-    dispatcher.send(&alert(Severity::Critical, "b")).await.unwrap();
-    dispatcher.send(&alert(Severity::Medium, "c")).await.unwrap();
+    dispatcher
+        .send(&alert(Severity::Critical, "b"))
+        .await
+        .unwrap();
+    dispatcher
+        .send(&alert(Severity::Medium, "c"))
+        .await
+        .unwrap();
     assert!(started.elapsed() < Duration::from_millis(100));
 
     // PagerDuty: only the critical one, delivered on the third attempt.
@@ -190,9 +243,18 @@ async fn the_dispatcher_routes_by_severity_batches_retries_and_rate_limits() {
     }
     // Slack: one batched message of all three.
     let batch = next(&mut slack).await.json();
-    assert!(batch["text"].as_str().unwrap().contains("3 corruption alerts"), "{batch}");
+    assert!(
+        batch["text"]
+            .as_str()
+            .unwrap()
+            .contains("3 corruption alerts"),
+        "{batch}"
+    );
     let text = batch["blocks"][0]["text"]["text"].as_str().unwrap();
-    assert!(text.contains("(a)") && text.contains("(b)") && text.contains("(c)"), "{text}");
+    assert!(
+        text.contains("(a)") && text.contains("(b)") && text.contains("(c)"),
+        "{text}"
+    );
 
     // The Slack route allows one delivery a minute: the next is suppressed.
     dispatcher.send(&alert(Severity::High, "d")).await.unwrap();
@@ -223,13 +285,19 @@ async fn a_full_queue_drops_instead_of_blocking() {
         }
     });
     let dispatcher = AlertDispatcher::builder()
-        .route(Route::new(Arc::new(SlackSink::new(format!("http://{addr}/")).unwrap())).batch(false))
+        .route(
+            Route::new(Arc::new(SlackSink::new(format!("http://{addr}/")).unwrap())).batch(false),
+        )
         .queue_capacity(2)
         .build();
     let started = std::time::Instant::now();
     let mut errors = 0;
     for i in 0..10 {
-        if dispatcher.send(&alert(Severity::High, &i.to_string())).await.is_err() {
+        if dispatcher
+            .send(&alert(Severity::High, &i.to_string()))
+            .await
+            .is_err()
+        {
             errors += 1;
         }
     }
@@ -258,7 +326,9 @@ async fn smtp_receiver() -> (u16, tokio::sync::oneshot::Receiver<(Vec<String>, S
             }
             let cmd = line.trim_end().to_ascii_uppercase();
             if cmd.starts_with("EHLO") || cmd.starts_with("HELO") {
-                w.write_all(b"250-localhost\r\n250 8BITMIME\r\n").await.unwrap();
+                w.write_all(b"250-localhost\r\n250 8BITMIME\r\n")
+                    .await
+                    .unwrap();
             } else if cmd.starts_with("MAIL FROM") {
                 w.write_all(b"250 OK\r\n").await.unwrap();
             } else if cmd.starts_with("RCPT TO") {
@@ -297,11 +367,21 @@ async fn email_goes_through_a_real_smtp_session() {
         &["ops@example.com", "dba@example.com"],
     )
     .unwrap();
-    sink.send(&alert(Severity::Critical, "mail-key")).await.unwrap();
+    sink.send(&alert(Severity::Critical, "mail-key"))
+        .await
+        .unwrap();
     drop(sink);
-    let (rcpts, data) = tokio::time::timeout(Duration::from_secs(15), rx).await.unwrap().unwrap();
+    let (rcpts, data) = tokio::time::timeout(Duration::from_secs(15), rx)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rcpts, vec!["<ops@example.com>", "<dba@example.com>"]);
-    assert!(data.contains("Subject: [sanare critical] bit_flip corruption in public.accounts (mail-key)"), "{data}");
+    assert!(
+        data.contains(
+            "Subject: [sanare critical] bit_flip corruption in public.accounts (mail-key)"
+        ),
+        "{data}"
+    );
     assert!(data.contains("From: sanare <sanare@example.com>"), "{data}");
     assert!(data.contains("email of row 7 is damaged"), "{data}");
     assert!(data.contains("dedup key: mail-key"), "{data}");

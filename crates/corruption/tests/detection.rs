@@ -23,7 +23,10 @@ async fn each_planted_kind_is_found_and_classified() {
     let mut events = det.events().subscribe();
 
     // A clean table first: nothing.
-    let clean = det.scan_table(&accounts(), &Control::detached()).await.unwrap();
+    let clean = det
+        .scan_table(&accounts(), &Control::detached())
+        .await
+        .unwrap();
     assert_eq!(clean.rows_scanned, 200);
     assert!(clean.issues.is_empty(), "{:?}", clean.issues);
 
@@ -39,7 +42,10 @@ async fn each_planted_kind_is_found_and_classified() {
     .await
     .unwrap();
 
-    let report = det.scan_table(&accounts(), &Control::detached()).await.unwrap();
+    let report = det
+        .scan_table(&accounts(), &Control::detached())
+        .await
+        .unwrap();
     assert_eq!(report.rows_scanned, 200);
     assert_eq!(report.suspects, 4);
     let by_id = |id: &str| {
@@ -64,11 +70,20 @@ async fn each_planted_kind_is_found_and_classified() {
     assert_eq!(other.kind, CorruptionKind::Unknown);
     assert_eq!(other.column.as_deref(), Some("balance"));
 
-    let deleted = det.check_deletions(&accounts(), &Control::detached()).await.unwrap();
+    let deleted = det
+        .check_deletions(&accounts(), &Control::detached())
+        .await
+        .unwrap();
     assert_eq!(deleted.len(), 1, "{deleted:?}");
     assert_eq!(deleted[0].kind, CorruptionKind::Deletion);
-    assert_eq!(deleted[0].row.as_ref().unwrap().key[0].value.as_deref(), Some("12"));
-    assert_eq!(deleted[0].affected["last_known_good"]["email"], "user12@example.com");
+    assert_eq!(
+        deleted[0].row.as_ref().unwrap().key[0].value.as_deref(),
+        Some("12")
+    );
+    assert_eq!(
+        deleted[0].affected["last_known_good"]["email"],
+        "user12@example.com"
+    );
 
     // Stored once each, events published, convertible to violations.
     let stored = det.issues(&IssueQuery::new()).await.unwrap();
@@ -82,11 +97,20 @@ async fn each_planted_kind_is_found_and_classified() {
     }
     assert_eq!(kinds.len(), 5);
     let v = flip.to_violation();
-    assert!(matches!(v.kind, ViolationKind::Corruption { kind: CorruptionKind::BitFlip, .. }));
+    assert!(matches!(
+        v.kind,
+        ViolationKind::Corruption {
+            kind: CorruptionKind::BitFlip,
+            ..
+        }
+    ));
     assert_eq!(v.row, flip.row);
 
     // A second scan finds the same damage but stores nothing new.
-    let again = det.scan_table(&accounts(), &Control::detached()).await.unwrap();
+    let again = det
+        .scan_table(&accounts(), &Control::detached())
+        .await
+        .unwrap();
     assert_eq!(again.issues.len(), 4);
     assert_eq!(det.issues(&IssueQuery::new()).await.unwrap().len(), 5);
 }
@@ -106,7 +130,10 @@ async fn a_damaged_checksum_alone_is_a_bit_flip_of_the_checksum_column() {
     )
     .await
     .unwrap();
-    let r = det.scan_table(&accounts(), &Control::detached()).await.unwrap();
+    let r = det
+        .scan_table(&accounts(), &Control::detached())
+        .await
+        .unwrap();
     assert_eq!(r.issues.len(), 1);
     assert_eq!(r.issues[0].kind, CorruptionKind::BitFlip);
     assert_eq!(r.issues[0].layer, Layer::Checksum);
@@ -120,12 +147,18 @@ async fn without_a_snapshot_damage_is_reported_unclassified() {
     install(&**c, 10).await;
     let det = detector(db.pool(), None);
     det.migrate().await.unwrap();
-    c.batch_execute("UPDATE accounts SET email = 'x' WHERE id = 2").await.unwrap();
+    c.batch_execute("UPDATE accounts SET email = 'x' WHERE id = 2")
+        .await
+        .unwrap();
     let r = det.scan_all(&Control::detached()).await.unwrap();
     assert_eq!(r.issues.len(), 1);
     assert_eq!(r.issues[0].kind, CorruptionKind::Unknown);
     assert_eq!(r.issues[0].severity, Severity::Medium);
-    assert!(det.check_deletions(&accounts(), &Control::detached()).await.is_err());
+    assert!(
+        det.check_deletions(&accounts(), &Control::detached())
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,9 +200,11 @@ async fn scans_are_chunked_parallel_report_progress_and_cancel() {
 async fn tables_without_a_checksum_column_are_skipped_and_said_so() {
     let db = test_db().await;
     let c = db.client().await;
-    c.batch_execute("CREATE TABLE plain (id int PRIMARY KEY, v text); INSERT INTO plain VALUES (1, 'a')")
-        .await
-        .unwrap();
+    c.batch_execute(
+        "CREATE TABLE plain (id int PRIMARY KEY, v text); INSERT INTO plain VALUES (1, 'a')",
+    )
+    .await
+    .unwrap();
     let det = detector(db.pool(), None);
     det.migrate().await.unwrap();
     let r = det.scan_all(&Control::detached()).await.unwrap();
@@ -218,7 +253,9 @@ async fn the_monitor_finds_a_row_damaged_outside_the_application() {
     .ok();
 
     // Damage outside the application: a truncated name on a row the app did not touch.
-    c.batch_execute("UPDATE accounts SET full_name = 'Use' WHERE id = 33").await.unwrap();
+    c.batch_execute("UPDATE accounts SET full_name = 'Use' WHERE id = 33")
+        .await
+        .unwrap();
     let found = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match events.recv().await {
@@ -239,7 +276,10 @@ async fn the_monitor_finds_a_row_damaged_outside_the_application() {
     assert_eq!(stats.issues, 1);
     let issues = det.issues(&IssueQuery::new()).await.unwrap();
     assert_eq!(issues.len(), 1);
-    assert_eq!(issues[0].row.as_ref().unwrap().key[0].value.as_deref(), Some("33"));
+    assert_eq!(
+        issues[0].row.as_ref().unwrap().key[0].value.as_deref(),
+        Some("33")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,9 +315,21 @@ async fn a_clean_database_under_concurrent_writes_yields_no_issues() {
             while !stop.is_cancelled() {
                 i += 1;
                 let id = 1 + (i * 7 + w) % 400; // updates and inserts
-                upsert(&**c, id, &format!("w{w}-{i}@example.com"), Some(&format!("W {i}")), &balance(i)).await;
+                upsert(
+                    &**c,
+                    id,
+                    &format!("w{w}-{i}@example.com"),
+                    Some(&format!("W {i}")),
+                    &balance(i),
+                )
+                .await;
                 if i % 10 == 0 {
-                    c.execute("DELETE FROM accounts WHERE id = $1", &[&(1 + (i * 13) % 400)]).await.unwrap();
+                    c.execute(
+                        "DELETE FROM accounts WHERE id = $1",
+                        &[&(1 + (i * 13) % 400)],
+                    )
+                    .await
+                    .unwrap();
                 }
                 n += 1;
             }
@@ -286,7 +338,10 @@ async fn a_clean_database_under_concurrent_writes_yields_no_issues() {
     }
     let mut rows = 0;
     for _ in 0..5 {
-        let r = det.scan_table(&accounts(), &Control::detached()).await.unwrap();
+        let r = det
+            .scan_table(&accounts(), &Control::detached())
+            .await
+            .unwrap();
         rows += r.rows_scanned;
         assert!(r.issues.is_empty(), "false positive: {:?}", r.issues);
     }
@@ -313,18 +368,27 @@ async fn statistics_drift_and_a_row_count_drop_are_flagged() {
     let base = det.capture_baseline(&accounts()).await.unwrap();
     assert_eq!(base.row_count, 100);
     assert!(det.check_statistics(&accounts()).await.unwrap().is_empty());
-    c.batch_execute("DELETE FROM accounts WHERE id > 60; UPDATE accounts SET full_name = NULL WHERE id <= 30")
-        .await
-        .unwrap();
+    c.batch_execute(
+        "DELETE FROM accounts WHERE id > 60; UPDATE accounts SET full_name = NULL WHERE id <= 30",
+    )
+    .await
+    .unwrap();
     let issues = det.check_statistics(&accounts()).await.unwrap();
-    let t = issues.iter().find(|i| i.kind == CorruptionKind::Truncation).expect("row-count drop");
+    let t = issues
+        .iter()
+        .find(|i| i.kind == CorruptionKind::Truncation)
+        .expect("row-count drop");
     assert_eq!(t.layer, Layer::Statistics);
     assert_eq!(t.affected["rows"], 60);
     let drift = issues
         .iter()
         .find(|i| i.column.as_deref() == Some("full_name"))
         .expect("null fraction drift");
-    assert!(drift.description.contains("null fraction"), "{}", drift.description);
+    assert!(
+        drift.description.contains("null fraction"),
+        "{}",
+        drift.description
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,23 +399,39 @@ async fn issues_query_by_date_resolve_trends_and_recovery_analysis() {
     let det = detector(db.pool(), None);
     det.migrate().await.unwrap();
     let before = sanare_core::now() - time::Duration::seconds(1);
-    c.batch_execute("UPDATE accounts SET email = 'a' WHERE id IN (1, 2)").await.unwrap();
-    let r = det.scan_table(&accounts(), &Control::detached()).await.unwrap();
+    c.batch_execute("UPDATE accounts SET email = 'a' WHERE id IN (1, 2)")
+        .await
+        .unwrap();
+    let r = det
+        .scan_table(&accounts(), &Control::detached())
+        .await
+        .unwrap();
     assert_eq!(r.issues.len(), 2);
     let after = sanare_core::now() + time::Duration::seconds(1);
-    let all = det.issues(&IssueQuery::new().between(before, after)).await.unwrap();
+    let all = det
+        .issues(&IssueQuery::new().between(before, after))
+        .await
+        .unwrap();
     assert_eq!(all.len(), 2);
     let none = det
         .issues(&IssueQuery::new().between(before - time::Duration::days(2), before))
         .await
         .unwrap();
     assert!(none.is_empty());
-    assert!(det.resolve(all[0].id, "restored from snapshot").await.unwrap());
+    assert!(
+        det.resolve(all[0].id, "restored from snapshot")
+            .await
+            .unwrap()
+    );
     assert!(!det.resolve(all[0].id, "again").await.unwrap());
     let open = det.issues(&IssueQuery::new().unresolved()).await.unwrap();
     assert_eq!(open.len(), 1);
     let resolved = det.issues(&IssueQuery::new()).await.unwrap();
-    assert!(resolved.iter().any(|i| i.resolution.as_deref() == Some("restored from snapshot")));
+    assert!(
+        resolved
+            .iter()
+            .any(|i| i.resolution.as_deref() == Some("restored from snapshot"))
+    );
 
     // Backdate one issue to the first half of a two-day window: the table worsens.
     let t = det.issues(&IssueQuery::new()).await.unwrap();
@@ -361,40 +441,60 @@ async fn issues_query_by_date_resolve_trends_and_recovery_analysis() {
     )
     .await
     .unwrap();
-    c.batch_execute("UPDATE accounts SET email = 'b' WHERE id IN (3, 4, 5)").await.unwrap();
-    det.scan_table(&accounts(), &Control::detached()).await.unwrap();
+    c.batch_execute("UPDATE accounts SET email = 'b' WHERE id IN (3, 4, 5)")
+        .await
+        .unwrap();
+    // Rows 3-5 are new; the resolved row is still damaged, so it is found again.
+    let r = det
+        .scan_table(&accounts(), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(r.issues.len(), 5);
     let tr = det
-        .trends(sanare_core::now() - time::Duration::days(2), after + time::Duration::seconds(5))
+        .trends(
+            sanare_core::now() - time::Duration::days(2),
+            after + time::Duration::seconds(5),
+        )
         .await
         .unwrap();
     assert_eq!(tr.by_table[0].key, "public.accounts");
-    assert_eq!(tr.by_table[0].count, 5);
+    assert_eq!(tr.by_table[0].count, 6);
     assert_eq!(tr.by_type[0].key, "unknown");
-    assert_eq!(tr.by_day.iter().map(|d| d.count).sum::<i64>(), 5);
+    assert_eq!(tr.by_day.iter().map(|d| d.count).sum::<i64>(), 6);
     assert_eq!(tr.direction, sanare_corruption::Direction::Worsening);
     assert_eq!(tr.worsening_tables, vec![accounts()]);
 
     // Post-recovery: the recovery repaired row 3 (caught) and row 17 (missed).
     let row = |id: &str| {
-        sanare_core::RowRef::new(accounts(), vec![sanare_core::ColumnValue::new("id", "bigint", Some(id))])
+        sanare_core::RowRef::new(
+            accounts(),
+            vec![sanare_core::ColumnValue::new("id", "bigint", Some(id))],
+        )
     };
     let found = vec![
         sanare_core::Violation::new(
-            ViolationKind::ChecksumMismatch { column: "row_checksum".into() },
+            ViolationKind::ChecksumMismatch {
+                column: "row_checksum".into(),
+            },
             Severity::High,
             accounts(),
             Some(row("3")),
             "checksum",
         ),
         sanare_core::Violation::new(
-            ViolationKind::ChecksumMismatch { column: "row_checksum".into() },
+            ViolationKind::ChecksumMismatch {
+                column: "row_checksum".into(),
+            },
             Severity::High,
             accounts(),
             Some(row("17")),
             "checksum",
         ),
     ];
-    let a = det.analyze_recovery(before - time::Duration::days(3), &found).await.unwrap();
+    let a = det
+        .analyze_recovery(before - time::Duration::days(3), &found)
+        .await
+        .unwrap();
     assert_eq!(a.caught, 1);
     assert_eq!(a.missed.len(), 1);
     assert_eq!(a.missed[0].row, Some(row("17")));

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use sanare_core::{
-    ColumnValue, Control, Error, Result, RestoreOutcome, RestoreRequest, RowChecksum, RowImage,
+    ColumnValue, Control, Error, RestoreOutcome, RestoreRequest, Result, RowChecksum, RowImage,
     RowRef, SnapshotId, SnapshotInfo, SnapshotRequest, SnapshotService, TableRef, VerifyReport,
 };
 use sanare_corruption::CorruptionDetector;
@@ -62,8 +62,16 @@ pub fn values(id: i64, email: &str, name: Option<&str>, balance: &str) -> Vec<Co
 }
 
 /// Inserts (or updates) a row the way the application does: with its checksum.
-pub async fn upsert(c: &impl GenericClient, id: i64, email: &str, name: Option<&str>, balance: &str) {
-    let sum = Blake3Rows.checksum(&values(id, email, name, balance)).to_vec();
+pub async fn upsert(
+    c: &impl GenericClient,
+    id: i64,
+    email: &str,
+    name: Option<&str>,
+    balance: &str,
+) {
+    let sum = Blake3Rows
+        .checksum(&values(id, email, name, balance))
+        .to_vec();
     c.execute(
         "INSERT INTO public.accounts VALUES ($1, $2, $3, $4::text::numeric, $5)
          ON CONFLICT (id) DO UPDATE SET email = $2, full_name = $3, balance = $4::text::numeric, row_checksum = $5",
@@ -81,7 +89,14 @@ pub fn balance(i: i64) -> String {
 pub async fn install(c: &impl GenericClient, n: i64) {
     c.batch_execute(DDL).await.unwrap();
     for i in 1..=n {
-        upsert(c, i, &format!("user{i}@example.com"), Some(&format!("User {i}")), &balance(i)).await;
+        upsert(
+            c,
+            i,
+            &format!("user{i}@example.com"),
+            Some(&format!("User {i}")),
+            &balance(i),
+        )
+        .await;
     }
 }
 
@@ -101,7 +116,10 @@ impl FakeSnapshots {
     pub async fn capture(&self, c: &impl GenericClient, table: &TableRef) {
         let rows = c
             .query(
-                &format!("SELECT id::text, email, full_name, balance::text FROM {}", table.quoted()),
+                &format!(
+                    "SELECT id::text, email, full_name, balance::text FROM {}",
+                    table.quoted()
+                ),
                 &[],
             )
             .await
@@ -149,7 +167,10 @@ impl SnapshotService for FakeSnapshots {
     }
     async fn fetch_rows(&self, _: SnapshotId, rows: &[RowRef]) -> Result<Vec<RowImage>> {
         let map = self.rows.lock().unwrap();
-        Ok(rows.iter().filter_map(|r| map.get(&key_of(r)).cloned()).collect())
+        Ok(rows
+            .iter()
+            .filter_map(|r| map.get(&key_of(r)).cloned())
+            .collect())
     }
     async fn verify(&self, _: SnapshotId, _: &Control) -> Result<VerifyReport> {
         Err(Error::unavailable("fake"))
