@@ -179,8 +179,7 @@ impl CorruptionDetector {
             } else {
                 format!("(xmin::text::bigint >= {lo} OR xmin::text::bigint < {hi})")
             };
-            let (n, s) =
-                scan::verify_where(&conn, plan, &*self.inner.checksum, &predicate).await?;
+            let (n, s) = scan::verify_where(&conn, plan, &*self.inner.checksum, &predicate).await?;
             rows += n;
             if !s.is_empty() {
                 suspects.push((plan.clone(), s));

@@ -291,3 +291,42 @@ impl CorruptionDetector {
         Ok(Some(issue))
     }
 }
+
+impl CorruptionDetector {
+    /// Verifies the blocks of the latest good snapshot through the snapshot service
+    /// (block checksums and manifest); a damaged snapshot is recorded as a
+    /// [`CorruptionKind::Metadata`] issue on table `*.snapshot` naming the problems.
+    /// Returns `None` when there is no snapshot service or no snapshot.
+    pub async fn verify_latest_snapshot(
+        &self,
+        control: &Control,
+    ) -> Result<Option<sanare_core::VerifyReport>> {
+        let Some(snapshots) = &self.inner.snapshots else {
+            return Ok(None);
+        };
+        let Some(info) = snapshots.latest_good(None).await? else {
+            return Ok(None);
+        };
+        let report = snapshots.verify(info.id, control).await?;
+        if !report.is_ok() {
+            let issue = CorruptionIssue::new(
+                TableRef::new("*", "snapshot"),
+                CorruptionKind::Metadata,
+                Layer::Checksum,
+                format!(
+                    "snapshot {} is damaged: {} block(s) corrupt, {} missing",
+                    info.id, report.blocks_corrupt, report.blocks_missing
+                ),
+            )
+            .with_affected(serde_json::json!({
+                "snapshot": info.id.to_string(),
+                "blocks_checked": report.blocks_checked,
+                "blocks_corrupt": report.blocks_corrupt,
+                "blocks_missing": report.blocks_missing,
+                "problems": report.problems,
+            }));
+            self.record(std::slice::from_ref(&issue)).await?;
+        }
+        Ok(Some(report))
+    }
+}

@@ -509,3 +509,44 @@ async fn wait_for(mut f: impl FnMut() -> bool) {
     .await
     .expect("condition not reached within 30 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_is_an_issue() {
+    let db = test_db().await;
+    let c = db.client().await;
+    install(&**c, 5).await;
+    let snaps = Arc::new(FakeSnapshots::default());
+    let det = detector(db.pool(), Some(snaps.clone()));
+    det.migrate().await.unwrap();
+    assert!(
+        det.verify_latest_snapshot(&Control::detached())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    snaps.capture(&**c, &accounts()).await;
+    let ok = det
+        .verify_latest_snapshot(&Control::detached())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ok.is_ok());
+    snaps
+        .damage
+        .lock()
+        .unwrap()
+        .push("block 3f2a… hash mismatch".into());
+    let bad = det
+        .verify_latest_snapshot(&Control::detached())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bad.blocks_corrupt, 1);
+    let issues = det.issues(&IssueQuery::new()).await.unwrap();
+    assert_eq!(issues.len(), 1);
+    assert_eq!(issues[0].kind, CorruptionKind::Metadata);
+    assert_eq!(
+        issues[0].affected["problems"][0],
+        "block 3f2a… hash mismatch"
+    );
+}

@@ -105,6 +105,8 @@ pub async fn install(c: &impl GenericClient, n: i64) {
 pub struct FakeSnapshots {
     pub info: Mutex<Option<SnapshotInfo>>,
     pub rows: Mutex<HashMap<String, RowImage>>,
+    /// Problems `verify` reports (none: intact).
+    pub damage: Mutex<Vec<String>>,
 }
 
 fn key_of(r: &RowRef) -> String {
@@ -172,8 +174,16 @@ impl SnapshotService for FakeSnapshots {
             .filter_map(|r| map.get(&key_of(r)).cloned())
             .collect())
     }
-    async fn verify(&self, _: SnapshotId, _: &Control) -> Result<VerifyReport> {
-        Err(Error::unavailable("fake"))
+    async fn verify(&self, id: SnapshotId, _: &Control) -> Result<VerifyReport> {
+        let problems = self.damage.lock().unwrap().clone();
+        Ok(serde_json::from_value(serde_json::json!({
+            "snapshot": id,
+            "blocks_checked": 10,
+            "blocks_missing": 0,
+            "blocks_corrupt": problems.len(),
+            "problems": problems,
+        }))
+        .unwrap())
     }
 }
 
