@@ -3,7 +3,7 @@
 //!
 //! # Layers
 //! - **checksum**: every row of a table with a checksum column (default
-//!   `row_checksum`, `bytea`) is re-hashed through the canonical [`RowChecksum`]
+//!   `row_checksum`, `bytea`) is re-hashed through the canonical [`RowChecksum`](sanare_core::RowChecksum)
 //!   (implemented by the integrity crate) and compared with the stored value
 //!   ([`CorruptionDetector::scan_table`], [`CorruptionDetector::scan_all`]);
 //! - **pattern**: a confirmed mismatch is classified against the row's last known
@@ -48,9 +48,12 @@
 //! come in through core traits.
 //!
 //! # Dependencies
-//! `reqwest` (HTTP sinks; TLS behind the `tls` feature), `lettre` (SMTP), `hmac` +
-//! `sha2` + `base64` (Standard Webhooks signatures): well-kept, widely used crates,
-//! so no HTTP, SMTP or HMAC code is hand-written here.
+//! `reqwest` (HTTP sinks), `lettre` (SMTP), `hmac` + `sha2` + `base64` (Standard
+//! Webhooks signatures): well-kept, widely used crates, so no HTTP, SMTP or HMAC code
+//! is hand-written here. This crate builds reqwest without a TLS stack; HTTPS
+//! endpoints (Slack, PagerDuty) need reqwest's `rustls` feature, which the host or
+//! facade turns on by depending on `reqwest` with `features = ["rustls"]` (Cargo
+//! unifies features). Email goes over plain SMTP to a relay.
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
