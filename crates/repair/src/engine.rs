@@ -323,6 +323,10 @@ fn parse_status(s: &str) -> Result<RepairStatus> {
         .map_err(|e| Error::corrupt("repair_operations.status", format!("`{s}`: {e}")))
 }
 
+fn scratch_schema(id: RepairId) -> String {
+    format!("sanare_repair_{}", id.as_uuid().simple())
+}
+
 fn advisory_key(id: RepairId) -> i64 {
     let b = id.as_uuid().as_u128();
     (b as i64) ^ ((b >> 64) as i64)
@@ -789,6 +793,21 @@ impl RepairEngine {
         extra: &str,
         error: Option<&str>,
     ) -> Result<()> {
+        // A connection killed during the repair may come back from the pool once
+        // before the pool notices: retry once on a retryable error.
+        match self.set_status_once(repair, status, extra, error).await {
+            Err(e) if e.is_retryable() => self.set_status_once(repair, status, extra, error).await,
+            other => other,
+        }
+    }
+
+    async fn set_status_once(
+        &self,
+        repair: RepairId,
+        status: RepairStatus,
+        extra: &str,
+        error: Option<&str>,
+    ) -> Result<()> {
         let conn = get_conn(&self.inner.pool).await?;
         conn.execute(
             &format!(
@@ -1029,7 +1048,7 @@ impl RepairEngine {
                 let all = Meta::list("s", &cols);
                 let reload = matches!(action.op, Op::Reload { .. });
                 if reload {
-                    let scratch = format!("sanare_repair_{}", id.as_uuid().simple());
+                    let scratch = scratch_schema(id);
                     snapshots
                         .restore(
                             sanare_core::RestoreRequest::new(*snapshot)
@@ -1051,18 +1070,7 @@ impl RepairEngine {
                         )
                         .await
                         .with_context(|| format!("staging snapshot rows of {}", action.table));
-                    // The scratch copy is not needed past this point, whatever happened.
-                    let drop = get_conn(&self.inner.pool)
-                        .await?
-                        .batch_execute(&format!(
-                            "DROP SCHEMA IF EXISTS {} CASCADE",
-                            quote_ident(&scratch)
-                        ))
-                        .await;
                     copy?;
-                    if let Err(e) = drop {
-                        tracing::warn!(schema = %scratch, error = %e, "could not drop a repair scratch schema");
-                    }
                 } else {
                     let keys = action.keys.clone().unwrap_or_default();
                     let refs = keys
@@ -1342,6 +1350,21 @@ impl RepairEngine {
         }
         Ok(())
     }
+}
+
+/// An error with its sources, for the audit trail.
+fn error_chain(e: &Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 async fn count(client: &impl GenericClient, meta: &Meta, pred: &str) -> Result<i64> {
@@ -1783,7 +1806,7 @@ impl RepairService for RepairEngine {
                     Ok(out)
                 }
                 Err(e) => {
-                    let message = e.to_string();
+                    let message = error_chain(&e);
                     tracing::warn!(%repair, error = %message, "repair failed; its transaction rolled back");
                     if !options.dry_run {
                         self.set_status(repair, RepairStatus::Failed, ", completed_at = now()", Some(&message)).await?;

@@ -1,7 +1,7 @@
 //! Fakes of the snapshot and journal services, backed by real PostgreSQL tables, for
 //! this crate's tests and benches (feature `testing`). They are not snapshots: a
-//! "snapshot" here is a plain copy table per captured table, and only the latest one
-//! is kept.
+//! "snapshot" here is a plain copy table per captured table and snapshot id, kept
+//! until the fake is dropped with its database.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
@@ -42,11 +42,12 @@ impl PgCopySnapshots {
         }
     }
 
-    fn copy_of(&self, table: &TableRef) -> String {
+    fn copy_of(&self, snapshot: SnapshotId, table: &TableRef) -> String {
+        let id = snapshot.as_uuid().simple().to_string();
         format!(
             "{}.{}",
             quote_ident(&self.copy_schema),
-            quote_ident(&format!("{}__{}", table.schema, table.name))
+            quote_ident(&format!("{}__{}__{}", &id[20..], table.schema, table.name))
         )
     }
 
@@ -75,8 +76,9 @@ impl SnapshotService for PgCopySnapshots {
         .await
         .context("creating the copy schema")?;
         let mut counts = Vec::new();
+        let id = SnapshotId::new();
         for t in &tables {
-            let copy = self.copy_of(t);
+            let copy = self.copy_of(id, t);
             conn.batch_execute(&format!(
                 "DROP TABLE IF EXISTS {copy}; CREATE TABLE {copy} AS SELECT * FROM {}",
                 t.quoted()
@@ -91,7 +93,7 @@ impl SnapshotService for PgCopySnapshots {
             counts.push(serde_json::json!({"table": t, "rows": n}));
         }
         let info: SnapshotInfo = from_json(serde_json::json!({
-            "id": SnapshotId::new(),
+            "id": id,
             "created_at": OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).map_err(|e| Error::other("formatting a time", e))?,
             "status": "ready",
             "label": request.label,
@@ -133,7 +135,7 @@ impl SnapshotService for PgCopySnapshots {
                     &format!(
                         "CREATE TABLE {} AS SELECT * FROM {}",
                         target.quoted(),
-                        self.copy_of(t)
+                        self.copy_of(request.snapshot, t)
                     ),
                     &[],
                 )
@@ -147,7 +149,8 @@ impl SnapshotService for PgCopySnapshots {
     }
 
     async fn fetch_rows(&self, snapshot: SnapshotId, rows: &[RowRef]) -> Result<Vec<RowImage>> {
-        if self.latest().is_none_or(|s| s.id != snapshot) {
+        let known = self.snapshots.lock().map(|s| s.iter().any(|i| i.id == snapshot)).unwrap_or(false);
+        if !known {
             return Err(Error::not_found(format!("snapshot {snapshot}")));
         }
         let conn = get_conn(&self.pool).await?;
@@ -188,7 +191,7 @@ impl SnapshotService for PgCopySnapshots {
                 .query(
                     &format!(
                         "SELECT ARRAY[{cols}] FROM {} t WHERE ({key_cols}) IN ({tuples})",
-                        self.copy_of(&table)
+                        self.copy_of(snapshot, &table)
                     ),
                     &[],
                 )
@@ -318,4 +321,183 @@ impl JournalService for FakeJournal {
             "failures": [], "last_position": null, "dry_run": request.dry_run,
         }))
     }
+}
+
+/// A labelled corpus of planted violations: each with the decision-table row
+/// (`"R1"` … or `"manual"`) that must be chosen for it.
+pub type Corpus = Vec<(sanare_core::Violation, &'static str)>;
+
+/// Plants a labelled corpus of violations in `schema`, which must hold the
+/// order-service fixture generated with at least 200 orders. Adds three small tables
+/// (`notes`: nullable foreign key, `tags`: duplicates, `settings`: nulls and
+/// defaults), takes a snapshot through `snapshots` of customers, products and orders,
+/// then damages the data (foreign-key triggers off while planting). Engines analysing
+/// the corpus should have `snapshots` and a journal attached.
+pub async fn plant_corpus(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    snapshots: &dyn SnapshotService,
+) -> Result<Corpus> {
+    use sanare_core::{ColumnValue, CorruptionKind, Severity, Violation, ViolationKind};
+    let s = quote_ident(schema);
+    let t = |name: &str| TableRef::new(schema, name);
+    let run = |sql: String| async move {
+        client
+            .batch_execute(&sql)
+            .await
+            .with_context(|| format!("planting the corpus: {sql}"))
+    };
+    run(format!(
+        "CREATE TABLE {s}.notes (id bigint PRIMARY KEY, order_id bigint REFERENCES {s}.orders (id), body text);
+         INSERT INTO {s}.notes SELECT g, g, 'note ' || g FROM generate_series(1, 10) g;
+         CREATE TABLE {s}.tags (id bigint PRIMARY KEY, name text);
+         INSERT INTO {s}.tags SELECT g, 'tag ' || (g % 7) FROM generate_series(1, 10) g;
+         CREATE TABLE {s}.settings (id bigint PRIMARY KEY, v text DEFAULT 'x', w text);"
+    ))
+    .await?;
+    snapshots
+        .create(
+            SnapshotRequest::new().tables([t("customers"), t("products"), t("orders")]),
+            &Control::detached(),
+        )
+        .await?;
+    run(format!(
+        "INSERT INTO {s}.settings SELECT g, CASE WHEN g <= 4 THEN NULL ELSE 'v' END,
+                CASE WHEN g BETWEEN 5 AND 8 THEN NULL ELSE 'w' END FROM generate_series(1, 12) g;
+         INSERT INTO {s}.products (id, sku, name, price_cents) VALUES
+                (100001, 'INJ-1', 'injected 1', 1), (100002, 'INJ-2', 'injected 2', 2);
+         UPDATE {s}.products SET name = name || ' (corrupt)' WHERE id <= 8;
+         UPDATE {s}.orders SET total_cents = total_cents + 1 WHERE id IN (150, 151, 152);
+         SET session_replication_role = replica;
+         DELETE FROM {s}.orders WHERE id BETWEEN 1 AND 4 OR id BETWEEN 101 AND 104 OR id BETWEEN 121 AND 123;
+         DELETE FROM {s}.customers WHERE id IN (5, 6);
+         SET session_replication_role = origin;"
+    ))
+    .await?;
+    let key = |table: &str, cols: &[(&str, &str, String)]| {
+        sanare_core::RowRef::new(
+            t(table),
+            cols.iter()
+                .map(|(c, ty, v)| ColumnValue::new(*c, *ty, Some(v.clone())))
+                .collect(),
+        )
+    };
+    let referential = |table: &str, col: &str, parent: &str| ViolationKind::Referential {
+        constraint: format!("{table}_{col}_fkey"),
+        columns: vec![col.to_owned()],
+        parent_table: t(parent),
+        parent_columns: vec!["id".into()],
+    };
+    let mut corpus: Corpus = Vec::new();
+    let v = |kind: ViolationKind, sev: Severity, table: &str, row: Option<sanare_core::RowRef>| {
+        Violation::new(kind, sev, t(table), row, "planted")
+    };
+    // R4: orphaned order lines, parent unknown to the snapshot lookup (no details).
+    for r in client
+        .query(&format!("SELECT order_id::text, line_no::text FROM {s}.order_lines WHERE order_id BETWEEN 101 AND 104 ORDER BY 1, 2 LIMIT 8"), &[])
+        .await
+        .context("listing orphans")?
+    {
+        let row = key("order_lines", &[("order_id", "bigint", r.get(0)), ("line_no", "integer", r.get(1))]);
+        corpus.push((v(referential("order_lines", "order_id", "orders"), Severity::High, "order_lines", Some(row)), "R4"));
+    }
+    // R1: orders of deleted customers, which the snapshot still holds.
+    for r in client
+        .query(&format!("SELECT id::text, customer_id FROM {s}.orders WHERE customer_id IN (5, 6) ORDER BY id LIMIT 6"), &[])
+        .await
+        .context("listing orphans")?
+    {
+        let cid: i64 = r.get(1);
+        let row = key("orders", &[("id", "bigint", r.get(0))]);
+        corpus.push((
+            v(referential("orders", "customer_id", "customers"), Severity::High, "orders", Some(row))
+                .with_details(serde_json::json!({"missing_parent_key": {"id": cid}})),
+            "R1",
+        ));
+    }
+    // R3: notes with a nullable reference to deleted orders 1..4.
+    for id in 1..=4 {
+        let row = key("notes", &[("id", "bigint", id.to_string())]);
+        corpus.push((v(referential("notes", "order_id", "orders"), Severity::Medium, "notes", Some(row)), "R3"));
+    }
+    // R2: payments of deleted orders, with journal entries that re-create them.
+    for r in client
+        .query(&format!("SELECT id::text FROM {s}.payments WHERE order_id BETWEEN 121 AND 123 ORDER BY id LIMIT 3"), &[])
+        .await
+        .context("listing orphans")?
+    {
+        let id: String = r.get(0);
+        let row = key("payments", &[("id", "bigint", id.clone())]);
+        corpus.push((
+            v(referential("payments", "order_id", "orders"), Severity::High, "payments", Some(row))
+                .with_details(serde_json::json!({"idempotency_keys": [format!("order-{id}")]})),
+            "R2",
+        ));
+    }
+    // R5: checksum mismatches and a check violation on rows the snapshot holds.
+    for id in 1..=5 {
+        let row = key("products", &[("id", "bigint", id.to_string())]);
+        corpus.push((v(ViolationKind::ChecksumMismatch { column: "checksum".into() }, Severity::High, "products", Some(row)), "R5"));
+    }
+    for id in 6..=8 {
+        let row = key("products", &[("id", "bigint", id.to_string())]);
+        corpus.push((
+            v(ViolationKind::CheckConstraint { constraint: "products_name_check".into(), columns: vec!["name".into()] }, Severity::Medium, "products", Some(row)),
+            "R5",
+        ));
+    }
+    // R7 / R10: nulls in settings (rows newer than the snapshot).
+    for id in 1..=4 {
+        let row = key("settings", &[("id", "bigint", id.to_string())]);
+        corpus.push((v(ViolationKind::NullConstraint { column: "v".into() }, Severity::Low, "settings", Some(row)), "R7"));
+    }
+    for id in 5..=8 {
+        let row = key("settings", &[("id", "bigint", id.to_string())]);
+        corpus.push((v(ViolationKind::NullConstraint { column: "w".into() }, Severity::Low, "settings", Some(row)), "R10"));
+    }
+    // R9: duplicate tag names.
+    for _ in 0..3 {
+        corpus.push((
+            v(ViolationKind::UniqueConstraint { constraint: "tags_name_key".into(), columns: vec!["name".into()] }, Severity::Medium, "tags", None),
+            "R9",
+        ));
+    }
+    // R8: order totals that disagree with their lines.
+    let total = format!("(SELECT coalesce(sum(l.amount_cents), 0) FROM {s}.order_lines l WHERE l.order_id = t.id)");
+    for id in 150..=152 {
+        let row = key("orders", &[("id", "bigint", id.to_string())]);
+        corpus.push((
+            v(ViolationKind::Consistency { rule: "order_total_matches_lines".into() }, Severity::Medium, "orders", Some(row))
+                .with_details(serde_json::json!({"recompute": {"column": "total_cents", "expression": total}})),
+            "R8",
+        ));
+    }
+    // R12: damaged indexes.
+    for (table, index) in [("orders", "orders_customer_id_idx"), ("order_lines", "order_lines_product_id_idx")] {
+        corpus.push((
+            v(ViolationKind::Corruption { kind: CorruptionKind::Index, column: None, index: Some(index.into()) }, Severity::Medium, table, None),
+            "R12",
+        ));
+    }
+    // R11: injected products.
+    for id in [100001, 100002] {
+        let row = key("products", &[("id", "bigint", id.to_string())]);
+        corpus.push((v(ViolationKind::Corruption { kind: CorruptionKind::Injection, column: None, index: None }, Severity::High, "products", Some(row)), "R11"));
+    }
+    // R13: a truncated table.
+    corpus.push((v(ViolationKind::Corruption { kind: CorruptionKind::Truncation, column: None, index: None }, Severity::Critical, "products", None), "R13"));
+    // R6: checksum mismatches on rows the snapshot does not hold, with journal entries.
+    for id in 9..=10 {
+        let row = key("settings", &[("id", "bigint", id.to_string())]);
+        corpus.push((
+            v(ViolationKind::ChecksumMismatch { column: "checksum".into() }, Severity::High, "settings", Some(row))
+                .with_details(serde_json::json!({"idempotency_keys": [format!("setting-{id}")]})),
+            "R6",
+        ));
+    }
+    // Manual: a schema difference; a checksum mismatch nothing can explain.
+    corpus.push((v(ViolationKind::Schema { detail: "column body is text, expected varchar".into() }, Severity::Medium, "notes", None), "manual"));
+    let row = key("settings", &[("id", "bigint", "11".into())]);
+    corpus.push((v(ViolationKind::ChecksumMismatch { column: "checksum".into() }, Severity::High, "settings", Some(row)), "manual"));
+    Ok(corpus)
 }
