@@ -373,13 +373,13 @@ impl RepairEngine {
                 tables.push(parent_table.clone());
             }
             for t in tables {
-                if !metas.contains_key(&t) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = metas.entry(t.clone()) {
                     let meta = match Meta::load(client, &t).await {
                         Ok(m) => Some(m),
                         Err(Error::NotFound { .. }) => None,
                         Err(e) => return Err(e),
                     };
-                    metas.insert(t, meta);
+                    slot.insert(meta);
                 }
             }
         }
@@ -1575,13 +1575,13 @@ impl RepairService for RepairEngine {
                     tables.push(parent_table.clone());
                 }
                 for t in tables {
-                    if !metas.contains_key(&t) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = metas.entry(t.clone()) {
                         let meta = match Meta::load(&**conn, &t).await {
                             Ok(m) => Some(m),
                             Err(Error::NotFound { .. }) => None,
                             Err(e) => return Err(e),
                         };
-                        metas.insert(t, meta);
+                        slot.insert(meta);
                     }
                 }
                 let Some(draft) = (match self.draft(v, decision, facts, &metas) {
@@ -1757,8 +1757,11 @@ impl RepairService for RepairEngine {
                 )
                 .await
                 .context("recording who runs the repair")?;
-                if plan.severity == Severity::Critical && self.inner.config.snapshot_before_critical {
-                    if let Some(snapshots) = &self.inner.snapshots {
+                if plan.severity == Severity::Critical
+                    && self.inner.config.snapshot_before_critical
+                    && let Some(snapshots) = &self.inner.snapshots
+                {
+                    {
                         let info = snapshots
                             .create(
                                 SnapshotRequest::new().tables([action.table.clone()]).label(format!("before repair {repair}")),

@@ -149,7 +149,11 @@ impl SnapshotService for PgCopySnapshots {
     }
 
     async fn fetch_rows(&self, snapshot: SnapshotId, rows: &[RowRef]) -> Result<Vec<RowImage>> {
-        let known = self.snapshots.lock().map(|s| s.iter().any(|i| i.id == snapshot)).unwrap_or(false);
+        let known = self
+            .snapshots
+            .lock()
+            .map(|s| s.iter().any(|i| i.id == snapshot))
+            .unwrap_or(false);
         if !known {
             return Err(Error::not_found(format!("snapshot {snapshot}")));
         }
@@ -418,7 +422,15 @@ pub async fn plant_corpus(
     // R3: notes with a nullable reference to deleted orders 1..4.
     for id in 1..=4 {
         let row = key("notes", &[("id", "bigint", id.to_string())]);
-        corpus.push((v(referential("notes", "order_id", "orders"), Severity::Medium, "notes", Some(row)), "R3"));
+        corpus.push((
+            v(
+                referential("notes", "order_id", "orders"),
+                Severity::Medium,
+                "notes",
+                Some(row),
+            ),
+            "R3",
+        ));
     }
     // R2: payments of deleted orders, with journal entries that re-create them.
     for r in client
@@ -437,67 +449,183 @@ pub async fn plant_corpus(
     // R5: checksum mismatches and a check violation on rows the snapshot holds.
     for id in 1..=5 {
         let row = key("products", &[("id", "bigint", id.to_string())]);
-        corpus.push((v(ViolationKind::ChecksumMismatch { column: "checksum".into() }, Severity::High, "products", Some(row)), "R5"));
+        corpus.push((
+            v(
+                ViolationKind::ChecksumMismatch {
+                    column: "checksum".into(),
+                },
+                Severity::High,
+                "products",
+                Some(row),
+            ),
+            "R5",
+        ));
     }
     for id in 6..=8 {
         let row = key("products", &[("id", "bigint", id.to_string())]);
         corpus.push((
-            v(ViolationKind::CheckConstraint { constraint: "products_name_check".into(), columns: vec!["name".into()] }, Severity::Medium, "products", Some(row)),
+            v(
+                ViolationKind::CheckConstraint {
+                    constraint: "products_name_check".into(),
+                    columns: vec!["name".into()],
+                },
+                Severity::Medium,
+                "products",
+                Some(row),
+            ),
             "R5",
         ));
     }
     // R7 / R10: nulls in settings (rows newer than the snapshot).
     for id in 1..=4 {
         let row = key("settings", &[("id", "bigint", id.to_string())]);
-        corpus.push((v(ViolationKind::NullConstraint { column: "v".into() }, Severity::Low, "settings", Some(row)), "R7"));
+        corpus.push((
+            v(
+                ViolationKind::NullConstraint { column: "v".into() },
+                Severity::Low,
+                "settings",
+                Some(row),
+            ),
+            "R7",
+        ));
     }
     for id in 5..=8 {
         let row = key("settings", &[("id", "bigint", id.to_string())]);
-        corpus.push((v(ViolationKind::NullConstraint { column: "w".into() }, Severity::Low, "settings", Some(row)), "R10"));
+        corpus.push((
+            v(
+                ViolationKind::NullConstraint { column: "w".into() },
+                Severity::Low,
+                "settings",
+                Some(row),
+            ),
+            "R10",
+        ));
     }
     // R9: duplicate tag names.
     for _ in 0..3 {
         corpus.push((
-            v(ViolationKind::UniqueConstraint { constraint: "tags_name_key".into(), columns: vec!["name".into()] }, Severity::Medium, "tags", None),
+            v(
+                ViolationKind::UniqueConstraint {
+                    constraint: "tags_name_key".into(),
+                    columns: vec!["name".into()],
+                },
+                Severity::Medium,
+                "tags",
+                None,
+            ),
             "R9",
         ));
     }
     // R8: order totals that disagree with their lines.
-    let total = format!("(SELECT coalesce(sum(l.amount_cents), 0) FROM {s}.order_lines l WHERE l.order_id = t.id)");
+    let total = format!(
+        "(SELECT coalesce(sum(l.amount_cents), 0) FROM {s}.order_lines l WHERE l.order_id = t.id)"
+    );
     for id in 150..=152 {
         let row = key("orders", &[("id", "bigint", id.to_string())]);
         corpus.push((
-            v(ViolationKind::Consistency { rule: "order_total_matches_lines".into() }, Severity::Medium, "orders", Some(row))
-                .with_details(serde_json::json!({"recompute": {"column": "total_cents", "expression": total}})),
+            v(
+                ViolationKind::Consistency {
+                    rule: "order_total_matches_lines".into(),
+                },
+                Severity::Medium,
+                "orders",
+                Some(row),
+            )
+            .with_details(
+                serde_json::json!({"recompute": {"column": "total_cents", "expression": total}}),
+            ),
             "R8",
         ));
     }
     // R12: damaged indexes.
-    for (table, index) in [("orders", "orders_customer_id_idx"), ("order_lines", "order_lines_product_id_idx")] {
+    for (table, index) in [
+        ("orders", "orders_customer_id_idx"),
+        ("order_lines", "order_lines_product_id_idx"),
+    ] {
         corpus.push((
-            v(ViolationKind::Corruption { kind: CorruptionKind::Index, column: None, index: Some(index.into()) }, Severity::Medium, table, None),
+            v(
+                ViolationKind::Corruption {
+                    kind: CorruptionKind::Index,
+                    column: None,
+                    index: Some(index.into()),
+                },
+                Severity::Medium,
+                table,
+                None,
+            ),
             "R12",
         ));
     }
     // R11: injected products.
     for id in [100001, 100002] {
         let row = key("products", &[("id", "bigint", id.to_string())]);
-        corpus.push((v(ViolationKind::Corruption { kind: CorruptionKind::Injection, column: None, index: None }, Severity::High, "products", Some(row)), "R11"));
+        corpus.push((
+            v(
+                ViolationKind::Corruption {
+                    kind: CorruptionKind::Injection,
+                    column: None,
+                    index: None,
+                },
+                Severity::High,
+                "products",
+                Some(row),
+            ),
+            "R11",
+        ));
     }
     // R13: a truncated table.
-    corpus.push((v(ViolationKind::Corruption { kind: CorruptionKind::Truncation, column: None, index: None }, Severity::Critical, "products", None), "R13"));
+    corpus.push((
+        v(
+            ViolationKind::Corruption {
+                kind: CorruptionKind::Truncation,
+                column: None,
+                index: None,
+            },
+            Severity::Critical,
+            "products",
+            None,
+        ),
+        "R13",
+    ));
     // R6: checksum mismatches on rows the snapshot does not hold, with journal entries.
     for id in 9..=10 {
         let row = key("settings", &[("id", "bigint", id.to_string())]);
         corpus.push((
-            v(ViolationKind::ChecksumMismatch { column: "checksum".into() }, Severity::High, "settings", Some(row))
-                .with_details(serde_json::json!({"idempotency_keys": [format!("setting-{id}")]})),
+            v(
+                ViolationKind::ChecksumMismatch {
+                    column: "checksum".into(),
+                },
+                Severity::High,
+                "settings",
+                Some(row),
+            )
+            .with_details(serde_json::json!({"idempotency_keys": [format!("setting-{id}")]})),
             "R6",
         ));
     }
     // Manual: a schema difference; a checksum mismatch nothing can explain.
-    corpus.push((v(ViolationKind::Schema { detail: "column body is text, expected varchar".into() }, Severity::Medium, "notes", None), "manual"));
+    corpus.push((
+        v(
+            ViolationKind::Schema {
+                detail: "column body is text, expected varchar".into(),
+            },
+            Severity::Medium,
+            "notes",
+            None,
+        ),
+        "manual",
+    ));
     let row = key("settings", &[("id", "bigint", "11".into())]);
-    corpus.push((v(ViolationKind::ChecksumMismatch { column: "checksum".into() }, Severity::High, "settings", Some(row)), "manual"));
+    corpus.push((
+        v(
+            ViolationKind::ChecksumMismatch {
+                column: "checksum".into(),
+            },
+            Severity::High,
+            "settings",
+            Some(row),
+        ),
+        "manual",
+    ));
     Ok(corpus)
 }
