@@ -83,6 +83,34 @@ pub struct RepairPlan {
     pub status: RepairStatus,
 }
 
+impl RepairPlan {
+    /// A pending plan with no approval requirement, no estimate and empty texts;
+    /// the repair engine fills the public fields.
+    pub fn new(
+        id: RepairId,
+        violations: Vec<ViolationId>,
+        table: TableRef,
+        strategy: RepairStrategyKind,
+        severity: Severity,
+    ) -> Self {
+        Self {
+            id,
+            violations,
+            table,
+            strategy,
+            severity,
+            estimated_rows: 0,
+            requires_approval: false,
+            approved_by: None,
+            preconditions: Vec::new(),
+            postconditions: Vec::new(),
+            rollback_plan: String::new(),
+            description: String::new(),
+            status: RepairStatus::Pending,
+        }
+    }
+}
+
 /// How to run a repair.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -132,6 +160,21 @@ pub struct RepairOutcome {
     pub duration: Duration,
     /// A note (why it failed, what was skipped).
     pub message: Option<String>,
+}
+
+impl RepairOutcome {
+    /// An outcome with no rows, zero duration and no message.
+    pub fn new(repair: RepairId, status: RepairStatus, dry_run: bool) -> Self {
+        Self {
+            repair,
+            status,
+            dry_run,
+            rows_affected: 0,
+            rows: Vec::new(),
+            duration: Duration::ZERO,
+            message: None,
+        }
+    }
 }
 
 /// The repair engine, as the other components use it (recovery repairs what
