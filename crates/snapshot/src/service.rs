@@ -339,10 +339,16 @@ impl Snapshots {
     }
 
     async fn load_index(&self, id: SnapshotId) -> Result<Arc<Index>> {
-        if let Some((cached, idx)) = &*self.inner.index_cache.lock().await
-            && *cached == id
-        {
-            return Ok(idx.clone());
+        let cached = self
+            .inner
+            .index_cache
+            .lock()
+            .await
+            .as_ref()
+            .filter(|(cached, _)| *cached == id)
+            .map(|(_, idx)| idx.clone());
+        if let Some(idx) = cached {
+            return Ok(idx);
         }
         let manifest = self.load_manifest(id).await?;
         let bytes = self
@@ -881,7 +887,7 @@ impl Snapshots {
             if let RestoreTarget::Live = request.target {
                 for s in &t.sequences {
                     tx.execute(
-                        "SELECT setval($1::regclass, $2, $3)",
+                        "SELECT setval($1::text::regclass, $2, $3)",
                         &[&s.name, &s.last_value, &s.is_called],
                     )
                     .await
@@ -920,10 +926,9 @@ impl Snapshots {
             {
                 tracing::warn!(%id, error = %e2, "could not mark the snapshot corrupted");
             }
-            if let Some((cached, _)) = &*self.inner.index_cache.lock().await
-                && *cached == id
-            {
-                *self.inner.index_cache.lock().await = None;
+            let mut cache = self.inner.index_cache.lock().await;
+            if cache.as_ref().is_some_and(|(cached, _)| *cached == id) {
+                *cache = None;
             }
         }
     }
@@ -1330,7 +1335,8 @@ async fn describe(
     let rows = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                    coalesce(array_position(i.indkey::int2[], a.attnum), 0)::int4
+                    coalesce(array_position(i.indkey::int2[], a.attnum)
+                             - array_lower(i.indkey::int2[], 1) + 1, 0)::int4
                FROM pg_attribute a
                LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
               WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass
