@@ -549,3 +549,113 @@ async fn pg_store_passes_conformance_and_backs_snapshots() {
         .unwrap();
     assert_eq!(table_hashes(&db, "shop").await, before);
 }
+
+/// The child half of the crash test: captures until killed.
+async fn crash_child(url: &str, store: &str) {
+    let pool = sanare_pg::connect_pool(url, 4).unwrap();
+    let snaps = Snapshots::builder()
+        .store(Arc::new(FsStore::new(store).unwrap()))
+        .pool(pool)
+        .build()
+        .unwrap();
+    loop {
+        snaps.create(shop(), &Control::detached()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm() {
+    if let Ok(arg) = std::env::var("SANARE_SNAPSHOT_CRASH_CHILD") {
+        let (url, store) = arg.split_once('\n').unwrap();
+        crash_child(url, store).await;
+        return;
+    }
+    let e = env(20_000).await;
+    let good = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let before = table_hashes(&e.db, "shop").await;
+    let blocks_before = e.snaps.store().list("blocks/").await.unwrap().len();
+    // Change every row so the child writes new blocks.
+    e.db.client()
+        .await
+        .batch_execute("UPDATE shop.order_lines SET quantity = quantity + 1, amount_cents = (quantity + 1) * unit_price_cents")
+        .await
+        .unwrap();
+    let after_change = table_hashes(&e.db, "shop").await;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(
+            "SANARE_SNAPSHOT_CRASH_CHILD",
+            format!("{}\n{}", e.db.url(), e.store_dir.path().display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the child is mid-capture: a `creating` row and new blocks on disk.
+    let client = e.db.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let creating: i64 = client
+            .query_one(
+                "SELECT count(*) FROM sanare.snapshots WHERE status = 'creating'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let blocks = e.snaps.store().list("blocks/").await.unwrap().len();
+        if creating > 0 && blocks > blocks_before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never started capturing"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child exited early"
+        );
+        tokio::task::yield_now().await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let ready: Vec<_> = e
+        .snaps
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.status == SnapshotStatus::Ready)
+        .collect();
+    // The child may have finished whole snapshots before the kill; every ready one
+    // must verify, and the one being written when killed is not ready.
+    assert!(ready.iter().any(|s| s.id == good.id));
+    assert!(
+        e.snaps
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.status == SnapshotStatus::Creating)
+    );
+    for s in &ready {
+        let r = e.snaps.verify(s.id, &Control::detached()).await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+    e.snaps
+        .restore(RestoreRequest::new(good.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&e.db, "shop").await, before);
+    if let Some(newer) = ready.iter().find(|s| s.id != good.id) {
+        e.snaps
+            .restore(RestoreRequest::new(newer.id), &Control::detached())
+            .await
+            .unwrap();
+        assert_eq!(table_hashes(&e.db, "shop").await, after_change);
+    }
+}
