@@ -63,6 +63,25 @@ pub struct SnapshotInfo {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl SnapshotInfo {
+    /// A snapshot record with no tables, no sizes and no metadata (fill the public
+    /// fields; the type is `#[non_exhaustive]`).
+    pub fn new(id: SnapshotId, created_at: OffsetDateTime, status: SnapshotStatus) -> Self {
+        Self {
+            id,
+            created_at,
+            status,
+            label: None,
+            base: None,
+            journal_cut: None,
+            tables: Vec::new(),
+            size_bytes: 0,
+            stored_bytes: 0,
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
 /// What to capture.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -163,6 +182,17 @@ pub struct RestoreOutcome {
     pub journal_cut: Option<JournalCut>,
 }
 
+impl RestoreOutcome {
+    /// An outcome with no tables restored yet.
+    pub fn new(snapshot: SnapshotId) -> Self {
+        Self {
+            snapshot,
+            tables: Vec::new(),
+            journal_cut: None,
+        }
+    }
+}
+
 /// What verifying a snapshot found.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -180,6 +210,17 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// An empty report (nothing checked, nothing found).
+    pub fn new(snapshot: SnapshotId) -> Self {
+        Self {
+            snapshot,
+            blocks_checked: 0,
+            blocks_missing: 0,
+            blocks_corrupt: 0,
+            problems: Vec::new(),
+        }
+    }
+
     /// Whether the snapshot is intact.
     pub fn is_ok(&self) -> bool {
         self.blocks_missing == 0 && self.blocks_corrupt == 0 && self.problems.is_empty()

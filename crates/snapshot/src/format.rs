@@ -1,0 +1,568 @@
+//! The stored formats: blocks, the index and the manifest (see `docs/formats.md`).
+//!
+//! Every object starts with a 4-byte magic and a version; integers are little-endian.
+//! Structured bodies are postcard (a stable, documented encoding) and are sealed with
+//! a blake3 hash of everything before it.
+
+use std::collections::BTreeMap;
+
+use sanare_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Magic of a block object.
+pub const BLOCK_MAGIC: [u8; 4] = *b"SNBK";
+/// Magic of an index object.
+pub const INDEX_MAGIC: [u8; 4] = *b"SNIX";
+/// Magic of a manifest object.
+pub const MANIFEST_MAGIC: [u8; 4] = *b"SNMF";
+/// The version of the block format written by this crate.
+pub const BLOCK_VERSION: u8 = 1;
+/// The version of the index and manifest formats written by this crate.
+pub const ENVELOPE_VERSION: u16 = 1;
+
+const BLOCK_HEADER: usize = 12;
+
+/// How a block's payload is compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Codec {
+    /// Stored as is (chosen automatically when compression does not pay).
+    None,
+    /// LZ4 block format (`lz4_flex`): fast, the default.
+    #[default]
+    Lz4,
+    /// Brotli at quality 9: denser and slower, for archives.
+    Brotli,
+}
+
+impl Codec {
+    /// The tag byte stored in a block header.
+    pub const fn tag(self) -> u8 {
+        match self {
+            Codec::None => 0,
+            Codec::Lz4 => 1,
+            Codec::Brotli => 2,
+        }
+    }
+
+    /// The codec of a tag byte.
+    pub fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            0 => Some(Codec::None),
+            1 => Some(Codec::Lz4),
+            2 => Some(Codec::Brotli),
+            _ => None,
+        }
+    }
+}
+
+/// A block id: the blake3 hash of the block's uncompressed content.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BlockId(pub [u8; 32]);
+
+impl BlockId {
+    /// The id of `content`.
+    pub fn of(content: &[u8]) -> Self {
+        Self(*blake3::hash(content).as_bytes())
+    }
+
+    /// Lowercase hex.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// Parses lowercase or uppercase hex.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        blake3::Hash::from_hex(s).ok().map(|h| Self(*h.as_bytes()))
+    }
+
+    /// The store key of this block (`blocks/ab/abcd…`).
+    pub fn key(&self) -> String {
+        let hex = self.to_hex();
+        format!("blocks/{}/{hex}", &hex[..2])
+    }
+}
+
+impl std::fmt::Debug for BlockId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockId({})", &self.to_hex()[..16])
+    }
+}
+
+impl std::fmt::Display for BlockId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Encodes `content` as a block object with `codec`, falling back to
+/// [`Codec::None`] when compression does not make it smaller.
+pub fn encode_block(content: &[u8], codec: Codec) -> Result<Vec<u8>> {
+    let raw_len = u32::try_from(content.len())
+        .map_err(|_| Error::invalid_input("a block larger than 4 GiB cannot be stored"))?;
+    let compressed = match codec {
+        Codec::None => None,
+        Codec::Lz4 => Some(lz4_flex::block::compress(content)),
+        Codec::Brotli => {
+            let mut out = Vec::with_capacity(content.len() / 2);
+            let params = brotli::enc::BrotliEncoderParams {
+                quality: 9,
+                lgwin: 22,
+                ..Default::default()
+            };
+            brotli::BrotliCompress(&mut &content[..], &mut out, &params)
+                .map_err(|e| Error::io("compressing a block with brotli", e))?;
+            Some(out)
+        }
+    };
+    let (codec, payload) = match compressed {
+        Some(c) if c.len() < content.len() => (codec, c),
+        _ => (Codec::None, content.to_vec()),
+    };
+    let mut out = Vec::with_capacity(BLOCK_HEADER + payload.len());
+    out.extend_from_slice(&BLOCK_MAGIC);
+    out.push(BLOCK_VERSION);
+    out.push(codec.tag());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&raw_len.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decodes a block object and checks that its content hashes to `id`.
+pub fn decode_block(id: &BlockId, object: &[u8]) -> Result<Vec<u8>> {
+    let what = || format!("block {id}");
+    if object.len() < BLOCK_HEADER {
+        return Err(Error::corrupt(what(), "shorter than its header"));
+    }
+    if object[..4] != BLOCK_MAGIC {
+        return Err(Error::corrupt(what(), "bad magic (not a sanare block)"));
+    }
+    if object[4] != BLOCK_VERSION {
+        return Err(Error::corrupt(
+            what(),
+            format!("unsupported block version {}", object[4]),
+        ));
+    }
+    if object[6] != 0 || object[7] != 0 {
+        return Err(Error::corrupt(what(), "reserved header bytes are not zero"));
+    }
+    let codec = Codec::from_tag(object[5])
+        .ok_or_else(|| Error::corrupt(what(), format!("unknown codec tag {}", object[5])))?;
+    let raw_len = u32::from_le_bytes([object[8], object[9], object[10], object[11]]) as usize;
+    let payload = &object[BLOCK_HEADER..];
+    let content = match codec {
+        Codec::None => payload.to_vec(),
+        Codec::Lz4 => lz4_flex::block::decompress(payload, raw_len)
+            .map_err(|e| Error::corrupt(what(), format!("lz4 payload does not decode: {e}")))?,
+        Codec::Brotli => {
+            let mut out = Vec::with_capacity(raw_len);
+            brotli::BrotliDecompress(&mut &payload[..], &mut out).map_err(|e| {
+                Error::corrupt(what(), format!("brotli payload does not decode: {e}"))
+            })?;
+            out
+        }
+    };
+    if content.len() != raw_len {
+        return Err(Error::corrupt(
+            what(),
+            format!("decoded to {} bytes, header says {raw_len}", content.len()),
+        ));
+    }
+    if BlockId::of(&content) != *id {
+        return Err(Error::corrupt(
+            what(),
+            "content does not match its hash (bit rot or tampering)",
+        ));
+    }
+    Ok(content)
+}
+
+/// Seals `body` (postcard) in an envelope: magic, version, body length, body, blake3.
+pub(crate) fn seal<T: Serialize>(magic: [u8; 4], body: &T) -> Result<Vec<u8>> {
+    let body = postcard::to_stdvec(body)
+        .map_err(|e| Error::other("encoding a snapshot index or manifest", e))?;
+    let len = u32::try_from(body.len())
+        .map_err(|_| Error::invalid_input("an index or manifest larger than 4 GiB"))?;
+    let mut out = Vec::with_capacity(body.len() + 42);
+    out.extend_from_slice(&magic);
+    out.extend_from_slice(&ENVELOPE_VERSION.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&body);
+    let hash = blake3::hash(&out);
+    out.extend_from_slice(hash.as_bytes());
+    Ok(out)
+}
+
+/// Opens an envelope written by [`seal`], checking magic, version, length and hash.
+pub(crate) fn open<T: for<'de> Deserialize<'de>>(
+    magic: [u8; 4],
+    what: &str,
+    bytes: &[u8],
+) -> Result<T> {
+    if bytes.len() < 42 {
+        return Err(Error::corrupt(what.to_owned(), "truncated"));
+    }
+    if bytes[..4] != magic {
+        return Err(Error::corrupt(what.to_owned(), "bad magic"));
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != ENVELOPE_VERSION {
+        return Err(Error::corrupt(
+            what.to_owned(),
+            format!("unsupported version {version}"),
+        ));
+    }
+    let len = u32::from_le_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]) as usize;
+    if bytes.len() != 10 + len + 32 {
+        return Err(Error::corrupt(
+            what.to_owned(),
+            "length does not match (truncated or extended)",
+        ));
+    }
+    let hash = blake3::hash(&bytes[..10 + len]);
+    if hash.as_bytes()[..] != bytes[10 + len..] {
+        return Err(Error::corrupt(
+            what.to_owned(),
+            "hash does not match its content",
+        ));
+    }
+    postcard::from_bytes(&bytes[10..10 + len])
+        .map_err(|e| Error::corrupt(what.to_owned(), format!("body does not decode: {e}")))
+}
+
+/// The content-defined chunking parameters a repository was written with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkParams {
+    /// Smallest block in bytes (except the last of a stream).
+    pub min_size: u32,
+    /// Average block size FastCDC aims for.
+    pub avg_size: u32,
+    /// Largest block FastCDC cuts (a table block is extended to the end of the row
+    /// the cut falls in).
+    pub max_size: u32,
+}
+
+impl Default for ChunkParams {
+    fn default() -> Self {
+        Self {
+            min_size: 4 * 1024,
+            avg_size: 16 * 1024,
+            max_size: 64 * 1024,
+        }
+    }
+}
+
+/// One column of a captured table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnDef {
+    /// Its name.
+    pub name: String,
+    /// Its type as `format_type()` prints it.
+    pub type_name: String,
+}
+
+/// A sequence owned by a captured table, with its state at capture.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceState {
+    /// The sequence, schema-qualified and quoted as `regclass` prints it.
+    pub name: String,
+    /// `last_value`.
+    pub last_value: i64,
+    /// `is_called`.
+    pub is_called: bool,
+}
+
+/// A block of a table and a filter of the keys of its rows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRef {
+    /// The block.
+    pub id: BlockId,
+    /// Its uncompressed length.
+    pub raw_len: u32,
+    /// Rows in it.
+    pub rows: u32,
+    /// A bloom filter of the blake3 hashes of its rows' primary keys (empty when
+    /// the table has no primary key).
+    pub key_filter: Vec<u8>,
+}
+
+/// Everything needed to restore one table or find rows in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableIndex {
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// Captured columns in COPY order (stored generated columns are not captured).
+    pub columns: Vec<ColumnDef>,
+    /// Positions in `columns` of the primary key, in key order.
+    pub primary_key: Vec<u16>,
+    /// Owned sequences.
+    pub sequences: Vec<SequenceState>,
+    /// Rows captured.
+    pub rows: u64,
+    /// Uncompressed bytes of its rows.
+    pub raw_bytes: u64,
+    /// Its blocks, in row order.
+    pub blocks: Vec<BlockRef>,
+}
+
+/// A host byte stream captured with a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamIndex {
+    /// The source's name.
+    pub name: String,
+    /// Its length.
+    pub len: u64,
+    /// Its blocks, in order.
+    pub blocks: Vec<BlockId>,
+}
+
+/// The index object of a snapshot (`indexes/<id>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    /// The snapshot.
+    pub snapshot: [u8; 16],
+    /// Tables.
+    pub tables: Vec<TableIndex>,
+    /// Host byte streams.
+    pub streams: Vec<StreamIndex>,
+}
+
+impl Index {
+    /// Encodes the index.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        seal(INDEX_MAGIC, self)
+    }
+
+    /// Decodes and checks an index object.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        open(INDEX_MAGIC, "snapshot index", bytes)
+    }
+
+    /// Every block referenced, once.
+    pub fn block_ids(&self) -> std::collections::BTreeSet<BlockId> {
+        self.tables
+            .iter()
+            .flat_map(|t| t.blocks.iter().map(|b| b.id))
+            .chain(self.streams.iter().flat_map(|s| s.blocks.iter().copied()))
+            .collect()
+    }
+}
+
+/// The journal cut, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCut {
+    /// The position.
+    pub position: u64,
+    /// `pg_current_snapshot()` text.
+    pub db_snapshot: Option<String>,
+}
+
+/// The manifest object of a snapshot (`manifests/<id>`), written last.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The snapshot id (UUID bytes).
+    pub id: [u8; 16],
+    /// When its consistent view was taken, Unix microseconds.
+    pub created_at_us: i64,
+    /// The label.
+    pub label: Option<String>,
+    /// The snapshot it was deduplicated against (its base), if any.
+    pub base: Option<[u8; 16]>,
+    /// The journal cut.
+    pub journal_cut: Option<StoredCut>,
+    /// Chunking parameters.
+    pub chunking: ChunkParams,
+    /// Codec asked for (a block may fall back to none).
+    pub codec: Codec,
+    /// Per table: schema, name, rows.
+    pub tables: Vec<(String, String, u64)>,
+    /// Uncompressed bytes.
+    pub size_bytes: u64,
+    /// Compressed bytes of all referenced blocks.
+    pub compressed_bytes: u64,
+    /// Bytes newly written for this snapshot.
+    pub stored_bytes: u64,
+    /// Blocks referenced.
+    pub block_count: u64,
+    /// blake3 of the index object.
+    pub index_hash: [u8; 32],
+    /// Host metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// Encodes the manifest.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        seal(MANIFEST_MAGIC, self)
+    }
+
+    /// Decodes and checks a manifest object.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        open(MANIFEST_MAGIC, "snapshot manifest", bytes)
+    }
+}
+
+/// A bloom filter over 32-byte key hashes: 10 bits per key, 7 probes (about 1%
+/// false positives).
+pub(crate) mod bloom {
+    const PROBES: u64 = 7;
+
+    /// A filter for `keys`.
+    pub(crate) fn build(keys: &[[u8; 32]]) -> Vec<u8> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let bytes = (keys.len() * 10).div_ceil(8).max(8);
+        let mut out = vec![0u8; bytes];
+        let bits = (bytes * 8) as u64;
+        for k in keys {
+            for bit in probes(k, bits) {
+                out[(bit / 8) as usize] |= 1 << (bit % 8);
+            }
+        }
+        out
+    }
+
+    /// Whether `key` may be in `filter`.
+    pub(crate) fn may_contain(filter: &[u8], key: &[u8; 32]) -> bool {
+        if filter.is_empty() {
+            return false;
+        }
+        let bits = (filter.len() * 8) as u64;
+        probes(key, bits).all(|bit| filter[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
+    }
+
+    fn probes(k: &[u8; 32], bits: u64) -> impl Iterator<Item = u64> {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        a.copy_from_slice(&k[..8]);
+        b.copy_from_slice(&k[8..16]);
+        let h1 = u64::from_le_bytes(a);
+        let h2 = u64::from_le_bytes(b) | 1;
+        (0..PROBES).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn block_golden_vector() {
+        let content = b"sanare sanare sanare sanare sanare sanare";
+        let id = BlockId::of(content);
+        let none = encode_block(content, Codec::None).unwrap();
+        assert_eq!(
+            hex(&none[..12]),
+            "534e424b0100000029000000",
+            "magic SNBK, version 1, codec none, reserved, length 41"
+        );
+        assert_eq!(&none[12..], content);
+        let lz4 = encode_block(content, Codec::Lz4).unwrap();
+        assert_eq!(
+            hex(&lz4),
+            "534e424b01010000290000007f73616e617265200700096073616e617265",
+        );
+        assert_eq!(decode_block(&id, &lz4).unwrap(), content);
+        let br = encode_block(content, Codec::Brotli).unwrap();
+        assert_eq!(br[5], 2);
+        assert_eq!(decode_block(&id, &br).unwrap(), content);
+        assert_eq!(
+            id.to_hex(),
+            blake3::hash(content).to_hex().as_str(),
+            "ids are blake3 of the uncompressed content"
+        );
+    }
+
+    #[test]
+    fn incompressible_blocks_are_stored_plain() {
+        let content: Vec<u8> = (0u32..64).map(|i| (i * 97 % 251) as u8).collect();
+        let enc = encode_block(&content, Codec::Lz4).unwrap();
+        assert_eq!(enc[5], Codec::None.tag());
+    }
+
+    #[test]
+    fn damaged_blocks_are_refused_and_named() {
+        let content = vec![7u8; 1000];
+        let id = BlockId::of(&content);
+        let good = encode_block(&content, Codec::Lz4).unwrap();
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            let err = decode_block(&id, &bad).unwrap_err();
+            assert!(err.to_string().contains(&id.to_hex()), "{err}");
+        }
+        assert!(decode_block(&id, &good[..good.len() - 1]).is_err());
+        assert!(decode_block(&id, &good[..5]).is_err());
+    }
+
+    fn sample_manifest() -> Manifest {
+        Manifest {
+            id: [1; 16],
+            created_at_us: 1_700_000_000_000_000,
+            label: Some("nightly".into()),
+            base: None,
+            journal_cut: Some(StoredCut {
+                position: 42,
+                db_snapshot: Some("100:100:".into()),
+            }),
+            chunking: ChunkParams::default(),
+            codec: Codec::Lz4,
+            tables: vec![("public".into(), "t".into(), 3)],
+            size_bytes: 300,
+            compressed_bytes: 200,
+            stored_bytes: 200,
+            block_count: 1,
+            index_hash: [2; 32],
+            metadata: BTreeMap::from([("k".into(), "v".into())]),
+        }
+    }
+
+    #[test]
+    fn manifest_golden_vector() {
+        let bytes = sample_manifest().encode().unwrap();
+        let body = concat!(
+            "010101010101010101010101010101018080f2818389850601076e696768746c7900012a0108",
+            "3130303a3130303a80208080018080040101067075626c6963017403ac02c801c801010202",
+            "02020202020202020202020202020202020202020202020202020202020201016b0176",
+        );
+        assert_eq!(hex(&bytes[..4]), "534e4d46");
+        assert_eq!(hex(&bytes[4..6]), "0100");
+        assert_eq!(hex(&bytes[10..bytes.len() - 32]), body);
+        assert_eq!(Manifest::decode(&bytes).unwrap(), sample_manifest());
+    }
+
+    #[test]
+    fn damaged_envelopes_are_refused() {
+        let bytes = sample_manifest().encode().unwrap();
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            assert!(Manifest::decode(&bad).is_err(), "flip at {i} not caught");
+        }
+        assert!(Manifest::decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(Index::decode(&bytes).is_err(), "wrong magic");
+    }
+
+    #[test]
+    fn bloom_filters_find_members_and_few_strangers() {
+        let keys: Vec<[u8; 32]> = (0u32..500)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect();
+        let f = bloom::build(&keys);
+        assert!(keys.iter().all(|k| bloom::may_contain(&f, k)));
+        let strangers = (1000u32..11000)
+            .filter(|i| bloom::may_contain(&f, blake3::hash(&i.to_le_bytes()).as_bytes()))
+            .count();
+        assert!(strangers < 300, "{strangers} false positives of 10000");
+        assert!(!bloom::may_contain(&[], &keys[0]));
+    }
+}

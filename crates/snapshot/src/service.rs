@@ -1,0 +1,1459 @@
+//! The snapshot service: capture, restore, rows by key, verify, retention, GC.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use sanare_core::{
+    ColumnValue, Control, Error, Event, EventBus, JournalCut, JournalPosition, JournalService,
+    ReplayRange, ReplayRequest, ReplaySummary, RestoreOutcome, RestoreRequest, RestoreTarget,
+    Result, RowImage, RowRef, SnapshotId, SnapshotInfo, SnapshotRequest, SnapshotService,
+    SnapshotStatus, TableRef, TableRowCount, VerifyReport,
+};
+use sanare_pg::{PgResultExt, Pool, SchemaName, quote_ident, quote_literal};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+use tokio_postgres::IsolationLevel;
+
+use crate::copy::{self, Chunker, RowBlock};
+use crate::format::{
+    BlockId, BlockRef, ChunkParams, Codec, ColumnDef, Index, Manifest, SequenceState, StoredCut,
+    TableIndex, bloom, decode_block, encode_block,
+};
+use crate::store::BlockStore;
+
+/// How a [`Snapshots`] service captures.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SnapshotConfig {
+    /// Content-defined chunking parameters.
+    pub chunking: ChunkParams,
+    /// Codec for new blocks.
+    pub codec: Codec,
+    /// Schemas captured when a request names neither tables nor schemas (every
+    /// non-system schema except sanare's when empty).
+    pub default_schemas: Vec<String>,
+    /// Blocks compressed and written at once per table.
+    pub write_concurrency: usize,
+    /// Blocks fetched at once during restore and verify.
+    pub read_concurrency: usize,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            chunking: ChunkParams::default(),
+            codec: Codec::Lz4,
+            default_schemas: Vec::new(),
+            write_concurrency: 4,
+            read_concurrency: 8,
+        }
+    }
+}
+
+/// Which snapshots to keep.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RetentionPolicy {
+    /// Keep the newest `keep_last` ready snapshots.
+    pub keep_last: usize,
+    /// Keep every snapshot younger than this.
+    pub keep_within: Duration,
+}
+
+impl RetentionPolicy {
+    /// Keep the last `n` and everything younger than `within` (always at least one).
+    pub fn new(keep_last: usize, keep_within: Duration) -> Self {
+        Self {
+            keep_last,
+            keep_within,
+        }
+    }
+}
+
+/// What a garbage collection did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GcReport {
+    /// Snapshots marked deleted by retention.
+    pub snapshots_deleted: u64,
+    /// Blocks referenced by a live snapshot.
+    pub blocks_live: u64,
+    /// Unreferenced blocks deleted.
+    pub blocks_deleted: u64,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+    /// Unreferenced blocks kept because they are younger than the grace period.
+    pub blocks_in_grace: u64,
+}
+
+/// What the store holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct StorageStats {
+    /// Snapshots by status.
+    pub snapshots: BTreeMap<String, u64>,
+    /// Blocks stored.
+    pub blocks: u64,
+    /// Bytes of stored blocks.
+    pub block_bytes: u64,
+    /// Sum of the uncompressed sizes of ready snapshots.
+    pub logical_bytes: u64,
+}
+
+/// What a point-in-time recovery did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PitrOutcome {
+    /// The restore.
+    pub restore: RestoreOutcome,
+    /// The journal replay after it (none without a journal).
+    pub replay: Option<ReplaySummary>,
+}
+
+/// Builds a [`Snapshots`] service.
+#[derive(Default)]
+#[must_use]
+pub struct SnapshotsBuilder {
+    store: Option<Arc<dyn BlockStore>>,
+    pool: Option<Pool>,
+    schema: Option<SchemaName>,
+    journal: Option<Arc<dyn JournalService>>,
+    events: Option<EventBus>,
+    config: SnapshotConfig,
+}
+
+impl SnapshotsBuilder {
+    /// Where blocks go (required).
+    pub fn store(mut self, store: Arc<dyn BlockStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The database whose tables are captured and where the catalog lives (required).
+    pub fn pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// sanare's schema (default `sanare`).
+    pub fn schema(mut self, schema: SchemaName) -> Self {
+        self.schema = Some(schema);
+        self
+    }
+
+    /// The journal whose cut each snapshot records and which point-in-time recovery
+    /// replays.
+    pub fn journal(mut self, journal: Arc<dyn JournalService>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Where events go.
+    pub fn events(mut self, events: EventBus) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Capture settings.
+    pub fn config(mut self, config: SnapshotConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The service. Run [`crate::migrate`] once before using it.
+    pub fn build(self) -> Result<Snapshots> {
+        let store = self
+            .store
+            .ok_or_else(|| Error::config("snapshot.store", "a block store is required"))?;
+        let pool = self
+            .pool
+            .ok_or_else(|| Error::config("snapshot.pool", "a database pool is required"))?;
+        let c = &self.config.chunking;
+        if !(64 <= c.min_size && c.min_size <= c.avg_size && c.avg_size <= c.max_size)
+            || c.avg_size < 256
+            || c.max_size < 1024
+            || c.max_size > 16 * 1024 * 1024
+        {
+            return Err(Error::config(
+                "snapshot.chunking",
+                "expected 64 <= min <= avg <= max, avg >= 256, 1 KiB <= max <= 16 MiB",
+            ));
+        }
+        Ok(Snapshots {
+            inner: Arc::new(Inner {
+                store,
+                pool,
+                schema: self.schema.unwrap_or_else(SchemaName::default_schema),
+                journal: self.journal,
+                events: self.events,
+                config: self.config,
+                index_cache: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+/// Snapshots of PostgreSQL tables in a block store; implements [`SnapshotService`].
+#[derive(Clone)]
+pub struct Snapshots {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshots")
+            .field("store", &self.inner.store)
+            .field("schema", &self.inner.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    store: Arc<dyn BlockStore>,
+    pool: Pool,
+    schema: SchemaName,
+    journal: Option<Arc<dyn JournalService>>,
+    events: Option<EventBus>,
+    config: SnapshotConfig,
+    index_cache: Mutex<Option<(SnapshotId, Arc<Index>)>>,
+}
+
+fn advisory_key(schema: &SchemaName) -> i64 {
+    let h = blake3::hash(format!("sanare:snapshot:gc:{schema}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    i64::from_le_bytes(b)
+}
+
+fn manifest_key(id: SnapshotId) -> String {
+    format!("manifests/{id}")
+}
+
+fn index_key(id: SnapshotId) -> String {
+    format!("indexes/{id}")
+}
+
+fn status_str(s: SnapshotStatus) -> &'static str {
+    match s {
+        SnapshotStatus::Creating => "creating",
+        SnapshotStatus::Ready => "ready",
+        SnapshotStatus::Validating => "validating",
+        SnapshotStatus::Corrupted => "corrupted",
+        SnapshotStatus::Archived => "archived",
+        _ => "deleted",
+    }
+}
+
+fn parse_status(s: &str) -> SnapshotStatus {
+    match s {
+        "creating" => SnapshotStatus::Creating,
+        "ready" => SnapshotStatus::Ready,
+        "validating" => SnapshotStatus::Validating,
+        "corrupted" => SnapshotStatus::Corrupted,
+        "archived" => SnapshotStatus::Archived,
+        _ => SnapshotStatus::Deleted,
+    }
+}
+
+impl Snapshots {
+    /// A builder.
+    pub fn builder() -> SnapshotsBuilder {
+        SnapshotsBuilder::default()
+    }
+
+    /// The block store.
+    pub fn store(&self) -> &Arc<dyn BlockStore> {
+        &self.inner.store
+    }
+
+    fn table(&self, name: &str) -> String {
+        self.inner.schema.table(name)
+    }
+
+    async fn set_status(
+        &self,
+        id: SnapshotId,
+        status: SnapshotStatus,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        conn.execute(
+            &format!(
+                "UPDATE {} SET status = $2, error = coalesce($3, error) WHERE id = $1",
+                self.table("snapshots")
+            ),
+            &[&id.as_uuid(), &status_str(status), &error],
+        )
+        .await
+        .with_context(|| format!("marking snapshot {id} {}", status_str(status)))?;
+        Ok(())
+    }
+
+    /// Every snapshot in the catalog, newest first.
+    pub async fn list(&self) -> Result<Vec<SnapshotInfo>> {
+        let conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT id, status, created_at, info FROM {} ORDER BY created_at DESC, id DESC",
+                    self.table("snapshots")
+                ),
+                &[],
+            )
+            .await
+            .context("listing snapshots")?;
+        rows.iter().map(row_info).collect()
+    }
+
+    /// One snapshot's catalog entry.
+    pub async fn get(&self, id: SnapshotId) -> Result<SnapshotInfo> {
+        let conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let row = conn
+            .query_opt(
+                &format!(
+                    "SELECT id, status, created_at, info FROM {} WHERE id = $1",
+                    self.table("snapshots")
+                ),
+                &[&id.as_uuid()],
+            )
+            .await
+            .with_context(|| format!("reading snapshot {id}"))?
+            .ok_or_else(|| Error::not_found(format!("snapshot {id}")))?;
+        row_info(&row)
+    }
+
+    async fn load_manifest(&self, id: SnapshotId) -> Result<Manifest> {
+        let bytes = self
+            .inner
+            .store
+            .get(&manifest_key(id))
+            .await?
+            .ok_or_else(|| Error::corrupt(format!("snapshot {id}"), "its manifest is missing"))?;
+        Manifest::decode(&bytes)
+            .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))
+    }
+
+    async fn load_index(&self, id: SnapshotId) -> Result<Arc<Index>> {
+        let cached = self
+            .inner
+            .index_cache
+            .lock()
+            .await
+            .as_ref()
+            .filter(|(cached, _)| *cached == id)
+            .map(|(_, idx)| idx.clone());
+        if let Some(idx) = cached {
+            return Ok(idx);
+        }
+        let manifest = self.load_manifest(id).await?;
+        let bytes = self
+            .inner
+            .store
+            .get(&index_key(id))
+            .await?
+            .ok_or_else(|| Error::corrupt(format!("snapshot {id}"), "its index is missing"))?;
+        if blake3::hash(&bytes).as_bytes() != &manifest.index_hash {
+            return Err(Error::corrupt(
+                format!("snapshot {id}"),
+                "its index does not match the hash in its manifest",
+            ));
+        }
+        let index = Arc::new(
+            Index::decode(&bytes)
+                .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?,
+        );
+        *self.inner.index_cache.lock().await = Some((id, index.clone()));
+        Ok(index)
+    }
+
+    async fn resolve_tables(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        request: &SnapshotRequest,
+    ) -> Result<Vec<TableRef>> {
+        let own = self.inner.schema.as_str();
+        let mut tables: BTreeSet<TableRef> = request.tables.iter().cloned().collect();
+        if tables.iter().any(|t| t.schema == own) {
+            return Err(Error::invalid_input(format!(
+                "sanare's own schema `{own}` is never snapshotted"
+            )));
+        }
+        let schemas = if request.tables.is_empty() && request.schemas.is_empty() {
+            Some(self.inner.config.default_schemas.clone())
+        } else if !request.schemas.is_empty() {
+            Some(request.schemas.clone())
+        } else {
+            None
+        };
+        if let Some(schemas) = schemas {
+            tables.extend(sanare_pg::catalog::list_tables(client, &schemas, own).await?);
+        }
+        Ok(tables.into_iter().collect())
+    }
+
+    /// Captures a snapshot (see [`SnapshotService::create`]).
+    #[tracing::instrument(skip_all, fields(snapshot))]
+    async fn capture(&self, request: SnapshotRequest, control: &Control) -> Result<SnapshotInfo> {
+        let inner = &self.inner;
+        let id = SnapshotId::new();
+        tracing::Span::current().record("snapshot", tracing::field::display(id));
+        let base = self.latest_good(None).await?.map(|s| s.id);
+        {
+            let conn = sanare_pg::get_conn(&inner.pool).await?;
+            conn.execute(
+                &format!(
+                    "INSERT INTO {} (id, status, created_at, label) VALUES ($1, 'creating', now(), $2)",
+                    self.table("snapshots")
+                ),
+                &[&id.as_uuid(), &request.label],
+            )
+            .await
+            .context("recording a new snapshot")?;
+        }
+        let result = self.capture_inner(id, base, &request, control).await;
+        match result {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                // The row stays `creating` (never restorable); record why.
+                let _ = self
+                    .set_status(id, SnapshotStatus::Creating, Some(&e.to_string()))
+                    .await;
+                metrics::counter!("sanare_snapshot_failures_total").increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    async fn capture_inner(
+        &self,
+        id: SnapshotId,
+        base: Option<SnapshotId>,
+        request: &SnapshotRequest,
+        control: &Control,
+    ) -> Result<SnapshotInfo> {
+        let inner = &self.inner;
+        let mut conn = sanare_pg::get_conn(&inner.pool).await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .context("starting the snapshot transaction")?;
+        // GC waits while any capture holds this (released at commit or on a crash).
+        tx.execute(
+            "SELECT pg_advisory_xact_lock_shared($1)",
+            &[&advisory_key(&inner.schema)],
+        )
+        .await
+        .context("taking the snapshot lock")?;
+        let row = tx
+            .query_one("SELECT pg_current_snapshot()::text, now()", &[])
+            .await
+            .context("reading the snapshot's transaction view")?;
+        let db_snapshot: String = row.get(0);
+        let created_at: OffsetDateTime = row.get(1);
+        let cut = match &inner.journal {
+            Some(j) => Some(j.cut(Some(&db_snapshot)).await?),
+            None => None,
+        };
+        let tables = self.resolve_tables(&*tx, request).await?;
+        let progress = control.progress();
+        progress.phase("capturing tables", "tables", Some(tables.len() as u64));
+        let mut index = Index {
+            snapshot: *id.as_uuid().as_bytes(),
+            tables: Vec::with_capacity(tables.len()),
+            streams: Vec::new(),
+        };
+        let mut written: BTreeSet<BlockId> = BTreeSet::new();
+        let mut stored_bytes = 0u64;
+        let mut compressed_bytes = 0u64;
+        for table in &tables {
+            control.checkpoint()?;
+            progress.message(format!("capturing {table}"));
+            let (ti, stored, compressed) = self
+                .capture_table(&tx, table, &mut written, control)
+                .await?;
+            stored_bytes += stored;
+            compressed_bytes += compressed;
+            index.tables.push(ti);
+            progress.advance(1);
+        }
+        tx.commit()
+            .await
+            .context("ending the snapshot transaction")?;
+        control.checkpoint()?;
+
+        // Blocks are durable; now the index, then the manifest.
+        let index_bytes = index.encode()?;
+        let index_hash = *blake3::hash(&index_bytes).as_bytes();
+        stored_bytes += index_bytes.len() as u64;
+        inner
+            .store
+            .put(&index_key(id), Bytes::from(index_bytes))
+            .await?;
+        let size_bytes: u64 = index.tables.iter().map(|t| t.raw_bytes).sum();
+        let manifest = Manifest {
+            id: *id.as_uuid().as_bytes(),
+            created_at_us: i64::try_from(created_at.unix_timestamp_nanos() / 1000)
+                .unwrap_or(i64::MAX),
+            label: request.label.clone(),
+            base: base.map(|b| *b.as_uuid().as_bytes()),
+            journal_cut: cut.as_ref().map(|c| StoredCut {
+                position: c.position.0,
+                db_snapshot: c.db_snapshot.clone(),
+            }),
+            chunking: inner.config.chunking,
+            codec: inner.config.codec,
+            tables: index
+                .tables
+                .iter()
+                .map(|t| (t.schema.clone(), t.name.clone(), t.rows))
+                .collect(),
+            size_bytes,
+            compressed_bytes,
+            stored_bytes,
+            block_count: index.block_ids().len() as u64,
+            index_hash,
+            metadata: request.metadata.clone(),
+        };
+        let manifest_bytes = manifest.encode()?;
+        let manifest_hash = blake3::hash(&manifest_bytes).as_bytes().to_vec();
+        inner
+            .store
+            .put(&manifest_key(id), Bytes::from(manifest_bytes))
+            .await?;
+
+        let mut info = SnapshotInfo::new(id, created_at, SnapshotStatus::Ready);
+        info.label = request.label.clone();
+        info.base = base;
+        info.journal_cut = cut;
+        info.tables = index
+            .tables
+            .iter()
+            .map(|t| TableRowCount {
+                table: TableRef::new(&t.schema, &t.name),
+                rows: t.rows,
+            })
+            .collect();
+        info.size_bytes = size_bytes;
+        info.stored_bytes = stored_bytes;
+        info.metadata = request.metadata.clone();
+        let json =
+            serde_json::to_value(&info).map_err(|e| Error::other("encoding snapshot info", e))?;
+        let conn = sanare_pg::get_conn(&inner.pool).await?;
+        conn.execute(
+            &format!(
+                "UPDATE {} SET status = 'ready', created_at = $2, finished_at = now(), base_id = $3,
+                        journal_position = $4, size_bytes = $5, stored_bytes = $6,
+                        manifest_hash = $7, info = $8, error = NULL
+                  WHERE id = $1",
+                self.table("snapshots")
+            ),
+            &[
+                &id.as_uuid(),
+                &created_at,
+                &base.map(|b| b.as_uuid()),
+                &info
+                    .journal_cut
+                    .as_ref()
+                    .map(|c| i64::try_from(c.position.0).unwrap_or(i64::MAX)),
+                &i64::try_from(size_bytes).unwrap_or(i64::MAX),
+                &i64::try_from(stored_bytes).unwrap_or(i64::MAX),
+                &manifest_hash,
+                &json,
+            ],
+        )
+        .await
+        .context("marking the snapshot ready")?;
+        metrics::counter!("sanare_snapshots_created_total").increment(1);
+        metrics::counter!("sanare_snapshot_bytes_stored_total").increment(stored_bytes);
+        control.progress().finish();
+        tracing::info!(%id, size_bytes, stored_bytes, tables = index.tables.len(), "snapshot ready");
+        if let Some(bus) = &inner.events {
+            bus.publish(Event::SnapshotCreated {
+                snapshot: id,
+                size_bytes,
+                stored_bytes,
+            });
+        }
+        Ok(info)
+    }
+
+    async fn capture_table(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        table: &TableRef,
+        written: &mut BTreeSet<BlockId>,
+        control: &Control,
+    ) -> Result<(TableIndex, u64, u64)> {
+        let (columns, primary_key) = describe(tx, table).await?;
+        let sequences = sequences(tx, table).await?;
+        let cols = columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stream = tx
+            .copy_out(&format!(
+                "COPY {} ({cols}) TO STDOUT (FORMAT binary)",
+                table.quoted()
+            ))
+            .await
+            .with_context(|| format!("starting to copy {table}"))?;
+        futures_util::pin_mut!(stream);
+        let mut chunker = Chunker::new(self.inner.config.chunking, primary_key.clone());
+        let mut blocks: Vec<BlockRef> = Vec::new();
+        let mut raw_bytes = 0u64;
+        let mut stored = 0u64;
+        let mut compressed = 0u64;
+        let mut pending: Vec<RowBlock> = Vec::new();
+        let conc = self.inner.config.write_concurrency.max(1);
+        loop {
+            let next = stream.next().await;
+            let done = next.is_none();
+            match next {
+                Some(data) => {
+                    let data = data.with_context(|| format!("copying {table}"))?;
+                    pending.extend(chunker.push(&data)?);
+                }
+                None => {
+                    let c = std::mem::replace(
+                        &mut chunker,
+                        Chunker::new(ChunkParams::default(), Vec::new()),
+                    );
+                    pending.extend(
+                        c.finish()
+                            .map_err(|e| Error::other(format!("copying {table}"), e))?,
+                    );
+                }
+            }
+            if pending.len() >= conc || (done && !pending.is_empty()) {
+                control.checkpoint()?;
+                let batch = std::mem::take(&mut pending);
+                let results = futures_util::future::try_join_all(
+                    batch.into_iter().map(|b| self.write_block(b, written)),
+                )
+                .await?;
+                for (r, s, c) in results {
+                    raw_bytes += u64::from(r.raw_len);
+                    stored += s;
+                    compressed += c;
+                    if s > 0 {
+                        written.insert(r.id);
+                    }
+                    blocks.push(r);
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        let rows = blocks.iter().map(|b| u64::from(b.rows)).sum();
+        metrics::counter!("sanare_snapshot_rows_captured_total").increment(rows);
+        Ok((
+            TableIndex {
+                schema: table.schema.clone(),
+                name: table.name.clone(),
+                columns,
+                primary_key,
+                sequences,
+                rows,
+                raw_bytes,
+                blocks,
+            },
+            stored,
+            compressed,
+        ))
+    }
+
+    /// Compresses and stores a block unless the store has it; returns its
+    /// reference, the bytes newly stored and its compressed size.
+    async fn write_block(
+        &self,
+        block: RowBlock,
+        written: &BTreeSet<BlockId>,
+    ) -> Result<(BlockRef, u64, u64)> {
+        let codec = self.inner.config.codec;
+        let RowBlock {
+            content,
+            rows,
+            key_filter,
+        } = block;
+        let raw_len = u32::try_from(content.len()).unwrap_or(u32::MAX);
+        let (id, encoded) = tokio::task::spawn_blocking(move || {
+            let id = BlockId::of(&content);
+            encode_block(&content, codec).map(|e| (id, e))
+        })
+        .await
+        .map_err(|e| Error::other("compressing a block", e))??;
+        let len = encoded.len() as u64;
+        let reference = BlockRef {
+            id,
+            raw_len,
+            rows,
+            key_filter,
+        };
+        if written.contains(&id) || self.inner.store.contains(&id.key()).await? {
+            metrics::counter!("sanare_snapshot_blocks_deduplicated_total").increment(1);
+            return Ok((reference, 0, len));
+        }
+        self.inner
+            .store
+            .put(&id.key(), Bytes::from(encoded))
+            .await?;
+        metrics::counter!("sanare_snapshot_blocks_written_total").increment(1);
+        Ok((reference, len, len))
+    }
+
+    async fn read_block(&self, snapshot: SnapshotId, id: BlockId) -> Result<Vec<u8>> {
+        let object = self.inner.store.get(&id.key()).await?.ok_or_else(|| {
+            Error::corrupt(
+                format!("snapshot {snapshot}"),
+                format!("block {id} is missing from the store"),
+            )
+        })?;
+        tokio::task::spawn_blocking(move || decode_block(&id, &object))
+            .await
+            .map_err(|e| Error::other("decoding a block", e))?
+            .map_err(|e| Error::corrupt(format!("snapshot {snapshot}"), e.to_string()))
+    }
+
+    /// Restores a snapshot (see [`SnapshotService::restore`]).
+    #[tracing::instrument(skip_all, fields(snapshot = %request.snapshot))]
+    async fn restore_inner(
+        &self,
+        request: RestoreRequest,
+        control: &Control,
+    ) -> Result<RestoreOutcome> {
+        let id = request.snapshot;
+        let info = self.get(id).await?;
+        if info.status != SnapshotStatus::Ready && info.status != SnapshotStatus::Archived {
+            return Err(Error::conflict(format!(
+                "snapshot {id} is {} and cannot be restored",
+                status_str(info.status)
+            )));
+        }
+        let index = match self.load_index(id).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.mark_corrupted(id, &e).await;
+                return Err(e);
+            }
+        };
+        let wanted: BTreeSet<&TableRef> = request.tables.iter().collect();
+        let mut chosen: Vec<&TableIndex> = index
+            .tables
+            .iter()
+            .filter(|t| wanted.is_empty() || wanted.contains(&TableRef::new(&t.schema, &t.name)))
+            .collect();
+        for w in &wanted {
+            if !index
+                .tables
+                .iter()
+                .any(|t| t.schema == w.schema && t.name == w.name)
+            {
+                return Err(Error::not_found(format!("table {w} in snapshot {id}")));
+            }
+        }
+        let mut conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let tx = conn
+            .transaction()
+            .await
+            .context("starting the restore transaction")?;
+        tx.batch_execute("SET CONSTRAINTS ALL DEFERRED")
+            .await
+            .context("deferring constraints for the restore")?;
+        let target_of = |t: &TableIndex| -> TableRef {
+            match &request.target {
+                RestoreTarget::Scratch { schema } => TableRef::new(schema, &t.name),
+                _ => TableRef::new(&t.schema, &t.name),
+            }
+        };
+        // Parents before children.
+        if let RestoreTarget::Live = request.target {
+            let mut infos = Vec::new();
+            for t in &chosen {
+                infos.push(
+                    sanare_pg::catalog::describe(&*tx, &TableRef::new(&t.schema, &t.name)).await?,
+                );
+            }
+            let order = sanare_pg::catalog::fk_order(&infos);
+            chosen.sort_by_key(|t| {
+                order
+                    .iter()
+                    .position(|o| o.schema == t.schema && o.name == t.name)
+                    .unwrap_or(usize::MAX)
+            });
+            let list = chosen
+                .iter()
+                .map(|t| target_of(t).quoted())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if !list.is_empty() {
+                tx.batch_execute(&format!("TRUNCATE {list}")).await.with_context(|| {
+                    format!("emptying {list} (a table outside the restore that references them blocks this: restore it too)")
+                })?;
+            }
+        } else if let RestoreTarget::Scratch { schema } = &request.target {
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_ident(schema)
+            ))
+            .await
+            .context("creating the scratch schema")?;
+            for t in &chosen {
+                let target = target_of(t);
+                let cols = t
+                    .columns
+                    .iter()
+                    .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tx.batch_execute(&format!(
+                    "DROP TABLE IF EXISTS {q}; CREATE TABLE {q} ({cols})",
+                    q = target.quoted()
+                ))
+                .await
+                .with_context(|| format!("creating scratch table {target}"))?;
+            }
+        }
+        let progress = control.progress();
+        let total_blocks: usize = chosen.iter().map(|t| t.blocks.len()).sum();
+        progress.phase("restoring tables", "blocks", Some(total_blocks as u64));
+        let mut outcome = RestoreOutcome::new(id);
+        outcome.journal_cut = info.journal_cut.clone();
+        let mut total_rows = 0u64;
+        for t in &chosen {
+            control.checkpoint()?;
+            let target = target_of(t);
+            let cols = t
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sink = tx
+                .copy_in(&format!(
+                    "COPY {} ({cols}) FROM STDIN (FORMAT binary)",
+                    target.quoted()
+                ))
+                .await
+                .with_context(|| format!("starting to load {target}"))?;
+            futures_util::pin_mut!(sink);
+            sink.send(Bytes::from_static(&copy::HEADER))
+                .await
+                .with_context(|| format!("loading {target}"))?;
+            let ids: Vec<BlockId> = t.blocks.iter().map(|b| b.id).collect();
+            let blocks = futures_util::stream::iter(ids)
+                .map(|b| self.read_block(id, b))
+                .buffered(self.inner.config.read_concurrency.max(1));
+            futures_util::pin_mut!(blocks);
+            while let Some(block) = blocks.next().await {
+                let block = match block {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.mark_corrupted(id, &e).await;
+                        return Err(e);
+                    }
+                };
+                control.checkpoint()?;
+                sink.send(Bytes::from(block))
+                    .await
+                    .with_context(|| format!("loading {target}"))?;
+                progress.advance(1);
+            }
+            sink.send(Bytes::from_static(&copy::TRAILER))
+                .await
+                .with_context(|| format!("loading {target}"))?;
+            let rows = sink
+                .finish()
+                .await
+                .with_context(|| format!("loading {target}"))?;
+            if rows != t.rows {
+                return Err(Error::corrupt(
+                    format!("snapshot {id}"),
+                    format!(
+                        "table {target}: loaded {rows} rows, the index says {}",
+                        t.rows
+                    ),
+                ));
+            }
+            if let RestoreTarget::Live = request.target {
+                for s in &t.sequences {
+                    tx.execute(
+                        "SELECT setval($1::text::regclass, $2, $3)",
+                        &[&s.name, &s.last_value, &s.is_called],
+                    )
+                    .await
+                    .with_context(|| format!("restoring sequence {}", s.name))?;
+                }
+            }
+            total_rows += rows;
+            outcome.tables.push(TableRowCount {
+                table: target,
+                rows,
+            });
+        }
+        control.checkpoint()?;
+        tx.commit().await.context("committing the restore")?;
+        progress.finish();
+        metrics::counter!("sanare_snapshot_restores_total").increment(1);
+        metrics::counter!("sanare_snapshot_rows_restored_total").increment(total_rows);
+        tracing::info!(%id, rows = total_rows, "restore committed");
+        if let Some(bus) = &self.inner.events {
+            bus.publish(Event::RestoreCompleted {
+                snapshot: id,
+                tables: outcome.tables.iter().map(|t| t.table.clone()).collect(),
+                rows: total_rows,
+            });
+        }
+        Ok(outcome)
+    }
+
+    async fn mark_corrupted(&self, id: SnapshotId, e: &Error) {
+        if matches!(e, Error::Corrupt { .. }) {
+            tracing::error!(%id, error = %e, "snapshot is corrupted");
+            metrics::counter!("sanare_snapshot_corrupted_total").increment(1);
+            if let Err(e2) = self
+                .set_status(id, SnapshotStatus::Corrupted, Some(&e.to_string()))
+                .await
+            {
+                tracing::warn!(%id, error = %e2, "could not mark the snapshot corrupted");
+            }
+            let mut cache = self.inner.index_cache.lock().await;
+            if cache.as_ref().is_some_and(|(cached, _)| *cached == id) {
+                *cache = None;
+            }
+        }
+    }
+
+    /// Restores the latest good snapshot taken at or before `at`, then replays the
+    /// journal from the cut it recorded (point-in-time recovery).
+    pub async fn restore_to(&self, at: OffsetDateTime, control: &Control) -> Result<PitrOutcome> {
+        let snap = self
+            .latest_good(Some(at))
+            .await?
+            .ok_or_else(|| Error::not_found(format!("a good snapshot taken before {at}")))?;
+        let restore = self
+            .restore_inner(RestoreRequest::new(snap.id), control)
+            .await?;
+        let replay = match &self.inner.journal {
+            Some(j) => {
+                let cut = restore.journal_cut.clone().unwrap_or(JournalCut {
+                    position: JournalPosition::START,
+                    db_snapshot: None,
+                });
+                Some(
+                    j.replay(ReplayRequest::new(ReplayRange::After(cut)), control)
+                        .await?,
+                )
+            }
+            None => None,
+        };
+        Ok(PitrOutcome { restore, replay })
+    }
+
+    async fn fetch_inner(&self, id: SnapshotId, rows: &[RowRef]) -> Result<Vec<RowImage>> {
+        let index = self.load_index(id).await?;
+        let mut by_table: BTreeMap<&TableRef, Vec<usize>> = BTreeMap::new();
+        for (i, r) in rows.iter().enumerate() {
+            by_table.entry(&r.table).or_default().push(i);
+        }
+        let mut found: Vec<Option<RowImage>> = vec![None; rows.len()];
+        let mut conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        for (table, idxs) in by_table {
+            let t = index
+                .tables
+                .iter()
+                .find(|t| t.schema == table.schema && t.name == table.name)
+                .ok_or_else(|| Error::not_found(format!("table {table} in snapshot {id}")))?;
+            if t.primary_key.is_empty() {
+                return Err(Error::invalid_input(format!(
+                    "table {table} had no primary key when snapshot {id} was taken: rows cannot be fetched by key"
+                )));
+            }
+            // The key values, in the key's binary COPY encoding, via the server.
+            let mut selects = Vec::new();
+            for &i in &idxs {
+                let r = &rows[i];
+                let mut exprs = Vec::new();
+                for &k in &t.primary_key {
+                    let col = &t.columns[k as usize];
+                    let v = r.key.iter().find(|c| c.column == col.name).ok_or_else(|| {
+                        Error::invalid_input(format!(
+                            "row {r} does not give key column {}",
+                            col.name
+                        ))
+                    })?;
+                    exprs.push(match &v.value {
+                        Some(v) => format!("{}::{}", quote_literal(v), col.type_name),
+                        None => format!("NULL::{}", col.type_name),
+                    });
+                }
+                selects.push(format!("SELECT {}", exprs.join(", ")));
+            }
+            let stream = conn
+                .copy_out(&format!(
+                    "COPY ({}) TO STDOUT (FORMAT binary)",
+                    selects.join(" UNION ALL ")
+                ))
+                .await
+                .with_context(|| format!("encoding keys of {table}"))?;
+            let bytes: Vec<Bytes> = stream
+                .try_collect()
+                .await
+                .with_context(|| format!("encoding keys of {table}"))?;
+            let all: Vec<u8> = bytes.concat();
+            let body = all.get(19..all.len().saturating_sub(2)).ok_or_else(|| {
+                Error::other("encoding keys", std::io::Error::other("short COPY output"))
+            })?;
+            let all_key_cols: Vec<u16> = (0..t.primary_key.len() as u16).collect();
+            let mut wanted: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
+            for (row, &i) in copy::rows(body).zip(&idxs) {
+                let row = row?;
+                let ranges = copy::fields(row);
+                wanted
+                    .entry(copy::key_hash(row, &ranges, &all_key_cols))
+                    .or_default()
+                    .push(i);
+            }
+            let candidates: Vec<&BlockRef> = t
+                .blocks
+                .iter()
+                .filter(|b| wanted.keys().any(|k| bloom::may_contain(&b.key_filter, k)))
+                .collect();
+            metrics::counter!("sanare_snapshot_fetch_blocks_read_total")
+                .increment(candidates.len() as u64);
+            let mut matched: Vec<(usize, Vec<u8>)> = Vec::new();
+            for b in candidates {
+                let content = self.read_block(id, b.id).await?;
+                for row in copy::rows(&content) {
+                    let row = row?;
+                    let ranges = copy::fields(row);
+                    let h = copy::key_hash(row, &ranges, &t.primary_key);
+                    if let Some(is) = wanted.remove(&h) {
+                        for i in is {
+                            matched.push((i, row.to_vec()));
+                        }
+                    }
+                }
+                if wanted.is_empty() {
+                    break;
+                }
+            }
+            if matched.is_empty() {
+                continue;
+            }
+            // Binary to text through the server, which owns every type's output.
+            let tx = conn
+                .transaction()
+                .await
+                .context("starting to decode fetched rows")?;
+            let cols = t
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("c{i} {}", c.type_name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE sanare_fetched_rows (ord int4, {cols}) ON COMMIT DROP"
+            ))
+            .await
+            .context("creating a temporary table for fetched rows")?;
+            let sink = tx
+                .copy_in("COPY sanare_fetched_rows FROM STDIN (FORMAT binary)")
+                .await
+                .context("decoding fetched rows")?;
+            futures_util::pin_mut!(sink);
+            let mut buf = copy::HEADER.to_vec();
+            for (i, row) in &matched {
+                let n = i16::from_be_bytes([row[0], row[1]]) + 1;
+                buf.extend_from_slice(&n.to_be_bytes());
+                buf.extend_from_slice(&4i32.to_be_bytes());
+                buf.extend_from_slice(&i32::try_from(*i).unwrap_or(i32::MAX).to_be_bytes());
+                buf.extend_from_slice(&row[2..]);
+            }
+            buf.extend_from_slice(&copy::TRAILER);
+            sink.send(Bytes::from(buf))
+                .await
+                .context("decoding fetched rows")?;
+            sink.finish().await.context("decoding fetched rows")?;
+            let select = (0..t.columns.len())
+                .map(|i| format!("c{i}::text"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let out = tx
+                .query(
+                    &format!("SELECT ord, {select} FROM sanare_fetched_rows"),
+                    &[],
+                )
+                .await
+                .context("decoding fetched rows")?;
+            for r in out {
+                let ord: i32 = r.get(0);
+                let values = t
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        ColumnValue::new(&c.name, &c.type_name, r.get::<_, Option<String>>(i + 1))
+                    })
+                    .collect();
+                if let Some(slot) = usize::try_from(ord).ok().and_then(|o| found.get_mut(o)) {
+                    *slot = Some(RowImage {
+                        table: table.clone(),
+                        values,
+                    });
+                }
+            }
+            tx.rollback()
+                .await
+                .context("dropping the temporary table")?;
+        }
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    async fn verify_inner(&self, id: SnapshotId, control: &Control) -> Result<VerifyReport> {
+        let mut report = VerifyReport::new(id);
+        let info = self.get(id).await?;
+        let prior = info.status;
+        let manifest = match self.load_manifest(id).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                report.problems.push(e.to_string());
+                None
+            }
+        };
+        *self.inner.index_cache.lock().await = None;
+        let index = match &manifest {
+            Some(_) => match self.load_index(id).await {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    report.problems.push(e.to_string());
+                    None
+                }
+            },
+            None => None,
+        };
+        if let (Some(m), Some(index)) = (&manifest, &index) {
+            let ids = index.block_ids();
+            if m.block_count != ids.len() as u64 {
+                report.problems.push(format!(
+                    "manifest counts {} blocks, the index references {}",
+                    m.block_count,
+                    ids.len()
+                ));
+            }
+            let expected_tables: Vec<(String, String, u64)> = index
+                .tables
+                .iter()
+                .map(|t| (t.schema.clone(), t.name.clone(), t.rows))
+                .collect();
+            if expected_tables != m.tables {
+                report
+                    .problems
+                    .push("manifest table list differs from the index".into());
+            }
+            for t in &index.tables {
+                let rows: u64 = t.blocks.iter().map(|b| u64::from(b.rows)).sum();
+                if rows != t.rows {
+                    report.problems.push(format!(
+                        "table {}.{}: block rows do not add up",
+                        t.schema, t.name
+                    ));
+                }
+            }
+            control
+                .progress()
+                .phase("verifying blocks", "blocks", Some(ids.len() as u64));
+            let checks = futures_util::stream::iter(ids.into_iter().map(|b| async move {
+                let got = self.inner.store.get(&b.key()).await;
+                (b, got)
+            }))
+            .buffer_unordered(self.inner.config.read_concurrency.max(1));
+            futures_util::pin_mut!(checks);
+            while let Some((b, got)) = checks.next().await {
+                control.checkpoint()?;
+                report.blocks_checked += 1;
+                match got? {
+                    None => {
+                        report.blocks_missing += 1;
+                        report.problems.push(format!("block {b} is missing"));
+                    }
+                    Some(obj) => {
+                        let ok = tokio::task::spawn_blocking(move || decode_block(&b, &obj))
+                            .await
+                            .map_err(|e| Error::other("verifying a block", e))?;
+                        if let Err(e) = ok {
+                            report.blocks_corrupt += 1;
+                            report.problems.push(e.to_string());
+                        }
+                    }
+                }
+                control.progress().advance(1);
+            }
+        }
+        if !report.is_ok() {
+            let e = Error::corrupt(format!("snapshot {id}"), report.problems.join("; "));
+            self.mark_corrupted(id, &e).await;
+        } else if prior == SnapshotStatus::Corrupted {
+            tracing::warn!(%id, "a snapshot marked corrupted now verifies; leaving it corrupted");
+        }
+        metrics::counter!("sanare_snapshot_verifications_total").increment(1);
+        Ok(report)
+    }
+
+    /// Applies `policy`: marks older snapshots deleted and removes their index and
+    /// manifest (never the newest ready one). Blocks are freed by [`Snapshots::gc`].
+    pub async fn apply_retention(&self, policy: &RetentionPolicy) -> Result<u64> {
+        let now = OffsetDateTime::now_utc();
+        let all = self.list().await?;
+        let mut kept_ready = 0usize;
+        let mut deleted = 0u64;
+        for s in all {
+            if s.status == SnapshotStatus::Creating || s.status == SnapshotStatus::Deleted {
+                continue;
+            }
+            let young = now - s.created_at < policy.keep_within;
+            let keep = young
+                || (s.status == SnapshotStatus::Ready && (kept_ready < policy.keep_last.max(1)));
+            if s.status == SnapshotStatus::Ready && keep {
+                kept_ready += 1;
+            }
+            if !keep {
+                self.set_status(s.id, SnapshotStatus::Deleted, None).await?;
+                self.inner.store.delete(&manifest_key(s.id)).await?;
+                self.inner.store.delete(&index_key(s.id)).await?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Mark-and-sweep of blocks no live snapshot references. Waits for running
+    /// captures (a capture holds a shared lock GC takes exclusively) and keeps
+    /// unreferenced blocks younger than `grace` (a capture that crashed may be retried).
+    pub async fn gc(&self, grace: Duration, control: &Control) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let mut conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let tx = conn.transaction().await.context("starting GC")?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&advisory_key(&self.inner.schema)],
+        )
+        .await
+        .context("waiting for running snapshots before GC")?;
+        let mut live: BTreeSet<BlockId> = BTreeSet::new();
+        for s in self.list().await? {
+            if matches!(s.status, SnapshotStatus::Deleted | SnapshotStatus::Creating) {
+                continue;
+            }
+            control.checkpoint()?;
+            match self.load_index(s.id).await {
+                Ok(i) => live.extend(i.block_ids()),
+                Err(e) => {
+                    // An unreadable index: keep every block rather than guess.
+                    tracing::warn!(snapshot = %s.id, error = %e, "GC skipped: an index is unreadable");
+                    return Err(Error::conflict(format!(
+                        "GC refused: the index of snapshot {} is unreadable ({e}); verify or delete it first",
+                        s.id
+                    )));
+                }
+            }
+        }
+        report.blocks_live = live.len() as u64;
+        let now = OffsetDateTime::now_utc();
+        for obj in self.inner.store.list("blocks/").await? {
+            control.checkpoint()?;
+            let Some(id) = obj.key.rsplit('/').next().and_then(BlockId::from_hex) else {
+                continue;
+            };
+            if live.contains(&id) {
+                continue;
+            }
+            if now - obj.modified < grace {
+                report.blocks_in_grace += 1;
+                continue;
+            }
+            self.inner.store.delete(&obj.key).await?;
+            report.blocks_deleted += 1;
+            report.bytes_freed += obj.size;
+        }
+        tx.commit().await.context("ending GC")?;
+        metrics::counter!("sanare_snapshot_gc_blocks_deleted_total")
+            .increment(report.blocks_deleted);
+        Ok(report)
+    }
+
+    /// What the store holds.
+    pub async fn stats(&self) -> Result<StorageStats> {
+        let mut stats = StorageStats::default();
+        for s in self.list().await? {
+            *stats
+                .snapshots
+                .entry(status_str(s.status).to_owned())
+                .or_default() += 1;
+            if s.status == SnapshotStatus::Ready {
+                stats.logical_bytes += s.size_bytes;
+            }
+        }
+        for o in self.inner.store.list("blocks/").await? {
+            stats.blocks += 1;
+            stats.block_bytes += o.size;
+        }
+        Ok(stats)
+    }
+}
+
+fn row_info(r: &tokio_postgres::Row) -> Result<SnapshotInfo> {
+    let id = SnapshotId::from_uuid(r.get(0));
+    let status = parse_status(r.get::<_, &str>(1));
+    let created_at: OffsetDateTime = r.get(2);
+    let info: Option<serde_json::Value> = r.get(3);
+    let mut out = match info {
+        Some(v) => serde_json::from_value::<SnapshotInfo>(v).map_err(|e| {
+            Error::corrupt(format!("catalog entry of snapshot {id}"), e.to_string())
+        })?,
+        None => SnapshotInfo::new(id, created_at, status),
+    };
+    out.status = status;
+    Ok(out)
+}
+
+/// The captured columns (stored generated columns excluded) and primary key positions.
+async fn describe(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableRef,
+) -> Result<(Vec<ColumnDef>, Vec<u16>)> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    coalesce(array_position(i.indkey::int2[], a.attnum)
+                             - array_lower(i.indkey::int2[], 1) + 1, 0)::int4
+               FROM pg_attribute a
+               LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+              WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass
+                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("reading the columns of {table}"))?;
+    if rows.is_empty() {
+        return Err(Error::not_found(format!(
+            "table {table} (or it has no columns)"
+        )));
+    }
+    let mut columns = Vec::with_capacity(rows.len());
+    let mut pk: Vec<(i32, u16)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        columns.push(ColumnDef {
+            name: r.get(0),
+            type_name: r.get(1),
+        });
+        let pos: i32 = r.get(2);
+        if pos > 0 {
+            pk.push((pos, u16::try_from(i).unwrap_or(u16::MAX)));
+        }
+    }
+    pk.sort();
+    Ok((columns, pk.into_iter().map(|(_, i)| i).collect()))
+}
+
+/// The sequences owned by `table`'s columns (serial and identity), with their state.
+async fn sequences(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableRef,
+) -> Result<Vec<SequenceState>> {
+    let rows = client
+        .query(
+            "SELECT d.objid::regclass::text
+               FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+              WHERE d.refobjid = (quote_ident($1) || '.' || quote_ident($2))::regclass
+                AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+              ORDER BY 1",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("listing the sequences of {table}"))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        let s = client
+            .query_one(&format!("SELECT last_value, is_called FROM {name}"), &[])
+            .await
+            .with_context(|| format!("reading sequence {name}"))?;
+        out.push(SequenceState {
+            name,
+            last_value: s.get(0),
+            is_called: s.get(1),
+        });
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl SnapshotService for Snapshots {
+    async fn create(&self, request: SnapshotRequest, control: &Control) -> Result<SnapshotInfo> {
+        self.capture(request, control).await
+    }
+
+    async fn latest_good(&self, before: Option<OffsetDateTime>) -> Result<Option<SnapshotInfo>> {
+        let conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT id, status, created_at, info, manifest_hash FROM {}
+                      WHERE status = 'ready' AND created_at <= coalesce($1, now())
+                      ORDER BY created_at DESC, id DESC",
+                    self.table("snapshots")
+                ),
+                &[&before],
+            )
+            .await
+            .context("looking for the latest good snapshot")?;
+        drop(conn);
+        for r in rows {
+            let info = row_info(&r)?;
+            let hash: Option<Vec<u8>> = r.get(4);
+            // A cheap check: the manifest is there and is the one recorded.
+            let check = match self.inner.store.get(&manifest_key(info.id)).await? {
+                None => Err(Error::corrupt(
+                    format!("snapshot {}", info.id),
+                    "its manifest is missing",
+                )),
+                Some(b) if hash.as_deref() != Some(blake3::hash(&b).as_bytes()) => {
+                    Err(Error::corrupt(
+                        format!("snapshot {}", info.id),
+                        "its manifest does not match the catalog",
+                    ))
+                }
+                Some(_) => Ok(()),
+            };
+            match check {
+                Ok(()) => return Ok(Some(info)),
+                Err(e) => self.mark_corrupted(info.id, &e).await,
+            }
+        }
+        Ok(None)
+    }
+
+    async fn restore(&self, request: RestoreRequest, control: &Control) -> Result<RestoreOutcome> {
+        self.restore_inner(request, control).await
+    }
+
+    async fn fetch_rows(&self, snapshot: SnapshotId, rows: &[RowRef]) -> Result<Vec<RowImage>> {
+        self.fetch_inner(snapshot, rows).await
+    }
+
+    async fn verify(&self, snapshot: SnapshotId, control: &Control) -> Result<VerifyReport> {
+        self.verify_inner(snapshot, control).await
+    }
+}

@@ -1,0 +1,112 @@
+//! The conformance suite every [`BlockStore`] must pass (feature `testing`).
+//!
+//! ```ignore
+//! sanare_snapshot::testing::conformance(&my_store).await;
+//! ```
+
+use bytes::Bytes;
+
+use crate::BlockStore;
+
+/// Runs every conformance check against `store`, which must be empty.
+///
+/// # Panics
+/// On the first check that fails, saying which.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub async fn conformance(store: &dyn BlockStore) {
+    // Missing objects are None, not errors.
+    assert!(store.get("blocks/00/missing").await.unwrap().is_none());
+    assert!(!store.contains("blocks/00/missing").await.unwrap());
+    store
+        .delete("blocks/00/missing")
+        .await
+        .expect("deleting a missing key is not an error");
+
+    // Round trip, including empty and large objects.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    store
+        .put("blocks/ab/one", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    store.put("blocks/ab/empty", Bytes::new()).await.unwrap();
+    store
+        .put("blocks/cd/big", Bytes::from(big.clone()))
+        .await
+        .unwrap();
+    store
+        .put("manifests/m1", Bytes::from_static(b"m"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("blocks/ab/one").await.unwrap().unwrap(),
+        &b"one"[..]
+    );
+    assert_eq!(
+        store.get("blocks/ab/empty").await.unwrap().unwrap().len(),
+        0
+    );
+    assert_eq!(store.get("blocks/cd/big").await.unwrap().unwrap(), big);
+    assert!(store.contains("blocks/ab/one").await.unwrap());
+
+    // Putting the same key again is idempotent.
+    store
+        .put("blocks/ab/one", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("blocks/ab/one").await.unwrap().unwrap(),
+        &b"one"[..]
+    );
+
+    // Listing by prefix, sorted, with sizes.
+    let keys =
+        |v: Vec<crate::ObjectMeta>| v.into_iter().map(|m| (m.key, m.size)).collect::<Vec<_>>();
+    assert_eq!(
+        keys(store.list("blocks/").await.unwrap()),
+        vec![
+            ("blocks/ab/empty".to_owned(), 0),
+            ("blocks/ab/one".to_owned(), 3),
+            ("blocks/cd/big".to_owned(), 3_000_000)
+        ]
+    );
+    assert_eq!(keys(store.list("manifests/").await.unwrap()).len(), 1);
+    assert_eq!(keys(store.list("blocks/ab/").await.unwrap()).len(), 2);
+    assert!(store.list("nothing/").await.unwrap().is_empty());
+    let meta = store.list("blocks/ab/one").await.unwrap();
+    let age = time::OffsetDateTime::now_utc() - meta[0].modified;
+    assert!(
+        age.whole_minutes().abs() < 10,
+        "modified time is now-ish: {age}"
+    );
+
+    // Bad keys are refused, not mapped somewhere surprising.
+    for bad in ["", "../escape", "blocks//x", "blocks/./x", "a b"] {
+        assert!(
+            store.put(bad, Bytes::from_static(b"x")).await.is_err(),
+            "key {bad:?} accepted"
+        );
+    }
+
+    // Concurrent puts of the same and different keys.
+    let mut tasks = Vec::new();
+    for i in 0..16u32 {
+        let data = Bytes::from(vec![(i % 4) as u8; 10_000]);
+        tasks.push(async move { store.put(&format!("blocks/ee/k{}", i % 4), data).await });
+    }
+    for r in futures_util::future::join_all(tasks).await {
+        r.unwrap();
+    }
+    for i in 0..4u8 {
+        let got = store
+            .get(&format!("blocks/ee/k{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, vec![i; 10_000]);
+    }
+
+    // Delete.
+    store.delete("blocks/ab/one").await.unwrap();
+    assert!(store.get("blocks/ab/one").await.unwrap().is_none());
+    assert!(!store.contains("blocks/ab/one").await.unwrap());
+}

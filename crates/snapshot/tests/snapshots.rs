@@ -1,0 +1,661 @@
+//! Snapshots against a real PostgreSQL: round trips, rows by key, faults, PITR.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sanare_core::{
+    ColumnValue, Control, Error, Event, EventBus, JournalCut, JournalPosition, JournalService,
+    ReplayRange, ReplayRequest, ReplaySummary, RestoreRequest, RestoreTarget, RowRef,
+    SnapshotRequest, SnapshotService, SnapshotStatus, TableRef,
+};
+use sanare_pg::SchemaName;
+use sanare_snapshot::{BlockStore, FsStore, PgStore, RetentionPolicy, Snapshots};
+use sanare_testing::fixtures::order_service;
+use sanare_testing::test_db;
+
+/// A journal that records what it was asked.
+#[derive(Default)]
+struct FakeJournal {
+    cuts: Mutex<Vec<Option<String>>>,
+    replays: Mutex<Vec<ReplayRange>>,
+    head: Mutex<u64>,
+}
+
+#[async_trait]
+impl JournalService for FakeJournal {
+    async fn head(&self) -> sanare_core::Result<JournalPosition> {
+        Ok(JournalPosition(*self.head.lock().unwrap()))
+    }
+    async fn cut(&self, db_snapshot: Option<&str>) -> sanare_core::Result<JournalCut> {
+        self.cuts
+            .lock()
+            .unwrap()
+            .push(db_snapshot.map(str::to_owned));
+        Ok(JournalCut {
+            position: JournalPosition(*self.head.lock().unwrap()),
+            db_snapshot: db_snapshot.map(str::to_owned),
+        })
+    }
+    async fn replay(
+        &self,
+        request: ReplayRequest,
+        _control: &Control,
+    ) -> sanare_core::Result<ReplaySummary> {
+        self.replays.lock().unwrap().push(request.range);
+        Ok(ReplaySummary::default())
+    }
+}
+
+struct Env {
+    db: sanare_testing::TestDb,
+    snaps: Snapshots,
+    store_dir: tempfile::TempDir,
+    journal: Arc<FakeJournal>,
+    events: EventBus,
+}
+
+async fn env(orders: u64) -> Env {
+    let db = test_db().await;
+    let client = db.client().await;
+    order_service::install(&**client, "shop").await.unwrap();
+    order_service::generate(&**client, "shop", orders)
+        .await
+        .unwrap();
+    let schema = SchemaName::default_schema();
+    let mut c = db.connect().await;
+    sanare_snapshot::migrate(&mut c, &schema).await.unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(FakeJournal::default());
+    let events = EventBus::default();
+    let snaps = Snapshots::builder()
+        .store(Arc::new(FsStore::new(store_dir.path()).unwrap()))
+        .pool(db.pool().clone())
+        .schema(schema)
+        .journal(journal.clone())
+        .events(events.clone())
+        .build()
+        .unwrap();
+    Env {
+        db,
+        snaps,
+        store_dir,
+        journal,
+        events,
+    }
+}
+
+/// A row-for-row hash of every fixture table (rows in key order, text form).
+async fn table_hashes(db: &sanare_testing::TestDb, schema: &str) -> Vec<(String, i64, String)> {
+    let client = db.client().await;
+    let mut out = Vec::new();
+    for t in order_service::TABLES {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '')
+                       FROM \"{schema}\".\"{t}\" x"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        out.push((t.to_owned(), row.get(0), row.get(1)));
+    }
+    out
+}
+
+fn shop() -> SnapshotRequest {
+    SnapshotRequest::new().schemas(["shop"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_restores_every_table_row_for_row() {
+    let e = env(2_000).await;
+    let before = table_hashes(&e.db, "shop").await;
+    let mut sub = e.events.subscribe();
+    let info = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    assert_eq!(info.status, SnapshotStatus::Ready);
+    assert_eq!(info.tables.len(), 5);
+    assert!(info.size_bytes > 100_000);
+    assert!(info.stored_bytes < info.size_bytes, "lz4 made it smaller");
+    // The journal was asked for a cut in the snapshot's transaction.
+    let cuts = e.journal.cuts.lock().unwrap().clone();
+    assert_eq!(cuts.len(), 1);
+    assert!(cuts[0].as_deref().unwrap().contains(':'), "{cuts:?}");
+    assert_eq!(info.journal_cut.as_ref().unwrap().db_snapshot, cuts[0]);
+    let ev = sub.recv().await.unwrap().unwrap();
+    assert!(matches!(ev.event, Event::SnapshotCreated { snapshot, .. } if snapshot == info.id));
+
+    // Damage the live data every way, then restore.
+    let client = e.db.client().await;
+    client
+        .batch_execute(
+            "DELETE FROM shop.payments WHERE id % 3 = 0;
+             UPDATE shop.orders SET note = 'tampered' WHERE id % 7 = 0;
+             DELETE FROM shop.order_lines WHERE order_id % 11 = 0;
+             INSERT INTO shop.customers (id, email, full_name, country) VALUES (999999, 'x@y', 'X', 'DE');",
+        )
+        .await
+        .unwrap();
+    assert_ne!(table_hashes(&e.db, "shop").await, before);
+    let out = e
+        .snaps
+        .restore(RestoreRequest::new(info.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(out.tables.len(), 5);
+    assert_eq!(out.journal_cut, info.journal_cut);
+    assert_eq!(table_hashes(&e.db, "shop").await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_snapshot_deduplicates_and_both_restore() {
+    let e = env(3_000).await;
+    let first = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let v1 = table_hashes(&e.db, "shop").await;
+    let client = e.db.client().await;
+    client
+        .batch_execute("UPDATE shop.orders SET note = 'late' WHERE id BETWEEN 2900 AND 2930")
+        .await
+        .unwrap();
+    let v2 = table_hashes(&e.db, "shop").await;
+    let second = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    assert_eq!(second.base, Some(first.id));
+    assert!(
+        second.stored_bytes * 10 < first.stored_bytes,
+        "incremental stored {} vs full {}",
+        second.stored_bytes,
+        first.stored_bytes
+    );
+    // Scratch restore of the first, live restore of each in turn.
+    let out = e
+        .snaps
+        .restore(
+            RestoreRequest::new(first.id).target(RestoreTarget::Scratch {
+                schema: "scratch".into(),
+            }),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.tables[0].table.schema, "scratch");
+    assert_eq!(table_hashes(&e.db, "scratch").await, v1);
+    e.snaps
+        .restore(RestoreRequest::new(first.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&e.db, "shop").await, v1);
+    e.snaps
+        .restore(RestoreRequest::new(second.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&e.db, "shop").await, v2);
+    let stats = e.snaps.stats().await.unwrap();
+    assert_eq!(stats.snapshots.get("ready"), Some(&2));
+    assert!(stats.block_bytes < stats.logical_bytes / 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_by_primary_key_come_back_in_text_form() {
+    let e = env(2_000).await;
+    let info = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let client = e.db.client().await;
+    let expected = client
+        .query_one(
+            "SELECT id::text, status::text, total_cents::text, placed_at::text FROM shop.orders WHERE id = 1234",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("DELETE FROM shop.payments WHERE order_id = 1234; DELETE FROM shop.order_lines WHERE order_id = 1234; DELETE FROM shop.orders WHERE id = 1234")
+        .await
+        .unwrap();
+    let key = |id: &str| {
+        RowRef::new(
+            TableRef::new("shop", "orders"),
+            vec![ColumnValue::new("id", "bigint", Some(id))],
+        )
+    };
+    let line = RowRef::new(
+        TableRef::new("shop", "order_lines"),
+        vec![
+            ColumnValue::new("order_id", "bigint", Some("1234")),
+            ColumnValue::new("line_no", "integer", Some("1")),
+        ],
+    );
+    let rows = e
+        .snaps
+        .fetch_rows(
+            info.id,
+            &[key("1234"), key("99999999"), line.clone(), key("7")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3, "the absent key is absent");
+    assert_eq!(rows[0].get("id"), Some(Some("1234")));
+    assert_eq!(
+        rows[0].get("status"),
+        Some(Some(expected.get::<_, &str>(1)))
+    );
+    assert_eq!(
+        rows[0].get("total_cents"),
+        Some(Some(expected.get::<_, &str>(2)))
+    );
+    assert_eq!(
+        rows[0].get("placed_at"),
+        Some(Some(expected.get::<_, &str>(3)))
+    );
+    assert_eq!(rows[1].table.name, "order_lines");
+    assert_eq!(rows[1].row_ref(&["order_id", "line_no"]).unwrap(), line);
+    assert_eq!(rows[2].get("id"), Some(Some("7")));
+    // The fetched row can be put back as is.
+    let cols: Vec<String> = rows[0].values.iter().map(|c| c.column.clone()).collect();
+    let vals: Vec<String> = rows[0]
+        .values
+        .iter()
+        .map(|c| match &c.value {
+            Some(v) => format!("{}::{}", sanare_pg::quote_literal(v), c.type_name),
+            None => "NULL".into(),
+        })
+        .collect();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO shop.orders ({}) VALUES ({})",
+                cols.join(","),
+                vals.join(",")
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
+    let e = env(1_000).await;
+    let good = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let client = e.db.client().await;
+    client
+        .batch_execute("UPDATE shop.customers SET full_name = full_name || '!' WHERE id < 5")
+        .await
+        .unwrap();
+    let bad = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    assert!(
+        e.snaps
+            .verify(bad.id, &Control::detached())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    // Flip a bit in a block only the second snapshot has.
+    let store = e.snaps.store().clone();
+    let mut blocks = store.list("blocks/").await.unwrap();
+    blocks.sort_by_key(|b| b.modified);
+    let newest = blocks.last().unwrap().key.clone();
+    let path = e.store_dir.path().join(&newest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x04;
+    std::fs::write(&path, &bytes).unwrap();
+
+    // Restore refuses, names the damage, leaves the live tables as they were.
+    let live = table_hashes(&e.db, "shop").await;
+    let err = e
+        .snaps
+        .restore(RestoreRequest::new(bad.id), &Control::detached())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    let id = newest.rsplit('/').next().unwrap();
+    assert!(err.to_string().contains(id), "{err}");
+    assert_eq!(table_hashes(&e.db, "shop").await, live);
+
+    let report = e.snaps.verify(bad.id, &Control::detached()).await.unwrap();
+    assert!(!report.is_ok());
+    assert_eq!(report.blocks_corrupt, 1, "{report:?}");
+    let latest = e.snaps.latest_good(None).await.unwrap().unwrap();
+    assert_eq!(latest.id, good.id, "the corrupted one is skipped");
+
+    // A missing block.
+    let any = store.list("blocks/").await.unwrap()[0].key.clone();
+    store.delete(&any).await.unwrap();
+    let report = e.snaps.verify(good.id, &Control::detached()).await.unwrap();
+    assert_eq!(report.blocks_missing, 1, "{report:?}");
+    assert!(e.snaps.latest_good(None).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_capture_leaves_no_ready_snapshot() {
+    let e = env(1_000).await;
+    let first = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let (control, _progress) = Control::new();
+    control.cancel_token().cancel();
+    let err = e.snaps.create(shop(), &control).await.unwrap_err();
+    assert!(err.is_cancelled(), "{err}");
+    let all = e.snaps.list().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        all.iter()
+            .filter(|s| s.status == SnapshotStatus::Ready)
+            .count(),
+        1
+    );
+    assert_eq!(
+        e.snaps.latest_good(None).await.unwrap().unwrap().id,
+        first.id
+    );
+    assert!(
+        e.snaps
+            .verify(first.id, &Control::detached())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_restore_rolls_back_completely() {
+    let e = env(1_000).await;
+    let info = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    e.db.client()
+        .await
+        .batch_execute("DELETE FROM shop.payments")
+        .await
+        .unwrap();
+    let live = table_hashes(&e.db, "shop").await;
+    let (control, _p) = Control::new();
+    control.cancel_token().cancel();
+    let err = e
+        .snaps
+        .restore(RestoreRequest::new(info.id), &control)
+        .await
+        .unwrap_err();
+    assert!(err.is_cancelled());
+    assert_eq!(table_hashes(&e.db, "shop").await, live);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_restores_then_replays_after_the_cut() {
+    let e = env(500).await;
+    *e.journal.head.lock().unwrap() = 41;
+    let s1 = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let t1 = time::OffsetDateTime::now_utc();
+    *e.journal.head.lock().unwrap() = 90;
+    let _s2 = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let out = e.snaps.restore_to(t1, &Control::detached()).await.unwrap();
+    assert_eq!(out.restore.snapshot, s1.id);
+    assert!(out.replay.is_some());
+    let replays = e.journal.replays.lock().unwrap().clone();
+    assert_eq!(replays.len(), 1);
+    match &replays[0] {
+        ReplayRange::After(cut) => {
+            assert_eq!(cut.position, JournalPosition(41));
+            assert!(cut.db_snapshot.is_some());
+        }
+        other => panic!("unexpected range {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_and_identity_columns_are_restored() {
+    let e = env(100).await;
+    let client = e.db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE shop.notes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, n serial, body text,
+                                      len int GENERATED ALWAYS AS (length(body)) STORED);
+             INSERT INTO shop.notes (body) SELECT 'note ' || g FROM generate_series(1, 50) g;",
+        )
+        .await
+        .unwrap();
+    let info = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    client
+        .batch_execute("INSERT INTO shop.notes (body) SELECT 'more' FROM generate_series(1, 10)")
+        .await
+        .unwrap();
+    e.snaps
+        .restore(
+            RestoreRequest::new(info.id).tables([TableRef::new("shop", "notes")]),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    let r = client
+        .query_one(
+            "INSERT INTO shop.notes (body) VALUES ('next') RETURNING id, n, len",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 51);
+    assert_eq!(r.get::<_, i32>(1), 51);
+    assert_eq!(r.get::<_, i32>(2), 4);
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM shop.notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 51);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_and_gc_free_only_unreferenced_blocks() {
+    let e = env(500).await;
+    let client = e.db.client().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        client
+            .batch_execute(&format!("UPDATE shop.products SET name = name || '{i}'"))
+            .await
+            .unwrap();
+        ids.push(
+            e.snaps
+                .create(shop(), &Control::detached())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let deleted = e
+        .snaps
+        .apply_retention(&RetentionPolicy::new(1, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    let gc = e
+        .snaps
+        .gc(Duration::ZERO, &Control::detached())
+        .await
+        .unwrap();
+    assert!(gc.blocks_deleted > 0, "{gc:?}");
+    let kept = e.snaps.verify(ids[2], &Control::detached()).await.unwrap();
+    assert!(kept.is_ok(), "{kept:?}");
+    // A grace period keeps fresh unreferenced blocks.
+    let again = e
+        .snaps
+        .gc(Duration::from_secs(3600), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(again.blocks_deleted, 0);
+    e.snaps
+        .restore(RestoreRequest::new(ids[2]), &Control::detached())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_schema_is_never_captured() {
+    let e = env(100).await;
+    let err = e
+        .snaps
+        .create(
+            SnapshotRequest::new().tables([TableRef::new("sanare", "snapshots")]),
+            &Control::detached(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("never snapshotted"), "{err}");
+    let info = e
+        .snaps
+        .create(SnapshotRequest::new(), &Control::detached())
+        .await
+        .unwrap();
+    assert!(info.tables.iter().all(|t| t.table.schema != "sanare"));
+    assert_eq!(info.tables.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_store_passes_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::new(dir.path()).unwrap();
+    sanare_snapshot::testing::conformance(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_store_passes_conformance_and_backs_snapshots() {
+    let db = test_db().await;
+    let schema = SchemaName::new("snapmeta").unwrap();
+    let mut c = db.connect().await;
+    sanare_snapshot::migrate(&mut c, &schema).await.unwrap();
+    let store = PgStore::new(db.pool().clone(), &schema);
+    sanare_snapshot::testing::conformance(&store).await;
+    for o in store.list("").await.unwrap() {
+        store.delete(&o.key).await.unwrap();
+    }
+    let client = db.client().await;
+    order_service::install(&**client, "shop").await.unwrap();
+    order_service::generate(&**client, "shop", 300)
+        .await
+        .unwrap();
+    let snaps = Snapshots::builder()
+        .store(Arc::new(store))
+        .pool(db.pool().clone())
+        .schema(schema)
+        .build()
+        .unwrap();
+    let before = table_hashes(&db, "shop").await;
+    let info = snaps.create(shop(), &Control::detached()).await.unwrap();
+    assert!(info.journal_cut.is_none(), "no journal attached");
+    client
+        .batch_execute("DELETE FROM shop.payments")
+        .await
+        .unwrap();
+    snaps
+        .restore(RestoreRequest::new(info.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&db, "shop").await, before);
+}
+
+/// The child half of the crash test: captures until killed.
+async fn crash_child(url: &str, store: &str) {
+    let pool = sanare_pg::connect_pool(url, 4).unwrap();
+    let snaps = Snapshots::builder()
+        .store(Arc::new(FsStore::new(store).unwrap()))
+        .pool(pool)
+        .build()
+        .unwrap();
+    loop {
+        snaps.create(shop(), &Control::detached()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm() {
+    if let Ok(arg) = std::env::var("SANARE_SNAPSHOT_CRASH_CHILD") {
+        let (url, store) = arg.split_once('\n').unwrap();
+        crash_child(url, store).await;
+        return;
+    }
+    let e = env(20_000).await;
+    let good = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let before = table_hashes(&e.db, "shop").await;
+    let blocks_before = e.snaps.store().list("blocks/").await.unwrap().len();
+    // Change every row so the child writes new blocks.
+    e.db.client()
+        .await
+        .batch_execute("UPDATE shop.order_lines SET quantity = quantity + 1, amount_cents = (quantity + 1) * unit_price_cents")
+        .await
+        .unwrap();
+    let after_change = table_hashes(&e.db, "shop").await;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(
+            "SANARE_SNAPSHOT_CRASH_CHILD",
+            format!("{}\n{}", e.db.url(), e.store_dir.path().display()),
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the child is mid-capture: a `creating` row and new blocks on disk.
+    let client = e.db.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let creating: i64 = client
+            .query_one(
+                "SELECT count(*) FROM sanare.snapshots WHERE status = 'creating'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let blocks = e.snaps.store().list("blocks/").await.unwrap().len();
+        if creating > 0 && blocks > blocks_before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never started capturing"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child exited early"
+        );
+        tokio::task::yield_now().await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let ready: Vec<_> = e
+        .snaps
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.status == SnapshotStatus::Ready)
+        .collect();
+    // The child may have finished whole snapshots before the kill; every ready one
+    // must verify, and the one being written when killed is not ready.
+    assert!(ready.iter().any(|s| s.id == good.id));
+    assert!(
+        e.snaps
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.status == SnapshotStatus::Creating)
+    );
+    for s in &ready {
+        let r = e.snaps.verify(s.id, &Control::detached()).await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+    e.snaps
+        .restore(RestoreRequest::new(good.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&e.db, "shop").await, before);
+    if let Some(newer) = ready.iter().find(|s| s.id != good.id) {
+        e.snaps
+            .restore(RestoreRequest::new(newer.id), &Control::detached())
+            .await
+            .unwrap();
+        assert_eq!(table_hashes(&e.db, "shop").await, after_change);
+    }
+}
