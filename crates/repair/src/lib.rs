@@ -26,7 +26,7 @@
 //!
 //! # Decision table
 //!
-//! [`RepairEngine::plan`] gathers facts ([`TableFacts`]) and runs [`decide`]; host
+//! [`RepairService::plan`](sanare_core::RepairService::plan) (on [`RepairEngine`]) gathers facts ([`TableFacts`]) and runs [`decide`]; host
 //! strategies registered with [`RepairEngineBuilder::strategy`] are consulted first.
 //! The first matching row wins:
 //!

@@ -17,15 +17,23 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod config;
+mod handle;
 mod jobs;
 mod leader;
 mod scheduler;
 
 pub use config::SanareConfig;
+pub use handle::{Sanare, SanareBuilder, StartupReport};
 pub use jobs::{BatchStatus, Job, JobQueue};
 pub use leader::LeaderLease;
 pub use sanare_core as core;
 pub use sanare_core::{Control, Error, Event, EventBus, Result, Severity};
+pub use sanare_corruption as corruption;
+pub use sanare_integrity as integrity;
+pub use sanare_journal as journal;
+pub use sanare_recovery as recovery;
+pub use sanare_repair as repair;
+pub use sanare_snapshot as snapshot;
 pub use scheduler::Scheduler;
 
 use sanare_pg::{Migration, Migrations};

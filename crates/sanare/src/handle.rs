@@ -1,0 +1,411 @@
+//! `Sanare::builder()…build()`: the one call a host makes at start-up.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sanare_core::{AlertSink, Error, EventBus, JournalService, Result, SnapshotService};
+use sanare_corruption::CorruptionDetector;
+use sanare_integrity::{Checksummer, Integrity, IntegrityConfig, Rules};
+use sanare_journal::{Journal, JournalBuilder};
+use sanare_pg::{MigrationReport, Pool, SchemaName, get_conn};
+use sanare_recovery::{CrashDetector, CrashStore, HandlerOptions, PreviousRun, Recovery};
+use sanare_repair::RepairEngine;
+use sanare_snapshot::{BlockStore, FsStore, PgStore, Snapshots};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Codec, JournalBackend, SanareConfig, StorageConfig};
+
+/// What start-up found and did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct StartupReport {
+    /// How the previous run ended (with the crash record when it crashed).
+    pub previous_run: PreviousRun,
+    /// Migrations applied at this start, per component.
+    pub migrations: Vec<MigrationReport>,
+}
+
+impl StartupReport {
+    /// The crash of the previous run, if it crashed.
+    pub fn crash(&self) -> Option<&sanare_recovery::CrashRecord> {
+        self.previous_run.crash.as_ref()
+    }
+}
+
+type JournalHook = Box<dyn FnOnce(JournalBuilder) -> JournalBuilder + Send>;
+
+/// Builds a [`Sanare`].
+#[must_use]
+pub struct SanareBuilder {
+    config: SanareConfig,
+    pool: Option<Pool>,
+    database_url: Option<String>,
+    data_dir: Option<PathBuf>,
+    crash_handlers: bool,
+    events: Option<EventBus>,
+    rules: Rules,
+    alerts: Option<Arc<dyn AlertSink>>,
+    journal_hook: Option<JournalHook>,
+}
+
+impl std::fmt::Debug for SanareBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SanareBuilder")
+            .field("config", &self.config)
+            .field("data_dir", &self.data_dir)
+            .field("crash_handlers", &self.crash_handlers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// sanare, running inside a host: every component, wired.
+#[derive(Debug)]
+pub struct Sanare {
+    config: SanareConfig,
+    pool: Pool,
+    schema: SchemaName,
+    events: EventBus,
+    detector: CrashDetector,
+    crash_store: CrashStore,
+    journal: Journal,
+    snapshots: Arc<Snapshots>,
+    integrity: Arc<Integrity>,
+    repair: Arc<RepairEngine>,
+    corruption: Arc<CorruptionDetector>,
+    recovery: Recovery,
+    startup: StartupReport,
+    shutdown: CancellationToken,
+}
+
+impl Sanare {
+    /// A builder with the default configuration.
+    pub fn builder() -> SanareBuilder {
+        SanareBuilder {
+            config: SanareConfig::default(),
+            pool: None,
+            database_url: None,
+            data_dir: None,
+            crash_handlers: false,
+            events: None,
+            rules: Rules::default(),
+            alerts: None,
+            journal_hook: None,
+        }
+    }
+}
+
+impl SanareBuilder {
+    /// The whole configuration (from a file, the environment or code).
+    pub fn config(mut self, config: SanareConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The host's connection pool (preferred).
+    pub fn pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// A connection string, when the host has no pool to share.
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.database_url = Some(url.into());
+        self
+    }
+
+    /// Where the embedded journal, snapshot blocks, crash spool and shutdown marker
+    /// live (overrides `data_dir` of the configuration).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Installs the panic hook and fatal-signal handlers at build (off unless asked).
+    pub fn install_crash_handlers(mut self) -> Self {
+        self.crash_handlers = true;
+        self
+    }
+
+    /// The event bus to publish on (a new one by default).
+    pub fn events(mut self, events: EventBus) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Declared integrity rules.
+    pub fn rules(mut self, rules: Rules) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// Where corruption alerts go.
+    pub fn alerts(mut self, sink: Arc<dyn AlertSink>) -> Self {
+        self.alerts = Some(sink);
+        self
+    }
+
+    /// Customises the journal (register replay handlers, tune batching).
+    pub fn journal(
+        mut self,
+        hook: impl FnOnce(JournalBuilder) -> JournalBuilder + Send + 'static,
+    ) -> Self {
+        self.journal_hook = Some(Box::new(hook));
+        self
+    }
+
+    /// Connects, runs every component's migrations, checks how the previous run
+    /// ended (recording its crash), marks this run as running, and wires the
+    /// components.
+    pub async fn build(self) -> Result<Sanare> {
+        let config = self.config;
+        config.validate()?;
+        let schema = config.schema_name()?;
+        let pool = match (
+            self.pool,
+            self.database_url.or_else(|| config.database_url.clone()),
+        ) {
+            (Some(pool), _) => pool,
+            (None, Some(url)) => sanare_pg::connect_pool(&url, 16)?,
+            (None, None) => {
+                return Err(Error::config(
+                    "database_url",
+                    "no database: pass `.pool(..)` or `.database_url(..)`, or set `database_url`",
+                ));
+            }
+        };
+        let data_dir = self.data_dir.unwrap_or_else(|| config.data_dir.clone());
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            Error::io(
+                format!("creating the data directory {}", data_dir.display()),
+                e,
+            )
+        })?;
+        let events = self.events.unwrap_or_default();
+
+        let mut migrations = Vec::new();
+        {
+            let mut client = get_conn(&pool).await?;
+            for m in [
+                crate::MIGRATIONS,
+                sanare_journal::MIGRATIONS,
+                sanare_snapshot::MIGRATIONS,
+                sanare_integrity::MIGRATIONS,
+                sanare_repair::MIGRATIONS,
+                sanare_recovery::MIGRATIONS,
+                sanare_corruption::MIGRATIONS,
+            ] {
+                migrations.push(m.run(&mut client, &schema).await?);
+            }
+        }
+
+        let detector = CrashDetector::builder()
+            .data_dir(data_dir.join("recovery"))
+            .version(env!("CARGO_PKG_VERSION"))
+            .events(events.clone())
+            .build()?;
+        let previous_run = detector.detect_previous_run()?;
+        let crash_store = CrashStore::new(pool.clone(), schema.clone());
+        if let Some(crash) = &previous_run.crash {
+            // Persist before `mark_running` clears the spool.
+            crash_store.record(crash).await?;
+        }
+        detector.mark_running()?;
+        if self.crash_handlers {
+            detector.install_handlers(HandlerOptions::default())?;
+        }
+
+        let journal_builder = match config.journal.backend {
+            JournalBackend::Wal => Journal::wal(data_dir.join("journal")),
+            JournalBackend::Postgres => Journal::postgres(pool.clone(), schema.clone()),
+        }
+        .handler_database(pool.clone(), schema.clone())
+        .events(events.clone())
+        .migrate(false);
+        let journal_builder = match self.journal_hook {
+            Some(hook) => hook(journal_builder),
+            None => journal_builder,
+        };
+        let journal = journal_builder.build().await?;
+        let journal_service: Arc<dyn JournalService> = Arc::new(journal.clone());
+
+        let store: Arc<dyn BlockStore> = match &config.snapshots.storage {
+            StorageConfig::Filesystem { path } => Arc::new(FsStore::new(
+                path.clone().unwrap_or_else(|| data_dir.join("snapshots")),
+            )?),
+            StorageConfig::Postgres => Arc::new(PgStore::new(pool.clone(), &schema)),
+            StorageConfig::S3 { .. } => {
+                return Err(Error::config(
+                    "snapshots.storage",
+                    "S3-compatible storage is not available in this release; use `filesystem` or `postgres`",
+                ));
+            }
+        };
+        let mut snapshot_config = sanare_snapshot::SnapshotConfig::default();
+        snapshot_config.codec = match config.snapshots.codec {
+            Codec::Lz4 => sanare_snapshot::Codec::Lz4,
+            Codec::Brotli => sanare_snapshot::Codec::Brotli,
+            Codec::None => sanare_snapshot::Codec::None,
+        };
+        snapshot_config.default_schemas = config.snapshots.schemas.clone();
+        let snapshots = Arc::new(
+            Snapshots::builder()
+                .store(store)
+                .pool(pool.clone())
+                .schema(schema.clone())
+                .journal(journal_service.clone())
+                .events(events.clone())
+                .config(snapshot_config)
+                .build()?,
+        );
+        let snapshot_service: Arc<dyn SnapshotService> = snapshots.clone();
+
+        let mut integrity_config = IntegrityConfig::default();
+        integrity_config.chunk_rows = u64::from(config.validation.chunk_size);
+        integrity_config.parallelism = usize::from(config.validation.parallelism);
+        integrity_config.chunk_timeout = config.validation.chunk_timeout;
+        integrity_config.report_dir = data_dir.join("reports");
+        let rules = match &config.validation.rules_file {
+            Some(path) => Rules::from_toml_file(path)?,
+            None => self.rules,
+        };
+        let integrity = Arc::new(
+            Integrity::builder()
+                .pool(pool.clone())
+                .schema(schema.clone())
+                .rules(rules)
+                .events(events.clone())
+                .config(integrity_config)
+                .build()?,
+        );
+
+        let mut repair_config = sanare_repair::RepairConfig::default();
+        repair_config.approval_severity = Some(config.repair.approval_threshold);
+        repair_config.approval_max_rows = config.repair.max_rows_without_approval;
+        repair_config.statement_timeout = config.repair.max_duration;
+        let repair = Arc::new(
+            RepairEngine::builder()
+                .pool(pool.clone())
+                .schema(schema.clone())
+                .snapshots(snapshot_service.clone())
+                .journal(journal_service.clone())
+                .events(events.clone())
+                .config(repair_config)
+                .build()?,
+        );
+
+        let mut corruption = CorruptionDetector::builder()
+            .pool(pool.clone())
+            .schema(schema.clone())
+            .checksum(Arc::new(Checksummer::sha256()))
+            .snapshots(snapshot_service.clone())
+            .journal(journal_service.clone())
+            .events(events.clone());
+        if let Some(alerts) = self.alerts {
+            corruption = corruption.alerts(alerts);
+        }
+        let corruption = Arc::new(corruption.build()?);
+
+        let recovery = Recovery::builder()
+            .snapshots(snapshot_service)
+            .journal(journal_service)
+            .integrity(integrity.clone())
+            .repair(repair.clone())
+            .crash_store(crash_store.clone())
+            .events(events.clone())
+            .build();
+
+        Ok(Sanare {
+            config,
+            pool,
+            schema,
+            events,
+            detector,
+            crash_store,
+            journal,
+            snapshots,
+            integrity,
+            repair,
+            corruption,
+            recovery,
+            startup: StartupReport {
+                previous_run,
+                migrations,
+            },
+            shutdown: CancellationToken::new(),
+        })
+    }
+}
+
+impl Sanare {
+    /// What start-up found (the previous run's crash, migrations applied).
+    pub fn startup_report(&self) -> &StartupReport {
+        &self.startup
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &SanareConfig {
+        &self.config
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The schema of sanare's tables.
+    pub fn schema(&self) -> &SchemaName {
+        &self.schema
+    }
+
+    /// The transaction journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Snapshots.
+    pub fn snapshots(&self) -> &Arc<Snapshots> {
+        &self.snapshots
+    }
+
+    /// Integrity validation.
+    pub fn integrity(&self) -> &Arc<Integrity> {
+        &self.integrity
+    }
+
+    /// The repair engine.
+    pub fn repair(&self) -> &Arc<RepairEngine> {
+        &self.repair
+    }
+
+    /// Corruption detection.
+    pub fn corruption(&self) -> &Arc<CorruptionDetector> {
+        &self.corruption
+    }
+
+    /// Recovery orchestration.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Crash records.
+    pub fn crashes(&self) -> &CrashStore {
+        &self.crash_store
+    }
+
+    /// The event bus; `events().subscribe()` to follow everything.
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    /// A token cancelled at shutdown, for the host's own long work.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Shuts down cleanly: cancels running work and clears the shutdown marker, so
+    /// the next start knows this run ended cleanly.
+    pub async fn shutdown(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.detector.mark_clean_shutdown()
+    }
+}
