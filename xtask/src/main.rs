@@ -203,7 +203,6 @@ fn demo(args: &[String]) -> Result<(), String> {
             .args([
                 "run",
                 "--quiet",
-                "--release",
                 "-p",
                 "sanare-examples",
                 "--bin",
