@@ -48,7 +48,31 @@ struct Cli {
 enum Command {
     /// Schema versions of each component and what sanare's tables hold.
     Status,
+    /// Validate integrity (every host table unless `--table` is given); exits 3 when
+    /// violations are found.
+    Validate {
+        /// Only these tables (`schema.table`), repeatable.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Write every violation as CSV to this file.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
+    /// Crash records.
+    Crashes {
+        #[command(subcommand)]
+        command: CrashesCommand,
+    },
 }
+
+#[derive(Debug, Subcommand)]
+enum CrashesCommand {
+    /// Every recorded crash, newest first.
+    List,
+}
+
+/// Exit code: success, and findings exist.
+const EXIT_FINDINGS: u8 = 3;
 
 struct Context {
     config: SanareConfig,
@@ -120,6 +144,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let ctx = Context::new(&cli)?;
     match cli.command {
         Command::Status => status(&ctx).await,
+        Command::Validate { table, csv } => validate(&ctx, &table, csv.as_deref()).await,
+        Command::Crashes {
+            command: CrashesCommand::List,
+        } => crashes_list(&ctx).await,
     }
 }
 
@@ -217,6 +245,96 @@ async fn status(ctx: &Context) -> anyhow::Result<u8> {
                 }),
             );
         }
+    });
+    Ok(0)
+}
+
+async fn migrate(ctx: &Context, pool: &sanare_pg::Pool) -> anyhow::Result<()> {
+    let mut client = sanare_pg::get_conn(pool).await?;
+    for m in [sanare::integrity::MIGRATIONS, sanare::recovery::MIGRATIONS] {
+        m.run(&mut client, &ctx.schema).await?;
+    }
+    Ok(())
+}
+
+async fn validate(
+    ctx: &Context,
+    tables: &[String],
+    csv: Option<&std::path::Path>,
+) -> anyhow::Result<u8> {
+    use sanare::core::{Control, TableRef, ValidationScope};
+    let pool = sanare_pg::connect_pool(&ctx.url, 8)?;
+    migrate(ctx, &pool).await?;
+    let tables = tables
+        .iter()
+        .map(|t| TableRef::parse(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut config = sanare::integrity::IntegrityConfig::default();
+    config.parallelism = usize::from(ctx.config.validation.parallelism);
+    config.chunk_rows = u64::from(ctx.config.validation.chunk_size);
+    config.report_dir = std::env::temp_dir().join("sanare-reports");
+    let rules = match &ctx.config.validation.rules_file {
+        Some(path) => sanare::integrity::Rules::from_toml_file(path)?,
+        None => sanare::integrity::Rules::default(),
+    };
+    let integrity = sanare::integrity::Integrity::builder()
+        .pool(pool)
+        .schema(ctx.schema.clone())
+        .rules(rules)
+        .config(config)
+        .build()?;
+    let report = integrity
+        .run(ValidationScope::all().tables(tables), &Control::detached())
+        .await?;
+    if let Some(path) = csv {
+        let mut file = std::fs::File::create(path)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+        integrity.export_csv(report.id, &mut file).await?;
+    }
+    let total: u64 = report.violations_by_severity.values().sum();
+    ctx.out.print(&serde_json::to_value(&report)?, |out| {
+        out.line(format!(
+            "check {}: {} tables, {} rows in {:.1}s — {} violations",
+            report.id,
+            report.tables_checked,
+            report.rows_checked,
+            report.duration.as_secs_f64(),
+            total
+        ));
+        if total > 0 {
+            out.table(
+                &["severity", "violations"],
+                report
+                    .violations_by_severity
+                    .iter()
+                    .map(|(s, n)| vec![s.to_string(), n.to_string()]),
+            );
+            out.line(&report.recommended_action);
+        }
+    });
+    Ok(if total > 0 { EXIT_FINDINGS } else { 0 })
+}
+
+async fn crashes_list(ctx: &Context) -> anyhow::Result<u8> {
+    let pool = sanare_pg::connect_pool(&ctx.url, 2)?;
+    migrate(ctx, &pool).await?;
+    let store = sanare::recovery::CrashStore::new(pool, ctx.schema.clone());
+    let crashes = store.history(None, None).await?;
+    ctx.out.print(&serde_json::to_value(&crashes)?, |out| {
+        if crashes.is_empty() {
+            out.line("no crashes recorded");
+        }
+        out.table(
+            &["detected", "kind", "severity", "message"],
+            crashes.iter().map(|c| {
+                vec![
+                    c.crash.detected_at.to_string(),
+                    c.crash.kind.as_str().to_owned(),
+                    c.crash.severity.to_string(),
+                    c.crash.message.clone().unwrap_or_default(),
+                ]
+            }),
+        );
     });
     Ok(0)
 }

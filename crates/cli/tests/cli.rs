@@ -73,3 +73,62 @@ async fn bad_input_gives_clear_errors_and_exit_codes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Bad-Schema"));
 }
+
+#[tokio::test]
+async fn validate_reports_violations_with_exit_code_3_and_writes_csv() {
+    let db = sanare_testing::test_db().await;
+    let client = db.client().await;
+    sanare_testing::fixtures::order_service::install(&**client, "shop")
+        .await
+        .unwrap();
+    sanare_testing::fixtures::order_service::generate(&**client, "shop", 100)
+        .await
+        .unwrap();
+    let out = sanare(&db, &["validate", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    client
+        .batch_execute("SET session_replication_role = replica; DELETE FROM shop.customers WHERE id = 3; SET session_replication_role = origin;")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("violations.csv");
+    let out = sanare(
+        &db,
+        &[
+            "validate",
+            "--table",
+            "shop.orders",
+            "--csv",
+            csv.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("violations"));
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert!(csv.lines().count() > 1, "{csv}");
+}
+
+#[tokio::test]
+async fn crashes_list_shows_recorded_crashes() {
+    let db = sanare_testing::test_db().await;
+    let out = sanare(&db, &["crashes", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 0);
+    let out = sanare(&db, &["crashes", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no crashes recorded"));
+}
