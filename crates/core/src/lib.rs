@@ -53,7 +53,7 @@ pub use journal::{
 pub use repair::{
     ExecuteOptions, RepairOutcome, RepairPlan, RepairService, RepairStatus, RepairStrategyKind,
 };
-pub use row::{ColumnValue, RowChecksum, RowImage, RowRef, TableRef};
+pub use row::{ColumnValue, RowChecksum, RowImage, RowRef, TableRef, quote_ident};
 pub use severity::Severity;
 pub use snapshot::{
     RestoreOutcome, RestoreRequest, RestoreTarget, SnapshotInfo, SnapshotRequest, SnapshotService,

@@ -50,8 +50,9 @@ impl fmt::Display for TableRef {
     }
 }
 
-/// Quotes an SQL identifier: wraps it in double quotes and doubles embedded quotes.
-pub(crate) fn quote_ident(ident: &str) -> String {
+/// Quotes an SQL identifier: wraps it in double quotes and doubles embedded quotes,
+/// so any name is safe to splice into SQL (`we"ird` → `"we""ird"`).
+pub fn quote_ident(ident: &str) -> String {
     let mut out = String::with_capacity(ident.len() + 2);
     out.push('"');
     for c in ident.chars() {

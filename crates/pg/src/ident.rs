@@ -3,19 +3,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// Quotes an SQL identifier: wraps it in double quotes and doubles embedded quotes.
-pub fn quote_ident(ident: &str) -> String {
-    let mut out = String::with_capacity(ident.len() + 2);
-    out.push('"');
-    for c in ident.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
-}
+/// Quotes an SQL identifier (the one implementation, from `sanare-core`).
+pub use sanare_core::quote_ident;
 
 /// Quotes an SQL string literal (standard-conforming strings): wraps it in single
 /// quotes and doubles embedded quotes. Prefer bind parameters; use this only where
