@@ -99,6 +99,9 @@ pub enum PreviousOutcome {
     Clean,
     /// It crashed; see [`PreviousRun::crash`].
     Crashed,
+    /// Not checked: crash detection is off, or the handle belongs to an operator
+    /// tool rather than the service.
+    NotChecked,
 }
 
 /// What [`CrashDetector::detect_previous_run`] found.
@@ -118,6 +121,17 @@ pub struct PreviousRun {
 }
 
 impl PreviousRun {
+    /// The report of a start that did not check how the previous run ended.
+    pub fn unchecked() -> Self {
+        Self {
+            outcome: PreviousOutcome::NotChecked,
+            crash: None,
+            records: Vec::new(),
+            spool_problems: Vec::new(),
+            detection_time: Duration::ZERO,
+        }
+    }
+
     /// Whether the previous run crashed.
     pub fn crashed(&self) -> bool {
         self.outcome == PreviousOutcome::Crashed

@@ -8,12 +8,17 @@ use sanare_corruption::CorruptionDetector;
 use sanare_integrity::{Checksummer, Integrity, IntegrityConfig, Rules};
 use sanare_journal::{Journal, JournalBuilder};
 use sanare_pg::{MigrationReport, Pool, SchemaName, get_conn};
-use sanare_recovery::{CrashDetector, CrashStore, HandlerOptions, PreviousRun, Recovery};
+use sanare_recovery::{
+    CrashDetector, CrashStore, HandlerOptions, PreviousRun, Recovery, RecoveryOption,
+    RecoveryOptions, RecoveryResult,
+};
 use sanare_repair::RepairEngine;
 use sanare_snapshot::{BlockStore, FsStore, PgStore, Snapshots};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Codec, JournalBackend, SanareConfig, StorageConfig};
+use crate::JobQueue;
+use crate::background::{Background, Components, Timing};
+use crate::config::{AlertsConfig, Codec, JournalBackend, SanareConfig, StorageConfig};
 
 /// What start-up found and did.
 #[derive(Debug)]
@@ -23,6 +28,10 @@ pub struct StartupReport {
     pub previous_run: PreviousRun,
     /// Migrations applied at this start, per component.
     pub migrations: Vec<MigrationReport>,
+    /// The automatic recovery run at start-up (`auto_recovery`), when the previous
+    /// run crashed: its result, or why it could not run. A failed recovery does not
+    /// fail the start; [`Sanare::recovery`]`().readiness()` then reports not ready.
+    pub recovery: Option<std::result::Result<RecoveryResult, Error>>,
 }
 
 impl StartupReport {
@@ -46,6 +55,10 @@ pub struct SanareBuilder {
     rules: Rules,
     alerts: Option<Arc<dyn AlertSink>>,
     journal_hook: Option<JournalHook>,
+    operator: bool,
+    background: bool,
+    instance: Option<String>,
+    timing: Timing,
 }
 
 impl std::fmt::Debug for SanareBuilder {
@@ -54,6 +67,8 @@ impl std::fmt::Debug for SanareBuilder {
             .field("config", &self.config)
             .field("data_dir", &self.data_dir)
             .field("crash_handlers", &self.crash_handlers)
+            .field("operator", &self.operator)
+            .field("background", &self.background)
             .finish_non_exhaustive()
     }
 }
@@ -61,7 +76,7 @@ impl std::fmt::Debug for SanareBuilder {
 /// sanare, running inside a host: every component, wired.
 #[derive(Debug)]
 pub struct Sanare {
-    config: SanareConfig,
+    config: Arc<SanareConfig>,
     pool: Pool,
     schema: SchemaName,
     events: EventBus,
@@ -75,6 +90,9 @@ pub struct Sanare {
     recovery: Recovery,
     startup: StartupReport,
     shutdown: CancellationToken,
+    operator: bool,
+    background: Option<Background>,
+    monitor: Option<sanare_corruption::MonitorHandle>,
 }
 
 impl Sanare {
@@ -90,6 +108,10 @@ impl Sanare {
             rules: Rules::default(),
             alerts: None,
             journal_hook: None,
+            operator: false,
+            background: true,
+            instance: None,
+            timing: Timing::default(),
         }
     }
 }
@@ -153,6 +175,38 @@ impl SanareBuilder {
         self
     }
 
+    /// Builds a handle for a tool that operates on a service's data from outside
+    /// (the `sanare` CLI): migrations run and every component is available, but
+    /// the crash check does not run, the service's shutdown marker and crash spool
+    /// are left untouched, no crash handlers are installed and no background work
+    /// starts.
+    pub fn operator(mut self) -> Self {
+        self.operator = true;
+        self
+    }
+
+    /// Whether this instance runs the background work of the configuration
+    /// (scheduled snapshots, compaction, validation and scans; on by default).
+    /// Scheduled tasks run on one instance at a time; their table jobs on all.
+    pub fn background(mut self, on: bool) -> Self {
+        self.background = on;
+        self
+    }
+
+    /// This instance's name among the service's instances (in job and scheduler
+    /// records; default `<hostname>:<pid>`).
+    pub fn instance_name(mut self, name: impl Into<String>) -> Self {
+        self.instance = Some(name.into());
+        self
+    }
+
+    /// How often the scheduler looks for due tasks and the job worker for jobs
+    /// (default 5 s).
+    pub fn poll_interval(mut self, every: std::time::Duration) -> Self {
+        self.timing.poll = every.max(std::time::Duration::from_millis(10));
+        self
+    }
+
     /// Connects, runs every component's migrations, checks how the previous run
     /// ended (recording its crash), marks this run as running, and wires the
     /// components.
@@ -203,14 +257,20 @@ impl SanareBuilder {
             .version(env!("CARGO_PKG_VERSION"))
             .events(events.clone())
             .build()?;
-        let previous_run = detector.detect_previous_run()?;
         let crash_store = CrashStore::new(pool.clone(), schema.clone());
-        if let Some(crash) = &previous_run.crash {
-            // Persist before `mark_running` clears the spool.
-            crash_store.record(crash).await?;
-        }
-        detector.mark_running()?;
-        if self.crash_handlers {
+        let service = !self.operator;
+        let previous_run = if service && config.crash_detection.enabled {
+            let previous_run = detector.detect_previous_run()?;
+            if let Some(crash) = &previous_run.crash {
+                // Persist before `mark_running` clears the spool.
+                crash_store.record(crash).await?;
+            }
+            detector.mark_running()?;
+            previous_run
+        } else {
+            PreviousRun::unchecked()
+        };
+        if service && self.crash_handlers {
             detector.install_handlers(HandlerOptions::default())?;
         }
 
@@ -300,7 +360,9 @@ impl SanareBuilder {
             .snapshots(snapshot_service.clone())
             .journal(journal_service.clone())
             .events(events.clone());
-        if let Some(alerts) = self.alerts {
+        if let Some(alerts) = self.alerts.or(alert_sinks(&config.corruption.alerts)?)
+            && config.corruption.alert_on_detection
+        {
             corruption = corruption.alerts(alerts);
         }
         let corruption = Arc::new(corruption.build()?);
@@ -313,6 +375,42 @@ impl SanareBuilder {
             .crash_store(crash_store.clone())
             .events(events.clone())
             .build();
+
+        let recovery_outcome = match &previous_run.crash {
+            Some(crash) if service && config.auto_recovery => {
+                let plan = recovery.plan(Some(crash), RecoveryOptions::new(RecoveryOption::Auto));
+                tracing::info!(crash = %crash.id, kind = crash.kind.as_str(), steps = ?plan.steps, "recovering automatically");
+                Some(
+                    recovery
+                        .recover(&plan, &sanare_core::Control::detached())
+                        .await,
+                )
+            }
+            _ => None,
+        };
+
+        let shutdown = CancellationToken::new();
+        let monitor =
+            (service && config.corruption.real_time).then(|| corruption.start_monitor(Vec::new()));
+        let config = Arc::new(config);
+        let background = (service && self.background).then(|| {
+            let instance = self.instance.unwrap_or_else(default_instance_name);
+            Background::start(
+                Components {
+                    config: config.clone(),
+                    pool: pool.clone(),
+                    schema: schema.clone(),
+                    journal: journal.clone(),
+                    snapshots: snapshots.clone(),
+                    integrity: integrity.clone(),
+                    repair: repair.clone(),
+                    corruption: corruption.clone(),
+                },
+                &instance,
+                &self.timing,
+                &shutdown,
+            )
+        });
 
         Ok(Sanare {
             config,
@@ -330,8 +428,12 @@ impl SanareBuilder {
             startup: StartupReport {
                 previous_run,
                 migrations,
+                recovery: recovery_outcome,
             },
-            shutdown: CancellationToken::new(),
+            shutdown,
+            operator: self.operator,
+            background,
+            monitor,
         })
     }
 }
@@ -345,6 +447,11 @@ impl Sanare {
     /// The configuration in effect.
     pub fn config(&self) -> &SanareConfig {
         &self.config
+    }
+
+    /// The job queue shared by the service's instances.
+    pub fn jobs(&self) -> JobQueue {
+        JobQueue::new(self.pool.clone(), &self.schema)
     }
 
     /// The connection pool.
@@ -402,10 +509,98 @@ impl Sanare {
         self.shutdown.clone()
     }
 
-    /// Shuts down cleanly: cancels running work and clears the shutdown marker, so
-    /// the next start knows this run ended cleanly.
-    pub async fn shutdown(self) -> Result<()> {
+    /// Shuts down cleanly: cancels running work, waits for the background tasks
+    /// and the real-time monitor to stop, and clears the shutdown marker, so the
+    /// next start knows this run ended cleanly.
+    pub async fn shutdown(mut self) -> Result<()> {
         self.shutdown.cancel();
+        if let Some(background) = self.background.take() {
+            background.join().await;
+        }
+        if let Some(monitor) = self.monitor.take() {
+            monitor.stop().await;
+        }
+        if self.operator {
+            return Ok(());
+        }
         self.detector.mark_clean_shutdown()
+    }
+}
+
+fn default_instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// The alert sinks named by the configuration, behind one dispatcher (batching,
+/// rate limits, retries, never blocking detection); `None` when none is configured.
+fn alert_sinks(config: &AlertsConfig) -> Result<Option<Arc<dyn AlertSink>>> {
+    use sanare_corruption::{
+        AlertDispatcher, EmailSink, PagerDutySink, Route, SlackSink, WebhookSink,
+    };
+    let min = config.min_severity.unwrap_or(sanare_core::Severity::Low);
+    let mut routes = Vec::new();
+    if let Some(url) = &config.webhook_url {
+        let secret = config.webhook_secret.as_deref().ok_or_else(|| {
+            Error::config(
+                "corruption.alerts.webhook_secret",
+                "a webhook URL needs its signing secret (`whsec_…`)",
+            )
+        })?;
+        routes.push(Route::new(Arc::new(WebhookSink::new(url.clone(), secret)?)));
+    }
+    if let Some(url) = &config.slack_webhook_url {
+        routes.push(Route::new(Arc::new(SlackSink::new(url.clone())?)));
+    }
+    if let Some(key) = &config.pagerduty_routing_key {
+        // PagerDuty keys incidents by dedup key: never merge alerts.
+        routes.push(Route::new(Arc::new(PagerDutySink::new(key.clone())?)).batch(false));
+    }
+    if let Some(smtp) = &config.smtp_url {
+        let (host, port) = parse_smtp_url(smtp)?;
+        let from = config.email_from.as_deref().ok_or_else(|| {
+            Error::config(
+                "corruption.alerts.email_from",
+                "an SMTP server needs a sender address",
+            )
+        })?;
+        if config.email_to.is_empty() {
+            return Err(Error::config(
+                "corruption.alerts.email_to",
+                "an SMTP server needs at least one recipient",
+            ));
+        }
+        let to: Vec<&str> = config.email_to.iter().map(String::as_str).collect();
+        routes.push(Route::new(Arc::new(EmailSink::new(
+            &host, port, from, &to,
+        )?)));
+    }
+    if routes.is_empty() {
+        return Ok(None);
+    }
+    let mut dispatcher = AlertDispatcher::builder();
+    for route in routes {
+        dispatcher = dispatcher.route(route.min_severity(min));
+    }
+    Ok(Some(Arc::new(dispatcher.build())))
+}
+
+fn parse_smtp_url(url: &str) -> Result<(String, u16)> {
+    let bad = || {
+        Error::config(
+            "corruption.alerts.smtp_url",
+            format!("`{url}` is not `smtp://host[:port]`"),
+        )
+    };
+    let rest = url.strip_prefix("smtp://").ok_or_else(bad)?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => {
+            Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
+        }
+        None if !rest.is_empty() => Ok((rest.to_owned(), 25)),
+        _ => Err(bad()),
     }
 }

@@ -16,12 +16,14 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod background;
 pub mod config;
 mod handle;
 mod jobs;
 mod leader;
 mod scheduler;
 
+pub use background::{JOB_SCAN_TABLE, JOB_VALIDATE_TABLE, task};
 pub use config::SanareConfig;
 pub use handle::{Sanare, SanareBuilder, StartupReport};
 pub use jobs::{BatchStatus, Job, JobQueue};

@@ -1237,6 +1237,26 @@ impl Snapshots {
         Ok(deleted)
     }
 
+    /// Deletes one snapshot: marks it deleted and removes its index and manifest.
+    /// Its blocks are freed by [`Snapshots::gc`] once no other snapshot uses them.
+    /// A snapshot still being written cannot be deleted.
+    pub async fn delete(&self, id: SnapshotId) -> Result<SnapshotInfo> {
+        let info = self.get(id).await?;
+        match info.status {
+            SnapshotStatus::Creating => {
+                return Err(Error::conflict(format!(
+                    "snapshot {id} is still being written; wait for it to finish, or let GC clean up after a crashed capture"
+                )));
+            }
+            SnapshotStatus::Deleted => return Ok(info),
+            _ => {}
+        }
+        self.set_status(id, SnapshotStatus::Deleted, None).await?;
+        self.inner.store.delete(&manifest_key(id)).await?;
+        self.inner.store.delete(&index_key(id)).await?;
+        self.get(id).await
+    }
+
     /// Mark-and-sweep of blocks no live snapshot references. Waits for running
     /// captures (a capture holds a shared lock GC takes exclusively) and keeps
     /// unreferenced blocks younger than `grace` (a capture that crashed may be retried).

@@ -1,0 +1,298 @@
+//! The work a running service does on its own: scheduled snapshots, retention,
+//! compaction, validation and corruption scans.
+//!
+//! Every instance runs the [`Scheduler`] and a job worker. Only the leading
+//! instance (see [`LeaderLease`](crate::LeaderLease)) runs the scheduled tasks;
+//! a scan is not run by the leader alone but split into one job per table in the
+//! [`JobQueue`], which every instance's worker claims with `FOR UPDATE SKIP LOCKED`,
+//! so a large validation spreads over all instances.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sanare_core::{
+    Control, Error, ExecuteOptions, RepairService, Result, SnapshotRequest, SnapshotService,
+    TableRef, ValidationScope,
+};
+use sanare_corruption::CorruptionDetector;
+use sanare_integrity::{Integrity, ViolationQuery};
+use sanare_journal::Journal;
+use sanare_pg::{Pool, SchemaName, get_conn};
+use sanare_repair::RepairEngine;
+use sanare_snapshot::{RetentionPolicy, Snapshots};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SanareConfig;
+use crate::{Job, JobQueue, Scheduler};
+
+/// Job kind: validate one table.
+pub const JOB_VALIDATE_TABLE: &str = "integrity.table";
+/// Job kind: scan one table for corruption.
+pub const JOB_SCAN_TABLE: &str = "corruption.table";
+
+/// Names of the scheduled tasks, as they appear in `<schema>.scheduled_tasks`.
+pub mod task {
+    /// Takes a snapshot, then applies retention and collects unreferenced blocks.
+    pub const SNAPSHOT: &str = "snapshots.create";
+    /// Compacts sealed journal data and purges entries covered by a snapshot and
+    /// older than the retention.
+    pub const COMPACT: &str = "journal.compact";
+    /// Enqueues one validation job per host table.
+    pub const VALIDATE: &str = "integrity.validate";
+    /// Enqueues one corruption-scan job per host table.
+    pub const SCAN: &str = "corruption.scan";
+}
+
+/// Everything the background work needs, cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Components {
+    pub(crate) config: Arc<SanareConfig>,
+    pub(crate) pool: Pool,
+    pub(crate) schema: SchemaName,
+    pub(crate) journal: Journal,
+    pub(crate) snapshots: Arc<Snapshots>,
+    pub(crate) integrity: Arc<Integrity>,
+    pub(crate) repair: Arc<RepairEngine>,
+    pub(crate) corruption: Arc<CorruptionDetector>,
+}
+
+/// How the background work is tuned (tests shorten the intervals).
+#[derive(Clone, Debug)]
+pub(crate) struct Timing {
+    /// Scheduler poll and job-queue poll.
+    pub(crate) poll: Duration,
+    /// How long a claimed job is leased before another instance may take it over.
+    pub(crate) lease: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_secs(5),
+            lease: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// The running background tasks of one instance.
+#[derive(Debug)]
+pub(crate) struct Background {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Starts the scheduler (tasks from the configuration) and the job worker.
+    pub(crate) fn start(
+        c: Components,
+        instance: &str,
+        timing: &Timing,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let mut scheduler =
+            Scheduler::new(c.pool.clone(), c.schema.clone(), instance).poll_interval(timing.poll);
+        if let Some(every) = c.config.snapshots.interval {
+            let c = c.clone();
+            scheduler = scheduler.task(task::SNAPSHOT, every, move |control| {
+                let c = c.clone();
+                async move { scheduled_snapshot(&c, &control).await }
+            });
+        }
+        if c.config.journal.enabled
+            && let Some(every) = c.config.journal.compaction_interval
+        {
+            let c = c.clone();
+            scheduler = scheduler.task(task::COMPACT, every, move |control| {
+                let c = c.clone();
+                async move { scheduled_compaction(&c, &control).await }
+            });
+        }
+        if let Some(every) = c.config.validation.interval {
+            let c = c.clone();
+            scheduler = scheduler.task(task::VALIDATE, every, move |_| {
+                let c = c.clone();
+                async move { enqueue_tables(&c, JOB_VALIDATE_TABLE).await }
+            });
+        }
+        if c.config.corruption.monitoring
+            && let Some(every) = c.config.corruption.scan_interval
+        {
+            let c = c.clone();
+            scheduler = scheduler.task(task::SCAN, every, move |_| {
+                let c = c.clone();
+                async move { enqueue_tables(&c, JOB_SCAN_TABLE).await }
+            });
+        }
+        let scheduler = scheduler.spawn(shutdown.clone());
+        let worker = tokio::spawn(work_jobs(
+            c,
+            format!("{instance}/worker"),
+            timing.clone(),
+            shutdown.clone(),
+        ));
+        Self {
+            tasks: vec![scheduler, worker],
+        }
+    }
+
+    /// Waits for the tasks to stop (after the shutdown token was cancelled).
+    pub(crate) async fn join(self) {
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "a background task ended abnormally");
+            }
+        }
+    }
+}
+
+async fn scheduled_snapshot(c: &Components, control: &Control) -> Result<()> {
+    let info = c.snapshots.create(SnapshotRequest::new(), control).await?;
+    tracing::info!(snapshot = %info.id, bytes = info.stored_bytes, "scheduled snapshot taken");
+    let policy = RetentionPolicy::new(
+        usize::try_from(c.config.snapshots.keep_last).unwrap_or(usize::MAX),
+        Duration::from_secs(u64::from(c.config.snapshots.keep_days) * 86_400),
+    );
+    let retired = c.snapshots.apply_retention(&policy).await?;
+    // A grace period keeps blocks a snapshot being written right now may reuse.
+    let gc = c.snapshots.gc(Duration::from_secs(3600), control).await?;
+    tracing::info!(retired, ?gc, "snapshot retention applied");
+    Ok(())
+}
+
+async fn scheduled_compaction(c: &Components, control: &Control) -> Result<()> {
+    let report = c.journal.compact(control).await?;
+    tracing::info!(?report, "journal compacted");
+    // Purge only what the latest good snapshot covers and the retention allows.
+    let retention = time::Duration::days(i64::from(c.config.journal.retention_days));
+    let cutoff = sanare_core::now() - retention;
+    if let Some(snapshot) = c.snapshots.latest_good(Some(cutoff)).await?
+        && let Some(cut) = snapshot.journal_cut
+    {
+        let purged = c.journal.purge(cut.position).await?;
+        tracing::info!(purged, up_to = %cut.position, "journal entries purged");
+    }
+    Ok(())
+}
+
+/// The host tables a scan covers: the configured schemas, never sanare's own.
+async fn host_tables(c: &Components) -> Result<Vec<TableRef>> {
+    let client = get_conn(&c.pool).await?;
+    sanare_pg::catalog::list_tables(&**client, &c.config.snapshots.schemas, c.schema.as_str()).await
+}
+
+async fn enqueue_tables(c: &Components, kind: &str) -> Result<()> {
+    let tables = host_tables(c).await?;
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let payloads = tables
+        .iter()
+        .map(|t| serde_json::json!({ "table": t.to_string() }))
+        .collect::<Vec<_>>();
+    let batch = JobQueue::new(c.pool.clone(), &c.schema)
+        .enqueue_batch(kind, &payloads)
+        .await?;
+    tracing::info!(%batch, kind, jobs = payloads.len(), "scan split into table jobs");
+    Ok(())
+}
+
+/// Claims and runs table jobs until shutdown.
+async fn work_jobs(c: Components, worker: String, timing: Timing, shutdown: CancellationToken) {
+    let queue = JobQueue::new(c.pool.clone(), &c.schema);
+    loop {
+        let claimed = tokio::select! {
+            () = shutdown.cancelled() => break,
+            claimed = queue.claim(&worker, &[JOB_VALIDATE_TABLE, JOB_SCAN_TABLE], timing.lease) => claimed,
+        };
+        match claimed {
+            Ok(Some(job)) => {
+                let (control, _) = Control::with_token(shutdown.child_token());
+                let outcome = run_job(&c, &job, &control).await;
+                let recorded = match outcome {
+                    Ok(result) => queue.complete(&job, &worker, result).await,
+                    Err(e) => {
+                        tracing::warn!(job = %job.id, kind = %job.kind, error = %e, "job failed");
+                        queue.fail(&job, &worker, &e.to_string()).await
+                    }
+                };
+                if let Err(e) = recorded {
+                    tracing::warn!(job = %job.id, error = %e, "cannot record a job's outcome");
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot claim jobs; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(timing.poll) => {}
+        }
+    }
+}
+
+async fn run_job(c: &Components, job: &Job, control: &Control) -> Result<serde_json::Value> {
+    let table = job
+        .payload
+        .get("table")
+        .and_then(|t| t.as_str())
+        .ok_or_else(|| Error::invalid_input("a table job's payload has no `table`"))?;
+    let table = TableRef::parse(table)?;
+    match job.kind.as_str() {
+        JOB_VALIDATE_TABLE => {
+            let report = c
+                .integrity
+                .run(ValidationScope::all().tables([table.clone()]), control)
+                .await?;
+            let repaired = if c.config.repair.auto_repair && report.total_violations() > 0 {
+                auto_repair(c, report.id, control).await?
+            } else {
+                0
+            };
+            Ok(serde_json::json!({
+                "table": table.to_string(),
+                "check": report.id,
+                "rows": report.rows_checked,
+                "violations": report.total_violations(),
+                "repaired": repaired,
+            }))
+        }
+        JOB_SCAN_TABLE => {
+            let report = c.corruption.scan_table(&table, control).await?;
+            Ok(serde_json::json!({
+                "table": table.to_string(),
+                "rows": report.rows_scanned,
+                "issues": report.issues.len(),
+            }))
+        }
+        other => Err(Error::invalid_input(format!(
+            "this instance does not run `{other}` jobs"
+        ))),
+    }
+}
+
+/// Plans repairs for a check's violations and runs those that need no approval;
+/// the rest wait for an operator (`sanare repair approve`).
+async fn auto_repair(
+    c: &Components,
+    check: sanare_core::CheckId,
+    control: &Control,
+) -> Result<u64> {
+    let violations = c
+        .integrity
+        .query_violations(&ViolationQuery::new().check(check))
+        .await?;
+    let plans = c.repair.plan(&violations).await?;
+    let mut done = 0;
+    for plan in plans.iter().filter(|p| !p.requires_approval) {
+        if c.config.repair.dry_run_first {
+            c.repair
+                .execute(plan.id, ExecuteOptions::dry_run(), control)
+                .await?;
+        }
+        let mut options = ExecuteOptions::new();
+        options.executed_by = Some("sanare auto-repair".into());
+        c.repair.execute(plan.id, options, control).await?;
+        done += 1;
+    }
+    Ok(done)
+}

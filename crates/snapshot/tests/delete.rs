@@ -1,0 +1,74 @@
+//! Deleting one snapshot by id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sanare_core::{
+    Control, Error, RestoreRequest, SnapshotRequest, SnapshotService, SnapshotStatus,
+};
+use sanare_pg::SchemaName;
+use sanare_snapshot::{FsStore, Snapshots};
+use sanare_testing::fixtures::order_service;
+use sanare_testing::test_db;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_snapshot_is_gone_and_its_blocks_are_freed_when_unshared() {
+    let db = test_db().await;
+    let client = db.client().await;
+    order_service::install(&**client, "shop").await.unwrap();
+    order_service::generate(&**client, "shop", 200)
+        .await
+        .unwrap();
+    let schema = SchemaName::default_schema();
+    sanare_snapshot::migrate(&mut db.connect().await, &schema)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = Snapshots::builder()
+        .store(Arc::new(FsStore::new(dir.path()).unwrap()))
+        .pool(db.pool().clone())
+        .schema(schema)
+        .build()
+        .unwrap();
+    let request = || SnapshotRequest::new().schemas(["shop"]);
+    let first = snaps.create(request(), &Control::detached()).await.unwrap();
+    client
+        .batch_execute("UPDATE shop.products SET name = name || ' v2'")
+        .await
+        .unwrap();
+    let second = snaps.create(request(), &Control::detached()).await.unwrap();
+
+    let deleted = snaps.delete(first.id).await.unwrap();
+    assert_eq!(deleted.status, SnapshotStatus::Deleted);
+    // Deleting again is a no-op, not an error.
+    assert_eq!(
+        snaps.delete(first.id).await.unwrap().status,
+        SnapshotStatus::Deleted
+    );
+    let err = snaps
+        .restore(RestoreRequest::new(first.id), &Control::detached())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("deleted"), "{err}");
+    let latest = snaps.latest_good(None).await.unwrap().unwrap();
+    assert_eq!(latest.id, second.id);
+
+    // The blocks only the deleted snapshot used are freed; the other still verifies.
+    let gc = snaps
+        .gc(Duration::ZERO, &Control::detached())
+        .await
+        .unwrap();
+    assert!(gc.blocks_deleted > 0, "{gc:?}");
+    assert!(
+        snaps
+            .verify(second.id, &Control::detached())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    let unknown = snaps
+        .delete(sanare_core::SnapshotId::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(unknown, Error::NotFound { .. }), "{unknown}");
+}
