@@ -1,23 +1,35 @@
 //! `sanare`: the operator's command line.
 //!
-//! Every command prints a human table by default and JSON with `--json`. Exit codes
+//! Every command prints a human table by default and JSON with `--json`; long work
+//! shows a progress bar on a terminal and stops cleanly on Ctrl-C. Exit codes
 //! scripts can rely on:
 //!
 //! | code | meaning |
 //! |---|---|
 //! | 0 | success, nothing found |
-//! | 1 | the command failed (connection, bad input); the message says why |
+//! | 1 | the command failed (connection, bad input, refused); the message says why |
 //! | 2 | usage error (unknown command or flag) |
-//! | 3 | success, and findings exist (violations, corruption, a crash to recover) |
+//! | 3 | success, and findings exist (violations, corruption, damage, a crash to recover) |
+//! | 4 | a repair or recovery needs an operator's approval before it can run |
+//!
+//! The CLI builds the same [`sanare::Sanare`] a service does, as an *operator*
+//! handle: it never touches the service's shutdown marker or crash spool and runs
+//! no background work.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sanare::SanareConfig;
-use sanare_pg::{PgResultExt, SchemaName};
+use sanare::{Sanare, SanareConfig};
+use sanare_pg::SchemaName;
 
+mod checks;
+mod inspect;
+mod journal;
 mod output;
+mod recover;
+mod repair;
+mod snapshot;
 
 use output::Output;
 
@@ -25,7 +37,7 @@ use output::Output;
 #[command(
     name = "sanare",
     version,
-    about = "Operate sanare: crashes, integrity, snapshots, journal, repairs"
+    about = "Operate sanare: crashes, integrity, snapshots, journal, repairs, recovery"
 )]
 struct Cli {
     /// PostgreSQL connection string.
@@ -37,6 +49,10 @@ struct Cli {
     /// The schema of sanare's tables (overrides the configuration).
     #[arg(long, global = true)]
     schema: Option<String>,
+    /// The service's data directory (journal segments, snapshot blocks, crash
+    /// spool); overrides the configuration.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -50,31 +66,42 @@ enum Command {
     Status,
     /// Validate integrity (every host table unless `--table` is given); exits 3 when
     /// violations are found.
-    Validate {
-        /// Only these tables (`schema.table`), repeatable.
-        #[arg(long)]
-        table: Vec<String>,
-        /// Write every violation as CSV to this file.
-        #[arg(long)]
-        csv: Option<PathBuf>,
+    Validate(checks::ValidateArgs),
+    /// Scan for corruption (checksums, statistics, physical checks); exits 3 when
+    /// issues are found.
+    Scan(checks::ScanArgs),
+    /// Snapshots: create, list, verify, restore, delete, prune.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
+    /// The transaction journal: stats, query, replay, compact, archive, verify.
+    Journal {
+        #[command(subcommand)]
+        command: journal::JournalCommand,
+    },
+    /// Repairs: plan, dry-run, approve, apply, rollback, history.
+    Repair {
+        #[command(subcommand)]
+        command: repair::RepairCommand,
     },
     /// Crash records.
     Crashes {
         #[command(subcommand)]
-        command: CrashesCommand,
+        command: inspect::CrashesCommand,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum CrashesCommand {
-    /// Every recorded crash, newest first.
-    List,
+    /// Recover from a crash: shows the crash and the plan, asks which recovery to
+    /// run (or takes `--option` and `--yes` to run without asking).
+    Recover(recover::RecoverArgs),
 }
 
 /// Exit code: success, and findings exist.
-const EXIT_FINDINGS: u8 = 3;
+pub(crate) const EXIT_FINDINGS: u8 = 3;
+/// Exit code: the work waits for an approval.
+pub(crate) const EXIT_NEEDS_APPROVAL: u8 = 4;
 
-struct Context {
+/// What every command gets: the configuration, where to connect, how to print.
+pub(crate) struct Context {
     config: SanareConfig,
     schema: SchemaName,
     url: String,
@@ -90,6 +117,9 @@ impl Context {
         let mut config = base.with_env(std::env::vars())?;
         if let Some(schema) = &cli.schema {
             config.schema = schema.clone();
+        }
+        if let Some(dir) = &cli.data_dir {
+            config.data_dir = dir.clone();
         }
         let schema = config.schema_name()?;
         let url = cli
@@ -107,24 +137,30 @@ impl Context {
         })
     }
 
-    async fn client(&self) -> anyhow::Result<tokio_postgres_client::Client> {
-        tokio_postgres_client::connect(&self.url).await
-    }
-}
-
-/// A plain connection for one-shot commands.
-mod tokio_postgres_client {
-    pub(crate) use sanare_pg::tokio_postgres::Client;
-
-    pub(crate) async fn connect(url: &str) -> anyhow::Result<Client> {
+    /// A plain connection for read-only one-shot commands (no migrations).
+    async fn client(&self) -> anyhow::Result<sanare_pg::tokio_postgres::Client> {
         let (client, conn) =
-            sanare_pg::tokio_postgres::connect(url, sanare_pg::tokio_postgres::NoTls)
+            sanare_pg::tokio_postgres::connect(&self.url, sanare_pg::tokio_postgres::NoTls)
                 .await
                 .map_err(|e| {
-                    anyhow::anyhow!("cannot connect to {}: {e}", sanare_pg::redact(url))
+                    anyhow::anyhow!("cannot connect to {}: {e}", sanare_pg::redact(&self.url))
                 })?;
         tokio::spawn(conn);
         Ok(client)
+    }
+
+    /// Every component, as an operator handle (migrations run; the service's
+    /// marker, spool and background work untouched).
+    async fn sanare(&self) -> anyhow::Result<Sanare> {
+        // Fail on a wrong URL with the connection's own message, not a pool timeout.
+        drop(self.client().await?);
+        let pool = sanare_pg::connect_pool(&self.url, 8)?;
+        Ok(Sanare::builder()
+            .config(self.config.clone())
+            .pool(pool)
+            .operator()
+            .build()
+            .await?)
     }
 }
 
@@ -143,198 +179,32 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     let ctx = Context::new(&cli)?;
     match cli.command {
-        Command::Status => status(&ctx).await,
-        Command::Validate { table, csv } => validate(&ctx, &table, csv.as_deref()).await,
-        Command::Crashes {
-            command: CrashesCommand::List,
-        } => crashes_list(&ctx).await,
+        Command::Status => inspect::status(&ctx).await,
+        Command::Validate(args) => checks::validate(&ctx, args).await,
+        Command::Scan(args) => checks::scan(&ctx, args).await,
+        Command::Snapshot { command } => snapshot::run(&ctx, command).await,
+        Command::Journal { command } => journal::run(&ctx, command).await,
+        Command::Repair { command } => repair::run(&ctx, command).await,
+        Command::Crashes { command } => inspect::crashes(&ctx, command).await,
+        Command::Recover(args) => recover::run(&ctx, args).await,
     }
 }
 
-/// Tables sanare's components own, by component, in display order.
-const KNOWN_TABLES: [(&str, &str); 8] = [
-    ("recovery", "crash_records"),
-    ("integrity", "integrity_checks"),
-    ("integrity", "integrity_violations"),
-    ("repair", "repair_operations"),
-    ("snapshot", "snapshots"),
-    ("journal", "transaction_journal"),
-    ("corruption", "corruption_issues"),
-    ("sanare", "jobs"),
-];
-
-async fn status(ctx: &Context) -> anyhow::Result<u8> {
-    let client = ctx.client().await?;
-    let schema = ctx.schema.as_str();
-    let histories = client
-        .query(
-            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname LIKE '%\\_schema\\_history'
-              ORDER BY 1",
-            &[&schema],
-        )
-        .await
-        .context("listing component migrations")?;
-    let mut components = Vec::new();
-    for row in histories {
-        let table: String = row.get(0);
-        let component = table.trim_end_matches("_schema_history").to_owned();
-        let version: Option<i32> = client
-            .query_one(
-                &format!("SELECT max(version) FROM {}", ctx.schema.table(&table)),
-                &[],
-            )
-            .await
-            .with_context(|| format!("reading {table}"))?
-            .get(0);
-        components.push(serde_json::json!({ "component": component, "schema_version": version }));
-    }
-    let mut tables = Vec::new();
-    for (component, table) in KNOWN_TABLES {
-        let exists: bool = client
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&format!("{}.{}", ctx.schema.quoted(), table)],
-            )
-            .await
-            .context("checking sanare tables")?
-            .get(0);
-        if exists {
-            let rows: i64 = client
-                .query_one(
-                    &format!("SELECT count(*) FROM {}", ctx.schema.table(table)),
-                    &[],
-                )
-                .await
-                .with_context(|| format!("counting {table}"))?
-                .get(0);
-            tables
-                .push(serde_json::json!({ "component": component, "table": table, "rows": rows }));
-        }
-    }
-    let report = serde_json::json!({
-        "schema": schema,
-        "data_dir": ctx.config.data_dir,
-        "components": components,
-        "tables": tables,
-    });
-    ctx.out.print(&report, |out| {
-        out.line(format!("schema `{schema}`"));
-        if components.is_empty() {
-            out.line("no sanare migrations applied yet (start the service once, or run a command that migrates)");
-        } else {
-            out.table(
-                &["component", "schema version"],
-                components.iter().map(|c| {
-                    vec![
-                        c["component"].as_str().unwrap_or_default().to_owned(),
-                        c["schema_version"].to_string(),
-                    ]
-                }),
-            );
-        }
-        if !tables.is_empty() {
-            out.table(
-                &["component", "table", "rows"],
-                tables.iter().map(|t| {
-                    vec![
-                        t["component"].as_str().unwrap_or_default().to_owned(),
-                        t["table"].as_str().unwrap_or_default().to_owned(),
-                        t["rows"].to_string(),
-                    ]
-                }),
-            );
-        }
-    });
-    Ok(0)
-}
-
-async fn migrate(ctx: &Context, pool: &sanare_pg::Pool) -> anyhow::Result<()> {
-    let mut client = sanare_pg::get_conn(pool).await?;
-    for m in [sanare::integrity::MIGRATIONS, sanare::recovery::MIGRATIONS] {
-        m.run(&mut client, &ctx.schema).await?;
-    }
-    Ok(())
-}
-
-async fn validate(
-    ctx: &Context,
-    tables: &[String],
-    csv: Option<&std::path::Path>,
-) -> anyhow::Result<u8> {
-    use sanare::core::{Control, TableRef, ValidationScope};
-    let pool = sanare_pg::connect_pool(&ctx.url, 8)?;
-    migrate(ctx, &pool).await?;
-    let tables = tables
+/// Parses `schema.table` arguments.
+pub(crate) fn tables(args: &[String]) -> anyhow::Result<Vec<sanare::core::TableRef>> {
+    Ok(args
         .iter()
-        .map(|t| TableRef::parse(t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut config = sanare::integrity::IntegrityConfig::default();
-    config.parallelism = usize::from(ctx.config.validation.parallelism);
-    config.chunk_rows = u64::from(ctx.config.validation.chunk_size);
-    config.report_dir = std::env::temp_dir().join("sanare-reports");
-    let rules = match &ctx.config.validation.rules_file {
-        Some(path) => sanare::integrity::Rules::from_toml_file(path)?,
-        None => sanare::integrity::Rules::default(),
-    };
-    let integrity = sanare::integrity::Integrity::builder()
-        .pool(pool)
-        .schema(ctx.schema.clone())
-        .rules(rules)
-        .config(config)
-        .build()?;
-    let report = integrity
-        .run(ValidationScope::all().tables(tables), &Control::detached())
-        .await?;
-    if let Some(path) = csv {
-        let mut file = std::fs::File::create(path)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
-        integrity.export_csv(report.id, &mut file).await?;
-    }
-    let total: u64 = report.violations_by_severity.values().sum();
-    ctx.out.print(&serde_json::to_value(&report)?, |out| {
-        out.line(format!(
-            "check {}: {} tables, {} rows in {:.1}s — {} violations",
-            report.id,
-            report.tables_checked,
-            report.rows_checked,
-            report.duration.as_secs_f64(),
-            total
-        ));
-        if total > 0 {
-            out.table(
-                &["severity", "violations"],
-                report
-                    .violations_by_severity
-                    .iter()
-                    .map(|(s, n)| vec![s.to_string(), n.to_string()]),
-            );
-            out.line(&report.recommended_action);
-        }
-    });
-    Ok(if total > 0 { EXIT_FINDINGS } else { 0 })
+        .map(|t| sanare::core::TableRef::parse(t))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
-async fn crashes_list(ctx: &Context) -> anyhow::Result<u8> {
-    let pool = sanare_pg::connect_pool(&ctx.url, 2)?;
-    migrate(ctx, &pool).await?;
-    let store = sanare::recovery::CrashStore::new(pool, ctx.schema.clone());
-    let crashes = store.history(None, None).await?;
-    ctx.out.print(&serde_json::to_value(&crashes)?, |out| {
-        if crashes.is_empty() {
-            out.line("no crashes recorded");
-        }
-        out.table(
-            &["detected", "kind", "severity", "message"],
-            crashes.iter().map(|c| {
-                vec![
-                    c.crash.detected_at.to_string(),
-                    c.crash.kind.as_str().to_owned(),
-                    c.crash.severity.to_string(),
-                    c.crash.message.clone().unwrap_or_default(),
-                ]
-            }),
-        );
-    });
-    Ok(0)
+/// Parses an RFC 3339 time (`2026-11-23T10:00:00Z`) or a duration ago (`2h`, `3d`).
+pub(crate) fn parse_time(s: &str) -> anyhow::Result<time::OffsetDateTime> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(t);
+    }
+    let ago = humantime::parse_duration(s).map_err(|_| {
+        anyhow::anyhow!("`{s}` is neither an RFC 3339 time nor a duration ago such as `2h`")
+    })?;
+    Ok(time::OffsetDateTime::now_utc() - ago)
 }

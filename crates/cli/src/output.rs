@@ -15,9 +15,25 @@ impl Output {
         Self { json }
     }
 
+    /// Whether `--json` was given.
+    pub(crate) fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Prints a serializable result: JSON with `--json`, else `human`.
+    pub(crate) fn show<T: serde::Serialize>(
+        &self,
+        value: &T,
+        human: impl FnOnce(&mut Human),
+    ) -> anyhow::Result<()> {
+        let json = serde_json::to_value(value)?;
+        self.print(&json, human);
+        Ok(())
+    }
+
     /// Prints `value` as JSON with `--json`, else calls `human`.
     pub(crate) fn print(&self, value: &serde_json::Value, human: impl FnOnce(&mut Human)) {
-        if self.json {
+        if self.json() {
             #[allow(clippy::print_stdout)]
             {
                 println!(
@@ -48,4 +64,56 @@ impl Human {
         }
         println!("{table}");
     }
+}
+
+/// Runs long work with a progress bar on a terminal (none with `--json` or when
+/// stderr is not a terminal); Ctrl-C cancels the work cleanly.
+pub(crate) async fn with_progress<T, F, Fut>(out: &Output, label: &str, work: F) -> T
+where
+    F: FnOnce(sanare::Control) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    use std::io::IsTerminal;
+    let (control, handle) = sanare::Control::new();
+    let cancel = control.cancel_token().clone();
+    let ctrl_c = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("sanare: cancelling (the work stops at its next safe point)");
+            cancel.cancel();
+        }
+    });
+    let bar = (!out.json() && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {prefix} {msg} [{elapsed_precise}] {wide_bar} {pos}/{len}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_prefix(label.to_owned());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    });
+    let updater = bar.clone().map(|bar| {
+        let mut rx = handle.into_receiver();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let p = rx.borrow_and_update().clone();
+                bar.set_message(format!("{} ({})", p.phase, p.unit));
+                if let Some(total) = p.total {
+                    bar.set_length(total);
+                }
+                bar.set_position(p.done);
+            }
+        })
+    });
+    let result = work(control).await;
+    ctrl_c.abort();
+    if let Some(updater) = updater {
+        updater.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
 }

@@ -2,9 +2,18 @@
 
 use std::process::Command;
 
+/// The data directory of the CLI runs of this test process.
+fn data_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("a temporary data directory"))
+        .path()
+}
+
 fn sanare(db: &sanare_testing::TestDb, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sanare"))
         .args(args)
+        .arg("--data-dir")
+        .arg(data_dir())
         .env("DATABASE_URL", db.url())
         .env_remove("SANARE_CONFIG")
         .output()

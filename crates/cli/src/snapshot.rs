@@ -1,0 +1,258 @@
+//! `snapshot create|list|verify|restore|delete|prune`.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+use sanare::core::{
+    RestoreRequest, RestoreTarget, SnapshotId, SnapshotInfo, SnapshotRequest, SnapshotService,
+};
+use sanare::snapshot::RetentionPolicy;
+
+use crate::output::with_progress;
+use crate::{Context, EXIT_FINDINGS};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SnapshotCommand {
+    /// Take a snapshot (the configured schemas, or `--table`/`--schema-name`).
+    Create {
+        /// Only these tables (`schema.table`), repeatable.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Every table of these schemas, repeatable.
+        #[arg(long = "of-schema")]
+        of_schema: Vec<String>,
+        /// A label.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Every snapshot, newest first, with storage statistics.
+    List,
+    /// Check every block of a snapshot (hash and availability); a damaged one is
+    /// marked corrupted. Exits 3 when damage is found.
+    Verify {
+        /// The snapshot (`latest` for the newest good one).
+        id: String,
+    },
+    /// Restore a snapshot into the live tables (one transaction, foreign-key
+    /// order), or into a scratch schema with `--into`.
+    Restore {
+        /// The snapshot (`latest` for the newest good one).
+        id: String,
+        /// Only these tables (`schema.table`), repeatable.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Restore into tables of the same names in this schema instead of the
+        /// live ones.
+        #[arg(long)]
+        into: Option<String>,
+        /// Confirm replacing live data (required without `--into`).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Delete a snapshot (its blocks are freed by `prune` once unshared).
+    Delete {
+        /// The snapshot.
+        id: SnapshotId,
+    },
+    /// Apply retention (keep the newest N and everything younger than D days,
+    /// never the last good one) and free unreferenced blocks.
+    Prune {
+        /// Keep at least this many (default: the configuration's `keep_last`).
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// Keep everything younger than this many days (default: `keep_days`).
+        #[arg(long)]
+        keep_days: Option<u32>,
+        /// Keep unreferenced blocks younger than this, for captures in progress.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+    },
+}
+
+pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Result<u8> {
+    let sanare = ctx.sanare().await?;
+    let snapshots = sanare.snapshots();
+    match command {
+        SnapshotCommand::Create {
+            table,
+            of_schema,
+            label,
+        } => {
+            let mut request = SnapshotRequest::new()
+                .tables(crate::tables(&table)?)
+                .schemas(of_schema);
+            request.label = label;
+            let info = with_progress(&ctx.out, "snapshot", |control| async move {
+                snapshots.create(request, &control).await
+            })
+            .await?;
+            ctx.out.show(&info, |out| {
+                out.line(format!(
+                    "snapshot {} ready: {} tables, {} rows, {} bytes stored of {} captured",
+                    info.id,
+                    info.tables.len(),
+                    info.tables.iter().map(|t| t.rows).sum::<u64>(),
+                    info.stored_bytes,
+                    info.size_bytes
+                ));
+            })?;
+            Ok(0)
+        }
+        SnapshotCommand::List => {
+            let list = snapshots.list().await?;
+            let stats = snapshots.stats().await?;
+            let value = serde_json::json!({ "snapshots": list, "storage": stats });
+            ctx.out.print(&value, |out| {
+                if list.is_empty() {
+                    out.line("no snapshots");
+                    return;
+                }
+                out.table(
+                    &[
+                        "id", "created", "status", "label", "tables", "rows", "bytes", "stored",
+                        "journal",
+                    ],
+                    list.iter().map(row),
+                );
+                out.line(format!(
+                    "storage: {} blocks, {} bytes stored for {} bytes of data",
+                    stats.blocks, stats.block_bytes, stats.logical_bytes
+                ));
+            });
+            Ok(0)
+        }
+        SnapshotCommand::Verify { id } => {
+            let id = resolve(snapshots, &id).await?;
+            let report = with_progress(&ctx.out, "verify", |control| async move {
+                snapshots.verify(id, &control).await
+            })
+            .await?;
+            let ok = report.is_ok();
+            ctx.out.show(&report, |out| {
+                out.line(format!(
+                    "snapshot {}: {} blocks checked, {} missing, {} corrupt — {}",
+                    report.snapshot,
+                    report.blocks_checked,
+                    report.blocks_missing,
+                    report.blocks_corrupt,
+                    if ok {
+                        "intact"
+                    } else {
+                        "DAMAGED (marked corrupted)"
+                    }
+                ));
+                for p in &report.problems {
+                    out.line(format!("  {p}"));
+                }
+            })?;
+            Ok(if ok { 0 } else { EXIT_FINDINGS })
+        }
+        SnapshotCommand::Restore {
+            id,
+            table,
+            into,
+            yes,
+        } => {
+            let id = resolve(snapshots, &id).await?;
+            let target = match into {
+                Some(schema) => RestoreTarget::Scratch { schema },
+                None if yes => RestoreTarget::Live,
+                None => anyhow::bail!(
+                    "restoring into the live tables replaces their contents: pass --yes to confirm, or --into <schema> to restore beside them"
+                ),
+            };
+            let request = RestoreRequest::new(id)
+                .tables(crate::tables(&table)?)
+                .target(target);
+            let outcome = with_progress(&ctx.out, "restore", |control| async move {
+                snapshots.restore(request, &control).await
+            })
+            .await?;
+            ctx.out.show(&outcome, |out| {
+                out.line(format!("restored snapshot {}", outcome.snapshot));
+                out.table(
+                    &["table", "rows"],
+                    outcome
+                        .tables
+                        .iter()
+                        .map(|t| vec![t.table.to_string(), t.rows.to_string()]),
+                );
+                if let Some(cut) = &outcome.journal_cut {
+                    out.line(format!(
+                        "consistent with journal position {}: replay from there with `sanare journal replay --after {}`",
+                        cut.position, cut.position.0
+                    ));
+                }
+            })?;
+            Ok(0)
+        }
+        SnapshotCommand::Delete { id } => {
+            let info = snapshots.delete(id).await?;
+            ctx.out.show(&info, |out| {
+                out.line(format!(
+                    "snapshot {} deleted; `sanare snapshot prune` frees its blocks",
+                    info.id
+                ));
+            })?;
+            Ok(0)
+        }
+        SnapshotCommand::Prune {
+            keep_last,
+            keep_days,
+            grace,
+        } => {
+            let cfg = &sanare.config().snapshots;
+            let policy = RetentionPolicy::new(
+                usize::try_from(keep_last.unwrap_or(cfg.keep_last)).unwrap_or(usize::MAX),
+                Duration::from_secs(u64::from(keep_days.unwrap_or(cfg.keep_days)) * 86_400),
+            );
+            let retired = snapshots.apply_retention(&policy).await?;
+            let gc = with_progress(&ctx.out, "prune", |control| async move {
+                snapshots.gc(grace, &control).await
+            })
+            .await?;
+            let value = serde_json::json!({ "snapshots_deleted": retired, "gc": gc });
+            ctx.out.print(&value, |out| {
+                out.line(format!(
+                    "{retired} snapshots deleted; {} blocks freed ({} bytes), {} kept in the grace period, {} live",
+                    gc.blocks_deleted, gc.bytes_freed, gc.blocks_in_grace, gc.blocks_live
+                ));
+            });
+            Ok(0)
+        }
+    }
+}
+
+fn row(s: &SnapshotInfo) -> Vec<String> {
+    vec![
+        s.id.to_string(),
+        s.created_at.to_string(),
+        format!("{:?}", s.status).to_lowercase(),
+        s.label.clone().unwrap_or_default(),
+        s.tables.len().to_string(),
+        s.tables.iter().map(|t| t.rows).sum::<u64>().to_string(),
+        s.size_bytes.to_string(),
+        s.stored_bytes.to_string(),
+        s.journal_cut
+            .as_ref()
+            .map(|c| c.position.to_string())
+            .unwrap_or_default(),
+    ]
+}
+
+/// A snapshot id, or `latest` for the newest good snapshot.
+async fn resolve(snapshots: &sanare::snapshot::Snapshots, id: &str) -> anyhow::Result<SnapshotId> {
+    if id == "latest" {
+        return snapshots
+            .latest_good(None)
+            .await?
+            .map(|s| s.id)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "there is no good snapshot yet; take one with `sanare snapshot create`"
+                )
+            });
+    }
+    id.parse()
+        .map_err(|e| anyhow::anyhow!("`{id}` is not a snapshot id: {e}"))
+}

@@ -1,0 +1,396 @@
+//! The operator's workflows, through the real binary against a real database:
+//! snapshots, journal, repairs, crashes and the recovery wizard.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use sanare::Sanare;
+use sanare::journal::NewEntry;
+use sanare_testing::TestDb;
+use sanare_testing::fixtures::order_service;
+use serde_json::Value;
+
+struct Env {
+    db: TestDb,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn new(orders: u64) -> Self {
+        let db = sanare_testing::test_db().await;
+        let client = db.client().await;
+        order_service::install(&**client, "shop").await.unwrap();
+        order_service::generate(&**client, "shop", orders)
+            .await
+            .unwrap();
+        Self {
+            db,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_sanare"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .env("DATABASE_URL", self.db.url())
+            .env_remove("SANARE_CONFIG")
+            .output()
+            .expect("run the sanare binary")
+    }
+
+    /// Runs with `--json`, checks the exit code, parses stdout.
+    fn json(&self, args: &[&str], code: i32) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.run(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "`sanare {}`\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{e}: {}", String::from_utf8_lossy(&out.stdout));
+        })
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        self.db
+            .client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn service(&self, auto_recovery: bool) -> Sanare {
+        let mut config = sanare::SanareConfig::default();
+        config.auto_recovery = auto_recovery;
+        Sanare::builder()
+            .config(config)
+            .pool(self.db.pool().clone())
+            .data_dir(self.dir.path())
+            .background(false)
+            .build()
+            .await
+            .unwrap()
+    }
+}
+
+fn blocks_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_lifecycle_create_list_verify_restore_delete_prune() {
+    let env = Env::new(300).await;
+    let lines = env.count("SELECT count(*) FROM shop.order_lines").await;
+    let created = env.json(
+        &[
+            "snapshot",
+            "create",
+            "--of-schema",
+            "shop",
+            "--label",
+            "first",
+        ],
+        0,
+    );
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["label"], "first");
+    assert_eq!(created["tables"].as_array().unwrap().len(), 5);
+
+    let list = env.json(&["snapshot", "list"], 0);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1);
+    assert!(list["storage"]["blocks"].as_u64().unwrap() > 0);
+    let text = String::from_utf8_lossy(&env.run(&["snapshot", "list"]).stdout).into_owned();
+    assert!(text.contains(&id) && text.contains("first"), "{text}");
+
+    let verified = env.json(&["snapshot", "verify", "latest"], 0);
+    assert_eq!(verified["blocks_corrupt"], 0);
+
+    // Damage the live data, then restore: refused without --yes, beside into a
+    // scratch schema, then into the live tables.
+    env.db
+        .client()
+        .await
+        .batch_execute("DELETE FROM shop.order_lines WHERE order_id % 3 = 0")
+        .await
+        .unwrap();
+    let refused = env.run(&["snapshot", "restore", &id]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    env.json(
+        &[
+            "snapshot",
+            "restore",
+            &id,
+            "--table",
+            "shop.order_lines",
+            "--into",
+            "scratch",
+        ],
+        0,
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM scratch.order_lines").await,
+        lines
+    );
+    let restored = env.json(&["snapshot", "restore", &id, "--yes"], 0);
+    assert_eq!(restored["tables"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        env.count("SELECT count(*) FROM shop.order_lines").await,
+        lines
+    );
+
+    // A flipped bit in a stored block: verify exits 3 and names the damage.
+    let blocks = blocks_under(&env.dir.path().join("snapshots").join("blocks"));
+    let victim = blocks.last().expect("blocks on disk");
+    let mut bytes = std::fs::read(victim).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(victim, &bytes).unwrap();
+    let damaged = env.json(&["snapshot", "verify", &id], 3);
+    assert!(
+        damaged["blocks_corrupt"].as_u64().unwrap() >= 1,
+        "{damaged}"
+    );
+    let refused = env.run(&["snapshot", "restore", &id, "--yes"]);
+    assert_eq!(refused.status.code(), Some(1));
+
+    // Delete, then prune frees its blocks.
+    let deleted = env.json(&["snapshot", "delete", &id], 0);
+    assert_eq!(deleted["status"], "deleted");
+    let pruned = env.json(&["snapshot", "prune", "--grace", "0s"], 0);
+    assert!(
+        pruned["gc"]["blocks_deleted"].as_u64().unwrap() > 0,
+        "{pruned}"
+    );
+    let missing = env.run(&["snapshot", "verify", "not-an-id"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not a snapshot id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_stats_query_archive_verify_and_a_damaged_record() {
+    let env = Env::new(10).await;
+    let service = env.service(false).await;
+    for i in 0..20u32 {
+        let op = if i % 2 == 0 {
+            "order.placed"
+        } else {
+            "order.paid"
+        };
+        service
+            .journal()
+            .record(
+                NewEntry::new(op, &i)
+                    .unwrap()
+                    .idempotency_key(format!("k{i}")),
+            )
+            .await
+            .unwrap();
+    }
+    service.shutdown().await.unwrap();
+
+    let stats = env.json(&["journal", "stats"], 0);
+    assert_eq!(stats["stats"]["entries"], 20);
+    let placed = env.json(&["journal", "query", "--op", "order.placed"], 0);
+    assert_eq!(placed.as_array().unwrap().len(), 10);
+    let tail = env.json(&["journal", "query", "--after", "15"], 0);
+    assert_eq!(tail.as_array().unwrap().len(), 5);
+    let verified = env.json(&["journal", "verify"], 0);
+    assert_eq!(verified["entries"], 20);
+
+    let archive = env.dir.path().join("paid.archive");
+    let archive_s = archive.to_str().unwrap();
+    let written = env.json(
+        &[
+            "journal",
+            "archive",
+            "--op",
+            "order.paid",
+            "--out",
+            archive_s,
+        ],
+        0,
+    );
+    assert_eq!(written["entries"], 10);
+    let read = env.json(&["journal", "archive", "--read", archive_s], 0);
+    assert_eq!(read.as_array().unwrap().len(), 10);
+
+    // The CLI has no handlers: a dry run reports every entry, applying none.
+    let replay = env.json(&["journal", "replay", "--dry-run"], 3);
+    assert_eq!(replay["entries_seen"], 20);
+    assert_eq!(replay["dry_run"], true);
+
+    // A damaged archive is refused with its name.
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let at = bytes.len() - 8;
+    bytes[at] ^= 0x01;
+    std::fs::write(&archive, &bytes).unwrap();
+    let bad = env.run(&["journal", "archive", "--read", archive_s]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("paid.archive"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_plan_approve_apply_rollback_and_history() {
+    let env = Env::new(200).await;
+    // Orphans: a product deleted behind the foreign key's back.
+    env.db
+        .client()
+        .await
+        .batch_execute(
+            "SET session_replication_role = replica;
+             DELETE FROM shop.products WHERE id = (SELECT min(product_id) FROM shop.order_lines);
+             SET session_replication_role = origin;",
+        )
+        .await
+        .unwrap();
+    let nothing = env.json(&["repair", "plan"], 0);
+    assert_eq!(nothing.as_array().unwrap().len(), 0, "no check has run yet");
+    let report = env.json(&["validate"], 3);
+    assert!(!report["violations_by_severity"].as_object().unwrap().is_empty());
+
+    let out = env.run(&["repair", "plan", "--json"]);
+    let plans: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plans = plans.as_array().unwrap().clone();
+    assert!(!plans.is_empty());
+    let needs_approval = plans.iter().any(|p| p["requires_approval"] == true);
+    assert_eq!(
+        out.status.code(),
+        Some(if needs_approval { 4 } else { 0 }),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for plan in &plans {
+        let id = plan["id"].as_str().unwrap();
+        // A dry run changes nothing, so it needs no approval.
+        let dry = env.json(&["repair", "dry-run", id], 0);
+        assert_eq!(dry["dry_run"], true);
+        if plan["requires_approval"] == true {
+            let apply = env.run(&["repair", "apply", id]);
+            assert_eq!(apply.status.code(), Some(4), "unapproved repairs wait");
+            assert!(String::from_utf8_lossy(&apply.stderr).contains("approve"));
+            env.json(&["repair", "approve", id, "--by", "alice"], 0);
+        }
+        let applied = env.json(&["repair", "apply", id, "--by", "alice"], 0);
+        assert_eq!(applied["dry_run"], false);
+        assert_eq!(applied["status"], "completed", "{applied}");
+    }
+    env.json(&["validate"], 0);
+
+    // Roll every repair back: the violations are back.
+    for plan in plans.iter().rev() {
+        env.json(&["repair", "rollback", plan["id"].as_str().unwrap()], 0);
+    }
+    env.json(&["validate"], 3);
+
+    // A repair that cannot run safely fails with exit 1 and says why: deleting
+    // orphaned orders would cascade to their lines, which no undo log covers.
+    env.db
+        .client()
+        .await
+        .batch_execute(
+            "SET session_replication_role = replica;
+             DELETE FROM shop.customers WHERE id = (SELECT min(customer_id) FROM shop.orders);
+             SET session_replication_role = origin;",
+        )
+        .await
+        .unwrap();
+    env.json(&["validate", "--table", "shop.orders"], 3);
+    let out = env.run(&["repair", "plan", "--json"]);
+    let cascading: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cascading = cascading
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["table"]["name"] == "orders")
+        .expect("a plan for the orphaned orders")
+        .clone();
+    let id = cascading["id"].as_str().unwrap();
+    env.json(&["repair", "approve", id, "--by", "alice"], 0);
+    let failed = env.run(&["repair", "apply", id]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("cascade"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+
+    let history = env.json(&["repair", "history"], 0);
+    assert!(history.as_array().unwrap().len() > plans.len());
+    let first = plans[0]["id"].as_str().unwrap();
+    let one = env.json(&["repair", "history", "--id", first], 0);
+    assert!(one["rolled_back_at"].is_string(), "{one}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_show_and_the_recovery_wizard_without_a_terminal() {
+    let env = Env::new(50).await;
+    let first = env.service(false).await;
+    // The process "dies": no clean shutdown.
+    drop(first);
+    let second = env.service(false).await;
+    let crash = second.startup_report().crash().expect("detected").id;
+    second.shutdown().await.unwrap();
+
+    let list = env.json(&["crashes", "list"], 0);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let shown = env.json(&["crashes", "show", &crash.to_string()], 0);
+    assert_eq!(shown["crash"]["kind"], "application_crash");
+    assert!(shown["recovery_successful"].is_null());
+
+    // Not on a terminal and no --yes: the plan is printed, nothing runs, exit 4.
+    let planned = env.run(&["recover", "--option", "repair-only"]);
+    assert_eq!(planned.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&planned.stderr);
+    assert!(
+        stderr.contains("Validate") && stderr.contains("--yes"),
+        "{stderr}"
+    );
+
+    let result = env.json(&["recover", "--option", "repair-only", "--yes"], 0);
+    assert_eq!(result["success"], true);
+    assert_eq!(result["crash"], crash.to_string());
+    let after = env.json(&["crashes", "show", &crash.to_string()], 0);
+    assert_eq!(after["recovery_successful"], true);
+
+    // A manual plan only prints.
+    let manual = env.run(&["recover", "--option", "manual"]);
+    assert_eq!(manual.status.code(), Some(0));
+    let bad = env.run(&["recover", "--option", "sideways"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_reports_tables_without_checksums_and_physical_checks() {
+    let env = Env::new(50).await;
+    let report = env.json(&["scan", "--table", "shop.orders", "--physical"], 0);
+    assert_eq!(
+        report["scan"]["tables_skipped"].as_array().unwrap().len(),
+        1
+    );
+    let text = String::from_utf8_lossy(&env.run(&["scan"]).stdout).into_owned();
+    assert!(text.contains("skipped shop."), "{text}");
+}
