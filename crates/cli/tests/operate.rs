@@ -269,7 +269,12 @@ async fn repair_plan_approve_apply_rollback_and_history() {
     let nothing = env.json(&["repair", "plan"], 0);
     assert_eq!(nothing.as_array().unwrap().len(), 0, "no check has run yet");
     let report = env.json(&["validate"], 3);
-    assert!(!report["violations_by_severity"].as_object().unwrap().is_empty());
+    assert!(
+        !report["violations_by_severity"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
 
     let out = env.run(&["repair", "plan", "--json"]);
     let plans: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -59,6 +59,8 @@ pub struct SanareBuilder {
     background: bool,
     instance: Option<String>,
     timing: Timing,
+    boot_id_path: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for SanareBuilder {
@@ -112,6 +114,8 @@ impl Sanare {
             background: true,
             instance: None,
             timing: Timing::default(),
+            boot_id_path: None,
+            cgroup_root: None,
         }
     }
 }
@@ -172,6 +176,22 @@ impl SanareBuilder {
         hook: impl FnOnce(JournalBuilder) -> JournalBuilder + Send + 'static,
     ) -> Self {
         self.journal_hook = Some(Box::new(hook));
+        self
+    }
+
+    /// Where the machine's boot id is read (default
+    /// `/proc/sys/kernel/random/boot_id`). A changed boot id tells a power loss or
+    /// host crash from a killed process; point this elsewhere when the service runs
+    /// where `/proc` is not the host's.
+    pub fn boot_id_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.boot_id_path = Some(path.into());
+        self
+    }
+
+    /// The cgroup (v2) directory whose `memory.events` counts kernel OOM kills
+    /// (default: this process's own cgroup).
+    pub fn cgroup_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.cgroup_root = Some(path.into());
         self
     }
 
@@ -252,11 +272,17 @@ impl SanareBuilder {
             }
         }
 
-        let detector = CrashDetector::builder()
+        let mut detector = CrashDetector::builder()
             .data_dir(data_dir.join("recovery"))
             .version(env!("CARGO_PKG_VERSION"))
-            .events(events.clone())
-            .build()?;
+            .events(events.clone());
+        if let Some(path) = self.boot_id_path {
+            detector = detector.boot_id_path(path);
+        }
+        if let Some(path) = self.cgroup_root {
+            detector = detector.cgroup_root(path);
+        }
+        let detector = detector.build()?;
         let crash_store = CrashStore::new(pool.clone(), schema.clone());
         let service = !self.operator;
         let previous_run = if service && config.crash_detection.enabled {

@@ -4,7 +4,8 @@
 //! retention). Every instance runs a scheduler; only the one holding the
 //! [`LeaderLease`] runs tasks, and when it dies another takes over within one poll
 //! interval. When each task last ran is kept in `<schema>.scheduled_tasks`, so a new
-//! leader continues the schedule instead of restarting it.
+//! leader continues the schedule instead of restarting it. A task's first run comes
+//! one interval after it is first registered, not at start-up.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -136,19 +137,35 @@ impl Scheduler {
         for task in &self.tasks {
             let client = get_conn(&self.pool).await?;
             let interval_ms = i64::try_from(task.interval.as_millis()).unwrap_or(i64::MAX);
-            // Claim the run atomically: only when it is due (by the shared record).
-            let due = client
+            // A task seen for the first time is registered, not run: its first run
+            // comes one interval later (a restart loop must not snapshot each time).
+            let registered = client
                 .execute(
                     &format!(
-                        "INSERT INTO {table} AS t (name, last_started_at, leader) VALUES ($1, now(), $2)
-                         ON CONFLICT (name) DO UPDATE SET last_started_at = now(), leader = $2
-                          WHERE t.last_started_at IS NULL
-                             OR t.last_started_at + $3::bigint * interval '1 millisecond' <= now()"
+                        "INSERT INTO {table} (name, last_started_at, leader) VALUES ($1, now(), $2)
+                         ON CONFLICT (name) DO NOTHING"
                     ),
-                    &[&task.name, &self.instance, &interval_ms],
+                    &[&task.name, &self.instance],
                 )
                 .await
-                .context("claiming a scheduled task")?;
+                .context("registering a scheduled task")?;
+            // Claim the run atomically: only when it is due (by the shared record).
+            let due = if registered == 1 {
+                0
+            } else {
+                client
+                    .execute(
+                        &format!(
+                            "UPDATE {table} SET last_started_at = now(), leader = $2
+                              WHERE name = $1
+                                AND (last_started_at IS NULL
+                                     OR last_started_at + $3::bigint * interval '1 millisecond' <= now())"
+                        ),
+                        &[&task.name, &self.instance, &interval_ms],
+                    )
+                    .await
+                    .context("claiming a scheduled task")?
+            };
             drop(client);
             if due == 0 {
                 continue;

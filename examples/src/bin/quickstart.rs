@@ -16,78 +16,17 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use async_trait::async_trait;
 use futures_util::StreamExt as _;
 use sanare::core::{
     Control, ExecuteOptions, IntegrityService, RepairService, SnapshotRequest, SnapshotService,
     TableRef, ValidationScope, Violation,
 };
-use sanare::journal::{JournalEntry, NewEntry, PgHandler};
-use sanare::recovery::{RecoveryOption, RecoveryOptions};
 use sanare::{Sanare, SanareConfig};
+use sanare_examples::orders::{self, PlaceOrder};
 use sanare_testing::fixtures::order_service;
-use serde::{Deserialize, Serialize};
 
 /// Orders the fixture generates before the workload starts.
 const BASE_ORDERS: u64 = 2_000;
-
-/// The journaled operation: one placed order with its lines.
-#[derive(Debug, Serialize, Deserialize)]
-struct PlaceOrder {
-    order_id: i64,
-    customer_id: i64,
-    lines: Vec<(i64, i32)>,
-}
-
-/// Applies a `PlaceOrder` in the replay transaction (idempotent, so an order that is
-/// already in the restored snapshot is left alone).
-struct ApplyOrder;
-
-#[async_trait]
-impl PgHandler for ApplyOrder {
-    async fn apply(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        entry: &JournalEntry,
-    ) -> sanare::Result<()> {
-        let order: PlaceOrder = entry.payload_as()?;
-        apply_order(tx, &order)
-            .await
-            .map_err(|e| sanare::Error::database("applying order.placed", e, false))
-    }
-}
-
-async fn apply_order(
-    tx: &impl tokio_postgres::GenericClient,
-    order: &PlaceOrder,
-) -> Result<(), tokio_postgres::Error> {
-    let inserted = tx
-        .execute(
-            "INSERT INTO shop.orders (id, customer_id, status, total_cents)
-             VALUES ($1, $2, 'pending', 0) ON CONFLICT (id) DO NOTHING",
-            &[&order.order_id, &order.customer_id],
-        )
-        .await?;
-    if inserted == 0 {
-        return Ok(());
-    }
-    for (n, (product, qty)) in order.lines.iter().enumerate() {
-        let line_no = i32::try_from(n + 1).unwrap_or(i32::MAX);
-        tx.execute(
-            "INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents, amount_cents)
-             SELECT $1, $2, p.id, $4::int, p.price_cents, $4::int * p.price_cents FROM shop.products p WHERE p.id = $3",
-            &[&order.order_id, &line_no, product, qty],
-        )
-        .await?;
-    }
-    tx.execute(
-        "UPDATE shop.orders SET total_cents = (SELECT coalesce(sum(amount_cents), 0)
-           FROM shop.order_lines WHERE order_id = $1) WHERE id = $1",
-        &[&order.order_id],
-    )
-    .await?;
-    Ok(())
-}
 
 fn config() -> SanareConfig {
     let mut config = SanareConfig::default();
@@ -100,7 +39,7 @@ async fn start(url: &str, dir: &std::path::Path) -> anyhow::Result<Sanare> {
         .config(config())
         .database_url(url)
         .data_dir(dir)
-        .journal(|j| j.pg_handler("order.placed", ApplyOrder))
+        .journal(orders::register)
         .build()
         .await?)
 }
@@ -117,26 +56,21 @@ async fn worker(url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
             &Control::detached(),
         )
         .await?;
-    let pool = sanare.pool().clone();
-    for i in 1.. {
-        let order = PlaceOrder {
-            order_id: i64::try_from(BASE_ORDERS).unwrap_or(0) + i,
-            customer_id: 1 + i % 150,
-            lines: vec![(1 + i % 20, 1 + (i % 3) as i32), (1 + (i * 7) % 20, 2)],
-        };
-        // Write-ahead: the entry is durable before the change is applied.
-        sanare
-            .journal()
-            .record(
-                NewEntry::new("order.placed", &order)?
-                    .idempotency_key(format!("order-{}", order.order_id))
-                    .source_system("quickstart"),
+    let base = i64::try_from(BASE_ORDERS)?;
+    let (customers, products) = {
+        let client = sanare_pg::get_conn(sanare.pool()).await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM shop.customers), (SELECT count(*) FROM shop.products)",
+                &[],
             )
             .await?;
-        let mut client = sanare_pg::get_conn(&pool).await?;
-        let tx = client.transaction().await?;
-        apply_order(&*tx, &order).await?;
-        tx.commit().await?;
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    for i in 1.. {
+        // Write-ahead: the entry is durable before the change is applied.
+        let order = PlaceOrder::nth(base, i, customers, products);
+        orders::place_order(&sanare, &order).await?;
     }
     Ok(())
 }
@@ -171,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
     client
         .batch_execute("ALTER TABLE shop.customers ADD COLUMN row_checksum bytea")
         .await?;
-    sanare_integrity_trigger(&client).await?;
+    sanare_integrity_trigger(&admin).await?;
     println!(
         "   {} customers, {} products, {} orders, {} order lines, {} payments; data directory {}",
         counts.customers,
@@ -222,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
         .get(0);
     println!("   killed with {placed_before} new orders in the database");
 
-    println!("== 3. restart: detect, record, recover");
+    println!("== 3. restart: sanare detects the crash, records it and recovers before serving");
     let sanare = start(&url, data.path()).await?;
     let crash = sanare
         .startup_report()
@@ -236,25 +170,26 @@ async fn main() -> anyhow::Result<()> {
         crash.evidence.join("; ")
     );
     let journaled = sanare.journal().stats().await?;
-    let plan = sanare.recovery().plan(
-        Some(&crash),
-        RecoveryOptions::new(RecoveryOption::Auto).auto_approve(true),
-    );
-    let result = sanare
-        .recovery()
-        .recover(&plan, &Control::detached())
-        .await?;
+    let result = match &sanare.startup_report().recovery {
+        Some(Ok(result)) => result.clone(),
+        Some(Err(e)) => bail!("automatic recovery could not run: {e}"),
+        None => bail!("no automatic recovery ran (is auto_recovery off?)"),
+    };
     println!(
-        "   recovery {}: snapshots used {}, journal entries replayed {}, errors fixed {}, in {} steps",
+        "   automatic recovery {}: steps {}; journal entries replayed {}, errors fixed {}",
         if result.success {
             "succeeded"
         } else {
             "FAILED"
         },
-        result.snapshots_used.len(),
+        result
+            .steps
+            .iter()
+            .map(|s| format!("{:?}", s.step))
+            .collect::<Vec<_>>()
+            .join(" → "),
         result.entries_replayed,
         result.errors_fixed,
-        result.steps.len()
     );
     let placed_after: i64 = client
         .query_one(
@@ -269,6 +204,12 @@ async fn main() -> anyhow::Result<()> {
     );
     if !result.success {
         bail!("recovery failed: {:?}", result.errors);
+    }
+    if u64::try_from(placed_after)? != journaled.entries {
+        bail!(
+            "{placed_after} orders in the database but {} journaled",
+            journaled.entries
+        );
     }
 
     println!("== 4. damage planted behind the database's back");
@@ -374,17 +315,14 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn sanare_integrity_trigger(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+/// Adds the checksum column's trigger (sanare's built-in SQL) to `shop.customers`,
+/// so the corruption scan can tell a flipped bit from a legitimate update.
+async fn sanare_integrity_trigger(admin: &sanare_pg::Pool) -> anyhow::Result<()> {
     let schema = sanare_pg::SchemaName::default();
-    let mut c = tokio_postgres::connect(&std::env::var("DATABASE_URL")?, tokio_postgres::NoTls)
-        .await
-        .map(|(c, conn)| {
-            tokio::spawn(conn);
-            c
-        })?;
-    sanare::integrity::migrate(&mut c, &schema).await?;
+    let mut client = sanare_pg::get_conn(admin).await?;
+    sanare::integrity::migrate(&mut client, &schema).await?;
     sanare::integrity::install_checksum_trigger(
-        client,
+        &**client,
         &schema,
         &TableRef::new("shop", "customers"),
         "row_checksum",
