@@ -1,0 +1,388 @@
+//! Operator workflows end to end through the facade, against a real PostgreSQL:
+//! two instances sharing the database, journal replay interrupted and resumed,
+//! the snapshot lifecycle, and validation → repair → rollback.
+
+use std::time::{Duration, Instant};
+
+use sanare::core::{
+    Control, ExecuteOptions, IntegrityService, JournalPosition, JournalService, RepairService,
+    ReplayRange, ReplayRequest, SnapshotRequest, SnapshotService, SnapshotStatus, ValidationScope,
+    Violation,
+};
+use sanare::journal::NewEntry;
+use sanare::snapshot::RetentionPolicy;
+use sanare::{Sanare, SanareConfig};
+use sanare_examples::orders::{self, PlaceOrder};
+use sanare_testing::TestDb;
+use sanare_testing::fixtures::order_service;
+
+async fn shop(orders: u64) -> TestDb {
+    let db = sanare_testing::test_db().await;
+    let client = db.client().await;
+    order_service::install(&**client, "shop").await.unwrap();
+    order_service::generate(&**client, "shop", orders)
+        .await
+        .unwrap();
+    db
+}
+
+fn config() -> SanareConfig {
+    let mut config = SanareConfig::default();
+    config.snapshots.schemas = vec!["shop".into()];
+    config
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Two instances of one service share a database: one leads the schedule, and
+/// the validation it schedules is split into table jobs that both instances run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_one_leader_and_scan_jobs_split_between_them() {
+    let db = shop(2_000).await;
+    let mut config = config();
+    config.validation.interval = Some(Duration::from_secs(1));
+    config.snapshots.interval = None;
+    config.journal.compaction_interval = None;
+    config.corruption.scan_interval = None;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut instances = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        instances.push(
+            Sanare::builder()
+                .config(config.clone())
+                .pool(sanare_pg::connect_pool(db.url(), 8).unwrap())
+                .data_dir(dir.path())
+                .instance_name(format!("instance-{i}"))
+                .poll_interval(Duration::from_millis(50))
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    // Wait for two scheduled validations' jobs (5 tables each) to finish.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = count(
+            &db,
+            "SELECT count(*) FROM sanare.jobs WHERE kind = 'integrity.table' AND status = 'done'",
+        )
+        .await;
+        if done >= 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} table jobs done in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let workers = count(
+        &db,
+        "SELECT count(DISTINCT claimed_by) FROM sanare.jobs WHERE status = 'done'",
+    )
+    .await;
+    assert_eq!(workers, 2, "both instances ran table jobs");
+    let failed = count(
+        &db,
+        "SELECT count(*) FROM sanare.jobs WHERE status = 'failed'",
+    )
+    .await;
+    assert_eq!(failed, 0);
+    // Every scheduled run was started by one instance only: the leader.
+    let leaders = count(
+        &db,
+        "SELECT count(DISTINCT leader) FROM sanare.scheduled_tasks WHERE name = 'integrity.validate'",
+    )
+    .await;
+    assert_eq!(leaders, 1);
+    // Each table job wrote a real validation report.
+    let checks = count(
+        &db,
+        "SELECT count(*) FROM sanare.integrity_checks WHERE status = 'completed'",
+    )
+    .await;
+    assert!(checks >= 10, "{checks} reports");
+    for sanare in instances {
+        sanare.shutdown().await.unwrap();
+    }
+}
+
+/// Entries journaled but never applied (the service died right after recording
+/// them) are replayed; a replay cancelled half-way and run again applies each
+/// entry exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_replay_resumes_and_applies_each_entry_once() {
+    let db = shop(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sanare = Sanare::builder()
+        .config(config())
+        .pool(db.pool().clone())
+        .data_dir(dir.path())
+        .background(false)
+        // Small segments and replay batches, so the cancel lands between two.
+        .journal(|j| orders::register(j).replay_batch(25).segment_size(8 * 1024))
+        .build()
+        .await
+        .unwrap();
+    for n in 1..=400 {
+        let order = PlaceOrder::nth(200, n, 20, 4);
+        sanare
+            .journal()
+            .record(NewEntry::new(orders::PLACE_ORDER, &order).unwrap())
+            .await
+            .unwrap();
+    }
+    let request = || {
+        ReplayRequest::new(ReplayRange::Positions {
+            from: JournalPosition(1),
+            to: None,
+        })
+    };
+    // Cancel the first replay once it has made progress.
+    let (control, progress) = Control::new();
+    let cancel = control.cancel_token().clone();
+    let watcher = tokio::spawn(async move {
+        let mut rx = progress.into_receiver();
+        while rx.changed().await.is_ok() {
+            if rx.borrow().done >= 50 {
+                cancel.cancel();
+                break;
+            }
+        }
+    });
+    let first = sanare.journal().replay(request(), &control).await;
+    watcher.abort();
+    let applied_first = count(&db, "SELECT count(*) FROM shop.orders WHERE id > 200").await;
+    match &first {
+        Err(e) => assert!(e.is_cancelled(), "{e}"),
+        Ok(summary) => assert!(summary.applied < 400, "{summary:?}"),
+    }
+    assert!(applied_first > 0 && applied_first < 400, "{applied_first}");
+
+    let second = sanare
+        .journal()
+        .replay(request(), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(second.entries_seen, 400);
+    assert_eq!(
+        second.already_applied,
+        u64::try_from(applied_first).unwrap(),
+        "{second:?}"
+    );
+    assert_eq!(second.applied + second.already_applied, 400);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM shop.orders WHERE id > 200").await,
+        400
+    );
+    let third = sanare
+        .journal()
+        .replay(request(), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(third.applied, 0);
+    assert_eq!(third.already_applied, 400);
+    sanare.shutdown().await.unwrap();
+}
+
+/// Snapshots over time: a full one, a second after changes, both verified; the
+/// newest damaged on disk is detected, marked and skipped; point-in-time restore
+/// lands on the older one plus the journal; retention keeps the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_lifecycle_with_damage_pitr_and_retention() {
+    let db = shop(500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sanare = Sanare::builder()
+        .config(config())
+        .pool(db.pool().clone())
+        .data_dir(dir.path())
+        .background(false)
+        .journal(orders::register)
+        .build()
+        .await
+        .unwrap();
+    let snaps = sanare.snapshots();
+    let control = Control::detached();
+    let first = snaps
+        .create(SnapshotRequest::new(), &control)
+        .await
+        .unwrap();
+    let before_second = sanare_core_now();
+    // Journaled orders after the first snapshot.
+    for n in 1..=30 {
+        orders::place_order(&sanare, &PlaceOrder::nth(500, n, 50, 10))
+            .await
+            .unwrap();
+    }
+    let blocks_before: std::collections::BTreeSet<_> = files(&dir.path().join("snapshots"));
+    let second = snaps
+        .create(SnapshotRequest::new(), &control)
+        .await
+        .unwrap();
+    assert!(
+        second.stored_bytes < first.stored_bytes,
+        "dedup: {second:?}"
+    );
+    assert!(snaps.verify(first.id, &control).await.unwrap().is_ok());
+    assert!(snaps.verify(second.id, &control).await.unwrap().is_ok());
+
+    // Damage a block only the second snapshot has.
+    let new_blocks: Vec<_> = files(&dir.path().join("snapshots"))
+        .difference(&blocks_before)
+        .filter(|p| p.to_string_lossy().contains("blocks"))
+        .cloned()
+        .collect();
+    let victim = new_blocks
+        .first()
+        .expect("the second snapshot added blocks");
+    let mut bytes = std::fs::read(victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x80;
+    std::fs::write(victim, bytes).unwrap();
+    let report = snaps.verify(second.id, &control).await.unwrap();
+    assert!(!report.is_ok());
+    assert_eq!(
+        snaps.get(second.id).await.unwrap().status,
+        SnapshotStatus::Corrupted
+    );
+    let good = snaps.latest_good(None).await.unwrap().unwrap();
+    assert_eq!(good.id, first.id, "the damaged snapshot is skipped");
+
+    // Point in time: everything is lost after the second snapshot's time; restore
+    // the latest good snapshot before it and replay the journal.
+    db.client()
+        .await
+        .batch_execute("TRUNCATE shop.payments, shop.order_lines, shop.orders CASCADE")
+        .await
+        .unwrap();
+    let pitr = snaps.restore_to(before_second, &control).await.unwrap();
+    assert_eq!(pitr.restore.snapshot, first.id);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM shop.orders").await,
+        530,
+        "500 from the snapshot + 30 replayed"
+    );
+    assert!(pitr.replay.is_some());
+
+    let retired = snaps
+        .apply_retention(&RetentionPolicy::new(1, Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(retired >= 1);
+    let listed = snaps.list().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|s| s.id == first.id && s.status == SnapshotStatus::Ready),
+        "the last good snapshot is kept: {listed:?}"
+    );
+    sanare.shutdown().await.unwrap();
+}
+
+/// Validation finds planted damage of several kinds; repairs fix it, each in its
+/// own transaction; rolling them back returns the database to exactly the
+/// damaged state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_repair_and_roll_back_to_the_exact_prior_state() {
+    let db = shop(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sanare = Sanare::builder()
+        .config(config())
+        .pool(db.pool().clone())
+        .data_dir(dir.path())
+        .background(false)
+        .build()
+        .await
+        .unwrap();
+    let control = Control::detached();
+    sanare
+        .snapshots()
+        .create(SnapshotRequest::new(), &control)
+        .await
+        .unwrap();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "SET session_replication_role = replica;
+             DELETE FROM shop.products WHERE id = 3;
+             DELETE FROM shop.customers WHERE id = 5;
+             SET session_replication_role = origin;",
+        )
+        .await
+        .unwrap();
+    let damaged = orders::tables_hash(&**client).await.unwrap();
+    let summary = sanare
+        .integrity()
+        .validate(ValidationScope::all(), &control)
+        .await
+        .unwrap();
+    assert!(summary.total_violations() > 0);
+    let violations: Vec<Violation> = {
+        use futures_util_stream::collect_ok;
+        collect_ok(sanare.integrity().violations(summary.check)).await
+    };
+    assert_eq!(violations.len() as u64, summary.total_violations());
+    let plans = sanare.repair().plan(&violations).await.unwrap();
+    let mut done = Vec::new();
+    for plan in &plans {
+        if plan.requires_approval {
+            sanare.repair().approve(plan.id, "e2e").await.unwrap();
+        }
+        let outcome = sanare
+            .repair()
+            .execute(plan.id, ExecuteOptions::new(), &control)
+            .await
+            .unwrap();
+        if outcome.status == sanare::core::RepairStatus::Completed {
+            done.push(plan.id);
+        }
+    }
+    assert!(!done.is_empty());
+    let after = sanare
+        .integrity()
+        .validate(ValidationScope::all(), &control)
+        .await
+        .unwrap();
+    assert_eq!(after.total_violations(), 0, "{after:?}");
+    for id in done.iter().rev() {
+        sanare.repair().rollback(*id, &control).await.unwrap();
+    }
+    assert_eq!(orders::tables_hash(&**client).await.unwrap(), damaged);
+    sanare.shutdown().await.unwrap();
+}
+
+fn sanare_core_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn files(dir: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p);
+            }
+        }
+    }
+    out
+}
+
+mod futures_util_stream {
+    use futures_util::StreamExt as _;
+
+    /// Collects a stream of results, failing the test on the first error.
+    pub async fn collect_ok<T>(
+        stream: futures_util::stream::BoxStream<'_, sanare::Result<T>>,
+    ) -> Vec<T> {
+        stream.map(|r| r.unwrap()).collect().await
+    }
+}
