@@ -209,7 +209,7 @@ async fn snapshot_lifecycle_with_damage_pitr_and_retention() {
         .create(SnapshotRequest::new(), &control)
         .await
         .unwrap();
-    let before_second = sanare_core_now();
+    let before_second = time::OffsetDateTime::now_utc();
     // Journaled orders after the first snapshot.
     for n in 1..=30 {
         orders::place_order(&sanare, &PlaceOrder::nth(500, n, 50, 10))
@@ -319,10 +319,7 @@ async fn validate_repair_and_roll_back_to_the_exact_prior_state() {
         .await
         .unwrap();
     assert!(summary.total_violations() > 0);
-    let violations: Vec<Violation> = {
-        use futures_util_stream::collect_ok;
-        collect_ok(sanare.integrity().violations(summary.check)).await
-    };
+    let violations: Vec<Violation> = collect_ok(sanare.integrity().violations(summary.check)).await;
     assert_eq!(violations.len() as u64, summary.total_violations());
     let plans = sanare.repair().plan(&violations).await.unwrap();
     let mut done = Vec::new();
@@ -353,10 +350,6 @@ async fn validate_repair_and_roll_back_to_the_exact_prior_state() {
     sanare.shutdown().await.unwrap();
 }
 
-fn sanare_core_now() -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc()
-}
-
 fn files(dir: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
     let mut out = std::collections::BTreeSet::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -376,13 +369,8 @@ fn files(dir: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf
     out
 }
 
-mod futures_util_stream {
+/// Collects a stream of results, failing the test on the first error.
+async fn collect_ok<T>(stream: futures_util::stream::BoxStream<'_, sanare::Result<T>>) -> Vec<T> {
     use futures_util::StreamExt as _;
-
-    /// Collects a stream of results, failing the test on the first error.
-    pub async fn collect_ok<T>(
-        stream: futures_util::stream::BoxStream<'_, sanare::Result<T>>,
-    ) -> Vec<T> {
-        stream.map(|r| r.unwrap()).collect().await
-    }
+    stream.map(|r| r.unwrap()).collect().await
 }
