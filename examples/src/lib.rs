@@ -7,3 +7,4 @@
 //! doubles nothing.
 
 pub mod orders;
+pub mod web;

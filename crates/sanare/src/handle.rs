@@ -9,8 +9,8 @@ use sanare_integrity::{Checksummer, Integrity, IntegrityConfig, Rules};
 use sanare_journal::{Journal, JournalBuilder};
 use sanare_pg::{MigrationReport, Pool, SchemaName, get_conn};
 use sanare_recovery::{
-    CrashDetector, CrashStore, HandlerOptions, PreviousRun, Recovery, RecoveryOption,
-    RecoveryOptions, RecoveryResult,
+    CrashDetector, CrashStore, HandlerOptions, PreviousRun, ReadinessCheck, Recovery,
+    RecoveryOption, RecoveryOptions, RecoveryResult,
 };
 use sanare_repair::RepairEngine;
 use sanare_snapshot::{BlockStore, FsStore, PgStore, Snapshots};
@@ -61,6 +61,7 @@ pub struct SanareBuilder {
     timing: Timing,
     boot_id_path: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
+    readiness: Option<Arc<dyn ReadinessCheck>>,
 }
 
 impl std::fmt::Debug for SanareBuilder {
@@ -116,6 +117,7 @@ impl Sanare {
             timing: Timing::default(),
             boot_id_path: None,
             cgroup_root: None,
+            readiness: None,
         }
     }
 }
@@ -176,6 +178,13 @@ impl SanareBuilder {
         hook: impl FnOnce(JournalBuilder) -> JournalBuilder + Send + 'static,
     ) -> Self {
         self.journal_hook = Some(Box::new(hook));
+        self
+    }
+
+    /// The host's readiness probe: the last step of every recovery, and what
+    /// [`Recovery::check_readiness`] runs (a health endpoint's answer).
+    pub fn readiness(mut self, check: Arc<dyn ReadinessCheck>) -> Self {
+        self.readiness = Some(check);
         self
     }
 
@@ -393,14 +402,17 @@ impl SanareBuilder {
         }
         let corruption = Arc::new(corruption.build()?);
 
-        let recovery = Recovery::builder()
+        let mut recovery = Recovery::builder()
             .snapshots(snapshot_service)
             .journal(journal_service)
             .integrity(integrity.clone())
             .repair(repair.clone())
             .crash_store(crash_store.clone())
-            .events(events.clone())
-            .build();
+            .events(events.clone());
+        if let Some(check) = self.readiness {
+            recovery = recovery.readiness(check);
+        }
+        let recovery = recovery.build();
 
         let recovery_outcome = match &previous_run.crash {
             Some(crash) if service && config.auto_recovery => {
