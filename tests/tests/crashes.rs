@@ -188,6 +188,19 @@ async fn assert_all_committed_work(sanare: &Sanare, client: &tokio_postgres::Cli
     assert_eq!(summary.total_violations(), 0, "{summary:?}");
 }
 
+/// The start-up recovery's result, which must have reached readiness.
+fn recovered(sanare: &Sanare) -> &sanare::recovery::RecoveryResult {
+    let recovery = sanare
+        .startup_report()
+        .recovery
+        .as_ref()
+        .expect("a recovery ran at start-up")
+        .as_ref()
+        .expect("the recovery could run");
+    assert!(recovery.success, "{recovery:?}");
+    recovery
+}
+
 async fn fixture(client: &tokio_postgres::Client) {
     order_service::install(client, "shop").await.unwrap();
     order_service::generate(client, "shop", u64::try_from(BASE).unwrap())
@@ -225,14 +238,7 @@ async fn an_application_panic_is_recorded_and_the_restart_recovers_every_order()
             .unwrap_or_default()
             .contains("crashes.rs")
     );
-    let recovery = sanare
-        .startup_report()
-        .recovery
-        .as_ref()
-        .unwrap()
-        .as_ref()
-        .unwrap();
-    assert!(recovery.success, "{recovery:?}");
+    let recovery = recovered(&sanare);
     assert_eq!(
         recovery
             .steps
@@ -316,14 +322,7 @@ async fn a_power_failure_restores_the_snapshot_and_replays_the_journal() {
         .crash()
         .expect("the power loss is detected");
     assert_eq!(crash.kind, CrashKind::PowerFailure);
-    let recovery = sanare
-        .startup_report()
-        .recovery
-        .as_ref()
-        .unwrap()
-        .as_ref()
-        .unwrap();
-    assert!(recovery.success, "{recovery:?}");
+    let recovery = recovered(&sanare);
     assert_eq!(recovery.snapshots_used.len(), 1, "{recovery:?}");
     assert!(recovery.entries_replayed > 0, "{recovery:?}");
     assert_all_committed_work(&sanare, &client).await;

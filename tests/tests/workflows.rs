@@ -9,7 +9,7 @@ use sanare::core::{
     ReplayRange, ReplayRequest, SnapshotRequest, SnapshotService, SnapshotStatus, ValidationScope,
     Violation,
 };
-use sanare::journal::NewEntry;
+use sanare::journal::{JournalBuilder, NewEntry};
 use sanare::snapshot::RetentionPolicy;
 use sanare::{Sanare, SanareConfig};
 use sanare_examples::orders::{self, PlaceOrder};
@@ -30,6 +30,23 @@ fn config() -> SanareConfig {
     let mut config = SanareConfig::default();
     config.snapshots.schemas = vec!["shop".into()];
     config
+}
+
+/// The service on `db` with its data in `dir`, without background work.
+async fn start(
+    db: &TestDb,
+    dir: &tempfile::TempDir,
+    journal: impl FnOnce(JournalBuilder) -> JournalBuilder + Send + 'static,
+) -> Sanare {
+    Sanare::builder()
+        .config(config())
+        .pool(db.pool().clone())
+        .data_dir(dir.path())
+        .background(false)
+        .journal(journal)
+        .build()
+        .await
+        .unwrap()
 }
 
 async fn count(db: &TestDb, sql: &str) -> i64 {
@@ -116,16 +133,11 @@ async fn two_instances_one_leader_and_scan_jobs_split_between_them() {
 async fn an_interrupted_replay_resumes_and_applies_each_entry_once() {
     let db = shop(200).await;
     let dir = tempfile::tempdir().unwrap();
-    let sanare = Sanare::builder()
-        .config(config())
-        .pool(db.pool().clone())
-        .data_dir(dir.path())
-        .background(false)
-        // Small segments and replay batches, so the cancel lands between two.
-        .journal(|j| orders::register(j).replay_batch(25).segment_size(8 * 1024))
-        .build()
-        .await
-        .unwrap();
+    // Small segments and replay batches, so the cancel lands between two.
+    let sanare = start(&db, &dir, |j| {
+        orders::register(j).replay_batch(25).segment_size(8 * 1024)
+    })
+    .await;
     for n in 1..=400 {
         let order = PlaceOrder::nth(200, n, 20, 4);
         sanare
@@ -194,15 +206,7 @@ async fn an_interrupted_replay_resumes_and_applies_each_entry_once() {
 async fn snapshot_lifecycle_with_damage_pitr_and_retention() {
     let db = shop(500).await;
     let dir = tempfile::tempdir().unwrap();
-    let sanare = Sanare::builder()
-        .config(config())
-        .pool(db.pool().clone())
-        .data_dir(dir.path())
-        .background(false)
-        .journal(orders::register)
-        .build()
-        .await
-        .unwrap();
+    let sanare = start(&db, &dir, orders::register).await;
     let snaps = sanare.snapshots();
     let control = Control::detached();
     let first = snaps
@@ -288,14 +292,7 @@ async fn snapshot_lifecycle_with_damage_pitr_and_retention() {
 async fn validate_repair_and_roll_back_to_the_exact_prior_state() {
     let db = shop(300).await;
     let dir = tempfile::tempdir().unwrap();
-    let sanare = Sanare::builder()
-        .config(config())
-        .pool(db.pool().clone())
-        .data_dir(dir.path())
-        .background(false)
-        .build()
-        .await
-        .unwrap();
+    let sanare = start(&db, &dir, |j| j).await;
     let control = Control::detached();
     sanare
         .snapshots()
