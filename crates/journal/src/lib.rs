@@ -161,7 +161,10 @@ impl JournalBuilder {
         self
     }
 
-    /// Publishes events (replay finished) on `bus`.
+    /// Publishes events on `bus`: [`Event::JournalRecorded`] per durable batch of
+    /// `record()` calls (one WAL group commit or one batched PostgreSQL insert),
+    /// [`Event::JournalCompacted`] per compaction, [`Event::JournalReplayed`] per
+    /// replay.
     pub fn events(mut self, bus: EventBus) -> Self {
         self.events = Some(bus);
         self
@@ -236,6 +239,7 @@ impl JournalBuilder {
                 let options = wal::WalOptions {
                     segment_size: self.segment_size,
                     max_batch: self.max_batch,
+                    events: self.events.clone(),
                 };
                 let wal = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, options))
                     .await
@@ -247,6 +251,7 @@ impl JournalBuilder {
                 &schema,
                 self.max_batch,
                 self.settle_timeout,
+                self.events.clone(),
             )),
         };
         Ok(Journal {
@@ -529,6 +534,13 @@ impl Journal {
                 let (segments, bytes_before, bytes_after) = w.compact()?;
                 metrics::counter!("sanare_journal_compacted_segments_total").increment(segments);
                 tracing::info!(segments, bytes_before, bytes_after, "journal compacted");
+                if let Some(bus) = &self.inner.events {
+                    bus.publish(Event::JournalCompacted {
+                        segments,
+                        bytes_before,
+                        bytes_after,
+                    });
+                }
                 Ok(CompactionReport {
                     segments,
                     bytes_before,
@@ -582,7 +594,12 @@ impl Journal {
             .map_err(|e| Error::io(format!("reading journal archive {}", path.display()), e))?;
         let name = path.display().to_string();
         let raw = frame::unseal(frame::ARCHIVE_MAGIC, &bytes, &name)?;
-        let (entries, corrupt, torn) = wal::decode_segment(&raw, &name)?;
+        let wal::DecodedSegment {
+            entries,
+            corrupt,
+            torn,
+            ..
+        } = wal::decode_segment(&raw, &name)?;
         if let Some(c) = corrupt.first() {
             return Err(Error::corrupt(name, c.reason.clone()));
         }
@@ -915,21 +932,33 @@ impl Journal {
             .iter()
             .map(|e| i64::try_from(e.position.0).unwrap_or(i64::MAX))
             .collect();
+        let stmt = tx
+            .prepare_cached(&sql.mark_many_returning)
+            .await
+            .map_err(|err| sanare_pg::map_pg_error("preparing the applied-mark insert", err))?;
         let fresh: HashSet<uuid::Uuid> = tx
-            .query(&sql.mark_many_returning, &[&ids, &seqs])
+            .query(&stmt, &[&ids, &seqs])
             .await
             .map_err(|err| sanare_pg::map_pg_error("writing journal applied marks", err))?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let mut out = Vec::with_capacity(run.len());
-        for e in run {
-            let is_fresh = fresh.contains(&e.id.as_uuid());
-            if is_fresh && let Some(AnyHandler::Pg(h)) = self.inner.handlers.get(&e.operation_type)
-            {
-                h.apply(&tx, e).await?;
+        let out: Vec<bool> = run
+            .iter()
+            .map(|e| fresh.contains(&e.id.as_uuid()))
+            .collect();
+        // Consecutive fresh entries of one operation type go to their handler in one
+        // call, so effects keep position order across operation types.
+        let todo: Vec<&JournalEntry> = run
+            .iter()
+            .zip(&out)
+            .filter(|(_, fresh)| **fresh)
+            .map(|(e, _)| *e)
+            .collect();
+        for group in todo.chunk_by(|a, b| a.operation_type == b.operation_type) {
+            if let Some(AnyHandler::Pg(h)) = self.inner.handlers.get(&group[0].operation_type) {
+                h.apply_batch(&tx, group).await?;
             }
-            out.push(is_fresh);
         }
         tx.commit()
             .await
@@ -980,7 +1009,12 @@ pub fn decode_segment_file(bytes: &[u8]) -> Result<(Vec<JournalEntry>, Vec<Corru
     } else {
         bytes
     };
-    let (entries, mut corrupt, torn) = wal::decode_segment(bytes, name)?;
+    let wal::DecodedSegment {
+        entries,
+        mut corrupt,
+        torn,
+        ..
+    } = wal::decode_segment(bytes, name)?;
     if let Some(at) = torn {
         corrupt.push(CorruptRegion {
             segment: name.to_owned(),

@@ -69,11 +69,20 @@ async fn a_torn_tail_is_truncated_and_reported() {
     }
     drop(journal);
     let seg = segment(dir.path());
-    let good_len = std::fs::metadata(&seg).unwrap().len();
-    // Half a record: a header claiming 100 bytes, then 10 bytes.
-    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
-    f.write_all(b"SJ\x01\x01\x64\x00\x00\x00\x00\x00\x00\x00abcdefghij")
-        .unwrap();
+    // The active segment is preallocated: the data ends at the last non-zero byte
+    // (the last record's payload, "e2"), zeros follow.
+    let bytes = std::fs::read(&seg).unwrap();
+    let good_len = bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+    assert!(bytes.len() as u64 > good_len, "preallocated");
+    // Half a record where the next group would have gone: a header claiming 100
+    // bytes, then 10 bytes.
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &f,
+        b"SJ\x01\x01\x64\x00\x00\x00\x00\x00\x00\x00abcdefghij",
+        good_len,
+    )
+    .unwrap();
     drop(f);
 
     let journal = open(dir.path()).await;
@@ -81,7 +90,7 @@ async fn a_torn_tail_is_truncated_and_reported() {
     let (name, offset, removed) = report.truncated_tail.expect("torn tail reported");
     assert!(seg.ends_with(&name));
     assert_eq!(offset, good_len);
-    assert_eq!(removed, 22);
+    assert_eq!(removed, bytes.len() as u64 - good_len);
     assert!(report.corrupt.is_empty());
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len);
     assert_eq!(journal.head().await.unwrap(), JournalPosition(3));
@@ -294,4 +303,73 @@ async fn the_wal_cut_is_the_durable_head() {
         .record(sanare_journal::NewEntry::from_bytes("", vec![]))
         .await;
     assert!(matches!(tx_err, Err(sanare_core::Error::InvalidInput(_))));
+}
+
+fn drain(sub: &mut sanare_core::EventSubscription) -> Vec<sanare_core::Event> {
+    std::iter::from_fn(|| sub.try_recv().map(|r| r.event)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_batches_compaction_and_replay_publish_events() {
+    use sanare_core::{Event, EventBus};
+    let dir = tempfile::tempdir().unwrap();
+    let bus = EventBus::default();
+    let mut sub = bus.subscribe();
+    let journal = Journal::wal(dir.path())
+        .events(bus.clone())
+        .handler("op", sanare_journal::NoopHandler)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..5 {
+        journal.record(entry("op", &format!("e{i}"))).await.unwrap();
+    }
+    // An idempotent repeat records nothing and publishes nothing.
+    journal
+        .record(entry("op", "k").idempotency_key("k"))
+        .await
+        .unwrap();
+    journal
+        .record(entry("op", "k").idempotency_key("k"))
+        .await
+        .unwrap();
+    let recorded: Vec<(u64, Option<JournalPosition>, Option<JournalPosition>)> = drain(&mut sub)
+        .into_iter()
+        .map(|e| match e {
+            Event::JournalRecorded {
+                entries,
+                first_position,
+                last_position,
+            } => (entries, first_position, last_position),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(recorded.iter().map(|r| r.0).sum::<u64>(), 6);
+    assert_eq!(recorded[0].1, Some(JournalPosition(1)));
+    assert_eq!(recorded.last().unwrap().2, Some(JournalPosition(6)));
+
+    journal.rotate().await.unwrap();
+    let report = journal.compact(&Control::detached()).await.unwrap();
+    assert!(drain(&mut sub).contains(&Event::JournalCompacted {
+        segments: report.segments,
+        bytes_before: report.bytes_before,
+        bytes_after: report.bytes_after,
+    }));
+    assert_eq!(report.segments, 1);
+
+    journal
+        .replay(
+            sanare_core::ReplayRequest::new(sanare_core::ReplayRange::All),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    assert!(drain(&mut sub).iter().any(|e| matches!(
+        e,
+        Event::JournalReplayed {
+            applied: 6,
+            dry_run: false,
+            ..
+        }
+    )));
 }
