@@ -59,6 +59,7 @@
 mod entry;
 mod frame;
 mod handler;
+mod index;
 mod pg;
 mod query;
 mod wal;
@@ -431,11 +432,7 @@ impl Journal {
                 let mut plan = plan.clone();
                 plan.snapshot = None;
                 let (mut entries, damage) = w.scan(&plan, after, limit)?;
-                for e in &mut entries {
-                    if w.is_marked(e.position) {
-                        e.status = EntryStatus::Replayed;
-                    }
-                }
+                w.apply_marks(&mut entries);
                 Ok((entries, damage))
             }
             Backend::Pg(p) => Ok((p.scan(plan, after, limit).await?, Vec::new())),

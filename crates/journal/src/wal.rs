@@ -15,6 +15,7 @@ use sanare_core::{Error, JournalEntryId, JournalPosition, Result};
 
 use crate::entry::{JournalEntry, NewEntry, Recorded};
 use crate::frame::{self, CorruptRegion};
+use crate::index::{self, SegmentIndex};
 use crate::query::ScanPlan;
 
 /// What opening the WAL found and did.
@@ -382,6 +383,9 @@ impl Wal {
                     });
                 }
             }
+            if !(is_last && !info.sealed) {
+                ensure_index(dir, &info, &bytes);
+            }
             segments.push(info);
         }
         for c in &report.corrupt {
@@ -487,11 +491,22 @@ impl Wal {
         plan.after = after;
         let mut out = Vec::new();
         let mut damage = Vec::new();
-        for info in self.segments() {
+        let segs = self.segments();
+        let active = segs.last().map(|s| s.base);
+        for info in segs {
             if !info.may_match(&plan) {
                 continue;
             }
             let raw = read_raw(&info)?;
+            if Some(info.base) != active
+                && let Some(entries) = scan_indexed(&self.dir, &info, &raw, &plan)
+            {
+                out.extend(entries);
+                if out.len() >= limit {
+                    break;
+                }
+                continue;
+            }
             let DecodedSegment {
                 entries, corrupt, ..
             } = decode_segment(&raw, &info.name())?;
@@ -597,6 +612,12 @@ impl Wal {
                 lock(&self.shared.segments).retain(|s| s.base != info.base);
                 fs::remove_file(&info.path)
                     .map_err(|e| Error::io(format!("removing {}", info.path.display()), e))?;
+                let idx = index::path(&self.dir, info.base);
+                if let Err(e) = fs::remove_file(&idx)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(Error::io(format!("removing {}", idx.display()), e));
+                }
                 removed += 1;
             }
         }
@@ -604,8 +625,17 @@ impl Wal {
         Ok(removed)
     }
 
-    pub(crate) fn is_marked(&self, position: JournalPosition) -> bool {
-        lock(&self.shared.marks).applied.contains(&position.0)
+    /// Sets the status of every entry with an applied mark (one lock per batch).
+    pub(crate) fn apply_marks(&self, entries: &mut [JournalEntry]) {
+        let marks = lock(&self.shared.marks);
+        if marks.applied.is_empty() {
+            return;
+        }
+        for e in entries {
+            if marks.applied.contains(&e.position.0) {
+                e.status = crate::entry::EntryStatus::Replayed;
+            }
+        }
     }
 
     /// Appends applied marks and makes them durable.
@@ -625,6 +655,58 @@ impl Wal {
         m.applied.extend(marks.iter().map(|(p, _)| p.0));
         Ok(())
     }
+}
+
+/// Makes sure the sealed segment `info` (raw bytes `raw`) has a valid index file:
+/// a missing, damaged or stale one is rebuilt. A failure to write it is logged
+/// (queries then decode the whole segment).
+fn ensure_index(dir: &Path, info: &SegmentInfo, raw: &[u8]) {
+    let current = index::load(dir, info.base).filter(|idx| {
+        idx.records.first().map(|r| r.position) == info.first
+            && idx.records.last().map(|r| r.position) == info.last
+    });
+    if current.is_some() {
+        return;
+    }
+    let built = SegmentIndex::build(info.base, raw);
+    if let Err(e) = index::store(dir, &built) {
+        tracing::warn!(error = %e, segment = %info.name(), "journal index not written");
+    } else {
+        tracing::info!(segment = %info.name(), entries = built.records.len(), "journal index (re)built");
+    }
+}
+
+/// Entries of a sealed segment matching `plan`, picked with its index (only the
+/// matching frames are decoded). `None` when the index is missing or does not fit
+/// the bytes: the caller decodes the whole segment.
+fn scan_indexed(
+    dir: &Path,
+    info: &SegmentInfo,
+    raw: &[u8],
+    plan: &ScanPlan,
+) -> Option<Vec<JournalEntry>> {
+    let idx = index::load(dir, info.base)?;
+    let mut out = Vec::new();
+    for r in idx.select(plan) {
+        let at = r.offset as usize;
+        let frame = raw.get(at..at.checked_add(r.len as usize)?)?;
+        let frame::Decoded::Frame {
+            kind: frame::KIND_ENTRY,
+            body,
+            ..
+        } = frame::decode_frame(frame)
+        else {
+            return None;
+        };
+        let e = frame::decode_entry(body).ok()?;
+        if e.position.0 != r.position {
+            return None;
+        }
+        if plan.matches(&e) {
+            out.push(e);
+        }
+    }
+    Some(out)
 }
 
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -859,6 +941,19 @@ impl Writer {
             .set_len(self.len)
             .and_then(|()| self.file.sync_all())
             .map_err(|e| Error::io("sealing a journal segment", e))?;
+        // Index the sealed segment off the writer's path.
+        if let Some(sealed) = lock(&self.shared.segments).last().cloned() {
+            let dir = self.dir.clone();
+            let spawned = std::thread::Builder::new()
+                .name("sanare-journal-index".into())
+                .spawn(move || match read_raw(&sealed) {
+                    Ok(raw) => ensure_index(&dir, &sealed, &raw),
+                    Err(e) => tracing::warn!(error = %e, "journal index not built"),
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "journal index thread not started; rebuilt on open");
+            }
+        }
         let info = create_segment(&self.dir, self.next)?;
         self.file = open_segment(&info.path)?;
         self.base = info.base;
