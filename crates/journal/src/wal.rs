@@ -383,7 +383,7 @@ impl Wal {
                     });
                 }
             }
-            if !(is_last && !info.sealed) {
+            if !is_last || info.sealed {
                 ensure_index(dir, &info, &bytes);
             }
             segments.push(info);
