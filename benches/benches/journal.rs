@@ -194,15 +194,16 @@ impl PgHandler for OrderUpsertPerEntry {
     }
 }
 
-/// Records `n` order-service events (four per order) with 32 concurrent callers.
-async fn record_orders(journal: &Journal, n: usize) {
+/// Records `n` order-service events (four per order, events `first..first + n`)
+/// with 32 concurrent callers.
+async fn record_orders(journal: &Journal, first: usize, n: usize) {
     let per = n / WRITERS;
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
         let j = journal.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..per {
-                let k = w * per + i;
+                let k = first + w * per + i;
                 j.record(
                     NewEntry::new("order.updated", &order_event(k / 4, k))
                         .expect("payload")
@@ -368,9 +369,9 @@ async fn run_figures(figures: &mut Figures) {
     // Replay into the order service's upsert handler (exactly-once marks in the
     // same transaction): 3,000 events one round trip per entry, then 50,000 events
     // through the batch path.
-    let replay = async |journal: &Journal, n: usize| {
+    let replay = async |journal: &Journal, first: usize, n: usize| {
         let from = journal.head().await.expect("head").0 + 1;
-        record_orders(journal, n).await;
+        record_orders(journal, first, n).await;
         let to = journal.head().await.expect("head");
         let start = Instant::now();
         let s = journal
@@ -393,9 +394,9 @@ async fn run_figures(figures: &mut Figures) {
         .build()
         .await
         .expect("pg journal");
-    let replay_per_entry = replay(&per_entry_journal, 3_200).await;
+    let replay_per_entry = replay(&per_entry_journal, 0, 3_200).await;
     drop(per_entry_journal);
-    let replay_pg = replay(&journal, 51_200).await;
+    let replay_pg = replay(&journal, 3_200, 51_200).await;
     println!(
         "replay pg (order upsert): batch path {replay_pg:.0}/s, one round trip per entry {replay_per_entry:.0}/s"
     );

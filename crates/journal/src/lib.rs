@@ -13,8 +13,12 @@
 //!   tail is cut off and reported, and damage followed by valid records is isolated
 //!   and reported in [`OpenReport`] (the rest stays readable). [`Journal::compact`]
 //!   compresses sealed segments (brotli), [`Journal::purge`] drops whole segments
-//!   before a retained position. An in-memory sparse index per segment (positions,
-//!   time range, operation types) lets queries skip segments.
+//!   before a retained position. An in-memory summary per segment (positions,
+//!   time range, operation types) lets queries skip segments, and every sealed
+//!   segment has an index file (position, time, operation type and frame offset of
+//!   each entry; rebuilt when missing or damaged) so queries decode only the
+//!   entries they select. The active segment is zero-filled ahead of its data, so
+//!   a group commit's `fdatasync` rarely has metadata to flush.
 //! - **PostgreSQL** ([`Journal::postgres`]): the `transaction_journal` table in sanare's
 //!   schema ([`MIGRATIONS`]). [`Journal::record_in`] writes inside the host's own
 //!   transaction, atomic with its change; [`Journal::record`] batches concurrent
@@ -24,12 +28,16 @@
 //! # The sequence-gap race
 //! Sequence numbers are drawn at insert time, but writers commit in any order: a
 //! reader that saw position 5 may later see 4 appear. The PostgreSQL backend never
-//! hands out a position past which an entry can still appear: [`JournalService::cut`]
-//! and every replay first wait until the writers in progress in their snapshot have
-//! finished (`pg_snapshot_xip` + `pg_xact_status`), then take the highest position
-//! below the first entry not visible in that snapshot. Because `writer_xid` is the
-//! table's first column, a writer's xid exists before its sequence number, so no
-//! writer holding a lower number can hide from the snapshot. A replay of
+//! hands out a position past which an entry can still appear. Because `writer_xid`
+//! is the table's first column, a writer's xid exists before its sequence number.
+//! [`JournalService::cut`] and every replay first *settle*: they take an xid of
+//! their own after the snapshot (the horizon) and wait until every transaction
+//! with a lower xid has ended and, if it committed, is visible to new snapshots.
+//! (A snapshot's own in-progress list is not enough: PostgreSQL leaves out running
+//! transactions whose xid is at or above the snapshot's xmax.) The cut is then the
+//! highest position visible in the snapshot, lowered below the first entry of any
+//! other writer under the horizon; a replay reads up to the last number drawn
+//! before the horizon. A replay of
 //! [`ReplayRange::After`] a cut additionally skips every entry whose writer is visible
 //! in the cut's snapshot (`pg_visible_in_snapshot`), so restore + replay is exact
 //! even with out-of-order commits.
@@ -37,7 +45,11 @@
 //! # Exactly-once replay
 //! Each applied entry gets an applied mark keyed by its id. A [`PgHandler`] runs in a
 //! transaction that first inserts the mark (`ON CONFLICT DO NOTHING`; zero rows means
-//! already applied) and then applies the effect: both commit or neither does. A plain
+//! already applied) and then applies the effect: both commit or neither does. In a
+//! sequential replay a run of entries shares one transaction: one multi-row mark
+//! insert, then [`PgHandler::apply_batch`] per operation type with the entries not
+//! applied yet (a handler that implements it applies the run in one statement); if
+//! the run fails it is rolled back and retried entry by entry. A plain
 //! [`Handler`] (no PostgreSQL needed) is marked after it returns: see its docs for
 //! how it reaches exactly-once. Entries whose payload no longer matches their
 //! blake3 hash are reported and never applied.
