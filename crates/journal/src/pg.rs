@@ -428,13 +428,12 @@ impl PgJournal {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let to = plan.to.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let stmt = client
-            .prepare_cached(&self.sql.scan)
-            .await
-            .context("preparing the journal scan")?;
+        // Not a cached statement on purpose: its optional filters need a plan for
+        // the actual values (an unnamed statement is planned at bind), not the
+        // generic plan PostgreSQL switches a named one to.
         let rows = client
             .query(
-                &stmt,
+                &self.sql.scan,
                 &[
                     &after,
                     &to,
