@@ -790,6 +790,9 @@ impl Writer {
         let mut written: Vec<JournalEntry> = Vec::with_capacity(batch.capacity());
         let mut batch_keys: HashMap<String, (u64, Uuid)> = HashMap::new();
         let mut rotate = Vec::new();
+        // Size of the last group and how long its fdatasync took (the commit delay).
+        let mut last_group = 0usize;
+        let mut last_sync = std::time::Duration::ZERO;
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
             while batch.len() < self.options.max_batch {
@@ -798,6 +801,25 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            // Commit delay: writers released by the last group are between their
+            // reply and their next append. When fewer are here than joined it,
+            // wait a little (at most a quarter of the last fdatasync, 500 µs) for
+            // more, so one fdatasync serves more of them.
+            if last_group > 1 && batch.len() < last_group * 2 {
+                let target = (last_group * 2).min(self.options.max_batch);
+                let deadline = std::time::Instant::now()
+                    + (last_sync / 4).min(std::time::Duration::from_micros(500));
+                while batch.len() < target && std::time::Instant::now() < deadline {
+                    match rx.try_recv() {
+                        Ok(c) => batch.push(c),
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            std::thread::sleep(std::time::Duration::from_micros(20));
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    }
+                }
+            }
+            last_group = batch.len();
             replies.clear();
             written.clear();
             buf.clear();
@@ -848,7 +870,9 @@ impl Writer {
                 }
             }
             if !buf.is_empty() {
+                let began = std::time::Instant::now();
                 let res = self.write_durable(&mut buf);
+                last_sync = began.elapsed();
                 if let Err(e) = res {
                     let msg = e.to_string();
                     tracing::error!(error = %msg, "journal append failed");
