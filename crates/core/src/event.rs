@@ -120,6 +120,25 @@ pub enum Event {
         /// Whether it was a dry run.
         dry_run: bool,
     },
+    /// The journal made a batch of entries durable (one WAL group commit, or one
+    /// batched PostgreSQL insert of concurrent `record()` calls).
+    JournalRecorded {
+        /// Entries newly recorded in the batch (idempotent repeats not counted).
+        entries: u64,
+        /// The first position of the batch.
+        first_position: Option<JournalPosition>,
+        /// The last position of the batch.
+        last_position: Option<JournalPosition>,
+    },
+    /// The journal compacted sealed data.
+    JournalCompacted {
+        /// Segments compressed.
+        segments: u64,
+        /// Their size before.
+        bytes_before: u64,
+        /// Their size after.
+        bytes_after: u64,
+    },
     /// Corruption detection found damage.
     CorruptionDetected {
         /// The issue.
@@ -144,6 +163,8 @@ impl Event {
             Event::SnapshotCreated { .. } => "snapshot_created",
             Event::RestoreCompleted { .. } => "restore_completed",
             Event::JournalReplayed { .. } => "journal_replayed",
+            Event::JournalRecorded { .. } => "journal_recorded",
+            Event::JournalCompacted { .. } => "journal_compacted",
             Event::CorruptionDetected { .. } => "corruption_detected",
         }
     }

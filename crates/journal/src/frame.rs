@@ -300,13 +300,20 @@ pub(crate) struct Scan {
     pub(crate) corrupt: Vec<(usize, usize, &'static str)>,
     /// Where the valid data ends when the rest is a torn tail (no valid frame after).
     pub(crate) torn_tail_at: Option<usize>,
+    /// Where the data ends: the end of the buffer, the start of a torn tail, or the
+    /// start of zero bytes running to the end (the preallocated, never-written part
+    /// of an active segment, which is not damage).
+    pub(crate) end: usize,
 }
 
 /// Scans `buf` from `start`: reads frames forward; on a bad frame searches forward for
 /// the next valid one. Damage followed by a valid frame is corruption; damage running
 /// to the end is a torn tail.
 pub(crate) fn scan(buf: &[u8], start: usize) -> Scan {
-    let mut out = Scan::default();
+    let mut out = Scan {
+        end: buf.len(),
+        ..Scan::default()
+    };
     let mut off = start;
     while off < buf.len() {
         match decode_frame(&buf[off..]) {
@@ -317,6 +324,12 @@ pub(crate) fn scan(buf: &[u8], start: usize) -> Scan {
                 off += len;
             }
             Decoded::Incomplete | Decoded::Invalid(_) => {
+                // Zeros to the end: preallocated space, never written (a frame
+                // starts with its magic, so a real frame is never all zeros).
+                if buf[off..].iter().all(|&b| b == 0) {
+                    out.end = off;
+                    break;
+                }
                 let reason = match decode_frame(&buf[off..]) {
                     Decoded::Invalid(r) => r,
                     _ => "truncated frame",
@@ -340,6 +353,7 @@ pub(crate) fn scan(buf: &[u8], start: usize) -> Scan {
                     }
                     None => {
                         out.torn_tail_at = Some(off);
+                        out.end = off;
                         break;
                     }
                 }
@@ -460,6 +474,24 @@ mod tests {
         let s = scan(torn, 0);
         assert_eq!(s.frames.len(), 2);
         assert_eq!(s.torn_tail_at, Some(2 * (FRAME_HEADER + 10)));
+    }
+
+    #[test]
+    fn zeros_to_the_end_are_preallocated_space_not_damage() {
+        let mut buf = Vec::new();
+        encode_frame(KIND_ENTRY, b"0123456789", &mut buf);
+        let end = buf.len();
+        buf.resize(end + 4096, 0);
+        let s = scan(&buf, 0);
+        assert_eq!((s.frames.len(), s.end, s.torn_tail_at), (1, end, None));
+        assert!(s.corrupt.is_empty());
+        // A partial frame in front of the zeros is still a torn tail.
+        let mut torn = buf[..end].to_vec();
+        encode_frame(KIND_ENTRY, b"0123456789", &mut torn);
+        torn.truncate(end + 7);
+        torn.resize(end + 4096, 0);
+        let s = scan(&torn, 0);
+        assert_eq!((s.frames.len(), s.end, s.torn_tail_at), (1, end, Some(end)));
     }
 
     fn arb_entry() -> impl Strategy<Value = JournalEntry> {

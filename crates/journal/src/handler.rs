@@ -52,6 +52,27 @@ pub trait PgHandler: Send + Sync {
     /// Applies the entry's effect in `tx`.
     async fn apply(&self, tx: &tokio_postgres::Transaction<'_>, entry: &JournalEntry)
     -> Result<()>;
+
+    /// Applies a run of entries of this handler's operation type in `tx`, in
+    /// position order, in as few round trips as the handler can manage (a multi-row
+    /// `INSERT … SELECT FROM unnest($1::…[], …)` or a binary `COPY`). The journal
+    /// calls it during a sequential replay with every not-yet-applied entry of a run
+    /// (up to the builder's `replay_batch`); their applied marks are in the same
+    /// transaction, so the effect of the whole run and its marks commit together.
+    ///
+    /// On `Err` the run's transaction rolls back and the journal retries the run one
+    /// entry at a time through [`apply`](Self::apply), so one bad entry fails alone.
+    /// The default calls `apply` for each entry in order (one round trip each).
+    async fn apply_batch(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        entries: &[&JournalEntry],
+    ) -> Result<()> {
+        for entry in entries {
+            self.apply(tx, entry).await?;
+        }
+        Ok(())
+    }
 }
 
 /// A handler that does nothing (useful for benchmarks and to mark entries applied).

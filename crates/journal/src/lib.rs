@@ -13,8 +13,12 @@
 //!   tail is cut off and reported, and damage followed by valid records is isolated
 //!   and reported in [`OpenReport`] (the rest stays readable). [`Journal::compact`]
 //!   compresses sealed segments (brotli), [`Journal::purge`] drops whole segments
-//!   before a retained position. An in-memory sparse index per segment (positions,
-//!   time range, operation types) lets queries skip segments.
+//!   before a retained position. An in-memory summary per segment (positions,
+//!   time range, operation types) lets queries skip segments, and every sealed
+//!   segment has an index file (position, time, operation type and frame offset of
+//!   each entry; rebuilt when missing or damaged) so queries decode only the
+//!   entries they select. The active segment is zero-filled ahead of its data, so
+//!   a group commit's `fdatasync` rarely has metadata to flush.
 //! - **PostgreSQL** ([`Journal::postgres`]): the `transaction_journal` table in sanare's
 //!   schema ([`MIGRATIONS`]). [`Journal::record_in`] writes inside the host's own
 //!   transaction, atomic with its change; [`Journal::record`] batches concurrent
@@ -24,12 +28,16 @@
 //! # The sequence-gap race
 //! Sequence numbers are drawn at insert time, but writers commit in any order: a
 //! reader that saw position 5 may later see 4 appear. The PostgreSQL backend never
-//! hands out a position past which an entry can still appear: [`JournalService::cut`]
-//! and every replay first wait until the writers in progress in their snapshot have
-//! finished (`pg_snapshot_xip` + `pg_xact_status`), then take the highest position
-//! below the first entry not visible in that snapshot. Because `writer_xid` is the
-//! table's first column, a writer's xid exists before its sequence number, so no
-//! writer holding a lower number can hide from the snapshot. A replay of
+//! hands out a position past which an entry can still appear. Because `writer_xid`
+//! is the table's first column, a writer's xid exists before its sequence number.
+//! [`JournalService::cut`] and every replay first *settle*: they take an xid of
+//! their own after the snapshot (the horizon) and wait until every transaction
+//! with a lower xid has ended and, if it committed, is visible to new snapshots.
+//! (A snapshot's own in-progress list is not enough: PostgreSQL leaves out running
+//! transactions whose xid is at or above the snapshot's xmax.) The cut is then the
+//! highest position visible in the snapshot, lowered below the first entry of any
+//! other writer under the horizon; a replay reads up to the last number drawn
+//! before the horizon. A replay of
 //! [`ReplayRange::After`] a cut additionally skips every entry whose writer is visible
 //! in the cut's snapshot (`pg_visible_in_snapshot`), so restore + replay is exact
 //! even with out-of-order commits.
@@ -37,7 +45,11 @@
 //! # Exactly-once replay
 //! Each applied entry gets an applied mark keyed by its id. A [`PgHandler`] runs in a
 //! transaction that first inserts the mark (`ON CONFLICT DO NOTHING`; zero rows means
-//! already applied) and then applies the effect: both commit or neither does. A plain
+//! already applied) and then applies the effect: both commit or neither does. In a
+//! sequential replay a run of entries shares one transaction: one multi-row mark
+//! insert, then [`PgHandler::apply_batch`] per operation type with the entries not
+//! applied yet (a handler that implements it applies the run in one statement); if
+//! the run fails it is rolled back and retried entry by entry. A plain
 //! [`Handler`] (no PostgreSQL needed) is marked after it returns: see its docs for
 //! how it reaches exactly-once. Entries whose payload no longer matches their
 //! blake3 hash are reported and never applied.
@@ -59,6 +71,7 @@
 mod entry;
 mod frame;
 mod handler;
+mod index;
 mod pg;
 mod query;
 mod wal;
@@ -161,7 +174,10 @@ impl JournalBuilder {
         self
     }
 
-    /// Publishes events (replay finished) on `bus`.
+    /// Publishes events on `bus`: [`Event::JournalRecorded`] per durable batch of
+    /// `record()` calls (one WAL group commit or one batched PostgreSQL insert),
+    /// [`Event::JournalCompacted`] per compaction, [`Event::JournalReplayed`] per
+    /// replay.
     pub fn events(mut self, bus: EventBus) -> Self {
         self.events = Some(bus);
         self
@@ -236,6 +252,7 @@ impl JournalBuilder {
                 let options = wal::WalOptions {
                     segment_size: self.segment_size,
                     max_batch: self.max_batch,
+                    events: self.events.clone(),
                 };
                 let wal = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, options))
                     .await
@@ -247,6 +264,7 @@ impl JournalBuilder {
                 &schema,
                 self.max_batch,
                 self.settle_timeout,
+                self.events.clone(),
             )),
         };
         Ok(Journal {
@@ -426,11 +444,7 @@ impl Journal {
                 let mut plan = plan.clone();
                 plan.snapshot = None;
                 let (mut entries, damage) = w.scan(&plan, after, limit)?;
-                for e in &mut entries {
-                    if w.is_marked(e.position) {
-                        e.status = EntryStatus::Replayed;
-                    }
-                }
+                w.apply_marks(&mut entries);
                 Ok((entries, damage))
             }
             Backend::Pg(p) => Ok((p.scan(plan, after, limit).await?, Vec::new())),
@@ -529,6 +543,13 @@ impl Journal {
                 let (segments, bytes_before, bytes_after) = w.compact()?;
                 metrics::counter!("sanare_journal_compacted_segments_total").increment(segments);
                 tracing::info!(segments, bytes_before, bytes_after, "journal compacted");
+                if let Some(bus) = &self.inner.events {
+                    bus.publish(Event::JournalCompacted {
+                        segments,
+                        bytes_before,
+                        bytes_after,
+                    });
+                }
                 Ok(CompactionReport {
                     segments,
                     bytes_before,
@@ -582,7 +603,12 @@ impl Journal {
             .map_err(|e| Error::io(format!("reading journal archive {}", path.display()), e))?;
         let name = path.display().to_string();
         let raw = frame::unseal(frame::ARCHIVE_MAGIC, &bytes, &name)?;
-        let (entries, corrupt, torn) = wal::decode_segment(&raw, &name)?;
+        let wal::DecodedSegment {
+            entries,
+            corrupt,
+            torn,
+            ..
+        } = wal::decode_segment(&raw, &name)?;
         if let Some(c) = corrupt.first() {
             return Err(Error::corrupt(name, c.reason.clone()));
         }
@@ -915,21 +941,33 @@ impl Journal {
             .iter()
             .map(|e| i64::try_from(e.position.0).unwrap_or(i64::MAX))
             .collect();
+        let stmt = tx
+            .prepare_cached(&sql.mark_many_returning)
+            .await
+            .map_err(|err| sanare_pg::map_pg_error("preparing the applied-mark insert", err))?;
         let fresh: HashSet<uuid::Uuid> = tx
-            .query(&sql.mark_many_returning, &[&ids, &seqs])
+            .query(&stmt, &[&ids, &seqs])
             .await
             .map_err(|err| sanare_pg::map_pg_error("writing journal applied marks", err))?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let mut out = Vec::with_capacity(run.len());
-        for e in run {
-            let is_fresh = fresh.contains(&e.id.as_uuid());
-            if is_fresh && let Some(AnyHandler::Pg(h)) = self.inner.handlers.get(&e.operation_type)
-            {
-                h.apply(&tx, e).await?;
+        let out: Vec<bool> = run
+            .iter()
+            .map(|e| fresh.contains(&e.id.as_uuid()))
+            .collect();
+        // Consecutive fresh entries of one operation type go to their handler in one
+        // call, so effects keep position order across operation types.
+        let todo: Vec<&JournalEntry> = run
+            .iter()
+            .zip(&out)
+            .filter(|(_, fresh)| **fresh)
+            .map(|(e, _)| *e)
+            .collect();
+        for group in todo.chunk_by(|a, b| a.operation_type == b.operation_type) {
+            if let Some(AnyHandler::Pg(h)) = self.inner.handlers.get(&group[0].operation_type) {
+                h.apply_batch(&tx, group).await?;
             }
-            out.push(is_fresh);
         }
         tx.commit()
             .await
@@ -980,7 +1018,12 @@ pub fn decode_segment_file(bytes: &[u8]) -> Result<(Vec<JournalEntry>, Vec<Corru
     } else {
         bytes
     };
-    let (entries, mut corrupt, torn) = wal::decode_segment(bytes, name)?;
+    let wal::DecodedSegment {
+        entries,
+        mut corrupt,
+        torn,
+        ..
+    } = wal::decode_segment(bytes, name)?;
     if let Some(at) = torn {
         corrupt.push(CorruptRegion {
             segment: name.to_owned(),

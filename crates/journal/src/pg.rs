@@ -10,7 +10,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
-use sanare_core::{Error, JournalCut, JournalEntryId, JournalPosition, Result};
+use sanare_core::{Error, Event, EventBus, JournalCut, JournalEntryId, JournalPosition, Result};
 use sanare_pg::{Migration, Migrations, PgResultExt, SchemaName};
 
 use crate::entry::{EntryStatus, JournalEntry, NewEntry, Recorded};
@@ -113,7 +113,6 @@ pub(crate) struct Sql {
     pub(crate) mark_many: String,
     pub(crate) mark_many_returning: String,
     pub(crate) cut: String,
-    pub(crate) stable: String,
 }
 
 impl Sql {
@@ -162,21 +161,24 @@ impl Sql {
                  ON CONFLICT DO NOTHING"
             ),
             // The highest position P such that every entry at or before P is visible
-            // in the snapshot $1, once its in-progress writers have finished.
+            // in the snapshot $1, once the writers below the settle horizon $2 (an
+            // xid assigned after the snapshot) have ended: the highest position
+            // visible in it, lowered below the first entry of any other writer
+            // under the horizon (running when the snapshot was taken, whether or
+            // not its in-progress list shows it). A writer at or above the horizon
+            // took its xid after the snapshot and drew its number later still, so
+            // above every visible position: neither its commit nor its uncommitted
+            // row (which this query cannot see) may move the cut.
             cut: format!(
-                "SELECT coalesce(\
+                "SELECT coalesce(least(\
+                   (SELECT sequence_number FROM {j} \
+                     WHERE pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot) \
+                     ORDER BY sequence_number DESC LIMIT 1), \
                    (SELECT min(sequence_number) - 1 FROM {j} \
                      WHERE writer_xid >= pg_snapshot_xmin($1::text::pg_snapshot) \
-                       AND NOT pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot)), \
-                   (SELECT max(sequence_number) FROM {j}), 0)"
-            ),
-            // The highest position visible in the snapshot $1: once its in-progress
-            // writers have finished, every entry at or before it has committed (a
-            // lower number was drawn earlier, by a writer whose xid the snapshot knew).
-            stable: format!(
-                "SELECT coalesce((SELECT sequence_number FROM {j} \
-                   WHERE pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot) \
-                   ORDER BY sequence_number DESC LIMIT 1), 0)"
+                       AND writer_xid < $2::text::xid8 \
+                       AND NOT pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot))), \
+                   0)"
             ),
         }
     }
@@ -241,16 +243,29 @@ pub(crate) struct PgJournal {
     pub(crate) settle_timeout: Duration,
 }
 
+/// What the batcher needs besides its queue.
+struct BatchContext {
+    pool: Pool,
+    sql: Arc<Sql>,
+    events: Option<EventBus>,
+}
+
 impl PgJournal {
     pub(crate) fn new(
         pool: Pool,
         schema: &SchemaName,
         max_batch: usize,
         settle_timeout: Duration,
+        events: Option<EventBus>,
     ) -> Self {
         let sql = Arc::new(Sql::new(schema));
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(pool.clone(), sql.clone(), rx, max_batch.max(1)));
+        let ctx = Arc::new(BatchContext {
+            pool: pool.clone(),
+            sql: sql.clone(),
+            events,
+        });
+        tokio::spawn(batcher(ctx, rx, max_batch.max(1)));
         Self {
             pool,
             sql,
@@ -285,28 +300,67 @@ impl PgJournal {
         Ok(pos(row.get(0)))
     }
 
-    /// Waits until no transaction that was in progress in `snapshot` still is.
-    async fn settle(&self, client: &impl GenericClient, snapshot: &str) -> Result<()> {
+    /// Waits until every writer that could hold a position drawn before `snapshot`
+    /// was taken has ended and, if it committed, is visible to new snapshots.
+    /// Returns the horizon, an xid assigned after `snapshot` below which every
+    /// writer has now ended, and the last position drawn before it: every entry at
+    /// or before that position is final (committed and visible, or rolled back).
+    ///
+    /// A snapshot's in-progress list is not enough: PostgreSQL leaves out running
+    /// transactions whose xid is at or above the snapshot's xmax (the last
+    /// *completed* xid + 1), so a writer that drew a lower number and is still
+    /// running can be missing from it. Hence the horizon: this session takes an xid
+    /// (and commits it at once), so a snapshot taken next lists every transaction
+    /// still running with a lower xid, and those are the ones waited for.
+    async fn settle(&self, client: &impl GenericClient, snapshot: &str) -> Result<(String, i64)> {
+        // A number drawn before this read belongs to a writer whose xid is older
+        // than the horizon taken next (`writer_xid` is filled before the number).
+        let drawn: i64 = client
+            .query_one(
+                "SELECT coalesce(pg_sequence_last_value(\
+                   pg_get_serial_sequence($1, 'sequence_number')::regclass), 0)",
+                &[&self.sql.table],
+            )
+            .await
+            .context("reading the journal's last drawn position")?
+            .get(0);
+        let horizon: String = client
+            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .await
+            .context("taking a transaction id as the journal's settle horizon")?
+            .get(0);
+        let running: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .context("listing in-progress journal writers")?
+            .get(0);
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
             let row = client
                 .query_one(
+                    // A commit is in the commit log (`pg_xact_status` says
+                    // committed) a moment before new snapshots see it: until this
+                    // statement's own snapshot sees a committed writer, a query
+                    // would still miss its rows. Wait for that too.
                     "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot) AS x \
-                     WHERE pg_xact_status(x) = 'in progress'",
-                    &[&snapshot],
+                     WHERE x < $2::text::xid8 \
+                       AND (pg_xact_status(x) = 'in progress' \
+                        OR (pg_xact_status(x) = 'committed' \
+                            AND NOT pg_visible_in_snapshot(x, pg_current_snapshot())))",
+                    &[&running, &horizon],
                 )
                 .await
                 .context("checking for in-progress journal writers")?;
             let open: i64 = row.get(0);
             if open == 0 {
-                return Ok(());
+                return Ok((horizon, drawn));
             }
             if started.elapsed() > self.settle_timeout {
                 return Err(Error::unavailable(format!(
-                    "{open} transaction(s) in progress in snapshot {snapshot} have not finished \
-                     within {:?}; a journal position cannot be fixed while they may still \
-                     commit entries (end long-running writers or raise the settle timeout)",
+                    "{open} transaction(s) in progress around snapshot {snapshot} have not \
+                     finished within {:?}; a journal position cannot be fixed while they may \
+                     still commit entries (end long-running writers or raise the settle timeout)",
                     self.settle_timeout
                 )));
             }
@@ -331,9 +385,9 @@ impl PgJournal {
             }
         };
         let position = match self.settle(&**client, &snapshot).await {
-            Ok(()) => {
+            Ok((horizon, _)) => {
                 let row = client
-                    .query_one(&self.sql.cut, &[&snapshot])
+                    .query_one(&self.sql.cut, &[&snapshot, &horizon])
                     .await
                     .context("computing a journal cut")?;
                 pos(row.get(0))
@@ -351,7 +405,8 @@ impl PgJournal {
         })
     }
 
-    /// The stable head: no entry at or before it can still be committed.
+    /// The stable head: no entry at or before it can still be committed (the last
+    /// position drawn before the settle horizon).
     pub(crate) async fn stable_head(&self) -> Result<JournalPosition> {
         let client = sanare_pg::get_conn(&self.pool).await?;
         let row = client
@@ -359,12 +414,8 @@ impl PgJournal {
             .await
             .context("taking a snapshot for the journal's stable head")?;
         let snapshot: String = row.get(0);
-        self.settle(&**client, &snapshot).await?;
-        let row = client
-            .query_one(&self.sql.stable, &[&snapshot])
-            .await
-            .context("computing the journal's stable head")?;
-        Ok(pos(row.get(0)))
+        let (_, drawn) = self.settle(&**client, &snapshot).await?;
+        Ok(pos(drawn))
     }
 
     pub(crate) async fn scan(
@@ -377,6 +428,9 @@ impl PgJournal {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let to = plan.to.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Not a cached statement on purpose: its optional filters need a plan for
+        // the actual values (an unnamed statement is planned at bind), not the
+        // generic plan PostgreSQL switches a named one to.
         let rows = client
             .query(
                 &self.sql.scan,
@@ -439,8 +493,7 @@ pub(crate) async fn marked(
 }
 
 async fn batcher(
-    pool: Pool,
-    sql: Arc<Sql>,
+    ctx: Arc<BatchContext>,
     mut rx: mpsc::UnboundedReceiver<(NewEntry, Reply)>,
     max_batch: usize,
 ) {
@@ -457,16 +510,15 @@ async fn batcher(
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
-        let sql = sql.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            insert_batch(&pool, &sql, batch).await;
+            insert_batch(&ctx, batch).await;
         });
     }
 }
 
-async fn insert_batch(pool: &Pool, sql: &Sql, batch: Vec<(NewEntry, Reply)>) {
+async fn insert_batch(ctx: &BatchContext, batch: Vec<(NewEntry, Reply)>) {
     // Duplicate keys inside one batch: only the first is inserted.
     let mut first_of_key: HashMap<String, usize> = HashMap::new();
     let mut entries = Vec::with_capacity(batch.len());
@@ -487,11 +539,21 @@ async fn insert_batch(pool: &Pool, sql: &Sql, batch: Vec<(NewEntry, Reply)>) {
         entries.push(e);
         replies.push(reply);
     }
-    let result = insert_rows(pool, sql, &entries, &dup_of).await;
+    let result = insert_rows(&ctx.pool, &ctx.sql, &entries, &dup_of).await;
     match result {
         Ok(outcomes) => {
-            metrics::counter!("sanare_journal_records_total", "backend" => "postgres")
-                .increment(outcomes.iter().filter(|o| !o.duplicate).count() as u64);
+            let fresh = || outcomes.iter().filter(|o| !o.duplicate).map(|o| o.position);
+            let n = fresh().count() as u64;
+            metrics::counter!("sanare_journal_records_total", "backend" => "postgres").increment(n);
+            if let Some(bus) = &ctx.events
+                && n > 0
+            {
+                bus.publish(Event::JournalRecorded {
+                    entries: n,
+                    first_position: fresh().min(),
+                    last_position: fresh().max(),
+                });
+            }
             for (reply, o) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(o));
             }
@@ -532,9 +594,13 @@ async fn insert_rows(
     let users: Vec<Option<&str>> = fresh.iter().map(|e| e.user.as_deref()).collect();
     let sources: Vec<Option<&str>> = fresh.iter().map(|e| e.source_system.as_deref()).collect();
     let client = sanare_pg::get_conn(pool).await?;
+    let stmt = client
+        .prepare_cached(&sql.insert_many)
+        .await
+        .context("preparing the journal batch insert")?;
     let rows = client
         .query(
-            &sql.insert_many,
+            &stmt,
             &[
                 &ids, &txs, &ops, &ts, &keys, &payloads, &hashes, &users, &sources,
             ],

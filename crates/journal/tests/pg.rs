@@ -450,3 +450,255 @@ async fn archive_and_purge_on_postgres() {
     assert_eq!(left.len(), 20);
     assert_eq!(journal.stats().await.unwrap().entries, 20);
 }
+
+/// A batch PostgreSQL handler: one multi-row insert per run, counting its calls;
+/// cancels the replay after `cancel_after_batches` batches, and fails (rolls back)
+/// any batch holding the entry `poison`.
+struct BatchInsert {
+    batches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cancel_after_batches: Option<(usize, Control)>,
+    poison: Option<String>,
+}
+
+#[async_trait]
+impl PgHandler for BatchInsert {
+    async fn apply(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        entry: &JournalEntry,
+    ) -> Result<()> {
+        self.apply_batch(tx, &[entry]).await
+    }
+
+    async fn apply_batch(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        entries: &[&JournalEntry],
+    ) -> Result<()> {
+        let positions: Vec<i64> = entries.iter().map(|e| e.position.0 as i64).collect();
+        let values: Vec<String> = entries
+            .iter()
+            .map(|e| e.payload_as::<String>())
+            .collect::<Result<_>>()?;
+        tx.execute(
+            "INSERT INTO applied_rows (position, value) SELECT * FROM unnest($1::bigint[], $2::text[])",
+            &[&positions, &values],
+        )
+        .await
+        .map_err(|e| sanare_pg::map_pg_error("inserting replayed rows", e))?;
+        if let Some(p) = &self.poison
+            && values.contains(p)
+        {
+            return Err(sanare_core::Error::invalid_input("refusing this entry"));
+        }
+        let n = self
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if let Some((after, control)) = &self.cancel_after_batches
+            && n >= *after
+        {
+            control.cancel_token().cancel();
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_pg_handlers_are_exactly_once_across_an_interrupted_replay() {
+    let db = test_db().await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE applied_rows (position bigint, value text)")
+        .await
+        .unwrap();
+    let batches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let build = |handler: BatchInsert| {
+        Journal::postgres(db.pool().clone(), schema())
+            .pg_handler("op", handler)
+            .replay_batch(10)
+            .build()
+    };
+    let journal = build(BatchInsert {
+        batches: batches.clone(),
+        cancel_after_batches: None,
+        poison: None,
+    })
+    .await
+    .unwrap();
+    for i in 0..95 {
+        journal.record(entry("op", &format!("e{i}"))).await.unwrap();
+    }
+    drop(journal);
+
+    // Interrupted after 3 batches of 10; e47 poisons its batch, which then falls
+    // back to one entry at a time (only e47 fails).
+    let (control, _progress) = Control::new();
+    let journal = build(BatchInsert {
+        batches: batches.clone(),
+        cancel_after_batches: Some((3, control.clone())),
+        poison: None,
+    })
+    .await
+    .unwrap();
+    let err = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &control)
+        .await
+        .unwrap_err();
+    assert!(err.is_cancelled(), "{err}");
+    assert_eq!(batches.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM applied_rows", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 30, "three whole batches committed with their marks");
+
+    let journal = build(BatchInsert {
+        batches: batches.clone(),
+        cancel_after_batches: None,
+        poison: Some("e47".into()),
+    })
+    .await
+    .unwrap();
+    let second = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!((second.applied, second.already_applied), (64, 30));
+    assert_eq!(second.failures.len(), 1, "{:?}", second.failures);
+    assert_eq!(second.failures[0].position.0, 48);
+
+    // Fixed handler: only e47 is left.
+    let journal = build(BatchInsert {
+        batches,
+        cancel_after_batches: None,
+        poison: None,
+    })
+    .await
+    .unwrap();
+    let third = journal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!((third.applied, third.already_applied), (1, 94));
+    let rows: Vec<(i64, i64)> = client
+        .query(
+            "SELECT position, count(*) FROM applied_rows GROUP BY position ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows.len(), 95);
+    assert!(rows.iter().all(|(_, n)| *n == 1), "{rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_records_publish_one_event_per_batch() {
+    use sanare_core::{Event, EventBus};
+    let db = test_db().await;
+    let bus = EventBus::default();
+    let mut sub = bus.subscribe();
+    let journal = Journal::postgres(db.pool().clone(), schema())
+        .events(bus.clone())
+        .build()
+        .await
+        .unwrap();
+    let writers: Vec<_> = (0..16)
+        .map(|i| {
+            let j = journal.clone();
+            tokio::spawn(async move { j.record(entry("op", &format!("e{i}"))).await })
+        })
+        .collect();
+    let mut positions = Vec::new();
+    for w in writers {
+        positions.push(w.await.unwrap().unwrap().position);
+    }
+    let events: Vec<Event> = std::iter::from_fn(|| sub.try_recv().map(|r| r.event)).collect();
+    let mut total = 0;
+    for e in &events {
+        let Event::JournalRecorded {
+            entries,
+            first_position: Some(first),
+            last_position: Some(last),
+        } = e
+        else {
+            panic!("unexpected {e:?}");
+        };
+        assert!(first <= last);
+        total += entries;
+    }
+    assert_eq!(total, 16);
+    assert!(events.len() <= 16);
+    assert_eq!(
+        positions.iter().max().copied(),
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::JournalRecorded { last_position, .. } => *last_position,
+                _ => None,
+            })
+            .max()
+    );
+}
+
+/// Writers that are not in the snapshot: one draws the lower number and is still
+/// open when the cut is asked for, another draws the higher one and commits first.
+/// The cut must not move past the uncommitted lower number (a query cannot see
+/// it), or a replay after the cut would miss it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_ignores_writers_that_started_after_its_snapshot() {
+    let db = test_db().await;
+    let counting = Counting::default();
+    let journal = Journal::postgres(db.pool().clone(), schema())
+        .handler("op", counting.clone())
+        .build()
+        .await
+        .unwrap();
+    let before = journal.record(entry("op", "before")).await.unwrap();
+    let snapshot: String = db
+        .client()
+        .await
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    // After the snapshot: a writer draws the lower number and stays open, another
+    // draws the higher one and commits.
+    let mut c3 = db.connect().await;
+    let t3 = c3.transaction().await.unwrap();
+    let low = journal
+        .record_in(&t3, entry("op", "late-low"))
+        .await
+        .unwrap();
+    let high = journal.record(entry("op", "late-high")).await.unwrap();
+    assert!(low.position < high.position);
+
+    // The cut waits for the open writer (it took its xid before the cut's horizon).
+    let cut_task = {
+        let journal = journal.clone();
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move { journal.cut(Some(&snapshot)).await })
+    };
+    t3.commit().await.unwrap();
+    let cut = cut_task.await.unwrap().unwrap();
+    assert_eq!(cut.position, before.position, "{cut:?}");
+
+    let s = journal
+        .replay(
+            ReplayRequest::new(ReplayRange::After(cut)),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        counting.positions(),
+        vec![low.position.0, high.position.0],
+        "both late entries, in order"
+    );
+    assert_eq!(s.applied, 2);
+}

@@ -69,11 +69,20 @@ async fn a_torn_tail_is_truncated_and_reported() {
     }
     drop(journal);
     let seg = segment(dir.path());
-    let good_len = std::fs::metadata(&seg).unwrap().len();
-    // Half a record: a header claiming 100 bytes, then 10 bytes.
-    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
-    f.write_all(b"SJ\x01\x01\x64\x00\x00\x00\x00\x00\x00\x00abcdefghij")
-        .unwrap();
+    // The active segment is preallocated: the data ends at the last non-zero byte
+    // (the last record's payload, "e2"), zeros follow.
+    let bytes = std::fs::read(&seg).unwrap();
+    let good_len = bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+    assert!(bytes.len() as u64 > good_len, "preallocated");
+    // Half a record where the next group would have gone: a header claiming 100
+    // bytes, then 10 bytes.
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &f,
+        b"SJ\x01\x01\x64\x00\x00\x00\x00\x00\x00\x00abcdefghij",
+        good_len,
+    )
+    .unwrap();
     drop(f);
 
     let journal = open(dir.path()).await;
@@ -81,7 +90,7 @@ async fn a_torn_tail_is_truncated_and_reported() {
     let (name, offset, removed) = report.truncated_tail.expect("torn tail reported");
     assert!(seg.ends_with(&name));
     assert_eq!(offset, good_len);
-    assert_eq!(removed, 22);
+    assert_eq!(removed, bytes.len() as u64 - good_len);
     assert!(report.corrupt.is_empty());
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len);
     assert_eq!(journal.head().await.unwrap(), JournalPosition(3));
@@ -294,4 +303,135 @@ async fn the_wal_cut_is_the_durable_head() {
         .record(sanare_journal::NewEntry::from_bytes("", vec![]))
         .await;
     assert!(matches!(tx_err, Err(sanare_core::Error::InvalidInput(_))));
+}
+
+fn drain(sub: &mut sanare_core::EventSubscription) -> Vec<sanare_core::Event> {
+    std::iter::from_fn(|| sub.try_recv().map(|r| r.event)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_batches_compaction_and_replay_publish_events() {
+    use sanare_core::{Event, EventBus};
+    let dir = tempfile::tempdir().unwrap();
+    let bus = EventBus::default();
+    let mut sub = bus.subscribe();
+    let journal = Journal::wal(dir.path())
+        .events(bus.clone())
+        .handler("op", sanare_journal::NoopHandler)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..5 {
+        journal.record(entry("op", &format!("e{i}"))).await.unwrap();
+    }
+    // An idempotent repeat records nothing and publishes nothing.
+    journal
+        .record(entry("op", "k").idempotency_key("k"))
+        .await
+        .unwrap();
+    journal
+        .record(entry("op", "k").idempotency_key("k"))
+        .await
+        .unwrap();
+    let recorded: Vec<(u64, Option<JournalPosition>, Option<JournalPosition>)> = drain(&mut sub)
+        .into_iter()
+        .map(|e| match e {
+            Event::JournalRecorded {
+                entries,
+                first_position,
+                last_position,
+            } => (entries, first_position, last_position),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(recorded.iter().map(|r| r.0).sum::<u64>(), 6);
+    assert_eq!(recorded[0].1, Some(JournalPosition(1)));
+    assert_eq!(recorded.last().unwrap().2, Some(JournalPosition(6)));
+
+    journal.rotate().await.unwrap();
+    let report = journal.compact(&Control::detached()).await.unwrap();
+    assert!(drain(&mut sub).contains(&Event::JournalCompacted {
+        segments: report.segments,
+        bytes_before: report.bytes_before,
+        bytes_after: report.bytes_after,
+    }));
+    assert_eq!(report.segments, 1);
+
+    journal
+        .replay(
+            sanare_core::ReplayRequest::new(sanare_core::ReplayRange::All),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    assert!(drain(&mut sub).iter().any(|e| matches!(
+        e,
+        Event::JournalReplayed {
+            applied: 6,
+            dry_run: false,
+            ..
+        }
+    )));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_segments_have_index_files_rebuilt_when_missing_or_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = || Journal::wal(dir.path()).segment_size(4096).build();
+    let journal = build().await.unwrap();
+    let mut paid = Vec::new();
+    for i in 0..120 {
+        let op = if i % 3 == 0 {
+            "order.paid"
+        } else {
+            "order.placed"
+        };
+        let r = journal.record(entry(op, &format!("o{i}"))).await.unwrap();
+        if op == "order.paid" {
+            paid.push(r.position);
+        }
+    }
+    journal.rotate().await.unwrap();
+    journal.compact(&Control::detached()).await.unwrap();
+    drop(journal);
+    // Reopening writes every sealed segment's index that is not there yet.
+    let journal = build().await.unwrap();
+    let mut idx: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .collect();
+    idx.sort();
+    assert!(idx.len() >= 3, "{idx:?}");
+    let originals: Vec<Vec<u8>> = idx.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let by_type = |j: &Journal| {
+        let j = j.clone();
+        async move {
+            j.query(&Query::all().operation_types(["order.paid"]))
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.position)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(by_type(&journal).await, paid);
+    drop(journal);
+
+    // One index damaged, one missing, one of another segment: all rebuilt as before.
+    let mut damaged = originals[0].clone();
+    damaged[40] ^= 0x10;
+    std::fs::write(&idx[0], &damaged).unwrap();
+    std::fs::remove_file(&idx[1]).unwrap();
+    std::fs::write(&idx[2], &originals[0]).unwrap();
+    let journal = build().await.unwrap();
+    for (p, original) in idx.iter().zip(&originals) {
+        assert_eq!(&std::fs::read(p).unwrap(), original, "{}", p.display());
+    }
+    assert_eq!(by_type(&journal).await, paid);
+    let in_time = journal
+        .query(&Query::all().time(Some(time::OffsetDateTime::now_utc()), None))
+        .await
+        .unwrap();
+    assert!(in_time.is_empty());
 }
