@@ -72,6 +72,7 @@ mod entry;
 mod frame;
 mod handler;
 mod index;
+mod lock;
 mod pg;
 mod query;
 mod wal;
@@ -126,6 +127,7 @@ pub struct JournalBuilder {
     migrate: bool,
     replay_batch: usize,
     replay_concurrency: usize,
+    read_only: bool,
 }
 
 impl JournalBuilder {
@@ -141,6 +143,7 @@ impl JournalBuilder {
             migrate: true,
             replay_batch: 1024,
             replay_concurrency: 8,
+            read_only: false,
         }
     }
 
@@ -219,6 +222,18 @@ impl JournalBuilder {
         self
     }
 
+    /// Opens a WAL journal for reading only, beside the process that writes it (an
+    /// operator tool while the service runs): no lock is taken and nothing is
+    /// written — a torn or in-flight tail is read up to, not cut — and recording,
+    /// compaction, purge and replay marks are refused. Queries, statistics,
+    /// validation and dry-run replays work. Without it, opening a WAL takes its
+    /// directory's writer lock and a second writer is refused. No effect on the
+    /// PostgreSQL backend.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
     /// Opens the journal (WAL: recovers the directory; PostgreSQL: migrates).
     pub async fn build(self) -> Result<Journal> {
         async fn migrate_pool(pool: &Pool, schema: &SchemaName) -> Result<()> {
@@ -253,6 +268,7 @@ impl JournalBuilder {
                     segment_size: self.segment_size,
                     max_batch: self.max_batch,
                     events: self.events.clone(),
+                    read_only: self.read_only,
                 };
                 let wal = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, options))
                     .await

@@ -16,6 +16,7 @@ use sanare_core::{Error, JournalEntryId, JournalPosition, Result};
 use crate::entry::{JournalEntry, NewEntry, Recorded};
 use crate::frame::{self, CorruptRegion};
 use crate::index::{self, SegmentIndex};
+use crate::lock::DirLock;
 use crate::query::ScanPlan;
 
 /// What opening the WAL found and did.
@@ -127,7 +128,8 @@ struct Shared {
 }
 
 struct Marks {
-    file: File,
+    /// `None` when the journal is open read-only.
+    file: Option<File>,
     applied: HashSet<u64>,
 }
 
@@ -137,6 +139,9 @@ pub(crate) struct WalOptions {
     pub(crate) segment_size: u64,
     pub(crate) max_batch: usize,
     pub(crate) events: Option<sanare_core::EventBus>,
+    /// Open for reading only: no lock, nothing written (a torn or in-flight tail is
+    /// left alone), appends and maintenance refused.
+    pub(crate) read_only: bool,
 }
 
 /// The segment-file WAL.
@@ -144,6 +149,8 @@ pub(crate) struct Wal {
     dir: PathBuf,
     tx: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
+    /// The writer lock (`None` when read-only).
+    _lock: Option<DirLock>,
 }
 
 fn seg_name(base: u64, sealed: bool) -> String {
@@ -250,8 +257,21 @@ struct Writer {
 impl Wal {
     /// Opens (or creates) the WAL in `dir`: recovers a torn tail, isolates damage.
     pub(crate) fn open(dir: &Path, options: WalOptions) -> Result<Self> {
-        fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating journal directory {}", dir.display()), e))?;
+        let read_only = options.read_only;
+        let lock = if read_only {
+            if !dir.is_dir() {
+                return Err(Error::not_found(format!(
+                    "journal directory {} (opening read-only creates nothing)",
+                    dir.display()
+                )));
+            }
+            None
+        } else {
+            fs::create_dir_all(dir).map_err(|e| {
+                Error::io(format!("creating journal directory {}", dir.display()), e)
+            })?;
+            Some(DirLock::acquire(dir)?)
+        };
         let mut by_base: std::collections::BTreeMap<u64, (Option<PathBuf>, Option<PathBuf>)> =
             Default::default();
         let rd = fs::read_dir(dir)
@@ -312,6 +332,10 @@ impl Wal {
                     (candidate, bytes)
                 }
             };
+            if bytes.len() < frame::SEGMENT_HEADER && !info.sealed && is_last && read_only {
+                // Being created by the writer right now: nothing to read yet.
+                continue;
+            }
             if bytes.len() < frame::SEGMENT_HEADER && !info.sealed && is_last {
                 // Crashed while creating the segment: rewrite its header.
                 let mut f = OpenOptions::new()
@@ -359,7 +383,12 @@ impl Wal {
             }
             if let Some(at) = torn {
                 let removed = bytes.len() - at;
-                if is_last && !info.sealed {
+                if is_last && !info.sealed && read_only {
+                    // The writer's in-flight group, or a torn tail the writer will
+                    // cut at its next open: read up to it, change nothing.
+                    info.len = at as u64;
+                    info.raw_len = at as u64;
+                } else if is_last && !info.sealed {
                     let f = OpenOptions::new()
                         .write(true)
                         .open(&info.path)
@@ -383,7 +412,7 @@ impl Wal {
                     });
                 }
             }
-            if !is_last || info.sealed {
+            if (!is_last || info.sealed) && !read_only {
                 ensure_index(dir, &info, &bytes);
             }
             segments.push(info);
@@ -395,6 +424,21 @@ impl Wal {
         let next = last_pos + 1;
         // The active segment: the last raw one, or a new one.
         let need_new = segments.last().is_none_or(|s| s.sealed);
+        if read_only {
+            let marks = open_marks_read_only(dir)?;
+            let (tx, _) = mpsc::unbounded_channel();
+            return Ok(Self {
+                dir: dir.to_owned(),
+                tx,
+                shared: Arc::new(Shared {
+                    head: AtomicU64::new(last_pos),
+                    segments: Mutex::new(segments),
+                    report,
+                    marks: Mutex::new(marks),
+                }),
+                _lock: None,
+            });
+        }
         if need_new {
             let info = create_segment(dir, next)?;
             segments.push(info);
@@ -437,7 +481,20 @@ impl Wal {
             dir: dir.to_owned(),
             tx,
             shared,
+            _lock: lock,
         })
+    }
+
+    /// Refuses a change when opened read-only.
+    fn writable(&self, what: &str) -> Result<()> {
+        if self._lock.is_some() {
+            Ok(())
+        } else {
+            Err(Error::conflict(format!(
+                "cannot {what}: the journal in {} is open read-only (another process writes it)",
+                self.dir.display()
+            )))
+        }
     }
 
     /// The directory.
@@ -455,6 +512,7 @@ impl Wal {
 
     /// Appends `entry`; returns once it is durable (group commit).
     pub(crate) async fn append(&self, entry: NewEntry) -> Result<Recorded> {
+        self.writable("record an entry")?;
         entry.validate()?;
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -467,6 +525,7 @@ impl Wal {
 
     /// Seals the active segment and starts a new one.
     pub(crate) async fn rotate(&self) -> Result<()> {
+        self.writable("rotate segments")?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Rotate(reply))
@@ -568,6 +627,7 @@ impl Wal {
 
     /// Compresses every sealed raw segment. Returns (segments, raw bytes, stored bytes).
     pub(crate) fn compact(&self) -> Result<(u64, u64, u64)> {
+        self.writable("compact")?;
         let segs = self.segments();
         let active = segs.last().map(|s| s.base);
         let (mut n, mut before, mut after) = (0u64, 0u64, 0u64);
@@ -601,6 +661,7 @@ impl Wal {
 
     /// Removes whole sealed segments whose entries are all at or before `retain_after`.
     pub(crate) fn purge(&self, retain_after: JournalPosition) -> Result<u64> {
+        self.writable("purge")?;
         let segs = self.segments();
         let active = segs.last().map(|s| s.base);
         let mut removed = 0;
@@ -643,14 +704,18 @@ impl Wal {
         if marks.is_empty() {
             return Ok(());
         }
+        self.writable("mark entries applied")?;
         let mut buf = Vec::with_capacity(marks.len() * 36);
         for (p, id) in marks {
             frame::encode_applied(*p, *id, &mut buf);
         }
         let mut m = lock(&self.shared.marks);
-        m.file
-            .write_all(&buf)
-            .and_then(|()| m.file.sync_data())
+        let file = m
+            .file
+            .as_mut()
+            .ok_or_else(|| Error::conflict("the journal's applied marks are open read-only"))?;
+        file.write_all(&buf)
+            .and_then(|()| file.sync_data())
             .map_err(|e| Error::io("writing journal applied marks", e))?;
         m.applied.extend(marks.iter().map(|(p, _)| p.0));
         Ok(())
@@ -777,7 +842,35 @@ fn open_marks(dir: &Path) -> Result<Marks> {
         .append(true)
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    Ok(Marks { file, applied })
+    Ok(Marks {
+        file: Some(file),
+        applied,
+    })
+}
+
+/// The applied marks as they are, changing nothing.
+fn open_marks_read_only(dir: &Path) -> Result<Marks> {
+    let path = dir.join("applied.marks");
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let mut applied = HashSet::new();
+    if bytes.len() >= frame::SEGMENT_HEADER {
+        frame::parse_segment_header(&bytes, "journal applied marks")?;
+        for (_, kind, range) in frame::scan(&bytes, frame::SEGMENT_HEADER).frames {
+            if kind == frame::KIND_APPLIED
+                && let Some((p, _)) = frame::decode_applied(&bytes[range])
+            {
+                applied.insert(p.0);
+            }
+        }
+    }
+    Ok(Marks {
+        file: None,
+        applied,
+    })
 }
 
 impl Writer {
