@@ -37,7 +37,7 @@ impl PlaceOrder {
 }
 
 /// Replays `order.placed` in the replay transaction (the effect and the entry's
-/// applied mark commit together).
+/// applied mark commit together); a run of entries is applied in three statements.
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyOrder;
 
@@ -52,6 +52,21 @@ impl PgHandler for ApplyOrder {
         apply_order(tx, &order)
             .await
             .map_err(|e| sanare::Error::database("applying order.placed", e, false))
+    }
+    /// The whole run in three statements: the orders (`unnest` arrays, existing
+    /// ones left alone), the lines of the orders just inserted, their totals.
+    async fn apply_batch(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        entries: &[&JournalEntry],
+    ) -> sanare::Result<()> {
+        let orders = entries
+            .iter()
+            .map(|e| e.payload_as::<PlaceOrder>())
+            .collect::<sanare::Result<Vec<_>>>()?;
+        apply_orders(tx, &orders)
+            .await
+            .map_err(|e| sanare::Error::database("applying a run of order.placed", e, false))
     }
 }
 
@@ -89,6 +104,62 @@ pub async fn apply_order(
         "UPDATE shop.orders SET total_cents = (SELECT coalesce(sum(amount_cents), 0)
            FROM shop.order_lines WHERE order_id = $1) WHERE id = $1",
         &[&order.order_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies many orders in three statements; orders already present are left alone.
+pub async fn apply_orders(
+    tx: &impl tokio_postgres::GenericClient,
+    orders: &[PlaceOrder],
+) -> Result<(), tokio_postgres::Error> {
+    let ids: Vec<i64> = orders.iter().map(|o| o.order_id).collect();
+    let customers: Vec<i64> = orders.iter().map(|o| o.customer_id).collect();
+    let inserted: std::collections::HashSet<i64> = tx
+        .query(
+            "INSERT INTO shop.orders (id, customer_id, status, total_cents)
+             SELECT t.id, t.customer_id, 'pending', 0
+               FROM unnest($1::bigint[], $2::bigint[]) AS t(id, customer_id)
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+            &[&ids, &customers],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if inserted.is_empty() {
+        return Ok(());
+    }
+    let (mut line_orders, mut line_nos, mut products, mut quantities) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
+    for order in orders {
+        if !inserted.contains(&order.order_id) || !seen.insert(order.order_id) {
+            continue;
+        }
+        for (n, (product, qty)) in order.lines.iter().enumerate() {
+            line_orders.push(order.order_id);
+            line_nos.push(i32::try_from(n + 1).unwrap_or(i32::MAX));
+            products.push(*product);
+            quantities.push(*qty);
+        }
+    }
+    tx.execute(
+        "INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents, amount_cents)
+         SELECT t.order_id, t.line_no, p.id, t.quantity, p.price_cents, t.quantity * p.price_cents
+           FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::int[]) AS t(order_id, line_no, product_id, quantity)
+           JOIN shop.products p ON p.id = t.product_id",
+        &[&line_orders, &line_nos, &products, &quantities],
+    )
+    .await?;
+    let inserted: Vec<i64> = inserted.into_iter().collect();
+    tx.execute(
+        "UPDATE shop.orders o SET total_cents = s.total
+           FROM (SELECT order_id, sum(amount_cents) AS total FROM shop.order_lines
+                  WHERE order_id = ANY($1) GROUP BY order_id) s
+          WHERE o.id = s.order_id",
+        &[&inserted],
     )
     .await?;
     Ok(())

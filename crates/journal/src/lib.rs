@@ -128,6 +128,7 @@ pub struct JournalBuilder {
     replay_batch: usize,
     replay_concurrency: usize,
     read_only: bool,
+    lock_wait: Duration,
 }
 
 impl JournalBuilder {
@@ -144,6 +145,7 @@ impl JournalBuilder {
             replay_batch: 1024,
             replay_concurrency: 8,
             read_only: false,
+            lock_wait: Duration::from_secs(5),
         }
     }
 
@@ -234,6 +236,13 @@ impl JournalBuilder {
         self
     }
 
+    /// How long opening a WAL waits for another writer to release the directory
+    /// before failing (default 5 s: a restart may race the old process's exit).
+    pub fn lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+
     /// Opens the journal (WAL: recovers the directory; PostgreSQL: migrates).
     pub async fn build(self) -> Result<Journal> {
         async fn migrate_pool(pool: &Pool, schema: &SchemaName) -> Result<()> {
@@ -269,6 +278,7 @@ impl JournalBuilder {
                     max_batch: self.max_batch,
                     events: self.events.clone(),
                     read_only: self.read_only,
+                    lock_wait: self.lock_wait,
                 };
                 let wal = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, options))
                     .await

@@ -9,6 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{FlockOperation, flock};
 use sanare_core::{Error, Result};
@@ -20,8 +21,10 @@ pub(crate) struct DirLock {
 }
 
 impl DirLock {
-    /// Takes the exclusive writer lock of `dir`, or says who holds it.
-    pub(crate) fn acquire(dir: &Path) -> Result<Self> {
+    /// Takes the exclusive writer lock of `dir`, waiting up to `wait` for a
+    /// previous writer to let go (a restart racing the old process's exit), or
+    /// says who holds it. Blocks the thread: call it off the async runtime.
+    pub(crate) fn acquire(dir: &Path, wait: Duration) -> Result<Self> {
         let path = dir.join("LOCK");
         let mut file = OpenOptions::new()
             .read(true)
@@ -30,7 +33,12 @@ impl DirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(format!("opening the journal lock {}", path.display()), e))?;
-        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        let deadline = Instant::now() + wait;
+        while flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            if Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();

@@ -142,6 +142,8 @@ pub(crate) struct WalOptions {
     /// Open for reading only: no lock, nothing written (a torn or in-flight tail is
     /// left alone), appends and maintenance refused.
     pub(crate) read_only: bool,
+    /// How long to wait for another writer to release the directory.
+    pub(crate) lock_wait: std::time::Duration,
 }
 
 /// The segment-file WAL.
@@ -270,7 +272,7 @@ impl Wal {
             fs::create_dir_all(dir).map_err(|e| {
                 Error::io(format!("creating journal directory {}", dir.display()), e)
             })?;
-            Some(DirLock::acquire(dir)?)
+            Some(DirLock::acquire(dir, options.lock_wait)?)
         };
         let mut by_base: std::collections::BTreeMap<u64, (Option<PathBuf>, Option<PathBuf>)> =
             Default::default();

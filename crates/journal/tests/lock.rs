@@ -13,7 +13,13 @@ async fn a_second_writer_is_refused_and_the_lock_goes_with_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let first = Journal::wal(dir.path()).build().await.unwrap();
     first.record(entry("op", "a")).await.unwrap();
-    let err = Journal::wal(dir.path()).build().await.unwrap_err();
+    let started = std::time::Instant::now();
+    let err = Journal::wal(dir.path())
+        .lock_wait(std::time::Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
     assert!(matches!(err, Error::Conflict(_)), "{err}");
     let msg = err.to_string();
     assert!(
@@ -21,8 +27,14 @@ async fn a_second_writer_is_refused_and_the_lock_goes_with_the_first() {
             && msg.contains(&std::process::id().to_string()),
         "{msg}"
     );
+    // A restart racing the old writer's exit waits for it.
+    let waiting = tokio::spawn({
+        let dir = dir.path().to_owned();
+        async move { Journal::wal(&dir).build().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     drop(first);
-    let again = Journal::wal(dir.path()).build().await.unwrap();
+    let again = waiting.await.unwrap().unwrap();
     assert_eq!(again.stats().await.unwrap().entries, 1);
 }
 

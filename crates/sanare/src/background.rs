@@ -135,6 +135,13 @@ impl Background {
         }
     }
 
+    /// Stops the tasks without waiting (the handle was dropped without `shutdown`).
+    pub(crate) fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+
     /// Waits for the tasks to stop (after the shutdown token was cancelled).
     pub(crate) async fn join(self) {
         for task in self.tasks {

@@ -309,18 +309,28 @@ impl SanareBuilder {
             detector.install_handlers(HandlerOptions::default())?;
         }
 
-        let journal_builder = match config.journal.backend {
-            JournalBackend::Wal => Journal::wal(data_dir.join("journal")),
-            JournalBackend::Postgres => Journal::postgres(pool.clone(), schema.clone()),
-        }
-        .handler_database(pool.clone(), schema.clone())
-        .events(events.clone())
-        .migrate(false);
-        let journal_builder = match self.journal_hook {
-            Some(hook) => hook(journal_builder),
-            None => journal_builder,
+        let journal_builder = |read_only: bool| {
+            match config.journal.backend {
+                JournalBackend::Wal => Journal::wal(data_dir.join("journal")),
+                JournalBackend::Postgres => Journal::postgres(pool.clone(), schema.clone()),
+            }
+            .handler_database(pool.clone(), schema.clone())
+            .events(events.clone())
+            .migrate(false)
+            .read_only(read_only)
         };
-        let journal = journal_builder.build().await?;
+        let journal = match self.journal_hook {
+            Some(hook) => hook(journal_builder(false)).build().await?,
+            None => match journal_builder(false).build().await {
+                // An operator tool beside the running service, which holds the
+                // journal's writer lock: read it without changing it.
+                Err(Error::Conflict(why)) if self.operator => {
+                    tracing::info!(%why, "the journal is in use; opening it read-only");
+                    journal_builder(true).build().await?
+                }
+                other => other?,
+            },
+        };
         let journal_service: Arc<dyn JournalService> = Arc::new(journal.clone());
 
         let store: Arc<dyn BlockStore> = match &config.snapshots.storage {
@@ -562,6 +572,18 @@ impl Sanare {
             return Ok(());
         }
         self.detector.mark_clean_shutdown()
+    }
+}
+
+impl Drop for Sanare {
+    /// Dropped without [`Sanare::shutdown`]: background work stops (its tasks let go
+    /// of the journal), but the shutdown marker stays, so the next start sees an
+    /// unclean end.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(background) = &self.background {
+            background.abort();
+        }
     }
 }
 
