@@ -318,6 +318,8 @@ pub struct StreamIndex {
     pub len: u64,
     /// Its blocks, in order.
     pub blocks: Vec<BlockId>,
+    /// The metadata its source gave.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// The index object of a snapshot (`indexes/<id>`).

@@ -56,16 +56,22 @@
 
 mod copy;
 pub mod format;
+#[cfg(feature = "s3")]
+mod s3;
 mod service;
+mod source;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use format::{BlockId, ChunkParams, Codec};
+#[cfg(feature = "s3")]
+pub use s3::S3Store;
 pub use service::{
     GcReport, PitrOutcome, RetentionPolicy, SnapshotConfig, Snapshots, SnapshotsBuilder,
     StorageStats,
 };
+pub use source::{SourceInfo, StateSource};
 pub use store::{BlockStore, FsStore, ObjectMeta, PgStore};
 
 use sanare_pg::{Migration, Migrations, SchemaName};
