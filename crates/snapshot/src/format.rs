@@ -543,6 +543,41 @@ mod tests {
     }
 
     #[test]
+    fn index_with_a_stream_golden_vector() {
+        let index = Index {
+            snapshot: [3; 16],
+            tables: Vec::new(),
+            streams: vec![StreamIndex {
+                name: "cache.db".into(),
+                len: 300,
+                blocks: vec![BlockId([4; 32])],
+                metadata: BTreeMap::from([("format".into(), "v3".into())]),
+            }],
+        };
+        let bytes = index.encode().unwrap();
+        assert_eq!(hex(&bytes[..4]), "534e4958", "magic SNIX");
+        assert_eq!(
+            hex(&bytes[10..bytes.len() - 32]),
+            concat!(
+                "03030303030303030303030303030303", // snapshot
+                "00",                               // no tables
+                "01",
+                "08",
+                "63616368652e6462", // one stream, "cache.db"
+                "ac02",             // len 300
+                "01",
+                "0404040404040404040404040404040404040404040404040404040404040404",
+                "01",
+                "06",
+                "666f726d6174",
+                "02",
+                "7633", // {"format": "v3"}
+            )
+        );
+        assert_eq!(Index::decode(&bytes).unwrap(), index);
+    }
+
+    #[test]
     fn damaged_envelopes_are_refused() {
         let bytes = sample_manifest().encode().unwrap();
         for i in 0..bytes.len() {
