@@ -390,10 +390,36 @@ impl Snapshots {
                 "its index does not match the hash in its manifest",
             ));
         }
-        let index = Arc::new(
-            Index::decode(&bytes)
-                .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?,
-        );
+        let mut index = Index::decode(&bytes)
+            .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
+        for table in &mut index.tables {
+            if !table.blocks.is_empty() {
+                continue;
+            }
+            let groups: Vec<Vec<BlockRef>> = futures_util::stream::iter(table.groups.clone())
+                .map(|g| async move {
+                    let content = self.read_block(id, g.id).await?;
+                    let refs = crate::format::decode_group(&g.id, &content)
+                        .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
+                    if refs.len() != g.blocks as usize {
+                        return Err(Error::corrupt(
+                            format!("snapshot {id}"),
+                            format!(
+                                "index group {} holds {} block references, the index says {}",
+                                g.id,
+                                refs.len(),
+                                g.blocks
+                            ),
+                        ));
+                    }
+                    Ok(refs)
+                })
+                .buffered(self.inner.config.read_concurrency.max(1))
+                .try_collect()
+                .await?;
+            table.blocks = groups.into_iter().flatten().collect();
+        }
+        let index = Arc::new(index);
         *self.inner.index_cache.lock().await = Some((id, index.clone()));
         Ok(index)
     }
@@ -595,6 +621,34 @@ impl Snapshots {
             index.streams.push(si);
         }
 
+        // Each table's block references go into content-defined group blocks, so an
+        // unchanged run of blocks costs nothing in this snapshot's index either.
+        for table in &mut index.tables {
+            control.checkpoint()?;
+            let mut groups = Vec::new();
+            for group in crate::format::group_blocks(&table.blocks) {
+                let content = crate::format::encode_group(group)?;
+                let (r, stored, compressed) = self
+                    .write_block(
+                        RowBlock {
+                            content,
+                            rows: 0,
+                            key_filter: Vec::new(),
+                        },
+                        &written,
+                    )
+                    .await?;
+                stored_bytes += stored;
+                compressed_bytes += compressed;
+                written.insert(r.id);
+                groups.push(crate::format::GroupRef {
+                    id: r.id,
+                    blocks: u32::try_from(group.len()).unwrap_or(u32::MAX),
+                });
+            }
+            table.groups = groups;
+        }
+
         // Blocks are durable; now the index, then the manifest.
         let index_bytes = index.encode()?;
         let index_hash = *blake3::hash(&index_bytes).as_bytes();
@@ -706,11 +760,25 @@ impl Snapshots {
             .map(|c| quote_ident(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
-        let stream = tx
-            .copy_out(&format!(
-                "COPY {} ({cols}) TO STDOUT (FORMAT binary)",
+        // Rows in primary key order: where a row lives in the heap (which updates
+        // change) then does not move it between blocks, so an update touches only
+        // the blocks around its key and appended keys only the last blocks.
+        let sql = if primary_key.is_empty() {
+            format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", table.quoted())
+        } else {
+            let order = primary_key
+                .iter()
+                .filter_map(|&i| columns.get(usize::from(i)))
+                .map(|c| quote_ident(&c.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "COPY (SELECT {cols} FROM {} ORDER BY {order}) TO STDOUT (FORMAT binary)",
                 table.quoted()
-            ))
+            )
+        };
+        let stream = tx
+            .copy_out(&sql)
             .await
             .with_context(|| format!("starting to copy {table}"))?;
         futures_util::pin_mut!(stream);
@@ -773,6 +841,7 @@ impl Snapshots {
                 rows,
                 raw_bytes,
                 blocks,
+                groups: Vec::new(),
             },
             stored,
             compressed,

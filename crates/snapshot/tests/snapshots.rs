@@ -282,6 +282,13 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
         .batch_execute("UPDATE shop.customers SET full_name = full_name || '!' WHERE id < 5")
         .await
         .unwrap();
+    let store = e.snaps.store().clone();
+    let keys = |v: Vec<sanare_snapshot::ObjectMeta>| {
+        v.into_iter()
+            .map(|m| (m.key, m.size))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let old_blocks = keys(store.list("blocks/").await.unwrap());
     let bad = e.snaps.create(shop(), &Control::detached()).await.unwrap();
     assert!(
         e.snaps
@@ -290,11 +297,14 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
             .unwrap()
             .is_ok()
     );
-    // Flip a bit in a block only the second snapshot has.
-    let store = e.snaps.store().clone();
-    let mut blocks = store.list("blocks/").await.unwrap();
-    blocks.sort_by_key(|b| b.modified);
-    let newest = blocks.last().unwrap().key.clone();
+    // Flip a bit in the data block only the second snapshot has (the other new
+    // block, much smaller, is the group of block references that lists it).
+    let new_blocks: Vec<(String, u64)> = keys(store.list("blocks/").await.unwrap())
+        .difference(&old_blocks)
+        .cloned()
+        .collect();
+    assert_eq!(new_blocks.len(), 2, "{new_blocks:?}");
+    let newest = new_blocks.iter().max_by_key(|b| b.1).unwrap().0.clone();
     let path = e.store_dir.path().join(&newest);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() / 2;
