@@ -753,6 +753,107 @@ mod tests {
         assert_eq!(Index::decode(&bytes).unwrap(), index);
     }
 
+    fn sample_table(blocks: Vec<BlockRef>) -> TableIndex {
+        TableIndex {
+            schema: "s".into(),
+            name: "t".into(),
+            columns: vec![ColumnDef {
+                name: "id".into(),
+                type_name: "bigint".into(),
+            }],
+            primary_key: vec![0],
+            sequences: Vec::new(),
+            rows: 2,
+            raw_bytes: 30,
+            blocks,
+            groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn group_golden_vector_and_content_defined_grouping() {
+        let r = BlockRef {
+            id: BlockId([9; 32]),
+            raw_len: 30,
+            rows: 2,
+            key_filter: vec![0xff; 8],
+        };
+        let content = encode_group(std::slice::from_ref(&r)).unwrap();
+        assert_eq!(
+            hex(&content),
+            concat!(
+                "534e4752", // SNGR
+                "01",       // one reference
+                "0909090909090909090909090909090909090909090909090909090909090909",
+                "1e",
+                "02",
+                "08",
+                "ffffffffffffffff", // raw_len 30, rows 2, 8-byte filter
+            )
+        );
+        let id = BlockId::of(&content);
+        assert_eq!(decode_group(&id, &content).unwrap(), vec![r.clone()]);
+        assert!(decode_group(&id, &content[1..]).is_err());
+
+        // Groups end after ids starting below 8, so a change moves few groups.
+        let refs: Vec<BlockRef> = (0u32..2000)
+            .map(|i| BlockRef {
+                id: BlockId::of(&i.to_le_bytes()),
+                ..r.clone()
+            })
+            .collect();
+        let groups = group_blocks(&refs);
+        assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 2000);
+        assert!(groups.len() > 30 && groups.len() < 120, "{}", groups.len());
+        assert!(groups.iter().all(|g| g.len() <= GROUP_MAX));
+        let mut edited = refs.clone();
+        edited[1000].id = BlockId([200; 32]);
+        let ids = |g: &[BlockRef]| g.iter().map(|b| b.id).collect::<Vec<_>>();
+        let before: std::collections::HashSet<Vec<BlockId>> = groups.into_iter().map(ids).collect();
+        let changed = group_blocks(&edited)
+            .into_iter()
+            .filter(|g| !before.contains(&ids(g)))
+            .count();
+        assert_eq!(changed, 1);
+    }
+
+    #[test]
+    fn index_v2_refers_to_groups_and_v1_still_decodes() {
+        let blocks = vec![BlockRef {
+            id: BlockId([5; 32]),
+            raw_len: 30,
+            rows: 2,
+            key_filter: Vec::new(),
+        }];
+        let mut index = Index {
+            snapshot: [6; 16],
+            tables: vec![sample_table(blocks.clone())],
+            streams: Vec::new(),
+        };
+        assert!(index.encode().is_err(), "groups must cover the blocks");
+        index.tables[0].groups = vec![GroupRef {
+            id: BlockId([7; 32]),
+            blocks: 1,
+        }];
+        let v2 = index.encode().unwrap();
+        assert_eq!(hex(&v2[4..6]), "0200", "version 2");
+        let decoded = Index::decode(&v2).unwrap();
+        assert!(decoded.needs_groups());
+        assert!(decoded.tables[0].blocks.is_empty());
+        assert_eq!(decoded.tables[0].groups, index.tables[0].groups);
+        let ids = index.block_ids();
+        assert!(ids.contains(&BlockId([5; 32])) && ids.contains(&BlockId([7; 32])));
+
+        // An index written by the previous version of this crate.
+        let mut old = index.clone();
+        old.tables[0].groups.clear();
+        let v1 = old.encode_v1().unwrap();
+        assert_eq!(hex(&v1[4..6]), "0100");
+        let decoded = Index::decode(&v1).unwrap();
+        assert!(!decoded.needs_groups());
+        assert_eq!(decoded, old);
+    }
+
     #[test]
     fn damaged_envelopes_are_refused() {
         let bytes = sample_manifest().encode().unwrap();
