@@ -47,6 +47,9 @@ pub struct SnapshotConfig {
     pub capture_concurrency: usize,
     /// Blocks fetched at once during restore and verify.
     pub read_concurrency: usize,
+    /// `maintenance_work_mem` (MiB) of the restore transaction, in which the
+    /// restored tables' indexes and keys are rebuilt; 0 keeps the server's setting.
+    pub restore_maintenance_work_mem_mb: u32,
 }
 
 impl Default for SnapshotConfig {
@@ -57,6 +60,7 @@ impl Default for SnapshotConfig {
             default_schemas: Vec::new(),
             write_concurrency: 4,
             capture_concurrency: 2,
+            restore_maintenance_work_mem_mb: 256,
             read_concurrency: 8,
         }
     }
@@ -1081,6 +1085,12 @@ impl Snapshots {
         tx.batch_execute("SET CONSTRAINTS ALL DEFERRED")
             .await
             .context("deferring constraints for the restore")?;
+        let mwm = self.inner.config.restore_maintenance_work_mem_mb;
+        if mwm > 0 {
+            tx.batch_execute(&format!("SET LOCAL maintenance_work_mem = '{mwm}MB'"))
+                .await
+                .context("setting maintenance_work_mem for the restore's index builds")?;
+        }
         // Statements that recreate the indexes and keys dropped for the load.
         let mut rebuild: Vec<(String, String)> = Vec::new();
         let target_of = |t: &TableIndex| -> TableRef {
