@@ -32,10 +32,13 @@
 //! - **Blocks**: the COPY stream is cut into blocks of whole rows at content-defined
 //!   points (FastCDC picks the cut, the block extends to the end of that row), named
 //!   by blake3, compressed alone (lz4 by default, brotli for archives, none when it
-//!   does not pay) and stored once across all snapshots. Each block's entry in the
+//!   does not pay) and stored once across all snapshots. Tables with a primary key
+//!   are copied in key order, so an update changes only the blocks around its key. Each block's entry in the
 //!   index carries a bloom filter of its rows' primary keys, so rows by key
 //!   ([`sanare_core::SnapshotService::fetch_rows`]) decode only the few blocks that
-//!   may hold them.
+//!   may hold them. A table's block references are themselves stored in
+//!   content-defined group blocks, so an incremental snapshot re-stores only the
+//!   groups around what changed.
 //! - **Write order**: blocks, then the index, then the manifest, then the catalog row
 //!   flips from `creating` to `ready`: a crash at any point leaves no ready snapshot
 //!   with missing data.
