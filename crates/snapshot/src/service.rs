@@ -43,7 +43,8 @@ pub struct SnapshotConfig {
     /// Blocks compressed and written at once per table.
     pub write_concurrency: usize,
     /// Tables captured at once, each on its own connection importing the capture's
-    /// snapshot (`pg_export_snapshot`); 1 captures on one connection.
+    /// snapshot (`pg_export_snapshot`); 1 captures on one connection. Never more
+    /// than the pool's size.
     pub capture_concurrency: usize,
     /// Blocks fetched at once during restore and verify.
     pub read_concurrency: usize,
@@ -533,9 +534,13 @@ impl Snapshots {
         // Tables are captured by up to `capture_concurrency` connections whose
         // transactions all import this transaction's snapshot, so every table is
         // read at the same instant. This transaction stays open until they finish.
+        // Worker 0 uses the capture's own connection, every other one takes one
+        // more: never ask for more than the pool can ever give.
+        let pool_max = inner.pool.status().max_size;
         let workers = inner
             .config
             .capture_concurrency
+            .min(pool_max.max(1))
             .clamp(1, tables.len().max(1));
         let exported: Option<String> = if workers > 1 {
             Some(

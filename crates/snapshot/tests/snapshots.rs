@@ -753,3 +753,34 @@ async fn live_restore_rebuilds_every_index_and_key_and_rolls_back_on_a_violation
     assert_eq!(table_hashes(&e.db, "shop").await, live);
     assert_eq!(schema_objects(&e.db).await, objects);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_on_a_one_connection_pool_does_not_wait_for_a_second() {
+    let e = env(300).await;
+    let pool = sanare_pg::connect_pool(e.db.url(), 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = Snapshots::builder()
+        .store(Arc::new(FsStore::new(dir.path()).unwrap()))
+        .pool(pool)
+        .build()
+        .unwrap();
+    let before = table_hashes(&e.db, "shop").await;
+    let info = tokio::time::timeout(
+        Duration::from_secs(60),
+        snaps.create(shop(), &Control::detached()),
+    )
+    .await
+    .expect("capture finished")
+    .unwrap();
+    assert_eq!(info.tables.len(), 5);
+    e.db.client()
+        .await
+        .batch_execute("DELETE FROM shop.payments")
+        .await
+        .unwrap();
+    snaps
+        .restore(RestoreRequest::new(info.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&e.db, "shop").await, before);
+}
