@@ -618,6 +618,8 @@ impl Snapshots {
         tx.commit()
             .await
             .context("ending the snapshot transaction")?;
+        // Back to the pool: marking the snapshot ready takes a connection again.
+        drop(conn);
         control.checkpoint()?;
         for source in &inner.sources {
             control.checkpoint()?;
