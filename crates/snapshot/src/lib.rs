@@ -19,23 +19,39 @@
 //! ```
 //!
 //! # How it works
-//! - **Capture**: one REPEATABLE READ, read-only transaction streams every table with
-//!   binary COPY; in it `pg_current_snapshot()` is read and handed to the journal
+//! - **Capture**: one REPEATABLE READ, read-only transaction reads
+//!   `pg_current_snapshot()` and hands it to the journal
 //!   ([`sanare_core::JournalService::cut`]), so the manifest records exactly which
-//!   journal entries the snapshot reflects.
+//!   journal entries the snapshot reflects. It exports its snapshot
+//!   (`pg_export_snapshot()`) and [`SnapshotConfig::capture_concurrency`] connections,
+//!   each `SET TRANSACTION SNAPSHOT` to it, stream the tables with binary COPY in
+//!   parallel: every table is read at the same instant.
+//! - **Host state**: [`StateSource`]s registered with the builder (state that lives
+//!   outside the database) are captured into the same deduplicated blocks and
+//!   restored to any `AsyncWrite` with [`Snapshots::restore_source`].
 //! - **Blocks**: the COPY stream is cut into blocks of whole rows at content-defined
 //!   points (FastCDC picks the cut, the block extends to the end of that row), named
 //!   by blake3, compressed alone (lz4 by default, brotli for archives, none when it
-//!   does not pay) and stored once across all snapshots. Each block's entry in the
+//!   does not pay) and stored once across all snapshots. Tables with a primary key
+//!   are copied in key order, so an update changes only the blocks around its key. Each block's entry in the
 //!   index carries a bloom filter of its rows' primary keys, so rows by key
 //!   ([`sanare_core::SnapshotService::fetch_rows`]) decode only the few blocks that
-//!   may hold them.
+//!   may hold them. A table's block references are themselves stored in
+//!   content-defined group blocks, so an incremental snapshot re-stores only the
+//!   groups around what changed.
 //! - **Write order**: blocks, then the index, then the manifest, then the catalog row
 //!   flips from `creating` to `ready`: a crash at any point leaves no ready snapshot
 //!   with missing data.
-//! - **Restore** loads tables in foreign-key order in one transaction with binary
-//!   COPY, checking every block's hash first; a damaged block aborts the whole
-//!   restore, names the block and marks the snapshot corrupted.
+//! - **Restore** loads tables in foreign-key order in one transaction: `TRUNCATE`,
+//!   then the tables' foreign keys, primary/unique keys and secondary indexes are
+//!   dropped, the rows are loaded with binary `COPY … FREEZE`, and the keys and
+//!   indexes are rebuilt (each foreign key checked in one pass) before the commit, so
+//!   a violation rolls everything back. Every block's hash is checked first; a
+//!   damaged block aborts the whole restore, names the block and marks the snapshot
+//!   corrupted.
+//! - **Stores**: [`FsStore`] (embedded default), [`PgStore`] (a table), and with the
+//!   `s3` feature `S3Store` (any S3-compatible server through `object_store`), all
+//!   held to one conformance suite (`testing::conformance`, feature `testing`).
 //! - **Point in time**: [`Snapshots::restore_to`] restores the latest good snapshot
 //!   before T and replays the journal after its cut, through the core trait.
 //!
@@ -49,23 +65,30 @@
 //! # Dependencies
 //! `fastcdc` (content-defined chunking, a maintained implementation of the paper's
 //! algorithm), `blake3` (fast cryptographic block ids), `lz4_flex` and `brotli` (pure
-//! Rust codecs), `postcard` (a stable, specified encoding for index and manifest).
+//! Rust codecs), `postcard` (a stable, specified encoding for index and manifest),
+//! `object_store` (feature `s3`: the Apache Arrow project's object storage client).
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod copy;
 pub mod format;
+#[cfg(feature = "s3")]
+mod s3;
 mod service;
+mod source;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use format::{BlockId, ChunkParams, Codec};
+#[cfg(feature = "s3")]
+pub use s3::S3Store;
 pub use service::{
     GcReport, PitrOutcome, RetentionPolicy, SnapshotConfig, Snapshots, SnapshotsBuilder,
     StorageStats,
 };
+pub use source::{SourceInfo, StateSource};
 pub use store::{BlockStore, FsStore, ObjectMeta, PgStore};
 
 use sanare_pg::{Migration, Migrations, SchemaName};

@@ -16,18 +16,21 @@ use sanare_core::{
 use sanare_pg::{PgResultExt, Pool, SchemaName, quote_ident, quote_literal};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 use tokio_postgres::IsolationLevel;
 
 use crate::copy::{self, Chunker, RowBlock};
 use crate::format::{
     BlockId, BlockRef, ChunkParams, Codec, ColumnDef, Index, Manifest, SequenceState, StoredCut,
-    TableIndex, bloom, decode_block, encode_block,
+    StreamIndex, TableIndex, bloom, decode_block, encode_block,
 };
+use crate::source::{ByteChunker, SourceInfo, StateSource};
 use crate::store::BlockStore;
 
 /// How a [`Snapshots`] service captures.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct SnapshotConfig {
     /// Content-defined chunking parameters.
@@ -39,8 +42,15 @@ pub struct SnapshotConfig {
     pub default_schemas: Vec<String>,
     /// Blocks compressed and written at once per table.
     pub write_concurrency: usize,
+    /// Tables captured at once, each on its own connection importing the capture's
+    /// snapshot (`pg_export_snapshot`); 1 captures on one connection. Never more
+    /// than the pool's size.
+    pub capture_concurrency: usize,
     /// Blocks fetched at once during restore and verify.
     pub read_concurrency: usize,
+    /// `maintenance_work_mem` (MiB) of the restore transaction, in which the
+    /// restored tables' indexes and keys are rebuilt; 0 keeps the server's setting.
+    pub restore_maintenance_work_mem_mb: u32,
 }
 
 impl Default for SnapshotConfig {
@@ -50,6 +60,8 @@ impl Default for SnapshotConfig {
             codec: Codec::Lz4,
             default_schemas: Vec::new(),
             write_concurrency: 4,
+            capture_concurrency: 2,
+            restore_maintenance_work_mem_mb: 256,
             read_concurrency: 8,
         }
     }
@@ -125,9 +137,17 @@ pub struct SnapshotsBuilder {
     journal: Option<Arc<dyn JournalService>>,
     events: Option<EventBus>,
     config: SnapshotConfig,
+    sources: Vec<Arc<dyn StateSource>>,
 }
 
 impl SnapshotsBuilder {
+    /// A host byte stream captured in every snapshot after the tables (see
+    /// [`StateSource`]); call once per source.
+    pub fn source(mut self, source: Arc<dyn StateSource>) -> Self {
+        self.sources.push(source);
+        self
+    }
+
     /// Where blocks go (required).
     pub fn store(mut self, store: Arc<dyn BlockStore>) -> Self {
         self.store = Some(store);
@@ -184,8 +204,19 @@ impl SnapshotsBuilder {
                 "expected 64 <= min <= avg <= max, avg >= 256, 1 KiB <= max <= 16 MiB",
             ));
         }
+        let mut names = BTreeSet::new();
+        for source in &self.sources {
+            crate::source::check_name(source.name())?;
+            if !names.insert(source.name().to_owned()) {
+                return Err(Error::config(
+                    "snapshot.sources",
+                    format!("two state sources are named `{}`", source.name()),
+                ));
+            }
+        }
         Ok(Snapshots {
             inner: Arc::new(Inner {
+                sources: self.sources,
                 store,
                 pool,
                 schema: self.schema.unwrap_or_else(SchemaName::default_schema),
@@ -220,6 +251,7 @@ struct Inner {
     journal: Option<Arc<dyn JournalService>>,
     events: Option<EventBus>,
     config: SnapshotConfig,
+    sources: Vec<Arc<dyn StateSource>>,
     index_cache: Mutex<Option<(SnapshotId, Arc<Index>)>>,
 }
 
@@ -363,10 +395,36 @@ impl Snapshots {
                 "its index does not match the hash in its manifest",
             ));
         }
-        let index = Arc::new(
-            Index::decode(&bytes)
-                .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?,
-        );
+        let mut index = Index::decode(&bytes)
+            .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
+        for table in &mut index.tables {
+            if !table.blocks.is_empty() {
+                continue;
+            }
+            let groups: Vec<Vec<BlockRef>> = futures_util::stream::iter(table.groups.clone())
+                .map(|g| async move {
+                    let content = self.read_block(id, g.id).await?;
+                    let refs = crate::format::decode_group(&g.id, &content)
+                        .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
+                    if refs.len() != g.blocks as usize {
+                        return Err(Error::corrupt(
+                            format!("snapshot {id}"),
+                            format!(
+                                "index group {} holds {} block references, the index says {}",
+                                g.id,
+                                refs.len(),
+                                g.blocks
+                            ),
+                        ));
+                    }
+                    Ok(refs)
+                })
+                .buffered(self.inner.config.read_concurrency.max(1))
+                .try_collect()
+                .await?;
+            table.blocks = groups.into_iter().flatten().collect();
+        }
+        let index = Arc::new(index);
         *self.inner.index_cache.lock().await = Some((id, index.clone()));
         Ok(index)
     }
@@ -473,21 +531,134 @@ impl Snapshots {
         let mut written: BTreeSet<BlockId> = BTreeSet::new();
         let mut stored_bytes = 0u64;
         let mut compressed_bytes = 0u64;
-        for table in &tables {
-            control.checkpoint()?;
-            progress.message(format!("capturing {table}"));
-            let (ti, stored, compressed) = self
-                .capture_table(&tx, table, &mut written, control)
-                .await?;
+        // Tables are captured by up to `capture_concurrency` connections whose
+        // transactions all import this transaction's snapshot, so every table is
+        // read at the same instant. This transaction stays open until they finish.
+        // Worker 0 uses the capture's own connection, every other one takes one
+        // more: never ask for more than the pool can ever give.
+        let pool_max = inner.pool.status().max_size;
+        let workers = inner
+            .config
+            .capture_concurrency
+            .min(pool_max.max(1))
+            .clamp(1, tables.len().max(1));
+        let exported: Option<String> = if workers > 1 {
+            Some(
+                tx.query_one("SELECT pg_export_snapshot()", &[])
+                    .await
+                    .context("exporting the snapshot for parallel capture")?
+                    .get(0),
+            )
+        } else {
+            None
+        };
+        let queue = std::sync::Mutex::new(tables.iter().enumerate().collect::<Vec<_>>());
+        let next = || {
+            queue.lock().ok().and_then(|mut q| {
+                if q.is_empty() {
+                    None
+                } else {
+                    Some(q.remove(0))
+                }
+            })
+        };
+        let worker = |n: usize| {
+            let tx_main = &tx;
+            let exported = exported.clone();
+            let next = &next;
+            async move {
+                let mut done: Vec<(usize, TableIndex, u64, u64)> = Vec::new();
+                let mut written: BTreeSet<BlockId> = BTreeSet::new();
+                let mut own_conn;
+                let own_tx;
+                let tx: &tokio_postgres::Transaction<'_> = match (&exported, n) {
+                    (Some(snapshot), n) if n > 0 => {
+                        own_conn = sanare_pg::get_conn(&inner.pool).await?;
+                        own_tx = own_conn
+                            .build_transaction()
+                            .isolation_level(IsolationLevel::RepeatableRead)
+                            .read_only(true)
+                            .start()
+                            .await
+                            .context("starting a parallel capture transaction")?;
+                        own_tx
+                            .batch_execute(&format!(
+                                "SET TRANSACTION SNAPSHOT {}",
+                                quote_literal(snapshot)
+                            ))
+                            .await
+                            .context(
+                                "importing the snapshot into a parallel capture transaction",
+                            )?;
+                        &own_tx
+                    }
+                    _ => tx_main,
+                };
+                while let Some((i, table)) = next() {
+                    control.checkpoint()?;
+                    progress.message(format!("capturing {table}"));
+                    let (ti, stored, compressed) =
+                        self.capture_table(tx, table, &mut written, control).await?;
+                    done.push((i, ti, stored, compressed));
+                    progress.advance(1);
+                }
+                Ok::<_, Error>(done)
+            }
+        };
+        let results = futures_util::future::try_join_all((0..workers).map(worker)).await?;
+        let mut captured: Vec<(usize, TableIndex, u64, u64)> =
+            results.into_iter().flatten().collect();
+        captured.sort_by_key(|c| c.0);
+        for (_, ti, stored, compressed) in captured {
+            written.extend(ti.blocks.iter().map(|b| b.id));
             stored_bytes += stored;
             compressed_bytes += compressed;
             index.tables.push(ti);
-            progress.advance(1);
         }
         tx.commit()
             .await
             .context("ending the snapshot transaction")?;
+        // Back to the pool: marking the snapshot ready takes a connection again.
+        drop(conn);
         control.checkpoint()?;
+        for source in &inner.sources {
+            control.checkpoint()?;
+            progress.message(format!("capturing state source {}", source.name()));
+            let (si, stored, compressed) =
+                self.capture_source(&**source, &written, control).await?;
+            written.extend(si.blocks.iter().copied());
+            stored_bytes += stored;
+            compressed_bytes += compressed;
+            index.streams.push(si);
+        }
+
+        // Each table's block references go into content-defined group blocks, so an
+        // unchanged run of blocks costs nothing in this snapshot's index either.
+        for table in &mut index.tables {
+            control.checkpoint()?;
+            let mut groups = Vec::new();
+            for group in crate::format::group_blocks(&table.blocks) {
+                let content = crate::format::encode_group(group)?;
+                let (r, stored, compressed) = self
+                    .write_block(
+                        RowBlock {
+                            content,
+                            rows: 0,
+                            key_filter: Vec::new(),
+                        },
+                        &written,
+                    )
+                    .await?;
+                stored_bytes += stored;
+                compressed_bytes += compressed;
+                written.insert(r.id);
+                groups.push(crate::format::GroupRef {
+                    id: r.id,
+                    blocks: u32::try_from(group.len()).unwrap_or(u32::MAX),
+                });
+            }
+            table.groups = groups;
+        }
 
         // Blocks are durable; now the index, then the manifest.
         let index_bytes = index.encode()?;
@@ -497,7 +668,8 @@ impl Snapshots {
             .store
             .put(&index_key(id), Bytes::from(index_bytes))
             .await?;
-        let size_bytes: u64 = index.tables.iter().map(|t| t.raw_bytes).sum();
+        let size_bytes: u64 = index.tables.iter().map(|t| t.raw_bytes).sum::<u64>()
+            + index.streams.iter().map(|s| s.len).sum::<u64>();
         let manifest = Manifest {
             id: *id.as_uuid().as_bytes(),
             created_at_us: i64::try_from(created_at.unix_timestamp_nanos() / 1000)
@@ -599,11 +771,25 @@ impl Snapshots {
             .map(|c| quote_ident(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
-        let stream = tx
-            .copy_out(&format!(
-                "COPY {} ({cols}) TO STDOUT (FORMAT binary)",
+        // Rows in primary key order: where a row lives in the heap (which updates
+        // change) then does not move it between blocks, so an update touches only
+        // the blocks around its key and appended keys only the last blocks.
+        let sql = if primary_key.is_empty() {
+            format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", table.quoted())
+        } else {
+            let order = primary_key
+                .iter()
+                .filter_map(|&i| columns.get(usize::from(i)))
+                .map(|c| quote_ident(&c.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "COPY (SELECT {cols} FROM {} ORDER BY {order}) TO STDOUT (FORMAT binary)",
                 table.quoted()
-            ))
+            )
+        };
+        let stream = tx
+            .copy_out(&sql)
             .await
             .with_context(|| format!("starting to copy {table}"))?;
         futures_util::pin_mut!(stream);
@@ -666,10 +852,147 @@ impl Snapshots {
                 rows,
                 raw_bytes,
                 blocks,
+                groups: Vec::new(),
             },
             stored,
             compressed,
         ))
+    }
+
+    /// Reads a host byte stream to its end, cutting it into deduplicated blocks.
+    async fn capture_source(
+        &self,
+        source: &dyn StateSource,
+        written: &BTreeSet<BlockId>,
+        control: &Control,
+    ) -> Result<(StreamIndex, u64, u64)> {
+        let name = source.name().to_owned();
+        let mut reader = source.open().await?;
+        let mut chunker = ByteChunker::new(self.inner.config.chunking);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut index = StreamIndex {
+            name: name.clone(),
+            len: 0,
+            blocks: Vec::new(),
+            metadata: source.metadata(),
+        };
+        let (mut stored, mut compressed) = (0u64, 0u64);
+        let conc = self.inner.config.write_concurrency.max(1);
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::io(format!("reading state source {name}"), e))?;
+            index.len += n as u64;
+            if n == 0 {
+                let rest =
+                    std::mem::replace(&mut chunker, ByteChunker::new(ChunkParams::default()));
+                pending.extend(rest.finish());
+            } else {
+                pending.extend(chunker.push(&buf[..n]));
+            }
+            if pending.len() >= conc || (n == 0 && !pending.is_empty()) {
+                control.checkpoint()?;
+                let batch = std::mem::take(&mut pending);
+                let results =
+                    futures_util::future::try_join_all(batch.into_iter().map(|content| {
+                        self.write_block(
+                            RowBlock {
+                                content,
+                                rows: 0,
+                                key_filter: Vec::new(),
+                            },
+                            written,
+                        )
+                    }))
+                    .await?;
+                for (r, s, c) in results {
+                    stored += s;
+                    compressed += c;
+                    index.blocks.push(r.id);
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        Ok((index, stored, compressed))
+    }
+
+    /// The host byte streams captured in snapshot `id`.
+    pub async fn sources(&self, id: SnapshotId) -> Result<Vec<SourceInfo>> {
+        let index = self.load_index(id).await?;
+        Ok(index
+            .streams
+            .iter()
+            .map(|s| SourceInfo {
+                name: s.name.clone(),
+                len: s.len,
+                blocks: s.blocks.len() as u64,
+                metadata: s.metadata.clone(),
+            })
+            .collect())
+    }
+
+    /// Writes the stream `name` captured in snapshot `id` to `out` (flushed at the
+    /// end) and returns its length. Every block's hash is checked before its bytes
+    /// are written; a damaged or missing block stops the restore with an error
+    /// naming it and marks the snapshot corrupted, so `out` then holds a prefix of
+    /// the stream and must be discarded.
+    pub async fn restore_source(
+        &self,
+        id: SnapshotId,
+        name: &str,
+        out: &mut (dyn AsyncWrite + Send + Unpin),
+        control: &Control,
+    ) -> Result<u64> {
+        let info = self.get(id).await?;
+        if info.status != SnapshotStatus::Ready && info.status != SnapshotStatus::Archived {
+            return Err(Error::conflict(format!(
+                "snapshot {id} is {} and cannot be restored",
+                status_str(info.status)
+            )));
+        }
+        let index = self.load_index(id).await?;
+        let stream = index
+            .streams
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::not_found(format!("state source `{name}` in snapshot {id}")))?;
+        let mut blocks = futures_util::stream::iter(stream.blocks.iter().copied())
+            .map(|b| self.read_block(id, b))
+            .buffered(self.inner.config.read_concurrency.max(1));
+        let mut written = 0u64;
+        while let Some(block) = blocks.next().await {
+            control.checkpoint()?;
+            let block = match block {
+                Ok(b) => b,
+                Err(e) => {
+                    self.mark_corrupted(id, &e).await;
+                    return Err(e);
+                }
+            };
+            out.write_all(&block)
+                .await
+                .map_err(|e| Error::io(format!("writing restored state source {name}"), e))?;
+            written += block.len() as u64;
+        }
+        out.flush()
+            .await
+            .map_err(|e| Error::io(format!("writing restored state source {name}"), e))?;
+        if written != stream.len {
+            let e = Error::corrupt(
+                format!("snapshot {id}"),
+                format!(
+                    "state source {name} restored {written} bytes, its index says {}",
+                    stream.len
+                ),
+            );
+            self.mark_corrupted(id, &e).await;
+            return Err(e);
+        }
+        Ok(written)
     }
 
     /// Compresses and stores a block unless the store has it; returns its
@@ -769,6 +1092,14 @@ impl Snapshots {
         tx.batch_execute("SET CONSTRAINTS ALL DEFERRED")
             .await
             .context("deferring constraints for the restore")?;
+        let mwm = self.inner.config.restore_maintenance_work_mem_mb;
+        if mwm > 0 {
+            tx.batch_execute(&format!("SET LOCAL maintenance_work_mem = '{mwm}MB'"))
+                .await
+                .context("setting maintenance_work_mem for the restore's index builds")?;
+        }
+        // Statements that recreate the indexes and keys dropped for the load.
+        let mut rebuild: Vec<(String, String)> = Vec::new();
         let target_of = |t: &TableIndex| -> TableRef {
             match &request.target {
                 RestoreTarget::Scratch { schema } => TableRef::new(schema, &t.name),
@@ -800,6 +1131,8 @@ impl Snapshots {
                     format!("emptying {list} (a table outside the restore that references them blocks this: restore it too)")
                 })?;
             }
+            let names: Vec<String> = chosen.iter().map(|t| target_of(t).quoted()).collect();
+            rebuild = defer_indexes_and_keys(&tx, &names).await?;
         } else if let RestoreTarget::Scratch { schema } = &request.target {
             tx.batch_execute(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {}",
@@ -838,9 +1171,20 @@ impl Snapshots {
                 .map(|c| quote_ident(&c.name))
                 .collect::<Vec<_>>()
                 .join(", ");
+            // FREEZE writes the rows already frozen (no later vacuum rewrite); it
+            // needs a plain table emptied or created in this transaction, as here.
+            let plain: bool = tx
+                .query_one(
+                    "SELECT relkind = 'r' FROM pg_class WHERE oid = $1::text::regclass",
+                    &[&target.quoted()],
+                )
+                .await
+                .with_context(|| format!("looking up {target}"))?
+                .get(0);
+            let freeze = if plain { ", FREEZE" } else { "" };
             let sink = tx
                 .copy_in(&format!(
-                    "COPY {} ({cols}) FROM STDIN (FORMAT binary)",
+                    "COPY {} ({cols}) FROM STDIN (FORMAT binary{freeze})",
                     target.quoted()
                 ))
                 .await
@@ -899,6 +1243,15 @@ impl Snapshots {
                 table: target,
                 rows,
             });
+        }
+        if !rebuild.is_empty() {
+            progress.message("rebuilding indexes and checking foreign keys".to_owned());
+        }
+        for (what, sql) in &rebuild {
+            control.checkpoint()?;
+            tx.batch_execute(sql).await.with_context(|| {
+                format!("rebuilding {what} after the restore (the restored rows violate it?)")
+            })?;
         }
         control.checkpoint()?;
         tx.commit().await.context("committing the restore")?;
@@ -1330,6 +1683,89 @@ impl Snapshots {
         }
         Ok(stats)
     }
+}
+
+/// Drops the secondary indexes, primary/unique/exclusion constraints and foreign
+/// keys of `tables` (quoted names, already emptied in `tx`) so the load does not
+/// maintain them row by row, and returns what recreates them afterwards, in order:
+/// keys and indexes first, then foreign keys, each checked by PostgreSQL in one
+/// pass over the loaded rows. Everything happens in the restore's transaction, so a
+/// failure or a crash leaves the tables, indexes and keys as they were.
+async fn defer_indexes_and_keys(
+    tx: &tokio_postgres::Transaction<'_>,
+    tables: &[String],
+) -> Result<Vec<(String, String)>> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ctx = "reading the indexes and keys of the restored tables";
+    let fks = tx
+        .query(
+            "SELECT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid)
+               FROM pg_constraint c
+              WHERE c.contype = 'f'
+                AND (c.conrelid = ANY($1::text[]::regclass[]) OR c.confrelid = ANY($1::text[]::regclass[]))
+              ORDER BY c.oid",
+            &[&tables],
+        )
+        .await
+        .context(ctx)?;
+    let keys = tx
+        .query(
+            "SELECT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid)
+               FROM pg_constraint c
+              WHERE c.contype IN ('p', 'u', 'x') AND c.conrelid = ANY($1::text[]::regclass[])
+              ORDER BY c.oid",
+            &[&tables],
+        )
+        .await
+        .context(ctx)?;
+    let indexes = tx
+        .query(
+            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+               FROM pg_index i
+              WHERE i.indrelid = ANY($1::text[]::regclass[])
+                AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                                 WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u', 'x'))
+              ORDER BY i.indexrelid",
+            &[&tables],
+        )
+        .await
+        .context(ctx)?;
+    let mut drop = String::new();
+    let mut rebuild = Vec::new();
+    for r in fks.iter().chain(keys.iter()) {
+        let (table, name): (String, String) = (r.get(0), r.get(1));
+        drop.push_str(&format!("ALTER TABLE {table} DROP CONSTRAINT {name};\n"));
+    }
+    for r in &indexes {
+        let name: String = r.get(0);
+        drop.push_str(&format!("DROP INDEX {name};\n"));
+    }
+    for r in &keys {
+        let (table, name, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        rebuild.push((
+            format!("constraint {name} of {table}"),
+            format!("ALTER TABLE {table} ADD CONSTRAINT {name} {def}"),
+        ));
+    }
+    for r in &indexes {
+        let (name, def): (String, String) = (r.get(0), r.get(1));
+        rebuild.push((format!("index {name}"), def));
+    }
+    for r in &fks {
+        let (table, name, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        rebuild.push((
+            format!("foreign key {name} of {table}"),
+            format!("ALTER TABLE {table} ADD CONSTRAINT {name} {def}"),
+        ));
+    }
+    if !drop.is_empty() {
+        tx.batch_execute(&drop).await.context(
+            "dropping indexes and keys for the restore (they are rebuilt before it commits)",
+        )?;
+    }
+    Ok(rebuild)
 }
 
 fn row_info(r: &tokio_postgres::Row) -> Result<SnapshotInfo> {

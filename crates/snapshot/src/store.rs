@@ -46,7 +46,7 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
 }
 
-fn check_key(key: &str) -> Result<()> {
+pub(crate) fn check_key(key: &str) -> Result<()> {
     let ok = !key.is_empty()
         && key.len() <= 512
         && key

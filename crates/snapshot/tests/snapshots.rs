@@ -282,6 +282,13 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
         .batch_execute("UPDATE shop.customers SET full_name = full_name || '!' WHERE id < 5")
         .await
         .unwrap();
+    let store = e.snaps.store().clone();
+    let keys = |v: Vec<sanare_snapshot::ObjectMeta>| {
+        v.into_iter()
+            .map(|m| (m.key, m.size))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let old_blocks = keys(store.list("blocks/").await.unwrap());
     let bad = e.snaps.create(shop(), &Control::detached()).await.unwrap();
     assert!(
         e.snaps
@@ -290,11 +297,14 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
             .unwrap()
             .is_ok()
     );
-    // Flip a bit in a block only the second snapshot has.
-    let store = e.snaps.store().clone();
-    let mut blocks = store.list("blocks/").await.unwrap();
-    blocks.sort_by_key(|b| b.modified);
-    let newest = blocks.last().unwrap().key.clone();
+    // Flip a bit in the data block only the second snapshot has (the other new
+    // block, much smaller, is the group of block references that lists it).
+    let new_blocks: Vec<(String, u64)> = keys(store.list("blocks/").await.unwrap())
+        .difference(&old_blocks)
+        .cloned()
+        .collect();
+    assert_eq!(new_blocks.len(), 2, "{new_blocks:?}");
+    let newest = new_blocks.iter().max_by_key(|b| b.1).unwrap().0.clone();
     let path = e.store_dir.path().join(&newest);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() / 2;
@@ -658,4 +668,119 @@ async fn sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm() {
             .unwrap();
         assert_eq!(table_hashes(&e.db, "shop").await, after_change);
     }
+}
+
+/// Every index and constraint of the fixture schema, as PostgreSQL prints them.
+async fn schema_objects(db: &sanare_testing::TestDb) -> Vec<String> {
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT 'index ' || indexname || ': ' || indexdef FROM pg_indexes WHERE schemaname = 'shop'
+             UNION ALL
+             SELECT 'constraint ' || conname || ' on ' || conrelid::regclass::text || ': '
+                    || pg_get_constraintdef(oid) || ' validated=' || convalidated
+               FROM pg_constraint WHERE connamespace = 'shop'::regnamespace
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_restore_rebuilds_every_index_and_key_and_rolls_back_on_a_violation() {
+    let e = env(1_500).await;
+    let client = e.db.client().await;
+    // A deferrable key and a NOT VALID one come back as they were.
+    client
+        .batch_execute(
+            "ALTER TABLE shop.payments ADD CONSTRAINT payments_order_again
+                 FOREIGN KEY (order_id) REFERENCES shop.orders (id) DEFERRABLE INITIALLY DEFERRED;
+             ALTER TABLE shop.order_lines ADD CONSTRAINT order_lines_product_again
+                 FOREIGN KEY (product_id) REFERENCES shop.products (id) NOT VALID;
+             CREATE INDEX orders_note_partial_idx ON shop.orders (placed_at) WHERE note IS NOT NULL;",
+        )
+        .await
+        .unwrap();
+    let objects = schema_objects(&e.db).await;
+    assert!(objects.len() > 15, "{objects:#?}");
+    let info = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let before = table_hashes(&e.db, "shop").await;
+    client
+        .batch_execute("DELETE FROM shop.payments WHERE id % 2 = 0")
+        .await
+        .unwrap();
+    e.snaps
+        .restore(RestoreRequest::new(info.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&e.db, "shop").await, before);
+    assert_eq!(schema_objects(&e.db).await, objects);
+    // The rebuilt keys are enforced.
+    let dup = client
+        .batch_execute("INSERT INTO shop.customers (id, email, full_name, country) SELECT id, 'x' || id, 'X', 'DE' FROM shop.customers LIMIT 1")
+        .await;
+    assert!(dup.is_err(), "the primary key is back");
+
+    // Restoring the orders and their children while a customer they reference is
+    // gone: the foreign key check at the end fails and nothing changes.
+    client
+        .batch_execute(
+            "CREATE TABLE shop.keep AS SELECT id FROM shop.orders WHERE customer_id = (SELECT min(customer_id) FROM shop.orders);
+             DELETE FROM shop.payments WHERE order_id IN (SELECT id FROM shop.keep);
+             DELETE FROM shop.order_lines WHERE order_id IN (SELECT id FROM shop.keep);
+             DELETE FROM shop.orders WHERE id IN (SELECT id FROM shop.keep);
+             DELETE FROM shop.customers WHERE id NOT IN (SELECT customer_id FROM shop.orders);
+             DROP TABLE shop.keep;",
+        )
+        .await
+        .unwrap();
+    let live = table_hashes(&e.db, "shop").await;
+    let err = e
+        .snaps
+        .restore(
+            RestoreRequest::new(info.id).tables([
+                TableRef::new("shop", "orders"),
+                TableRef::new("shop", "order_lines"),
+                TableRef::new("shop", "payments"),
+            ]),
+            &Control::detached(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("foreign key"), "{err}");
+    assert_eq!(table_hashes(&e.db, "shop").await, live);
+    assert_eq!(schema_objects(&e.db).await, objects);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_on_a_one_connection_pool_does_not_wait_for_a_second() {
+    let e = env(300).await;
+    let pool = sanare_pg::connect_pool(e.db.url(), 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = Snapshots::builder()
+        .store(Arc::new(FsStore::new(dir.path()).unwrap()))
+        .pool(pool)
+        .build()
+        .unwrap();
+    let before = table_hashes(&e.db, "shop").await;
+    let info = tokio::time::timeout(
+        Duration::from_secs(60),
+        snaps.create(shop(), &Control::detached()),
+    )
+    .await
+    .expect("capture finished")
+    .unwrap();
+    assert_eq!(info.tables.len(), 5);
+    e.db.client()
+        .await
+        .batch_execute("DELETE FROM shop.payments")
+        .await
+        .unwrap();
+    snaps
+        .restore(RestoreRequest::new(info.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&e.db, "shop").await, before);
 }

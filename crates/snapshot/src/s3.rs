@@ -1,0 +1,165 @@
+//! The S3-compatible block store (feature `s3`).
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use sanare_core::{Error, Result};
+use time::OffsetDateTime;
+
+use crate::store::check_key;
+use crate::{BlockStore, ObjectMeta};
+
+/// Objects in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, Garage, …) through
+/// the `object_store` crate, optionally under a key prefix.
+///
+/// S3 makes every `PUT` atomic (a reader sees the old object, nothing, or the whole
+/// new one) and durable when it is acknowledged, which is what [`BlockStore`] asks.
+/// Any other [`ObjectStore`] can be used through [`S3Store::from_object_store`].
+#[derive(Clone)]
+pub struct S3Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: String,
+}
+
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store")
+            .field("store", &self.inner.to_string())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl S3Store {
+    /// A store from a configured builder, e.g.
+    /// `AmazonS3Builder::from_env().with_bucket_name("backups")` or, for a
+    /// self-hosted server, `.with_endpoint("http://127.0.0.1:9000").with_allow_http(true)`.
+    pub fn new(builder: AmazonS3Builder) -> Result<Self> {
+        let store = builder.build().map_err(|e| {
+            Error::config(
+                "snapshot.s3",
+                format!("the S3 block store cannot be configured ({e}); check bucket, region, endpoint and credentials"),
+            )
+        })?;
+        Ok(Self::from_object_store(Arc::new(store)))
+    }
+
+    /// A store over any [`ObjectStore`].
+    pub fn from_object_store(store: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            inner: store,
+            prefix: String::new(),
+        }
+    }
+
+    /// Keeps every object under `prefix/` (e.g. one prefix per service in a shared
+    /// bucket). The prefix follows the key rules: ASCII letters, digits, `-_./`.
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self> {
+        let prefix = prefix.trim_matches('/');
+        if prefix.is_empty() {
+            self.prefix.clear();
+        } else {
+            check_key(prefix)?;
+            self.prefix = format!("{prefix}/");
+        }
+        Ok(self)
+    }
+
+    fn location(&self, key: &str) -> Result<Path> {
+        check_key(key)?;
+        Path::parse(format!("{}{key}", self.prefix))
+            .map_err(|e| Error::invalid_input(format!("`{key}` is not a valid object path: {e}")))
+    }
+}
+
+fn s3_error(what: String, e: object_store::Error) -> Error {
+    Error::storage(
+        format!(
+            "{what} in the S3 block store (check that the endpoint is reachable and the credentials may read and write the bucket)"
+        ),
+        e,
+    )
+}
+
+#[async_trait]
+impl BlockStore for S3Store {
+    async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        let location = self.location(key)?;
+        self.inner
+            .put(&location, PutPayload::from_bytes(data))
+            .await
+            .map_err(|e| s3_error(format!("storing {key}"), e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let location = self.location(key)?;
+        let result = match self.inner.get(&location).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(s3_error(format!("reading {key}"), e)),
+        };
+        result
+            .bytes()
+            .await
+            .map(Some)
+            .map_err(|e| s3_error(format!("reading {key}"), e))
+    }
+
+    async fn contains(&self, key: &str) -> Result<bool> {
+        let location = self.location(key)?;
+        match self.inner.head(&location).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(s3_error(format!("looking up {key}"), e)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let location = self.location(key)?;
+        match self.inner.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(s3_error(format!("deleting {key}"), e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        // object_store lists whole path segments; list the directory holding the
+        // prefix and filter by the string prefix.
+        let full = format!("{}{prefix}", self.prefix);
+        let dir = full.rfind('/').map(|i| Path::from(&full[..i]));
+        let metas: Vec<object_store::ObjectMeta> = self
+            .inner
+            .list(dir.as_ref())
+            .try_collect()
+            .await
+            .map_err(|e| s3_error(format!("listing `{prefix}`"), e))?;
+        let mut out: Vec<ObjectMeta> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let key = m.location.as_ref().strip_prefix(self.prefix.as_str())?;
+                if !key.starts_with(prefix) {
+                    return None;
+                }
+                let modified = OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(m.last_modified.timestamp()) * 1_000_000_000
+                        + i128::from(m.last_modified.timestamp_subsec_nanos()),
+                )
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                Some(ObjectMeta {
+                    key: key.to_owned(),
+                    size: m.size,
+                    modified,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
