@@ -247,11 +247,25 @@ pub(crate) async fn plan_table(
                 "value is not one of the declared allowed values",
             ));
         }
-        for (constraint, columns) in unique_constraints(client, info.oid).await? {
+        // A unique / primary-key constraint whose index is valid is enforced by
+        // PostgreSQL on every write: no whole-table pass for it. Only constraints
+        // whose index is missing, invalid or not ready (a failed concurrent build, a
+        // damaged catalog) and keys declared by the host are checked.
+        for (constraint, columns) in unenforced_unique_constraints(client, info.oid).await? {
             probes.push(Probe::Unique {
                 constraint,
                 columns,
                 severity: Severity::High,
+            });
+        }
+        for r in rules.unique.iter().filter(|r| mine(&r.table)) {
+            for c in &r.columns {
+                require_column(&info, c)?;
+            }
+            probes.push(Probe::Unique {
+                constraint: r.name.clone(),
+                columns: r.columns.clone(),
+                severity: r.severity.unwrap_or(Severity::High),
             });
         }
     }
@@ -441,6 +455,39 @@ async fn catalog_row_rules(
             action: "correct the row from the journal or a snapshot".into(),
         });
     }
+    // Enum columns: a value whose label is gone from pg_enum (a damaged or edited
+    // catalog) compares unequal to every current label. The labels are inlined as a
+    // constant array so the catalog is read once per query, not per row; `=` on
+    // enums compares OIDs and never fails on an unknown one.
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = ty.oid
+                           ORDER BY e.enumsortorder)
+               FROM pg_attribute a
+               JOIN pg_type ty ON ty.oid = a.atttypid AND ty.typtype = 'e'
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&info.oid],
+        )
+        .await
+        .with_context(|| format!("reading enum columns of {name}"))?;
+    for r in rows {
+        let column: String = r.get(0);
+        let type_name: String = r.get(1);
+        let labels: Vec<String> = r.get(2);
+        let col = format!("t.{}", quote_ident(&column));
+        let violated = if labels.is_empty() {
+            format!("{col} IS NOT NULL")
+        } else {
+            let list: Vec<String> = labels
+                .iter()
+                .map(|l| format!("{}::{type_name}", quote_literal(l)))
+                .collect();
+            format!("coalesce({col} <> ALL (ARRAY[{}]), false)", list.join(", "))
+        };
+        out.push(type_rule(&name, &column, &type_name, violated));
+    }
     // Domain constraints of the columns' types.
     let rows = client
         .query(
@@ -544,8 +591,9 @@ fn numeric_limits(type_name: &str) -> Option<(u32, u32)> {
     (s <= p).then_some((p, s))
 }
 
-/// Primary-key and unique constraints: (name, columns).
-async fn unique_constraints(
+/// Primary-key and unique constraints that no valid, ready, live index enforces:
+/// (name, columns).
+async fn unenforced_unique_constraints(
     client: &impl GenericClient,
     oid: u32,
 ) -> Result<Vec<(String, Vec<String>)>> {
@@ -556,7 +604,9 @@ async fn unique_constraints(
                            JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n
                           ORDER BY k.o)
                FROM pg_constraint con
+               LEFT JOIN pg_index i ON i.indexrelid = con.conindid
               WHERE con.conrelid = $1 AND con.contype IN ('p', 'u')
+                AND NOT coalesce(i.indisunique AND i.indisvalid AND i.indisready AND i.indislive, false)
               ORDER BY con.conname",
             &[&oid],
         )
