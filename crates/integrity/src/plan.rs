@@ -51,6 +51,8 @@ pub(crate) enum Probe {
     Checksum {
         column: String,
         columns: Vec<String>,
+        /// Per column: how its canonical text form (`::text`) is read.
+        forms: Vec<TextForm>,
         checksummer: Checksummer,
         severity: Severity,
     },
@@ -330,14 +332,17 @@ pub(crate) async fn plan_table(
     if wants(families, CheckFamily::Checksum) {
         for r in rules.checksum.iter().filter(|r| mine(&r.table)) {
             require_column(&info, &r.column)?;
+            let columns: Vec<String> = info
+                .columns
+                .iter()
+                .filter(|c| c.name != r.column && !c.generated)
+                .map(|c| c.name.clone())
+                .collect();
+            let forms = text_forms(client, info.oid, &columns).await?;
             probes.push(Probe::Checksum {
                 column: r.column.clone(),
-                columns: info
-                    .columns
-                    .iter()
-                    .filter(|c| c.name != r.column && !c.generated)
-                    .map(|c| c.name.clone())
-                    .collect(),
+                columns,
+                forms,
                 checksummer: Checksummer::for_algorithm(r.algorithm, checksum_key)?,
                 severity: r.severity.unwrap_or(Severity::High),
             });
@@ -573,6 +578,59 @@ fn replace_value_keyword(expr: &str, replacement: &str) -> String {
         i += ch_len;
     }
     out
+}
+
+/// How the checksum probe gets a column's canonical text form (its `::text`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TextForm {
+    /// The type's output is its `::text` (I/O or binary-coercible cast, or none):
+    /// read as is from a text COPY, no work for the server.
+    Raw,
+    /// `character(n)`: `::text` is the output without its trailing blanks, trimmed
+    /// by the reader (the SQL cast costs the server more than the rest of the row).
+    TrimBlanks,
+    /// A cast function that prints differently from the output (`boolean` gives
+    /// `true`, not `t`; `inet` adds the mask length; domains, to be safe): cast in
+    /// SQL.
+    Cast,
+}
+
+/// The [`TextForm`] of each of `columns` of table `oid`, from `pg_cast`.
+async fn text_forms(
+    client: &impl GenericClient,
+    oid: u32,
+    columns: &[String],
+) -> Result<Vec<TextForm>> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, ty.typtype::text, a.atttypid = 'bpchar'::regtype,
+                    (SELECT c.castmethod::text FROM pg_cast c
+                      WHERE c.castsource = a.atttypid AND c.casttarget = 'text'::regtype)
+               FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&oid],
+        )
+        .await
+        .context("reading how columns print as text")?;
+    columns
+        .iter()
+        .map(|c| {
+            let r = rows
+                .iter()
+                .find(|r| r.get::<_, String>(0) == *c)
+                .ok_or_else(|| Error::not_found(format!("column `{c}` in the catalog")))?;
+            let typtype: String = r.get(1);
+            let bpchar: bool = r.get(2);
+            let method: Option<String> = r.get(3);
+            Ok(if bpchar {
+                TextForm::TrimBlanks
+            } else if typtype == "d" || method.as_deref() == Some("f") {
+                TextForm::Cast
+            } else {
+                TextForm::Raw
+            })
+        })
+        .collect()
 }
 
 /// `character varying(120)` / `character(2)` → 120 / 2.
