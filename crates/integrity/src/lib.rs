@@ -32,6 +32,19 @@
 //! writes never produce a false positive. Violations go to a JSON-lines file and to
 //! `integrity_violations` as each chunk ends, never accumulating in memory.
 //!
+//! A run is a list of work units per table (its chunks, then one unit per whole-table
+//! probe), stored in `integrity_chunks` before they run. A unit's violations and its
+//! completion are recorded in one statement, so [`Integrity::resume`] of a cancelled,
+//! failed or interrupted run skips exactly the done units, reuses the chunk bounds of
+//! the first attempt, and ends with the report an uninterrupted run gives. On cancel,
+//! no new unit starts and the units in flight finish.
+//!
+//! Unique and primary-key constraints backed by a valid, ready unique index are
+//! enforced by PostgreSQL on every write and are not scanned for; those whose index is
+//! missing or invalid, and unique keys the host declares ([`Rules`]), are checked by
+//! one whole-table pass each. Enum columns are checked against the labels in
+//! `pg_enum`, domain columns against their domain's CHECKs (NOT VALID ones included).
+//!
 //! # Architecture invariant
 //!
 //! Validation only reads host tables, with plain `SELECT`/`COPY … TO`, so it takes no
