@@ -164,7 +164,8 @@ async fn main() {
 
     // Checksums: 1M accounts with a BLAKE3 v1 checksum computed here by the
     // canonical encoding (as a host writing its own checksums does).
-    build_checksum_table(&c, 1_000_000).await;
+    let c2 = db.connect().await;
+    build_checksum_table(&c, &c2, 1_000_000).await;
     let cks = TableRef::new("public", "cks");
     let rules = Rules::builder()
         .checksum(&cks, "row_checksum", ChecksumAlgorithm::Blake3)
@@ -278,7 +279,9 @@ async fn main() {
 
 /// `cks`: the first `n` accounts plus `row_checksum`, BLAKE3 over the canonical
 /// encoding of (aid, bid, abalance, filler) in their `::text` forms.
-async fn build_checksum_table(c: &tokio_postgres::Client, n: i64) {
+/// `c2` is a second connection: one connection cannot stream a COPY out and a COPY
+/// in at once.
+async fn build_checksum_table(c: &tokio_postgres::Client, c2: &tokio_postgres::Client, n: i64) {
     use futures_util::{SinkExt, StreamExt};
     c.batch_execute(
         "CREATE TABLE cks (LIKE pgbench_accounts); ALTER TABLE cks ADD COLUMN row_checksum bytea",
@@ -294,7 +297,7 @@ async fn build_checksum_table(c: &tokio_postgres::Client, n: i64) {
         ))
         .await
         .expect("copy out");
-    let sink = c.copy_in("COPY cks FROM STDIN").await.expect("copy in");
+    let sink = c2.copy_in("COPY cks FROM STDIN").await.expect("copy in");
     let mut out = std::pin::pin!(out);
     let mut sink = std::pin::pin!(sink);
     let sum = sanare_integrity::Checksummer::blake3();
