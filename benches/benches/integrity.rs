@@ -332,9 +332,12 @@ async fn build_checksum_table(c: &tokio_postgres::Client, c2: &tokio_postgres::C
         .await
         .expect("copy in chunk");
     sink.as_mut().finish().await.expect("copy in end");
-    c.batch_execute("RESET ALL; ALTER TABLE cks ADD PRIMARY KEY (aid); VACUUM ANALYZE cks")
+    c.batch_execute("RESET ALL; ALTER TABLE cks ADD PRIMARY KEY (aid)")
         .await
         .expect("checksum table key");
+    c.batch_execute("VACUUM ANALYZE cks")
+        .await
+        .expect("vacuum checksum table");
 }
 
 fn sanare_pg_schema() -> sanare_pg::SchemaName {
