@@ -730,6 +730,31 @@ mod tests {
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 
+    /// HTTPS is built in: an `https://` endpoint gets a TLS handshake (a ClientHello
+    /// record: content type 22, protocol major version 3), not a refusal of the
+    /// scheme.
+    #[tokio::test]
+    async fn https_endpoints_get_a_tls_handshake() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 3];
+            sock.read_exact(&mut head).await.unwrap();
+            head
+        });
+        let client = http_client(Duration::from_secs(5)).unwrap();
+        let sent = client
+            .post(format!("https://127.0.0.1:{port}/"))
+            .send()
+            .await;
+        let head = server.await.unwrap();
+        assert_eq!(&head[..2], &[0x16, 0x03], "not a TLS record: {head:?}");
+        // The server hung up without answering: the request fails.
+        assert!(sent.is_err());
+    }
+
     #[test]
     fn a_rate_limit_bucket_refuses_beyond_its_burst() {
         let mut b = Bucket::new(2);

@@ -352,6 +352,7 @@ impl CorruptionDetector {
                     let info = catalog::describe(&**conn, t).await?;
                     match TablePlan::new(&info, &self.inner.config.checksum_column) {
                         Some(p) => {
+                            let p = p.with_text_forms(&**conn, info.oid).await?;
                             let blocks: i64 = conn
                                 .query_one(
                                     "SELECT (pg_relation_size($1::oid) / current_setting('block_size')::bigint)",

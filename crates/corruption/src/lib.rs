@@ -50,10 +50,9 @@
 //! # Dependencies
 //! `reqwest` (HTTP sinks), `lettre` (SMTP), `hmac` + `sha2` + `base64` (Standard
 //! Webhooks signatures): well-kept, widely used crates, so no HTTP, SMTP or HMAC code
-//! is hand-written here. This crate builds reqwest without a TLS stack; HTTPS
-//! endpoints (Slack, PagerDuty) need reqwest's `rustls` feature, which the host or
-//! facade turns on by depending on `reqwest` with `features = ["rustls"]` (Cargo
-//! unifies features). Email goes over plain SMTP to a relay.
+//! is hand-written here. reqwest is built with its `rustls` feature (rustls with the
+//! aws-lc-rs provider and the platform's root certificates; no OpenSSL), since Slack
+//! and PagerDuty accept only HTTPS. Email goes over plain SMTP to a relay.
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]

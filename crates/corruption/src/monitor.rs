@@ -1,7 +1,8 @@
 //! Real-time monitoring: re-verify rows soon after they change.
 //!
 //! The monitor polls. Each poll, per table, reads the rows whose `xmin` is at or
-//! after the previous poll's snapshot horizon (`pg_snapshot_xmin`), in one
+//! after the previous poll's snapshot horizon (`pg_snapshot_xmin`, compared through
+//! `age()`), in one
 //! REPEATABLE READ read-only transaction, and verifies their checksums; suspects
 //! are re-read and classified like a periodic scan's. It takes only the
 //! AccessShareLock every `SELECT` takes.
@@ -148,7 +149,7 @@ impl CorruptionDetector {
             for t in &list {
                 let info = catalog::describe(&**conn, t).await?;
                 if let Some(p) = TablePlan::new(&info, &self.inner.config.checksum_column) {
-                    plans.push(p);
+                    plans.push(p.with_text_forms(&**conn, info.oid).await?);
                 }
             }
             state.plans = Some(plans);
@@ -173,12 +174,12 @@ impl CorruptionDetector {
                 state.horizons.insert(plan.table.clone(), horizon);
                 continue;
             };
-            let (lo, hi) = (prev & 0xffff_ffff, horizon & 0xffff_ffff);
-            let predicate = if lo <= hi {
-                format!("xmin::text::bigint >= {lo}")
-            } else {
-                format!("(xmin::text::bigint >= {lo} OR xmin::text::bigint < {hi})")
-            };
+            // Rows written by transactions at or after the previous horizon. `age()`
+            // is the distance from the current transaction id (wraparound-safe, frozen
+            // rows are as old as can be) and costs an integer subtraction per row,
+            // where comparing `xmin::text::bigint` printed and parsed every xmin.
+            let lo = prev & 0xffff_ffff;
+            let predicate = format!("age(xmin) <= age('{lo}'::xid)");
             let (n, s) = scan::verify_where(&conn, plan, &*self.inner.checksum, &predicate).await?;
             rows += n;
             if !s.is_empty() {

@@ -27,6 +27,21 @@ pub(crate) struct TablePlan {
     pub(crate) checksum_idx: usize,
     /// Indexes of the primary-key columns in `columns`.
     pub(crate) key_idx: Vec<usize>,
+    /// How each of `columns` is read so that its text is its `::text` form, the one
+    /// the canonical row encoding hashes.
+    pub(crate) forms: Vec<TextForm>,
+}
+
+/// How a column's canonical text form (`::text`) is read from a text COPY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TextForm {
+    /// Its output is its `::text` (I/O or binary-coercible cast, or none).
+    Raw,
+    /// `character(n)`: `::text` drops the trailing blanks its output keeps.
+    TrimBlanks,
+    /// A cast function prints differently from the output (`boolean` gives `true`,
+    /// not `t`; `inet` adds the mask length; domains, to be safe): cast in SQL.
+    Cast,
 }
 
 impl TablePlan {
@@ -48,18 +63,62 @@ impl TablePlan {
             .iter()
             .map(|k| columns.iter().position(|(n, _)| n == k))
             .collect::<Option<Vec<_>>>()?;
+        let forms = vec![TextForm::Raw; columns.len()];
         Some(TablePlan {
             table: info.table.clone(),
             columns,
             checksum_idx,
             key_idx,
+            forms,
         })
+    }
+
+    /// Reads from `pg_cast` how each column of table `oid` prints as `::text`.
+    pub(crate) async fn with_text_forms(
+        mut self,
+        client: &impl GenericClient,
+        oid: u32,
+    ) -> Result<Self> {
+        let rows = client
+            .query(
+                "SELECT a.attname::text, ty.typtype::text, a.atttypid = 'bpchar'::regtype,
+                        (SELECT c.castmethod::text FROM pg_cast c
+                          WHERE c.castsource = a.atttypid AND c.casttarget = 'text'::regtype)
+                   FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&oid],
+            )
+            .await
+            .with_context(|| format!("reading how the columns of {} print as text", self.table))?;
+        for (i, (name, _)) in self.columns.iter().enumerate() {
+            if i == self.checksum_idx {
+                continue;
+            }
+            let Some(r) = rows.iter().find(|r| r.get::<_, String>(0) == *name) else {
+                continue;
+            };
+            let typtype: String = r.get(1);
+            let bpchar: bool = r.get(2);
+            let method: Option<String> = r.get(3);
+            self.forms[i] = if bpchar {
+                TextForm::TrimBlanks
+            } else if typtype == "d" || method.as_deref() == Some("f") {
+                TextForm::Cast
+            } else {
+                TextForm::Raw
+            };
+        }
+        Ok(self)
     }
 
     pub(crate) fn select_list(&self) -> String {
         self.columns
             .iter()
-            .map(|(n, _)| quote_ident(n))
+            .zip(&self.forms)
+            .map(|((n, _), f)| match f {
+                TextForm::Cast => format!("{}::text", quote_ident(n)),
+                TextForm::Raw | TextForm::TrimBlanks => quote_ident(n),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -195,12 +254,16 @@ impl<'a> RowVerifier<'a> {
                 continue;
             }
             let slot = &mut self.values[j].value;
+            let f = match (f, self.plan.forms[i]) {
+                (Some(v), TextForm::TrimBlanks) => Some(v.trim_end_matches(' ')),
+                (v, _) => v.as_deref(),
+            };
             match (f, slot.as_mut()) {
                 (Some(v), Some(s)) => {
                     s.clear();
                     s.push_str(v);
                 }
-                (Some(v), None) => *slot = Some(v.clone()),
+                (Some(v), None) => *slot = Some(v.to_owned()),
                 (None, _) => *slot = None,
             }
             j += 1;

@@ -213,6 +213,65 @@ async fn tables_without_a_checksum_column_are_skipped_and_said_so() {
     assert!(r.tables_skipped[0].1.contains("row_checksum"));
 }
 
+/// The scan hashes each value's `::text` form, the one the integrity crate and a
+/// host hash: blank-padded char(n), boolean, inet and a domain print differently
+/// from their COPY output, and still verify.
+#[tokio::test]
+async fn checksums_written_over_text_forms_verify_on_every_column_type() {
+    let db = test_db().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE DOMAIN small_int AS integer CHECK (VALUE < 1000);
+         CREATE TABLE odd (id bigint PRIMARY KEY, c char(6), b boolean, ip inet, d small_int,
+                           f float8, arr text[], note text, row_checksum bytea);
+         INSERT INTO odd VALUES
+           (1, 'ab', true, '10.0.0.1', 7, 0.1, '{a,\"b c\",NULL}', 'tab\there', NULL),
+           (2, NULL, false, '10.1.0.0/16', NULL, 'NaN', '{}', NULL, NULL),
+           (3, '   ', NULL, '::1', 999, -1.5e300, NULL, 'back\\slash', NULL);",
+    )
+    .await
+    .unwrap();
+    let cols = ["id", "c", "b", "ip", "d", "f", "arr", "note"];
+    let select: Vec<String> = cols.iter().map(|c| format!("{c}::text")).collect();
+    c.batch_execute(&sanare_integrity::checksum::canonical_settings_sql())
+        .await
+        .unwrap();
+    for r in c
+        .query(&format!("SELECT id, {} FROM odd", select.join(", ")), &[])
+        .await
+        .unwrap()
+    {
+        let id: i64 = r.get(0);
+        let values: Vec<sanare_core::ColumnValue> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                sanare_core::ColumnValue::new(*n, "text", r.get::<_, Option<String>>(i + 1))
+            })
+            .collect();
+        let sum = sanare_core::RowChecksum::checksum(&Blake3Rows, &values).to_vec();
+        c.execute(
+            "UPDATE odd SET row_checksum = $1 WHERE id = $2",
+            &[&sum, &id],
+        )
+        .await
+        .unwrap();
+    }
+    let det = detector(db.pool(), None);
+    det.migrate().await.unwrap();
+    let odd = sanare_core::TableRef::new("public", "odd");
+    let r = det.scan_table(&odd, &Control::detached()).await.unwrap();
+    assert_eq!(r.rows_scanned, 3);
+    assert!(r.issues.is_empty(), "{:?}", r.issues);
+    // A boolean flipped outside the application is found; re-padding char(6) is not
+    // a change of value.
+    c.batch_execute("UPDATE odd SET b = NOT b WHERE id = 2; UPDATE odd SET c = 'ab ' WHERE id = 1")
+        .await
+        .unwrap();
+    let r = det.scan_table(&odd, &Control::detached()).await.unwrap();
+    assert_eq!(r.issues.len(), 1, "{:?}", r.issues);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitor_finds_a_row_damaged_outside_the_application() {
     let db = test_db().await;

@@ -15,7 +15,9 @@
 //! Entry point: [`Integrity::builder`], which implements
 //! [`sanare_core::IntegrityService`]; [`Checksummer`] implements
 //! [`sanare_core::RowChecksum`]. Tables: [`MIGRATIONS`] (`integrity_checks`,
-//! `integrity_violations`, and the SQL helper of the checksum trigger).
+//! `integrity_violations`, `integrity_chunks` — the work units of a run and which of
+//! them are done, so [`Integrity::resume`] skips them — and the SQL helper of the
+//! checksum trigger).
 //!
 //! # How a run reads
 //!
@@ -29,6 +31,19 @@
 //! re-read in a fresh snapshot and reported only if it still fails there: concurrent
 //! writes never produce a false positive. Violations go to a JSON-lines file and to
 //! `integrity_violations` as each chunk ends, never accumulating in memory.
+//!
+//! A run is a list of work units per table (its chunks, then one unit per whole-table
+//! probe), stored in `integrity_chunks` before they run. A unit's violations and its
+//! completion are recorded in one statement, so [`Integrity::resume`] of a cancelled,
+//! failed or interrupted run skips exactly the done units, reuses the chunk bounds of
+//! the first attempt, and ends with the report an uninterrupted run gives. On cancel,
+//! no new unit starts and the units in flight finish.
+//!
+//! Unique and primary-key constraints backed by a valid, ready unique index are
+//! enforced by PostgreSQL on every write and are not scanned for; those whose index is
+//! missing or invalid, and unique keys the host declares ([`Rules`]), are checked by
+//! one whole-table pass each. Enum columns are checked against the labels in
+//! `pg_enum`, domain columns against their domain's CHECKs (NOT VALID ones included).
 //!
 //! # Architecture invariant
 //!
@@ -65,10 +80,11 @@ use sanare_pg::{Migration, Migrations, SchemaName};
 /// The integrity component's migrations (component name `integrity`).
 pub const MIGRATIONS: Migrations = Migrations::new(
     "integrity",
-    &[Migration::new(
-        1,
-        "create_integrity_tables",
-        r"CREATE SCHEMA IF NOT EXISTS {schema};
+    &[
+        Migration::new(
+            1,
+            "create_integrity_tables",
+            r"CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE {schema}.integrity_checks (
     id                     uuid PRIMARY KEY,
     started_at             timestamptz NOT NULL,
@@ -103,7 +119,23 @@ CREATE FUNCTION {schema}.row_checksum_field(v text) RETURNS bytea
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN CASE WHEN v IS NULL THEN '\x00'::bytea
                 ELSE '\x01'::bytea || int4send(octet_length(convert_to(v, 'UTF8'))) || convert_to(v, 'UTF8') END;",
-    )],
+        ),
+        Migration::new(
+            2,
+            "create_integrity_chunks",
+            r"CREATE TABLE {schema}.integrity_chunks (
+    check_id     uuid NOT NULL REFERENCES {schema}.integrity_checks (id) ON DELETE CASCADE,
+    table_schema text NOT NULL,
+    table_name   text NOT NULL,
+    unit         integer NOT NULL,
+    predicate    text NOT NULL,
+    done_at      timestamptz,
+    rows_checked bigint NOT NULL DEFAULT 0,
+    families     jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (check_id, table_schema, table_name, unit)
+);",
+        ),
+    ],
 );
 
 /// Applies [`MIGRATIONS`] in `schema`.

@@ -51,6 +51,8 @@ pub(crate) enum Probe {
     Checksum {
         column: String,
         columns: Vec<String>,
+        /// Per column: how its canonical text form (`::text`) is read.
+        forms: Vec<TextForm>,
         checksummer: Checksummer,
         severity: Severity,
     },
@@ -247,11 +249,25 @@ pub(crate) async fn plan_table(
                 "value is not one of the declared allowed values",
             ));
         }
-        for (constraint, columns) in unique_constraints(client, info.oid).await? {
+        // A unique / primary-key constraint whose index is valid is enforced by
+        // PostgreSQL on every write: no whole-table pass for it. Only constraints
+        // whose index is missing, invalid or not ready (a failed concurrent build, a
+        // damaged catalog) and keys declared by the host are checked.
+        for (constraint, columns) in unenforced_unique_constraints(client, info.oid).await? {
             probes.push(Probe::Unique {
                 constraint,
                 columns,
                 severity: Severity::High,
+            });
+        }
+        for r in rules.unique.iter().filter(|r| mine(&r.table)) {
+            for c in &r.columns {
+                require_column(&info, c)?;
+            }
+            probes.push(Probe::Unique {
+                constraint: r.name.clone(),
+                columns: r.columns.clone(),
+                severity: r.severity.unwrap_or(Severity::High),
             });
         }
     }
@@ -316,14 +332,17 @@ pub(crate) async fn plan_table(
     if wants(families, CheckFamily::Checksum) {
         for r in rules.checksum.iter().filter(|r| mine(&r.table)) {
             require_column(&info, &r.column)?;
+            let columns: Vec<String> = info
+                .columns
+                .iter()
+                .filter(|c| c.name != r.column && !c.generated)
+                .map(|c| c.name.clone())
+                .collect();
+            let forms = text_forms(client, info.oid, &columns).await?;
             probes.push(Probe::Checksum {
                 column: r.column.clone(),
-                columns: info
-                    .columns
-                    .iter()
-                    .filter(|c| c.name != r.column && !c.generated)
-                    .map(|c| c.name.clone())
-                    .collect(),
+                columns,
+                forms,
                 checksummer: Checksummer::for_algorithm(r.algorithm, checksum_key)?,
                 severity: r.severity.unwrap_or(Severity::High),
             });
@@ -441,6 +460,39 @@ async fn catalog_row_rules(
             action: "correct the row from the journal or a snapshot".into(),
         });
     }
+    // Enum columns: a value whose label is gone from pg_enum (a damaged or edited
+    // catalog) compares unequal to every current label. The labels are inlined as a
+    // constant array so the catalog is read once per query, not per row; `=` on
+    // enums compares OIDs and never fails on an unknown one.
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = ty.oid
+                           ORDER BY e.enumsortorder)
+               FROM pg_attribute a
+               JOIN pg_type ty ON ty.oid = a.atttypid AND ty.typtype = 'e'
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&info.oid],
+        )
+        .await
+        .with_context(|| format!("reading enum columns of {name}"))?;
+    for r in rows {
+        let column: String = r.get(0);
+        let type_name: String = r.get(1);
+        let labels: Vec<String> = r.get(2);
+        let col = format!("t.{}", quote_ident(&column));
+        let violated = if labels.is_empty() {
+            format!("{col} IS NOT NULL")
+        } else {
+            let list: Vec<String> = labels
+                .iter()
+                .map(|l| format!("{}::{type_name}", quote_literal(l)))
+                .collect();
+            format!("coalesce({col} <> ALL (ARRAY[{}]), false)", list.join(", "))
+        };
+        out.push(type_rule(&name, &column, &type_name, violated));
+    }
     // Domain constraints of the columns' types.
     let rows = client
         .query(
@@ -528,6 +580,59 @@ fn replace_value_keyword(expr: &str, replacement: &str) -> String {
     out
 }
 
+/// How the checksum probe gets a column's canonical text form (its `::text`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TextForm {
+    /// The type's output is its `::text` (I/O or binary-coercible cast, or none):
+    /// read as is from a text COPY, no work for the server.
+    Raw,
+    /// `character(n)`: `::text` is the output without its trailing blanks, trimmed
+    /// by the reader (the SQL cast costs the server more than the rest of the row).
+    TrimBlanks,
+    /// A cast function that prints differently from the output (`boolean` gives
+    /// `true`, not `t`; `inet` adds the mask length; domains, to be safe): cast in
+    /// SQL.
+    Cast,
+}
+
+/// The [`TextForm`] of each of `columns` of table `oid`, from `pg_cast`.
+async fn text_forms(
+    client: &impl GenericClient,
+    oid: u32,
+    columns: &[String],
+) -> Result<Vec<TextForm>> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, ty.typtype::text, a.atttypid = 'bpchar'::regtype,
+                    (SELECT c.castmethod::text FROM pg_cast c
+                      WHERE c.castsource = a.atttypid AND c.casttarget = 'text'::regtype)
+               FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&oid],
+        )
+        .await
+        .context("reading how columns print as text")?;
+    columns
+        .iter()
+        .map(|c| {
+            let r = rows
+                .iter()
+                .find(|r| r.get::<_, String>(0) == *c)
+                .ok_or_else(|| Error::not_found(format!("column `{c}` in the catalog")))?;
+            let typtype: String = r.get(1);
+            let bpchar: bool = r.get(2);
+            let method: Option<String> = r.get(3);
+            Ok(if bpchar {
+                TextForm::TrimBlanks
+            } else if typtype == "d" || method.as_deref() == Some("f") {
+                TextForm::Cast
+            } else {
+                TextForm::Raw
+            })
+        })
+        .collect()
+}
+
 /// `character varying(120)` / `character(2)` → 120 / 2.
 fn length_limit(type_name: &str) -> Option<u32> {
     let rest = type_name
@@ -544,8 +649,9 @@ fn numeric_limits(type_name: &str) -> Option<(u32, u32)> {
     (s <= p).then_some((p, s))
 }
 
-/// Primary-key and unique constraints: (name, columns).
-async fn unique_constraints(
+/// Primary-key and unique constraints that no valid, ready, live index enforces:
+/// (name, columns).
+async fn unenforced_unique_constraints(
     client: &impl GenericClient,
     oid: u32,
 ) -> Result<Vec<(String, Vec<String>)>> {
@@ -556,7 +662,9 @@ async fn unique_constraints(
                            JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n
                           ORDER BY k.o)
                FROM pg_constraint con
+               LEFT JOIN pg_index i ON i.indexrelid = con.conindid
               WHERE con.conrelid = $1 AND con.contype IN ('p', 'u')
+                AND NOT coalesce(i.indisunique AND i.indisvalid AND i.indisready AND i.indislive, false)
               ORDER BY con.conname",
             &[&oid],
         )

@@ -1,12 +1,11 @@
 //! Running probes: SQL in, suspects out.
 
-use bytes::Buf;
 use futures_util::{StreamExt, pin_mut};
 use sanare_core::{CheckFamily, Error, Result, Severity, ViolationKind};
 use sanare_pg::{PgResultExt, quote_ident};
 use tokio_postgres::types::ToSql;
 
-use crate::plan::{Probe, TablePlan};
+use crate::plan::{Probe, TablePlan, TextForm};
 
 /// A row that looks wrong in one snapshot.
 #[derive(Clone, Debug, PartialEq)]
@@ -169,15 +168,25 @@ pub(crate) async fn run_probe(
         Probe::Checksum {
             column,
             columns,
+            forms,
             checksummer,
             severity,
         } => {
+            // Text COPY: most values arrive in their output form (under the canonical
+            // settings of the transaction), which is their `::text`; `character(n)`
+            // is trimmed here and the few types whose cast prints differently are
+            // cast in SQL (see `TextForm`). Casting every column in SQL instead costs
+            // the server several times more per row.
             let cols: Vec<String> = columns
                 .iter()
-                .map(|c| format!("t.{}::text", quote_ident(c)))
+                .zip(forms)
+                .map(|(c, f)| match f {
+                    TextForm::Cast => format!("t.{}::text", quote_ident(c)),
+                    TextForm::Raw | TextForm::TrimBlanks => format!("t.{}", quote_ident(c)),
+                })
                 .collect();
             let sql = format!(
-                "COPY (SELECT {keys}, {stored}{sep}{cols} FROM {t} t WHERE {pred}) TO STDOUT (FORMAT binary)",
+                "COPY (SELECT {keys}, {stored}{sep}{cols} FROM {t} t WHERE {pred}) TO STDOUT",
                 keys = plan.key_select(),
                 stored = format_args!("t.{}", quote_ident(column)),
                 sep = if cols.is_empty() { "" } else { ", " },
@@ -188,29 +197,30 @@ pub(crate) async fn run_probe(
                 .await
                 .with_context(|| format!("reading rows of {name} for checksum verification"))?;
             pin_mut!(stream);
-            let mut parser = CopyParser::default();
+            let mut lines = TextCopyLines::default();
             let mut rows = 0u64;
             let mut suspects = Vec::new();
             let ncols = u32::try_from(columns.len()).unwrap_or(u32::MAX);
-            let mut on_tuple = |fields: &[Option<&[u8]>]| -> Result<()> {
+            let nfields = nkey + 1 + columns.len();
+            let mut on_row = |fields: &[Option<&[u8]>]| -> Result<()> {
                 rows += 1;
-                if fields.len() != nkey + 1 + columns.len() {
+                if fields.len() != nfields {
                     return Err(Error::corrupt(
-                        "COPY tuple",
-                        format!(
-                            "expected {} fields, got {}",
-                            nkey + 1 + columns.len(),
-                            fields.len()
-                        ),
+                        "COPY row",
+                        format!("expected {nfields} fields, got {}", fields.len()),
                     ));
                 }
                 let mut h = checksummer.row(ncols);
-                for f in &fields[nkey + 1..] {
-                    h.field(*f);
+                for (f, form) in fields[nkey + 1..].iter().zip(forms) {
+                    h.field(if *form == TextForm::TrimBlanks {
+                        f.map(trim_blanks)
+                    } else {
+                        *f
+                    });
                 }
                 let computed = h.finish();
-                let stored = fields[nkey];
-                if stored != Some(&computed[..]) {
+                let stored = fields[nkey].and_then(decode_bytea_hex);
+                if stored.as_deref() != Some(&computed[..]) {
                     let key = fields[..nkey]
                         .iter()
                         .map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned()))
@@ -223,7 +233,7 @@ pub(crate) async fn run_probe(
                         description: format!("{name}.{column} does not match the row's values"),
                         action: "compare with the latest snapshot and the journal; restore the row if it was tampered with".into(),
                         details: serde_json::json!({
-                            "stored": stored.map(hex),
+                            "stored": stored.as_deref().map(hex),
                             "computed": hex(&computed),
                             "algorithm": checksummer.algorithm().as_str(),
                             "encoding_version": crate::checksum::ENCODING_VERSION,
@@ -234,9 +244,9 @@ pub(crate) async fn run_probe(
             };
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.context("streaming rows for checksum verification")?;
-                parser.feed(&chunk, &mut on_tuple)?;
+                lines.feed(&chunk, &mut on_row)?;
             }
-            parser.finish()?;
+            lines.finish()?;
             Ok(ProbeResult {
                 rows: Some(rows),
                 suspects,
@@ -372,144 +382,162 @@ pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An incremental parser of PostgreSQL's binary COPY format: a 19-byte header
-/// (`PGCOPY\n\xff\r\n\0`, flags, extension length + extension), tuples of an i16 field
-/// count and (i32 length or -1, bytes) fields, and a trailer of field count -1.
-#[derive(Debug, Default)]
-pub(crate) struct CopyParser {
-    buf: Vec<u8>,
-    header_done: bool,
-    ended: bool,
+/// `character(n)` output without its trailing blanks (what `::text` gives).
+fn trim_blanks(b: &[u8]) -> &[u8] {
+    let end = b.iter().rposition(|&c| c != b' ').map_or(0, |i| i + 1);
+    &b[..end]
 }
 
-const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+/// A `bytea` in hex output form (`\x0a1b…`) → its bytes; `None` if malformed.
+fn decode_bytea_hex(b: &[u8]) -> Option<Vec<u8>> {
+    let hex = b.strip_prefix(b"\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    hex.chunks_exact(2)
+        .map(|p| Some((nib(p[0])? << 4) | nib(p[1])?))
+        .collect()
+}
 
-impl CopyParser {
+/// Splits PostgreSQL's text COPY stream into rows of fields: rows end in `\n`,
+/// fields are separated by tabs, `\N` is NULL, and backslash escapes (`\\`, `\t`,
+/// `\n`, `\r`, `\b`, `\f`, `\v`, octal `\ooo`, hex `\xhh`) are decoded. Fields
+/// without a backslash are passed through without copying.
+#[derive(Debug, Default)]
+pub(crate) struct TextCopyLines {
+    pending: Vec<u8>,
+    decoded: Vec<Vec<u8>>,
+}
+
+impl TextCopyLines {
     pub(crate) fn feed(
         &mut self,
-        data: &[u8],
-        on_tuple: &mut impl FnMut(&[Option<&[u8]>]) -> Result<()>,
+        mut data: &[u8],
+        on_row: &mut impl FnMut(&[Option<&[u8]>]) -> Result<()>,
     ) -> Result<()> {
-        self.buf.extend_from_slice(data);
-        let mut pos = 0usize;
-        if !self.header_done {
-            if self.buf.len() < 19 {
-                return Ok(());
+        if !self.pending.is_empty() {
+            match data.iter().position(|&b| b == b'\n') {
+                Some(p) => {
+                    let mut line = std::mem::take(&mut self.pending);
+                    line.extend_from_slice(&data[..p]);
+                    self.row(&line, on_row)?;
+                    data = &data[p + 1..];
+                }
+                None => {
+                    self.pending.extend_from_slice(data);
+                    return Ok(());
+                }
             }
-            if &self.buf[..11] != COPY_SIGNATURE {
-                return Err(Error::corrupt("binary COPY stream", "bad signature"));
-            }
-            let ext = read_i32(&self.buf[15..19]);
-            let ext = usize::try_from(ext)
-                .map_err(|_| Error::corrupt("binary COPY stream", "negative header extension"))?;
-            if self.buf.len() < 19 + ext {
-                return Ok(());
-            }
-            pos = 19 + ext;
-            self.header_done = true;
         }
-        let mut fields: Vec<Option<&[u8]>> = Vec::new();
-        loop {
-            if self.ended {
-                pos = self.buf.len();
-                break;
-            }
-            let mut p = pos;
-            if self.buf.len() < p + 2 {
-                break;
-            }
-            let n = i16::from_be_bytes([self.buf[p], self.buf[p + 1]]);
-            p += 2;
-            if n == -1 {
-                self.ended = true;
-                pos = p;
-                continue;
-            }
-            let n = usize::try_from(n)
-                .map_err(|_| Error::corrupt("binary COPY stream", "bad field count"))?;
-            fields.clear();
-            let mut complete = true;
-            for _ in 0..n {
-                if self.buf.len() < p + 4 {
-                    complete = false;
-                    break;
-                }
-                let len = read_i32(&self.buf[p..p + 4]);
-                p += 4;
-                if len < 0 {
-                    fields.push(None);
-                    continue;
-                }
-                let len = usize::try_from(len).unwrap_or(0);
-                if self.buf.len() < p + len {
-                    complete = false;
-                    break;
-                }
-                fields.push(Some(&self.buf[p..p + len]));
-                p += len;
-            }
-            if !complete {
-                break;
-            }
-            on_tuple(&fields)?;
-            pos = p;
+        while let Some(p) = data.iter().position(|&b| b == b'\n') {
+            self.row(&data[..p], on_row)?;
+            data = &data[p + 1..];
         }
-        drop(fields);
-        self.buf.drain(..pos);
+        self.pending.extend_from_slice(data);
         Ok(())
     }
 
     pub(crate) fn finish(&self) -> Result<()> {
-        if !self.ended || !self.buf.is_empty() {
-            return Err(Error::corrupt(
-                "binary COPY stream",
-                "ended without its trailer (torn stream)",
-            ));
+        if self.pending.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::corrupt(
+                "text COPY stream",
+                "ended in the middle of a row (torn stream)",
+            ))
         }
-        Ok(())
+    }
+
+    fn row(
+        &mut self,
+        line: &[u8],
+        on_row: &mut impl FnMut(&[Option<&[u8]>]) -> Result<()>,
+    ) -> Result<()> {
+        let raw: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+        if self.decoded.len() < raw.len() {
+            self.decoded.resize_with(raw.len(), Vec::new);
+        }
+        for (f, out) in raw.iter().zip(self.decoded.iter_mut()) {
+            out.clear();
+            if f.contains(&b'\\') && *f != b"\\N" {
+                unescape(f, out);
+            }
+        }
+        let fields: Vec<Option<&[u8]>> = raw
+            .iter()
+            .zip(&self.decoded)
+            .map(|(f, d)| {
+                if *f == b"\\N" {
+                    None
+                } else if f.contains(&b'\\') {
+                    Some(d.as_slice())
+                } else {
+                    Some(*f)
+                }
+            })
+            .collect();
+        on_row(&fields)
     }
 }
 
-fn read_i32(b: &[u8]) -> i32 {
-    let mut s = b;
-    s.get_i32()
+fn unescape(f: &[u8], out: &mut Vec<u8>) {
+    let mut i = 0;
+    while i < f.len() {
+        let c = f[i];
+        if c != b'\\' || i + 1 == f.len() {
+            out.push(c);
+            i += 1;
+            continue;
+        }
+        let e = f[i + 1];
+        i += 2;
+        match e {
+            b'b' => out.push(8),
+            b'f' => out.push(12),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(11),
+            b'0'..=b'7' => {
+                let mut v = u32::from(e - b'0');
+                let mut n = 1;
+                while n < 3 && i < f.len() && (b'0'..=b'7').contains(&f[i]) {
+                    v = v * 8 + u32::from(f[i] - b'0');
+                    i += 1;
+                    n += 1;
+                }
+                out.push((v & 0xff) as u8);
+            }
+            b'x' if i < f.len() && f[i].is_ascii_hexdigit() => {
+                let mut v = 0u8;
+                let mut n = 0;
+                while n < 2 && i < f.len() && f[i].is_ascii_hexdigit() {
+                    v = v * 16 + (f[i] as char).to_digit(16).map_or(0, |d| d as u8);
+                    i += 1;
+                    n += 1;
+                }
+                out.push(v);
+            }
+            other => out.push(other),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn stream(tuples: &[Vec<Option<&[u8]>>], trailer: bool) -> Vec<u8> {
-        let mut out = COPY_SIGNATURE.to_vec();
-        out.extend_from_slice(&0i32.to_be_bytes());
-        out.extend_from_slice(&0i32.to_be_bytes());
-        for t in tuples {
-            out.extend_from_slice(&i16::try_from(t.len()).unwrap().to_be_bytes());
-            for f in t {
-                match f {
-                    None => out.extend_from_slice(&(-1i32).to_be_bytes()),
-                    Some(b) => {
-                        out.extend_from_slice(&i32::try_from(b.len()).unwrap().to_be_bytes());
-                        out.extend_from_slice(b);
-                    }
-                }
-            }
-        }
-        if trailer {
-            out.extend_from_slice(&(-1i16).to_be_bytes());
-        }
-        out
-    }
-
     #[test]
-    fn copy_parser_handles_any_split_and_rejects_torn_streams() {
-        let tuples = vec![
-            vec![Some(&b"1"[..]), None],
-            vec![Some(&b"22"[..]), Some(&b""[..])],
-        ];
-        let data = stream(&tuples, true);
+    fn text_copy_rows_decode_escapes_nulls_and_any_split() {
+        let data = b"1\t\\N\ta\\tb\\\\c\\101\\x41\n22\t\t\\\\x0aff\n";
         for split in 0..data.len() {
-            let mut p = CopyParser::default();
+            let mut p = TextCopyLines::default();
             let mut seen: Vec<Vec<Option<Vec<u8>>>> = Vec::new();
             let mut f = |fs: &[Option<&[u8]>]| {
                 seen.push(fs.iter().map(|x| x.map(<[u8]>::to_vec)).collect());
@@ -519,17 +547,20 @@ mod tests {
             p.feed(&data[split..], &mut f).unwrap();
             p.finish().unwrap();
             assert_eq!(seen.len(), 2);
+            assert_eq!(seen[0][0].as_deref(), Some(&b"1"[..]));
             assert_eq!(seen[0][1], None);
-            assert_eq!(seen[1][0].as_deref(), Some(&b"22"[..]));
+            assert_eq!(seen[0][2].as_deref(), Some(&b"a\tb\\cAA"[..]));
+            assert_eq!(seen[1][1].as_deref(), Some(&b""[..]));
+            assert_eq!(
+                seen[1][2].as_deref().and_then(decode_bytea_hex),
+                Some(vec![0x0a, 0xff])
+            );
         }
-        let torn = stream(&tuples, false);
-        let mut p = CopyParser::default();
-        p.feed(&torn[..torn.len() - 1], &mut |_| Ok(())).unwrap();
+        let mut p = TextCopyLines::default();
+        p.feed(b"1\t2", &mut |_| Ok(())).unwrap();
         assert!(p.finish().is_err());
-        let mut p = CopyParser::default();
-        assert!(
-            p.feed(&b"NOTCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0"[..], &mut |_| Ok(()))
-                .is_err()
-        );
+        assert_eq!(trim_blanks(b"ab  "), b"ab");
+        assert_eq!(trim_blanks(b"   "), b"");
+        assert_eq!(decode_bytea_hex(b"\\x0"), None);
     }
 }

@@ -50,6 +50,15 @@ pub struct FamilyResult {
     pub violations: u64,
 }
 
+impl FamilyResult {
+    pub(crate) fn add(&mut self, other: &FamilyResult) {
+        self.probes_run += other.probes_run;
+        self.suspects += other.suspects;
+        self.dismissed += other.dismissed;
+        self.violations += other.violations;
+    }
+}
+
 /// One validation run, as persisted to `integrity_checks` and exported.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]

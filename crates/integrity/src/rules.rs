@@ -154,6 +154,23 @@ pub struct RelationshipRule {
     pub severity: Option<Severity>,
 }
 
+/// A set of columns whose values must be unique across the table although no valid
+/// unique index enforces it (composite keys allowed; rows with a NULL in any of the
+/// columns are exempt, as in SQL).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UniqueRule {
+    /// A name for reports.
+    pub name: String,
+    /// `schema.table`.
+    pub table: String,
+    /// The columns.
+    pub columns: Vec<String>,
+    /// How bad a duplicate is (default high).
+    #[serde(default)]
+    pub severity: Option<Severity>,
+}
+
 /// The checksum column of a table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -322,6 +339,9 @@ pub struct Rules {
     /// Undeclared relationships.
     #[serde(default)]
     pub relationship: Vec<RelationshipRule>,
+    /// Undeclared unique keys.
+    #[serde(default)]
+    pub unique: Vec<UniqueRule>,
     /// Checksum columns.
     #[serde(default)]
     pub checksum: Vec<ChecksumRule>,
@@ -364,6 +384,7 @@ impl Rules {
         self.regex.extend(other.regex);
         self.allowed_values.extend(other.allowed_values);
         self.relationship.extend(other.relationship);
+        self.unique.extend(other.unique);
         self.checksum.extend(other.checksum);
         self.consistency.extend(other.consistency);
     }
@@ -380,6 +401,7 @@ impl Rules {
             .chain(self.allowed_values.iter().map(|r| &r.table))
             .chain(self.relationship.iter().map(|r| &r.table))
             .chain(self.relationship.iter().map(|r| &r.parent))
+            .chain(self.unique.iter().map(|r| &r.table))
             .chain(self.checksum.iter().map(|r| &r.table))
             .chain(self.consistency.iter().map(|r| &r.table))
         {
@@ -393,6 +415,11 @@ impl Rules {
                     r.columns.len(),
                     r.parent_columns.len()
                 ));
+            }
+        }
+        for r in &self.unique {
+            if r.columns.is_empty() {
+                return bad(format!("unique rule `{}` names no columns", r.name));
             }
         }
         for r in &self.range {
@@ -506,6 +533,18 @@ impl RulesBuilder {
             columns: columns.iter().map(|c| (*c).to_owned()).collect(),
             parent: parent.to_string(),
             parent_columns: parent_columns.iter().map(|c| (*c).to_owned()).collect(),
+            severity: None,
+        });
+        self
+    }
+
+    /// The values of `table(columns)` must be unique (checked by a whole-table pass:
+    /// declare only keys that no valid unique index enforces).
+    pub fn unique(mut self, name: &str, table: &TableRef, columns: &[&str]) -> Self {
+        self.rules.unique.push(UniqueRule {
+            name: name.into(),
+            table: table.to_string(),
+            columns: columns.iter().map(|c| (*c).to_owned()).collect(),
             severity: None,
         });
         self

@@ -199,6 +199,11 @@ impl ViolationQuery {
     }
 }
 
+/// Sent before every `BEGIN` on a pooled connection: a unit cancelled mid-transaction
+/// (its future dropped) returns its connection to the pool still inside the
+/// transaction; this ends it (a no-op, with a warning, otherwise).
+const RESET_TX: &str = "ROLLBACK;";
+
 fn ms(d: Duration) -> u128 {
     d.as_millis().max(1)
 }
@@ -214,7 +219,9 @@ impl SnapshotHolder {
     async fn open(pool: &Pool) -> Result<(deadpool_postgres::Object, String)> {
         let client = get_conn(pool).await?;
         client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .batch_execute(&format!(
+                "{RESET_TX} BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+            ))
             .await
             .context("opening the coordinator transaction")?;
         let id: String = client
@@ -269,6 +276,14 @@ struct RunStats {
     written: AtomicU64,
 }
 
+/// A finished work unit, as recorded in `integrity_chunks`.
+struct UnitDone<'a> {
+    table: &'a TableRef,
+    unit: i32,
+    rows: u64,
+    families: &'a BTreeMap<CheckFamily, FamilyResult>,
+}
+
 /// Writes violations to the JSON-lines file and the database, and publishes them.
 struct Sink {
     file: Mutex<tokio::io::BufWriter<tokio::fs::File>>,
@@ -301,21 +316,75 @@ impl Integrity {
     pub async fn run(&self, scope: ValidationScope, control: &Control) -> Result<IntegrityReport> {
         let id = CheckId::new();
         let span = tracing::info_span!("integrity.validate", check = %id);
-        self.run_inner(id, scope, control).instrument(span).await
+        self.run_inner(id, scope, None, control)
+            .instrument(span)
+            .await
+    }
+
+    /// Resumes a run that was cancelled, failed or interrupted (its process died):
+    /// the work units (chunks and whole-table probes) it completed are skipped, the
+    /// rest run in a fresh snapshot, and the run ends with the same report an
+    /// uninterrupted run would have produced, under the same id. Violations found
+    /// before the interruption are kept (each unit's violations and its completion
+    /// are recorded in one statement, so none is lost or doubled).
+    ///
+    /// Errors: `NotFound` for an unknown id, `Conflict` for a run that already
+    /// completed. Do not resume a run that is still running in another process.
+    pub async fn resume(&self, check: CheckId, control: &Control) -> Result<IntegrityReport> {
+        let client = get_conn(&self.inner.pool).await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT status, scope, started_at FROM {}.integrity_checks WHERE id = $1",
+                    self.s()
+                ),
+                &[&check.as_uuid()],
+            )
+            .await
+            .context("reading the integrity check to resume")?
+            .ok_or_else(|| Error::not_found(format!("integrity check {check}")))?;
+        let status: String = row.get(0);
+        if status == CheckStatus::Completed.as_str() {
+            return Err(Error::conflict(format!(
+                "integrity check {check} already completed: start a new run instead of resuming it"
+            )));
+        }
+        let scope: ValidationScope = serde_json::from_value(row.get(1))
+            .map_err(|e| Error::corrupt("stored scope of an integrity check", e.to_string()))?;
+        let started_at: time::OffsetDateTime = row.get(2);
+        drop(client);
+        let span = tracing::info_span!("integrity.resume", check = %check);
+        self.run_inner(check, scope, Some(started_at), control)
+            .instrument(span)
+            .await
     }
 
     async fn run_inner(
         &self,
         id: CheckId,
         scope: ValidationScope,
+        resumed_from: Option<time::OffsetDateTime>,
         control: &Control,
     ) -> Result<IntegrityReport> {
-        let started_at = sanare_core::now();
+        let started_at = resumed_from.unwrap_or_else(sanare_core::now);
+        let resuming = resumed_from.is_some();
         let t0 = Instant::now();
         let client = get_conn(&self.inner.pool).await?;
         let scope_json =
             serde_json::to_value(&scope).map_err(|e| Error::other("encoding the scope", e))?;
-        client
+        if resuming {
+            client
+                .execute(
+                    &format!(
+                        "UPDATE {}.integrity_checks SET status = 'running', finished_at = NULL, error = NULL WHERE id = $1",
+                        self.s()
+                    ),
+                    &[&id.as_uuid()],
+                )
+                .await
+                .context("marking the resumed integrity check as running")?;
+        } else {
+            client
             .execute(
                 &format!(
                     "INSERT INTO {}.integrity_checks (id, started_at, status, scope) VALUES ($1, $2, 'running', $3)",
@@ -325,6 +394,8 @@ impl Integrity {
             )
             .await
             .context("recording the integrity check (has sanare-integrity's migration run?)")?;
+        }
+        drop(client);
         let dir = &self.inner.config.report_dir;
         tokio::fs::create_dir_all(dir)
             .await
@@ -338,8 +409,17 @@ impl Integrity {
             path: path.clone(),
         };
         let stats = RunStats::default();
-        let outcome = self.scan(id, &scope, control, &sink, &stats).await;
+        let outcome = self
+            .scan(id, &scope, resuming, control, &sink, &stats)
+            .await;
         let flushed = sink.file.lock().await.flush().await;
+        let outcome = match outcome {
+            Ok(tables) if resuming && flushed.is_ok() => self
+                .totals_from_db(id, &sink, &stats)
+                .await
+                .map(|()| tables),
+            other => other,
+        };
         let mut report = IntegrityReport {
             id,
             started_at,
@@ -413,6 +493,79 @@ impl Integrity {
         Ok(report)
     }
 
+    /// The totals of a resumed run, read back from what its units recorded (those of
+    /// the interrupted attempts and of this one): rows and family counts from
+    /// `integrity_chunks`, severities from `integrity_violations`; and its violations
+    /// file, rewritten from the stored violations.
+    async fn totals_from_db(&self, check: CheckId, sink: &Sink, stats: &RunStats) -> Result<()> {
+        let client = get_conn(&self.inner.pool).await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT table_schema, table_name, rows_checked, families FROM {}.integrity_chunks
+                      WHERE check_id = $1 AND done_at IS NOT NULL",
+                    self.s()
+                ),
+                &[&check.as_uuid()],
+            )
+            .await
+            .context("reading the completed units of the resumed run")?;
+        {
+            let mut by_table = stats.rows_by_table.lock().await;
+            let mut fams = stats.families.lock().await;
+            by_table.clear();
+            fams.clear();
+            for r in rows {
+                let table = TableRef::new(r.get::<_, String>(0), r.get::<_, String>(1));
+                let n: i64 = r.get(2);
+                *by_table.entry(table).or_default() += u64::try_from(n).unwrap_or(0);
+                let f: BTreeMap<CheckFamily, FamilyResult> = serde_json::from_value(r.get(3))
+                    .map_err(|e| Error::corrupt("stored unit results", e.to_string()))?;
+                for (k, v) in f {
+                    fams.entry(k).or_default().add(&v);
+                }
+            }
+        }
+        let sev = client
+            .query(
+                &format!(
+                    "SELECT severity, count(*) FROM {}.integrity_violations WHERE check_id = $1 GROUP BY severity",
+                    self.s()
+                ),
+                &[&check.as_uuid()],
+            )
+            .await
+            .context("counting the violations of the resumed run")?;
+        {
+            let mut by_sev = stats.by_severity.lock().await;
+            by_sev.clear();
+            for r in sev {
+                let s: Severity = serde_json::from_value(serde_json::Value::String(r.get(0)))
+                    .map_err(|e| Error::corrupt("stored violation severity", e.to_string()))?;
+                let n: i64 = r.get(1);
+                *by_sev.entry(s).or_default() += u64::try_from(n).unwrap_or(0);
+            }
+        }
+        drop(client);
+        let file = tokio::fs::File::create(&sink.path)
+            .await
+            .map_err(|e| Error::io(format!("rewriting {}", sink.path.display()), e))?;
+        let mut file = tokio::io::BufWriter::new(file);
+        let mut stream = std::pin::pin!(self.violations(check));
+        while let Some(v) = stream.next().await {
+            let mut line =
+                serde_json::to_vec(&v?).map_err(|e| Error::other("encoding a violation", e))?;
+            line.push(b'\n');
+            file.write_all(&line)
+                .await
+                .map_err(|e| Error::io(format!("writing {}", sink.path.display()), e))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| Error::io(format!("writing {}", sink.path.display()), e))?;
+        Ok(())
+    }
+
     async fn tables_of(&self, scope: &ValidationScope) -> Result<Vec<TableRef>> {
         let mut tables: BTreeSet<TableRef> = scope.tables.iter().cloned().collect();
         tables.extend(scope.rows.iter().map(|r| r.table.clone()));
@@ -434,6 +587,7 @@ impl Integrity {
         &self,
         check: CheckId,
         scope: &ValidationScope,
+        resuming: bool,
         control: &Control,
         sink: &Sink,
         stats: &RunStats,
@@ -471,7 +625,7 @@ impl Integrity {
             for plan in &plans {
                 control.checkpoint()?;
                 let span = tracing::info_span!("integrity.table", table = %plan.table);
-                self.scan_table(check, plan, scope, control, sink, stats, &holder)
+                self.scan_table(check, plan, scope, resuming, control, sink, stats, &holder)
                     .instrument(span)
                     .await?;
             }
@@ -488,82 +642,149 @@ impl Integrity {
         check: CheckId,
         plan: &TablePlan,
         scope: &ValidationScope,
+        resuming: bool,
         control: &Control,
         sink: &Sink,
         stats: &RunStats,
         holder: &SnapshotHolder,
     ) -> Result<()> {
         let cfg = &self.inner.config;
+        let chunked: Vec<&Probe> = plan.probes.iter().filter(|p| p.chunked()).collect();
+        let whole: Vec<&Probe> = plan.probes.iter().filter(|p| !p.chunked()).collect();
+        if chunked.is_empty() && whole.is_empty() {
+            return Ok(());
+        }
         let rows: Vec<Vec<Option<String>>> = scope
             .rows
             .iter()
             .filter(|r| r.table == plan.table)
             .map(|r| key_of(plan, r))
             .collect::<Result<_>>()?;
-        let preds: Vec<String> = if !scope.rows.is_empty() {
-            if rows.is_empty() {
-                return Ok(());
-            }
-            vec![plan.keys_predicate(&rows)]
+        if !scope.rows.is_empty() && rows.is_empty() {
+            return Ok(());
+        }
+        // The work units of the table: one per chunk (all chunked probes of the table
+        // in it), then one per whole-table probe. A resumed run reuses the stored
+        // units (the chunk bounds of the first attempt) and skips the done ones.
+        let stored = if resuming {
+            self.stored_units(check, &plan.table).await?
         } else {
-            holder
-                .with_snapshot(async |snap| {
-                    let client = get_conn(&self.inner.pool).await?;
-                    chunk_predicates(&client, plan, cfg.chunk_rows, snap).await
-                })
-                .await?
+            Vec::new()
         };
-        // Chunked probes: one unit per chunk, all chunked probes of the table in it.
-        let chunked: Vec<&Probe> = plan.probes.iter().filter(|p| p.chunked()).collect();
-        let whole: Vec<&Probe> = plan.probes.iter().filter(|p| !p.chunked()).collect();
-        if !chunked.is_empty() {
-            let chunked = &chunked;
-            let preds = &preds;
-            let units = futures_util::stream::iter(0..preds.len())
-                .map(|i| {
-                    let pred = &preds[i];
-                    async move {
-                        control.checkpoint()?;
-                        self.run_unit(
-                            check,
-                            plan,
-                            chunked,
-                            pred,
-                            cfg.chunk_timeout,
-                            control,
-                            sink,
-                            stats,
-                            holder,
-                        )
-                        .await
-                    }
-                })
-                .buffer_unordered(cfg.parallelism);
-            futures_util::pin_mut!(units);
-            while let Some(r) = units.next().await {
-                r?;
+        let units: Vec<(i32, String, bool)> = if stored.is_empty() {
+            let preds: Vec<String> = if chunked.is_empty() {
+                Vec::new()
+            } else if !scope.rows.is_empty() {
+                vec![plan.keys_predicate(&rows)]
+            } else {
+                holder
+                    .with_snapshot(async |snap| {
+                        let client = get_conn(&self.inner.pool).await?;
+                        chunk_predicates(&client, plan, cfg.chunk_rows, snap).await
+                    })
+                    .await?
+            };
+            let table_pred = if scope.rows.is_empty() {
+                "true".to_owned()
+            } else {
+                plan.keys_predicate(&rows)
+            };
+            let units: Vec<(i32, String, bool)> = preds
+                .into_iter()
+                .chain(whole.iter().map(|_| table_pred.clone()))
+                .enumerate()
+                .map(|(i, p)| (i32::try_from(i).unwrap_or(i32::MAX), p, false))
+                .collect();
+            self.store_units(check, &plan.table, &units).await?;
+            units
+        } else {
+            stored
+        };
+        let nchunks = units.len().saturating_sub(whole.len());
+        let chunked = &chunked;
+        let whole = &whole;
+        let mut todo: Vec<(usize, i32, String)> = Vec::new();
+        for (i, (unit, pred, done)) in units.into_iter().enumerate() {
+            if !done {
+                todo.push((i, unit, pred));
             }
         }
-        let table_pred = if scope.rows.is_empty() {
-            "true".to_owned()
-        } else {
-            plan.keys_predicate(&rows)
-        };
-        for p in whole {
-            control.checkpoint()?;
-            self.run_unit(
-                check,
-                plan,
-                &[p],
-                &table_pred,
-                cfg.table_timeout,
-                control,
-                sink,
-                stats,
-                holder,
+        // After the first error (a cancel included) no new unit starts, but the
+        // units in flight run to their end: a unit dropped mid-way would return its
+        // connection to the pool inside a transaction.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let stop = &stop;
+        let work = futures_util::stream::iter(todo)
+            .map(|(i, unit, pred)| async move {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                control.checkpoint()?;
+                let (probes, timeout) = if i < nchunks {
+                    (chunked.clone(), cfg.chunk_timeout)
+                } else {
+                    (vec![whole[i - nchunks]], cfg.table_timeout)
+                };
+                self.run_unit(
+                    check, plan, &probes, unit, &pred, timeout, control, sink, stats, holder,
+                )
+                .await
+            })
+            .buffer_unordered(cfg.parallelism);
+        futures_util::pin_mut!(work);
+        let mut first_error = None;
+        while let Some(r) = work.next().await {
+            if let Err(e) = r {
+                stop.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn stored_units(
+        &self,
+        check: CheckId,
+        table: &TableRef,
+    ) -> Result<Vec<(i32, String, bool)>> {
+        let client = get_conn(&self.inner.pool).await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT unit, predicate, done_at IS NOT NULL FROM {}.integrity_chunks
+                      WHERE check_id = $1 AND table_schema = $2 AND table_name = $3 ORDER BY unit",
+                    self.s()
+                ),
+                &[&check.as_uuid(), &table.schema, &table.name],
             )
-            .await?;
-        }
+            .await
+            .with_context(|| format!("reading the stored work units of {table}"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    async fn store_units(
+        &self,
+        check: CheckId,
+        table: &TableRef,
+        units: &[(i32, String, bool)],
+    ) -> Result<()> {
+        let client = get_conn(&self.inner.pool).await?;
+        let ids: Vec<i32> = units.iter().map(|u| u.0).collect();
+        let preds: Vec<&str> = units.iter().map(|u| u.1.as_str()).collect();
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {}.integrity_chunks (check_id, table_schema, table_name, unit, predicate)
+                     SELECT $1, $2, $3, u, p FROM unnest($4::int[], $5::text[]) x(u, p)",
+                    self.s()
+                ),
+                &[&check.as_uuid(), &table.schema, &table.name, &ids, &preds],
+            )
+            .await
+            .with_context(|| format!("recording the work units of {table}"))?;
         Ok(())
     }
 
@@ -575,6 +796,7 @@ impl Integrity {
         check: CheckId,
         plan: &TablePlan,
         probes: &[&Probe],
+        unit: i32,
         pred: &str,
         timeout: Duration,
         control: &Control,
@@ -591,7 +813,7 @@ impl Integrity {
             .with_snapshot(async |snap| {
                 client
                     .batch_execute(&format!(
-                        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snap}'; {setup}"
+                        "{RESET_TX} BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snap}'; {setup}"
                     ))
                     .await
                     .context("starting a chunk transaction in the shared snapshot")
@@ -636,7 +858,7 @@ impl Integrity {
             for batch in keys.chunks(1000) {
                 client
                     .batch_execute(&format!(
-                        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {setup}"
+                        "{RESET_TX} BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {setup}"
                     ))
                     .await
                     .context("starting the re-check transaction")?;
@@ -660,15 +882,19 @@ impl Integrity {
             .into_iter()
             .map(|s| to_violation(plan, s))
             .collect();
-        self.record(check, &violations, sink, stats).await?;
+        let done = UnitDone {
+            table: &plan.table,
+            unit,
+            rows: rows_seen,
+            families: &fam,
+        };
+        if !self.record(check, &violations, &done, sink, stats).await? {
+            return Ok(());
+        }
         {
             let mut f = stats.families.lock().await;
             for (k, v) in fam {
-                let e = f.entry(k).or_default();
-                e.probes_run += v.probes_run;
-                e.suspects += v.suspects;
-                e.dismissed += v.dismissed;
-                e.violations += v.violations;
+                f.entry(k).or_default().add(&v);
             }
         }
         if rows_seen > 0 {
@@ -695,15 +921,62 @@ impl Integrity {
         )
     }
 
+    /// Records a finished unit: its violations and its completion in one statement
+    /// (so a resumed run neither loses nor repeats them), then the file and events.
     async fn record(
         &self,
         check: CheckId,
         violations: &[Violation],
+        done: &UnitDone<'_>,
         sink: &Sink,
         stats: &RunStats,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let families = serde_json::to_value(done.families)
+            .map_err(|e| Error::other("encoding unit results", e))?;
+        let json =
+            serde_json::to_value(violations).map_err(|e| Error::other("encoding violations", e))?;
+        let client = get_conn(&self.inner.pool).await?;
+        let recorded: i64 = client
+            .query_one(
+                &format!(
+                    "WITH u AS (
+                       UPDATE {s}.integrity_chunks SET done_at = now(), rows_checked = $6, families = $7
+                        WHERE check_id = $1 AND table_schema = $3 AND table_name = $4 AND unit = $5
+                          AND done_at IS NULL
+                       RETURNING 1),
+                     v AS (
+                       INSERT INTO {s}.integrity_violations
+                         (id, check_id, table_schema, table_name, violation_type, severity, row_key,
+                          description, recommended_action, detected_at, violation)
+                       SELECT (v->>'id')::uuid, $1, v->'table'->>'schema', v->'table'->>'name', v->'kind'->>'type',
+                              v->>'severity', v->'row'->'key', v->>'description', v->>'recommended_action',
+                              (v->>'detected_at')::timestamptz, v
+                         FROM jsonb_array_elements($2::jsonb) v
+                        WHERE EXISTS (SELECT 1 FROM u)
+                       RETURNING 1)
+                     SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM v)",
+                    s = self.s()
+                ),
+                &[
+                    &check.as_uuid(),
+                    &json,
+                    &done.table.schema,
+                    &done.table.name,
+                    &done.unit,
+                    &i64::try_from(done.rows).unwrap_or(i64::MAX),
+                    &families,
+                ],
+            )
+            .await
+            .context("persisting violations and the completion of a work unit")?
+            .get(0);
+        drop(client);
+        if recorded == 0 {
+            // An earlier attempt of this resumed run recorded the unit already.
+            return Ok(false);
+        }
         if violations.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let mut lines = Vec::new();
         for v in violations {
@@ -717,25 +990,6 @@ impl Integrity {
             .write_all(&lines)
             .await
             .map_err(|e| Error::io(format!("writing {}", sink.path.display()), e))?;
-        let json =
-            serde_json::to_value(violations).map_err(|e| Error::other("encoding violations", e))?;
-        let client = get_conn(&self.inner.pool).await?;
-        client
-            .execute(
-                &format!(
-                    "INSERT INTO {}.integrity_violations
-                       (id, check_id, table_schema, table_name, violation_type, severity, row_key,
-                        description, recommended_action, detected_at, violation)
-                     SELECT (v->>'id')::uuid, $1, v->'table'->>'schema', v->'table'->>'name', v->'kind'->>'type',
-                            v->>'severity', v->'row'->'key', v->>'description', v->>'recommended_action',
-                            (v->>'detected_at')::timestamptz, v
-                       FROM jsonb_array_elements($2::jsonb) v",
-                    self.s()
-                ),
-                &[&check.as_uuid(), &json],
-            )
-            .await
-            .context("persisting violations")?;
         let mut sev = stats.by_severity.lock().await;
         for v in violations {
             *sev.entry(v.severity).or_default() += 1;
@@ -756,7 +1010,7 @@ impl Integrity {
         stats
             .written
             .fetch_add(violations.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     /// The persisted report of a run.
@@ -902,7 +1156,7 @@ async fn chunk_predicates(
 ) -> Result<Vec<String>> {
     client
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+            "{RESET_TX} BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
         ))
         .await
         .context("starting the chunk planning transaction")?;
@@ -1053,7 +1307,7 @@ impl IntegrityService for Integrity {
             }
             client
                 .batch_execute(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {setup}"
+                    "{RESET_TX} BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {setup}"
                 ))
                 .await
                 .context("starting the re-check transaction")?;

@@ -130,6 +130,33 @@ async fn a_clean_database_has_no_violations_and_the_run_is_recorded() {
 async fn every_planted_rule_violation_is_found_exactly() {
     let s = setup(400).await;
     let c = s.db.connect().await;
+    // Enum: a label added, used, then removed from pg_enum behind PostgreSQL's back
+    // (ADD VALUE must commit before the value can be used).
+    c.batch_execute("ALTER TYPE shop.payment_method ADD VALUE 'cash'")
+        .await
+        .unwrap();
+    let enum_ids: BTreeSet<String> = c
+        .query(
+            "UPDATE shop.payments SET method = 'cash' WHERE id IN (SELECT id FROM shop.payments ORDER BY id LIMIT 2) RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(enum_ids.len(), 2);
+    c.batch_execute(
+        "DELETE FROM pg_enum WHERE enumtypid = 'shop.payment_method'::regtype AND enumlabel = 'cash';
+         -- Domain: a CHECK added NOT VALID to the domain of a column.
+         CREATE DOMAIN shop.line_quantity AS integer;
+         ALTER TABLE shop.order_lines ALTER COLUMN quantity TYPE shop.line_quantity;
+         ALTER DOMAIN shop.line_quantity ADD CONSTRAINT quantity_not_two CHECK (VALUE <> 2) NOT VALID;
+         -- A unique key the host declares (no index): two products share a name.
+         UPDATE shop.products SET name = (SELECT name FROM shop.products WHERE id = 1) WHERE id = 2;",
+    )
+    .await
+    .unwrap();
     // NOT NULL: flip attnotnull off, plant nulls, flip it back.
     c.batch_execute(
         "UPDATE pg_attribute SET attnotnull = false WHERE attrelid = 'shop.customers'::regclass AND attname = 'full_name';
@@ -145,8 +172,10 @@ async fn every_planted_rule_violation_is_found_exactly() {
          -- varchar length and numeric precision: shrink the declared type in the catalog.
          UPDATE pg_attribute SET atttypmod = 21 + 4 WHERE attrelid = 'shop.customers'::regclass AND attname = 'email';
          UPDATE pg_attribute SET atttypmod = (4 << 16) + 4 WHERE attrelid = 'shop.payments'::regclass AND attname = 'amount_cents';
-         -- UNIQUE: keep the index from seeing a duplicate.
-         UPDATE pg_index SET indisready = false WHERE indexrelid = 'shop.customers_email_key'::regclass;
+         -- UNIQUE: keep the index from seeing a duplicate, and leave it invalid (as a
+         -- failed CREATE UNIQUE INDEX CONCURRENTLY does). A valid index enforces its
+         -- constraint and is not scanned for.
+         UPDATE pg_index SET indisready = false, indisvalid = false WHERE indexrelid = 'shop.customers_email_key'::regclass;
          INSERT INTO shop.customers (id, email, full_name, country) VALUES (100000, 'customer1@example.com', 'Dup', 'DE');
          UPDATE pg_index SET indisready = true WHERE indexrelid = 'shop.customers_email_key'::regclass;
          -- Business rules.
@@ -164,6 +193,7 @@ async fn every_planted_rule_violation_is_found_exactly() {
             Some(Bound::Int(3)),
         )
         .regex(&t("products"), "sku", "^SKU-0000000[0-9]$")
+        .unique("product_name", &t("products"), &["name"])
         .allowed_values(&t("customers"), "country", ["DE", "FR", "US", "JP", "BR"])
         .relationship(
             "payment_customer",
@@ -200,9 +230,28 @@ async fn every_planted_rule_violation_is_found_exactly() {
         .config(config(&s))
         .build()
         .unwrap();
+    // A concurrent write load that keeps every rule: new orders with their lines.
+    let stop = tokio_util_token();
+    let writer = clean_writer(&s, stop.clone());
     let summary = i.validate(scope(), &Control::detached()).await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writer.await.unwrap() > 0);
     let vs = all_violations(&i, summary.check).await;
     assert_eq!(vs.len() as u64, summary.total_violations());
+    assert_eq!(keys(&vs, "type_mismatch", "method"), enum_ids);
+    assert_eq!(
+        keys(&vs, "type_mismatch", "quantity"),
+        e_of(
+            &s.db,
+            "SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity = 2"
+        )
+        .await
+    );
+    assert!(!keys(&vs, "type_mismatch", "quantity").is_empty());
+    assert_eq!(
+        keys(&vs, "unique_constraint", "product_name"),
+        BTreeSet::from(["1".to_owned(), "2".to_owned()])
+    );
 
     let e = |sql: &'static str| expected(&s.db, sql);
     assert_eq!(
@@ -346,7 +395,28 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
     let s = setup(120).await;
     let c = s.db.connect().await;
     let schema = SchemaName::default_schema();
-    for table in ["customers", "orders", "payments", "order_lines", "products"] {
+    // Types whose output and `::text` differ: blank-padded char(n), boolean, inet;
+    // a domain; floats, arrays, timestamps.
+    c.batch_execute(
+        "CREATE DOMAIN shop.small_int AS integer CHECK (VALUE < 1000);
+         CREATE TABLE shop.odd (id bigint PRIMARY KEY, c char(6), b boolean, ip inet, d shop.small_int,
+                                f float8, ts timestamptz, arr text[], flag \"char\");
+         INSERT INTO shop.odd VALUES
+           (1, 'ab', true, '10.0.0.1', 7, 0.1, '2025-01-02 03:04:05.678+02', '{a,\"b c\",NULL}', 'x'),
+           (2, NULL, false, '10.1.0.0/16', NULL, 'NaN', NULL, '{}', NULL),
+           (3, '   ', NULL, '::1', 999, -1.5e300, 'infinity', NULL, 'y'),
+           (4, 'tab	x', true, NULL, 0, 3, '1999-12-31 23:59:59+00', '{\"q\\\\\"}', 'z');",
+    )
+    .await
+    .unwrap();
+    for table in [
+        "customers",
+        "orders",
+        "payments",
+        "order_lines",
+        "products",
+        "odd",
+    ] {
         c.batch_execute(&format!(
             "ALTER TABLE shop.{table} ADD COLUMN row_checksum bytea"
         ))
@@ -375,7 +445,14 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
         .unwrap();
     let sha = Checksummer::sha256();
     let mut compared = 0;
-    for table in ["customers", "orders", "payments", "order_lines", "products"] {
+    for table in [
+        "customers",
+        "orders",
+        "payments",
+        "order_lines",
+        "products",
+        "odd",
+    ] {
         let cols = sanare_integrity::checksum::checksum_columns(&c, &t(table), "row_checksum")
             .await
             .unwrap();
@@ -414,6 +491,7 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
         .checksum(&t("customers"), "row_checksum", ChecksumAlgorithm::Sha256)
         .checksum(&t("orders"), "row_checksum", ChecksumAlgorithm::Sha256)
         .checksum(&t("payments"), "row_checksum", ChecksumAlgorithm::Sha256)
+        .checksum(&t("odd"), "row_checksum", ChecksumAlgorithm::Sha256)
         .build()
         .unwrap();
     let i = integrity(&s, rules);
@@ -427,6 +505,8 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
         "SET session_replication_role = replica;
          UPDATE shop.customers SET full_name = 'Mallory' WHERE id = 5;
          UPDATE shop.orders SET status = 'delivered', shipped_at = NULL WHERE id = 9;
+         UPDATE shop.odd SET c = 'ab ' WHERE id = 1;
+         UPDATE shop.odd SET b = true WHERE id = 2;
          SET session_replication_role = origin;",
     )
     .await
@@ -438,9 +518,10 @@ async fn the_sql_trigger_and_rust_compute_the_same_checksum_on_every_column_type
     let vs = all_violations(&i, run.check).await;
     assert_eq!(
         keys(&vs, "checksum_mismatch", ""),
-        BTreeSet::from(["5".to_owned(), "9".to_owned()])
+        BTreeSet::from(["5".to_owned(), "9".to_owned(), "2".to_owned()])
     );
-    assert_eq!(vs.len(), 2);
+    // char(6) 'ab ' is the same value as 'ab': not a mismatch.
+    assert_eq!(vs.len(), 3);
     assert_eq!(vs[0].details["algorithm"], "sha256");
 }
 
@@ -598,6 +679,34 @@ async fn concurrent_writes_produce_no_false_positives() {
     assert!(written > 0);
 }
 
+async fn e_of(db: &TestDb, sql: &str) -> BTreeSet<String> {
+    expected(db, sql).await
+}
+
+/// A writer that inserts orders (with a note, a consistent total and one line) until
+/// `stop`, returning how many it wrote.
+fn clean_writer(
+    s: &Setup,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<i64> {
+    let pool = s.db.pool().clone();
+    tokio::spawn(async move {
+        let w = pool.get().await.unwrap();
+        let mut n = 0i64;
+        while n < 5 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let id = 2_000_000 + n;
+            w.batch_execute(&format!(
+                "BEGIN; INSERT INTO shop.orders (id, customer_id, status, total_cents, note) VALUES ({id}, 1, 'pending', 10, 'w');
+                 INSERT INTO shop.order_lines VALUES ({id}, 1, 1, 1, 10, 10); COMMIT;"
+            ))
+            .await
+            .unwrap();
+            n += 1;
+        }
+        n
+    })
+}
+
 fn tokio_util_token() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
 }
@@ -753,4 +862,124 @@ severity = "low"
     let err = i.validate(scope(), &Control::detached()).await.unwrap_err();
     assert!(err.to_string().contains("no_such_column"), "{err}");
     assert!(Integrity::builder().build().is_err());
+}
+
+/// The identity of a violation across runs: table, kind and row key.
+fn identities(vs: &[Violation]) -> BTreeSet<String> {
+    vs.iter()
+        .map(|v| {
+            format!(
+                "{} {:?} {}",
+                v.table,
+                v.kind,
+                v.row.as_ref().map(ToString::to_string).unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cancelled_run_resumes_skipping_done_chunks_and_ends_with_the_same_report() {
+    let s = setup(500).await;
+    let c = s.db.connect().await;
+    c.batch_execute(
+        "ALTER TABLE shop.products ADD CONSTRAINT price_below_500 CHECK (price_cents < 500) NOT VALID;
+         ALTER TABLE shop.order_lines ADD CONSTRAINT qty_below_3 CHECK (quantity < 3) NOT VALID;
+         SET session_replication_role = replica;
+         INSERT INTO shop.order_lines VALUES (900001, 1, 1, 1, 10, 10);
+         SET session_replication_role = origin;
+         UPDATE shop.orders SET total_cents = total_cents + 1 WHERE id IN (5, 8, 450);",
+    )
+    .await
+    .unwrap();
+    let rules = Rules::builder()
+        .consistency(ConsistencyRule::aggregate_equals(
+            "order_total",
+            &t("orders"),
+            "id",
+            "total_cents",
+            &t("order_lines"),
+            "order_id",
+            "amount_cents",
+        ))
+        .build()
+        .unwrap();
+    let i = integrity(&s, rules);
+
+    // The reference: one uninterrupted run.
+    let full = i.run(scope(), &Control::detached()).await.unwrap();
+    let full_vs = all_violations(&i, full.id).await;
+    assert!(full.total_violations() > 5, "{full:?}");
+
+    // The same run, cancelled once a third of the rows are checked.
+    let (control, mut progress) = Control::new();
+    let token = control.cancel_token().clone();
+    let third = full.rows_checked / 3;
+    let watcher = tokio::spawn(async move {
+        while let Some(p) = progress.changed().await {
+            if p.done >= third {
+                token.cancel();
+                break;
+            }
+        }
+    });
+    let err = i.run(scope(), &control).await.unwrap_err();
+    assert!(err.is_cancelled(), "{err}");
+    watcher.await.unwrap();
+    let check: uuid::Uuid = c
+        .query_one(
+            "SELECT id FROM sanare.integrity_checks WHERE status = 'cancelled'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (done, all): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE done_at IS NOT NULL), count(*) FROM sanare.integrity_chunks WHERE check_id = $1",
+                &[&check],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(done > 0 && done < all, "done {done} of {all}");
+    let check = sanare_core::CheckId::from_uuid(check);
+
+    // Resume: the done units are not run again, and the report is the full run's.
+    let (control, _) = Control::new();
+    let resumed = i.resume(check, &control).await.unwrap();
+    assert_eq!(resumed.id, check);
+    assert_eq!(resumed.status, CheckStatus::Completed);
+    assert_eq!(resumed.rows_checked, full.rows_checked);
+    assert_eq!(resumed.tables_checked, full.tables_checked);
+    assert_eq!(resumed.violations_by_severity, full.violations_by_severity);
+    assert_eq!(resumed.families, full.families);
+    let resumed_vs = all_violations(&i, check).await;
+    assert_eq!(resumed_vs.len(), full_vs.len());
+    assert_eq!(identities(&resumed_vs), identities(&full_vs));
+    // The file on disk holds every violation once.
+    let file = std::fs::read_to_string(resumed.violations_file.as_ref().unwrap()).unwrap();
+    assert_eq!(file.lines().count(), full_vs.len());
+    // Each unit ran exactly once: every unit is done, and the stored per-unit probe
+    // counts add up to the full run's.
+    let undone: i64 = c
+        .query_one(
+            "SELECT count(*) FROM sanare.integrity_chunks WHERE check_id = $1 AND done_at IS NULL",
+            &[&check.as_uuid()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(undone, 0);
+
+    // A completed run cannot be resumed; an unknown one is not found.
+    let err = i.resume(check, &Control::detached()).await.unwrap_err();
+    assert!(err.to_string().contains("already completed"), "{err}");
+    assert!(
+        i.resume(sanare_core::CheckId::new(), &Control::detached())
+            .await
+            .is_err()
+    );
 }

@@ -12,30 +12,17 @@ use sanare_core::{
 use sanare_corruption::CorruptionDetector;
 use tokio_postgres::GenericClient;
 
-/// blake3 over a length-prefixed encoding of the text values (little-endian lengths,
-/// a 0 tag for NULL): the shape of the integrity crate's canonical encoding.
+/// The canonical row checksum (BLAKE3 over the integrity crate's version-1
+/// encoding): the same one a host and the integrity crate use.
 pub struct Blake3Rows;
 
 impl RowChecksum for Blake3Rows {
     fn encoding_version(&self) -> u16 {
-        1
+        sanare_integrity::Checksummer::blake3().encoding_version()
     }
 
     fn checksum(&self, values: &[ColumnValue]) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
-        for v in values {
-            match &v.value {
-                None => {
-                    h.update(&[0]);
-                }
-                Some(s) => {
-                    h.update(&[1]);
-                    h.update(&(s.len() as u64).to_le_bytes());
-                    h.update(s.as_bytes());
-                }
-            }
-        }
-        *h.finalize().as_bytes()
+        sanare_integrity::Checksummer::blake3().checksum(values)
     }
 }
 
