@@ -408,6 +408,14 @@ impl SanareConfig {
         if self.validation.chunk_size == 0 {
             return Err(Error::config("validation.chunk_size", "must be at least 1"));
         }
+        if let StorageConfig::S3 { bucket, .. } = &self.snapshots.storage
+            && bucket.trim().is_empty()
+        {
+            return Err(Error::config(
+                "snapshots.storage.bucket",
+                "an S3 bucket name is required",
+            ));
+        }
         if self.validation.parallelism == 0 {
             return Err(Error::config(
                 "validation.parallelism",

@@ -62,6 +62,7 @@ pub struct SanareBuilder {
     boot_id_path: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
     readiness: Option<Arc<dyn ReadinessCheck>>,
+    sources: Vec<Arc<dyn sanare_snapshot::StateSource>>,
 }
 
 impl std::fmt::Debug for SanareBuilder {
@@ -118,6 +119,7 @@ impl Sanare {
             boot_id_path: None,
             cgroup_root: None,
             readiness: None,
+            sources: Vec::new(),
         }
     }
 }
@@ -178,6 +180,14 @@ impl SanareBuilder {
         hook: impl FnOnce(JournalBuilder) -> JournalBuilder + Send + 'static,
     ) -> Self {
         self.journal_hook = Some(Box::new(hook));
+        self
+    }
+
+    /// State outside the database captured in every snapshot (a host byte stream:
+    /// a cache file, a model, a spool), restored with
+    /// `snapshots().restore_source(..)`. Repeatable.
+    pub fn state_source(mut self, source: Arc<dyn sanare_snapshot::StateSource>) -> Self {
+        self.sources.push(source);
         self
     }
 
@@ -338,10 +348,23 @@ impl SanareBuilder {
                 path.clone().unwrap_or_else(|| data_dir.join("snapshots")),
             )?),
             StorageConfig::Postgres => Arc::new(PgStore::new(pool.clone(), &schema)),
+            #[cfg(feature = "s3")]
+            StorageConfig::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                region,
+            } => Arc::new(sanare_snapshot::S3Store::from_settings(
+                bucket,
+                Some(prefix.as_str()).filter(|p| !p.is_empty()),
+                endpoint.as_deref(),
+                region.as_deref(),
+            )?),
+            #[cfg(not(feature = "s3"))]
             StorageConfig::S3 { .. } => {
                 return Err(Error::config(
                     "snapshots.storage",
-                    "S3-compatible storage is not available in this release; use `filesystem` or `postgres`",
+                    "S3-compatible storage needs the `s3` feature of the `sanare` crate; enable it, or use `filesystem` or `postgres`",
                 ));
             }
         };
@@ -352,16 +375,17 @@ impl SanareBuilder {
             Codec::None => sanare_snapshot::Codec::None,
         };
         snapshot_config.default_schemas = config.snapshots.schemas.clone();
-        let snapshots = Arc::new(
-            Snapshots::builder()
-                .store(store)
-                .pool(pool.clone())
-                .schema(schema.clone())
-                .journal(journal_service.clone())
-                .events(events.clone())
-                .config(snapshot_config)
-                .build()?,
-        );
+        let mut snapshots = Snapshots::builder()
+            .store(store)
+            .pool(pool.clone())
+            .schema(schema.clone())
+            .journal(journal_service.clone())
+            .events(events.clone())
+            .config(snapshot_config);
+        for source in self.sources {
+            snapshots = snapshots.source(source);
+        }
+        let snapshots = Arc::new(snapshots.build()?);
         let snapshot_service: Arc<dyn SnapshotService> = snapshots.clone();
 
         let mut integrity_config = IntegrityConfig::default();

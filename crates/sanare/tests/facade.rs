@@ -114,11 +114,24 @@ async fn a_missing_database_or_bad_storage_is_a_named_configuration_error() {
     assert!(err.to_string().contains("database_url"), "{err}");
 
     let db = sanare_testing::test_db().await;
-    let config = sanare::SanareConfig::from_toml_str(
-        "[snapshots]\nstorage = { kind = \"s3\", bucket = \"b\" }",
+    // An S3 store without a bucket is refused by name, when the file is read.
+    let err = sanare::SanareConfig::from_toml_str(
+        "[snapshots]\nstorage = { kind = \"s3\", bucket = \"\" }",
         "test",
     )
-    .unwrap();
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("snapshots.storage.bucket"),
+        "{err}"
+    );
+    // A configuration built in code is checked by `build()`.
+    let mut config = sanare::SanareConfig::default();
+    config.snapshots.storage = sanare::config::StorageConfig::S3 {
+        bucket: " ".into(),
+        prefix: String::new(),
+        endpoint: None,
+        region: None,
+    };
     let dir = tempfile::tempdir().unwrap();
     let err = Sanare::builder()
         .config(config)
@@ -127,5 +140,8 @@ async fn a_missing_database_or_bad_storage_is_a_named_configuration_error() {
         .build()
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("snapshots.storage"), "{err}");
+    assert!(
+        err.to_string().contains("snapshots.storage.bucket"),
+        "{err}"
+    );
 }

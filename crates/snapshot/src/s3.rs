@@ -50,6 +50,31 @@ impl S3Store {
         Ok(Self::from_object_store(Arc::new(store)))
     }
 
+    /// A store for `bucket` with credentials from the environment (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, …), optionally at a non-AWS
+    /// `endpoint` (plain `http://` allowed for it) and in `region`, under `prefix`.
+    pub fn from_settings(
+        bucket: &str,
+        prefix: Option<&str>,
+        endpoint: Option<&str>,
+        region: Option<&str>,
+    ) -> Result<Self> {
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(endpoint) = endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = region {
+            builder = builder.with_region(region);
+        }
+        let store = Self::new(builder)?;
+        match prefix {
+            Some(p) => store.with_prefix(p),
+            None => Ok(store),
+        }
+    }
+
     /// A store over any [`ObjectStore`].
     pub fn from_object_store(store: Arc<dyn ObjectStore>) -> Self {
         Self {
