@@ -1,6 +1,7 @@
 //! The checksum layer: streaming rows by ctid ranges, verifying their checksums, and
 //! confirming and classifying suspects.
 
+use sanare_pg::catalog::TextForm;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -30,18 +31,6 @@ pub(crate) struct TablePlan {
     /// How each of `columns` is read so that its text is its `::text` form, the one
     /// the canonical row encoding hashes.
     pub(crate) forms: Vec<TextForm>,
-}
-
-/// How a column's canonical text form (`::text`) is read from a text COPY.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TextForm {
-    /// Its output is its `::text` (I/O or binary-coercible cast, or none).
-    Raw,
-    /// `character(n)`: `::text` drops the trailing blanks its output keeps.
-    TrimBlanks,
-    /// A cast function prints differently from the output (`boolean` gives `true`,
-    /// not `t`; `inet` adds the mask length; domains, to be safe): cast in SQL.
-    Cast,
 }
 
 impl TablePlan {
@@ -79,34 +68,14 @@ impl TablePlan {
         client: &impl GenericClient,
         oid: u32,
     ) -> Result<Self> {
-        let rows = client
-            .query(
-                "SELECT a.attname::text, ty.typtype::text, a.atttypid = 'bpchar'::regtype,
-                        (SELECT c.castmethod::text FROM pg_cast c
-                          WHERE c.castsource = a.atttypid AND c.casttarget = 'text'::regtype)
-                   FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
-                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&oid],
-            )
-            .await
-            .with_context(|| format!("reading how the columns of {} print as text", self.table))?;
+        let forms = sanare_pg::catalog::text_forms(client, oid).await?;
         for (i, (name, _)) in self.columns.iter().enumerate() {
             if i == self.checksum_idx {
                 continue;
             }
-            let Some(r) = rows.iter().find(|r| r.get::<_, String>(0) == *name) else {
-                continue;
-            };
-            let typtype: String = r.get(1);
-            let bpchar: bool = r.get(2);
-            let method: Option<String> = r.get(3);
-            self.forms[i] = if bpchar {
-                TextForm::TrimBlanks
-            } else if typtype == "d" || method.as_deref() == Some("f") {
-                TextForm::Cast
-            } else {
-                TextForm::Raw
-            };
+            if let Some(form) = forms.get(name) {
+                self.forms[i] = *form;
+            }
         }
         Ok(self)
     }

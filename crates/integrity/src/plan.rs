@@ -1,6 +1,7 @@
 //! Turns the catalog and the declared rules into probes: SQL that finds suspect rows
 //! of one table, either over a key range (chunked) or over a list of keys (re-check).
 
+pub(crate) use sanare_pg::catalog::TextForm;
 use std::collections::BTreeSet;
 
 use sanare_core::{CheckFamily, Error, Result, Severity, TableRef, ViolationKind};
@@ -580,55 +581,20 @@ fn replace_value_keyword(expr: &str, replacement: &str) -> String {
     out
 }
 
-/// How the checksum probe gets a column's canonical text form (its `::text`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TextForm {
-    /// The type's output is its `::text` (I/O or binary-coercible cast, or none):
-    /// read as is from a text COPY, no work for the server.
-    Raw,
-    /// `character(n)`: `::text` is the output without its trailing blanks, trimmed
-    /// by the reader (the SQL cast costs the server more than the rest of the row).
-    TrimBlanks,
-    /// A cast function that prints differently from the output (`boolean` gives
-    /// `true`, not `t`; `inet` adds the mask length; domains, to be safe): cast in
-    /// SQL.
-    Cast,
-}
-
-/// The [`TextForm`] of each of `columns` of table `oid`, from `pg_cast`.
+/// The [`TextForm`] of each of `columns` of table `oid`.
 async fn text_forms(
     client: &impl GenericClient,
     oid: u32,
     columns: &[String],
 ) -> Result<Vec<TextForm>> {
-    let rows = client
-        .query(
-            "SELECT a.attname::text, ty.typtype::text, a.atttypid = 'bpchar'::regtype,
-                    (SELECT c.castmethod::text FROM pg_cast c
-                      WHERE c.castsource = a.atttypid AND c.casttarget = 'text'::regtype)
-               FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
-              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&oid],
-        )
-        .await
-        .context("reading how columns print as text")?;
+    let forms = sanare_pg::catalog::text_forms(client, oid).await?;
     columns
         .iter()
         .map(|c| {
-            let r = rows
-                .iter()
-                .find(|r| r.get::<_, String>(0) == *c)
-                .ok_or_else(|| Error::not_found(format!("column `{c}` in the catalog")))?;
-            let typtype: String = r.get(1);
-            let bpchar: bool = r.get(2);
-            let method: Option<String> = r.get(3);
-            Ok(if bpchar {
-                TextForm::TrimBlanks
-            } else if typtype == "d" || method.as_deref() == Some("f") {
-                TextForm::Cast
-            } else {
-                TextForm::Raw
-            })
+            forms
+                .get(c)
+                .copied()
+                .ok_or_else(|| Error::not_found(format!("column `{c}` in the catalog")))
         })
         .collect()
 }

@@ -237,3 +237,55 @@ pub fn fk_order(tables: &[TableInfo]) -> Vec<TableRef> {
     }
     order
 }
+
+/// How a column's canonical text form (its `::text`) is read from a text `COPY`.
+///
+/// Row checksums hash each value's `::text`; a text `COPY` prints each value with the
+/// type's output function. The two differ only for some types, so readers cast in
+/// SQL only where they must.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextForm {
+    /// The type's output is its `::text` (I/O or binary-coercible cast, or none):
+    /// read as is, no work for the server.
+    Raw,
+    /// `character(n)`: `::text` is the output without its trailing blanks, trimmed by
+    /// the reader (the SQL cast costs the server more than the rest of the row).
+    TrimBlanks,
+    /// A cast function prints differently from the output (`boolean` gives `true`,
+    /// not `t`; `inet` adds the mask length; domains, to be safe): cast in SQL.
+    Cast,
+}
+
+/// The [`TextForm`] of every column of table `oid`, by column name, from `pg_cast`.
+pub async fn text_forms(
+    client: &impl GenericClient,
+    oid: u32,
+) -> Result<std::collections::HashMap<String, TextForm>> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, ty.typtype::text, a.atttypid = 'bpchar'::regtype,
+                    (SELECT c.castmethod::text FROM pg_cast c
+                      WHERE c.castsource = a.atttypid AND c.casttarget = 'text'::regtype)
+               FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&oid],
+        )
+        .await
+        .context("reading how columns print as text")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let typtype: String = r.get(1);
+            let bpchar: bool = r.get(2);
+            let method: Option<String> = r.get(3);
+            let form = if bpchar {
+                TextForm::TrimBlanks
+            } else if typtype == "d" || method.as_deref() == Some("f") {
+                TextForm::Cast
+            } else {
+                TextForm::Raw
+            };
+            (r.get::<_, String>(0), form)
+        })
+        .collect())
+}
