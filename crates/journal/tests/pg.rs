@@ -303,16 +303,7 @@ async fn pg_handlers_commit_effect_and_mark_together() {
         .await
         .unwrap();
     assert_eq!((second.applied, second.already_applied), (1, 19));
-    let rows: Vec<(i64, i64)> = client
-        .query(
-            "SELECT position, count(*) FROM applied_rows GROUP BY position ORDER BY position",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows = applied_counts(&client).await;
     assert_eq!(rows.len(), 20);
     assert!(rows.iter().all(|(_, n)| *n == 1));
 }
@@ -582,16 +573,7 @@ async fn batch_pg_handlers_are_exactly_once_across_an_interrupted_replay() {
         .await
         .unwrap();
     assert_eq!((third.applied, third.already_applied), (1, 94));
-    let rows: Vec<(i64, i64)> = client
-        .query(
-            "SELECT position, count(*) FROM applied_rows GROUP BY position ORDER BY position",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows = applied_counts(&client).await;
     assert_eq!(rows.len(), 95);
     assert!(rows.iter().all(|(_, n)| *n == 1), "{rows:?}");
 }
@@ -701,4 +683,18 @@ async fn a_cut_ignores_writers_that_started_after_its_snapshot() {
         "both late entries, in order"
     );
     assert_eq!(s.applied, 2);
+}
+
+/// How many times each position's effect landed in `applied_rows`.
+async fn applied_counts(client: &tokio_postgres::Client) -> Vec<(i64, i64)> {
+    client
+        .query(
+            "SELECT position, count(*) FROM applied_rows GROUP BY position ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }
