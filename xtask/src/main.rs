@@ -47,8 +47,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The workspace root. `cargo run` (which `cargo xtask` is) sets
+/// `CARGO_MANIFEST_DIR` at run time; that wins over the path baked in at build
+/// time, so a binary built from another checkout sharing the target directory
+/// still works on this one.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
