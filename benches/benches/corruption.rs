@@ -174,11 +174,11 @@ fn main() {
         let (mut without, mut with) = (0.0, 0.0);
         for _ in 0..2 {
             without += write_load(db.pool(), "hot_rows", mrows, d).await / 2.0;
-            let monitor = det.start_monitor(hot.clone());
+            let monitor = det.start_monitor(hot.clone()).await.unwrap();
             with += write_load(db.pool(), "hot_rows", mrows, d).await / 2.0;
             monitor.stop().await;
         }
-        let monitor = det.start_monitor(hot);
+        let monitor = det.start_monitor(hot).await.unwrap();
         let retained = with / without * 100.0;
         figures.set("write_throughput_without_monitor_per_s", without);
         figures.set("write_throughput_with_monitor_per_s", with);

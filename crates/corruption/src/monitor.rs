@@ -94,17 +94,32 @@ impl Drop for MonitorHandle {
 
 impl CorruptionDetector {
     /// Starts real-time monitoring of the configured host schemas (or of `tables`
-    /// when not empty) on the current tokio runtime. Only rows changed after the
-    /// start are verified; `pg_stat_database.checksum_failures` is polled too.
-    pub fn start_monitor(&self, tables: Vec<TableRef>) -> MonitorHandle {
-        let cancel = CancellationToken::new();
+    /// when not empty) on the current tokio runtime; `pg_stat_database.checksum_failures`
+    /// is polled too.
+    ///
+    /// The first poll runs before this returns: it reads the tables' plans and the
+    /// snapshot horizon, so every row changed by a transaction that commits after
+    /// the call returns is re-verified (rows changed before are the periodic
+    /// scan's). Later polls that fail are logged and counted in
+    /// [`MonitorStats::errors`], and the monitor keeps going.
+    ///
+    /// # Errors
+    /// When the first poll fails: the database is unreachable, or a monitored table
+    /// cannot be described.
+    pub async fn start_monitor(&self, tables: Vec<TableRef>) -> Result<MonitorHandle> {
+        let mut state = MonitorState::default();
+        let (rows, issues) = self.poll_once(&tables, &mut state).await?;
         let counters = Arc::new(Counters::default());
+        counters.polls.store(1, Ordering::Relaxed);
+        counters.rows.store(rows, Ordering::Relaxed);
+        counters.issues.store(issues, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
         let detector = self.clone();
         let token = cancel.clone();
         let c = Arc::clone(&counters);
         let task = tokio::spawn(async move {
-            let mut state = MonitorState::default();
-            let mut tick = tokio::time::interval(detector.inner.config.monitor_interval);
+            let period = detector.inner.config.monitor_interval;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -125,11 +140,11 @@ impl CorruptionDetector {
                 c.polls.fetch_add(1, Ordering::Relaxed);
             }
         });
-        MonitorHandle {
+        Ok(MonitorHandle {
             cancel,
             task: Some(task),
             counters,
-        }
+        })
     }
 
     async fn poll_once(&self, tables: &[TableRef], state: &mut MonitorState) -> Result<(u64, u64)> {

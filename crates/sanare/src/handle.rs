@@ -462,8 +462,11 @@ impl SanareBuilder {
         };
 
         let shutdown = CancellationToken::new();
-        let monitor =
-            (service && config.corruption.real_time).then(|| corruption.start_monitor(Vec::new()));
+        let monitor = if service && config.corruption.real_time {
+            Some(corruption.start_monitor(Vec::new()).await?)
+        } else {
+            None
+        };
         let config = Arc::new(config);
         let background = (service && self.background).then(|| {
             let instance = self.instance.unwrap_or_else(default_instance_name);
