@@ -37,7 +37,7 @@ impl PlaceOrder {
 }
 
 /// Replays `order.placed` in the replay transaction (the effect and the entry's
-/// applied mark commit together); a run of entries is applied in three statements.
+/// applied mark commit together); a run of entries is applied in one statement.
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyOrder;
 
@@ -53,8 +53,7 @@ impl PgHandler for ApplyOrder {
             .await
             .map_err(|e| sanare::Error::database("applying order.placed", e, false))
     }
-    /// The whole run in three statements: the orders (`unnest` arrays, existing
-    /// ones left alone), the lines of the orders just inserted, their totals.
+    /// The whole run in one statement ([`apply_orders`]).
     async fn apply_batch(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -109,35 +108,28 @@ pub async fn apply_order(
     Ok(())
 }
 
-/// Applies many orders in three statements; orders already present are left alone.
+/// Applies many orders in one statement; orders already present are left alone
+/// (the first of two entries for the same order wins, as applied one by one).
+///
+/// The orders, with their totals computed from the products' prices, and the
+/// lines of the orders that were actually inserted go in through data-modifying
+/// CTEs: one round trip and one version of each order row (no follow-up
+/// `UPDATE` of the totals). The lines' foreign keys are checked at the end of the
+/// statement, when the orders inserted by it are visible.
 pub async fn apply_orders(
     tx: &impl tokio_postgres::GenericClient,
     orders: &[PlaceOrder],
 ) -> Result<(), tokio_postgres::Error> {
-    let ids: Vec<i64> = orders.iter().map(|o| o.order_id).collect();
-    let customers: Vec<i64> = orders.iter().map(|o| o.customer_id).collect();
-    let inserted: std::collections::HashSet<i64> = tx
-        .query(
-            "INSERT INTO shop.orders (id, customer_id, status, total_cents)
-             SELECT t.id, t.customer_id, 'pending', 0
-               FROM unnest($1::bigint[], $2::bigint[]) AS t(id, customer_id)
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-            &[&ids, &customers],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if inserted.is_empty() {
-        return Ok(());
-    }
+    let mut seen = std::collections::HashSet::with_capacity(orders.len());
+    let (mut ids, mut customers) = (Vec::new(), Vec::new());
     let (mut line_orders, mut line_nos, mut products, mut quantities) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut seen = std::collections::HashSet::new();
     for order in orders {
-        if !inserted.contains(&order.order_id) || !seen.insert(order.order_id) {
+        if !seen.insert(order.order_id) {
             continue;
         }
+        ids.push(order.order_id);
+        customers.push(order.customer_id);
         for (n, (product, qty)) in order.lines.iter().enumerate() {
             line_orders.push(order.order_id);
             line_nos.push(i32::try_from(n + 1).unwrap_or(i32::MAX));
@@ -145,21 +137,36 @@ pub async fn apply_orders(
             quantities.push(*qty);
         }
     }
+    if ids.is_empty() {
+        return Ok(());
+    }
     tx.execute(
-        "INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents, amount_cents)
-         SELECT t.order_id, t.line_no, p.id, t.quantity, p.price_cents, t.quantity * p.price_cents
-           FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::int[]) AS t(order_id, line_no, product_id, quantity)
-           JOIN shop.products p ON p.id = t.product_id",
-        &[&line_orders, &line_nos, &products, &quantities],
-    )
-    .await?;
-    let inserted: Vec<i64> = inserted.into_iter().collect();
-    tx.execute(
-        "UPDATE shop.orders o SET total_cents = s.total
-           FROM (SELECT order_id, sum(amount_cents) AS total FROM shop.order_lines
-                  WHERE order_id = ANY($1) GROUP BY order_id) s
-          WHERE o.id = s.order_id",
-        &[&inserted],
+        "WITH l AS (
+             SELECT t.order_id, t.line_no, p.id AS product_id, t.quantity, p.price_cents,
+                    t.quantity * p.price_cents AS amount_cents
+               FROM unnest($3::bigint[], $4::int[], $5::bigint[], $6::int[])
+                    AS t(order_id, line_no, product_id, quantity)
+               JOIN shop.products p ON p.id = t.product_id
+         ), totals AS (
+             SELECT order_id, sum(amount_cents) AS total FROM l GROUP BY order_id
+         ), o AS (
+             INSERT INTO shop.orders (id, customer_id, status, total_cents)
+             SELECT t.id, t.customer_id, 'pending', coalesce(s.total, 0)
+               FROM unnest($1::bigint[], $2::bigint[]) AS t(id, customer_id)
+               LEFT JOIN totals s ON s.order_id = t.id
+             ON CONFLICT (id) DO NOTHING RETURNING id
+         )
+         INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents, amount_cents)
+         SELECT l.order_id, l.line_no, l.product_id, l.quantity, l.price_cents, l.amount_cents
+           FROM l JOIN o ON o.id = l.order_id",
+        &[
+            &ids,
+            &customers,
+            &line_orders,
+            &line_nos,
+            &products,
+            &quantities,
+        ],
     )
     .await?;
     Ok(())
