@@ -5,6 +5,8 @@
 //! Big workloads are measured once with `Instant` (a criterion loop over a minute-long
 //! scan would not fit the time budget). Environment:
 //! `SANARE_BENCH_INTEGRITY_SCALE` (pgbench scale, default 100 = 10M rows),
+//! `SANARE_BENCH_INTEGRITY_ONLY=checksum` (stop after the checksum figure, which
+//! is printed and not written: for quick iterations),
 //! `SANARE_BENCH_INTEGRITY_LOAD_SECS` (seconds per write-load phase, default 10; four
 //! phases).
 
@@ -192,6 +194,11 @@ async fn main() {
         "checksum_rows_per_s",
         s.rows_checked as f64 / t.elapsed().as_secs_f64(),
     );
+    if std::env::var("SANARE_BENCH_INTEGRITY_ONLY").as_deref() == Ok("checksum") {
+        // Quick iterations on the checksum figure (with a small scale): skip the rest.
+        eprintln!("integrity bench: checksum only: {figures:?}");
+        return;
+    }
 
     // All four families over everything.
     let mut all_rules = declared;
