@@ -59,7 +59,6 @@
 
 mod alert;
 mod classify;
-mod copy;
 mod detector;
 mod issue;
 pub mod monitor;

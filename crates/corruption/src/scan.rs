@@ -15,8 +15,8 @@ use sanare_pg::catalog::TableInfo;
 use sanare_pg::{PgResultExt, quote_ident};
 
 use crate::classify::{bit_distance, classify_value};
-use crate::copy::{decode_bytea_hex, decode_line};
 use crate::issue::{CorruptionIssue, Layer};
+use sanare_pg::copy_text::{TextCopyRows, decode_bytea_hex};
 
 /// How a table is read by the checksum layer.
 #[derive(Clone, Debug)]
@@ -140,9 +140,9 @@ pub(crate) struct Suspect {
 pub(crate) struct RowVerifier<'a> {
     plan: &'a TablePlan,
     checksum: &'a dyn RowChecksum,
+    decoder: TextCopyRows,
     fields: Vec<Option<String>>,
     values: Vec<ColumnValue>,
-    pending: Vec<u8>,
     pub(crate) rows: u64,
     pub(crate) suspects: Vec<Suspect>,
 }
@@ -161,60 +161,60 @@ impl<'a> RowVerifier<'a> {
             checksum,
             fields: vec![None; plan.columns.len()],
             values,
-            pending: Vec::new(),
+            decoder: TextCopyRows::default(),
             rows: 0,
             suspects: Vec::new(),
         }
     }
 
     /// Feeds a piece of the COPY stream.
-    pub(crate) fn feed(&mut self, mut data: &[u8]) -> Result<()> {
-        if !self.pending.is_empty() {
-            match data.iter().position(|&b| b == b'\n') {
-                Some(p) => {
-                    let mut line = std::mem::take(&mut self.pending);
-                    line.extend_from_slice(&data[..p]);
-                    self.line(&line)?;
-                    data = &data[p + 1..];
-                }
-                None => {
-                    self.pending.extend_from_slice(data);
-                    return Ok(());
-                }
-            }
-        }
-        while let Some(p) = data.iter().position(|&b| b == b'\n') {
-            self.line(&data[..p])?;
-            data = &data[p + 1..];
-        }
-        self.pending.extend_from_slice(data);
-        Ok(())
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Result<()> {
+        let mut decoder = std::mem::take(&mut self.decoder);
+        let r = decoder.feed(data, &mut |fields| self.row(fields));
+        self.decoder = decoder;
+        r
     }
 
     /// Ends the stream; a partial last line is an error.
     pub(crate) fn finish(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::corrupt(
-                format!("COPY stream of {}", self.plan.table),
-                "ends in the middle of a row",
-            ))
-        }
-    }
-
-    fn line(&mut self, line: &[u8]) -> Result<()> {
-        let n = decode_line(line, &mut self.fields).ok_or_else(|| {
+        self.decoder.finish().map_err(|_| {
             Error::corrupt(
                 format!("COPY stream of {}", self.plan.table),
-                "a row could not be decoded",
+                "ends in the middle of a row",
             )
-        })?;
-        if n != self.plan.columns.len() {
+        })
+    }
+
+    fn row(&mut self, raw: &[Option<&[u8]>]) -> Result<()> {
+        if raw.len() != self.plan.columns.len() {
             return Err(Error::corrupt(
                 format!("COPY stream of {}", self.plan.table),
-                format!("a row has {n} fields, expected {}", self.plan.columns.len()),
+                format!(
+                    "a row has {} fields, expected {}",
+                    raw.len(),
+                    self.plan.columns.len()
+                ),
             ));
+        }
+        for (slot, f) in self.fields.iter_mut().zip(raw) {
+            match f {
+                None => *slot = None,
+                Some(b) => {
+                    let v = std::str::from_utf8(b).map_err(|_| {
+                        Error::corrupt(
+                            format!("COPY stream of {}", self.plan.table),
+                            "a value is not valid UTF-8",
+                        )
+                    })?;
+                    match slot {
+                        Some(s) => {
+                            s.clear();
+                            s.push_str(v);
+                        }
+                        None => *slot = Some(v.to_owned()),
+                    }
+                }
+            }
         }
         self.rows += 1;
         let mut j = 0;
@@ -240,6 +240,7 @@ impl<'a> RowVerifier<'a> {
         let computed = self.checksum.checksum(&self.values);
         let stored = self.fields[self.plan.checksum_idx]
             .as_deref()
+            .map(str::as_bytes)
             .and_then(decode_bytea_hex);
         if stored.as_deref() != Some(&computed[..]) {
             self.suspects.push(Suspect {
@@ -317,6 +318,7 @@ pub(crate) async fn confirm(
     let computed = checksum.checksum(&values);
     let stored = fields[plan.checksum_idx]
         .as_deref()
+        .map(str::as_bytes)
         .and_then(decode_bytea_hex);
     if stored.as_deref() == Some(&computed[..]) {
         return Ok(None);

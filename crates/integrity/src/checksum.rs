@@ -146,18 +146,15 @@ impl Checksummer {
 
     /// A fresh incremental hasher for a row of `ncols` columns.
     pub fn row(&self, ncols: u32) -> RowHasher {
-        let inner = match (self.algorithm, &self.key) {
-            (ChecksumAlgorithm::Blake3Keyed, Some(key)) => {
-                Inner::Blake3(Box::new(blake3::Hasher::new_keyed(key)))
-            }
-            (ChecksumAlgorithm::Sha256, _) => Inner::Sha256(sha2::Sha256::new()),
-            _ => Inner::Blake3(Box::new(blake3::Hasher::new())),
-        };
-        let mut h = RowHasher { inner };
-        h.update(&ROW_MAGIC);
-        h.update(&ENCODING_VERSION.to_be_bytes());
-        h.update(&ncols.to_be_bytes());
-        h
+        let mut buf = Vec::with_capacity(128);
+        buf.extend_from_slice(&ROW_MAGIC);
+        buf.extend_from_slice(&ENCODING_VERSION.to_be_bytes());
+        buf.extend_from_slice(&ncols.to_be_bytes());
+        RowHasher {
+            algorithm: self.algorithm,
+            key: self.key,
+            buf,
+        }
     }
 
     /// The canonical encoding of a row (what is hashed), for tests and tools.
@@ -199,15 +196,14 @@ impl RowChecksum for Checksummer {
     }
 }
 
-enum Inner {
-    Blake3(Box<blake3::Hasher>),
-    Sha256(sha2::Sha256),
-}
-
 /// An incremental row hash: feed each column with [`RowHasher::field`], then
 /// [`RowHasher::finish`].
 pub struct RowHasher {
-    inner: Inner,
+    algorithm: ChecksumAlgorithm,
+    key: Option<[u8; 32]>,
+    /// The row's canonical encoding so far, hashed in one call by `finish`: a
+    /// hasher fed field by field pays its per-call cost several times per column.
+    buf: Vec<u8>,
 }
 
 impl fmt::Debug for RowHasher {
@@ -217,32 +213,26 @@ impl fmt::Debug for RowHasher {
 }
 
 impl RowHasher {
-    fn update(&mut self, bytes: &[u8]) {
-        match &mut self.inner {
-            Inner::Blake3(h) => {
-                h.update(bytes);
-            }
-            Inner::Sha256(h) => h.update(bytes),
-        }
-    }
-
     /// Adds one column: `None` for NULL, else the UTF-8 bytes of its text form.
     pub fn field(&mut self, value: Option<&[u8]>) {
         match value {
-            None => self.update(&[0]),
+            None => self.buf.push(0),
             Some(b) => {
-                self.update(&[1]);
-                self.update(&len_u32(b.len()).to_be_bytes());
-                self.update(b);
+                self.buf.push(1);
+                self.buf.extend_from_slice(&len_u32(b.len()).to_be_bytes());
+                self.buf.extend_from_slice(b);
             }
         }
     }
 
     /// The 32-byte checksum.
     pub fn finish(self) -> [u8; 32] {
-        match self.inner {
-            Inner::Blake3(h) => *h.finalize().as_bytes(),
-            Inner::Sha256(h) => h.finalize().into(),
+        match (self.algorithm, &self.key) {
+            (ChecksumAlgorithm::Blake3Keyed, Some(key)) => {
+                *blake3::keyed_hash(key, &self.buf).as_bytes()
+            }
+            (ChecksumAlgorithm::Sha256, _) => sha2::Sha256::digest(&self.buf).into(),
+            _ => *blake3::hash(&self.buf).as_bytes(),
         }
     }
 }

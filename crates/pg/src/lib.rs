@@ -5,6 +5,7 @@
 //! - [`Migrations`]: each component's versioned, embedded migrations, applied
 //!   idempotently under an advisory lock so that concurrent starts are safe;
 //! - [`catalog`]: introspection of host tables (columns, keys, foreign keys, order);
+//! - [`copy_text`]: decoding a text `COPY … TO STDOUT` stream on the client;
 //! - [`PgResultExt`]: mapping driver errors into [`sanare_core::Error`] with context;
 //! - [`quote_ident`] and [`connect_pool`].
 //!
@@ -18,6 +19,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod catalog;
+pub mod copy_text;
 mod error;
 mod ident;
 mod migrate;
