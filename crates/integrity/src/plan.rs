@@ -39,6 +39,12 @@ pub(crate) struct Relationship {
     pub(crate) parent_columns: Vec<String>,
     pub(crate) severity: Severity,
     pub(crate) validated: Option<bool>,
+    /// Look each child row's parent up through the parent's key index (a nested
+    /// loop) instead of letting the planner hash the whole parent table: set for
+    /// foreign keys (whose parent columns always have a unique index) when the
+    /// parent holds many more rows than a chunk, where hashing it again for every
+    /// chunk would dominate the check.
+    pub(crate) probe_parent_index: bool,
 }
 
 /// SQL that finds suspects.
@@ -148,6 +154,15 @@ impl TablePlan {
         format!("({})", lits.join(", "))
     }
 
+    /// `'v1'::type1`: the first key column's value of `values`.
+    pub(crate) fn first_key_literal(&self, values: &[Option<String>]) -> String {
+        match (self.key.first(), values.first()) {
+            (Some(k), Some(Some(v))) => format!("{}::{}", quote_literal(v), k.type_name),
+            (Some(k), _) => format!("NULL::{}", k.type_name),
+            (None, _) => "NULL".to_owned(),
+        }
+    }
+
     /// A predicate selecting exactly `keys` (for re-checks).
     pub(crate) fn keys_predicate(&self, keys: &[Vec<Option<String>>]) -> String {
         if keys.is_empty() {
@@ -170,6 +185,7 @@ pub(crate) async fn plan_table(
     rules: &Rules,
     families: &[CheckFamily],
     checksum_key: Option<[u8; 32]>,
+    chunk_rows: u64,
 ) -> Result<TablePlan> {
     let info = sanare_pg::catalog::describe(client, table).await?;
     let key = if info.primary_key.is_empty() {
@@ -307,6 +323,7 @@ pub(crate) async fn plan_table(
     }
     if wants(families, CheckFamily::Referential) {
         for fk in &info.foreign_keys {
+            let parent_rows = estimated_rows(client, &fk.parent).await?;
             probes.push(Probe::Orphans(Relationship {
                 name: fk.name.clone(),
                 columns: fk.columns.clone(),
@@ -314,6 +331,8 @@ pub(crate) async fn plan_table(
                 parent_columns: fk.parent_columns.clone(),
                 severity: Severity::High,
                 validated: Some(fk.validated),
+                probe_parent_index: u64::try_from(parent_rows)
+                    .is_ok_and(|n| n > chunk_rows.saturating_mul(4)),
             }));
         }
         for r in rules.relationship.iter().filter(|r| mine(&r.table)) {
@@ -327,6 +346,8 @@ pub(crate) async fn plan_table(
                 parent_columns: r.parent_columns.clone(),
                 severity: r.severity.unwrap_or(Severity::High),
                 validated: None,
+                // A declared relationship's parent columns may have no index.
+                probe_parent_index: false,
             }));
         }
     }
@@ -355,6 +376,18 @@ pub(crate) async fn plan_table(
         estimated_rows: info.estimated_rows,
         probes,
     })
+}
+
+/// The planner's estimate of `table`'s rows (0 when never analysed or empty).
+async fn estimated_rows(client: &impl GenericClient, table: &TableRef) -> Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = $1::text::regclass",
+            &[&table.quoted()],
+        )
+        .await
+        .with_context(|| format!("estimating the rows of {table}"))?;
+    Ok(row.get(0))
 }
 
 fn require_column(info: &TableInfo, column: &str) -> Result<()> {

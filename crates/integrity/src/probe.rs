@@ -113,10 +113,24 @@ pub(crate) async fn run_probe(
                 parent = rel.parent.quoted(),
                 join = join.join(" AND "),
             );
+            if rel.probe_parent_index {
+                client
+                    .batch_execute(
+                        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off",
+                    )
+                    .await
+                    .context("setting planner options for an orphan check")?;
+            }
             let rows = client
                 .query(&sql, &[])
                 .await
                 .with_context(|| format!("looking for orphans of {name} ({})", rel.name))?;
+            if rel.probe_parent_index {
+                client
+                    .batch_execute("RESET enable_hashjoin; RESET enable_mergejoin")
+                    .await
+                    .context("resetting planner options")?;
+            }
             let suspects = rows
                 .iter()
                 .map(|r| {

@@ -610,6 +610,7 @@ impl Integrity {
                         &self.inner.rules,
                         &scope.families,
                         self.inner.checksum_key,
+                        self.inner.config.chunk_rows,
                     )
                     .await?,
                 );
@@ -1173,6 +1174,12 @@ async fn plan_chunks(
     let t = plan.table.quoted();
     let kt = plan.key_tuple();
     let mut bounds: Vec<String> = Vec::new();
+    // For a composite key, each bound's first column: the planner estimates a row
+    // comparison `(k1, k2) >= (…)` with a fixed selectivity (a third of the table
+    // per side) and would scan the whole table for every chunk; a redundant range
+    // on the first column is estimated from its statistics and lets it use the
+    // key's index.
+    let mut leading: Vec<String> = Vec::new();
     if plan.by_ctid() {
         let row = client
             .query_one(
@@ -1242,6 +1249,9 @@ async fn plan_chunks(
             let Some(row) = row else { break };
             let key: Vec<Option<String>> = (0..plan.key.len()).map(|i| row.get(i)).collect();
             bounds.push(plan.key_literal(&key));
+            if plan.key.len() > 1 {
+                leading.push(plan.first_key_literal(&key));
+            }
             last = Some(key);
         }
     }
@@ -1250,18 +1260,29 @@ async fn plan_chunks(
     } else {
         kt
     };
+    let k1 = plan
+        .key
+        .first()
+        .map(|k| format!("t.{}", sanare_pg::quote_ident(&k.name)));
+    let hint = |i: usize, lower: bool| match (leading.get(i), &k1) {
+        (Some(v), Some(k1)) if lower => format!(" AND {k1} >= {v}"),
+        (Some(v), Some(k1)) => format!(" AND {k1} <= {v}"),
+        _ => String::new(),
+    };
     let mut preds = Vec::with_capacity(bounds.len() + 1);
-    let mut prev: Option<&String> = None;
-    for b in &bounds {
-        preds.push(match prev {
-            None => format!("{kt} < {b}"),
-            Some(p) => format!("{kt} >= {p} AND {kt} < {b}"),
+    for (i, b) in bounds.iter().enumerate() {
+        preds.push(match i.checked_sub(1).map(|j| (j, &bounds[j])) {
+            None => format!("{kt} < {b}{}", hint(i, false)),
+            Some((j, p)) => format!(
+                "{kt} >= {p} AND {kt} < {b}{}{}",
+                hint(j, true),
+                hint(i, false)
+            ),
         });
-        prev = Some(b);
     }
-    preds.push(match prev {
+    preds.push(match bounds.len().checked_sub(1) {
         None => "true".to_owned(),
-        Some(p) => format!("{kt} >= {p}"),
+        Some(j) => format!("{kt} >= {}{}", bounds[j], hint(j, true)),
     });
     Ok(preds)
 }
@@ -1296,6 +1317,7 @@ impl IntegrityService for Integrity {
             &self.inner.rules,
             &families,
             self.inner.checksum_key,
+            1,
         )
         .await?;
         let key = key_of(&plan, row)?;
