@@ -138,13 +138,18 @@ impl Sql {
             by_key: format!(
                 "SELECT idempotency_key, sequence_number, entry_id FROM {j} WHERE idempotency_key = ANY($1)"
             ),
+            // Read in position order through the primary key, stopping at the limit.
+            // The filters on time and operation type are written so that their
+            // indexes cannot be used: with stale statistics the planner would
+            // otherwise bitmap-scan every remaining match of the range and sort it
+            // for each batch of a replay (quadratic over the replay).
             scan: format!(
                 "SELECT {COLUMNS}, EXISTS (SELECT 1 FROM {a} a WHERE a.entry_id = j.entry_id) \
                  FROM {j} j WHERE sequence_number > $1 \
                  AND ($2::bigint IS NULL OR sequence_number <= $2) \
-                 AND ($3::timestamptz IS NULL OR entry_timestamp >= $3) \
-                 AND ($4::timestamptz IS NULL OR entry_timestamp < $4) \
-                 AND (cardinality($5::text[]) = 0 OR operation_type = ANY($5)) \
+                 AND ($3::timestamptz IS NULL OR entry_timestamp + interval '0' >= $3) \
+                 AND ($4::timestamptz IS NULL OR entry_timestamp + interval '0' < $4) \
+                 AND (cardinality($5::text[]) = 0 OR operation_type || '' = ANY($5)) \
                  AND (cardinality($6::text[]) = 0 OR idempotency_key = ANY($6)) \
                  AND ($7::text IS NULL OR NOT pg_visible_in_snapshot(writer_xid, $7::text::pg_snapshot)) \
                  ORDER BY sequence_number LIMIT $8"
