@@ -8,7 +8,8 @@
 //!   groups are written one after another by one thread: a successful sync `n`
 //!   therefore covers every group `≤ n`. `durable` is the highest sync number that
 //!   succeeded, and every pending group with `sync ≤ durable` is answered.
-//! - Groups leave `pending` from the front only, under the state lock: replies, the
+//! - Groups leave `pending` from the front only, under the state lock, into
+//!   `ready`, which one thread at a time answers outside the lock: replies, the
 //!   durable head, the active segment's in-memory index, metrics and
 //!   `JournalRecorded` events advance in position order.
 //! - Each sync thread flushes through its own open file description of the segment
@@ -89,8 +90,12 @@ struct Failure {
 }
 
 struct State {
-    /// Groups written and not answered yet, in position order.
+    /// Groups written and not settled yet, in position order.
     pending: VecDeque<Group>,
+    /// Groups settled (durable, or failed), waiting to be answered, in order.
+    ready: VecDeque<Group>,
+    /// Whether a thread is answering groups (one at a time, outside the lock).
+    answering: bool,
     /// The highest sync number that succeeded.
     durable: u64,
     /// Sync threads with nothing to do.
@@ -133,6 +138,8 @@ impl Pipeline {
         let pipeline = Arc::new(Self {
             state: Mutex::new(State {
                 pending: VecDeque::new(),
+                ready: VecDeque::new(),
+                answering: false,
                 durable: 0,
                 idle: (0..depth).rev().collect(),
                 failed: None,
@@ -200,20 +207,31 @@ impl Pipeline {
     /// must not be started.
     pub(crate) fn push(&self, mut group: Group) -> bool {
         let mut st = lock(&self.state);
-        if let Some(f) = st.failed.clone() {
-            fail_group(&mut group, &f);
-            return false;
-        }
-        st.pending.push_back(group);
-        self.advance(&mut st);
-        true
+        let accepted = match st.failed.clone() {
+            Some(f) => {
+                fail_group(&mut group, &f);
+                st.ready.push_back(group);
+                false
+            }
+            None => {
+                st.pending.push_back(group);
+                self.advance(&mut st);
+                true
+            }
+        };
+        self.answer(st);
+        accepted
     }
 
     /// Waits until every group is answered and no sync runs. `Err` with the
     /// failure when a sync failed.
     pub(crate) fn drain(&self) -> std::result::Result<(), String> {
         let mut st = lock(&self.state);
-        while !st.pending.is_empty() || st.idle.len() < self.depth {
+        while !st.pending.is_empty()
+            || !st.ready.is_empty()
+            || st.answering
+            || st.idle.len() < self.depth
+        {
             st = self
                 .changed
                 .wait(st)
@@ -244,28 +262,50 @@ impl Pipeline {
                         message: format!("fdatasync {sync} failed: {e}"),
                     };
                     tracing::error!(error = %e, sync, in_flight = st.pending.len(), "journal fdatasync failed; the journal stops accepting writes");
-                    for mut group in st.pending.drain(..) {
+                    while let Some(mut group) = st.pending.pop_front() {
                         fail_group(&mut group, &failure);
+                        st.ready.push_back(group);
                     }
                     st.failed = Some(failure);
                 }
             }
         }
+        self.answer(st);
+        self.changed.notify_all();
+    }
+
+    /// Moves the groups at the front that are durable to `ready`.
+    fn advance(&self, st: &mut State) {
+        while st.pending.front().is_some_and(|g| g.sync <= st.durable) {
+            if let Some(g) = st.pending.pop_front() {
+                st.ready.push_back(g);
+            }
+        }
+    }
+
+    /// Answers the ready groups, in order, outside the state lock (so the writer
+    /// and the other sync threads are not held up by the wake-ups). One thread
+    /// answers at a time; groups made ready meanwhile are answered by it too.
+    fn answer<'a>(&'a self, mut st: MutexGuard<'a, State>) {
+        if st.answering || st.ready.is_empty() {
+            return;
+        }
+        st.answering = true;
+        loop {
+            let groups: Vec<Group> = st.ready.drain(..).collect();
+            if groups.is_empty() {
+                st.answering = false;
+                break;
+            }
+            drop(st);
+            self.answer_groups(groups);
+            st = lock(&self.state);
+        }
         drop(st);
         self.changed.notify_all();
     }
 
-    /// Answers the groups at the front that are durable, in order.
-    fn advance(&self, st: &mut State) {
-        let ready = st
-            .pending
-            .iter()
-            .take_while(|g| g.sync <= st.durable)
-            .count();
-        if ready == 0 {
-            return;
-        }
-        let groups: Vec<Group> = st.pending.drain(..ready).collect();
+    fn answer_groups(&self, groups: Vec<Group>) {
         {
             let mut segs = lock(&self.shared.segments);
             if let Some(active) = segs.last_mut() {
@@ -300,18 +340,18 @@ impl Pipeline {
     }
 }
 
-/// Answers every caller of `group` that would have succeeded with the sync failure.
+/// Turns the answers of `group` that would have succeeded into the sync failure;
+/// its entries are not durable, so nothing else advances for it.
 fn fail_group(group: &mut Group, f: &Failure) {
-    for (reply, r) in group.replies.drain(..) {
-        let r = match r {
-            Ok(_) => Err(Error::io(
+    group.entries.clear();
+    for (_, r) in &mut group.replies {
+        if r.is_ok() {
+            *r = Err(Error::io(
                 "making journal entries durable: an fdatasync failed, so these entries may or \
                  may not be in the journal after a reopen (reopen it, then retry with the same \
                  idempotency key)",
                 std::io::Error::new(f.kind, f.message.clone()),
-            )),
-            Err(e) => Err(e),
-        };
-        let _ = reply.send(r);
+            ));
+        }
     }
 }
