@@ -264,8 +264,12 @@ impl JournalBuilder {
     /// (default 2, at most 16). The writer thread writes the next group while
     /// earlier groups are being flushed, each by its own sync thread; a caller is
     /// still answered only once its entry is durable, and callers are answered in
-    /// position order. 1 is classic group commit (one flush at a time); more than 2
-    /// helps only on a device that flushes several requests in parallel.
+    /// position order. A further flush starts only while the ones in flight have
+    /// run less than half their usual time (or run late); near the end of one,
+    /// callers wait for it and join the group after it, since two overlapping
+    /// flushes each take longer than one. 1 is classic group commit (one flush at a
+    /// time); more than 2 helps only on a device that flushes several requests in
+    /// parallel.
     pub fn sync_pipeline_depth(mut self, n: usize) -> Self {
         self.sync_pipeline_depth = n.clamp(1, 16);
         self

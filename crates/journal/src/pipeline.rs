@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
+use std::time::{Duration, Instant};
 
 use sanare_core::{Error, EventBus, Result};
 
@@ -100,6 +101,10 @@ struct State {
     durable: u64,
     /// Sync threads with nothing to do.
     idle: Vec<usize>,
+    /// When each busy sync thread got its group (indexed by slot).
+    started: Vec<Option<Instant>>,
+    /// Moving average of a sync's duration, in nanoseconds.
+    sync_ns: u64,
     /// The first failed sync.
     failed: Option<Failure>,
 }
@@ -142,6 +147,8 @@ impl Pipeline {
                 answering: false,
                 durable: 0,
                 idle: (0..depth).rev().collect(),
+                started: vec![None; depth],
+                sync_ns: 0,
                 failed: None,
             }),
             changed: Condvar::new(),
@@ -186,8 +193,36 @@ impl Pipeline {
             if let Some(f) = &st.failed {
                 return Err(f.message.clone());
             }
-            if let Some(slot) = st.idle.pop() {
-                return Ok(slot);
+            if !st.idle.is_empty() {
+                // A sync that is past half its usual time ends soon: the callers
+                // queued now join the group after it instead of starting a
+                // second, concurrent flush (which slows both). One that just
+                // started, or runs late, is overlapped.
+                let avg = Duration::from_nanos(st.sync_ns);
+                let now = Instant::now();
+                let ends_soon = st
+                    .started
+                    .iter()
+                    .flatten()
+                    .map(|t| now.saturating_duration_since(*t))
+                    .filter(|e| *e >= avg / 2 && *e < avg * 3 / 2)
+                    .min();
+                match ends_soon {
+                    Some(elapsed) => {
+                        st = self
+                            .changed
+                            .wait_timeout(st, avg * 3 / 2 - elapsed)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                        continue;
+                    }
+                    None => {
+                        if let Some(slot) = st.idle.pop() {
+                            st.started[slot] = Some(now);
+                            return Ok(slot);
+                        }
+                    }
+                }
             }
             st = self
                 .changed
@@ -198,7 +233,10 @@ impl Pipeline {
 
     /// Gives back a sync thread that got no job.
     pub(crate) fn release(&self, slot: usize) {
-        lock(&self.state).idle.push(slot);
+        let mut st = lock(&self.state);
+        st.started[slot] = None;
+        st.idle.push(slot);
+        drop(st);
         self.changed.notify_all();
     }
 
@@ -246,6 +284,16 @@ impl Pipeline {
     /// Reports sync number `sync` done on `slot` with `res`.
     pub(crate) fn complete(&self, slot: usize, sync: u64, res: std::io::Result<()>) {
         let mut st = lock(&self.state);
+        if let Some(t) = st.started[slot].take() {
+            let took = u64::try_from(t.elapsed().as_nanos())
+                .unwrap_or(u64::MAX)
+                .min(10_000_000_000);
+            st.sync_ns = if st.sync_ns == 0 {
+                took
+            } else {
+                (st.sync_ns * 7 + took) / 8
+            };
+        }
         st.idle.push(slot);
         match res {
             Ok(()) => {
