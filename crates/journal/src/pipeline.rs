@@ -176,10 +176,13 @@ impl Pipeline {
 
     fn sync_thread(&self, slot: usize, jobs: &mpsc::Receiver<SyncJob>) {
         while let Ok(job) = jobs.recv() {
-            let res = self
-                .faults
-                .check(FaultPoint::Sync { sync: job.sync })
-                .and_then(|()| job.file.sync_data());
+            // A panic (of a test hook) must not leave the group unanswered.
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.faults
+                    .check(FaultPoint::Sync { sync: job.sync })
+                    .and_then(|()| job.file.sync_data())
+            }))
+            .unwrap_or_else(|_| Err(std::io::Error::other("the journal sync thread panicked")));
             drop(job.file);
             self.complete(slot, job.sync, res);
         }
