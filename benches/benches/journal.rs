@@ -106,6 +106,38 @@ fn fdatasync_preallocated(n: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// `threads` threads each doing `n` × (`write` + `fdatasync` of a 264-byte
+/// record) on their own part of one preallocated file, each through its own file
+/// description: the flush rate two pipelined group commits can get at best.
+fn fdatasync_preallocated_threads(threads: usize, n: usize) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let dir = scratch();
+    let path = dir.path().join("prealloc-threads.log");
+    let f = std::fs::File::create(&path).expect("prealloc file");
+    f.write_all_at(&vec![0u8; threads * n * 264], 0)
+        .expect("prefill");
+    f.sync_all().expect("fsync");
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let path = &path;
+            s.spawn(move || {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .expect("prealloc file");
+                let rec = [b'x'; 264];
+                for i in 0..n {
+                    f.write_all_at(&rec, ((t * n + i) * 264) as u64)
+                        .expect("write");
+                    f.sync_data().expect("fdatasync");
+                }
+            });
+        }
+    });
+    (threads * n) as f64 / start.elapsed().as_secs_f64()
+}
+
 /// CPU seconds used by this process so far (all threads).
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the zeroed struct it is given.
@@ -261,20 +293,41 @@ async fn run_figures(figures: &mut Figures) {
         let dir = scratch();
         let wal = Journal::wal(dir.path()).build().await.expect("wal");
         let _ = concurrent_records(&wal, 50).await; // warm-up
+        let cpu = cpu_seconds();
+        let started = Instant::now();
         let wal_rate = concurrent_records(&wal, 4000).await;
+        let cpu_share = (cpu_seconds() - cpu) / started.elapsed().as_secs_f64();
+        drop(wal);
+        // The same workload with one flush at a time (classic group commit).
+        let dir1 = scratch();
+        let wal1 = Journal::wal(dir1.path())
+            .sync_pipeline_depth(1)
+            .build()
+            .await
+            .expect("wal");
+        let _ = concurrent_records(&wal1, 50).await;
+        let depth1 = concurrent_records(&wal1, 4000).await;
+        drop(wal1);
         let naive = naive_fsync_per_entry(3000);
         let prealloc = fdatasync_preallocated(3000);
+        let two = tokio::task::spawn_blocking(|| fdatasync_preallocated_threads(2, 1500))
+            .await
+            .expect("two flushers");
         println!(
-            "wal: {wal_rate:.0} entries/s, naive fsync per entry: {naive:.0}/s, \
-             fdatasync on a preallocated file: {prealloc:.0}/s (ceiling {:.0}/s)",
+            "wal: {wal_rate:.0} entries/s ({:.0} % of one core), one flush at a time: \
+             {depth1:.0}/s, naive fsync per entry: {naive:.0}/s, fdatasync on a \
+             preallocated file: {prealloc:.0}/s (ceiling {:.0}/s), two threads: {two:.0}/s",
+            cpu_share * 100.0,
             WRITERS as f64 * prealloc
         );
         figures.set("wal_fdatasync_preallocated_per_s", prealloc);
+        figures.set("wal_fdatasync_preallocated_2_threads_per_s", two);
         figures.set("wal_ceiling_32_writers_per_s", WRITERS as f64 * prealloc);
         figures.set("wal_appends_per_s", wal_rate);
+        figures.set("wal_cpu_cores_used", cpu_share);
+        figures.set("wal_one_flush_at_a_time_per_s", depth1);
         figures.set("wal_naive_fsync_per_s", naive);
         figures.set("wal_vs_naive_fsync_ratio", wal_rate / naive);
-        drop(wal);
     }
 
     // --- Replay into a no-op handler (WAL).

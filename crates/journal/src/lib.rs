@@ -7,9 +7,14 @@
 //!
 //! - **Segment-file WAL** ([`Journal::wal`]), the embedded default. Records are framed
 //!   (magic, version, kind, length, CRC-32C; `docs/formats.md`) and appended to
-//!   segment files by one writer thread that commits in groups: every caller waiting
-//!   while an `fdatasync` runs shares the next one, and [`Journal::record`] returns
-//!   only once the entry is durable. Segments rotate at a size limit; on open a torn
+//!   segment files by one writer thread that commits in groups, pipelined: it
+//!   writes a group with one `pwrite` and hands its `fdatasync` to a sync thread,
+//!   then writes the next group while up to
+//!   [`sync_pipeline_depth`](JournalBuilder::sync_pipeline_depth) (default 2)
+//!   flushes run; callers arriving while that many are in flight share the next
+//!   group. [`Journal::record`] returns only once the entry is durable, and callers,
+//!   the head, events and metrics advance in position order. See
+//!   [Write failures](#write-failures). Segments rotate at a size limit; on open a torn
 //!   tail is cut off and reported, and damage followed by valid records is isolated
 //!   and reported in [`OpenReport`] (the rest stays readable). [`Journal::compact`]
 //!   compresses sealed segments (brotli), [`Journal::purge`] drops whole segments
@@ -41,6 +46,24 @@
 //! [`ReplayRange::After`] a cut additionally skips every entry whose writer is visible
 //! in the cut's snapshot (`pg_visible_in_snapshot`), so restore + replay is exact
 //! even with out-of-order commits.
+//!
+//! # Write failures
+//! A failed `pwrite` or `fdatasync` stops the WAL from accepting entries until it
+//! is reopened (later callers get [`Error::Unavailable`]). When a group's `pwrite`
+//! fails, its callers get [`Error::Io`] and their entries are not recorded; groups
+//! written before it are settled by their own `fdatasync`. When an `fdatasync`
+//! fails, every caller not answered yet — the failed group's and every other group
+//! in flight — gets [`Error::Io`]: their entries are *maybe durable*. They were
+//! written, but whether they reached the disk is unknown (Linux may have dropped
+//! the dirty pages), so after a reopen any of them may or may not be in the
+//! journal, always after the last acknowledged entry. A caller that
+//! must know retries after the reopen with the same idempotency key: it gets the
+//! entry if it is there, or records it. Every entry acknowledged before the
+//! failure is durable: a group is acknowledged only after an `fdatasync` that
+//! started after its `pwrite` succeeded, and no outcome is trusted after the first
+//! failure. Each sync thread flushes through its own open file description, so a
+//! writeback error is reported to each concurrent `fdatasync` rather than consumed
+//! by one of them.
 //!
 //! # Exactly-once replay
 //! Each applied entry gets an applied mark keyed by its id. A [`PgHandler`] runs in a
@@ -74,6 +97,7 @@ mod handler;
 mod index;
 mod lock;
 mod pg;
+mod pipeline;
 mod query;
 mod wal;
 
@@ -100,6 +124,38 @@ pub use pg::{MIGRATIONS, migrate};
 pub use query::Query;
 pub use wal::OpenReport;
 
+/// Fault injection for tests of the WAL's failure paths (feature `testing`).
+#[cfg(feature = "testing")]
+pub mod testing {
+    /// An I/O step of the WAL writer, passed to the hook of
+    /// [`JournalBuilder::inject_wal_faults`](crate::JournalBuilder::inject_wal_faults).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[non_exhaustive]
+    pub enum WalFault {
+        /// The `pwrite` of the `group`-th group commit with data since the journal
+        /// was opened (1-based).
+        Write {
+            /// Which group.
+            group: u64,
+        },
+        /// The `fdatasync` that makes the `sync`-th group durable (1-based; it
+        /// also covers every group before it).
+        Sync {
+            /// Which sync.
+            sync: u64,
+        },
+    }
+
+    impl From<crate::pipeline::FaultPoint> for WalFault {
+        fn from(p: crate::pipeline::FaultPoint) -> Self {
+            match p {
+                crate::pipeline::FaultPoint::Write { group } => Self::Write { group },
+                crate::pipeline::FaultPoint::Sync { sync } => Self::Sync { sync },
+            }
+        }
+    }
+}
+
 use query::ScanPlan;
 
 #[derive(Clone)]
@@ -122,6 +178,8 @@ pub struct JournalBuilder {
     events: Option<EventBus>,
     segment_size: u64,
     max_batch: usize,
+    sync_pipeline_depth: usize,
+    faults: pipeline::Faults,
     settle_timeout: Duration,
     handler_db: Option<(Pool, SchemaName)>,
     migrate: bool,
@@ -139,6 +197,8 @@ impl JournalBuilder {
             events: None,
             segment_size: 64 << 20,
             max_batch: 4096,
+            sync_pipeline_depth: 2,
+            faults: pipeline::Faults::default(),
             settle_timeout: Duration::from_secs(30),
             handler_db: None,
             migrate: true,
@@ -197,6 +257,34 @@ impl JournalBuilder {
     /// Most entries committed together (default 4096).
     pub fn max_batch(mut self, n: usize) -> Self {
         self.max_batch = n.max(1);
+        self
+    }
+
+    /// WAL: how many group commits may have their `fdatasync` in flight at once
+    /// (default 2, at most 16). The writer thread writes the next group while
+    /// earlier groups are being flushed, each by its own sync thread; a caller is
+    /// still answered only once its entry is durable, and callers are answered in
+    /// position order. A further flush starts only while the ones in flight have
+    /// run less than half their usual time (or run late); near the end of one,
+    /// callers wait for it and join the group after it, since two overlapping
+    /// flushes each take longer than one. 1 is classic group commit (one flush at a
+    /// time); more than 2 helps only on a device that flushes several requests in
+    /// parallel.
+    pub fn sync_pipeline_depth(mut self, n: usize) -> Self {
+        self.sync_pipeline_depth = n.clamp(1, 16);
+        self
+    }
+
+    /// WAL: calls `hook` before each `pwrite` and `fdatasync` of the writer; an
+    /// error it returns replaces the operation's outcome (the operation is not
+    /// run). It may also block, to hold a group in flight. For tests of the
+    /// failure paths (feature `testing`).
+    #[cfg(feature = "testing")]
+    pub fn inject_wal_faults(
+        mut self,
+        hook: impl Fn(testing::WalFault) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.faults = pipeline::Faults::new(Arc::new(move |at| hook(at.into())));
         self
     }
 
@@ -276,6 +364,8 @@ impl JournalBuilder {
                 let options = wal::WalOptions {
                     segment_size: self.segment_size,
                     max_batch: self.max_batch,
+                    sync_pipeline_depth: self.sync_pipeline_depth,
+                    faults: self.faults.clone(),
                     events: self.events.clone(),
                     read_only: self.read_only,
                     lock_wait: self.lock_wait,

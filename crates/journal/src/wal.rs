@@ -17,6 +17,7 @@ use crate::entry::{JournalEntry, NewEntry, Recorded};
 use crate::frame::{self, CorruptRegion};
 use crate::index::{self, SegmentIndex};
 use crate::lock::DirLock;
+use crate::pipeline::{FaultPoint, Faults, Group, Pipeline, SyncJob};
 use crate::query::ScanPlan;
 
 /// What opening the WAL found and did.
@@ -66,7 +67,7 @@ impl SegmentInfo {
         }
     }
 
-    fn add(&mut self, e: &JournalEntry) {
+    pub(crate) fn add(&mut self, e: &JournalEntry) {
         self.first.get_or_insert(e.position.0);
         self.last = Some(e.position.0);
         let t = e.recorded_at.unix_timestamp_nanos();
@@ -113,16 +114,18 @@ impl SegmentInfo {
     }
 }
 
-type Reply = oneshot::Sender<Result<Recorded>>;
+pub(crate) type Reply = oneshot::Sender<Result<Recorded>>;
 
 enum Cmd {
     Append(NewEntry, Reply),
     Rotate(oneshot::Sender<Result<()>>),
 }
 
-struct Shared {
-    head: AtomicU64,
-    segments: Mutex<Vec<SegmentInfo>>,
+pub(crate) struct Shared {
+    /// The last durable position.
+    pub(crate) head: AtomicU64,
+    /// Every segment; the last one is the active one.
+    pub(crate) segments: Mutex<Vec<SegmentInfo>>,
     report: OpenReport,
     marks: Mutex<Marks>,
 }
@@ -138,6 +141,10 @@ struct Marks {
 pub(crate) struct WalOptions {
     pub(crate) segment_size: u64,
     pub(crate) max_batch: usize,
+    /// Most group commits whose `fdatasync` runs at once (at least 1).
+    pub(crate) sync_pipeline_depth: usize,
+    /// Test hook that can fail the writer's I/O.
+    pub(crate) faults: Faults,
     pub(crate) events: Option<sanare_core::EventBus>,
     /// Open for reading only: no lock, nothing written (a torn or in-flight tail is
     /// left alone), appends and maintenance refused.
@@ -250,9 +257,18 @@ struct Writer {
     /// metadata to flush.
     alloc: u64,
     next: u64,
+    /// Idempotency keys of every entry written (durable or in flight).
     index: HashMap<String, (u64, Uuid)>,
     options: WalOptions,
     shared: Arc<Shared>,
+    /// Groups in flight and the sync threads.
+    pipe: Arc<Pipeline>,
+    /// One job queue per sync thread.
+    jobs: Vec<std::sync::mpsc::Sender<SyncJob>>,
+    /// One open file description of the active segment per sync thread.
+    sync_files: Vec<Arc<File>>,
+    /// Syncs started so far (sync `n` makes the `n`-th group with data durable).
+    submitted: u64,
     poisoned: Option<String>,
 }
 
@@ -462,6 +478,14 @@ impl Wal {
             report,
             marks: Mutex::new(marks),
         });
+        let depth = options.sync_pipeline_depth.max(1);
+        let (pipe, jobs) = Pipeline::start(
+            depth,
+            shared.clone(),
+            options.events.clone(),
+            options.faults.clone(),
+        )?;
+        let sync_files = open_sync_files(&active.path, depth)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             dir: dir.to_owned(),
@@ -473,6 +497,10 @@ impl Wal {
             index,
             options,
             shared: shared.clone(),
+            pipe,
+            jobs,
+            sync_files,
+            submitted: 0,
             poisoned: None,
         };
         std::thread::Builder::new()
@@ -875,48 +903,52 @@ fn open_marks_read_only(dir: &Path) -> Result<Marks> {
     })
 }
 
+/// Opens `n` file descriptions of a segment for the sync threads (separate
+/// `open`s, not `dup`s: see the invariants of the pipeline module).
+fn open_sync_files(path: &Path, n: usize) -> Result<Vec<Arc<File>>> {
+    (0..n)
+        .map(|_| {
+            File::open(path).map(Arc::new).map_err(|e| {
+                Error::io(
+                    format!("opening journal segment {} for fdatasync", path.display()),
+                    e,
+                )
+            })
+        })
+        .collect()
+}
+
 impl Writer {
+    /// The writer thread: takes the callers queued, encodes their entries and
+    /// writes them with one `pwrite`, hands the group's `fdatasync` to an idle sync
+    /// thread and goes on with the next group; the sync threads answer callers in
+    /// order. While every sync thread is busy the writer waits, and callers queue
+    /// up for the next group.
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         // Buffers reused from group to group: no allocation per group beyond the
         // entries themselves.
         let mut buf = Vec::with_capacity(1 << 20);
         let mut batch = Vec::with_capacity(self.options.max_batch.min(4096));
-        let mut replies: Vec<(Reply, Result<Recorded>)> = Vec::with_capacity(batch.capacity());
-        let mut written: Vec<JournalEntry> = Vec::with_capacity(batch.capacity());
         let mut batch_keys: HashMap<String, (u64, Uuid)> = HashMap::new();
         let mut rotate = Vec::new();
-        // Size of the last group and how long its fdatasync took (the commit delay).
-        let mut last_group = 0usize;
-        let mut last_sync = std::time::Duration::ZERO;
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
+            // An idle sync thread; while there is none, more callers queue up.
+            let slot = match self.pipe.acquire() {
+                Ok(slot) => Some(slot),
+                Err(msg) => {
+                    self.poisoned.get_or_insert(msg);
+                    None
+                }
+            };
             while batch.len() < self.options.max_batch {
                 match rx.try_recv() {
                     Ok(c) => batch.push(c),
                     Err(_) => break,
                 }
             }
-            // Commit delay: writers released by the last group are between their
-            // reply and their next append. When fewer are here than joined it,
-            // wait a little (at most a quarter of the last fdatasync, 500 µs) for
-            // more, so one fdatasync serves more of them.
-            if last_group > 1 && batch.len() < last_group * 2 {
-                let target = (last_group * 2).min(self.options.max_batch);
-                let deadline = std::time::Instant::now()
-                    + (last_sync / 4).min(std::time::Duration::from_micros(500));
-                while batch.len() < target && std::time::Instant::now() < deadline {
-                    match rx.try_recv() {
-                        Ok(c) => batch.push(c),
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            std::thread::sleep(std::time::Duration::from_micros(20));
-                        }
-                        Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    }
-                }
-            }
-            last_group = batch.len();
-            replies.clear();
-            written.clear();
+            let mut replies: Vec<(Reply, Result<Recorded>)> = Vec::with_capacity(batch.len());
+            let mut written: Vec<JournalEntry> = Vec::with_capacity(batch.len());
             buf.clear();
             batch_keys.clear();
             for cmd in batch.drain(..) {
@@ -929,6 +961,9 @@ impl Writer {
                             ))));
                             continue;
                         }
+                        // A key seen before, durable or still in flight: the
+                        // duplicate is answered in its own group, after the
+                        // original's.
                         if let Some(k) = &entry.idempotency_key
                             && let Some(&(pos, id)) =
                                 self.index.get(k).or_else(|| batch_keys.get(k))
@@ -964,56 +999,21 @@ impl Writer {
                     }
                 }
             }
-            if !buf.is_empty() {
-                let began = std::time::Instant::now();
-                let res = self.write_durable(&mut buf);
-                last_sync = began.elapsed();
-                if let Err(e) = res {
-                    let msg = e.to_string();
-                    tracing::error!(error = %msg, "journal append failed");
-                    self.poisoned = Some(msg.clone());
-                    self.next -= written.len() as u64;
-                    for (reply, _) in replies.drain(..) {
-                        let _ = reply.send(Err(Error::io(
-                            "appending to the journal",
-                            std::io::Error::new(e.kind(), msg.clone()),
-                        )));
-                    }
-                    for r in rotate.drain(..) {
-                        let _ = r.send(Err(Error::unavailable("journal write failed")));
-                    }
-                    continue;
-                }
-                self.index.extend(batch_keys.drain());
-                {
-                    let mut segs = lock(&self.shared.segments);
-                    if let Some(active) = segs.last_mut() {
-                        for e in &written {
-                            active.add(e);
-                        }
-                        active.len = self.len;
-                        active.raw_len = self.len;
-                    }
-                }
-                self.shared.head.store(self.next - 1, Ordering::Release);
-                metrics::counter!("sanare_journal_records_total", "backend" => "wal")
-                    .increment(written.len() as u64);
-                metrics::counter!("sanare_journal_fsyncs_total", "backend" => "wal").increment(1);
-                if let (Some(bus), Some(first), Some(last)) =
-                    (&self.options.events, written.first(), written.last())
-                {
-                    bus.publish(sanare_core::Event::JournalRecorded {
-                        entries: written.len() as u64,
-                        first_position: Some(first.position),
-                        last_position: Some(last.position),
-                    });
-                }
-            }
-            for (reply, r) in replies.drain(..) {
-                let _ = reply.send(r);
-            }
+            self.commit(slot, &mut buf, &mut batch_keys, written, replies);
             if self.len >= self.options.segment_size || !rotate.is_empty() {
-                let res = self.rotate_now();
+                // Seal only what is durable: every group answered, no sync running.
+                let res = match self.pipe.drain() {
+                    Err(msg) => {
+                        self.poisoned.get_or_insert(msg.clone());
+                        Err(Error::unavailable(format!(
+                            "the journal stopped accepting writes after a failed write ({msg}); reopen it"
+                        )))
+                    }
+                    Ok(()) if self.poisoned.is_some() => {
+                        Err(Error::unavailable("journal write failed"))
+                    }
+                    Ok(()) => self.rotate_now(),
+                };
                 if let Err(e) = &res {
                     tracing::error!(error = %e, "journal segment rotation failed");
                 }
@@ -1025,13 +1025,91 @@ impl Writer {
                 }
             }
         }
+        // Every caller answered before the thread ends; dropping `self.jobs`
+        // stops the sync threads.
+        let _ = self.pipe.drain();
     }
 
-    /// Writes `buf` at the end of the data and makes it durable: one `pwrite` and
-    /// one `fdatasync`. When the data would run past the preallocated part, the
-    /// same write carries zeros up to `PREALLOCATE` bytes further, so only that
-    /// group's `fdatasync` flushes a size change.
-    fn write_durable(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    /// Writes one group and starts its sync on `slot`, or queues its answers
+    /// (duplicates only, or the write failed) behind the groups in flight.
+    fn commit(
+        &mut self,
+        slot: Option<usize>,
+        buf: &mut Vec<u8>,
+        batch_keys: &mut HashMap<String, (u64, Uuid)>,
+        written: Vec<JournalEntry>,
+        mut replies: Vec<(Reply, Result<Recorded>)>,
+    ) {
+        let slot = match slot {
+            Some(slot) if !buf.is_empty() => slot,
+            slot => {
+                // Nothing written (or poisoned: then nothing was encoded).
+                if let Some(slot) = slot {
+                    self.pipe.release(slot);
+                }
+                if !replies.is_empty() {
+                    self.pipe.push(Group {
+                        sync: self.submitted,
+                        end: self.len,
+                        entries: Vec::new(),
+                        replies,
+                    });
+                }
+                return;
+            }
+        };
+        let group = self.submitted + 1;
+        if let Err(e) = self.write(buf, group) {
+            let msg = e.to_string();
+            tracing::error!(error = %msg, "journal append failed; the journal stops accepting writes");
+            self.poisoned = Some(msg.clone());
+            self.next -= written.len() as u64;
+            self.pipe.release(slot);
+            for (_, r) in &mut replies {
+                *r = Err(Error::io(
+                    "appending to the journal (the entry is not recorded)",
+                    std::io::Error::new(e.kind(), msg.clone()),
+                ));
+            }
+            // Answered after the groups already in flight, which their own
+            // fdatasyncs settle.
+            self.pipe.push(Group {
+                sync: self.submitted,
+                end: self.len,
+                entries: Vec::new(),
+                replies,
+            });
+            return;
+        }
+        self.index.extend(batch_keys.drain());
+        self.submitted = group;
+        let accepted = self.pipe.push(Group {
+            sync: group,
+            end: self.len,
+            entries: written,
+            replies,
+        });
+        let job = SyncJob {
+            sync: group,
+            file: self.sync_files[slot].clone(),
+        };
+        if !accepted {
+            self.pipe.release(slot);
+        } else if self.jobs[slot].send(job).is_err() {
+            // Only if the sync thread died: fail the group like a failed sync.
+            self.pipe.complete(
+                slot,
+                group,
+                Err(std::io::Error::other("a journal sync thread has stopped")),
+            );
+        }
+    }
+
+    /// Writes `buf` at the end of the data with one `pwrite` (not yet durable).
+    /// When the data would run past the preallocated part, the same write carries
+    /// zeros up to `PREALLOCATE` bytes further, so only that group's `fdatasync`
+    /// flushes a size change.
+    fn write(&mut self, buf: &mut Vec<u8>, group: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         let data = buf.len() as u64;
         let end = self.len + data;
@@ -1040,9 +1118,10 @@ impl Writer {
             buf.resize(usize::try_from(target - self.len).unwrap_or(buf.len()), 0);
         }
         let res = self
-            .file
-            .write_all_at(buf, self.len)
-            .and_then(|()| self.file.sync_data());
+            .pipe
+            .faults()
+            .check(FaultPoint::Write { group })
+            .and_then(|()| self.file.write_all_at(buf, self.len));
         if res.is_ok() {
             self.alloc = self.alloc.max(self.len + buf.len() as u64);
             self.len = end;
@@ -1074,7 +1153,10 @@ impl Writer {
             }
         }
         let info = create_segment(&self.dir, self.next)?;
-        self.file = open_segment(&info.path)?;
+        let file = open_segment(&info.path)?;
+        let sync_files = open_sync_files(&info.path, self.jobs.len())?;
+        self.file = file;
+        self.sync_files = sync_files;
         self.base = info.base;
         self.len = info.len;
         self.alloc = info.len;
