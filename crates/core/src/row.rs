@@ -175,6 +175,25 @@ pub trait RowChecksum: Send + Sync {
     /// The checksum of `values` (every column except the checksum column itself, in
     /// table order).
     fn checksum(&self, values: &[ColumnValue]) -> [u8; 32];
+
+    /// The checksum of a row whose values are given as their text forms (`None`
+    /// for NULL), in the order of `columns` (every column except the checksum
+    /// column, in table order; their `value`s are ignored): the scan path, which
+    /// need not build a [`ColumnValue`] per value of every row.
+    ///
+    /// The default fills copies of `columns` with `values` and calls
+    /// [`checksum`](Self::checksum); implementations whose encoding only needs the
+    /// values should override it.
+    fn checksum_text(&self, columns: &[ColumnValue], values: &[Option<&str>]) -> [u8; 32] {
+        let filled: Vec<ColumnValue> = columns
+            .iter()
+            .zip(values)
+            .map(|(c, v)| {
+                ColumnValue::new(c.column.clone(), c.type_name.clone(), v.map(str::to_owned))
+            })
+            .collect();
+        self.checksum(&filled)
+    }
 }
 
 #[cfg(test)]

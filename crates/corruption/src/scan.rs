@@ -141,15 +141,15 @@ pub(crate) struct RowVerifier<'a> {
     plan: &'a TablePlan,
     checksum: &'a dyn RowChecksum,
     decoder: TextCopyRows,
-    fields: Vec<Option<String>>,
-    values: Vec<ColumnValue>,
+    /// Every column but the checksum, as templates (no values) for the checksum.
+    columns: Vec<ColumnValue>,
     pub(crate) rows: u64,
     pub(crate) suspects: Vec<Suspect>,
 }
 
 impl<'a> RowVerifier<'a> {
     pub(crate) fn new(plan: &'a TablePlan, checksum: &'a dyn RowChecksum) -> Self {
-        let values = plan
+        let columns = plan
             .columns
             .iter()
             .enumerate()
@@ -159,8 +159,7 @@ impl<'a> RowVerifier<'a> {
         Self {
             plan,
             checksum,
-            fields: vec![None; plan.columns.len()],
-            values,
+            columns,
             decoder: TextCopyRows::default(),
             rows: 0,
             suspects: Vec::new(),
@@ -186,66 +185,61 @@ impl<'a> RowVerifier<'a> {
     }
 
     fn row(&mut self, raw: &[Option<&[u8]>]) -> Result<()> {
-        if raw.len() != self.plan.columns.len() {
+        let plan = self.plan;
+        if raw.len() != plan.columns.len() {
             return Err(Error::corrupt(
-                format!("COPY stream of {}", self.plan.table),
+                format!("COPY stream of {}", plan.table),
                 format!(
                     "a row has {} fields, expected {}",
                     raw.len(),
-                    self.plan.columns.len()
+                    plan.columns.len()
                 ),
             ));
         }
-        for (slot, f) in self.fields.iter_mut().zip(raw) {
-            match f {
-                None => *slot = None,
-                Some(b) => {
-                    let v = std::str::from_utf8(b).map_err(|_| {
-                        Error::corrupt(
-                            format!("COPY stream of {}", self.plan.table),
-                            "a value is not valid UTF-8",
-                        )
-                    })?;
-                    match slot {
-                        Some(s) => {
-                            s.clear();
-                            s.push_str(v);
-                        }
-                        None => *slot = Some(v.to_owned()),
-                    }
-                }
-            }
+        fn text<'v>(f: Option<&'v [u8]>, plan: &TablePlan) -> Result<Option<&'v str>> {
+            f.map(|b| {
+                std::str::from_utf8(b).map_err(|_| {
+                    Error::corrupt(
+                        format!("COPY stream of {}", plan.table),
+                        "a value is not valid UTF-8",
+                    )
+                })
+            })
+            .transpose()
         }
-        self.rows += 1;
-        let mut j = 0;
-        for (i, f) in self.fields.iter().enumerate() {
-            if i == self.plan.checksum_idx {
+        // The values as hashed: every column but the checksum, `character(n)`
+        // without its trailing blanks (its `::text`).
+        let mut values: Vec<Option<&str>> = Vec::with_capacity(raw.len());
+        for (i, f) in raw.iter().enumerate() {
+            if i == plan.checksum_idx {
                 continue;
             }
-            let slot = &mut self.values[j].value;
-            let f = match (f, self.plan.forms[i]) {
+            let v = text(*f, plan)?;
+            values.push(match (v, plan.forms[i]) {
                 (Some(v), TextForm::TrimBlanks) => Some(v.trim_end_matches(' ')),
-                (v, _) => v.as_deref(),
-            };
-            match (f, slot.as_mut()) {
-                (Some(v), Some(s)) => {
-                    s.clear();
-                    s.push_str(v);
-                }
-                (Some(v), None) => *slot = Some(v.to_owned()),
-                (None, _) => *slot = None,
-            }
-            j += 1;
+                (v, _) => v,
+            });
         }
-        let computed = self.checksum.checksum(&self.values);
-        let stored = self.fields[self.plan.checksum_idx]
-            .as_deref()
-            .map(str::as_bytes)
-            .and_then(decode_bytea_hex);
+        self.rows += 1;
+        let computed = self.checksum.checksum_text(&self.columns, &values);
+        let stored = raw[plan.checksum_idx].and_then(decode_bytea_hex);
         if stored.as_deref() != Some(&computed[..]) {
+            // Rare: only a suspect pays for owned values.
+            let fields: Vec<Option<String>> = raw
+                .iter()
+                .map(|f| text(*f, plan).map(|v| v.map(str::to_owned)))
+                .collect::<Result<_>>()?;
+            let values = self
+                .columns
+                .iter()
+                .zip(&values)
+                .map(|(c, v)| {
+                    ColumnValue::new(c.column.clone(), c.type_name.clone(), v.map(str::to_owned))
+                })
+                .collect();
             self.suspects.push(Suspect {
-                row: self.plan.row_ref(&self.fields),
-                values: self.values.clone(),
+                row: plan.row_ref(&fields),
+                values,
                 stored,
                 computed,
             });

@@ -194,6 +194,14 @@ impl RowChecksum for Checksummer {
         }
         h.finish()
     }
+
+    fn checksum_text(&self, _columns: &[ColumnValue], values: &[Option<&str>]) -> [u8; 32] {
+        let mut h = self.row(len_u32(values.len()));
+        for v in values {
+            h.field(v.map(str::as_bytes));
+        }
+        h.finish()
+    }
 }
 
 /// An incremental row hash: feed each column with [`RowHasher::field`], then
