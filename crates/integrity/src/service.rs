@@ -49,6 +49,12 @@ pub struct IntegrityConfig {
     /// Whether each violation is also published as an `Event::ViolationDetected`
     /// (default true).
     pub publish_violations: bool,
+    /// The share of wall time each worker may spend running chunks, in `(0, 1]`
+    /// (default 1: no pause). Below 1, a worker pauses after each chunk for as long
+    /// as keeps it at this share (a chunk of 0.1 s at 0.25 is followed by a 0.3 s
+    /// pause), like PostgreSQL's cost-based vacuum delay: the way to keep a
+    /// validation from taking CPU that a busy host's writes need.
+    pub duty_cycle: f64,
 }
 
 impl Default for IntegrityConfig {
@@ -62,6 +68,7 @@ impl Default for IntegrityConfig {
             snapshot_max_age: Duration::from_secs(300),
             report_dir: std::env::temp_dir().join("sanare-integrity"),
             publish_violations: true,
+            duty_cycle: 1.0,
         }
     }
 }
@@ -139,6 +146,15 @@ impl IntegrityBuilder {
             )
         })?;
         self.rules.validate()?;
+        if !(self.config.duty_cycle > 0.0 && self.config.duty_cycle <= 1.0) {
+            return Err(Error::config(
+                "validation.duty_cycle",
+                format!(
+                    "must be in (0, 1] (the share of time a worker may run), got {}",
+                    self.config.duty_cycle
+                ),
+            ));
+        }
         if self.config.chunk_rows == 0 || self.config.parallelism == 0 {
             return Err(Error::config(
                 "integrity config",
@@ -726,10 +742,19 @@ impl Integrity {
                 } else {
                     (vec![whole[i - nchunks]], cfg.table_timeout)
                 };
+                let began = std::time::Instant::now();
                 self.run_unit(
                     check, plan, &probes, unit, &pred, timeout, control, sink, stats, holder,
                 )
-                .await
+                .await?;
+                if cfg.duty_cycle < 1.0 {
+                    let pause = began.elapsed().mul_f64(1.0 / cfg.duty_cycle - 1.0);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = control.cancel_token().cancelled() => {}
+                    }
+                }
+                Ok(())
             })
             .buffer_unordered(cfg.parallelism);
         futures_util::pin_mut!(work);

@@ -113,6 +113,9 @@ pub struct ValidationConfig {
     pub chunk_timeout: Duration,
     /// Parallel workers.
     pub parallelism: u16,
+    /// The share of wall time each worker may spend checking, in `(0, 1]` (1: no
+    /// pause); below 1 a worker pauses after each chunk, leaving CPU to the host.
+    pub duty_cycle: f64,
     /// Run a scheduled validation this often (never when unset).
     #[serde(with = "humantime_serde::option")]
     pub interval: Option<Duration>,
@@ -130,6 +133,7 @@ impl Default for ValidationConfig {
             chunk_size: 10_000,
             chunk_timeout: Duration::from_secs(60),
             parallelism: 2,
+            duty_cycle: 1.0,
             interval: None,
             rules_file: None,
         }
@@ -422,6 +426,15 @@ impl SanareConfig {
                 "must be at least 1",
             ));
         }
+        if !(self.validation.duty_cycle > 0.0 && self.validation.duty_cycle <= 1.0) {
+            return Err(Error::config(
+                "validation.duty_cycle",
+                format!(
+                    "must be in (0, 1] (the share of time a worker may run), got {}",
+                    self.validation.duty_cycle
+                ),
+            ));
+        }
         if self.snapshots.keep_last == 0 {
             return Err(Error::config(
                 "snapshots.keep_last",
@@ -635,5 +648,18 @@ mod tests {
             .with_env(env(&[("SANARE__SCHEMA__X", "1")]))
             .unwrap_err();
         assert!(err.to_string().contains("SANARE__SCHEMA__X"), "{err}");
+    }
+
+    #[test]
+    fn a_duty_cycle_outside_zero_to_one_is_refused_by_name() {
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            let mut c = SanareConfig::default();
+            c.validation.duty_cycle = bad;
+            let err = c.validate().unwrap_err();
+            assert!(err.to_string().contains("validation.duty_cycle"), "{err}");
+        }
+        let mut c = SanareConfig::default();
+        c.validation.duty_cycle = 0.25;
+        c.validate().unwrap();
     }
 }

@@ -391,6 +391,7 @@ impl SanareBuilder {
         let mut integrity_config = IntegrityConfig::default();
         integrity_config.chunk_rows = u64::from(config.validation.chunk_size);
         integrity_config.parallelism = usize::from(config.validation.parallelism);
+        integrity_config.duty_cycle = config.validation.duty_cycle;
         integrity_config.chunk_timeout = config.validation.chunk_timeout;
         integrity_config.report_dir = data_dir.join("reports");
         let rules = match &config.validation.rules_file {
