@@ -238,13 +238,13 @@ async fn main() {
 
     // Write load with and without validation running, alternating (without, with,
     // without, with) so a change in the shared machine's load hits both sides. The
-    // validation alongside the load runs with one worker at a quarter duty cycle:
+    // validation alongside the load runs with one worker at a 10 % duty cycle:
     // the setting for a host whose writes matter more than the validation's speed,
     // on 2 cores, where a CPU-bound pgbench (two clients on a quiet disk) has no
     // core to spare.
     let mut bg_cfg = cfg.clone();
     bg_cfg.parallelism = 1;
-    bg_cfg.duty_cycle = 0.25;
+    bg_cfg.duty_cycle = 0.1;
     let bg_cfg_duty = bg_cfg.duty_cycle;
     let background = Integrity::builder()
         .pool(db.pool().clone())
