@@ -1030,6 +1030,18 @@ impl Writer {
         let _ = self.pipe.drain();
     }
 
+    /// Queues callers whose entries were not written (nothing to write, a duplicate
+    /// key, or a failed write: their answers are set): they are answered after the
+    /// groups already in flight, which their own fdatasyncs settle.
+    fn push_unwritten(&mut self, replies: Vec<(Reply, Result<Recorded>)>) {
+        self.pipe.push(Group {
+            sync: self.submitted,
+            end: self.len,
+            entries: Vec::new(),
+            replies,
+        });
+    }
+
     /// Writes one group and starts its sync on `slot`, or queues its answers
     /// (duplicates only, or the write failed) behind the groups in flight.
     fn commit(
@@ -1048,12 +1060,7 @@ impl Writer {
                     self.pipe.release(slot);
                 }
                 if !replies.is_empty() {
-                    self.pipe.push(Group {
-                        sync: self.submitted,
-                        end: self.len,
-                        entries: Vec::new(),
-                        replies,
-                    });
+                    self.push_unwritten(replies);
                 }
                 return;
             }
@@ -1071,14 +1078,7 @@ impl Writer {
                     std::io::Error::new(e.kind(), msg.clone()),
                 ));
             }
-            // Answered after the groups already in flight, which their own
-            // fdatasyncs settle.
-            self.pipe.push(Group {
-                sync: self.submitted,
-                end: self.len,
-                entries: Vec::new(),
-                replies,
-            });
+            self.push_unwritten(replies);
             return;
         }
         self.index.extend(batch_keys.drain());
