@@ -212,56 +212,104 @@ pub(crate) async fn run_probe(
                 .await
                 .with_context(|| format!("reading rows of {name} for checksum verification"))?;
             pin_mut!(stream);
-            let mut lines = TextCopyRows::default();
-            let mut rows = 0u64;
-            let mut suspects = Vec::new();
-            let ncols = u32::try_from(columns.len()).unwrap_or(u32::MAX);
-            let nfields = nkey + 1 + columns.len();
-            let mut on_row = |fields: &[Option<&[u8]>]| -> Result<()> {
-                rows += 1;
-                if fields.len() != nfields {
-                    return Err(Error::corrupt(
-                        "COPY row",
-                        format!("expected {nfields} fields, got {}", fields.len()),
-                    ));
-                }
-                let mut h = checksummer.row(ncols);
-                for (f, form) in fields[nkey + 1..].iter().zip(forms) {
-                    h.field(if *form == TextForm::TrimBlanks {
-                        f.map(trim_blanks)
-                    } else {
-                        *f
-                    });
-                }
-                let computed = h.finish();
-                let stored = fields[nkey].and_then(decode_bytea_hex);
-                if stored.as_deref() != Some(&computed[..]) {
-                    let key = fields[..nkey]
-                        .iter()
-                        .map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned()))
-                        .collect();
-                    suspects.push(Suspect {
-                        key,
-                        kind: ViolationKind::ChecksumMismatch { column: column.clone() },
-                        severity: *severity,
-                        family: CheckFamily::Checksum,
-                        description: format!("{name}.{column} does not match the row's values"),
-                        action: "compare with the latest snapshot and the journal; restore the row if it was tampered with".into(),
-                        details: serde_json::json!({
-                            "stored": stored.as_deref().map(hex),
-                            "computed": hex(&computed),
-                            "algorithm": checksummer.algorithm().as_str(),
-                            "encoding_version": crate::checksum::ENCODING_VERSION,
-                        }),
-                    });
-                }
-                Ok(())
+            // Decoding and hashing run on a blocking thread fed with batches of the
+            // stream, so the chunks of a run (polled together on one task) are
+            // verified in parallel and the task only moves bytes.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(4);
+            let verify = {
+                let (column, forms, checksummer, severity, name) = (
+                    column.clone(),
+                    forms.clone(),
+                    checksummer.clone(),
+                    *severity,
+                    name.clone(),
+                );
+                let nfields = nkey + 1 + columns.len();
+                tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Suspect>)> {
+                    let mut lines = TextCopyRows::default();
+                    let mut rows = 0u64;
+                    let mut suspects = Vec::new();
+                    let ncols = u32::try_from(forms.len()).unwrap_or(u32::MAX);
+                    let mut on_row = |fields: &[Option<&[u8]>]| -> Result<()> {
+                        rows += 1;
+                        if fields.len() != nfields {
+                            return Err(Error::corrupt(
+                                "COPY row",
+                                format!("expected {nfields} fields, got {}", fields.len()),
+                            ));
+                        }
+                        let mut h = checksummer.row(ncols);
+                        for (f, form) in fields[nkey + 1..].iter().zip(&forms) {
+                            h.field(if *form == TextForm::TrimBlanks {
+                                f.map(trim_blanks)
+                            } else {
+                                *f
+                            });
+                        }
+                        let computed = h.finish();
+                        let stored = fields[nkey].and_then(decode_bytea_hex);
+                        if stored.as_deref() != Some(&computed[..]) {
+                            let key = fields[..nkey]
+                                .iter()
+                                .map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned()))
+                                .collect();
+                            suspects.push(Suspect {
+                                key,
+                                kind: ViolationKind::ChecksumMismatch { column: column.clone() },
+                                severity,
+                                family: CheckFamily::Checksum,
+                                description: format!("{name}.{column} does not match the row's values"),
+                                action: "compare with the latest snapshot and the journal; restore the row if it was tampered with".into(),
+                                details: serde_json::json!({
+                                    "stored": stored.as_deref().map(hex),
+                                    "computed": hex(&computed),
+                                    "algorithm": checksummer.algorithm().as_str(),
+                                    "encoding_version": crate::checksum::ENCODING_VERSION,
+                                }),
+                            });
+                        }
+                        Ok(())
+                    };
+                    while let Some(batch) = rx.blocking_recv() {
+                        for chunk in &batch {
+                            lines.feed(chunk, &mut on_row)?;
+                        }
+                    }
+                    lines.finish()?;
+                    Ok((rows, suspects))
+                })
             };
+            let mut batch = Vec::new();
+            let mut size = 0usize;
+            let mut streamed: Result<()> = Ok(());
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.context("streaming rows for checksum verification")?;
-                lines.feed(&chunk, &mut on_row)?;
+                let chunk = match chunk.context("streaming rows for checksum verification") {
+                    Ok(c) => c,
+                    Err(e) => {
+                        streamed = Err(e);
+                        break;
+                    }
+                };
+                size += chunk.len();
+                batch.push(chunk);
+                if size >= 256 * 1024 {
+                    size = 0;
+                    // A closed channel means the verifier stopped on an error: its
+                    // result below says which.
+                    if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                        break;
+                    }
+                }
             }
-            lines.finish()?;
+            if !batch.is_empty() {
+                let _ = tx.send(batch).await;
+            }
+            drop(tx);
+            let verified = verify
+                .await
+                .map_err(|e| Error::other("the checksum verifier thread failed", e))?;
+            streamed?;
+            let (rows, suspects) = verified?;
             Ok(ProbeResult {
                 rows: Some(rows),
                 suspects,
