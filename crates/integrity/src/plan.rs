@@ -323,7 +323,6 @@ pub(crate) async fn plan_table(
     }
     if wants(families, CheckFamily::Referential) {
         for fk in &info.foreign_keys {
-            let parent_rows = estimated_rows(client, &fk.parent).await?;
             probes.push(Probe::Orphans(Relationship {
                 name: fk.name.clone(),
                 columns: fk.columns.clone(),
@@ -331,7 +330,7 @@ pub(crate) async fn plan_table(
                 parent_columns: fk.parent_columns.clone(),
                 severity: Severity::High,
                 validated: Some(fk.validated),
-                probe_parent_index: u64::try_from(parent_rows)
+                probe_parent_index: u64::try_from(fk.parent_estimated_rows)
                     .is_ok_and(|n| n > chunk_rows.saturating_mul(4)),
             }));
         }
@@ -376,18 +375,6 @@ pub(crate) async fn plan_table(
         estimated_rows: info.estimated_rows,
         probes,
     })
-}
-
-/// The planner's estimate of `table`'s rows (0 when never analysed or empty).
-async fn estimated_rows(client: &impl GenericClient, table: &TableRef) -> Result<i64> {
-    let row = client
-        .query_one(
-            "SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = $1::text::regclass",
-            &[&table.quoted()],
-        )
-        .await
-        .with_context(|| format!("estimating the rows of {table}"))?;
-    Ok(row.get(0))
 }
 
 fn require_column(info: &TableInfo, column: &str) -> Result<()> {

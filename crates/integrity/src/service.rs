@@ -59,6 +59,23 @@ pub struct IntegrityConfig {
     pub duty_cycle: f64,
 }
 
+impl IntegrityConfig {
+    /// Checks a [`duty_cycle`](Self::duty_cycle) value: it must be in `(0, 1]`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for key `validation.duty_cycle` otherwise (NaN included).
+    pub fn check_duty_cycle(duty_cycle: f64) -> Result<()> {
+        if duty_cycle > 0.0 && duty_cycle <= 1.0 {
+            Ok(())
+        } else {
+            Err(Error::config(
+                "validation.duty_cycle",
+                format!("must be in (0, 1] (the share of time a worker may run), got {duty_cycle}"),
+            ))
+        }
+    }
+}
+
 impl Default for IntegrityConfig {
     fn default() -> Self {
         Self {
@@ -148,15 +165,7 @@ impl IntegrityBuilder {
             )
         })?;
         self.rules.validate()?;
-        if !(self.config.duty_cycle > 0.0 && self.config.duty_cycle <= 1.0) {
-            return Err(Error::config(
-                "validation.duty_cycle",
-                format!(
-                    "must be in (0, 1] (the share of time a worker may run), got {}",
-                    self.config.duty_cycle
-                ),
-            ));
-        }
+        IntegrityConfig::check_duty_cycle(self.config.duty_cycle)?;
         if self.config.chunk_rows == 0 || self.config.parallelism == 0 {
             return Err(Error::config(
                 "integrity config",

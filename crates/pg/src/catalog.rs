@@ -41,6 +41,8 @@ pub struct ForeignKey {
     pub parent_columns: Vec<String>,
     /// Whether the constraint is validated (false for `NOT VALID`).
     pub validated: bool,
+    /// The planner's row estimate of the referenced table (0 when never analysed).
+    pub parent_estimated_rows: i64,
 }
 
 /// What sanare knows of a table's shape.
@@ -179,7 +181,7 @@ async fn foreign_keys_where(
                 ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(n, o)
                         JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n
                        ORDER BY k.o),
-                con.convalidated
+                con.convalidated, greatest(pc.reltuples, 0)::bigint
            FROM pg_constraint con
            JOIN pg_class cc ON cc.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
            JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
@@ -199,6 +201,7 @@ async fn foreign_keys_where(
             columns: r.get(5),
             parent_columns: r.get(6),
             validated: r.get(7),
+            parent_estimated_rows: r.get(8),
         })
         .collect())
 }

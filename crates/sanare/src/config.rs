@@ -426,15 +426,7 @@ impl SanareConfig {
                 "must be at least 1",
             ));
         }
-        if !(self.validation.duty_cycle > 0.0 && self.validation.duty_cycle <= 1.0) {
-            return Err(Error::config(
-                "validation.duty_cycle",
-                format!(
-                    "must be in (0, 1] (the share of time a worker may run), got {}",
-                    self.validation.duty_cycle
-                ),
-            ));
-        }
+        sanare_integrity::IntegrityConfig::check_duty_cycle(self.validation.duty_cycle)?;
         if self.snapshots.keep_last == 0 {
             return Err(Error::config(
                 "snapshots.keep_last",

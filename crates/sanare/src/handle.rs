@@ -207,8 +207,9 @@ impl SanareBuilder {
         self
     }
 
-    /// The cgroup (v2) directory whose `memory.events` counts kernel OOM kills
-    /// (default: this process's own cgroup).
+    /// The memory cgroup directory whose `memory.events` (v2) or
+    /// `memory.oom_control` (v1) counts kernel OOM kills (default: this process's
+    /// own cgroup).
     pub fn cgroup_root(mut self, path: impl Into<PathBuf>) -> Self {
         self.cgroup_root = Some(path.into());
         self
