@@ -43,20 +43,40 @@ async fn run(figures: &mut Figures) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(400_000);
+    // SANARE_BENCH_SNAPSHOT_KEEP=1 keeps the fixture database after the run and
+    // reuses it (it ends the run as generated: the last step restores the full
+    // snapshot), for quick repeated runs while profiling.
+    let keep = std::env::var_os("SANARE_BENCH_SNAPSHOT_KEEP").is_some();
     let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
-    for db in ["sanare_bench_snapshot", "sanare_bench_snapshot_restore"] {
+    let reuse = keep
+        && admin
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = 'sanare_bench_snapshot'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some();
+    let fixture_db: &[&str] = if reuse {
+        &[]
+    } else {
+        &["sanare_bench_snapshot"]
+    };
+    for db in fixture_db.iter().chain(&["sanare_bench_snapshot_restore"]) {
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .await
             .unwrap();
     }
-    admin
-        .batch_execute("CREATE DATABASE sanare_bench_snapshot")
-        .await
-        .unwrap();
+    if !reuse {
+        admin
+            .batch_execute("CREATE DATABASE sanare_bench_snapshot")
+            .await
+            .unwrap();
+    }
     let url = with_db(&admin_url, "sanare_bench_snapshot");
     let pool = sanare_pg::connect_pool(&url, 8).unwrap();
     let mut client = {
@@ -66,12 +86,20 @@ async fn run(figures: &mut Figures) {
         tokio::spawn(conn);
         c
     };
-    order_service::install(&client, "shop").await.unwrap();
     let t = Instant::now();
-    order_service::generate(&client, "shop", orders)
-        .await
-        .unwrap();
-    client.batch_execute("VACUUM ANALYZE").await.unwrap();
+    if reuse {
+        client
+            .batch_execute("DROP SCHEMA IF EXISTS sanare CASCADE")
+            .await
+            .unwrap();
+        client.batch_execute("VACUUM ANALYZE").await.unwrap();
+    } else {
+        order_service::install(&client, "shop").await.unwrap();
+        order_service::generate(&client, "shop", orders)
+            .await
+            .unwrap();
+        client.batch_execute("VACUUM ANALYZE").await.unwrap();
+    }
     let table_mb: i64 = client
         .query_one(
             "SELECT (sum(pg_table_size(c.oid)) / 1000000)::bigint FROM pg_class c
@@ -193,7 +221,12 @@ async fn run(figures: &mut Figures) {
             format!("order-service fixture, {orders} orders, schema shop"),
         );
     drop(pool);
-    for db in ["sanare_bench_snapshot", "sanare_bench_snapshot_restore"] {
+    let fixture_db: &[&str] = if keep {
+        &[]
+    } else {
+        &["sanare_bench_snapshot"]
+    };
+    for db in fixture_db.iter().chain(&["sanare_bench_snapshot_restore"]) {
         let _ = admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .await;
