@@ -232,10 +232,11 @@ async fn snapshot_lifecycle_with_damage_pitr_and_retention() {
     assert!(snaps.verify(first.id, &control).await.unwrap().is_ok());
     assert!(snaps.verify(second.id, &control).await.unwrap().is_ok());
 
-    // Damage a block only the second snapshot has.
+    // Damage the end of a pack only the second snapshot wrote: its table of
+    // contents no longer opens, so every block in it is lost.
     let new_blocks: Vec<_> = files(&dir.path().join("snapshots"))
         .difference(&blocks_before)
-        .filter(|p| p.to_string_lossy().contains("blocks"))
+        .filter(|p| p.to_string_lossy().contains("packs"))
         .cloned()
         .collect();
     let victim = new_blocks

@@ -115,8 +115,8 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
                     list.iter().map(row),
                 );
                 out.line(format!(
-                    "storage: {} blocks, {} bytes stored for {} bytes of data",
-                    stats.blocks, stats.block_bytes, stats.logical_bytes
+                    "storage: {} blocks in {} packs, {} bytes stored for {} bytes of data",
+                    stats.blocks, stats.packs, stats.block_bytes, stats.logical_bytes
                 ));
             });
             Ok(0)
@@ -214,8 +214,13 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
             let value = serde_json::json!({ "snapshots_deleted": retired, "gc": gc });
             ctx.out.print(&value, |out| {
                 out.line(format!(
-                    "{retired} snapshots deleted; {} blocks freed ({} bytes), {} kept in the grace period, {} live",
-                    gc.blocks_deleted, gc.bytes_freed, gc.blocks_in_grace, gc.blocks_live
+                    "{retired} snapshots deleted; {} blocks freed ({} bytes; {} packs deleted, {} rewritten), {} kept in the grace period, {} live",
+                    gc.blocks_deleted,
+                    gc.bytes_freed,
+                    gc.packs_deleted,
+                    gc.packs_rewritten,
+                    gc.blocks_in_grace,
+                    gc.blocks_live
                 ));
             });
             Ok(0)

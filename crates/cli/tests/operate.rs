@@ -82,7 +82,7 @@ impl Env {
     }
 }
 
-fn blocks_under(dir: &Path) -> Vec<std::path::PathBuf> {
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -161,9 +161,10 @@ async fn snapshot_lifecycle_create_list_verify_restore_delete_prune() {
         lines
     );
 
-    // A flipped bit in a stored block: verify exits 3 and names the damage.
-    let blocks = blocks_under(&env.dir.path().join("snapshots").join("blocks"));
-    let victim = blocks.last().expect("blocks on disk");
+    // A flipped bit in the middle of a pack (inside one of its blocks): verify
+    // exits 3 and names the damage.
+    let packs = files_under(&env.dir.path().join("snapshots").join("packs"));
+    let victim = packs.last().expect("packs on disk");
     let mut bytes = std::fs::read(victim).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x10;

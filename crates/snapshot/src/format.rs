@@ -188,7 +188,11 @@ pub(crate) fn seal<T: Serialize>(magic: [u8; 4], body: &T) -> Result<Vec<u8>> {
     seal_version(magic, ENVELOPE_VERSION, body)
 }
 
-fn seal_version<T: Serialize>(magic: [u8; 4], version: u16, body: &T) -> Result<Vec<u8>> {
+pub(crate) fn seal_version<T: Serialize>(
+    magic: [u8; 4],
+    version: u16,
+    body: &T,
+) -> Result<Vec<u8>> {
     let body = postcard::to_stdvec(body)
         .map_err(|e| Error::other("encoding a snapshot index or manifest", e))?;
     let len = u32::try_from(body.len())
@@ -250,7 +254,7 @@ fn open_raw<'a>(
     Ok((version, &bytes[10..10 + len]))
 }
 
-fn open_versions<T: for<'de> Deserialize<'de>>(
+pub(crate) fn open_versions<T: for<'de> Deserialize<'de>>(
     magic: [u8; 4],
     what: &str,
     bytes: &[u8],

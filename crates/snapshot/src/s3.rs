@@ -1,6 +1,7 @@
 //! The S3-compatible block store (feature `s3`).
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -12,7 +13,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use sanare_core::{Error, Result};
 use time::OffsetDateTime;
 
-use crate::store::check_key;
+use crate::store::{check_key, short_object};
 use crate::{BlockStore, ObjectMeta};
 
 /// Objects in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, Garage, …) through
@@ -135,6 +136,26 @@ impl BlockStore for S3Store {
             .await
             .map(Some)
             .map_err(|e| s3_error(format!("reading {key}"), e))
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
+        let location = self.location(key)?;
+        if range.start > range.end {
+            return Err(short_object(key, 0, &range));
+        }
+        if range.is_empty() {
+            // An empty range is not a valid HTTP range; ask whether the object is there.
+            return Ok(self.contains(key).await?.then(Bytes::new));
+        }
+        let bytes = match self.inner.get_range(&location, range.clone()).await {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(s3_error(format!("reading part of {key}"), e)),
+        };
+        if bytes.len() as u64 != range.end - range.start {
+            return Err(short_object(key, range.start + bytes.len() as u64, &range));
+        }
+        Ok(Some(bytes))
     }
 
     async fn contains(&self, key: &str) -> Result<bool> {

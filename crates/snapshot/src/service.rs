@@ -25,6 +25,9 @@ use crate::format::{
     BlockId, BlockRef, ChunkParams, Codec, ColumnDef, Index, Manifest, SequenceState, StoredCut,
     StreamIndex, TableIndex, bloom, decode_block, encode_block,
 };
+use crate::pack::{
+    BlockLocation, PACK_PREFIX, PackBuilder, PackEntry, PackInfo, PackMap, PackWriter,
+};
 use crate::source::{ByteChunker, SourceInfo, StateSource};
 use crate::store::BlockStore;
 
@@ -40,8 +43,12 @@ pub struct SnapshotConfig {
     /// Schemas captured when a request names neither tables nor schemas (every
     /// non-system schema except sanare's when empty).
     pub default_schemas: Vec<String>,
-    /// Blocks compressed and written at once per table.
+    /// Blocks compressed at once per table.
     pub write_concurrency: usize,
+    /// Bytes of blocks collected into one pack object before it is stored (see
+    /// `docs/formats.md`): larger packs mean fewer store writes (for [`crate::FsStore`]
+    /// fewer fsyncs), smaller ones let GC free space in finer steps. 64 KiB to 1 GiB.
+    pub pack_size: u32,
     /// Tables captured at once, each on its own connection importing the capture's
     /// snapshot (`pg_export_snapshot`); 1 captures on one connection. Never more
     /// than the pool's size.
@@ -60,6 +67,7 @@ impl Default for SnapshotConfig {
             codec: Codec::Lz4,
             default_schemas: Vec::new(),
             write_concurrency: 4,
+            pack_size: 8 * 1024 * 1024,
             capture_concurrency: 2,
             restore_maintenance_work_mem_mb: 256,
             read_concurrency: 8,
@@ -101,6 +109,11 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Unreferenced blocks kept because they are younger than the grace period.
     pub blocks_in_grace: u64,
+    /// Packs deleted because none of their blocks is referenced.
+    pub packs_deleted: u64,
+    /// Packs rewritten without their unreferenced blocks, or merged because they
+    /// were small.
+    pub packs_rewritten: u64,
 }
 
 /// What the store holds.
@@ -111,8 +124,10 @@ pub struct StorageStats {
     pub snapshots: BTreeMap<String, u64>,
     /// Blocks stored.
     pub blocks: u64,
-    /// Bytes of stored blocks.
+    /// Bytes of stored blocks (of the packs holding them, tables of contents included).
     pub block_bytes: u64,
+    /// Pack objects.
+    pub packs: u64,
     /// Sum of the uncompressed sizes of ready snapshots.
     pub logical_bytes: u64,
 }
@@ -204,6 +219,12 @@ impl SnapshotsBuilder {
                 "expected 64 <= min <= avg <= max, avg >= 256, 1 KiB <= max <= 16 MiB",
             ));
         }
+        if !(64 * 1024..=1 << 30).contains(&self.config.pack_size) {
+            return Err(Error::config(
+                "snapshot.pack_size",
+                format!("{} bytes is outside 64 KiB to 1 GiB", self.config.pack_size),
+            ));
+        }
         let mut names = BTreeSet::new();
         for source in &self.sources {
             crate::source::check_name(source.name())?;
@@ -224,6 +245,8 @@ impl SnapshotsBuilder {
                 events: self.events,
                 config: self.config,
                 index_cache: Mutex::new(None),
+                packs: tokio::sync::RwLock::new(PackMap::default()),
+                packs_loaded: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -253,6 +276,10 @@ struct Inner {
     config: SnapshotConfig,
     sources: Vec<Arc<dyn StateSource>>,
     index_cache: Mutex<Option<(SnapshotId, Arc<Index>)>>,
+    /// Where every packed block is; loaded on first use, refreshed when a block is
+    /// not found in it (another process may have written or rewritten packs).
+    packs: tokio::sync::RwLock<PackMap>,
+    packs_loaded: std::sync::atomic::AtomicBool,
 }
 
 fn advisory_key(schema: &SchemaName) -> i64 {
@@ -401,27 +428,25 @@ impl Snapshots {
             if !table.blocks.is_empty() {
                 continue;
             }
-            let groups: Vec<Vec<BlockRef>> = futures_util::stream::iter(table.groups.clone())
-                .map(|g| async move {
-                    let content = self.read_block(id, g.id).await?;
-                    let refs = crate::format::decode_group(&g.id, &content)
-                        .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
-                    if refs.len() != g.blocks as usize {
-                        return Err(Error::corrupt(
-                            format!("snapshot {id}"),
-                            format!(
-                                "index group {} holds {} block references, the index says {}",
-                                g.id,
-                                refs.len(),
-                                g.blocks
-                            ),
-                        ));
-                    }
-                    Ok(refs)
-                })
-                .buffered(self.inner.config.read_concurrency.max(1))
-                .try_collect()
-                .await?;
+            let ids: Vec<BlockId> = table.groups.iter().map(|g| g.id).collect();
+            let contents: Vec<Vec<u8>> = self.read_blocks(id, ids).try_collect().await?;
+            let mut groups: Vec<Vec<BlockRef>> = Vec::with_capacity(contents.len());
+            for (g, content) in table.groups.iter().zip(contents) {
+                let refs = crate::format::decode_group(&g.id, &content)
+                    .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
+                if refs.len() != g.blocks as usize {
+                    return Err(Error::corrupt(
+                        format!("snapshot {id}"),
+                        format!(
+                            "index group {} holds {} block references, the index says {}",
+                            g.id,
+                            refs.len(),
+                            g.blocks
+                        ),
+                    ));
+                }
+                groups.push(refs);
+            }
             table.blocks = groups.into_iter().flatten().collect();
         }
         let index = Arc::new(index);
@@ -528,8 +553,8 @@ impl Snapshots {
             tables: Vec::with_capacity(tables.len()),
             streams: Vec::new(),
         };
-        let mut written: BTreeSet<BlockId> = BTreeSet::new();
-        let mut stored_bytes = 0u64;
+        self.ensure_packs().await?;
+        let writer = PackWriter::new(&inner.store, &inner.packs, inner.config.pack_size);
         let mut compressed_bytes = 0u64;
         // Tables are captured by up to `capture_concurrency` connections whose
         // transactions all import this transaction's snapshot, so every table is
@@ -566,9 +591,10 @@ impl Snapshots {
             let tx_main = &tx;
             let exported = exported.clone();
             let next = &next;
+            let writer = &writer;
             async move {
-                let mut done: Vec<(usize, TableIndex, u64, u64)> = Vec::new();
-                let mut written: BTreeSet<BlockId> = BTreeSet::new();
+                let mut done: Vec<(usize, TableIndex, u64)> = Vec::new();
+                let mut pack = PackBuilder::new();
                 let mut own_conn;
                 let own_tx;
                 let tx: &tokio_postgres::Transaction<'_> = match (&exported, n) {
@@ -597,37 +623,33 @@ impl Snapshots {
                 while let Some((i, table)) = next() {
                     control.checkpoint()?;
                     progress.message(format!("capturing {table}"));
-                    let (ti, stored, compressed) =
-                        self.capture_table(tx, table, &mut written, control).await?;
-                    done.push((i, ti, stored, compressed));
+                    let (ti, compressed) = self
+                        .capture_table(tx, table, writer, &mut pack, control)
+                        .await?;
+                    done.push((i, ti, compressed));
                     progress.advance(1);
                 }
+                writer.flush(&mut pack).await?;
                 Ok::<_, Error>(done)
             }
         };
         let results = futures_util::future::try_join_all((0..workers).map(worker)).await?;
-        let mut captured: Vec<(usize, TableIndex, u64, u64)> =
-            results.into_iter().flatten().collect();
+        let mut captured: Vec<(usize, TableIndex, u64)> = results.into_iter().flatten().collect();
         captured.sort_by_key(|c| c.0);
-        for (_, ti, stored, compressed) in captured {
-            written.extend(ti.blocks.iter().map(|b| b.id));
-            stored_bytes += stored;
+        for (_, ti, compressed) in captured {
             compressed_bytes += compressed;
             index.tables.push(ti);
         }
-        tx.commit()
-            .await
-            .context("ending the snapshot transaction")?;
-        // Back to the pool: marking the snapshot ready takes a connection again.
-        drop(conn);
+        // The capture's transaction stays open (holding the lock GC waits for) until
+        // the manifest is written, so GC never deletes a block this capture reuses.
         control.checkpoint()?;
+        let mut pack = PackBuilder::new();
         for source in &inner.sources {
             control.checkpoint()?;
             progress.message(format!("capturing state source {}", source.name()));
-            let (si, stored, compressed) =
-                self.capture_source(&**source, &written, control).await?;
-            written.extend(si.blocks.iter().copied());
-            stored_bytes += stored;
+            let (si, compressed) = self
+                .capture_source(&**source, &writer, &mut pack, control)
+                .await?;
             compressed_bytes += compressed;
             index.streams.push(si);
         }
@@ -639,19 +661,17 @@ impl Snapshots {
             let mut groups = Vec::new();
             for group in crate::format::group_blocks(&table.blocks) {
                 let content = crate::format::encode_group(group)?;
-                let (r, stored, compressed) = self
-                    .write_block(
-                        RowBlock {
-                            content,
-                            rows: 0,
-                            key_filter: Vec::new(),
-                        },
-                        &written,
-                    )
-                    .await?;
-                stored_bytes += stored;
-                compressed_bytes += compressed;
-                written.insert(r.id);
+                let (r, object) = encode(
+                    RowBlock {
+                        content,
+                        rows: 0,
+                        key_filter: Vec::new(),
+                    },
+                    inner.config.codec,
+                )
+                .await?;
+                compressed_bytes += object.len() as u64;
+                writer.add(&mut pack, r.id, &object).await?;
                 groups.push(crate::format::GroupRef {
                     id: r.id,
                     blocks: u32::try_from(group.len()).unwrap_or(u32::MAX),
@@ -659,6 +679,8 @@ impl Snapshots {
             }
             table.groups = groups;
         }
+        writer.flush(&mut pack).await?;
+        let mut stored_bytes = writer.finish().await?;
 
         // Blocks are durable; now the index, then the manifest.
         let index_bytes = index.encode()?;
@@ -718,7 +740,9 @@ impl Snapshots {
         info.metadata = request.metadata.clone();
         let json =
             serde_json::to_value(&info).map_err(|e| Error::other("encoding snapshot info", e))?;
-        let conn = sanare_pg::get_conn(&inner.pool).await?;
+        tx.commit()
+            .await
+            .context("ending the snapshot transaction")?;
         conn.execute(
             &format!(
                 "UPDATE {} SET status = 'ready', created_at = $2, finished_at = now(), base_id = $3,
@@ -761,9 +785,10 @@ impl Snapshots {
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         table: &TableRef,
-        written: &mut BTreeSet<BlockId>,
+        writer: &PackWriter<'_>,
+        pack: &mut PackBuilder,
         control: &Control,
-    ) -> Result<(TableIndex, u64, u64)> {
+    ) -> Result<(TableIndex, u64)> {
         let (columns, primary_key) = describe(tx, table).await?;
         let sequences = sequences(tx, table).await?;
         let cols = columns
@@ -796,10 +821,10 @@ impl Snapshots {
         let mut chunker = Chunker::new(self.inner.config.chunking, primary_key.clone());
         let mut blocks: Vec<BlockRef> = Vec::new();
         let mut raw_bytes = 0u64;
-        let mut stored = 0u64;
         let mut compressed = 0u64;
         let mut pending: Vec<RowBlock> = Vec::new();
         let conc = self.inner.config.write_concurrency.max(1);
+        let codec = self.inner.config.codec;
         loop {
             let next = stream.next().await;
             let done = next.is_none();
@@ -822,17 +847,13 @@ impl Snapshots {
             if pending.len() >= conc || (done && !pending.is_empty()) {
                 control.checkpoint()?;
                 let batch = std::mem::take(&mut pending);
-                let results = futures_util::future::try_join_all(
-                    batch.into_iter().map(|b| self.write_block(b, written)),
-                )
-                .await?;
-                for (r, s, c) in results {
+                let encoded =
+                    futures_util::future::try_join_all(batch.into_iter().map(|b| encode(b, codec)))
+                        .await?;
+                for (r, object) in encoded {
                     raw_bytes += u64::from(r.raw_len);
-                    stored += s;
-                    compressed += c;
-                    if s > 0 {
-                        written.insert(r.id);
-                    }
+                    compressed += object.len() as u64;
+                    writer.add(pack, r.id, &object).await?;
                     blocks.push(r);
                 }
             }
@@ -854,7 +875,6 @@ impl Snapshots {
                 blocks,
                 groups: Vec::new(),
             },
-            stored,
             compressed,
         ))
     }
@@ -863,9 +883,10 @@ impl Snapshots {
     async fn capture_source(
         &self,
         source: &dyn StateSource,
-        written: &BTreeSet<BlockId>,
+        writer: &PackWriter<'_>,
+        pack: &mut PackBuilder,
         control: &Control,
-    ) -> Result<(StreamIndex, u64, u64)> {
+    ) -> Result<(StreamIndex, u64)> {
         let name = source.name().to_owned();
         let mut reader = source.open().await?;
         let mut chunker = ByteChunker::new(self.inner.config.chunking);
@@ -876,8 +897,9 @@ impl Snapshots {
             blocks: Vec::new(),
             metadata: source.metadata(),
         };
-        let (mut stored, mut compressed) = (0u64, 0u64);
+        let mut compressed = 0u64;
         let conc = self.inner.config.write_concurrency.max(1);
+        let codec = self.inner.config.codec;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         loop {
             let n = reader
@@ -895,21 +917,21 @@ impl Snapshots {
             if pending.len() >= conc || (n == 0 && !pending.is_empty()) {
                 control.checkpoint()?;
                 let batch = std::mem::take(&mut pending);
-                let results =
+                let encoded =
                     futures_util::future::try_join_all(batch.into_iter().map(|content| {
-                        self.write_block(
+                        encode(
                             RowBlock {
                                 content,
                                 rows: 0,
                                 key_filter: Vec::new(),
                             },
-                            written,
+                            codec,
                         )
                     }))
                     .await?;
-                for (r, s, c) in results {
-                    stored += s;
-                    compressed += c;
+                for (r, object) in encoded {
+                    compressed += object.len() as u64;
+                    writer.add(pack, r.id, &object).await?;
                     index.blocks.push(r.id);
                 }
             }
@@ -917,7 +939,7 @@ impl Snapshots {
                 break;
             }
         }
-        Ok((index, stored, compressed))
+        Ok((index, compressed))
     }
 
     /// The host byte streams captured in snapshot `id`.
@@ -960,9 +982,8 @@ impl Snapshots {
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| Error::not_found(format!("state source `{name}` in snapshot {id}")))?;
-        let mut blocks = futures_util::stream::iter(stream.blocks.iter().copied())
-            .map(|b| self.read_block(id, b))
-            .buffered(self.inner.config.read_concurrency.max(1));
+        let blocks = self.read_blocks(id, stream.blocks.clone());
+        futures_util::pin_mut!(blocks);
         let mut written = 0u64;
         while let Some(block) = blocks.next().await {
             control.checkpoint()?;
@@ -995,56 +1016,176 @@ impl Snapshots {
         Ok(written)
     }
 
-    /// Compresses and stores a block unless the store has it; returns its
-    /// reference, the bytes newly stored and its compressed size.
-    async fn write_block(
-        &self,
-        block: RowBlock,
-        written: &BTreeSet<BlockId>,
-    ) -> Result<(BlockRef, u64, u64)> {
-        let codec = self.inner.config.codec;
-        let RowBlock {
-            content,
-            rows,
-            key_filter,
-        } = block;
-        let raw_len = u32::try_from(content.len()).unwrap_or(u32::MAX);
-        let (id, encoded) = tokio::task::spawn_blocking(move || {
-            let id = BlockId::of(&content);
-            encode_block(&content, codec).map(|e| (id, e))
+    /// Loads the pack map unless it is loaded.
+    async fn ensure_packs(&self) -> Result<()> {
+        if !self
+            .inner
+            .packs_loaded
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.refresh_packs().await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the pack map up to the store.
+    async fn refresh_packs(&self) -> Result<()> {
+        let mut map = self.inner.packs.write().await;
+        map.refresh(&*self.inner.store).await?;
+        self.inner
+            .packs_loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Where each of `ids` is in a pack (`None`: in none, maybe a loose block
+    /// object of a repository written before packs). Refreshes the map once when
+    /// one is not in it.
+    async fn locate_all(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLocation>>> {
+        self.ensure_packs().await?;
+        let mut out: Vec<Option<BlockLocation>> = {
+            let map = self.inner.packs.read().await;
+            ids.iter().map(|id| map.locate(id)).collect()
+        };
+        if out.iter().any(Option::is_none) {
+            self.refresh_packs().await?;
+            let map = self.inner.packs.read().await;
+            for (slot, id) in out.iter_mut().zip(ids) {
+                if slot.is_none() {
+                    *slot = map.locate(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every block snapshot `id` references (table blocks, index groups, state
+    /// source blocks).
+    pub async fn block_ids(&self, id: SnapshotId) -> Result<BTreeSet<BlockId>> {
+        Ok(self.load_index(id).await?.block_ids())
+    }
+
+    /// Where block `id` lives in the store: the pack holding it, or its own object
+    /// in a repository written before packs; `None` when the store does not have it.
+    pub async fn locate(&self, id: BlockId) -> Result<Option<BlockLocation>> {
+        if let Some(loc) = self.locate_all(&[id]).await?.pop().flatten() {
+            return Ok(Some(loc));
+        }
+        let key = id.key();
+        Ok(self
+            .inner
+            .store
+            .list(&key)
+            .await?
+            .into_iter()
+            .find(|o| o.key == key)
+            .map(|o| BlockLocation {
+                key,
+                offset: 0,
+                len: o.size,
+            }))
+    }
+
+    /// Reads what `fetch` names: each block with its content, or why not
+    /// ([`Error::NotFound`] when the store does not have it, [`Error::Corrupt`] when
+    /// it is damaged). The outer error is a store failure unrelated to one block.
+    async fn fetch(&self, fetch: Fetch) -> Result<Vec<(BlockId, Result<Vec<u8>>)>> {
+        let run = match fetch {
+            Fetch::Loose(id) => {
+                let got = match self.inner.store.get(&id.key()).await? {
+                    Some(object) => decode_off_thread(id, object).await?,
+                    None => Err(Error::not_found(format!("block {id}"))),
+                };
+                return Ok(vec![(id, got)]);
+            }
+            Fetch::Run(run) => run,
+        };
+        let bytes = match self
+            .inner
+            .store
+            .get_range(&run.key, run.range.clone())
+            .await
+        {
+            Ok(Some(bytes)) => bytes,
+            // The pack is gone: GC rewrote it since the map was read. Look again.
+            Ok(None) => {
+                self.refresh_packs().await?;
+                let ids: Vec<BlockId> = run.blocks.iter().map(|b| b.0).collect();
+                let locs = self.locate_all(&ids).await?;
+                let mut out = Vec::with_capacity(ids.len());
+                for (id, loc) in ids.into_iter().zip(locs) {
+                    let got = match loc {
+                        Some(loc) => match self
+                            .inner
+                            .store
+                            .get_range(&loc.key, loc.offset..loc.offset + loc.len)
+                            .await?
+                        {
+                            Some(object) => decode_off_thread(id, object).await?,
+                            None => Err(Error::not_found(format!("block {id}"))),
+                        },
+                        None => Box::pin(self.fetch(Fetch::Loose(id)))
+                            .await?
+                            .pop()
+                            .map_or_else(|| Err(Error::not_found(format!("block {id}"))), |b| b.1),
+                    };
+                    out.push((id, got));
+                }
+                return Ok(out);
+            }
+            // Shorter than its table of contents says: every block in the run is lost.
+            Err(e @ Error::Corrupt { .. }) => {
+                let why = e.to_string();
+                return Ok(run
+                    .blocks
+                    .iter()
+                    .map(|(id, _)| (*id, Err(Error::corrupt(format!("block {id}"), why.clone()))))
+                    .collect());
+            }
+            Err(e) => return Err(e),
+        };
+        tokio::task::spawn_blocking(move || {
+            run.blocks
+                .into_iter()
+                .map(|(id, r)| (id, decode_block(&id, &bytes[r])))
+                .collect()
         })
         .await
-        .map_err(|e| Error::other("compressing a block", e))??;
-        let len = encoded.len() as u64;
-        let reference = BlockRef {
-            id,
-            raw_len,
-            rows,
-            key_filter,
-        };
-        if written.contains(&id) || self.inner.store.contains(&id.key()).await? {
-            metrics::counter!("sanare_snapshot_blocks_deduplicated_total").increment(1);
-            return Ok((reference, 0, len));
-        }
-        self.inner
-            .store
-            .put(&id.key(), Bytes::from(encoded))
-            .await?;
-        metrics::counter!("sanare_snapshot_blocks_written_total").increment(1);
-        Ok((reference, len, len))
+        .map_err(|e| Error::other("decoding blocks", e))
+    }
+
+    /// The contents of blocks `ids` of snapshot `snapshot`, in order, each checked
+    /// against its hash. Adjacent blocks of a pack are read together.
+    fn read_blocks(
+        &self,
+        snapshot: SnapshotId,
+        ids: Vec<BlockId>,
+    ) -> impl futures_util::Stream<Item = Result<Vec<u8>>> + Send + '_ {
+        let concurrency = self.inner.config.read_concurrency.max(1);
+        futures_util::stream::once(async move {
+            let locs = self.locate_all(&ids).await?;
+            Ok(plan(ids.into_iter().zip(locs)))
+        })
+        .map_ok(move |plan| {
+            futures_util::stream::iter(plan)
+                .map(move |f| self.fetch(f))
+                .buffered(concurrency)
+                .map_ok(|blocks| futures_util::stream::iter(blocks.into_iter().map(Ok)))
+                .try_flatten()
+        })
+        .try_flatten()
+        .map(move |r| r.and_then(|(id, got)| got.map_err(|e| block_error(snapshot, id, e))))
     }
 
     async fn read_block(&self, snapshot: SnapshotId, id: BlockId) -> Result<Vec<u8>> {
-        let object = self.inner.store.get(&id.key()).await?.ok_or_else(|| {
-            Error::corrupt(
-                format!("snapshot {snapshot}"),
-                format!("block {id} is missing from the store"),
-            )
-        })?;
-        tokio::task::spawn_blocking(move || decode_block(&id, &object))
-            .await
-            .map_err(|e| Error::other("decoding a block", e))?
-            .map_err(|e| Error::corrupt(format!("snapshot {snapshot}"), e.to_string()))
+        let blocks = self.read_blocks(snapshot, vec![id]);
+        futures_util::pin_mut!(blocks);
+        blocks.next().await.unwrap_or_else(|| {
+            Err(Error::other(
+                "reading a block",
+                std::io::Error::other("no result"),
+            ))
+        })
     }
 
     /// Restores a snapshot (see [`SnapshotService::restore`]).
@@ -1194,9 +1335,7 @@ impl Snapshots {
                 .await
                 .with_context(|| format!("loading {target}"))?;
             let ids: Vec<BlockId> = t.blocks.iter().map(|b| b.id).collect();
-            let blocks = futures_util::stream::iter(ids)
-                .map(|b| self.read_block(id, b))
-                .buffered(self.inner.config.read_concurrency.max(1));
+            let blocks = self.read_blocks(id, ids);
             futures_util::pin_mut!(blocks);
             while let Some(block) = blocks.next().await {
                 let block = match block {
@@ -1526,31 +1665,95 @@ impl Snapshots {
             control
                 .progress()
                 .phase("verifying blocks", "blocks", Some(ids.len() as u64));
-            let checks = futures_util::stream::iter(ids.into_iter().map(|b| async move {
-                let got = self.inner.store.get(&b.key()).await;
-                (b, got)
-            }))
-            .buffer_unordered(self.inner.config.read_concurrency.max(1));
+            // In store order, so each pack is read front to back in few reads.
+            let ids: Vec<BlockId> = ids.into_iter().collect();
+            let mut located: Vec<(BlockId, Option<BlockLocation>)> = ids
+                .iter()
+                .copied()
+                .zip(self.locate_all(&ids).await?)
+                .collect();
+            located.sort_by(|a, b| {
+                let key = |l: &Option<BlockLocation>| l.as_ref().map(|l| (l.key.clone(), l.offset));
+                key(&a.1).cmp(&key(&b.1))
+            });
+            let mut by_pack: BTreeMap<String, Vec<(BlockId, BlockLocation)>> = BTreeMap::new();
+            for (id, loc) in &located {
+                if let Some(loc) = loc.as_ref().filter(|l| l.key.starts_with(PACK_PREFIX)) {
+                    by_pack
+                        .entry(loc.key.clone())
+                        .or_default()
+                        .push((*id, loc.clone()));
+                }
+            }
+            let checks = futures_util::stream::iter(plan(located))
+                .map(|f| self.fetch(f))
+                .buffer_unordered(self.inner.config.read_concurrency.max(1));
             futures_util::pin_mut!(checks);
-            while let Some((b, got)) = checks.next().await {
+            while let Some(blocks) = checks.next().await {
                 control.checkpoint()?;
-                report.blocks_checked += 1;
-                match got? {
-                    None => {
-                        report.blocks_missing += 1;
-                        report.problems.push(format!("block {b} is missing"));
-                    }
-                    Some(obj) => {
-                        let ok = tokio::task::spawn_blocking(move || decode_block(&b, &obj))
-                            .await
-                            .map_err(|e| Error::other("verifying a block", e))?;
-                        if let Err(e) = ok {
+                for (b, got) in blocks? {
+                    report.blocks_checked += 1;
+                    match got {
+                        Ok(_) => {}
+                        Err(Error::NotFound { .. }) => {
+                            report.blocks_missing += 1;
+                            report.problems.push(format!("block {b} is missing"));
+                        }
+                        Err(e) => {
                             report.blocks_corrupt += 1;
                             report.problems.push(e.to_string());
                         }
                     }
+                    control.progress().advance(1);
                 }
-                control.progress().advance(1);
+            }
+            // Each pack's own table of contents, as a reader without this process's
+            // map would find the blocks.
+            for (key, blocks) in by_pack {
+                control.checkpoint()?;
+                let size = self
+                    .inner
+                    .packs
+                    .read()
+                    .await
+                    .packs()
+                    .iter()
+                    .find(|p| *p.key == *key)
+                    .map(|p| p.size);
+                let Some(size) = size else { continue };
+                let meta = crate::store::ObjectMeta {
+                    key: key.clone(),
+                    size,
+                    modified: OffsetDateTime::UNIX_EPOCH,
+                };
+                let problem = match crate::pack::read_toc(&*self.inner.store, &meta).await {
+                    Ok(entries) => {
+                        let listed: HashMap<BlockId, (u64, u64)> = entries
+                            .iter()
+                            .map(|e| (e.id, (u64::from(e.offset), u64::from(e.len))))
+                            .collect();
+                        blocks
+                            .iter()
+                            .any(|(id, l)| listed.get(id) != Some(&(l.offset, l.len)))
+                            .then(|| "its table of contents no longer lists this snapshot's blocks where they are".to_owned())
+                    }
+                    Err(Error::NotFound { .. }) => Some("it is gone".to_owned()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = problem {
+                    report.blocks_corrupt += blocks.len() as u64;
+                    report.problems.push(format!(
+                        "pack {key} holding {} of this snapshot's blocks is damaged: {why}",
+                        blocks.len()
+                    ));
+                }
+            }
+            if report.blocks_missing > 0 {
+                for (pack, why) in &self.inner.packs.read().await.unreadable {
+                    report
+                        .problems
+                        .push(format!("pack {pack} is unreadable: {why}"));
+                }
             }
         }
         if !report.is_ok() {
@@ -1643,6 +1846,45 @@ impl Snapshots {
         }
         report.blocks_live = live.len() as u64;
         let now = OffsetDateTime::now_utc();
+        self.refresh_packs().await?;
+        let packs: Vec<PackInfo> = self.inner.packs.read().await.packs().to_vec();
+        let small = u64::from(self.inner.config.pack_size) / 4;
+        let mut rewrite: Vec<&PackInfo> = Vec::new();
+        for pack in &packs {
+            control.checkpoint()?;
+            let dead: Vec<&PackEntry> = pack
+                .entries
+                .iter()
+                .filter(|e| !live.contains(&e.id))
+                .collect();
+            if now - pack.modified < grace {
+                report.blocks_in_grace += dead.len() as u64;
+                continue;
+            }
+            if dead.len() == pack.entries.len() {
+                self.inner.store.delete(&pack.key).await?;
+                report.packs_deleted += 1;
+                report.blocks_deleted += dead.len() as u64;
+                report.bytes_freed += pack.size;
+                continue;
+            }
+            let dead_bytes: u64 = dead.iter().map(|e| u64::from(e.len)).sum();
+            if dead_bytes * 4 > pack.size || pack.size < small {
+                rewrite.push(pack);
+            }
+        }
+        // Rewriting one small pack with nothing to drop would gain nothing.
+        if let [only] = rewrite[..]
+            && only.entries.iter().all(|e| live.contains(&e.id))
+        {
+            rewrite.clear();
+        }
+        if !rewrite.is_empty() {
+            self.rewrite_packs(&rewrite, &live, &mut report, control)
+                .await?;
+        }
+        self.refresh_packs().await?;
+        // Loose block objects of a repository written before packs.
         for obj in self.inner.store.list("blocks/").await? {
             control.checkpoint()?;
             let Some(id) = obj.key.rsplit('/').next().and_then(BlockId::from_hex) else {
@@ -1665,6 +1907,71 @@ impl Snapshots {
         Ok(report)
     }
 
+    /// Copies the live blocks of `packs` into new packs (checking each block's
+    /// hash), then deletes the old packs. A pack with a damaged live block is kept.
+    async fn rewrite_packs(
+        &self,
+        packs: &[&PackInfo],
+        live: &BTreeSet<BlockId>,
+        report: &mut GcReport,
+        control: &Control,
+    ) -> Result<()> {
+        // The new packs must not be deduplicated against the old ones.
+        let scratch = tokio::sync::RwLock::new(PackMap::default());
+        let writer = PackWriter::new(&self.inner.store, &scratch, self.inner.config.pack_size);
+        let mut pack = PackBuilder::new();
+        let mut done: Vec<&PackInfo> = Vec::new();
+        for old in packs {
+            control.checkpoint()?;
+            let Some(bytes) = self.inner.store.get(&old.key).await? else {
+                continue;
+            };
+            let entries: Vec<PackEntry> = old
+                .entries
+                .iter()
+                .filter(|e| live.contains(&e.id))
+                .copied()
+                .collect();
+            let checked = {
+                let bytes = bytes.clone();
+                let entries = entries.clone();
+                tokio::task::spawn_blocking(move || {
+                    entries.iter().try_for_each(|e| {
+                        let object = bytes
+                            .get(e.offset as usize..(e.offset as usize + e.len as usize))
+                            .ok_or_else(|| {
+                                Error::corrupt(format!("block {}", e.id), "outside its pack")
+                            })?;
+                        decode_block(&e.id, object).map(drop)
+                    })
+                })
+                .await
+                .map_err(|e| Error::other("checking blocks before rewriting a pack", e))?
+            };
+            if let Err(e) = checked {
+                tracing::warn!(pack = %old.key, error = %e, "GC keeps a pack with a damaged block; verify the snapshots that use it");
+                continue;
+            }
+            for e in &entries {
+                let object = &bytes[e.offset as usize..e.offset as usize + e.len as usize];
+                writer.add(&mut pack, e.id, object).await?;
+            }
+            report.blocks_deleted += (old.entries.len() - entries.len()) as u64;
+            done.push(old);
+        }
+        writer.flush(&mut pack).await?;
+        let written = writer.finish().await?;
+        // The copies are durable; only now the originals go.
+        let mut freed = 0u64;
+        for old in &done {
+            self.inner.store.delete(&old.key).await?;
+            freed += old.size;
+        }
+        report.packs_rewritten += done.len() as u64;
+        report.bytes_freed += freed.saturating_sub(written);
+        Ok(())
+    }
+
     /// What the store holds.
     pub async fn stats(&self) -> Result<StorageStats> {
         let mut stats = StorageStats::default();
@@ -1677,11 +1984,96 @@ impl Snapshots {
                 stats.logical_bytes += s.size_bytes;
             }
         }
+        self.refresh_packs().await?;
+        {
+            let map = self.inner.packs.read().await;
+            stats.packs = map.packs().len() as u64;
+            stats.blocks = map.block_count() as u64;
+            stats.block_bytes = map.packs().iter().map(|p| p.size).sum();
+        }
         for o in self.inner.store.list("blocks/").await? {
             stats.blocks += 1;
             stats.block_bytes += o.size;
         }
         Ok(stats)
+    }
+}
+
+/// A read of blocks: a run of adjacent blocks in a pack, or one loose block object.
+#[derive(Debug)]
+enum Fetch {
+    Run(crate::pack::Run),
+    Loose(BlockId),
+}
+
+/// Most bytes read at once for adjacent blocks of a pack.
+const RUN_MAX: u64 = 1024 * 1024;
+
+/// The reads that fetch located blocks in order.
+fn plan(located: impl IntoIterator<Item = (BlockId, Option<BlockLocation>)>) -> Vec<Fetch> {
+    let mut out = Vec::new();
+    let mut packed = Vec::new();
+    for (id, loc) in located {
+        match loc {
+            Some(loc) => packed.push((id, loc)),
+            None => {
+                out.extend(
+                    crate::pack::runs(std::mem::take(&mut packed), RUN_MAX)
+                        .into_iter()
+                        .map(Fetch::Run),
+                );
+                out.push(Fetch::Loose(id));
+            }
+        }
+    }
+    out.extend(
+        crate::pack::runs(packed, RUN_MAX)
+            .into_iter()
+            .map(Fetch::Run),
+    );
+    out
+}
+
+/// Compresses a block on a blocking thread: its reference and its block object.
+async fn encode(block: RowBlock, codec: Codec) -> Result<(BlockRef, Vec<u8>)> {
+    let RowBlock {
+        content,
+        rows,
+        key_filter,
+    } = block;
+    let raw_len = u32::try_from(content.len()).unwrap_or(u32::MAX);
+    let (id, object) = tokio::task::spawn_blocking(move || {
+        let id = BlockId::of(&content);
+        encode_block(&content, codec).map(|e| (id, e))
+    })
+    .await
+    .map_err(|e| Error::other("compressing a block", e))??;
+    Ok((
+        BlockRef {
+            id,
+            raw_len,
+            rows,
+            key_filter,
+        },
+        object,
+    ))
+}
+
+/// Decodes a block object on a blocking thread; the inner result is the block's.
+async fn decode_off_thread(id: BlockId, object: Bytes) -> Result<Result<Vec<u8>>> {
+    tokio::task::spawn_blocking(move || decode_block(&id, &object))
+        .await
+        .map_err(|e| Error::other("decoding a block", e))
+}
+
+/// A block of snapshot `snapshot` that could not be read, as the snapshot's damage.
+fn block_error(snapshot: SnapshotId, id: BlockId, e: Error) -> Error {
+    match e {
+        Error::NotFound { .. } => Error::corrupt(
+            format!("snapshot {snapshot}"),
+            format!("block {id} is missing from the store"),
+        ),
+        e => Error::corrupt(format!("snapshot {snapshot}"), e.to_string()),
     }
 }
 

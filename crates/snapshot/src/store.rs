@@ -1,6 +1,7 @@
 //! Block stores: where blocks, indexes and manifests live.
 
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -38,12 +39,40 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// The object under `key`.
     async fn get(&self, key: &str) -> Result<Option<Bytes>>;
+    /// The bytes `range` of the object under `key` (`Ok(None)` when it is missing).
+    /// A range reaching past the object's end is [`Error::Corrupt`]: the object is
+    /// shorter than whoever asked expected. The provided implementation reads the
+    /// whole object; stores that can read part of one override it.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
+        let Some(all) = self.get(key).await? else {
+            return Ok(None);
+        };
+        slice_range(key, all, range).map(Some)
+    }
     /// Whether `key` exists.
     async fn contains(&self, key: &str) -> Result<bool>;
     /// Deletes `key` (no error if missing).
     async fn delete(&self, key: &str) -> Result<()>;
     /// Every object whose key starts with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+}
+
+/// `range` of `all`, the object `key`, or why it cannot be.
+pub(crate) fn slice_range(key: &str, all: Bytes, range: Range<u64>) -> Result<Bytes> {
+    if range.start > range.end || range.end > all.len() as u64 {
+        return Err(short_object(key, all.len() as u64, &range));
+    }
+    Ok(all.slice(range.start as usize..range.end as usize))
+}
+
+pub(crate) fn short_object(key: &str, size: u64, range: &Range<u64>) -> Error {
+    Error::corrupt(
+        format!("object {key}"),
+        format!(
+            "bytes {}..{} were asked for, it holds {size} (truncated?)",
+            range.start, range.end
+        ),
+    )
 }
 
 pub(crate) fn check_key(key: &str) -> Result<()> {
@@ -111,6 +140,14 @@ impl BlockStore for FsStore {
         }
     }
 
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
+        let path = self.path(key)?;
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || read_range(&path, &key, range))
+            .await
+            .map_err(|e| Error::other("reading part of a block store file", e))?
+    }
+
     async fn contains(&self, key: &str) -> Result<bool> {
         let path = self.path(key)?;
         tokio::fs::try_exists(&path)
@@ -167,6 +204,24 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+fn read_range(path: &Path, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
+    use std::os::unix::fs::FileExt;
+    let ctx = || format!("reading {}", path.display());
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(ctx(), e)),
+    };
+    let size = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
+    if range.start > range.end || range.end > size {
+        return Err(short_object(key, size, &range));
+    }
+    let mut buf = vec![0u8; (range.end - range.start) as usize];
+    file.read_exact_at(&mut buf, range.start)
+        .map_err(|e| Error::io(ctx(), e))?;
+    Ok(Some(Bytes::from(buf)))
 }
 
 fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> Result<()> {
@@ -265,6 +320,36 @@ impl BlockStore for PgStore {
             .await
             .with_context(|| format!("reading object {key}"))?;
         Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))))
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
+        check_key(key)?;
+        let (Ok(from), Ok(len)) = (
+            i64::try_from(range.start),
+            i64::try_from(range.end.saturating_sub(range.start)),
+        ) else {
+            return Err(short_object(key, 0, &range));
+        };
+        let conn = sanare_pg::get_conn(&self.pool).await?;
+        // `data` is stored uncompressed (STORAGE EXTERNAL), so substring reads only
+        // the TOAST chunks it needs.
+        let row = conn
+            .query_opt(
+                &format!(
+                    "SELECT substring(data FROM ($2::bigint + 1)::int FOR $3::bigint::int),
+                            octet_length(data)::bigint FROM {} WHERE key = $1",
+                    self.table
+                ),
+                &[&key, &from, &len],
+            )
+            .await
+            .with_context(|| format!("reading part of object {key}"))?;
+        let Some(row) = row else { return Ok(None) };
+        let size: i64 = row.get(1);
+        if range.start > range.end || range.end > size.max(0) as u64 {
+            return Err(short_object(key, size.max(0) as u64, &range));
+        }
+        Ok(Some(Bytes::from(row.get::<_, Vec<u8>>(0))))
     }
 
     async fn contains(&self, key: &str) -> Result<bool> {

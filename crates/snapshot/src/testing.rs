@@ -48,6 +48,52 @@ pub async fn conformance(store: &dyn BlockStore) {
     assert_eq!(store.get("blocks/cd/big").await.unwrap().unwrap(), big);
     assert!(store.contains("blocks/ab/one").await.unwrap());
 
+    // Parts of objects: any range inside, empty ranges, not past the end.
+    assert_eq!(
+        store
+            .get_range("blocks/cd/big", 1_000_000..1_000_300)
+            .await
+            .unwrap()
+            .unwrap(),
+        big[1_000_000..1_000_300]
+    );
+    assert_eq!(
+        store
+            .get_range("blocks/cd/big", 2_999_990..3_000_000)
+            .await
+            .unwrap()
+            .unwrap(),
+        big[2_999_990..]
+    );
+    assert_eq!(
+        store
+            .get_range("blocks/ab/one", 1..3)
+            .await
+            .unwrap()
+            .unwrap(),
+        &b"ne"[..]
+    );
+    assert!(
+        store
+            .get_range("blocks/ab/one", 3..3)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .get_range("blocks/00/missing", 0..1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let past_end = store.get_range("blocks/ab/one", 2..5).await;
+    assert!(
+        matches!(past_end, Err(sanare_core::Error::Corrupt { .. })),
+        "a range past the end is Corrupt: {past_end:?}"
+    );
+
     // Putting the same key again is idempotent.
     store
         .put("blocks/ab/one", Bytes::from_static(b"one"))

@@ -282,13 +282,6 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
         .batch_execute("UPDATE shop.customers SET full_name = full_name || '!' WHERE id < 5")
         .await
         .unwrap();
-    let store = e.snaps.store().clone();
-    let keys = |v: Vec<sanare_snapshot::ObjectMeta>| {
-        v.into_iter()
-            .map(|m| (m.key, m.size))
-            .collect::<std::collections::BTreeSet<_>>()
-    };
-    let old_blocks = keys(store.list("blocks/").await.unwrap());
     let bad = e.snaps.create(shop(), &Control::detached()).await.unwrap();
     assert!(
         e.snaps
@@ -299,15 +292,19 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
     );
     // Flip a bit in the data block only the second snapshot has (the other new
     // block, much smaller, is the group of block references that lists it).
-    let new_blocks: Vec<(String, u64)> = keys(store.list("blocks/").await.unwrap())
-        .difference(&old_blocks)
-        .cloned()
-        .collect();
+    let good_blocks = e.snaps.block_ids(good.id).await.unwrap();
+    let bad_blocks = e.snaps.block_ids(bad.id).await.unwrap();
+    let mut new_blocks = Vec::new();
+    for id in bad_blocks.difference(&good_blocks) {
+        new_blocks.push((*id, e.snaps.locate(*id).await.unwrap().unwrap()));
+    }
     assert_eq!(new_blocks.len(), 2, "{new_blocks:?}");
-    let newest = new_blocks.iter().max_by_key(|b| b.1).unwrap().0.clone();
-    let path = e.store_dir.path().join(&newest);
+    assert!(new_blocks.iter().all(|b| b.1.key.starts_with("packs/")));
+    let (newest, loc) = new_blocks.iter().max_by_key(|b| b.1.len).unwrap().clone();
+    let newest = newest.to_string();
+    let path = e.store_dir.path().join(&loc.key);
     let mut bytes = std::fs::read(&path).unwrap();
-    let at = bytes.len() / 2;
+    let at = (loc.offset + loc.len / 2) as usize;
     bytes[at] ^= 0x04;
     std::fs::write(&path, &bytes).unwrap();
 
@@ -319,8 +316,7 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
-    let id = newest.rsplit('/').next().unwrap();
-    assert!(err.to_string().contains(id), "{err}");
+    assert!(err.to_string().contains(&newest), "{err}");
     assert_eq!(table_hashes(&e.db, "shop").await, live);
 
     let report = e.snaps.verify(bad.id, &Control::detached()).await.unwrap();
@@ -329,11 +325,31 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
     let latest = e.snaps.latest_good(None).await.unwrap().unwrap();
     assert_eq!(latest.id, good.id, "the corrupted one is skipped");
 
-    // A missing block.
-    let any = store.list("blocks/").await.unwrap()[0].key.clone();
-    store.delete(&any).await.unwrap();
+    // Missing blocks: the pack holding some of the first snapshot's blocks is gone.
+    let store = e.snaps.store().clone();
+    let any = e
+        .snaps
+        .block_ids(good.id)
+        .await
+        .unwrap()
+        .pop_first()
+        .unwrap();
+    let gone = e.snaps.locate(any).await.unwrap().unwrap().key;
+    let mut in_gone = 0;
+    for id in e.snaps.block_ids(good.id).await.unwrap() {
+        if e.snaps
+            .locate(id)
+            .await
+            .unwrap()
+            .is_some_and(|l| l.key == gone)
+        {
+            in_gone += 1;
+        }
+    }
+    store.delete(&gone).await.unwrap();
     let report = e.snaps.verify(good.id, &Control::detached()).await.unwrap();
-    assert_eq!(report.blocks_missing, 1, "{report:?}");
+    assert_eq!(report.blocks_missing, in_gone, "{report:?}");
+    assert_eq!(report.blocks_corrupt, 0, "{report:?}");
     assert!(e.snaps.latest_good(None).await.unwrap().is_none());
 }
 
@@ -475,14 +491,42 @@ async fn retention_and_gc_free_only_unreferenced_blocks() {
         .await
         .unwrap();
     assert_eq!(deleted, 2);
+    // Another service on the same store (another process) knows where every block
+    // was before GC rewrites the packs under it.
+    let other = Snapshots::builder()
+        .store(Arc::new(FsStore::new(e.store_dir.path()).unwrap()))
+        .pool(e.db.pool().clone())
+        .build()
+        .unwrap();
+    assert!(
+        other
+            .verify(ids[2], &Control::detached())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    let before = e.snaps.stats().await.unwrap();
     let gc = e
         .snaps
         .gc(Duration::ZERO, &Control::detached())
         .await
         .unwrap();
     assert!(gc.blocks_deleted > 0, "{gc:?}");
+    // Small packs are merged and packs with dead blocks rewritten.
+    assert!(gc.packs_rewritten + gc.packs_deleted > 0, "{gc:?}");
+    let after = e.snaps.stats().await.unwrap();
+    assert!(after.packs < before.packs, "{before:?} -> {after:?}");
+    assert_eq!(after.blocks + gc.blocks_deleted, before.blocks, "{gc:?}");
+    assert!(after.block_bytes < before.block_bytes);
     let kept = e.snaps.verify(ids[2], &Control::detached()).await.unwrap();
     assert!(kept.is_ok(), "{kept:?}");
+    // The other service finds the blocks where GC moved them.
+    let hashes = table_hashes(&e.db, "shop").await;
+    other
+        .restore(RestoreRequest::new(ids[2]), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(table_hashes(&e.db, "shop").await, hashes);
     // A grace period keeps fresh unreferenced blocks.
     let again = e
         .snaps
@@ -583,7 +627,7 @@ async fn sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm() {
     let e = env(20_000).await;
     let good = e.snaps.create(shop(), &Control::detached()).await.unwrap();
     let before = table_hashes(&e.db, "shop").await;
-    let blocks_before = e.snaps.store().list("blocks/").await.unwrap().len();
+    let packs_before = e.snaps.store().list("packs/").await.unwrap().len();
     // Change every row so the child writes new blocks.
     e.db.client()
         .await
@@ -616,8 +660,8 @@ async fn sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm() {
             .await
             .unwrap()
             .get(0);
-        let blocks = e.snaps.store().list("blocks/").await.unwrap().len();
-        if creating > 0 && blocks > blocks_before {
+        let packs = e.snaps.store().list("packs/").await.unwrap().len();
+        if creating > 0 && packs > packs_before {
             break;
         }
         assert!(

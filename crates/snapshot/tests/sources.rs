@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use sanare_core::{Control, Error, SnapshotRequest, SnapshotService, SnapshotStatus};
 use sanare_pg::SchemaName;
-use sanare_snapshot::{BlockStore, FsStore, Snapshots, StateSource};
+use sanare_snapshot::{FsStore, Snapshots, StateSource};
 use sanare_testing::fixtures::order_service;
 use sanare_testing::test_db;
 use tokio::io::AsyncRead;
@@ -84,7 +84,7 @@ async fn state_sources_round_trip_with_dedup_and_refuse_damage() {
 
     let v1 = cache.data.lock().unwrap().clone();
     let first = snaps.create(request(), &Control::detached()).await.unwrap();
-    let blocks_after_first = store.list("blocks/").await.unwrap().len();
+    let blocks_after_first = snaps.stats().await.unwrap().blocks;
 
     // Edit the middle and append: only the blocks around the edits are new.
     {
@@ -94,7 +94,7 @@ async fn state_sources_round_trip_with_dedup_and_refuse_damage() {
     }
     let v2 = cache.data.lock().unwrap().clone();
     let second = snaps.create(request(), &Control::detached()).await.unwrap();
-    let new_blocks = store.list("blocks/").await.unwrap().len() - blocks_after_first;
+    let new_blocks = snaps.stats().await.unwrap().blocks - blocks_after_first;
     let stream_blocks = snaps.sources(second.id).await.unwrap()[0].blocks;
     assert!(stream_blocks > 50, "{stream_blocks} blocks");
     assert!(
@@ -155,12 +155,18 @@ async fn state_sources_round_trip_with_dedup_and_refuse_damage() {
 
     // A flipped bit in a block only the second snapshot's stream has: the restore
     // refuses, names the block, and verify finds it.
-    let mut blocks = store.list("blocks/").await.unwrap();
-    blocks.sort_by_key(|b| b.modified);
-    let newest = blocks.last().unwrap().key.clone();
-    let path = dir.path().join(&newest);
+    let first_blocks = snaps.block_ids(first.id).await.unwrap();
+    let mut only_second = Vec::new();
+    for id in snaps.block_ids(second.id).await.unwrap() {
+        if !first_blocks.contains(&id) {
+            only_second.push((id, snaps.locate(id).await.unwrap().unwrap()));
+        }
+    }
+    let (newest, loc) = only_second.into_iter().max_by_key(|b| b.1.len).unwrap();
+    let newest = newest.to_string();
+    let path = dir.path().join(&loc.key);
     let mut bytes = std::fs::read(&path).unwrap();
-    let at = bytes.len() - 3;
+    let at = (loc.offset + loc.len - 3) as usize;
     bytes[at] ^= 0x20;
     std::fs::write(&path, &bytes).unwrap();
     let mut out: Vec<u8> = Vec::new();
