@@ -229,6 +229,7 @@ impl Cluster {
     /// Starts the server on a free port, retrying when the port is taken meanwhile.
     fn launch(&mut self) -> Result<(), ClusterError> {
         let mut last = None;
+        let mut busy = None;
         for _ in 0..8 {
             let port = if self.port != 0 && last.is_none() {
                 self.port
@@ -238,12 +239,24 @@ impl Cluster {
             match self.launch_on(port) {
                 Ok(()) => return Ok(()),
                 Err(LaunchError::PortTaken(log)) => last = Some(log),
+                Err(LaunchError::ShmBusy(log)) => {
+                    busy = Some(log);
+                    std::thread::sleep(Duration::from_millis(250));
+                }
                 Err(LaunchError::Other(e)) => return Err(e),
             }
         }
-        Err(ClusterError::Failed {
-            step: "starting postgres (no free port after 8 tries)".into(),
-            log: last.unwrap_or_default(),
+        Err(match busy {
+            Some(log) => ClusterError::Failed {
+                step:
+                    "starting postgres (a killed server's processes still hold its shared memory)"
+                        .into(),
+                log,
+            },
+            None => ClusterError::Failed {
+                step: "starting postgres (no free port after 8 tries)".into(),
+                log: last.unwrap_or_default(),
+            },
         })
     }
 
@@ -300,6 +313,9 @@ impl Cluster {
         loop {
             if let Ok(Some(_)) = child.try_wait() {
                 let log = read_to_string_lossy(&log_path);
+                if log.contains("pre-existing shared memory block") {
+                    return Err(LaunchError::ShmBusy(log));
+                }
                 if log.contains("could not bind") || log.contains("already in use") {
                     return Err(LaunchError::PortTaken(log));
                 }
@@ -386,14 +402,29 @@ impl Cluster {
         let target = if signal == libc::SIGKILL { -pid } else { pid };
         unsafe { libc::kill(target, signal) };
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut exited = false;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
-                return;
+                exited = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if signal == libc::SIGKILL {
+            // The backends die with the postmaster but not at the same instant; one
+            // still attached to the old shared memory makes the next start refuse
+            // ("pre-existing shared memory block is still in use"). Wait until the
+            // group is gone (a zombie nobody reaps still counts: bounded wait).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // Safety: kill(2) with signal 0 only checks that the group exists.
+            while Instant::now() < deadline && unsafe { libc::kill(-pid, 0) } == 0 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     /// Starts a stopped server again, on the same port when it is still free.
@@ -414,6 +445,8 @@ impl Drop for Cluster {
 
 enum LaunchError {
     PortTaken(String),
+    /// A killed server's process still holds the old shared memory: retry shortly.
+    ShmBusy(String),
     Other(ClusterError),
 }
 
