@@ -264,7 +264,8 @@ impl PackMap {
     /// does not know, and starts over when a known pack is gone (deleted or
     /// rewritten by GC).
     pub(crate) async fn refresh(&mut self, store: &dyn BlockStore) -> Result<()> {
-        let listed = store.list(PACK_PREFIX).await?;
+        let mut listed = store.list(PACK_PREFIX).await?;
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
         let gone = listed.len() < self.packs.len()
             || self.packs.iter().any(|p| {
                 listed

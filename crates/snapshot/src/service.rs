@@ -553,7 +553,10 @@ impl Snapshots {
             tables: Vec::with_capacity(tables.len()),
             streams: Vec::new(),
         };
-        self.ensure_packs().await?;
+        // Read the packs afresh, under the lock GC waits for: a map loaded before a
+        // GC in another process could name blocks that GC has since deleted, and
+        // this capture must not reuse those.
+        self.refresh_packs().await?;
         let writer = PackWriter::new(&inner.store, &inner.packs, inner.config.pack_size);
         let mut compressed_bytes = 0u64;
         // Tables are captured by up to `capture_concurrency` connections whose

@@ -72,3 +72,59 @@ async fn a_deleted_snapshot_is_gone_and_its_blocks_are_freed_when_unshared() {
         .unwrap_err();
     assert!(matches!(unknown, Error::NotFound { .. }), "{unknown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capture_never_reuses_blocks_another_process_collected() {
+    let db = test_db().await;
+    let client = db.client().await;
+    order_service::install(&**client, "shop").await.unwrap();
+    order_service::generate(&**client, "shop", 200)
+        .await
+        .unwrap();
+    sanare_snapshot::migrate(&mut db.connect().await, &SchemaName::default_schema())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let service = || {
+        Snapshots::builder()
+            .store(Arc::new(FsStore::new(dir.path()).unwrap()))
+            .pool(db.pool().clone())
+            .build()
+            .unwrap()
+    };
+    let (ours, theirs) = (service(), service());
+    let request = || SnapshotRequest::new().schemas(["shop"]);
+    let first = ours.create(request(), &Control::detached()).await.unwrap();
+    // Another process deletes it and collects every block ours knows about.
+    theirs.delete(first.id).await.unwrap();
+    let gc = theirs
+        .gc(Duration::ZERO, &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(gc.blocks_live, 0, "{gc:?}");
+    assert!(gc.packs_deleted > 0, "{gc:?}");
+    // The same rows again: every block must be stored anew, not taken from a map
+    // loaded before that GC.
+    let second = ours.create(request(), &Control::detached()).await.unwrap();
+    assert!(second.stored_bytes * 2 > first.stored_bytes, "{second:?}");
+    let report = ours.verify(second.id, &Control::detached()).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    let before = client
+        .query_one("SELECT count(*) FROM shop.order_lines", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    client
+        .batch_execute("DELETE FROM shop.payments; DELETE FROM shop.order_lines")
+        .await
+        .unwrap();
+    ours.restore(RestoreRequest::new(second.id), &Control::detached())
+        .await
+        .unwrap();
+    let after: i64 = client
+        .query_one("SELECT count(*) FROM shop.order_lines", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(after, before);
+}
