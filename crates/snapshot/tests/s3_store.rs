@@ -151,22 +151,9 @@ async fn snapshots_on_s3_round_trip_and_verify() {
         .build()
         .unwrap();
     let hash = || async {
-        let c = db.client().await;
-        let mut out = Vec::new();
-        for t in order_service::TABLES {
-            let row = c
-                .query_one(
-                    &format!(
-                        "SELECT count(*), coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '')
-                           FROM shop.\"{t}\" x"
-                    ),
-                    &[],
-                )
-                .await
-                .unwrap();
-            out.push((row.get::<_, i64>(0), row.get::<_, String>(1)));
-        }
-        out
+        order_service::content_hashes(&**db.client().await, "shop")
+            .await
+            .unwrap()
     };
     let before = hash().await;
     let info = snaps

@@ -85,24 +85,11 @@ async fn env(orders: u64) -> Env {
     }
 }
 
-/// A row-for-row hash of every fixture table (rows in key order, text form).
+/// A row-for-row hash of every fixture table.
 async fn table_hashes(db: &sanare_testing::TestDb, schema: &str) -> Vec<(String, i64, String)> {
-    let client = db.client().await;
-    let mut out = Vec::new();
-    for t in order_service::TABLES {
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT count(*), coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '')
-                       FROM \"{schema}\".\"{t}\" x"
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        out.push((t.to_owned(), row.get(0), row.get(1)));
-    }
-    out
+    order_service::content_hashes(&**db.client().await, schema)
+        .await
+        .unwrap()
 }
 
 fn shop() -> SnapshotRequest {

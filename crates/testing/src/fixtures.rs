@@ -39,6 +39,30 @@ pub mod order_service {
         }
     }
 
+    /// A row-for-row fingerprint of every fixture table in `schema`, parents first:
+    /// its name, row count and the md5 of its rows' text forms in sorted order. Two
+    /// states of the tables are equal exactly when their fingerprints are.
+    pub async fn content_hashes(
+        client: &impl GenericClient,
+        schema: &str,
+    ) -> Result<Vec<(String, i64, String)>, tokio_postgres::Error> {
+        let s = quote(schema);
+        let mut out = Vec::with_capacity(TABLES.len());
+        for t in TABLES {
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT count(*), coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '')
+                           FROM {s}.{t} x"
+                    ),
+                    &[],
+                )
+                .await?;
+            out.push((t.to_owned(), row.get(0), row.get(1)));
+        }
+        Ok(out)
+    }
+
     /// Creates the fixture's types and tables in `schema` (created if missing).
     pub async fn install(
         client: &impl GenericClient,

@@ -1,0 +1,106 @@
+//! Repositories written before packs kept every block as its own object
+//! (`blocks/<h2>/<hex>`); such blocks are still found, verified, restored and
+//! collected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sanare_core::{Control, RestoreRequest, SnapshotRequest, SnapshotService};
+use sanare_pg::SchemaName;
+use sanare_snapshot::{BlockStore, FsStore, Snapshots};
+use sanare_testing::fixtures::order_service;
+use sanare_testing::test_db;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loose_block_objects_are_read_verified_restored_and_collected() {
+    let db = test_db().await;
+    let client = db.client().await;
+    order_service::install(&**client, "shop").await.unwrap();
+    order_service::generate(&**client, "shop", 300)
+        .await
+        .unwrap();
+    sanare_snapshot::migrate(&mut db.connect().await, &SchemaName::default_schema())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FsStore::new(dir.path()).unwrap());
+    let service = || {
+        Snapshots::builder()
+            .store(store.clone())
+            .pool(db.pool().clone())
+            .build()
+            .unwrap()
+    };
+    let request = || SnapshotRequest::new().schemas(["shop"]);
+    let writer = service();
+    let old = writer
+        .create(request(), &Control::detached())
+        .await
+        .unwrap();
+
+    // Rewrite the repository in the old layout: every block its own object.
+    let ids = writer.block_ids(old.id).await.unwrap();
+    for id in &ids {
+        let loc = writer.locate(*id).await.unwrap().unwrap();
+        let object = store
+            .get_range(&loc.key, loc.offset..loc.offset + loc.len)
+            .await
+            .unwrap()
+            .unwrap();
+        store.put(&id.key(), object).await.unwrap();
+    }
+    for pack in store.list("packs/").await.unwrap() {
+        store.delete(&pack.key).await.unwrap();
+    }
+
+    let reader = service();
+    let some = *ids.first().unwrap();
+    let loc = reader.locate(some).await.unwrap().unwrap();
+    assert_eq!(loc.key, some.key());
+    assert_eq!(loc.offset, 0);
+    let report = reader.verify(old.id, &Control::detached()).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.blocks_checked, ids.len() as u64);
+    let stats = reader.stats().await.unwrap();
+    assert_eq!((stats.packs, stats.blocks), (0, ids.len() as u64));
+
+    // A new snapshot of changed rows goes into packs next to the loose blocks.
+    client
+        .batch_execute("UPDATE shop.orders SET note = 'new' WHERE id <= 20")
+        .await
+        .unwrap();
+    let new = reader
+        .create(request(), &Control::detached())
+        .await
+        .unwrap();
+    assert!(reader.stats().await.unwrap().packs > 0);
+    let new_hashes = order_service::content_hashes(&**client, "shop")
+        .await
+        .unwrap();
+    reader
+        .restore(RestoreRequest::new(old.id), &Control::detached())
+        .await
+        .unwrap();
+    reader
+        .restore(RestoreRequest::new(new.id), &Control::detached())
+        .await
+        .unwrap();
+    assert_eq!(
+        order_service::content_hashes(&**client, "shop")
+            .await
+            .unwrap(),
+        new_hashes
+    );
+
+    // Once the old snapshot is gone, its loose blocks nobody else uses are freed.
+    reader.delete(old.id).await.unwrap();
+    let gc = reader
+        .gc(Duration::ZERO, &Control::detached())
+        .await
+        .unwrap();
+    assert!(gc.blocks_deleted > 0, "{gc:?}");
+    let left = store.list("blocks/").await.unwrap().len() as u64;
+    assert!(left < ids.len() as u64, "{left} loose blocks left");
+    let report = reader.verify(new.id, &Control::detached()).await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+}
