@@ -16,7 +16,7 @@ use sanare_pg::{PgResultExt, quote_ident};
 
 use crate::classify::{bit_distance, classify_value};
 use crate::issue::{CorruptionIssue, Layer};
-use sanare_pg::copy_text::{TextCopyRows, decode_bytea_hex};
+use sanare_pg::copy_text::{TextCopyRows, bytea_hex_eq, decode_bytea_hex};
 
 /// How a table is read by the checksum layer.
 #[derive(Clone, Debug)]
@@ -222,8 +222,8 @@ impl<'a> RowVerifier<'a> {
         }
         self.rows += 1;
         let computed = self.checksum.checksum_text(&self.columns, &values);
-        let stored = raw[plan.checksum_idx].and_then(decode_bytea_hex);
-        if stored.as_deref() != Some(&computed[..]) {
+        if !raw[plan.checksum_idx].is_some_and(|h| bytea_hex_eq(h, &computed)) {
+            let stored = raw[plan.checksum_idx].and_then(decode_bytea_hex);
             // Rare: only a suspect pays for owned values.
             let fields: Vec<Option<String>> = raw
                 .iter()

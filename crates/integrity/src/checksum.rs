@@ -146,15 +146,13 @@ impl Checksummer {
 
     /// A fresh incremental hasher for a row of `ncols` columns.
     pub fn row(&self, ncols: u32) -> RowHasher {
-        let mut buf = Vec::with_capacity(128);
-        buf.extend_from_slice(&ROW_MAGIC);
-        buf.extend_from_slice(&ENCODING_VERSION.to_be_bytes());
-        buf.extend_from_slice(&ncols.to_be_bytes());
-        RowHasher {
+        let mut h = RowHasher {
             algorithm: self.algorithm,
             key: self.key,
-            buf,
-        }
+            buf: Vec::with_capacity(128),
+        };
+        h.restart(ncols);
+        h
     }
 
     /// The canonical encoding of a row (what is hashed), for tests and tools.
@@ -196,11 +194,20 @@ impl RowChecksum for Checksummer {
     }
 
     fn checksum_text(&self, _columns: &[ColumnValue], values: &[Option<&str>]) -> [u8; 32] {
-        let mut h = self.row(len_u32(values.len()));
-        for v in values {
-            h.field(v.map(str::as_bytes));
+        // Called once per row of a scan: the encoding buffer is reused per thread.
+        thread_local! {
+            static HASHER: std::cell::RefCell<Option<RowHasher>> = const { std::cell::RefCell::new(None) };
         }
-        h.finish()
+        HASHER.with_borrow_mut(|slot| {
+            let h = slot.get_or_insert_with(|| self.row(0));
+            h.algorithm = self.algorithm;
+            h.key = self.key;
+            h.restart(len_u32(values.len()));
+            for v in values {
+                h.field(v.map(str::as_bytes));
+            }
+            h.digest()
+        })
     }
 }
 
@@ -233,8 +240,22 @@ impl RowHasher {
         }
     }
 
+    /// Starts over for another row of `ncols` columns, keeping the buffer: a caller
+    /// hashing many rows uses one hasher ([`RowHasher::digest`] after each row).
+    pub fn restart(&mut self, ncols: u32) {
+        self.buf.clear();
+        self.buf.extend_from_slice(&ROW_MAGIC);
+        self.buf.extend_from_slice(&ENCODING_VERSION.to_be_bytes());
+        self.buf.extend_from_slice(&ncols.to_be_bytes());
+    }
+
     /// The 32-byte checksum.
     pub fn finish(self) -> [u8; 32] {
+        self.digest()
+    }
+
+    /// The 32-byte checksum of the row fed since the last restart.
+    pub fn digest(&self) -> [u8; 32] {
         match (self.algorithm, &self.key) {
             (ChecksumAlgorithm::Blake3Keyed, Some(key)) => {
                 *blake3::keyed_hash(key, &self.buf).as_bytes()

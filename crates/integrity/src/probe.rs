@@ -2,7 +2,7 @@
 
 use futures_util::{StreamExt, pin_mut};
 use sanare_core::{CheckFamily, Error, Result, Severity, ViolationKind};
-use sanare_pg::copy_text::{TextCopyRows, decode_bytea_hex};
+use sanare_pg::copy_text::{TextCopyRows, bytea_hex_eq, decode_bytea_hex};
 use sanare_pg::{PgResultExt, quote_ident};
 use tokio_postgres::types::ToSql;
 
@@ -230,6 +230,7 @@ pub(crate) async fn run_probe(
                     let mut rows = 0u64;
                     let mut suspects = Vec::new();
                     let ncols = u32::try_from(forms.len()).unwrap_or(u32::MAX);
+                    let mut hasher = checksummer.row(ncols);
                     let mut on_row = |fields: &[Option<&[u8]>]| -> Result<()> {
                         rows += 1;
                         if fields.len() != nfields {
@@ -238,17 +239,17 @@ pub(crate) async fn run_probe(
                                 format!("expected {nfields} fields, got {}", fields.len()),
                             ));
                         }
-                        let mut h = checksummer.row(ncols);
+                        hasher.restart(ncols);
                         for (f, form) in fields[nkey + 1..].iter().zip(&forms) {
-                            h.field(if *form == TextForm::TrimBlanks {
+                            hasher.field(if *form == TextForm::TrimBlanks {
                                 f.map(trim_blanks)
                             } else {
                                 *f
                             });
                         }
-                        let computed = h.finish();
-                        let stored = fields[nkey].and_then(decode_bytea_hex);
-                        if stored.as_deref() != Some(&computed[..]) {
+                        let computed = hasher.digest();
+                        if !fields[nkey].is_some_and(|h| bytea_hex_eq(h, &computed)) {
+                            let stored = fields[nkey].and_then(decode_bytea_hex);
                             let key = fields[..nkey]
                                 .iter()
                                 .map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned()))

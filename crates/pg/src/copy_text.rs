@@ -194,13 +194,29 @@ fn hex_digit(c: u8) -> Option<u8> {
 
 /// A `bytea` in hex output form (`\x0a1b…`) → its bytes; `None` if malformed.
 pub fn decode_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
-    let hex = text.strip_prefix(b"\\x")?;
-    if hex.len() % 2 != 0 {
-        return None;
+    let hex = bytea_hex_digits(text)?;
+    let mut out = Vec::with_capacity(hex.len() / 2);
+    for p in hex.chunks_exact(2) {
+        out.push((hex_digit(p[0])? << 4) | hex_digit(p[1])?);
     }
-    hex.chunks_exact(2)
-        .map(|p| Some((hex_digit(p[0])? << 4) | hex_digit(p[1])?))
-        .collect()
+    Some(out)
+}
+
+/// Whether a `bytea` in hex output form holds exactly `bytes`, without decoding it
+/// into a buffer (a checksum column is compared once per row scanned).
+pub fn bytea_hex_eq(text: &[u8], bytes: &[u8]) -> bool {
+    let Some(hex) = bytea_hex_digits(text) else {
+        return false;
+    };
+    hex.len() == bytes.len() * 2
+        && hex.chunks_exact(2).zip(bytes).all(|(p, &b)| {
+            matches!((hex_digit(p[0]), hex_digit(p[1])), (Some(h), Some(l)) if (h << 4) | l == b)
+        })
+}
+
+fn bytea_hex_digits(text: &[u8]) -> Option<&[u8]> {
+    let hex = text.strip_prefix(b"\\x")?;
+    (hex.len() % 2 == 0).then_some(hex)
 }
 
 #[cfg(test)]
@@ -257,5 +273,17 @@ mod tests {
         assert_eq!(decode_bytea_hex(b"\\x0"), None);
         assert_eq!(decode_bytea_hex(b"\\xzz"), None);
         assert_eq!(decode_bytea_hex(b"0a"), None);
+    }
+
+    #[test]
+    fn bytea_hex_compares_without_decoding() {
+        assert!(bytea_hex_eq(b"\\x0aFf", &[0x0a, 0xff]));
+        assert!(bytea_hex_eq(b"\\x", &[]));
+        assert!(!bytea_hex_eq(b"\\x0aff", &[0x0a, 0xfe]));
+        assert!(!bytea_hex_eq(b"\\x0aff", &[0x0a]));
+        assert!(!bytea_hex_eq(b"\\x0a", &[0x0a, 0xff]));
+        assert!(!bytea_hex_eq(b"\\x0g", &[0x00]));
+        assert!(!bytea_hex_eq(b"0aff", &[0x0a, 0xff]));
+        assert!(!bytea_hex_eq(b"\\x0af", &[0x0a]));
     }
 }
