@@ -73,6 +73,7 @@
 
 mod copy;
 pub mod format;
+mod restore;
 #[cfg(feature = "s3")]
 mod s3;
 mod service;
