@@ -2094,17 +2094,7 @@ async fn defer_indexes_and_keys(
         return Ok(Vec::new());
     }
     let ctx = "reading the indexes and keys of the restored tables";
-    let fks = tx
-        .query(
-            "SELECT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid)
-               FROM pg_constraint c
-              WHERE c.contype = 'f'
-                AND (c.conrelid = ANY($1::text[]::regclass[]) OR c.confrelid = ANY($1::text[]::regclass[]))
-              ORDER BY c.oid",
-            &[&tables],
-        )
-        .await
-        .context(ctx)?;
+    let (fks, hashjoin) = crate::restore::foreign_keys(tx, tables).await?;
     let keys = tx
         .query(
             "SELECT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid)
@@ -2129,7 +2119,10 @@ async fn defer_indexes_and_keys(
         .context(ctx)?;
     let mut drop = String::new();
     let mut rebuild = Vec::new();
-    for r in fks.iter().chain(keys.iter()) {
+    for k in &fks {
+        drop.push_str(&k.drop_sql());
+    }
+    for r in &keys {
         let (table, name): (String, String) = (r.get(0), r.get(1));
         drop.push_str(&format!("ALTER TABLE {table} DROP CONSTRAINT {name};\n"));
     }
@@ -2148,11 +2141,10 @@ async fn defer_indexes_and_keys(
         let (name, def): (String, String) = (r.get(0), r.get(1));
         rebuild.push((format!("index {name}"), def));
     }
-    for r in &fks {
-        let (table, name, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+    for k in &fks {
         rebuild.push((
-            format!("foreign key {name} of {table}"),
-            format!("ALTER TABLE {table} ADD CONSTRAINT {name} {def}"),
+            format!("foreign key {} of {}", k.name, k.table),
+            k.rebuild_sql(&hashjoin),
         ));
     }
     if !drop.is_empty() {

@@ -785,6 +785,56 @@ async fn live_restore_rebuilds_every_index_and_key_and_rolls_back_on_a_violation
     assert_eq!(schema_objects(&e.db).await, objects);
 }
 
+/// A snapshot taken while a foreign key was absent, restored after the key came
+/// back: both ends are restored (the check is planned as a merge of two index-only
+/// scans), the check still finds the orphan and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_after_the_capture_is_checked_when_both_ends_are_restored() {
+    let e = env(500).await;
+    let client = e.db.client().await;
+    client
+        .batch_execute(
+            "ALTER TABLE shop.order_lines DROP CONSTRAINT order_lines_product_id_fkey;
+             INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents, amount_cents)
+             VALUES (1, 99, 1000000, 1, 5, 5);",
+        )
+        .await
+        .unwrap();
+    let info = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    client
+        .batch_execute(
+            "DELETE FROM shop.order_lines WHERE line_no = 99;
+             ALTER TABLE shop.order_lines ADD CONSTRAINT order_lines_product_id_fkey
+                 FOREIGN KEY (product_id) REFERENCES shop.products (id);
+             DELETE FROM shop.payments WHERE id % 3 = 0;",
+        )
+        .await
+        .unwrap();
+    let objects = schema_objects(&e.db).await;
+    let live = table_hashes(&e.db, "shop").await;
+    let err = e
+        .snaps
+        .restore(RestoreRequest::new(info.id), &Control::detached())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("order_lines_product_id_fkey"),
+        "{err}"
+    );
+    assert_eq!(table_hashes(&e.db, "shop").await, live);
+    assert_eq!(schema_objects(&e.db).await, objects);
+    // The connection the restore used is back in the pool with its settings intact.
+    for _ in 0..4 {
+        let c = e.db.pool().get().await.unwrap();
+        let on: String = c
+            .query_one("SHOW enable_hashjoin", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(on, "on");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_on_a_one_connection_pool_does_not_wait_for_a_second() {
     let e = env(300).await;
