@@ -143,6 +143,8 @@ pub(crate) struct RowVerifier<'a> {
     decoder: TextCopyRows,
     /// Every column but the checksum, as templates (no values) for the checksum.
     columns: Vec<ColumnValue>,
+    /// The allocation of a row's values, kept between rows (empty).
+    spare: Vec<Option<&'static str>>,
     pub(crate) rows: u64,
     pub(crate) suspects: Vec<Suspect>,
 }
@@ -161,6 +163,7 @@ impl<'a> RowVerifier<'a> {
             checksum,
             columns,
             decoder: TextCopyRows::default(),
+            spare: Vec::new(),
             rows: 0,
             suspects: Vec::new(),
         }
@@ -209,7 +212,12 @@ impl<'a> RowVerifier<'a> {
         }
         // The values as hashed: every column but the checksum, `character(n)`
         // without its trailing blanks (its `::text`).
-        let mut values: Vec<Option<&str>> = Vec::with_capacity(raw.len());
+        // The spare allocation, retyped for this row's borrows (an empty in-place
+        // collect keeps the buffer: no allocation per row).
+        let mut values: Vec<Option<&str>> = std::mem::take(&mut self.spare)
+            .into_iter()
+            .map(|_| None)
+            .collect();
         for (i, f) in raw.iter().enumerate() {
             if i == plan.checksum_idx {
                 continue;
@@ -244,6 +252,8 @@ impl<'a> RowVerifier<'a> {
                 computed,
             });
         }
+        values.clear();
+        self.spare = values.into_iter().map(|_| None).collect();
         Ok(())
     }
 }

@@ -208,8 +208,19 @@ pub fn bytea_hex_eq(text: &[u8], bytes: &[u8]) -> bool {
     let Some(hex) = bytea_hex_digits(text) else {
         return false;
     };
-    hex.len() == bytes.len() * 2
-        && hex.chunks_exact(2).zip(bytes).all(|(p, &b)| {
+    if hex.len() != bytes.len() * 2 {
+        return false;
+    }
+    // PostgreSQL prints lowercase digits: compare with the expected lowercase text
+    // (predictable branches; decoding random digits mispredicts twice per byte),
+    // and decode only when that differs (uppercase input, or a real mismatch).
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let lowercase = hex
+        .chunks_exact(2)
+        .zip(bytes)
+        .all(|(p, &b)| p[0] == DIGITS[usize::from(b >> 4)] && p[1] == DIGITS[usize::from(b & 15)]);
+    lowercase
+        || hex.chunks_exact(2).zip(bytes).all(|(p, &b)| {
             matches!((hex_digit(p[0]), hex_digit(p[1])), (Some(h), Some(l)) if (h << 4) | l == b)
         })
 }
