@@ -40,6 +40,7 @@ pub(crate) async fn foreign_keys(
 ) -> Result<(Vec<ForeignKey>, String)> {
     let rows = tx
         .query(
+            &format!(
             "WITH restored AS (SELECT unnest($1::text[]::regclass[])::oid AS oid)
              SELECT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid),
                     current_setting('server_version_num')::int >= 140000
@@ -47,25 +48,16 @@ pub(crate) async fn foreign_keys(
                     AND c.confrelid IN (SELECT oid FROM restored)
                     AND (SELECT relkind FROM pg_class WHERE oid = c.conrelid) = 'r'
                     AND (SELECT relkind FROM pg_class WHERE oid = c.confrelid) = 'r'
-                    AND EXISTS (SELECT 1 FROM pg_index i
-                                  JOIN pg_class ic ON ic.oid = i.indexrelid
-                                  JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
-                                 WHERE i.indrelid = c.conrelid AND i.indisvalid AND i.indpred IS NULL
-                                   AND (SELECT array_agg(k ORDER BY o)
-                                          FROM unnest(i.indkey::int2[]) WITH ORDINALITY u(k, o)
-                                         WHERE o <= cardinality(c.conkey)) = c.conkey)
-                    AND EXISTS (SELECT 1 FROM pg_index i
-                                  JOIN pg_class ic ON ic.oid = i.indexrelid
-                                  JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
-                                 WHERE i.indrelid = c.confrelid AND i.indisvalid AND i.indpred IS NULL
-                                   AND (SELECT array_agg(k ORDER BY o)
-                                          FROM unnest(i.indkey::int2[]) WITH ORDINALITY u(k, o)
-                                         WHERE o <= cardinality(c.confkey)) = c.confkey),
+                    AND {child_index}
+                    AND {parent_index},
                     current_setting('enable_hashjoin')
                FROM pg_constraint c
               WHERE c.contype = 'f'
                 AND (c.conrelid IN (SELECT oid FROM restored) OR c.confrelid IN (SELECT oid FROM restored))
               ORDER BY c.oid",
+            child_index = leading_btree_index("c.conrelid", "c.conkey"),
+            parent_index = leading_btree_index("c.confrelid", "c.confkey"),
+            ),
             &[&tables],
         )
         .await
@@ -83,6 +75,20 @@ pub(crate) async fn foreign_keys(
         })
         .collect();
     Ok((keys, hashjoin))
+}
+
+/// SQL that is true when table `rel` has a valid, non-partial B-tree index whose
+/// leading columns are the attribute numbers `key` (an `int2[]`), in that order.
+fn leading_btree_index(rel: &str, key: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM pg_index i
+                   JOIN pg_class ic ON ic.oid = i.indexrelid
+                   JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+                  WHERE i.indrelid = {rel} AND i.indisvalid AND i.indpred IS NULL
+                    AND (SELECT array_agg(k ORDER BY o)
+                           FROM unnest(i.indkey::int2[]) WITH ORDINALITY u(k, o)
+                          WHERE o <= cardinality({key})) = {key})"
+    )
 }
 
 impl ForeignKey {

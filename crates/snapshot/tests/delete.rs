@@ -8,21 +8,14 @@ use sanare_core::{
 };
 use sanare_pg::SchemaName;
 use sanare_snapshot::{FsStore, Snapshots};
-use sanare_testing::fixtures::order_service;
-use sanare_testing::test_db;
+
+mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_snapshot_is_gone_and_its_blocks_are_freed_when_unshared() {
-    let db = test_db().await;
+    let db = common::shop_db(200).await;
     let client = db.client().await;
-    order_service::install(&**client, "shop").await.unwrap();
-    order_service::generate(&**client, "shop", 200)
-        .await
-        .unwrap();
     let schema = SchemaName::default_schema();
-    sanare_snapshot::migrate(&mut db.connect().await, &schema)
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let snaps = Snapshots::builder()
         .store(Arc::new(FsStore::new(dir.path()).unwrap()))
@@ -75,15 +68,8 @@ async fn a_deleted_snapshot_is_gone_and_its_blocks_are_freed_when_unshared() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capture_never_reuses_blocks_another_process_collected() {
-    let db = test_db().await;
+    let db = common::shop_db(200).await;
     let client = db.client().await;
-    order_service::install(&**client, "shop").await.unwrap();
-    order_service::generate(&**client, "shop", 200)
-        .await
-        .unwrap();
-    sanare_snapshot::migrate(&mut db.connect().await, &SchemaName::default_schema())
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let service = || {
         Snapshots::builder()

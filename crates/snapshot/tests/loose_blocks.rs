@@ -6,22 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sanare_core::{Control, RestoreRequest, SnapshotRequest, SnapshotService};
-use sanare_pg::SchemaName;
 use sanare_snapshot::{BlockStore, FsStore, Snapshots};
 use sanare_testing::fixtures::order_service;
-use sanare_testing::test_db;
+
+mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loose_block_objects_are_read_verified_restored_and_collected() {
-    let db = test_db().await;
+    let db = common::shop_db(300).await;
     let client = db.client().await;
-    order_service::install(&**client, "shop").await.unwrap();
-    order_service::generate(&**client, "shop", 300)
-        .await
-        .unwrap();
-    sanare_snapshot::migrate(&mut db.connect().await, &SchemaName::default_schema())
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(FsStore::new(dir.path()).unwrap());
     let service = || {

@@ -14,6 +14,8 @@ use sanare_snapshot::{BlockStore, FsStore, PgStore, RetentionPolicy, Snapshots};
 use sanare_testing::fixtures::order_service;
 use sanare_testing::test_db;
 
+mod common;
+
 /// A journal that records what it was asked.
 #[derive(Default)]
 struct FakeJournal {
@@ -56,15 +58,8 @@ struct Env {
 }
 
 async fn env(orders: u64) -> Env {
-    let db = test_db().await;
-    let client = db.client().await;
-    order_service::install(&**client, "shop").await.unwrap();
-    order_service::generate(&**client, "shop", orders)
-        .await
-        .unwrap();
+    let db = common::shop_db(orders).await;
     let schema = SchemaName::default_schema();
-    let mut c = db.connect().await;
-    sanare_snapshot::migrate(&mut c, &schema).await.unwrap();
     let store_dir = tempfile::tempdir().unwrap();
     let journal = Arc::new(FakeJournal::default());
     let events = EventBus::default();

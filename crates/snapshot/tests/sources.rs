@@ -7,9 +7,10 @@ use async_trait::async_trait;
 use sanare_core::{Control, Error, SnapshotRequest, SnapshotService, SnapshotStatus};
 use sanare_pg::SchemaName;
 use sanare_snapshot::{FsStore, Snapshots, StateSource};
-use sanare_testing::fixtures::order_service;
 use sanare_testing::test_db;
 use tokio::io::AsyncRead;
+
+mod common;
 
 /// State held in memory that the test edits between snapshots.
 #[derive(Debug)]
@@ -51,15 +52,8 @@ fn pseudo_random(n: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_sources_round_trip_with_dedup_and_refuse_damage() {
-    let db = test_db().await;
-    let client = db.client().await;
-    order_service::install(&**client, "shop").await.unwrap();
-    order_service::generate(&**client, "shop", 200)
-        .await
-        .unwrap();
+    let db = common::shop_db(200).await;
     let schema = SchemaName::default_schema();
-    let mut c = db.connect().await;
-    sanare_snapshot::migrate(&mut c, &schema).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(FsStore::new(dir.path()).unwrap());
     let cache = Arc::new(Memory {
