@@ -238,6 +238,11 @@ impl PackMap {
         self.blocks.len()
     }
 
+    /// The pack stored under `key`, if known.
+    pub(crate) fn pack(&self, key: &str) -> Option<&PackInfo> {
+        self.packs.get(*self.by_key.get(key)? as usize)
+    }
+
     /// The packs known.
     pub(crate) fn packs(&self) -> &[PackInfo] {
         &self.packs

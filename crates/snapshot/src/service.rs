@@ -1714,15 +1714,7 @@ impl Snapshots {
             // map would find the blocks.
             for (key, blocks) in by_pack {
                 control.checkpoint()?;
-                let size = self
-                    .inner
-                    .packs
-                    .read()
-                    .await
-                    .packs()
-                    .iter()
-                    .find(|p| *p.key == *key)
-                    .map(|p| p.size);
+                let size = self.inner.packs.read().await.pack(&key).map(|p| p.size);
                 let Some(size) = size else { continue };
                 let meta = crate::store::ObjectMeta {
                     key: key.clone(),
