@@ -106,6 +106,16 @@ async fn main() {
     c.batch_execute("VACUUM ANALYZE pgbench_accounts")
         .await
         .expect("vacuum");
+    // Every measurement starts from a checkpoint, so none of them pays for
+    // flushing the fixture's (or an earlier phase's) dirty buffers, 1.3 GB after
+    // `pgbench -i -s 100` (best effort: CHECKPOINT needs superuser or
+    // pg_checkpoint, which the throwaway cluster has).
+    let checkpoint = async || {
+        if let Err(e) = c.batch_execute("CHECKPOINT").await {
+            eprintln!("integrity bench: CHECKPOINT refused ({e}); a measurement may include one");
+        }
+    };
+    checkpoint().await;
     let rows: i64 = c
         .query_one("SELECT count(*) FROM pgbench_accounts", &[])
         .await
@@ -168,6 +178,7 @@ async fn main() {
     // canonical encoding (as a host writing its own checksums does).
     let c2 = db.connect().await;
     build_checksum_table(&c, &c2, 1_000_000).await;
+    checkpoint().await;
     let cks = TableRef::new("public", "cks");
     let rules = Rules::builder()
         .checksum(&cks, "row_checksum", ChecksumAlgorithm::Blake3)
@@ -254,14 +265,6 @@ async fn main() {
         .expect("integrity");
     let (mut base_tps, mut loaded_tps) = (0.0, 0.0);
     let mut phases = Vec::new();
-    // Each phase starts from a checkpoint, so none of them pays for flushing the
-    // fixture's (or an earlier phase's) dirty buffers (best effort: CHECKPOINT
-    // needs superuser or pg_checkpoint, which the throwaway cluster has).
-    let checkpoint = async || {
-        if let Err(e) = c.batch_execute("CHECKPOINT").await {
-            eprintln!("integrity bench: CHECKPOINT refused ({e}); phases may include one");
-        }
-    };
     for _ in 0..2 {
         checkpoint().await;
         let tps = write_load(&url, load_secs).await;
