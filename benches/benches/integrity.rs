@@ -299,7 +299,7 @@ async fn main() {
     figures.set("write_tps_baseline", base_tps);
     figures.set("write_tps_during_validation", loaded_tps);
     figures.set("write_load_retained_pct", 100.0 * loaded_tps / base_tps);
-    figures.note("write_tps_phases", &phases.join(", "));
+    figures.note("write_tps_phases", phases.join(", "));
     figures.set("write_load_validation_workers", 1.0);
     figures.set("write_load_validation_duty_cycle", bg_cfg_duty);
 
