@@ -502,8 +502,11 @@ async fn batcher(
     mut rx: mpsc::UnboundedReceiver<(NewEntry, Reply)>,
     max_batch: usize,
 ) {
-    // Up to four batches in flight: while one commits, the next one forms.
-    let inflight = Arc::new(Semaphore::new(4));
+    // Two batches in flight: while one commits, the next one forms and is sent,
+    // so the server's group commit can flush both at once. More, smaller batches
+    // measured slower (32 callers: 4 in flight 32–43k entries/s, 2 in flight
+    // 39–52k, in the same runs), as each pays its own transaction.
+    let inflight = Arc::new(Semaphore::new(2));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             break;
