@@ -138,6 +138,89 @@ fn fdatasync_preallocated_threads(threads: usize, n: usize) -> f64 {
     (threads * n) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The textbook group commit, as a second baseline: `writers` OS threads (no async
+/// runtime, no encoding) each appending one 264-byte record at a time to a shared
+/// buffer and waiting until it is durable; one flusher thread writes whatever has
+/// gathered with one `pwrite` and one `fdatasync`, then wakes the waiters. What 32
+/// one-at-a-time writers get on this machine with nothing but the flush and the
+/// wake-ups. Returns (entries/s, average group size).
+fn textbook_group_commit(writers: usize, per_writer: usize) -> (f64, f64) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::{Condvar, Mutex};
+    struct State {
+        buf: Vec<u8>,
+        /// The group that records appended now join (1-based).
+        group: u64,
+        /// The last durable group; `u64::MAX` tells the flusher to stop.
+        durable: u64,
+        in_group: usize,
+    }
+    let dir = scratch();
+    let file = std::fs::File::create(dir.path().join("textbook.log")).expect("textbook file");
+    file.write_all_at(&vec![0u8; writers * per_writer * 264], 0)
+        .expect("prefill");
+    file.sync_all().expect("fsync");
+    let state = Mutex::new(State {
+        buf: Vec::new(),
+        group: 1,
+        durable: 0,
+        in_group: 0,
+    });
+    let (gathered, flushed) = (Condvar::new(), Condvar::new());
+    let lock = || state.lock().expect("state");
+    let start = Instant::now();
+    let (groups, entries) = std::thread::scope(|s| {
+        let flusher = s.spawn(|| {
+            let (mut off, mut groups, mut entries) = (0u64, 0u64, 0usize);
+            loop {
+                let (buf, group, n) = {
+                    let mut g = lock();
+                    while g.buf.is_empty() {
+                        if g.durable == u64::MAX {
+                            return (groups, entries);
+                        }
+                        g = gathered.wait(g).expect("state");
+                    }
+                    g.group += 1;
+                    let n = std::mem::take(&mut g.in_group);
+                    (std::mem::take(&mut g.buf), g.group - 1, n)
+                };
+                file.write_all_at(&buf, off).expect("write");
+                file.sync_data().expect("fdatasync");
+                off += buf.len() as u64;
+                groups += 1;
+                entries += n;
+                lock().durable = group;
+                flushed.notify_all();
+            }
+        });
+        let workers: Vec<_> = (0..writers)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..per_writer {
+                        let mut g = lock();
+                        g.buf.extend_from_slice(&[b'x'; 264]);
+                        g.in_group += 1;
+                        let mine = g.group;
+                        gathered.notify_one();
+                        while g.durable < mine {
+                            g = flushed.wait(g).expect("state");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("writer");
+        }
+        lock().durable = u64::MAX;
+        gathered.notify_all();
+        flusher.join().expect("flusher")
+    });
+    let rate = (writers * per_writer) as f64 / start.elapsed().as_secs_f64();
+    (rate, entries as f64 / groups.max(1) as f64)
+}
+
 /// CPU seconds used by this process so far (all threads).
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the zeroed struct it is given.
@@ -338,6 +421,10 @@ async fn run_figures(figures: &mut Figures) {
         let depth1 = concurrent_records(&wal1, 4000).await;
         drop(wal1);
         let naive = naive_fsync_per_entry(3000);
+        let (textbook, textbook_group) =
+            tokio::task::spawn_blocking(|| textbook_group_commit(WRITERS, 2000))
+                .await
+                .expect("textbook group commit");
         let prealloc = fdatasync_preallocated(3000);
         let two = tokio::task::spawn_blocking(|| fdatasync_preallocated_threads(2, 1500))
             .await
@@ -345,7 +432,8 @@ async fn run_figures(figures: &mut Figures) {
         println!(
             "wal: {wal_rate:.0} entries/s ({:.0} % of one core), one flush at a time: \
              {depth1:.0}/s, naive fsync per entry: {naive:.0}/s, fdatasync on a \
-             preallocated file: {prealloc:.0}/s (ceiling {:.0}/s), two threads: {two:.0}/s",
+             preallocated file: {prealloc:.0}/s (ceiling {:.0}/s), two threads: {two:.0}/s, \
+             textbook group commit (32 OS threads): {textbook:.0}/s in groups of {textbook_group:.1}",
             cpu_share * 100.0,
             WRITERS as f64 * prealloc
         );
@@ -356,6 +444,8 @@ async fn run_figures(figures: &mut Figures) {
         figures.set("wal_cpu_cores_used", cpu_share);
         figures.set("wal_one_flush_at_a_time_per_s", depth1);
         figures.set("wal_naive_fsync_per_s", naive);
+        figures.set("wal_textbook_group_commit_per_s", textbook);
+        figures.set("wal_textbook_group_commit_group_size", textbook_group);
         figures.set("wal_vs_naive_fsync_ratio", wal_rate / naive);
     }
 
