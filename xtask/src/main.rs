@@ -20,8 +20,9 @@ tasks:
   test            fmt check, clippy -D warnings, docs, every test (throwaway PostgreSQL
                   unless DATABASE_URL is set)
   demo            run the quickstart example against a throwaway PostgreSQL
-  pg              start a throwaway PostgreSQL, print its DATABASE_URL, keep it
-                  running until this process is interrupted (for quick test loops)
+  pg [--durable]  start a throwaway PostgreSQL, print its DATABASE_URL, keep it
+                  running until this process is interrupted (for quick test loops;
+                  fsync off unless --durable, which benchmark figures need)
   bench <area>    run one area's benchmarks (journal, snapshot, integrity, repair,
                   recovery, corruption); figures go to target/bench/<area>.json";
 
@@ -31,7 +32,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
-        Some("pg") => pg(),
+        Some("pg") => pg(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -222,10 +223,23 @@ fn demo(args: &[String]) -> Result<(), String> {
     result
 }
 
-fn pg() -> Result<(), String> {
-    let cluster = Cluster::start().map_err(|e| e.to_string())?;
+fn pg(args: &[String]) -> Result<(), String> {
+    let durable = match args {
+        [] => false,
+        [flag] if flag == "--durable" => true,
+        _ => return Err(format!("pg takes only --durable, got {args:?}\n\n{USAGE}")),
+    };
+    let cluster = Cluster::start_with(ClusterOptions::default().durable(durable))
+        .map_err(|e| e.to_string())?;
     println!("DATABASE_URL={}", cluster.url("postgres"));
-    eprintln!("xtask: PostgreSQL running; interrupt (Ctrl-C) or kill this process to stop it");
+    eprintln!(
+        "xtask: PostgreSQL running ({}); interrupt (Ctrl-C) or kill this process to stop it",
+        if durable {
+            "durable: fsync on, as `cargo xtask bench` runs it"
+        } else {
+            "fsync off: fast for tests, not for benchmark figures (use --durable)"
+        }
+    );
     // The server dies with this process (parent-death signal); park until then.
     loop {
         std::thread::park();
