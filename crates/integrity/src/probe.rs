@@ -37,6 +37,32 @@ pub(crate) struct ProbeResult {
 
 /// Runs `probe` over the rows of `plan` selected by `pred` (an SQL boolean over
 /// alias `t`), on `client` (already inside the wanted transaction).
+/// Runs `sql` with the planner settings `off` (`enable_*` names) turned off for it
+/// alone: `SET LOCAL` before, `RESET` after, so the chunk's later statements plan
+/// normally. `what` names the query in its error.
+async fn query_with_plans_off(
+    client: &tokio_postgres::Client,
+    off: &[&str],
+    sql: &str,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<tokio_postgres::Row>> {
+    let settings = |f: fn(&str) -> String| off.iter().map(|s| f(s)).collect::<String>();
+    if !off.is_empty() {
+        client
+            .batch_execute(&settings(|s| format!("SET LOCAL {s} = off; ")))
+            .await
+            .context("setting planner options")?;
+    }
+    let rows = client.query(sql, &[]).await.with_context(what)?;
+    if !off.is_empty() {
+        client
+            .batch_execute(&settings(|s| format!("RESET {s}; ")))
+            .await
+            .context("resetting planner options")?;
+    }
+    Ok(rows)
+}
+
 pub(crate) async fn run_probe(
     client: &tokio_postgres::Client,
     plan: &TablePlan,
@@ -113,24 +139,17 @@ pub(crate) async fn run_probe(
                 parent = rel.parent.quoted(),
                 join = join.join(" AND "),
             );
-            if rel.probe_parent_index {
-                client
-                    .batch_execute(
-                        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off",
-                    )
-                    .await
-                    .context("setting planner options for an orphan check")?;
-            }
-            let rows = client
-                .query(&sql, &[])
-                .await
-                .with_context(|| format!("looking for orphans of {name} ({})", rel.name))?;
-            if rel.probe_parent_index {
-                client
-                    .batch_execute("RESET enable_hashjoin; RESET enable_mergejoin")
-                    .await
-                    .context("resetting planner options")?;
-            }
+            // Against a parent much larger than the chunk: probe its key index per
+            // row instead of hashing the whole parent for every chunk.
+            let joins_off: &[&str] = if rel.probe_parent_index {
+                &["enable_hashjoin", "enable_mergejoin"]
+            } else {
+                &[]
+            };
+            let rows = query_with_plans_off(client, joins_off, &sql, || {
+                format!("looking for orphans of {name} ({})", rel.name)
+            })
+            .await?;
             let suspects = rows
                 .iter()
                 .map(|r| {
@@ -328,11 +347,6 @@ pub(crate) async fn run_probe(
                 .collect();
             let txt: Vec<String> = tcols.iter().map(|c| format!("{c}::text")).collect();
             let nn: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
-            // The index backing the constraint is what may be damaged: do not trust it.
-            client
-                .batch_execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_indexonlyscan = off; SET LOCAL enable_bitmapscan = off")
-                .await
-                .context("setting planner options for a unique check")?;
             // No join: the planner would trust the unique index to stop at the first
             // match ("inner unique"), hiding exactly the duplicates looked for.
             let sql = format!(
@@ -344,16 +358,18 @@ pub(crate) async fn run_probe(
                 tc = tcols.join(", "),
                 nn = nn.join(" AND "),
             );
-            let rows = client
-                .query(&sql, &[])
-                .await
-                .with_context(|| format!("looking for duplicates of {constraint} on {name}"))?;
-            client
-                .batch_execute(
-                    "RESET enable_indexscan; RESET enable_indexonlyscan; RESET enable_bitmapscan",
-                )
-                .await
-                .context("resetting planner options")?;
+            // The index backing the constraint is what may be damaged: do not trust it.
+            let rows = query_with_plans_off(
+                client,
+                &[
+                    "enable_indexscan",
+                    "enable_indexonlyscan",
+                    "enable_bitmapscan",
+                ],
+                &sql,
+                || format!("looking for duplicates of {constraint} on {name}"),
+            )
+            .await?;
             let suspects = rows
                 .iter()
                 .map(|r| {
