@@ -35,8 +35,6 @@ pub(crate) struct ProbeResult {
     pub(crate) suspects: Vec<Suspect>,
 }
 
-/// Runs `probe` over the rows of `plan` selected by `pred` (an SQL boolean over
-/// alias `t`), on `client` (already inside the wanted transaction).
 /// Runs `sql` with the planner settings `off` (`enable_*` names) turned off for it
 /// alone: `SET LOCAL` before, `RESET` after, so the chunk's later statements plan
 /// normally. `what` names the query in its error.
@@ -63,6 +61,8 @@ async fn query_with_plans_off(
     Ok(rows)
 }
 
+/// Runs `probe` over the rows of `plan` selected by `pred` (an SQL boolean over
+/// alias `t`), on `client` (already inside the wanted transaction).
 pub(crate) async fn run_probe(
     client: &tokio_postgres::Client,
     plan: &TablePlan,
