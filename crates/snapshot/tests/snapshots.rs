@@ -617,47 +617,73 @@ async fn sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm() {
         .await
         .unwrap();
     let after_change = table_hashes(&e.db, "shop").await;
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm",
-            "--exact",
-            "--nocapture",
-        ])
-        .env(
-            "SANARE_SNAPSHOT_CRASH_CHILD",
-            format!("{}\n{}", e.db.url(), e.store_dir.path().display()),
-        )
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until the child is mid-capture: a `creating` row and new blocks on disk.
-    let client = e.db.client().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let creating: i64 = client
-            .query_one(
-                "SELECT count(*) FROM sanare.snapshots WHERE status = 'creating'",
-                &[],
+    let spawn_child = || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(
+                "SANARE_SNAPSHOT_CRASH_CHILD",
+                format!("{}\n{}", e.db.url(), e.store_dir.path().display()),
             )
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let client = e.db.client().await;
+    let any_creating = async || {
+        e.snaps
+            .list()
             .await
             .unwrap()
-            .get(0);
-        let packs = e.snaps.store().list("packs/").await.unwrap().len();
-        if creating > 0 && packs > packs_before {
+            .iter()
+            .any(|s| s.status == SnapshotStatus::Creating)
+    };
+    // The child captures in a loop; a SIGKILL can land between two captures (one
+    // ready, the next not begun). Then the kill proved nothing: start another child
+    // and kill it again, until one is killed mid-capture.
+    let mut killed_mid_capture = false;
+    for attempt in 0..5 {
+        let mut child = spawn_child();
+        // Wait until the child is mid-capture: a `creating` row and (the first
+        // time, when the changed rows are not stored yet) new blocks on disk.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let creating: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sanare.snapshots WHERE status = 'creating'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let packs = e.snaps.store().list("packs/").await.unwrap().len();
+            if creating > 0 && (attempt > 0 || packs > packs_before) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never started capturing"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the child exited early"
+            );
+            tokio::task::yield_now().await;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if any_creating().await {
+            killed_mid_capture = true;
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the child never started capturing"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the child exited early"
-        );
-        tokio::task::yield_now().await;
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    assert!(
+        killed_mid_capture,
+        "in five tries, no SIGKILL landed while a capture was being written"
+    );
 
     let ready: Vec<_> = e
         .snaps
@@ -670,14 +696,6 @@ async fn sigkill_during_capture_leaves_no_ready_snapshot_and_no_harm() {
     // The child may have finished whole snapshots before the kill; every ready one
     // must verify, and the one being written when killed is not ready.
     assert!(ready.iter().any(|s| s.id == good.id));
-    assert!(
-        e.snaps
-            .list()
-            .await
-            .unwrap()
-            .iter()
-            .any(|s| s.status == SnapshotStatus::Creating)
-    );
     for s in &ready {
         let r = e.snaps.verify(s.id, &Control::detached()).await.unwrap();
         assert!(r.is_ok(), "{r:?}");
