@@ -219,9 +219,25 @@ pub(crate) async fn run_probe(
                     TextForm::Raw | TextForm::TrimBlanks => format!("t.{}", quote_ident(c)),
                 })
                 .collect();
+            // Where every key column is also a checksummed column, its field there
+            // is already the key's `::text` (trimmed for `character(n)`): the key is
+            // not sent twice (about a fifth of the server's work per row).
+            let key_at: Option<Vec<usize>> = if plan.by_ctid() {
+                None
+            } else {
+                plan.key
+                    .iter()
+                    .map(|k| columns.iter().position(|c| *c == k.name))
+                    .collect()
+            };
+            let key_fields = if key_at.is_some() { 0 } else { nkey };
             let sql = format!(
-                "COPY (SELECT {keys}, {stored}{sep}{cols} FROM {t} t WHERE {pred}) TO STDOUT",
-                keys = plan.key_select(),
+                "COPY (SELECT {keys}{stored}{sep}{cols} FROM {t} t WHERE {pred}) TO STDOUT",
+                keys = if key_at.is_some() {
+                    String::new()
+                } else {
+                    format!("{}, ", plan.key_select())
+                },
                 stored = format_args!("t.{}", quote_ident(column)),
                 sep = if cols.is_empty() { "" } else { ", " },
                 cols = cols.join(", "),
@@ -243,7 +259,7 @@ pub(crate) async fn run_probe(
                     *severity,
                     name.clone(),
                 );
-                let nfields = nkey + 1 + columns.len();
+                let nfields = key_fields + 1 + columns.len();
                 tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Suspect>)> {
                     let mut lines = TextCopyRows::default();
                     let mut rows = 0u64;
@@ -259,7 +275,7 @@ pub(crate) async fn run_probe(
                             ));
                         }
                         hasher.restart(ncols);
-                        for (f, form) in fields[nkey + 1..].iter().zip(&forms) {
+                        for (f, form) in fields[key_fields + 1..].iter().zip(&forms) {
                             hasher.field(if *form == TextForm::TrimBlanks {
                                 f.map(trim_blanks)
                             } else {
@@ -267,12 +283,25 @@ pub(crate) async fn run_probe(
                             });
                         }
                         let computed = hasher.digest();
-                        if !fields[nkey].is_some_and(|h| bytea_hex_eq(h, &computed)) {
-                            let stored = fields[nkey].and_then(decode_bytea_hex);
-                            let key = fields[..nkey]
-                                .iter()
-                                .map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned()))
-                                .collect();
+                        if !fields[key_fields].is_some_and(|h| bytea_hex_eq(h, &computed)) {
+                            let stored = fields[key_fields].and_then(decode_bytea_hex);
+                            let text = |f: Option<&[u8]>| {
+                                f.map(|b| String::from_utf8_lossy(b).into_owned())
+                            };
+                            let key = match &key_at {
+                                Some(at) => at
+                                    .iter()
+                                    .map(|&i| {
+                                        let f = fields[key_fields + 1 + i];
+                                        text(if forms[i] == TextForm::TrimBlanks {
+                                            f.map(trim_blanks)
+                                        } else {
+                                            f
+                                        })
+                                    })
+                                    .collect(),
+                                None => fields[..key_fields].iter().map(|f| text(*f)).collect(),
+                            };
                             suspects.push(Suspect {
                                 key,
                                 kind: ViolationKind::ChecksumMismatch { column: column.clone() },
