@@ -13,7 +13,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sanare_benches::Figures;
+use sanare_benches::{Figures, checkpoint};
 use sanare_core::{CheckFamily, Control, IntegrityService, TableRef, ValidationScope};
 use sanare_integrity::{ChecksumAlgorithm, ConsistencyRule, Integrity, IntegrityConfig, Rules};
 
@@ -108,14 +108,8 @@ async fn main() {
         .expect("vacuum");
     // Every measurement starts from a checkpoint, so none of them pays for
     // flushing the fixture's (or an earlier phase's) dirty buffers, 1.3 GB after
-    // `pgbench -i -s 100` (best effort: CHECKPOINT needs superuser or
-    // pg_checkpoint, which the throwaway cluster has).
-    let checkpoint = async || {
-        if let Err(e) = c.batch_execute("CHECKPOINT").await {
-            eprintln!("integrity bench: CHECKPOINT refused ({e}); a measurement may include one");
-        }
-    };
-    checkpoint().await;
+    // `pgbench -i -s 100`.
+    checkpoint(&c, "integrity").await;
     let rows: i64 = c
         .query_one("SELECT count(*) FROM pgbench_accounts", &[])
         .await
@@ -178,7 +172,7 @@ async fn main() {
     // canonical encoding (as a host writing its own checksums does).
     let c2 = db.connect().await;
     build_checksum_table(&c, &c2, 1_000_000).await;
-    checkpoint().await;
+    checkpoint(&c, "integrity").await;
     let cks = TableRef::new("public", "cks");
     let rules = Rules::builder()
         .checksum(&cks, "row_checksum", ChecksumAlgorithm::Blake3)
@@ -266,11 +260,11 @@ async fn main() {
     let (mut base_tps, mut loaded_tps) = (0.0, 0.0);
     let mut phases = Vec::new();
     for _ in 0..2 {
-        checkpoint().await;
+        checkpoint(&c, "integrity").await;
         let tps = write_load(&url, load_secs).await;
         phases.push(format!("without {tps:.0}"));
         base_tps += tps / 2.0;
-        checkpoint().await;
+        checkpoint(&c, "integrity").await;
         let run = {
             let background = background.clone();
             let scope = ValidationScope::all()

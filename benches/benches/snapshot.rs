@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{Criterion, Throughput};
-use sanare_benches::Figures;
+use sanare_benches::{Figures, checkpoint};
 use sanare_core::{Control, RestoreRequest, SnapshotRequest, SnapshotService};
 use sanare_pg::SchemaName;
 use sanare_snapshot::{Codec, FsStore, Snapshots};
@@ -128,17 +128,11 @@ async fn run(figures: &mut Figures) {
 
     // Each timed step (ours and the baselines) starts from a checkpoint, so none
     // of them pays for writing out what the fixture or the step before it left
-    // dirty (best effort: CHECKPOINT needs superuser or pg_checkpoint, which the
-    // throwaway cluster has).
-    let checkpoint = async || {
-        if let Err(e) = admin.batch_execute("CHECKPOINT").await {
-            eprintln!("snapshot bench: CHECKPOINT refused ({e}); a step may include one");
-        }
-    };
+    // dirty ([`checkpoint`]).
 
     // pg_dump -Fc baseline.
     let dump = dir.path().join("shop.dump");
-    checkpoint().await;
+    checkpoint(&admin, "snapshot").await;
     let t = Instant::now();
     let st = Command::new(bin("pg_dump"))
         .args(["-Fc", "-n", "shop", "-f"])
@@ -151,7 +145,7 @@ async fn run(figures: &mut Figures) {
 
     // Our capture.
     let rss_before = peak_rss_mb();
-    checkpoint().await;
+    checkpoint(&admin, "snapshot").await;
     let t = Instant::now();
     let full = snaps.create(request(), &Control::detached()).await.unwrap();
     let capture_s = t.elapsed().as_secs_f64();
@@ -183,7 +177,7 @@ async fn run(figures: &mut Figures) {
     let inc_spread = snaps.create(request(), &Control::detached()).await.unwrap();
 
     // Restore: ours into the live tables vs pg_restore into a fresh database.
-    checkpoint().await;
+    checkpoint(&admin, "snapshot").await;
     let t = Instant::now();
     snaps
         .restore(RestoreRequest::new(full.id), &Control::detached())
@@ -194,7 +188,7 @@ async fn run(figures: &mut Figures) {
         .batch_execute("CREATE DATABASE sanare_bench_snapshot_restore")
         .await
         .unwrap();
-    checkpoint().await;
+    checkpoint(&admin, "snapshot").await;
     let t = Instant::now();
     let st = Command::new(bin("pg_restore"))
         .args(["--no-owner", "-d"])

@@ -71,6 +71,16 @@ impl Figures {
     }
 }
 
+/// Runs `CHECKPOINT` on `client`, so the timed step that follows does not pay for
+/// writing out what the fixture or an earlier step left dirty. Best effort: it needs
+/// superuser or `pg_checkpoint` (the throwaway cluster has them); a refusal is
+/// printed, naming `bench`, and the step goes on.
+pub async fn checkpoint(client: &tokio_postgres::Client, bench: &str) {
+    if let Err(e) = client.batch_execute("CHECKPOINT").await {
+        eprintln!("{bench} bench: CHECKPOINT refused ({e}); the next measurement may include one");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
