@@ -84,6 +84,10 @@ pub struct ReplayRequest {
     /// Apply entries with different idempotency keys in parallel (entries with the
     /// same key always apply in order).
     pub parallel: bool,
+    /// Only entries recorded at or before this time, whatever the range (a
+    /// point-in-time replay stops here).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub until: Option<OffsetDateTime>,
 }
 
 impl ReplayRequest {
@@ -95,7 +99,14 @@ impl ReplayRequest {
             idempotency_keys: Vec::new(),
             dry_run: false,
             parallel: false,
+            until: None,
         }
+    }
+
+    /// Stops the replay at entries recorded at or before `at` (point in time).
+    pub fn until(mut self, at: OffsetDateTime) -> Self {
+        self.until = Some(at);
+        self
     }
 
     /// Restricts the replay to these operation types.

@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::{Control, RepairId, Result, RowRef, Severity, TableRef, Violation, ViolationId};
+use crate::{
+    BoxStream, Control, RepairId, Result, RowRef, Severity, TableRef, Violation, ViolationId,
+};
 
 /// How a violation is repaired (spec §4.3).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -177,6 +179,77 @@ impl RepairOutcome {
     }
 }
 
+/// What one run of the repair loop ([`RepairService::repair_all`]) may do without a
+/// person.
+///
+/// The default approves nothing: plans that need an approval wait for an operator
+/// (`sanare repair approve`), and only those that need none run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RepairPolicy {
+    /// Who plans, approves and executes, for the audit trail.
+    pub actor: String,
+    /// Approve plans that need an approval, as [`actor`](Self::actor). Off by
+    /// default; turn it on only where a person already decided (an operator's
+    /// `recover --yes`, a test).
+    pub auto_approve: bool,
+    /// Dry-run each plan before running it for real.
+    pub dry_run_first: bool,
+    /// Plan and dry-run only; change nothing.
+    pub dry_run_only: bool,
+}
+
+impl RepairPolicy {
+    /// A policy acting as `actor` that approves nothing, dry-runs first and then runs
+    /// the plans that need no approval.
+    pub fn new(actor: impl Into<String>) -> Self {
+        Self {
+            actor: actor.into(),
+            auto_approve: false,
+            dry_run_first: true,
+            dry_run_only: false,
+        }
+    }
+
+    /// Approve plans that need an approval.
+    pub fn auto_approve(mut self, yes: bool) -> Self {
+        self.auto_approve = yes;
+        self
+    }
+
+    /// Dry-run each plan before running it.
+    pub fn dry_run_first(mut self, yes: bool) -> Self {
+        self.dry_run_first = yes;
+        self
+    }
+
+    /// Plan and dry-run only.
+    pub fn dry_run_only(mut self, yes: bool) -> Self {
+        self.dry_run_only = yes;
+        self
+    }
+}
+
+/// What one run of the repair loop did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RepairRunSummary {
+    /// Violations read from the stream.
+    pub violations_read: u64,
+    /// Plans recorded.
+    pub planned: u64,
+    /// Violations covered by the repairs that completed.
+    pub violations_fixed: u64,
+    /// Repairs that completed.
+    pub completed: u64,
+    /// Rows changed by them (would be changed, for a dry-run-only policy).
+    pub rows_changed: u64,
+    /// Repairs left waiting for an approval.
+    pub awaiting_approval: Vec<RepairId>,
+    /// Repairs that ended otherwise (failed, refused), with the reason.
+    pub not_completed: Vec<(RepairId, String)>,
+}
+
 /// The repair engine, as the other components use it (recovery repairs what
 /// validation finds; the corruption detector hands over its issues).
 ///
@@ -203,4 +276,19 @@ pub trait RepairService: Send + Sync {
 
     /// Undoes a completed repair from its undo log.
     async fn rollback(&self, repair: RepairId, control: &Control) -> Result<RepairOutcome>;
+
+    /// The one repair loop: reads every violation of `violations` in bounded batches,
+    /// plans their repairs, approves what `policy` allows, and runs (or dry-runs) each
+    /// plan in its own transaction. The facade's background auto-repair, recovery's
+    /// repair step and the operator's tools all go through it.
+    ///
+    /// A plan that needs approval the policy cannot give is left waiting and named in
+    /// the summary; a repair that fails is named with its reason and the loop goes on.
+    /// Cancellation through `control` stops between plans.
+    async fn repair_all(
+        &self,
+        violations: BoxStream<'_, Result<Violation>>,
+        policy: &RepairPolicy,
+        control: &Control,
+    ) -> Result<RepairRunSummary>;
 }

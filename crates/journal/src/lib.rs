@@ -772,6 +772,11 @@ impl Journal {
         control: &Control,
     ) -> Result<ReplaySummary> {
         let mut plan = self.resolve(&request.range).await?;
+        if let Some(until) = request.until {
+            // `time_to` is exclusive; entries recorded exactly at `until` are in.
+            let bound = until + time::Duration::nanoseconds(1);
+            plan.time_to = Some(plan.time_to.map_or(bound, |t| t.min(bound)));
+        }
         plan.operation_types = request.operation_types.clone();
         plan.idempotency_keys = request.idempotency_keys.clone();
         control

@@ -5,11 +5,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures_util::TryStreamExt;
 use sanare_core::{
-    Control, CrashId, CrashKind, Error, Event, EventBus, ExecuteOptions, IntegrityService,
-    JournalService, RecoveryId, RepairService, RepairStatus, ReplayRange, ReplayRequest,
-    RestoreRequest, Result, SnapshotId, SnapshotRequest, SnapshotService, ValidationScope,
+    Control, CrashId, CrashKind, Error, Event, EventBus, IntegrityService, JournalService,
+    RecoveryId, RepairPolicy, RepairService, ReplayRange, ReplayRequest, RestoreRequest, Result,
+    SnapshotId, SnapshotRequest, SnapshotService, ValidationScope,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -670,45 +669,25 @@ impl Recovery {
                         s.check
                     }
                 };
-                let violations: Vec<_> = i.violations(check).try_collect().await?;
-                if violations.is_empty() {
+                let policy = RepairPolicy::new(plan.options.approver.clone())
+                    .auto_approve(plan.options.auto_approve)
+                    .dry_run_first(false);
+                let done = r.repair_all(i.violations(check), &policy, &child).await?;
+                if done.violations_read == 0 {
                     return Ok("nothing to repair".into());
                 }
-                let plans = r.plan(&violations).await?;
-                let mut fixed = 0u64;
-                let mut skipped = 0u64;
-                for p in plans {
-                    child.checkpoint()?;
-                    if p.requires_approval && p.approved_by.is_none() {
-                        if plan.options.auto_approve {
-                            r.approve(p.id, &plan.options.approver).await?;
-                        } else {
-                            skipped += 1;
-                            run.result.warnings.push(format!(
-                                "repair {} ({}) needs approval and was not run",
-                                p.id, p.description
-                            ));
-                            continue;
-                        }
-                    }
-                    let out = r
-                        .execute(
-                            p.id,
-                            ExecuteOptions::new().executed_by(plan.options.approver.clone()),
-                            &child,
-                        )
-                        .await?;
-                    if out.status == RepairStatus::Completed {
-                        fixed += p.violations.len() as u64;
-                    } else {
-                        run.result.warnings.push(format!(
-                            "repair {} ended {:?}: {}",
-                            p.id,
-                            out.status,
-                            out.message.unwrap_or_default()
-                        ));
-                    }
+                for id in &done.awaiting_approval {
+                    run.result
+                        .warnings
+                        .push(format!("repair {id} needs approval and was not run"));
                 }
+                for (id, why) in &done.not_completed {
+                    run.result
+                        .warnings
+                        .push(format!("repair {id} did not complete: {why}"));
+                }
+                let fixed = done.violations_fixed;
+                let skipped = done.awaiting_approval.len();
                 run.result.errors_fixed += fixed;
                 let after = i.validate(ValidationScope::all(), &child).await?;
                 run.last_check = Some(after.check);

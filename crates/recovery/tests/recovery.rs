@@ -4,12 +4,14 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt as _;
 use sanare_core::{
     BoxStream, CheckId, Control, CrashKind, Error, Event, EventBus, ExecuteOptions,
     IntegrityService, JournalCut, JournalPosition, JournalService, RepairId, RepairOutcome,
-    RepairPlan, RepairService, ReplayRange, ReplayRequest, ReplaySummary, RestoreOutcome,
-    RestoreRequest, Result, Severity, SnapshotId, SnapshotInfo, SnapshotRequest, SnapshotService,
-    TableRef, ValidationScope, ValidationSummary, VerifyReport, Violation, ViolationKind,
+    RepairPlan, RepairPolicy, RepairRunSummary, RepairService, ReplayRange, ReplayRequest,
+    ReplaySummary, RestoreOutcome, RestoreRequest, Result, Severity, SnapshotId, SnapshotInfo,
+    SnapshotRequest, SnapshotService, TableRef, ValidationScope, ValidationSummary, VerifyReport,
+    Violation, ViolationKind,
 };
 use sanare_recovery::{
     CrashDetector, CrashRecord, Readiness, ReadinessCheck, Recovery, RecoveryOption,
@@ -235,6 +237,33 @@ impl RepairService for FakeRepair {
     }
     async fn rollback(&self, _: RepairId, _: &Control) -> Result<RepairOutcome> {
         Err(Error::unavailable("not in this fake"))
+    }
+    async fn repair_all(
+        &self,
+        violations: BoxStream<'_, Result<Violation>>,
+        policy: &RepairPolicy,
+        control: &Control,
+    ) -> Result<RepairRunSummary> {
+        // The fake plans and runs one repair per violation, approving by policy.
+        let violations: Vec<Violation> = violations.try_collect().await?;
+        let mut summary = RepairRunSummary::default();
+        summary.violations_read = violations.len() as u64;
+        for plan in self.plan(&violations).await? {
+            if plan.requires_approval {
+                if !policy.auto_approve {
+                    summary.awaiting_approval.push(plan.id);
+                    continue;
+                }
+                self.approve(plan.id, &policy.actor).await?;
+            }
+            let out = self
+                .execute(plan.id, ExecuteOptions::new(), control)
+                .await?;
+            summary.completed += 1;
+            summary.violations_fixed += 1;
+            summary.rows_changed += out.rows_affected;
+        }
+        Ok(summary)
     }
 }
 

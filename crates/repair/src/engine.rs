@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sanare_core::{
-    Control, Error, Event, EventBus, ExecuteOptions, JournalService, RepairId, RepairOutcome,
-    RepairPlan, RepairService, RepairStatus, RepairStrategyKind, ReplayRange, ReplayRequest,
-    Result, RowRef, Severity, SnapshotId, SnapshotRequest, SnapshotService, TableRef, Violation,
-    ViolationId, ViolationKind,
+    BoxStream, Control, Error, Event, EventBus, ExecuteOptions, JournalService, RepairId,
+    RepairOutcome, RepairPlan, RepairPolicy, RepairRunSummary, RepairService, RepairStatus,
+    RepairStrategyKind, ReplayRange, ReplayRequest, Result, RowRef, Severity, SnapshotId,
+    SnapshotRequest, SnapshotService, TableRef, Violation, ViolationId, ViolationKind,
 };
 use sanare_pg::{PgResultExt, Pool, SchemaName, get_conn, quote_ident};
 use serde::{Deserialize, Serialize};
@@ -1878,6 +1878,15 @@ impl RepairService for RepairEngine {
         }
         .instrument(span)
         .await
+    }
+
+    async fn repair_all(
+        &self,
+        violations: BoxStream<'_, Result<Violation>>,
+        policy: &RepairPolicy,
+        control: &Control,
+    ) -> Result<RepairRunSummary> {
+        crate::run::repair_all(self, violations, policy, control).await
     }
 }
 

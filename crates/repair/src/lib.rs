@@ -105,6 +105,7 @@
 
 mod decide;
 mod engine;
+mod run;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -113,6 +114,7 @@ pub use decide::{CustomStrategy, Decision, RowAction, TableFacts, decide};
 pub use engine::{
     RepairConfig, RepairEngine, RepairEngineBuilder, RepairRecord, ValidationReport, strategy_code,
 };
+pub use run::{REPAIR_BATCH, repair_all};
 
 use sanare_pg::{Migration, Migrations, SchemaName};
 

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sanare_core::{
-    Control, Error, ExecuteOptions, RepairService, Result, SnapshotRequest, SnapshotService,
-    TableRef, ValidationScope,
+    Control, Error, IntegrityService, RepairPolicy, RepairService, Result, SnapshotRequest,
+    SnapshotService, TableRef, ValidationScope,
 };
 use sanare_corruption::CorruptionDetector;
-use sanare_integrity::{Integrity, ViolationQuery};
+use sanare_integrity::Integrity;
 use sanare_journal::Journal;
 use sanare_pg::{Pool, SchemaName, get_conn};
 use sanare_repair::RepairEngine;
@@ -284,22 +284,11 @@ async fn auto_repair(
     check: sanare_core::CheckId,
     control: &Control,
 ) -> Result<u64> {
-    let violations = c
-        .integrity
-        .query_violations(&ViolationQuery::new().check(check))
+    let policy =
+        RepairPolicy::new("sanare auto-repair").dry_run_first(c.config.repair.dry_run_first);
+    let summary = c
+        .repair
+        .repair_all(c.integrity.violations(check), &policy, control)
         .await?;
-    let plans = c.repair.plan(&violations).await?;
-    let mut done = 0;
-    for plan in plans.iter().filter(|p| !p.requires_approval) {
-        if c.config.repair.dry_run_first {
-            c.repair
-                .execute(plan.id, ExecuteOptions::dry_run(), control)
-                .await?;
-        }
-        let mut options = ExecuteOptions::new();
-        options.executed_by = Some("sanare auto-repair".into());
-        c.repair.execute(plan.id, options, control).await?;
-        done += 1;
-    }
-    Ok(done)
+    Ok(summary.completed)
 }

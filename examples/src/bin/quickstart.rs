@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures_util::StreamExt as _;
 use sanare::core::{
-    Control, ExecuteOptions, IntegrityService, RepairService, SnapshotRequest, SnapshotService,
+    Control, IntegrityService, RepairPolicy, RepairService, SnapshotRequest, SnapshotService,
     TableRef, ValidationScope, Violation,
 };
 use sanare::{Sanare, SanareConfig};
@@ -252,32 +252,23 @@ async fn main() -> anyhow::Result<()> {
             .join(", ")
     );
     violations.extend(scan.issues.iter().map(|i| i.to_violation()));
-    let plans = sanare.repair().plan(&violations).await?;
-    let mut fixed = 0;
-    for plan in &plans {
-        if plan.requires_approval {
-            sanare
-                .repair()
-                .approve(plan.id, "quickstart-operator")
-                .await?;
-        }
-        let dry = sanare
-            .repair()
-            .execute(plan.id, ExecuteOptions::dry_run(), &control)
-            .await?;
-        let outcome = sanare
-            .repair()
-            .execute(
-                plan.id,
-                ExecuteOptions::new().executed_by("quickstart"),
-                &control,
-            )
-            .await?;
-        println!(
-            "   repair {:?} on {}: dry run would change {} rows; {:?}, {} rows changed",
-            plan.strategy, plan.table, dry.rows_affected, outcome.status, outcome.rows_affected
-        );
-        fixed += outcome.rows_affected;
+    // The one repair loop: plan, approve (the quickstart plays the operator who
+    // approves everything), dry-run, then run each repair in its own transaction.
+    let policy = RepairPolicy::new("quickstart-operator").auto_approve(true);
+    let repaired = sanare
+        .repair()
+        .repair_all(
+            futures_util::stream::iter(violations.into_iter().map(Ok)).boxed(),
+            &policy,
+            &control,
+        )
+        .await?;
+    println!(
+        "   {} repairs planned, {} completed, {} rows changed",
+        repaired.planned, repaired.completed, repaired.rows_changed
+    );
+    for (id, why) in &repaired.not_completed {
+        println!("   repair {id} did not complete: {why}");
     }
 
     println!("== 6. final report");
@@ -302,7 +293,10 @@ async fn main() -> anyhow::Result<()> {
         scan.issues.len(),
         rescan.issues.len()
     );
-    println!("   repairs run / rows changed: {} / {fixed}", plans.len());
+    println!(
+        "   repairs run / rows changed: {} / {}",
+        repaired.completed, repaired.rows_changed
+    );
     println!("   customer 7 present again:  {}", customer7 == 1);
     println!(
         "   total time:                {:.1} s",
