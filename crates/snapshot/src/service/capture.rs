@@ -1,0 +1,572 @@
+//! Capture: tables streamed by binary COPY into blocks, packs, the index and the manifest.
+
+use super::*;
+
+impl Snapshots {
+    /// Captures a snapshot (see [`SnapshotService::create`]).
+    #[tracing::instrument(skip_all, fields(snapshot))]
+    pub(super) async fn capture(
+        &self,
+        request: SnapshotRequest,
+        control: &Control,
+    ) -> Result<SnapshotInfo> {
+        let inner = &self.inner;
+        let id = SnapshotId::new();
+        tracing::Span::current().record("snapshot", tracing::field::display(id));
+        let base = self.latest_good(None).await?.map(|s| s.id);
+        {
+            let conn = sanare_pg::get_conn(&inner.pool).await?;
+            conn.execute(
+                &format!(
+                    "INSERT INTO {} (id, status, created_at, label) VALUES ($1, 'creating', now(), $2)",
+                    self.table("snapshots")
+                ),
+                &[&id.as_uuid(), &request.label],
+            )
+            .await
+            .context("recording a new snapshot")?;
+        }
+        let result = self.capture_inner(id, base, &request, control).await;
+        match result {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                // The row stays `creating` (never restorable); record why.
+                let _ = self
+                    .set_status(id, SnapshotStatus::Creating, Some(&e.to_string()))
+                    .await;
+                metrics::counter!("sanare_snapshot_failures_total").increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) async fn capture_inner(
+        &self,
+        id: SnapshotId,
+        base: Option<SnapshotId>,
+        request: &SnapshotRequest,
+        control: &Control,
+    ) -> Result<SnapshotInfo> {
+        let inner = &self.inner;
+        let mut conn = sanare_pg::get_conn(&inner.pool).await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .context("starting the snapshot transaction")?;
+        // GC waits while any capture holds this (released at commit or on a crash).
+        tx.execute(
+            "SELECT pg_advisory_xact_lock_shared($1)",
+            &[&advisory_key(&inner.schema)],
+        )
+        .await
+        .context("taking the snapshot lock")?;
+        let row = tx
+            .query_one("SELECT pg_current_snapshot()::text, now()", &[])
+            .await
+            .context("reading the snapshot's transaction view")?;
+        let db_snapshot: String = row.get(0);
+        let created_at: OffsetDateTime = row.get(1);
+        let cut = match &inner.journal {
+            Some(j) => Some(j.cut(Some(&db_snapshot)).await?),
+            None => None,
+        };
+        let tables = self.resolve_tables(&*tx, request).await?;
+        let progress = control.progress();
+        progress.phase("capturing tables", "tables", Some(tables.len() as u64));
+        let mut index = Index {
+            snapshot: *id.as_uuid().as_bytes(),
+            tables: Vec::with_capacity(tables.len()),
+            streams: Vec::new(),
+        };
+        // Read the packs afresh, under the lock GC waits for: a map loaded before a
+        // GC in another process could name blocks that GC has since deleted, and
+        // this capture must not reuse those.
+        self.refresh_packs().await?;
+        let writer = PackWriter::new(&inner.store, &inner.packs, inner.config.pack_size);
+        let mut compressed_bytes = 0u64;
+        // Tables are captured by up to `capture_concurrency` connections whose
+        // transactions all import this transaction's snapshot, so every table is
+        // read at the same instant. This transaction stays open until they finish.
+        // Worker 0 uses the capture's own connection, every other one takes one
+        // more: never ask for more than the pool can ever give.
+        let pool_max = inner.pool.status().max_size;
+        let workers = inner
+            .config
+            .capture_concurrency
+            .min(pool_max.max(1))
+            .clamp(1, tables.len().max(1));
+        let exported: Option<String> = if workers > 1 {
+            Some(
+                tx.query_one("SELECT pg_export_snapshot()", &[])
+                    .await
+                    .context("exporting the snapshot for parallel capture")?
+                    .get(0),
+            )
+        } else {
+            None
+        };
+        let queue = std::sync::Mutex::new(tables.iter().enumerate().collect::<Vec<_>>());
+        let next = || {
+            queue.lock().ok().and_then(|mut q| {
+                if q.is_empty() {
+                    None
+                } else {
+                    Some(q.remove(0))
+                }
+            })
+        };
+        let worker = |n: usize| {
+            let tx_main = &tx;
+            let exported = exported.clone();
+            let next = &next;
+            let writer = &writer;
+            async move {
+                let mut done: Vec<(usize, TableIndex, u64)> = Vec::new();
+                let mut pack = PackBuilder::new();
+                let mut own_conn;
+                let own_tx;
+                let tx: &tokio_postgres::Transaction<'_> = match (&exported, n) {
+                    (Some(snapshot), n) if n > 0 => {
+                        own_conn = sanare_pg::get_conn(&inner.pool).await?;
+                        own_tx = own_conn
+                            .build_transaction()
+                            .isolation_level(IsolationLevel::RepeatableRead)
+                            .read_only(true)
+                            .start()
+                            .await
+                            .context("starting a parallel capture transaction")?;
+                        own_tx
+                            .batch_execute(&format!(
+                                "SET TRANSACTION SNAPSHOT {}",
+                                quote_literal(snapshot)
+                            ))
+                            .await
+                            .context(
+                                "importing the snapshot into a parallel capture transaction",
+                            )?;
+                        &own_tx
+                    }
+                    _ => tx_main,
+                };
+                while let Some((i, table)) = next() {
+                    control.checkpoint()?;
+                    progress.message(format!("capturing {table}"));
+                    let (ti, compressed) = self
+                        .capture_table(tx, table, writer, &mut pack, control)
+                        .await?;
+                    done.push((i, ti, compressed));
+                    progress.advance(1);
+                }
+                writer.flush(&mut pack).await?;
+                Ok::<_, Error>(done)
+            }
+        };
+        let results = futures_util::future::try_join_all((0..workers).map(worker)).await?;
+        let mut captured: Vec<(usize, TableIndex, u64)> = results.into_iter().flatten().collect();
+        captured.sort_by_key(|c| c.0);
+        for (_, ti, compressed) in captured {
+            compressed_bytes += compressed;
+            index.tables.push(ti);
+        }
+        // The capture's transaction stays open (holding the lock GC waits for) until
+        // the manifest is written, so GC never deletes a block this capture reuses.
+        control.checkpoint()?;
+        let mut pack = PackBuilder::new();
+        for source in &inner.sources {
+            control.checkpoint()?;
+            progress.message(format!("capturing state source {}", source.name()));
+            let (si, compressed) = self
+                .capture_source(&**source, &writer, &mut pack, control)
+                .await?;
+            compressed_bytes += compressed;
+            index.streams.push(si);
+        }
+
+        // Each table's block references go into content-defined group blocks, so an
+        // unchanged run of blocks costs nothing in this snapshot's index either.
+        for table in &mut index.tables {
+            control.checkpoint()?;
+            let mut groups = Vec::new();
+            for group in crate::format::group_blocks(&table.blocks) {
+                let content = crate::format::encode_group(group)?;
+                let (r, object) = encode(
+                    RowBlock {
+                        content,
+                        rows: 0,
+                        key_filter: Vec::new(),
+                    },
+                    inner.config.codec,
+                )
+                .await?;
+                compressed_bytes += object.len() as u64;
+                writer.add(&mut pack, r.id, &object).await?;
+                groups.push(crate::format::GroupRef {
+                    id: r.id,
+                    blocks: u32::try_from(group.len()).unwrap_or(u32::MAX),
+                });
+            }
+            table.groups = groups;
+        }
+        writer.flush(&mut pack).await?;
+        let mut stored_bytes = writer.finish().await?;
+
+        // Blocks are durable; now the index, then the manifest.
+        let index_bytes = index.encode()?;
+        let index_hash = *blake3::hash(&index_bytes).as_bytes();
+        stored_bytes += index_bytes.len() as u64;
+        inner
+            .store
+            .put(&index_key(id), Bytes::from(index_bytes))
+            .await?;
+        let size_bytes: u64 = index.tables.iter().map(|t| t.raw_bytes).sum::<u64>()
+            + index.streams.iter().map(|s| s.len).sum::<u64>();
+        let manifest = Manifest {
+            id: *id.as_uuid().as_bytes(),
+            created_at_us: i64::try_from(created_at.unix_timestamp_nanos() / 1000)
+                .unwrap_or(i64::MAX),
+            label: request.label.clone(),
+            base: base.map(|b| *b.as_uuid().as_bytes()),
+            journal_cut: cut.as_ref().map(|c| StoredCut {
+                position: c.position.0,
+                db_snapshot: c.db_snapshot.clone(),
+            }),
+            chunking: inner.config.chunking,
+            codec: inner.config.codec,
+            tables: index
+                .tables
+                .iter()
+                .map(|t| (t.schema.clone(), t.name.clone(), t.rows))
+                .collect(),
+            size_bytes,
+            compressed_bytes,
+            stored_bytes,
+            block_count: index.block_ids().len() as u64,
+            index_hash,
+            metadata: request.metadata.clone(),
+        };
+        let manifest_bytes = manifest.encode()?;
+        let manifest_hash = blake3::hash(&manifest_bytes).as_bytes().to_vec();
+        inner
+            .store
+            .put(&manifest_key(id), Bytes::from(manifest_bytes))
+            .await?;
+
+        let mut info = SnapshotInfo::new(id, created_at, SnapshotStatus::Ready);
+        info.label = request.label.clone();
+        info.base = base;
+        info.journal_cut = cut;
+        info.tables = index
+            .tables
+            .iter()
+            .map(|t| TableRowCount {
+                table: TableRef::new(&t.schema, &t.name),
+                rows: t.rows,
+            })
+            .collect();
+        info.size_bytes = size_bytes;
+        info.stored_bytes = stored_bytes;
+        info.metadata = request.metadata.clone();
+        let json =
+            serde_json::to_value(&info).map_err(|e| Error::other("encoding snapshot info", e))?;
+        tx.commit()
+            .await
+            .context("ending the snapshot transaction")?;
+        conn.execute(
+            &format!(
+                "UPDATE {} SET status = 'ready', created_at = $2, finished_at = now(), base_id = $3,
+                        journal_position = $4, size_bytes = $5, stored_bytes = $6,
+                        manifest_hash = $7, info = $8, error = NULL
+                  WHERE id = $1",
+                self.table("snapshots")
+            ),
+            &[
+                &id.as_uuid(),
+                &created_at,
+                &base.map(|b| b.as_uuid()),
+                &info
+                    .journal_cut
+                    .as_ref()
+                    .map(|c| i64::try_from(c.position.0).unwrap_or(i64::MAX)),
+                &i64::try_from(size_bytes).unwrap_or(i64::MAX),
+                &i64::try_from(stored_bytes).unwrap_or(i64::MAX),
+                &manifest_hash,
+                &json,
+            ],
+        )
+        .await
+        .context("marking the snapshot ready")?;
+        metrics::counter!("sanare_snapshots_created_total").increment(1);
+        metrics::counter!("sanare_snapshot_bytes_stored_total").increment(stored_bytes);
+        control.progress().finish();
+        tracing::info!(%id, size_bytes, stored_bytes, tables = index.tables.len(), "snapshot ready");
+        if let Some(bus) = &inner.events {
+            bus.publish(Event::SnapshotCreated {
+                snapshot: id,
+                size_bytes,
+                stored_bytes,
+            });
+        }
+        Ok(info)
+    }
+
+    pub(super) async fn capture_table(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        table: &TableRef,
+        writer: &PackWriter<'_>,
+        pack: &mut PackBuilder,
+        control: &Control,
+    ) -> Result<(TableIndex, u64)> {
+        let (columns, primary_key) = describe(tx, table).await?;
+        let sequences = sequences(tx, table).await?;
+        let cols = columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Rows in primary key order: where a row lives in the heap (which updates
+        // change) then does not move it between blocks, so an update touches only
+        // the blocks around its key and appended keys only the last blocks.
+        let sql = if primary_key.is_empty() {
+            format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", table.quoted())
+        } else {
+            let order = primary_key
+                .iter()
+                .filter_map(|&i| columns.get(usize::from(i)))
+                .map(|c| quote_ident(&c.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "COPY (SELECT {cols} FROM {} ORDER BY {order}) TO STDOUT (FORMAT binary)",
+                table.quoted()
+            )
+        };
+        let stream = tx
+            .copy_out(&sql)
+            .await
+            .with_context(|| format!("starting to copy {table}"))?;
+        futures_util::pin_mut!(stream);
+        let mut chunker = Chunker::new(self.inner.config.chunking, primary_key.clone());
+        let mut blocks: Vec<BlockRef> = Vec::new();
+        let mut raw_bytes = 0u64;
+        let mut compressed = 0u64;
+        let mut pending: Vec<RowBlock> = Vec::new();
+        let conc = self.inner.config.write_concurrency.max(1);
+        let codec = self.inner.config.codec;
+        loop {
+            let next = stream.next().await;
+            let done = next.is_none();
+            match next {
+                Some(data) => {
+                    let data = data.with_context(|| format!("copying {table}"))?;
+                    pending.extend(chunker.push(&data)?);
+                }
+                None => {
+                    let c = std::mem::replace(
+                        &mut chunker,
+                        Chunker::new(ChunkParams::default(), Vec::new()),
+                    );
+                    pending.extend(
+                        c.finish()
+                            .map_err(|e| Error::other(format!("copying {table}"), e))?,
+                    );
+                }
+            }
+            if pending.len() >= conc || (done && !pending.is_empty()) {
+                control.checkpoint()?;
+                let batch = std::mem::take(&mut pending);
+                let encoded =
+                    futures_util::future::try_join_all(batch.into_iter().map(|b| encode(b, codec)))
+                        .await?;
+                for (r, object) in encoded {
+                    raw_bytes += u64::from(r.raw_len);
+                    compressed += object.len() as u64;
+                    writer.add(pack, r.id, &object).await?;
+                    blocks.push(r);
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        let rows = blocks.iter().map(|b| u64::from(b.rows)).sum();
+        metrics::counter!("sanare_snapshot_rows_captured_total").increment(rows);
+        Ok((
+            TableIndex {
+                schema: table.schema.clone(),
+                name: table.name.clone(),
+                columns,
+                primary_key,
+                sequences,
+                rows,
+                raw_bytes,
+                blocks,
+                groups: Vec::new(),
+            },
+            compressed,
+        ))
+    }
+
+    /// Reads a host byte stream to its end, cutting it into deduplicated blocks.
+    pub(super) async fn capture_source(
+        &self,
+        source: &dyn StateSource,
+        writer: &PackWriter<'_>,
+        pack: &mut PackBuilder,
+        control: &Control,
+    ) -> Result<(StreamIndex, u64)> {
+        let name = source.name().to_owned();
+        let mut reader = source.open().await?;
+        let mut chunker = ByteChunker::new(self.inner.config.chunking);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut index = StreamIndex {
+            name: name.clone(),
+            len: 0,
+            blocks: Vec::new(),
+            metadata: source.metadata(),
+        };
+        let mut compressed = 0u64;
+        let conc = self.inner.config.write_concurrency.max(1);
+        let codec = self.inner.config.codec;
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::io(format!("reading state source {name}"), e))?;
+            index.len += n as u64;
+            if n == 0 {
+                let rest =
+                    std::mem::replace(&mut chunker, ByteChunker::new(ChunkParams::default()));
+                pending.extend(rest.finish());
+            } else {
+                pending.extend(chunker.push(&buf[..n]));
+            }
+            if pending.len() >= conc || (n == 0 && !pending.is_empty()) {
+                control.checkpoint()?;
+                let batch = std::mem::take(&mut pending);
+                let encoded =
+                    futures_util::future::try_join_all(batch.into_iter().map(|content| {
+                        encode(
+                            RowBlock {
+                                content,
+                                rows: 0,
+                                key_filter: Vec::new(),
+                            },
+                            codec,
+                        )
+                    }))
+                    .await?;
+                for (r, object) in encoded {
+                    compressed += object.len() as u64;
+                    writer.add(pack, r.id, &object).await?;
+                    index.blocks.push(r.id);
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        Ok((index, compressed))
+    }
+}
+
+/// Compresses a block on a blocking thread: its reference and its block object.
+pub(super) async fn encode(block: RowBlock, codec: Codec) -> Result<(BlockRef, Vec<u8>)> {
+    let RowBlock {
+        content,
+        rows,
+        key_filter,
+    } = block;
+    let raw_len = u32::try_from(content.len()).unwrap_or(u32::MAX);
+    let (id, object) = tokio::task::spawn_blocking(move || {
+        let id = BlockId::of(&content);
+        encode_block(&content, codec).map(|e| (id, e))
+    })
+    .await
+    .map_err(|e| Error::other("compressing a block", e))??;
+    Ok((
+        BlockRef {
+            id,
+            raw_len,
+            rows,
+            key_filter,
+        },
+        object,
+    ))
+}
+
+/// The captured columns (stored generated columns excluded) and primary key positions.
+pub(super) async fn describe(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableRef,
+) -> Result<(Vec<ColumnDef>, Vec<u16>)> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    coalesce(array_position(i.indkey::int2[], a.attnum)
+                             - array_lower(i.indkey::int2[], 1) + 1, 0)::int4
+               FROM pg_attribute a
+               LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+              WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass
+                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("reading the columns of {table}"))?;
+    if rows.is_empty() {
+        return Err(Error::not_found(format!(
+            "table {table} (or it has no columns)"
+        )));
+    }
+    let mut columns = Vec::with_capacity(rows.len());
+    let mut pk: Vec<(i32, u16)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        columns.push(ColumnDef {
+            name: r.get(0),
+            type_name: r.get(1),
+        });
+        let pos: i32 = r.get(2);
+        if pos > 0 {
+            pk.push((pos, u16::try_from(i).unwrap_or(u16::MAX)));
+        }
+    }
+    pk.sort();
+    Ok((columns, pk.into_iter().map(|(_, i)| i).collect()))
+}
+
+/// The sequences owned by `table`'s columns (serial and identity), with their state.
+pub(super) async fn sequences(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableRef,
+) -> Result<Vec<SequenceState>> {
+    let rows = client
+        .query(
+            "SELECT d.objid::regclass::text
+               FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+              WHERE d.refobjid = (quote_ident($1) || '.' || quote_ident($2))::regclass
+                AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+              ORDER BY 1",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("listing the sequences of {table}"))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        let s = client
+            .query_one(&format!("SELECT last_value, is_called FROM {name}"), &[])
+            .await
+            .with_context(|| format!("reading sequence {name}"))?;
+        out.push(SequenceState {
+            name,
+            last_value: s.get(0),
+            is_called: s.get(1),
+        });
+    }
+    Ok(out)
+}
