@@ -7,6 +7,8 @@
 //! - [`catalog`]: introspection of host tables (columns, keys, foreign keys, order);
 //! - [`copy_text`]: decoding a text `COPY … TO STDOUT` stream on the client;
 //! - [`PgResultExt`]: mapping driver errors into [`sanare_core::Error`] with context;
+//! - [`TxGuard`]: a transaction on a pooled connection that never goes back to the
+//!   pool still open, on error, cancellation or panic;
 //! - [`quote_ident`] and [`connect_pool`].
 //!
 //! # Architecture invariant
@@ -23,10 +25,12 @@ pub mod copy_text;
 mod error;
 mod ident;
 mod migrate;
+mod tx;
 
 pub use error::{PgResultExt, map_pg_error};
 pub use ident::{SchemaName, quote_ident, quote_literal};
 pub use migrate::{Migration, MigrationReport, Migrations, advisory_key};
+pub use tx::TxGuard;
 
 pub use deadpool_postgres::Pool;
 pub use tokio_postgres;

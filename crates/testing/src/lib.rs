@@ -14,7 +14,9 @@
 //!   (see [`cluster`]). `cargo xtask test` starts one cluster for the whole run and
 //!   hands its `DATABASE_URL` to every test process.
 //! - [`fixtures::order_service`] installs a realistic order-service schema and
-//!   generates N rows of deterministic data.
+//!   generates N rows of deterministic data; [`zoo`] installs a schema zoo (partitions,
+//!   inheritance, unusual types, NOT VALID and deferrable constraints, an invalid index,
+//!   a never-analysed table) and lists session settings that differ from the defaults.
 //!
 //! The `cluster` module is synchronous and always built; everything else is behind
 //! the default `db` feature.
@@ -27,6 +29,8 @@ pub mod cluster;
 mod db;
 #[cfg(feature = "db")]
 pub mod fixtures;
+#[cfg(feature = "db")]
+pub mod zoo;
 
 #[cfg(feature = "db")]
 pub use db::{TestDb, admin_url, test_db, with_dbname};
