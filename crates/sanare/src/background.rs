@@ -6,6 +6,10 @@
 //! a scan is not run by the leader alone but split into one job per table in the
 //! [`JobQueue`], which every instance's worker claims with `FOR UPDATE SKIP LOCKED`,
 //! so a large validation spreads over all instances.
+//!
+//! Both loops run supervised: a panic is logged, counted and followed by a restart
+//! (see [`BackgroundTaskStatus`]); a panic inside one scheduled run or one job is
+//! that run's or job's outcome, and the loop goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +28,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SanareConfig;
-use crate::{Job, JobQueue, Scheduler};
+use crate::supervise::{self, StatusCell, supervise};
+use crate::{BackgroundTaskStatus, Job, JobQueue, JobWorker, Scheduler};
 
 /// Job kind: validate one table.
 pub const JOB_VALIDATE_TABLE: &str = "integrity.table";
@@ -57,28 +62,27 @@ pub(crate) struct Components {
     pub(crate) corruption: Arc<CorruptionDetector>,
 }
 
-/// How the background work is tuned (tests shorten the intervals).
+/// How the background work is tuned (tests shorten the poll).
 #[derive(Clone, Debug)]
 pub(crate) struct Timing {
     /// Scheduler poll and job-queue poll.
     pub(crate) poll: Duration,
-    /// How long a claimed job is leased before another instance may take it over.
-    pub(crate) lease: Duration,
 }
 
 impl Default for Timing {
     fn default() -> Self {
         Self {
             poll: Duration::from_secs(5),
-            lease: Duration::from_secs(15 * 60),
         }
     }
 }
 
-/// The running background tasks of one instance.
+/// The running background tasks of one instance, each supervised (see
+/// [`supervise`](crate::supervise)).
 #[derive(Debug)]
 pub(crate) struct Background {
     tasks: Vec<JoinHandle<()>>,
+    status: Vec<StatusCell>,
 }
 
 impl Background {
@@ -89,50 +93,41 @@ impl Background {
         timing: &Timing,
         shutdown: &CancellationToken,
     ) -> Self {
-        let mut scheduler =
-            Scheduler::new(c.pool.clone(), c.schema.clone(), instance).poll_interval(timing.poll);
-        if let Some(every) = c.config.snapshots.interval {
-            let c = c.clone();
-            scheduler = scheduler.task(task::SNAPSHOT, every, move |control| {
-                let c = c.clone();
-                async move { scheduled_snapshot(&c, &control).await }
+        let tuning = c.config.background.clone();
+        let scheduler = scheduler(&c, instance, timing);
+        let (scheduler, scheduler_status) =
+            supervise("scheduler", shutdown.clone(), tuning.restart_backoff, {
+                let shutdown = shutdown.clone();
+                move || scheduler.clone().run(shutdown.clone())
             });
-        }
-        if c.config.journal.enabled
-            && let Some(every) = c.config.journal.compaction_interval
-        {
-            let c = c.clone();
-            scheduler = scheduler.task(task::COMPACT, every, move |control| {
-                let c = c.clone();
-                async move { scheduled_compaction(&c, &control).await }
-            });
-        }
-        if let Some(every) = c.config.validation.interval {
-            let c = c.clone();
-            scheduler = scheduler.task(task::VALIDATE, every, move |_| {
-                let c = c.clone();
-                async move { enqueue_tables(&c, JOB_VALIDATE_TABLE).await }
-            });
-        }
-        if c.config.corruption.monitoring
-            && let Some(every) = c.config.corruption.scan_interval
-        {
-            let c = c.clone();
-            scheduler = scheduler.task(task::SCAN, every, move |_| {
-                let c = c.clone();
-                async move { enqueue_tables(&c, JOB_SCAN_TABLE).await }
-            });
-        }
-        let scheduler = scheduler.spawn(shutdown.clone());
-        let worker = tokio::spawn(work_jobs(
-            c,
+        let worker = JobWorker::new(
+            JobQueue::new(c.pool.clone(), &c.schema),
             format!("{instance}/worker"),
-            timing.clone(),
-            shutdown.clone(),
-        ));
+            &[JOB_VALIDATE_TABLE, JOB_SCAN_TABLE],
+        )
+        .lease(tuning.lease)
+        .heartbeat(tuning.heartbeat)
+        .poll_interval(timing.poll);
+        let (worker, worker_status) =
+            supervise("job-worker", shutdown.clone(), tuning.restart_backoff, {
+                let shutdown = shutdown.clone();
+                move || {
+                    let c = c.clone();
+                    worker.clone().run(shutdown.clone(), move |job, control| {
+                        let c = c.clone();
+                        async move { run_job(&c, &job, &control).await }
+                    })
+                }
+            });
         Self {
             tasks: vec![scheduler, worker],
+            status: vec![scheduler_status, worker_status],
         }
+    }
+
+    /// The state of each background loop.
+    pub(crate) fn status(&self) -> Vec<BackgroundTaskStatus> {
+        self.status.iter().map(supervise::read).collect()
     }
 
     /// Stops the tasks without waiting (the handle was dropped without `shutdown`).
@@ -150,6 +145,62 @@ impl Background {
             }
         }
     }
+}
+
+/// The scheduler with the tasks of the configuration. Snapshots and scans work on
+/// the configured host schemas: they hold the work lock on them while they run.
+fn scheduler(c: &Components, instance: &str, timing: &Timing) -> Scheduler {
+    let mut scheduler = Scheduler::new(c.pool.clone(), c.schema.clone(), instance)
+        .poll_interval(timing.poll)
+        .lease(c.config.background.lease)
+        .heartbeat(c.config.background.heartbeat);
+    let data = covered_schemas(&c.config);
+    if let Some(every) = c.config.snapshots.interval {
+        let c = c.clone();
+        scheduler = scheduler.task_on(task::SNAPSHOT, &data, every, move |control| {
+            let c = c.clone();
+            async move { scheduled_snapshot(&c, &control).await }
+        });
+    }
+    if c.config.journal.enabled
+        && let Some(every) = c.config.journal.compaction_interval
+    {
+        // The journal is this installation's own: no work lock across schemas.
+        let c = c.clone();
+        scheduler = scheduler.task(task::COMPACT, every, move |control| {
+            let c = c.clone();
+            async move { scheduled_compaction(&c, &control).await }
+        });
+    }
+    if let Some(every) = c.config.validation.interval {
+        let c = c.clone();
+        scheduler = scheduler.task_on(task::VALIDATE, &data, every, move |_| {
+            let c = c.clone();
+            async move { enqueue_tables(&c, JOB_VALIDATE_TABLE).await }
+        });
+    }
+    if c.config.corruption.monitoring
+        && let Some(every) = c.config.corruption.scan_interval
+    {
+        let c = c.clone();
+        scheduler = scheduler.task_on(task::SCAN, &data, every, move |_| {
+            let c = c.clone();
+            async move { enqueue_tables(&c, JOB_SCAN_TABLE).await }
+        });
+    }
+    scheduler
+}
+
+/// The host schemas the scheduled work covers, as a work-lock key: sorted, or `*`
+/// for every host schema.
+fn covered_schemas(config: &SanareConfig) -> String {
+    let mut schemas = config.snapshots.schemas.clone();
+    if schemas.is_empty() {
+        return "schemas=*".to_owned();
+    }
+    schemas.sort();
+    schemas.dedup();
+    format!("schemas={}", schemas.join(","))
 }
 
 async fn scheduled_snapshot(c: &Components, control: &Control) -> Result<()> {
@@ -201,40 +252,6 @@ async fn enqueue_tables(c: &Components, kind: &str) -> Result<()> {
         .await?;
     tracing::info!(%batch, kind, jobs = payloads.len(), "scan split into table jobs");
     Ok(())
-}
-
-/// Claims and runs table jobs until shutdown.
-async fn work_jobs(c: Components, worker: String, timing: Timing, shutdown: CancellationToken) {
-    let queue = JobQueue::new(c.pool.clone(), &c.schema);
-    loop {
-        let claimed = tokio::select! {
-            () = shutdown.cancelled() => break,
-            claimed = queue.claim(&worker, &[JOB_VALIDATE_TABLE, JOB_SCAN_TABLE], timing.lease) => claimed,
-        };
-        match claimed {
-            Ok(Some(job)) => {
-                let (control, _) = Control::with_token(shutdown.child_token());
-                let outcome = run_job(&c, &job, &control).await;
-                let recorded = match outcome {
-                    Ok(result) => queue.complete(&job, &worker, result).await,
-                    Err(e) => {
-                        tracing::warn!(job = %job.id, kind = %job.kind, error = %e, "job failed");
-                        queue.fail(&job, &worker, &e.to_string()).await
-                    }
-                };
-                if let Err(e) = recorded {
-                    tracing::warn!(job = %job.id, error = %e, "cannot record a job's outcome");
-                }
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot claim jobs; retrying"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(timing.poll) => {}
-        }
-    }
 }
 
 async fn run_job(c: &Components, job: &Job, control: &Control) -> Result<serde_json::Value> {

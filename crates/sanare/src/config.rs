@@ -50,6 +50,8 @@ pub struct SanareConfig {
     pub journal: JournalConfig,
     /// Corruption detection.
     pub corruption: CorruptionConfig,
+    /// Supervision of background work: leases, heartbeats, restarts.
+    pub background: BackgroundConfig,
 }
 
 impl Default for SanareConfig {
@@ -65,6 +67,7 @@ impl Default for SanareConfig {
             snapshots: SnapshotConfig::default(),
             journal: JournalConfig::default(),
             corruption: CorruptionConfig::default(),
+            background: BackgroundConfig::default(),
         }
     }
 }
@@ -433,6 +436,7 @@ impl SanareConfig {
                 "must be at least 1 (sanare always keeps one snapshot)",
             ));
         }
+        self.background.validate()?;
         for (key, d) in [
             ("snapshots.interval", self.snapshots.interval),
             ("validation.interval", self.validation.interval),
@@ -481,6 +485,73 @@ fn set_path(root: &mut toml::Value, path: &[String], value: toml::Value) -> Resu
 }
 
 /// Serde helpers for durations written like `30m`, `1h 30m`, `250ms`.
+// ---- [background]: supervision of background work (leases, heartbeats, restarts).
+
+/// How background work survives its own failures (see `docs/operating-at-scale.md`).
+///
+/// ```toml
+/// [background]
+/// lease = "2m"            # a claim not renewed this long is taken over
+/// heartbeat = "20s"       # how often running work renews its claim
+/// restart_backoff = "1s"  # first wait before restarting a panicked loop
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BackgroundConfig {
+    /// How long a claim on a job or a scheduled run lasts without renewal: how soon
+    /// another instance takes over the work of an instance that died.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often running work renews its claim, and a leader checks its
+    /// leadership: how soon a leader that lost leadership stops its task. At most a
+    /// third of `lease`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// How long a background loop that panicked waits before it restarts; the wait
+    /// doubles with each panic in a row, up to a minute (or this, when longer).
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff: Duration,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(120),
+            heartbeat: Duration::from_secs(20),
+            restart_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl BackgroundConfig {
+    fn validate(&self) -> Result<()> {
+        if self.heartbeat < Duration::from_millis(10) {
+            return Err(Error::config(
+                "background.heartbeat",
+                "must be at least 10ms",
+            ));
+        }
+        if self.heartbeat.saturating_mul(3) > self.lease {
+            return Err(Error::config(
+                "background.lease",
+                format!(
+                    "must be at least three heartbeats ({}), so one slow renewal does not lose running work",
+                    humantime::format_duration(self.heartbeat.saturating_mul(3))
+                ),
+            ));
+        }
+        if self.restart_backoff < Duration::from_millis(1) {
+            return Err(Error::config(
+                "background.restart_backoff",
+                "must be at least 1ms (a panicking loop must not spin)",
+            ));
+        }
+        Ok(())
+    }
+}
+// ---- end of [background].
+
 mod humantime_serde {
     use std::time::Duration;
 

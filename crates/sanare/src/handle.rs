@@ -581,6 +581,15 @@ impl Sanare {
         &self.events
     }
 
+    /// The state of each supervised background loop of this instance (empty when
+    /// background work is off): panics and restarts are counted here.
+    pub fn background_status(&self) -> Vec<crate::BackgroundTaskStatus> {
+        self.background
+            .as_ref()
+            .map(Background::status)
+            .unwrap_or_default()
+    }
+
     /// A token cancelled at shutdown, for the host's own long work.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

@@ -1,8 +1,14 @@
 //! Chunk jobs any instance can claim: large work (a scan of a big table) is split
 //! into jobs in `<schema>.jobs`, and every instance claims the next one with
 //! `FOR UPDATE SKIP LOCKED`, so instances never wait on each other and never take the
-//! same job. A claim is a lease: a job whose worker died is claimed again once its
-//! lease expires, up to its attempt limit.
+//! same job. A claim is a lease that its worker renews ([`JobQueue::heartbeat`])
+//! while the job runs, so a job may run as long as it needs: only a job whose worker
+//! stopped renewing (it died, hung, or lost the database) is claimed again once its
+//! lease expires, up to its attempt limit. A job abandoned on its last attempt is
+//! finished as failed, with the reason, so every batch finishes.
+//!
+//! Every change of a claimed job names the claim (worker and attempt): a worker
+//! whose job was taken over can neither renew, complete nor fail it any more.
 
 use std::time::Duration;
 
@@ -84,15 +90,17 @@ impl JobQueue {
     }
 
     /// Claims the oldest claimable job of one of `kinds` for `worker`, leased for
-    /// `lease`. Returns `None` when there is nothing to do.
+    /// `lease`. Returns `None` when there is nothing to do. Jobs abandoned on their
+    /// last attempt are finished as failed first (see [`reap_abandoned`](Self::reap_abandoned)).
     pub async fn claim(
         &self,
         worker: &str,
         kinds: &[&str],
         lease: Duration,
     ) -> Result<Option<Job>> {
+        self.reap_abandoned().await?;
         let kinds: Vec<String> = kinds.iter().map(|k| (*k).to_owned()).collect();
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_ms = millis(lease);
         let client = get_conn(&self.pool).await?;
         let row = client
             .query_opt(
@@ -124,6 +132,74 @@ impl JobQueue {
         }))
     }
 
+    /// Renews the lease of a job `worker` runs, to `lease` from now. Returns false
+    /// when the claim is no longer `worker`'s (its lease expired and the job was
+    /// claimed again, or finished as abandoned): the worker must stop the job.
+    pub async fn heartbeat(&self, job: &Job, worker: &str, lease: Duration) -> Result<bool> {
+        let client = get_conn(&self.pool).await?;
+        let n = client
+            .execute(
+                &format!(
+                    "UPDATE {} SET lease_until = now() + $4::bigint * interval '1 millisecond'
+                      WHERE id = $1 AND claimed_by = $2 AND attempts = $3 AND status = 'running'",
+                    self.table
+                ),
+                &[&job.id, &worker, &job.attempts, &millis(lease)],
+            )
+            .await
+            .context("renewing a job's lease")?;
+        Ok(n == 1)
+    }
+
+    /// Finishes as failed every running job whose lease expired on its last
+    /// attempt (its worker died or hung every time), with the reason in `error`,
+    /// so its batch finishes. Returns how many. [`claim`](Self::claim) calls it.
+    pub async fn reap_abandoned(&self) -> Result<u64> {
+        let client = get_conn(&self.pool).await?;
+        let n = client
+            .execute(
+                &format!(
+                    "UPDATE {} SET status = 'failed', finished_at = now(), lease_until = NULL,
+                            error = format('abandoned: the lease of %s expired on attempt %s of %s, '
+                                           'and no attempt is left', claimed_by, attempts, max_attempts)
+                      WHERE status = 'running' AND lease_until < now() AND attempts >= max_attempts",
+                    self.table
+                ),
+                &[],
+            )
+            .await
+            .context("finishing abandoned jobs")?;
+        if n > 0 {
+            tracing::warn!(
+                jobs = n,
+                "jobs abandoned on their last attempt finished as failed"
+            );
+            metrics::counter!("sanare_jobs_abandoned_total").increment(n);
+        }
+        Ok(n)
+    }
+
+    /// Gives a job `worker` holds back to the queue without counting the attempt
+    /// (the worker is shutting down): another worker claims it at once.
+    pub async fn release(&self, job: &Job, worker: &str) -> Result<()> {
+        let client = get_conn(&self.pool).await?;
+        let n = client
+            .execute(
+                &format!(
+                    "UPDATE {} SET status = 'queued', attempts = attempts - 1, lease_until = NULL
+                      WHERE id = $1 AND claimed_by = $2 AND attempts = $3 AND status = 'running'",
+                    self.table
+                ),
+                &[&job.id, &worker, &job.attempts],
+            )
+            .await
+            .context("releasing a job")?;
+        if n == 0 {
+            return Err(not_held(job, worker));
+        }
+        Ok(())
+    }
+
     /// Marks a job done with its result. Fails with a conflict when `worker` no
     /// longer holds it (its lease expired and another worker claimed it).
     pub async fn complete(&self, job: &Job, worker: &str, result: serde_json::Value) -> Result<()> {
@@ -150,18 +226,15 @@ impl JobQueue {
                     "UPDATE {} SET
                         status = CASE WHEN $3 = 'failed' AND attempts < max_attempts THEN 'queued' ELSE $3 END,
                         result = $4, error = $5, finished_at = now(), lease_until = NULL
-                      WHERE id = $1 AND claimed_by = $2 AND status = 'running'",
+                      WHERE id = $1 AND claimed_by = $2 AND attempts = $6 AND status = 'running'",
                     self.table
                 ),
-                &[&job.id, &worker, &status, &result, &error],
+                &[&job.id, &worker, &status, &result, &error, &job.attempts],
             )
             .await
             .context("finishing a job")?;
         if n == 0 {
-            return Err(Error::conflict(format!(
-                "job {} is no longer held by {worker} (its lease expired)",
-                job.id
-            )));
+            return Err(not_held(job, worker));
         }
         Ok(())
     }
@@ -215,4 +288,15 @@ impl JobQueue {
             })
             .collect())
     }
+}
+
+fn not_held(job: &Job, worker: &str) -> Error {
+    Error::conflict(format!(
+        "job {} (attempt {}) is no longer held by {worker} (its lease expired)",
+        job.id, job.attempts
+    ))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

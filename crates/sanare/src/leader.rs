@@ -4,9 +4,20 @@
 //! time: whichever holds the session advisory lock `sanare:leader:<schema>`. The lock
 //! lives on a connection taken out of the pool for good, so it is released when the
 //! leader releases it, drops it, or dies (its connection closes).
+//!
+//! The same connection holds the leader's *work locks* (see
+//! [`Scheduler::task_on`](crate::Scheduler::task_on)): database-wide advisory locks
+//! on the data a running task works on, so two installations in different schemas
+//! never run the same task on the same data at once, and a leader that dies lets go
+//! of them with its session.
+
+use std::time::Duration;
 
 use sanare_core::Result;
 use sanare_pg::{PgResultExt, Pool, SchemaName, get_conn};
+
+/// How long [`LeaderLease::is_held`] waits for the lock's session to answer.
+const HELD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Leadership, held while this value lives.
 #[derive(Debug)]
@@ -37,10 +48,47 @@ impl LeaderLease {
         }))
     }
 
-    /// Whether leadership still holds (the lock's connection is alive).
+    /// Whether leadership still holds: the lock's session answers within 10 s.
     pub async fn is_held(&self) -> bool {
+        self.is_held_within(HELD_TIMEOUT).await
+    }
+
+    /// Whether leadership still holds: the lock's session answers within
+    /// `timeout`. A session that does not answer counts as lost: the server may
+    /// already have ended it and given the lock to another instance.
+    pub async fn is_held_within(&self, timeout: Duration) -> bool {
         // The session lock lives exactly as long as its session.
-        !self.client.is_closed() && self.client.simple_query("SELECT 1").await.is_ok()
+        !self.client.is_closed()
+            && matches!(
+                tokio::time::timeout(timeout, self.client.simple_query("SELECT 1")).await,
+                Ok(Ok(_))
+            )
+    }
+
+    /// Takes the work lock named `name` on the leader's session; false when
+    /// another session (another installation's leader) holds it.
+    pub(crate) async fn try_lock_work(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1)",
+                &[&sanare_pg::advisory_key(name)],
+            )
+            .await
+            .context("trying a work lock")?
+            .get(0))
+    }
+
+    /// Lets go of a work lock taken with [`try_lock_work`](Self::try_lock_work).
+    pub(crate) async fn unlock_work(&self, name: &str) -> Result<()> {
+        self.client
+            .execute(
+                "SELECT pg_advisory_unlock($1)",
+                &[&sanare_pg::advisory_key(name)],
+            )
+            .await
+            .context("releasing a work lock")?;
+        Ok(())
     }
 
     /// Gives leadership up.

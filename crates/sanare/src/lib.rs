@@ -22,6 +22,8 @@ mod handle;
 mod jobs;
 mod leader;
 mod scheduler;
+mod supervise;
+mod worker;
 
 pub use background::{JOB_SCAN_TABLE, JOB_VALIDATE_TABLE, task};
 pub use config::SanareConfig;
@@ -37,15 +39,24 @@ pub use sanare_recovery as recovery;
 pub use sanare_repair as repair;
 pub use sanare_snapshot as snapshot;
 pub use scheduler::Scheduler;
+pub use supervise::BackgroundTaskStatus;
+pub use worker::JobWorker;
 
 use sanare_pg::{Migration, Migrations};
 
 /// The facade's own migrations: the job queue and the scheduler's bookkeeping.
 pub const MIGRATIONS: Migrations = Migrations::new(
     "sanare",
-    &[Migration::new(
-        1,
-        "jobs_and_schedules",
-        include_str!("../migrations/V1__jobs_and_schedules.sql"),
-    )],
+    &[
+        Migration::new(
+            1,
+            "jobs_and_schedules",
+            include_str!("../migrations/V1__jobs_and_schedules.sql"),
+        ),
+        Migration::new(
+            2,
+            "supervised_runs",
+            include_str!("../migrations/V2__supervised_runs.sql"),
+        ),
+    ],
 );
