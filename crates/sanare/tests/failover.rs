@@ -104,16 +104,27 @@ impl Instance {
         Self { child, _dir: dir }
     }
 
-    fn kill(mut self) {
+    /// SIGKILL: the process dies mid-work.
+    fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
 
     /// Closes its stdin: a clean shutdown.
-    fn stop(mut self) {
+    fn stop(&mut self) {
         drop(self.child.stdin.take());
         let status = self.child.wait().unwrap();
         assert!(status.success(), "{status}");
+    }
+}
+
+impl Drop for Instance {
+    /// A failing test leaves no process behind.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -170,7 +181,7 @@ async fn the_leader_killed_mid_snapshot_is_succeeded_and_the_snapshot_finishes_e
         .await
         .unwrap();
 
-    let a = Instance::start("a", db.url());
+    let mut a = Instance::start("a", db.url());
     let blocked = "SELECT count(*) FROM pg_stat_activity
                     WHERE datname = current_database() AND wait_event_type = 'Lock'";
     wait_for(&db, "a's snapshot to reach the table", blocked, 1).await;
@@ -188,7 +199,7 @@ async fn the_leader_killed_mid_snapshot_is_succeeded_and_the_snapshot_finishes_e
             .await
             .unwrap()
     );
-    let b = Instance::start("b", db.url());
+    let mut b = Instance::start("b", db.url());
     a.kill();
 
     // b leads, waits for a's claim to expire, and resumes that same run: it too
