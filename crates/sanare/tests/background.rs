@@ -26,14 +26,26 @@ async fn migrated(schemas: &[&str]) -> TestDb {
 }
 
 /// Polls `check` until it holds, failing after 20 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    within(Duration::from_secs(20), what, check).await;
+}
+
+/// Polls `check` until it holds, failing after `limit`.
+async fn within<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} ({limit:?})"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -446,4 +458,99 @@ async fn two_schemas_never_run_the_same_task_on_the_same_data_at_once() {
     for s in [a, b, c] {
         s.await.unwrap();
     }
+}
+
+#[test]
+fn background_keys_parse_and_bad_values_are_refused_by_name() {
+    let config = sanare::SanareConfig::from_toml_str(
+        "[background]\nlease = \"90s\"\nheartbeat = \"10s\"\nrestart_backoff = \"250ms\"",
+        "sanare.toml",
+    )
+    .unwrap();
+    assert_eq!(config.background.lease, Duration::from_secs(90));
+    assert_eq!(config.background.heartbeat, Duration::from_secs(10));
+    assert_eq!(
+        config.background.restart_backoff,
+        Duration::from_millis(250)
+    );
+    for (toml, key) in [
+        ("lease = \"30s\"\nheartbeat = \"20s\"", "background.lease"),
+        ("heartbeat = \"1ms\"", "background.heartbeat"),
+        ("restart_backoff = \"0s\"", "background.restart_backoff"),
+    ] {
+        let err = sanare::SanareConfig::from_toml_str(&format!("[background]\n{toml}"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{toml}: {err}");
+    }
+}
+
+/// `background.lease` and `background.heartbeat` reach the job worker of a running
+/// service: a table validation held up by a lock keeps a 10-minute lease, renewed
+/// every 50 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_renews_a_running_jobs_lease_as_configured() {
+    let db = sanare_testing::test_db().await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE SCHEMA shop;
+             CREATE TABLE shop.items (id bigint PRIMARY KEY, name text NOT NULL);
+             INSERT INTO shop.items SELECT g, 'item ' || g FROM generate_series(1, 100) g;",
+        )
+        .await
+        .unwrap();
+    let mut config = sanare::SanareConfig::default();
+    config.snapshots.schemas = vec!["shop".into()];
+    config.snapshots.interval = None;
+    config.journal.compaction_interval = None;
+    config.corruption.scan_interval = None;
+    config.validation.interval = Some(Duration::from_secs(1));
+    config.background.lease = Duration::from_secs(600);
+    config.background.heartbeat = Duration::from_millis(50);
+    let mut blocker = db.connect().await;
+    let hold = blocker.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE shop.items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sanare = sanare::Sanare::builder()
+        .config(config)
+        .pool(db.pool().clone())
+        .data_dir(dir.path())
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    let lease_left = || async {
+        db.client()
+            .await
+            .query_opt(
+                "SELECT lease_until, extract(epoch FROM lease_until - now())::float8
+                   FROM sanare.jobs WHERE status = 'running'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get::<_, time::OffsetDateTime>(0), r.get::<_, f64>(1)))
+    };
+    eventually("the validation job to be running", || async {
+        lease_left().await.is_some()
+    })
+    .await;
+    let (first, left) = lease_left().await.unwrap();
+    assert!(left > 590.0, "a 10-minute lease, {left} s left");
+    // The default heartbeat (20 s) would not renew it this soon.
+    within(
+        Duration::from_secs(5),
+        "the lease to be renewed",
+        || async { lease_left().await.is_some_and(|(until, _)| until > first) },
+    )
+    .await;
+    hold.commit().await.unwrap();
+    eventually("the job to finish", || async {
+        lease_left().await.is_none()
+    })
+    .await;
+    sanare.shutdown().await.unwrap();
 }
