@@ -484,7 +484,6 @@ fn set_path(root: &mut toml::Value, path: &[String], value: toml::Value) -> Resu
     Err("empty key".into())
 }
 
-/// Serde helpers for durations written like `30m`, `1h 30m`, `250ms`.
 // ---- [background]: supervision of background work (leases, heartbeats, restarts).
 
 /// How background work survives its own failures (see `docs/operating-at-scale.md`).
@@ -552,6 +551,7 @@ impl BackgroundConfig {
 }
 // ---- end of [background].
 
+/// Serde helpers for durations written like `30m`, `1h 30m`, `250ms`.
 mod humantime_serde {
     use std::time::Duration;
 

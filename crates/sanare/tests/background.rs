@@ -250,10 +250,7 @@ async fn a_worker_whose_job_was_taken_over_stops_it_and_records_nothing() {
     shutdown.cancel();
     running.await.unwrap();
     let (state, attempts, error) = job_row(&db, batch).await;
-    assert_eq!(
-        (state.as_str(), attempts, error),
-        ("running".into(), 2, None)
-    );
+    assert_eq!((state.as_str(), attempts, error), ("running", 2, None));
 }
 
 /// The task's rows in `<schema>.scheduled_tasks`.
