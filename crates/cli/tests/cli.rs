@@ -40,7 +40,7 @@ async fn status_reports_components_and_tables_as_json_and_text() {
     let out = sanare(&db, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["components"][0]["component"], "sanare");
-    assert_eq!(v["components"][0]["schema_version"], 1);
+    assert_eq!(v["components"][0]["schema_version"], 2);
     assert_eq!(v["tables"][0]["table"], "jobs");
 
     let out = sanare(&db, &["status"]);
