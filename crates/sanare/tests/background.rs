@@ -13,6 +13,8 @@ use sanare_testing::TestDb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+
 async fn migrated(schemas: &[&str]) -> TestDb {
     let db = sanare_testing::test_db().await;
     let mut client = db.connect().await;
@@ -488,15 +490,7 @@ fn background_keys_parse_and_bad_values_are_refused_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_renews_a_running_jobs_lease_as_configured() {
     let db = sanare_testing::test_db().await;
-    let client = db.connect().await;
-    client
-        .batch_execute(
-            "CREATE SCHEMA shop;
-             CREATE TABLE shop.items (id bigint PRIMARY KEY, name text NOT NULL);
-             INSERT INTO shop.items SELECT g, 'item ' || g FROM generate_series(1, 100) g;",
-        )
-        .await
-        .unwrap();
+    common::shop_items(&db, 100).await;
     let mut config = sanare::SanareConfig::default();
     config.snapshots.schemas = vec!["shop".into()];
     config.snapshots.interval = None;

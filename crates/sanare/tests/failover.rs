@@ -14,6 +14,8 @@ use sanare::{Sanare, SanareConfig};
 use sanare_pg::SchemaName;
 use sanare_testing::TestDb;
 
+mod common;
+
 const INSTANCE: &str = "SANARE_FAILOVER_INSTANCE";
 const DIR: &str = "SANARE_FAILOVER_DIR";
 const READY: &str = "failover-child-ready";
@@ -151,15 +153,8 @@ async fn wait_for(db: &TestDb, what: &str, sql: &str, at_least: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_killed_mid_snapshot_is_succeeded_and_the_snapshot_finishes_exactly_once() {
     let db = sanare_testing::test_db().await;
+    common::shop_items(&db, 500).await;
     let client = db.connect().await;
-    client
-        .batch_execute(
-            "CREATE SCHEMA shop;
-             CREATE TABLE shop.items (id bigint PRIMARY KEY, name text NOT NULL);
-             INSERT INTO shop.items SELECT g, 'item ' || g FROM generate_series(1, 500) g;",
-        )
-        .await
-        .unwrap();
     // The scheduled snapshot is due as soon as a leader looks.
     let mut migrate = db.connect().await;
     sanare::MIGRATIONS
