@@ -543,5 +543,18 @@ async fn the_service_renews_a_running_jobs_lease_as_configured() {
         lease_left().await.is_none()
     })
     .await;
+    // Both loops run supervised, and neither has panicked.
+    let loops: Vec<(String, bool, u64, u64)> = sanare
+        .background_status()
+        .into_iter()
+        .map(|s| (s.name, s.running, s.starts, s.panics))
+        .collect();
+    assert_eq!(
+        loops,
+        [
+            ("scheduler".to_owned(), true, 1, 0),
+            ("job-worker".to_owned(), true, 1, 0)
+        ]
+    );
     sanare.shutdown().await.unwrap();
 }
