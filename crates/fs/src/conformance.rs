@@ -32,7 +32,10 @@ fn files(storage: &dyn Storage, dir: &Path) {
         "opening a missing file for reading"
     );
     assert_eq!(
-        storage.open(&path, OpenMode::ReadWrite).err().map(|e| e.kind()),
+        storage
+            .open(&path, OpenMode::ReadWrite)
+            .err()
+            .map(|e| e.kind()),
         Some(ErrorKind::NotFound),
         "opening a missing file for writing"
     );
@@ -40,7 +43,10 @@ fn files(storage: &dyn Storage, dir: &Path) {
     assert_eq!(f.len().unwrap(), 0);
     assert!(f.is_empty().unwrap());
     assert_eq!(
-        storage.open(&path, OpenMode::CreateNew).err().map(|e| e.kind()),
+        storage
+            .open(&path, OpenMode::CreateNew)
+            .err()
+            .map(|e| e.kind()),
         Some(ErrorKind::AlreadyExists),
         "create-new of an existing name"
     );
@@ -58,7 +64,10 @@ fn files(storage: &dyn Storage, dir: &Path) {
     g.write_all_at(b"J", 0).unwrap();
     let mut one = [0u8; 1];
     f.read_at(&mut one, 0).unwrap();
-    assert_eq!(&one, b"J", "a write through one handle is visible through another");
+    assert_eq!(
+        &one, b"J",
+        "a write through one handle is visible through another"
+    );
     f.set_len(3).unwrap();
     assert_eq!(g.len().unwrap(), 3);
     f.set_len(6).unwrap();
@@ -68,7 +77,10 @@ fn files(storage: &dyn Storage, dir: &Path) {
     f.sync_data().unwrap();
     g.sync_all().unwrap();
     let r = storage.open(&path, OpenMode::Read).unwrap();
-    assert!(r.write_all_at(b"x", 0).is_err(), "a read-only handle refuses writes");
+    assert!(
+        r.write_all_at(b"x", 0).is_err(),
+        "a read-only handle refuses writes"
+    );
     assert!(r.set_len(0).is_err(), "a read-only handle refuses set_len");
 }
 
@@ -118,9 +130,17 @@ fn helpers(storage: &dyn Storage, dir: &Path) {
     write_atomic(storage, &path, b"second, longer").unwrap();
     assert_eq!(read_file(storage, &path, 100).unwrap(), b"second, longer");
     write_atomic(storage, &path, b"3").unwrap();
-    assert_eq!(read_file(storage, &path, 100).unwrap(), b"3", "no stale tail");
+    assert_eq!(
+        read_file(storage, &path, 100).unwrap(),
+        b"3",
+        "no stale tail"
+    );
     assert!(
-        !storage.list(dir).unwrap().iter().any(|n| n.ends_with(".tmp")),
+        !storage
+            .list(dir)
+            .unwrap()
+            .iter()
+            .any(|n| n.ends_with(".tmp")),
         "no temporary file is left"
     );
     assert_eq!(
@@ -129,7 +149,10 @@ fn helpers(storage: &dyn Storage, dir: &Path) {
     );
     let big = dir.join("big");
     create_durable(storage, &big, &[7u8; 4096]).unwrap();
-    assert!(read_file(storage, &big, 4095).is_err(), "the read limit holds");
+    assert!(
+        read_file(storage, &big, 4095).is_err(),
+        "the read limit holds"
+    );
     assert_eq!(read_file(storage, &big, 4096).unwrap().len(), 4096);
 }
 

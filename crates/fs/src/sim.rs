@@ -56,8 +56,7 @@ pub struct CutReport {
 impl CutReport {
     /// Whether the cut lost or tore anything.
     pub fn lost_anything(&self) -> bool {
-        self.writes_dropped + self.writes_torn + self.truncations_dropped + self.entries_dropped
-            > 0
+        self.writes_dropped + self.writes_torn + self.truncations_dropped + self.entries_dropped > 0
     }
 }
 
@@ -512,7 +511,9 @@ mod tests {
         assert!(outcomes.contains(&(2048, vec![true, true])), "{outcomes:?}");
         assert!(outcomes.contains(&(1024, vec![])), "{outcomes:?}");
         assert!(
-            outcomes.iter().any(|(_, s)| s.len() == 2 && s != &vec![true, true]),
+            outcomes
+                .iter()
+                .any(|(_, s)| s.len() == 2 && s != &vec![true, true]),
             "{outcomes:?}"
         );
     }

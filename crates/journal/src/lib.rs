@@ -187,6 +187,9 @@ pub struct JournalBuilder {
     replay_concurrency: usize,
     read_only: bool,
     lock_wait: Duration,
+    storage: Arc<dyn sanare_fs::Storage>,
+    idempotency_window: usize,
+    write_ahead_window: Duration,
 }
 
 impl JournalBuilder {
@@ -206,7 +209,42 @@ impl JournalBuilder {
             replay_concurrency: 8,
             read_only: false,
             lock_wait: Duration::from_secs(5),
+            storage: sanare_fs::os(),
+            idempotency_window: 1_000_000,
+            write_ahead_window: Duration::from_secs(60),
         }
+    }
+
+    /// WAL: where its files live (default: the operating system's files). Tests
+    /// pass a [`sanare_fs::sim::SimDisk`] to cut the power under the journal.
+    pub fn storage(mut self, storage: Arc<dyn sanare_fs::Storage>) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// WAL: how many of the most recent idempotency keys are remembered (default
+    /// 1,000,000, about 60 MB). A key recorded again within the last `n` keyed
+    /// entries returns the first entry; an older key is recorded anew. Memory
+    /// stays bounded however long the journal grows. (The PostgreSQL backend keeps
+    /// every key, in its table's unique index.)
+    pub fn idempotency_window(mut self, n: usize) -> Self {
+        self.idempotency_window = n.max(1);
+        self
+    }
+
+    /// How long a host may take, after [`Journal::record`] returns, to commit the
+    /// change the entry describes (default 60 s). A [cut](JournalService::cut)
+    /// leaves out every entry recorded with `record()` less than this long before
+    /// it, so a snapshot never claims an entry whose change had not committed
+    /// yet; replay after a restore applies those entries again (handlers are
+    /// idempotent). Enforce it on the host's side with PostgreSQL's
+    /// `idle_in_transaction_session_timeout` and `statement_timeout` (or
+    /// `transaction_timeout`). Entries written with [`Journal::record_in`] commit
+    /// with the host's change and need no window. Zero when the host applies
+    /// changes only through replay.
+    pub fn write_ahead_window(mut self, window: Duration) -> Self {
+        self.write_ahead_window = window;
+        self
     }
 
     /// Registers `handler` for `operation_type`.
@@ -369,8 +407,10 @@ impl JournalBuilder {
                     events: self.events.clone(),
                     read_only: self.read_only,
                     lock_wait: self.lock_wait,
+                    storage: self.storage.clone(),
                 };
-                let wal = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, options))
+                let keys = self.idempotency_window;
+                let wal = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, options, keys))
                     .await
                     .map_err(|e| Error::other("opening the journal", e))??;
                 Backend::Wal(wal)
@@ -391,6 +431,7 @@ impl JournalBuilder {
                 events: self.events,
                 replay_batch: self.replay_batch,
                 replay_concurrency: self.replay_concurrency,
+                write_ahead_window: self.write_ahead_window,
             }),
         })
     }
@@ -408,6 +449,7 @@ struct Inner {
     events: Option<EventBus>,
     replay_batch: usize,
     replay_concurrency: usize,
+    write_ahead_window: Duration,
 }
 
 /// The transaction journal: cheap to clone, shared by every task of the host.
@@ -556,12 +598,15 @@ impl Journal {
         limit: usize,
     ) -> Result<(Vec<JournalEntry>, Vec<CorruptRegion>)> {
         match &self.inner.backend {
-            Backend::Wal(w) => {
+            Backend::Wal(_) => {
                 let mut plan = plan.clone();
                 plan.snapshot = None;
-                let (mut entries, damage) = w.scan(&plan, after, limit)?;
-                w.apply_marks(&mut entries);
-                Ok((entries, damage))
+                self.on_wal(move |w| {
+                    let (mut entries, damage) = w.scan(&plan, after, limit)?;
+                    w.apply_marks(&mut entries);
+                    Ok((entries, damage))
+                })
+                .await
             }
             Backend::Pg(p) => Ok((p.scan(plan, after, limit).await?, Vec::new())),
         }
@@ -571,8 +616,8 @@ impl Journal {
     pub async fn validate(&self, control: &Control) -> Result<JournalValidation> {
         control.checkpoint()?;
         match &self.inner.backend {
-            Backend::Wal(w) => {
-                let (segments, entries, problems) = w.validate()?;
+            Backend::Wal(_) => {
+                let (segments, entries, problems) = self.on_wal(|w| w.validate()).await?;
                 Ok(JournalValidation {
                     entries,
                     segments,
@@ -609,15 +654,27 @@ impl Journal {
         }
     }
 
+    /// Runs `f` on the WAL on a blocking thread: file I/O, decoding and
+    /// compression never run on the async runtime's threads.
+    async fn on_wal<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&wal::Wal) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || match &inner.backend {
+            Backend::Wal(w) => f(w),
+            Backend::Pg(_) => Err(Error::invalid_input("not a WAL journal")),
+        })
+        .await
+        .map_err(|e| Error::other("a journal task stopped", e))?
+    }
+
     /// Statistics.
     pub async fn stats(&self) -> Result<JournalStats> {
         let head = self.head().await?;
         match &self.inner.backend {
-            Backend::Wal(w) => {
-                let (segments, entries, _) = {
-                    let (s, e, _) = w.validate()?;
-                    (s, e, ())
-                };
+            Backend::Wal(_) => {
+                let (segments, entries, _) = self.on_wal(|w| w.validate()).await?;
                 Ok(JournalStats {
                     head,
                     entries,
@@ -652,11 +709,15 @@ impl Journal {
     /// PostgreSQL, whose storage is the server's.
     pub async fn compact(&self, control: &Control) -> Result<CompactionReport> {
         control.checkpoint()?;
-        let span = tracing::info_span!("journal.compact");
-        let _g = span.enter();
+        self.compact_inner()
+            .instrument(tracing::info_span!("journal.compact"))
+            .await
+    }
+
+    async fn compact_inner(&self) -> Result<CompactionReport> {
         match &self.inner.backend {
-            Backend::Wal(w) => {
-                let (segments, bytes_before, bytes_after) = w.compact()?;
+            Backend::Wal(_) => {
+                let (segments, bytes_before, bytes_after) = self.on_wal(|w| w.compact()).await?;
                 metrics::counter!("sanare_journal_compacted_segments_total").increment(segments);
                 tracing::info!(segments, bytes_before, bytes_after, "journal compacted");
                 if let Some(bus) = &self.inner.events {
@@ -679,8 +740,8 @@ impl Journal {
     /// Removes entries at or before `retain_after` (WAL: whole sealed segments only;
     /// PostgreSQL: rows). Returns segments (WAL) or rows (PostgreSQL) removed.
     pub async fn purge(&self, retain_after: JournalPosition) -> Result<u64> {
-        match &self.inner.backend {
-            Backend::Wal(w) => w.purge(retain_after),
+        let removed = match &self.inner.backend {
+            Backend::Wal(_) => self.on_wal(move |w| w.purge(retain_after)).await?,
             Backend::Pg(p) => {
                 let client = sanare_pg::get_conn(&p.pool).await?;
                 let n = client
@@ -690,9 +751,21 @@ impl Journal {
                     )
                     .await
                     .map_err(|e| sanare_pg::map_pg_error("purging journal entries", e))?;
-                Ok(n)
+                pg::prune_marks(&p.pool, &p.sql, retain_after).await?;
+                n
             }
+        };
+        // The marks of purged entries are needed by no replay any more.
+        if let (Backend::Wal(_), Some((pool, sql))) = (&self.inner.backend, &self.inner.handler_db)
+        {
+            let first_left = self
+                .query(&Query::all().limit(1))
+                .await?
+                .first()
+                .map_or(self.head().await?.0, |e| e.position.0.saturating_sub(1));
+            pg::prune_marks(pool, sql, JournalPosition(first_left)).await?;
         }
+        Ok(removed)
     }
 
     /// Exports the entries matching `query` to a compressed, checksummed archive file
@@ -704,12 +777,14 @@ impl Journal {
         for e in &entries {
             frame::encode_entry(e, &mut raw)?;
         }
-        let sealed = frame::seal(frame::ARCHIVE_MAGIC, &raw)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &sealed)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| Error::io(format!("writing journal archive {}", path.display()), e))?;
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let sealed = frame::seal(frame::ARCHIVE_MAGIC, &raw)?;
+            sanare_fs::write_atomic(&sanare_fs::OsStorage, &path, &sealed)
+                .map_err(|e| Error::io(format!("writing journal archive {}", path.display()), e))
+        })
+        .await
+        .map_err(|e| Error::other("writing a journal archive", e))??;
         Ok(entries.len() as u64)
     }
 
@@ -724,7 +799,7 @@ impl Journal {
             corrupt,
             torn,
             ..
-        } = wal::decode_segment(&raw, &name)?;
+        } = wal::decode_segment(&raw, &name, true)?;
         if let Some(c) = corrupt.first() {
             return Err(Error::corrupt(name, c.reason.clone()));
         }
@@ -960,7 +1035,10 @@ impl Journal {
 
     async fn mark_plain(&self, marks: &[(JournalPosition, JournalEntryId)]) -> Result<()> {
         match &self.inner.backend {
-            Backend::Wal(w) => w.mark(marks),
+            Backend::Wal(_) => {
+                let marks = marks.to_vec();
+                self.on_wal(move |w| w.mark(&marks)).await
+            }
             Backend::Pg(p) => pg::mark_many(&p.pool, &p.sql, marks).await,
         }
     }
@@ -1144,7 +1222,7 @@ pub fn decode_segment_file(bytes: &[u8]) -> Result<(Vec<JournalEntry>, Vec<Corru
         mut corrupt,
         torn,
         ..
-    } = wal::decode_segment(bytes, name)?;
+    } = wal::decode_segment(bytes, name, false)?;
     if let Some(at) = torn {
         corrupt.push(CorruptRegion {
             segment: name.to_owned(),
@@ -1171,12 +1249,34 @@ impl JournalService for Journal {
 
     async fn cut(&self, db_snapshot: Option<&str>) -> Result<JournalCut> {
         match &self.inner.backend {
-            Backend::Wal(w) => Ok(JournalCut {
-                position: w.head(),
-                db_snapshot: None,
-            }),
-            Backend::Pg(p) => p.cut(db_snapshot).await,
+            Backend::Wal(w) => {
+                // Entries recorded within the write-ahead window may have changes
+                // not committed yet: they stay after the cut.
+                let before = sanare_core::now() - self.inner.write_ahead_window;
+                let recent = w.position_recorded_before(before.unix_timestamp_nanos());
+                Ok(JournalCut {
+                    position: recent.min(w.head()),
+                    db_snapshot: None,
+                })
+            }
+            Backend::Pg(p) => p.cut(db_snapshot, self.inner.write_ahead_window).await,
         }
+    }
+
+    async fn reopen_after(&self, cut: &JournalCut) -> Result<u64> {
+        let mut voided = match &self.inner.backend {
+            Backend::Wal(_) => {
+                let position = cut.position;
+                self.on_wal(move |w| w.reopen_after(position)).await?
+            }
+            Backend::Pg(p) => pg::reopen_after(&p.pool, &p.sql, cut, true).await?,
+        };
+        if let (Backend::Wal(_), Some((pool, sql))) = (&self.inner.backend, &self.inner.handler_db)
+        {
+            voided += pg::reopen_after(pool, sql, cut, false).await?;
+        }
+        tracing::info!(cut = %cut.position, voided, "journal entries after a restored cut reopened");
+        Ok(voided)
     }
 
     async fn replay(&self, request: ReplayRequest, control: &Control) -> Result<ReplaySummary> {
