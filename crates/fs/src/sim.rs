@@ -248,6 +248,23 @@ impl SimDisk {
         report
     }
 
+    /// The directory changes (creates, renames, removes) not yet made durable by
+    /// a sync of their directory, as paths of the entries they touch.
+    pub fn unsynced_entries(&self) -> Vec<PathBuf> {
+        let disk = self.lock();
+        let mut out = Vec::new();
+        for (dir, d) in &disk.dirs {
+            for op in &d.pending {
+                let name = match op {
+                    DirOp::Link { name, .. } | DirOp::Unlink { name, .. } => name,
+                    DirOp::Rename { to, .. } => to,
+                };
+                out.push(dir.join(name));
+            }
+        }
+        out
+    }
+
     /// The durable bytes of the file at `path` (what a power cut now would keep
     /// for sure), or `None` when its entry is not durable.
     pub fn durable_contents(&self, path: &Path) -> Option<Vec<u8>> {
