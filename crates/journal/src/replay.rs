@@ -56,7 +56,15 @@ impl Journal {
         let mut plan = self.resolve(&request.range).await?;
         if let Some(until) = request.until {
             // `time_to` is exclusive; entries recorded exactly at `until` are in.
-            let bound = until + time::Duration::nanoseconds(1);
+            // PostgreSQL keeps microseconds (an entry's time is stored truncated),
+            // so there the bound is the next microsecond after `until`'s own.
+            let bound = match &self.inner.backend {
+                Backend::Wal(_) => until + time::Duration::nanoseconds(1),
+                Backend::Pg(_) => {
+                    let sub_micro = i64::from(until.nanosecond() % 1_000);
+                    until - time::Duration::nanoseconds(sub_micro) + time::Duration::microseconds(1)
+                }
+            };
             plan.time_to = Some(plan.time_to.map_or(bound, |t| t.min(bound)));
         }
         plan.operation_types = request.operation_types.clone();
