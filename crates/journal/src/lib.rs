@@ -100,6 +100,7 @@ mod pg;
 mod pipeline;
 mod query;
 mod replay;
+mod sealed;
 mod wal;
 
 use std::collections::HashMap;
@@ -817,8 +818,9 @@ impl Journal {
 pub fn decode_segment_file(bytes: &[u8]) -> Result<(Vec<JournalEntry>, Vec<CorruptRegion>)> {
     let name = "segment";
     let raw;
+    let mut damage = Vec::new();
     let bytes = if bytes.starts_with(&frame::SEALED_MAGIC) {
-        raw = frame::unseal(frame::SEALED_MAGIC, bytes, name)?;
+        (raw, damage) = sealed::unseal(bytes, name)?;
         &raw[..]
     } else {
         bytes
@@ -829,6 +831,7 @@ pub fn decode_segment_file(bytes: &[u8]) -> Result<(Vec<JournalEntry>, Vec<Corru
         torn,
         ..
     } = wal::decode_segment(bytes, name, false)?;
+    corrupt.extend(damage);
     if let Some(at) = torn {
         corrupt.push(CorruptRegion {
             segment: name.to_owned(),

@@ -232,9 +232,16 @@ async fn a_damaged_compacted_segment_loses_its_entries_not_the_journal() {
 
     let journal = build().await.unwrap();
     let report = journal.open_report().unwrap();
-    assert_eq!(report.corrupt.len(), 1, "{report:?}");
+    let victim_name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!report.corrupt.is_empty(), "{report:?}");
+    assert!(
+        report.corrupt.iter().all(|c| c.segment == victim_name),
+        "{report:?}"
+    );
+    // The records around the damage in the same block survive too (their frames
+    // check one by one); only the damaged ones are lost.
     let left = journal.query(&Query::all()).await.unwrap();
-    assert!(left.len() > 50 && left.len() < 100, "{}", left.len());
+    assert!(left.len() >= 90 && left.len() < 100, "{}", left.len());
     assert_eq!(left.first().unwrap().position, JournalPosition(1));
     assert_eq!(left.last().unwrap().position, JournalPosition(100));
     assert_eq!(

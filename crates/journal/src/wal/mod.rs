@@ -197,8 +197,9 @@ fn sync_dir(storage: &dyn Storage, dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("syncing journal directory {}", dir.display()), e))
 }
 
-/// Reads the uncompressed bytes of a segment (up to its durable length).
-fn read_raw(storage: &dyn Storage, info: &SegmentInfo) -> Result<Vec<u8>> {
+/// Reads the uncompressed bytes of a segment (up to its durable length), and the
+/// damaged blocks of a sealed one (zero-filled in the bytes).
+fn read_raw(storage: &dyn Storage, info: &SegmentInfo) -> Result<(Vec<u8>, Vec<CorruptRegion>)> {
     let io_err = |e| {
         Error::io(
             format!("reading journal segment {}", info.path.display()),
@@ -207,14 +208,14 @@ fn read_raw(storage: &dyn Storage, info: &SegmentInfo) -> Result<Vec<u8>> {
     };
     if info.sealed {
         let bytes = sanare_fs::read_file(storage, &info.path, READ_LIMIT).map_err(io_err)?;
-        return frame::unseal(frame::SEALED_MAGIC, &bytes, &info.name());
+        return crate::sealed::unseal(&bytes, &info.name());
     }
     let f = storage.open(&info.path, OpenMode::Read).map_err(io_err)?;
     let mut bytes = sanare_fs::read_all(&*f, READ_LIMIT).map_err(io_err)?;
     if info.len > 0 {
         bytes.truncate(usize::try_from(info.len).unwrap_or(usize::MAX));
     }
-    Ok(bytes)
+    Ok((bytes, Vec::new()))
 }
 
 /// What [`decode_segment`] found.
@@ -355,20 +356,26 @@ impl Wal {
     }
 
     /// The decoded segment, from the one-segment cache when it is still current.
-    fn decoded(&self, info: &SegmentInfo, raw: Option<Vec<u8>>) -> Result<Arc<DecodedSegment>> {
+    fn decoded(
+        &self,
+        info: &SegmentInfo,
+        raw: Option<(Vec<u8>, Vec<CorruptRegion>)>,
+    ) -> Result<Arc<DecodedSegment>> {
         let key = (info.base, info.sealed, info.len);
         if let Some((k, d)) = lock(&self.shared.decoded).as_ref()
             && *k == key
         {
             return Ok(d.clone());
         }
-        let raw = match raw {
+        let (raw, damage) = match raw {
             Some(r) => r,
             None => read_raw(self.storage(), info)?,
         };
         let last = lock(&self.shared.segments).last().map(|s| s.base);
         let sealed = info.sealed || Some(info.base) != last;
-        let d = Arc::new(decode_segment(&raw, &info.name(), sealed)?);
+        let mut d = decode_segment(&raw, &info.name(), sealed)?;
+        d.corrupt.extend(damage);
+        let d = Arc::new(d);
         *lock(&self.shared.decoded) = Some((key, d.clone()));
         Ok(d)
     }
@@ -404,7 +411,10 @@ impl Wal {
                 || !plan.operation_types.is_empty();
             if selective && Some(info.base) != active {
                 let raw = read_raw(self.storage(), &info)?;
-                if let Some(entries) = scan_indexed(self.storage(), &self.dir, &info, &raw, &plan) {
+                if raw.1.is_empty()
+                    && let Some(entries) =
+                        scan_indexed(self.storage(), &self.dir, &info, &raw.0, &plan)
+                {
                     out.extend(entries.into_iter().take(limit - out.len()));
                     continue;
                 }
@@ -433,7 +443,8 @@ impl Wal {
                 continue;
             };
             count += 1;
-            let raw = read_raw(self.storage(), &info)?;
+            let (raw, blocks) = read_raw(self.storage(), &info)?;
+            damage.extend(blocks);
             let sealed = info.sealed || Some(info.base) != segs.last().map(|s| s.base);
             let DecodedSegment {
                 entries: es,
@@ -486,8 +497,8 @@ impl Wal {
             if info.sealed || Some(info.base) == active {
                 continue;
             }
-            let raw = read_raw(storage, &info)?;
-            let sealed = frame::seal(frame::SEALED_MAGIC, &raw)?;
+            let (raw, _) = read_raw(storage, &info)?;
+            let sealed = crate::sealed::seal(&raw)?;
             let path = self.dir.join(seg_name(info.base, true));
             sanare_fs::write_atomic(storage, &path, &sealed)
                 .map_err(|e| Error::io(format!("installing {}", path.display()), e))?;

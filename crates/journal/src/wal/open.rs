@@ -303,7 +303,8 @@ fn load_segment(
     if let Some(path) = sealed {
         let candidate = SegmentInfo::new(base, path.clone(), true);
         match read_raw(storage, &candidate) {
-            Ok(bytes) => {
+            Ok((bytes, damage)) => {
+                report.corrupt.extend(damage);
                 if let Some(raw) = &raw {
                     let _ = storage.remove_file(raw);
                     sync_dir(storage, dir)?;
@@ -328,7 +329,7 @@ fn load_segment(
     }
     let Some(path) = raw else { return Ok(None) };
     let mut candidate = SegmentInfo::new(base, path, false);
-    let bytes = read_raw(storage, &candidate)?;
+    let (bytes, _) = read_raw(storage, &candidate)?;
     candidate.len = bytes.len() as u64;
     Ok(Some((candidate, bytes)))
 }

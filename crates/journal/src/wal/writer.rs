@@ -290,7 +290,7 @@ impl Writer {
             let spawned = std::thread::Builder::new()
                 .name("sanare-journal-index".into())
                 .spawn(move || match read_raw(&*storage, &sealed) {
-                    Ok(raw) => ensure_index(&*storage, &dir, &sealed, &raw),
+                    Ok((raw, _)) => ensure_index(&*storage, &dir, &sealed, &raw),
                     Err(e) => tracing::warn!(error = %e, "journal index not built"),
                 });
             if let Err(e) = spawned {
