@@ -101,6 +101,7 @@ mod pipeline;
 mod query;
 mod replay;
 mod sealed;
+mod summary;
 mod wal;
 
 use std::collections::HashMap;

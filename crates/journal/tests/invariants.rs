@@ -230,14 +230,12 @@ async fn a_damaged_compacted_segment_loses_its_entries_not_the_journal() {
     bytes[mid] ^= 0x20;
     std::fs::write(victim, &bytes).unwrap();
 
+    // Opening reads summaries, not sealed segments: validation finds the damage.
     let journal = build().await.unwrap();
-    let report = journal.open_report().unwrap();
     let victim_name = victim.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(!report.corrupt.is_empty(), "{report:?}");
-    assert!(
-        report.corrupt.iter().all(|c| c.segment == victim_name),
-        "{report:?}"
-    );
+    let v = journal.validate(&Control::detached()).await.unwrap();
+    assert!(!v.problems.is_empty(), "{v:?}");
+    assert!(v.problems.iter().all(|c| c.segment == victim_name), "{v:?}");
     // The records around the damage in the same block survive too (their frames
     // check one by one); only the damaged ones are lost.
     let left = journal.query(&Query::all()).await.unwrap();
@@ -361,4 +359,124 @@ async fn journal_scans_stay_off_a_current_thread_runtime() {
         .unwrap();
     assert_eq!(s.applied, 100);
     ticker.abort();
+}
+
+/// Counts reads of sealed segment files (`.wal` other than the newest, `.walz`).
+#[derive(Debug, Default)]
+struct CountingReads {
+    sealed_reads: AtomicU64,
+    newest: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+/// A file whose reads are counted.
+#[derive(Debug)]
+struct Counted(Arc<dyn File>, Arc<CountingReads>);
+
+impl File for Counted {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.1.sealed_reads.fetch_add(1, Ordering::SeqCst);
+        self.0.read_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.0.sync_all()
+    }
+}
+
+#[derive(Debug)]
+struct CountingStorage(Arc<CountingReads>);
+
+impl Storage for CountingStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn File>> {
+        let f = OsStorage.open(path, mode)?;
+        let is_segment = path.extension().is_some_and(|e| e == "wal" || e == "walz");
+        if is_segment && self.0.newest.lock().unwrap().as_deref() != Some(path) {
+            return Ok(Arc::new(Counted(f, self.0.clone())));
+        }
+        Ok(f)
+    }
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        OsStorage.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        OsStorage.list(dir)
+    }
+    fn exists(&self, path: &Path) -> std::io::Result<bool> {
+        OsStorage.exists(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        OsStorage.sync_dir(dir)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        OsStorage.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.remove_file(path)
+    }
+    fn try_lock(&self, path: &Path) -> std::io::Result<Option<LockGuard>> {
+        OsStorage.try_lock(path)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_reads_summaries_not_sealed_segments_and_keeps_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = |storage: Arc<dyn Storage>| {
+        Journal::wal(dir.path())
+            .segment_size(4096)
+            .storage(storage)
+            .build()
+    };
+    let journal = build(sanare_fs::os()).await.unwrap();
+    for i in 0..300 {
+        journal
+            .record(entry("op", &format!("entry {i}")).idempotency_key(format!("key-{i}")))
+            .await
+            .unwrap();
+    }
+    journal.rotate().await.unwrap();
+    journal.compact(&Control::detached()).await.unwrap();
+    drop(journal);
+    // Once more, so that the summaries written in the background are there.
+    let journal = build(sanare_fs::os()).await.unwrap();
+    let all = journal.query(&Query::all()).await.unwrap();
+    drop(journal);
+
+    let counting = Arc::new(CountingReads::default());
+    let newest = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .max()
+        .unwrap();
+    *counting.newest.lock().unwrap() = Some(newest);
+    let journal = build(Arc::new(CountingStorage(counting.clone())))
+        .await
+        .unwrap();
+    assert_eq!(
+        counting.sealed_reads.load(Ordering::SeqCst),
+        0,
+        "opening decoded sealed segments"
+    );
+    assert_eq!(journal.open_report().unwrap().entries, 300);
+    assert_eq!(journal.head().await.unwrap(), JournalPosition(300));
+    // Keys of sealed segments are still known.
+    let again = journal
+        .record(entry("op", "again").idempotency_key("key-3"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.position, JournalPosition(4));
+    assert_eq!(journal.query(&Query::all()).await.unwrap(), all);
 }

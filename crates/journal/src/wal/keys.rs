@@ -12,9 +12,11 @@ use std::collections::{HashMap, VecDeque};
 
 use uuid::Uuid;
 
-type KeyHash = [u8; 16];
+/// The first 16 bytes of a key's blake3 hash.
+pub(crate) type KeyHash = [u8; 16];
 
-fn hash(key: &str) -> KeyHash {
+/// The hash a key is remembered by.
+pub(crate) fn hash(key: &str) -> KeyHash {
     let h = blake3::hash(key.as_bytes());
     let mut out = [0u8; 16];
     out.copy_from_slice(&h.as_bytes()[..16]);
@@ -46,7 +48,11 @@ impl KeyWindow {
     /// Remembers `key` (the first entry of a key wins), forgetting the oldest key
     /// beyond the capacity.
     pub(crate) fn insert(&mut self, key: &str, at: (u64, Uuid)) {
-        let h = hash(key);
+        self.insert_hash(hash(key), at);
+    }
+
+    /// Remembers a key by its hash (see [`insert`](Self::insert)).
+    pub(crate) fn insert_hash(&mut self, h: KeyHash, at: (u64, Uuid)) {
         if self.map.contains_key(&h) {
             return;
         }

@@ -4,7 +4,7 @@
 //! Every file operation goes through a [`sanare_fs::Storage`], so the tests can run
 //! the WAL on a simulated disk and cut its power.
 
-mod keys;
+pub(crate) mod keys;
 mod marks;
 mod open;
 mod writer;
@@ -516,6 +516,11 @@ impl Wal {
                     .map_err(|e| Error::io(format!("removing {}", info.path.display()), e))?;
             }
             sync_dir(storage, &self.dir)?;
+            let mut now_sealed = info.clone();
+            now_sealed.sealed = true;
+            now_sealed.path = path.clone();
+            let decoded = decode_segment(&raw, &info.name(), true)?;
+            ensure_summary(storage, &self.dir, &now_sealed, &decoded.entries);
             n += 1;
             before += raw.len() as u64;
             after += sealed.len() as u64;
@@ -542,12 +547,16 @@ impl Wal {
                 storage
                     .remove_file(&info.path)
                     .map_err(|e| Error::io(format!("removing {}", info.path.display()), e))?;
-                let idx = index::path(&self.dir, info.base);
-                match storage.remove_file(&idx) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(Error::io(format!("removing {}", idx.display()), e));
+                for derived in [
+                    index::path(&self.dir, info.base),
+                    crate::summary::path(&self.dir, info.base),
+                ] {
+                    match storage.remove_file(&derived) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(Error::io(format!("removing {}", derived.display()), e));
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
                 purged_up_to = purged_up_to.max(info.last.unwrap_or(0));
                 removed += 1;
@@ -601,6 +610,34 @@ fn take_matching(
         if e.position.0 > plan.after && plan.matches(e) {
             out.push(e.clone());
         }
+    }
+}
+
+/// Makes sure the sealed segment `info` (whose entries are `entries`) has a summary
+/// that describes its file as it is now. A failure to write it is logged (the next
+/// open decodes the segment instead).
+fn ensure_summary(storage: &dyn Storage, dir: &Path, info: &SegmentInfo, entries: &[JournalEntry]) {
+    let Ok(file_len) = storage
+        .open(&info.path, OpenMode::Read)
+        .and_then(|f| f.len())
+    else {
+        return;
+    };
+    let wanted = crate::summary::Summary::of(info.base, file_len, info.sealed, entries);
+    if crate::summary::load(storage, dir, info.base).is_some_and(|s| {
+        (s.file_len, s.sealed, s.entries, s.first, s.last)
+            == (
+                wanted.file_len,
+                wanted.sealed,
+                wanted.entries,
+                wanted.first,
+                wanted.last,
+            )
+    }) {
+        return;
+    }
+    if let Err(e) = crate::summary::store(storage, dir, &wanted) {
+        tracing::warn!(error = %e, segment = %info.name(), "journal segment summary not written");
     }
 }
 

@@ -10,11 +10,12 @@ use tokio::sync::mpsc;
 
 use sanare_core::{Error, Result};
 
-use super::keys::KeyWindow;
-use super::writer::Writer;
+use super::keys::{KeyHash, KeyWindow};
+use super::writer::{KeyLoad, Writer};
 use super::{
     DecodedSegment, Marks, OpenReport, SegmentInfo, Shared, Wal, WalOptions, create_segment,
-    decode_segment, ensure_index, open_segment, open_sync_files, read_raw, sync_dir,
+    decode_segment, ensure_index, ensure_summary, open_segment, open_sync_files, read_raw,
+    sync_dir,
 };
 use crate::frame::{self, CorruptRegion};
 use crate::lock::DirLock;
@@ -53,7 +54,10 @@ fn list(storage: &dyn Storage, dir: &Path) -> Result<Listing> {
 struct Recovered {
     segments: Vec<SegmentInfo>,
     report: OpenReport,
-    keys: KeyWindow,
+    /// Keys of the segments decoded, in position order.
+    keys: Vec<(u64, KeyHash, uuid::Uuid)>,
+    /// Sealed segments known from their summaries (keys read later), in order.
+    summarized: Vec<u64>,
     /// The last position of an entry found.
     last_pos: u64,
     /// The highest base of a segment: no position below it may be handed out again.
@@ -91,10 +95,11 @@ impl Wal {
             mut segments,
             report,
             keys,
+            summarized,
             last_pos,
             high_base,
             recent,
-        } = recover(&*storage, dir, listing, read_only, key_window)?;
+        } = recover(&*storage, dir, listing, read_only)?;
         for c in &report.corrupt {
             tracing::error!(segment = %c.segment, offset = c.offset, reason = %c.reason, "journal: corrupt region isolated");
         }
@@ -155,7 +160,13 @@ impl Wal {
             len: active.len,
             alloc,
             next,
-            keys,
+            keys: KeyWindow::new(key_window),
+            key_load: Some(KeyLoad {
+                dir: dir.to_owned(),
+                summarized,
+                decoded: keys,
+                capacity: key_window,
+            }),
             options,
             shared: shared.clone(),
             pipe,
@@ -184,12 +195,12 @@ fn recover(
     dir: &Path,
     listing: Listing,
     read_only: bool,
-    key_window: usize,
 ) -> Result<Recovered> {
     let mut r = Recovered {
         segments: Vec::new(),
         report: OpenReport::default(),
-        keys: KeyWindow::new(key_window),
+        keys: Vec::new(),
+        summarized: Vec::new(),
         last_pos: 0,
         high_base: 0,
         recent: VecDeque::new(),
@@ -198,6 +209,18 @@ fn recover(
     for (i, (base, (raw, sealed))) in listing.into_iter().enumerate() {
         let is_last = i + 1 == count;
         r.high_base = r.high_base.max(base);
+        if !is_last && let Some((info, entries)) = summarized(storage, dir, base, &raw, &sealed) {
+            // Known from its summary: not decoded.
+            r.report.entries += entries;
+            r.last_pos = r.last_pos.max(info.last.unwrap_or(0));
+            r.recent.clear();
+            if let Some(last) = info.last {
+                r.recent.push_back((last, info.max_time_ns));
+            }
+            r.summarized.push(base);
+            r.segments.push(info);
+            continue;
+        }
         let Some((mut info, bytes)) = load_segment(storage, dir, base, raw, sealed, &mut r.report)?
         else {
             continue;
@@ -256,7 +279,8 @@ fn recover(
             r.last_pos = e.position.0;
             info.add(e);
             if let Some(k) = &e.idempotency_key {
-                r.keys.insert(k, (e.position.0, e.id.as_uuid()));
+                r.keys
+                    .push((e.position.0, super::keys::hash(k), e.id.as_uuid()));
             }
             r.report.entries += 1;
             max_t = max_t.max(e.recorded_at.unix_timestamp_nanos());
@@ -282,6 +306,7 @@ fn recover(
         }
         if sealed_or_old && !read_only {
             ensure_index(storage, dir, &info, &bytes);
+            ensure_summary(storage, dir, &info, &entries);
         }
         r.segments.push(info);
     }
@@ -373,4 +398,39 @@ fn cut_tail(
         });
     }
     Ok(())
+}
+
+/// The segment `base` as its summary describes it (and its number of entries), when the summary checks and
+/// describes the one file there is (a raw or a sealed one, of the same length).
+fn summarized(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    raw: &Option<PathBuf>,
+    sealed: &Option<PathBuf>,
+) -> Option<(SegmentInfo, u64)> {
+    let (path, is_sealed) = match (raw, sealed) {
+        (Some(p), None) => (p, false),
+        (None, Some(p)) => (p, true),
+        _ => return None,
+    };
+    let s = crate::summary::load(storage, dir, base)?;
+    let len = storage
+        .open(path, sanare_fs::OpenMode::Read)
+        .and_then(|f| f.len())
+        .ok()?;
+    if s.sealed != is_sealed || s.file_len != len {
+        return None;
+    }
+    let mut info = SegmentInfo::new(base, path.clone(), is_sealed);
+    info.first = s.first;
+    info.last = s.last;
+    info.min_time_ns = i128::from(s.min_ns);
+    info.max_time_ns = i128::from(s.max_ns);
+    info.op_types = s.op_types.into_iter().collect();
+    if !is_sealed {
+        info.len = len;
+        info.raw_len = len;
+    }
+    Some((info, s.entries))
 }

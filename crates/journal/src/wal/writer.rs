@@ -10,14 +10,51 @@ use uuid::Uuid;
 
 use sanare_core::{Error, JournalEntryId, JournalPosition, Result};
 
-use super::keys::KeyWindow;
+use super::keys::{KeyHash, KeyWindow};
 use super::{
-    Cmd, Reply, Shared, WalOptions, create_segment, ensure_index, lock, open_segment,
-    open_sync_files, read_raw,
+    Cmd, Reply, Shared, WalOptions, create_segment, decode_segment, ensure_index, ensure_summary,
+    lock, open_segment, open_sync_files, read_raw,
 };
 use crate::entry::{JournalEntry, Recorded};
 use crate::frame;
 use crate::pipeline::{FaultPoint, Group, Pipeline, SyncJob};
+
+/// Where the idempotency keys of an opened journal come from: the segments
+/// decoded on open, and the summaries of the others (read here, on the writer's
+/// thread, so that opening does not wait for them; appends do).
+pub(super) struct KeyLoad {
+    pub(super) dir: PathBuf,
+    /// Bases of the segments known from their summaries, in order.
+    pub(super) summarized: Vec<u64>,
+    /// Keys of the decoded segments.
+    pub(super) decoded: Vec<(u64, KeyHash, Uuid)>,
+    pub(super) capacity: usize,
+}
+
+impl KeyLoad {
+    /// The window of the newest `capacity` keys.
+    fn window(self, storage: &dyn sanare_fs::Storage) -> KeyWindow {
+        let mut keys = self.decoded;
+        for base in self.summarized.iter().rev() {
+            if keys.len() >= self.capacity {
+                break;
+            }
+            match crate::summary::load_keys(storage, &self.dir, *base) {
+                Some(k) => keys.extend(k),
+                None => tracing::warn!(
+                    segment = base,
+                    "journal segment summary unreadable; its idempotency keys are not remembered"
+                ),
+            }
+        }
+        keys.sort_unstable_by_key(|k| k.0);
+        let mut window = KeyWindow::new(self.capacity);
+        for (p, h, id) in keys {
+            window.insert_hash(h, (p, id));
+        }
+        window
+    }
+}
 
 /// Zeros written ahead of the data in one go: the group that crosses the
 /// preallocated end pays one metadata flush, the next ~1 MiB of groups none.
@@ -35,6 +72,8 @@ pub(super) struct Writer {
     pub(super) next: u64,
     /// Idempotency keys of the most recent entries written (durable or in flight).
     pub(super) keys: KeyWindow,
+    /// What the key window is filled from, before the first append.
+    pub(super) key_load: Option<KeyLoad>,
     pub(super) options: WalOptions,
     pub(super) shared: Arc<Shared>,
     /// Groups in flight and the sync threads.
@@ -55,6 +94,9 @@ impl Writer {
     /// order. While every sync thread is busy the writer waits, and callers queue
     /// up for the next group.
     pub(super) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        if let Some(load) = self.key_load.take() {
+            self.keys = load.window(&*self.shared.storage);
+        }
         // Buffers reused from group to group: no allocation per group beyond the
         // entries themselves.
         let mut buf = Vec::with_capacity(1 << 20);
@@ -290,7 +332,13 @@ impl Writer {
             let spawned = std::thread::Builder::new()
                 .name("sanare-journal-index".into())
                 .spawn(move || match read_raw(&*storage, &sealed) {
-                    Ok((raw, _)) => ensure_index(&*storage, &dir, &sealed, &raw),
+                    Ok((raw, _)) => {
+                        ensure_index(&*storage, &dir, &sealed, &raw);
+                        match decode_segment(&raw, &sealed.name(), true) {
+                            Ok(d) => ensure_summary(&*storage, &dir, &sealed, &d.entries),
+                            Err(e) => tracing::warn!(error = %e, "journal summary not built"),
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "journal index not built"),
                 });
             if let Err(e) = spawned {
