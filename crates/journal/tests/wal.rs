@@ -354,7 +354,7 @@ async fn sealed_segments_have_index_files_rebuilt_when_missing_or_damaged() {
     journal.rotate().await.unwrap();
     journal.compact(&Control::detached()).await.unwrap();
     drop(journal);
-    // Reopening writes every sealed segment's index that is not there yet.
+    // Sealing writes each segment's index (reopening too, for one not there yet).
     let journal = build().await.unwrap();
     let mut idx: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -384,7 +384,9 @@ async fn sealed_segments_have_index_files_rebuilt_when_missing_or_damaged() {
     std::fs::write(&idx[0], &damaged).unwrap();
     std::fs::remove_file(&idx[1]).unwrap();
     std::fs::write(&idx[2], &originals[0]).unwrap();
+    // The first query that needs them rebuilds them.
     let journal = build().await.unwrap();
+    assert_eq!(by_type(&journal).await, paid);
     for (p, original) in idx.iter().zip(&originals) {
         assert_eq!(&std::fs::read(p).unwrap(), original, "{}", p.display());
     }

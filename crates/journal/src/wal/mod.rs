@@ -418,6 +418,10 @@ impl Wal {
                     out.extend(entries.into_iter().take(limit - out.len()));
                     continue;
                 }
+                if self._lock.is_some() && raw.1.is_empty() {
+                    // Missing, damaged or stale: rebuilt for the next query.
+                    ensure_index(self.storage(), &self.dir, &info, &raw.0);
+                }
                 let d = self.decoded(&info, Some(raw))?;
                 damage.extend(d.corrupt.iter().cloned());
                 take_matching(&d.entries, &plan, limit, &mut out);
