@@ -704,6 +704,99 @@ mod tests {
     }
 
     const GOLDEN_ENTRY: &str = include_str!("../tests/golden/entry_frame.hex");
+    /// Golden vectors: a version-2 segment header and a group trailer frame.
+    #[test]
+    fn golden_segment_v2_header_and_group_trailer() {
+        assert_eq!(
+            hex(&segment_header_v2(1)),
+            "53414e4152454a57\
+             02000000\
+             00000000\
+             0100000000000000"
+        );
+        let mut out = Vec::new();
+        encode_group(
+            &GroupTrailer {
+                first: 5,
+                count: 3,
+                start: 24,
+                durable: 4,
+            },
+            &mut out,
+        );
+        assert_eq!(hex(&out), GOLDEN_GROUP);
+        let Decoded::Frame { kind, body, .. } = decode_frame(&out) else {
+            panic!("a frame")
+        };
+        assert_eq!(kind, KIND_GROUP);
+        assert_eq!(
+            decode_group(body).map(|t| (t.first, t.count, t.start, t.durable)),
+            Some((5, 3, 24, 4))
+        );
+    }
+
+    const GOLDEN_GROUP: &str = "534a01032000000092cb4141\
+        0500000000000000030000001800000000000000\
+        0400000000000000534a4745";
+
+    /// Golden vectors: the applied-marks file's reopen and range frames.
+    #[test]
+    fn golden_reopen_and_range_frames() {
+        let mut out = Vec::new();
+        encode_pair(KIND_REOPEN, 4, 0, &mut out);
+        encode_pair(KIND_RANGE, 1, 3, &mut out);
+        assert_eq!(hex(&out), GOLDEN_MARKS);
+    }
+
+    const GOLDEN_MARKS: &str = "534a010410000000def1225f\
+        04000000000000000000000000000000\
+        534a0105100000004faa64bd\
+        01000000000000000300000000000000";
+
+    #[test]
+    fn a_torn_group_is_a_tail_and_damage_in_a_durable_group_is_corruption() {
+        let entry = |i: u8, out: &mut Vec<u8>| encode_frame(KIND_ENTRY, &[i; 600], out);
+        let mut buf = segment_header_v2(1).to_vec();
+        // Group 1: entries 1, 2 (nothing durable before); group 2: entry 3
+        // (1 and 2 durable); group 3: entry 4, written while group 2's flush
+        // was still running (2 durable).
+        let mut groups = Vec::new();
+        for (first, n, durable) in [(1u64, 2u8, 0u64), (3, 1, 2), (4, 1, 2)] {
+            let start = buf.len();
+            for i in 0..n {
+                entry(first as u8 + i, &mut buf);
+            }
+            encode_group(
+                &GroupTrailer {
+                    first,
+                    count: u32::from(n),
+                    start: start as u64,
+                    durable,
+                },
+                &mut buf,
+            );
+            groups.push(start);
+        }
+        let intact = scan_groups(&buf, SEGMENT_HEADER, 1, false);
+        assert_eq!((intact.frames.len(), intact.torn_tail_at), (7, None));
+        // Group 2 torn (a sector of it lost): group 3 says only 1..=2 were
+        // durable when it was written, so 3 never was acknowledged: the tail
+        // starts there, and group 3 (never acknowledged either) goes with it.
+        let mut torn = buf.clone();
+        torn[groups[1] + 100..groups[1] + 200].fill(0);
+        let s = scan_groups(&torn, SEGMENT_HEADER, 1, false);
+        assert_eq!(s.torn_tail_at, Some(groups[1]));
+        assert!(s.corrupt.is_empty());
+        // Group 1 damaged: groups 2 and 3 say 1..=2 were durable: corruption,
+        // and the intact frames around it stay.
+        let mut rot = buf.clone();
+        rot[groups[0] + 700] ^= 1;
+        let s = scan_groups(&rot, SEGMENT_HEADER, 1, false);
+        assert_eq!(s.torn_tail_at, None);
+        assert_eq!(s.corrupt.len(), 1);
+        let entries = s.frames.iter().filter(|f| f.1 == KIND_ENTRY).count();
+        assert_eq!(entries, 3, "entry 2 lost, 1, 3 and 4 kept");
+    }
 
     #[test]
     fn sealed_containers_round_trip_and_detect_damage() {
