@@ -3,10 +3,8 @@
 //! They cover what a running process can observe of the
 //! [contract](crate#durability-contract): open modes, positional reads and
 //! writes, lengths, listing, renames over an existing file, removal, errors, and
-//! exclusive locks. What a power cut keeps is checked on [`SimDisk`] itself
+//! exclusive locks. What a power cut keeps is checked on `sim::SimDisk` itself
 //! (feature `sim`), where a cut can be simulated.
-//!
-//! [`SimDisk`]: crate::sim::SimDisk
 
 #![allow(clippy::unwrap_used)]
 

@@ -10,10 +10,10 @@
 //!   (`Arc<dyn Storage>`), whose durability contract is below;
 //! - [`OsStorage`]: the operating system's files (`pwrite`, `fdatasync`, `rename`,
 //!   an `fsync` of the directory, `flock`);
-//! - [`sim::SimDisk`] (feature `sim`): an in-memory disk whose power a test can cut.
+//! - `sim::SimDisk` (feature `sim`): an in-memory disk whose power a test can cut.
 //!   Everything not yet made durable is then, at random and seeded, kept, dropped or
 //!   torn, the way redb and TigerBeetle test their storage;
-//! - [`conformance::run`] (feature `testing`): the checks every implementation
+//! - `conformance::run` (feature `testing`): the checks every implementation
 //!   passes.
 //!
 //! # Durability contract

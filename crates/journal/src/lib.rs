@@ -14,16 +14,25 @@
 //!   flushes run; callers arriving while that many are in flight share the next
 //!   group. [`Journal::record`] returns only once the entry is durable, and callers,
 //!   the head, events and metrics advance in position order. See
-//!   [Write failures](#write-failures). Segments rotate at a size limit; on open a torn
-//!   tail is cut off and reported, and damage followed by valid records is isolated
-//!   and reported in [`OpenReport`] (the rest stays readable). [`Journal::compact`]
-//!   compresses sealed segments (brotli), [`Journal::purge`] drops whole segments
-//!   before a retained position. An in-memory summary per segment (positions,
-//!   time range, operation types) lets queries skip segments, and every sealed
-//!   segment has an index file (position, time, operation type and frame offset of
-//!   each entry; rebuilt when missing or damaged) so queries decode only the
-//!   entries they select. The active segment is zero-filled ahead of its data, so
-//!   a group commit's `fdatasync` rarely has metadata to flush.
+//!   [Write failures](#write-failures). Each group commit ends with a group trailer
+//!   (its entries, and what was durable when it was written), so after a power
+//!   cut a torn, never acknowledged group is cut off as a tail, while damage in a
+//!   group a later one vouches for is isolated and reported in [`OpenReport`] (the
+//!   rest stays readable). Segments rotate at a size limit. [`Journal::compact`]
+//!   compresses sealed segments in 64 KiB blocks (brotli; damage costs the records
+//!   of one block, never the segment), [`Journal::purge`] drops whole segments
+//!   before a retained position, and the applied marks of their entries. A summary
+//!   per sealed segment (positions, time range, operation types, idempotency keys)
+//!   lets open skip decoding it, so open time does not grow with the journal, and
+//!   lets queries skip segments; every sealed segment has an index file (position,
+//!   time, operation type and frame offset of each entry; rebuilt when missing or
+//!   damaged) so queries decode only the entries they select. The active segment
+//!   is zero-filled ahead of its data, so a group commit's `fdatasync` rarely has
+//!   metadata to flush. All file I/O goes through a [`sanare_fs::Storage`]
+//!   ([`JournalBuilder::storage`]): the tests cut the power of a simulated disk
+//!   under it. Queries, replay, statistics, validation and compaction do their
+//!   file I/O, decoding and compression on blocking threads, never on the async
+//!   runtime's.
 //! - **PostgreSQL** ([`Journal::postgres`]): the `transaction_journal` table in sanare's
 //!   schema ([`MIGRATIONS`]). [`Journal::record_in`] writes inside the host's own
 //!   transaction, atomic with its change; [`Journal::record`] batches concurrent
@@ -43,7 +52,7 @@
 //! highest position visible in the snapshot, lowered below the first entry of any
 //! other writer under the horizon; a replay reads up to the last number drawn
 //! before the horizon. A replay of
-//! [`ReplayRange::After`] a cut additionally skips every entry whose writer is visible
+//! [`ReplayRange::After`](sanare_core::ReplayRange::After) a cut additionally skips every entry whose writer is visible
 //! in the cut's snapshot (`pg_visible_in_snapshot`), so restore + replay is exact
 //! even with out-of-order commits.
 //!
@@ -65,6 +74,24 @@
 //! writeback error is reported to each concurrent `fdatasync` rather than consumed
 //! by one of them.
 //!
+//! # Cuts and write-ahead entries
+//! The reference pattern is [`Journal::record`], then the host's transaction
+//! commits its change. An entry can thus be durable before a snapshot is taken
+//! while its change commits after it. A [cut](JournalService::cut) therefore
+//! leaves out every entry recorded with `record()` within the
+//! [write-ahead window](JournalBuilder::write_ahead_window) (60 s) before it, on
+//! both backends; a replay after the cut applies them (handlers are idempotent),
+//! and on PostgreSQL it does so even when their rows are visible in the cut's
+//! snapshot. Entries written with [`Journal::record_in`] commit with the change
+//! and need no window.
+//!
+//! # Restores
+//! A restore undoes the effects of the entries after its cut, but not their
+//! applied marks. [`JournalService::reopen_after`] voids those marks (WAL: a
+//! reopen record in `applied.marks`; PostgreSQL: the rows of `journal_applied`),
+//! so the replay that follows applies them again, exactly once; call it right
+//! after the restore commits.
+//!
 //! # Exactly-once replay
 //! Each applied entry gets an applied mark keyed by its id. A [`PgHandler`] runs in a
 //! transaction that first inserts the mark (`ON CONFLICT DO NOTHING`; zero rows means
@@ -78,9 +105,12 @@
 //! blake3 hash are reported and never applied.
 //!
 //! # Architecture invariant
-//! This crate depends on `sanare-core` and `sanare-pg` only, never on another
-//! component. Positions are never reused; a position handed out by `head`, `cut`
-//! or a replay summary never gains an entry at or before it later.
+//! This crate depends on `sanare-core`, `sanare-pg` and `sanare-fs` only, never on
+//! another component. Positions strictly increase for the life of the journal
+//! (across rotation, purge, compaction and restarts: a segment's base, written
+//! before any entry goes in, bounds every position handed out); a position
+//! handed out by `head`, `cut` or a replay summary never gains an entry at or
+//! before it later. Nothing is allocated from a length no checksum has vouched for.
 //!
 //! # Dependencies
 //! `crc32c` (hardware CRC-32C for frames), `postcard` (the documented, stable
@@ -218,7 +248,7 @@ impl JournalBuilder {
     }
 
     /// WAL: where its files live (default: the operating system's files). Tests
-    /// pass a [`sanare_fs::sim::SimDisk`] to cut the power under the journal.
+    /// pass a `sanare_fs::sim::SimDisk` to cut the power under the journal.
     pub fn storage(mut self, storage: Arc<dyn sanare_fs::Storage>) -> Self {
         self.storage = storage;
         self
