@@ -260,9 +260,8 @@ async fn a_point_in_time_replay_stops_at_its_time_on_the_wal() {
     common::point_in_time_replay_stops_at_its_time(&journal, &counting).await;
 }
 
-/// Storage whose reads, once armed, wait until the runtime's timer has fired a few
-/// more times: a read on the runtime's own thread waits in vain and fails.
-#[derive(Debug)]
+/// Once armed, makes a file open wait until the runtime's timer has fired a few
+/// more times: an open on the runtime's own thread waits in vain and fails.
 struct NeedsTheTimer {
     ticks: Arc<AtomicU64>,
     armed: Arc<AtomicBool>,
@@ -287,10 +286,22 @@ impl NeedsTheTimer {
     }
 }
 
-impl Storage for NeedsTheTimer {
+/// The OS storage, with every `open` going through a hook first (to delay or
+/// count reads).
+struct Hooked<F>(F);
+
+impl<F> std::fmt::Debug for Hooked<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooked")
+    }
+}
+
+impl<F> Storage for Hooked<F>
+where
+    F: Fn(&Path, Arc<dyn File>) -> std::io::Result<Arc<dyn File>> + Send + Sync,
+{
     fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn File>> {
-        self.wait_for_ticks()?;
-        OsStorage.open(path, mode)
+        (self.0)(path, OsStorage.open(path, mode)?)
     }
     fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
         OsStorage.create_dir_all(dir)
@@ -320,10 +331,14 @@ async fn journal_scans_stay_off_a_current_thread_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let ticks = Arc::new(AtomicU64::new(0));
     let armed = Arc::new(AtomicBool::new(false));
-    let storage = NeedsTheTimer {
+    let gate = NeedsTheTimer {
         ticks: ticks.clone(),
         armed: armed.clone(),
     };
+    let storage = Hooked(move |_: &Path, f: Arc<dyn File>| {
+        gate.wait_for_ticks()?;
+        Ok(f)
+    });
     let journal = Journal::wal(dir.path())
         .storage(Arc::new(storage))
         .segment_size(4096)
@@ -394,41 +409,6 @@ impl File for Counted {
     }
 }
 
-#[derive(Debug)]
-struct CountingStorage(Arc<CountingReads>);
-
-impl Storage for CountingStorage {
-    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn File>> {
-        let f = OsStorage.open(path, mode)?;
-        let is_segment = path.extension().is_some_and(|e| e == "wal" || e == "walz");
-        if is_segment && self.0.newest.lock().unwrap().as_deref() != Some(path) {
-            return Ok(Arc::new(Counted(f, self.0.clone())));
-        }
-        Ok(f)
-    }
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        OsStorage.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        OsStorage.list(dir)
-    }
-    fn exists(&self, path: &Path) -> std::io::Result<bool> {
-        OsStorage.exists(path)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        OsStorage.sync_dir(dir)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        OsStorage.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        OsStorage.remove_file(path)
-    }
-    fn try_lock(&self, path: &Path) -> std::io::Result<Option<LockGuard>> {
-        OsStorage.try_lock(path)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opening_reads_summaries_not_sealed_segments_and_keeps_their_keys() {
     let dir = tempfile::tempdir().unwrap();
@@ -461,9 +441,15 @@ async fn opening_reads_summaries_not_sealed_segments_and_keeps_their_keys() {
         .max()
         .unwrap();
     *counting.newest.lock().unwrap() = Some(newest);
-    let journal = build(Arc::new(CountingStorage(counting.clone())))
-        .await
-        .unwrap();
+    let count = counting.clone();
+    let storage = Hooked(move |path: &Path, f: Arc<dyn File>| {
+        let is_segment = path.extension().is_some_and(|e| e == "wal" || e == "walz");
+        if is_segment && count.newest.lock().unwrap().as_deref() != Some(path) {
+            return Ok(Arc::new(Counted(f, count.clone())) as Arc<dyn File>);
+        }
+        Ok(f)
+    });
+    let journal = build(Arc::new(storage)).await.unwrap();
     assert_eq!(
         counting.sealed_reads.load(Ordering::SeqCst),
         0,

@@ -124,6 +124,9 @@ impl SegmentInfo {
 
 pub(crate) type Reply = oneshot::Sender<Result<Recorded>>;
 
+/// A decoded segment and what it was decoded from: (base, sealed, length).
+type CachedSegment = ((u64, bool, u64), Arc<DecodedSegment>);
+
 enum Cmd {
     Append(NewEntry, Reply),
     Rotate(oneshot::Sender<Result<()>>),
@@ -140,7 +143,7 @@ pub(crate) struct Shared {
     files: RwLock<()>,
     /// The last segment decoded (segment base, sealed, length), for the next batch
     /// of the same scan.
-    decoded: Mutex<Option<((u64, bool, u64), Arc<DecodedSegment>)>>,
+    decoded: Mutex<Option<CachedSegment>>,
     /// Recent (position, recorded at, in ns) samples, one per group commit.
     pub(crate) recent: Mutex<std::collections::VecDeque<(u64, i128)>>,
     report: OpenReport,
