@@ -211,7 +211,20 @@ fn read_raw(storage: &dyn Storage, info: &SegmentInfo) -> Result<(Vec<u8>, Vec<C
     };
     if info.sealed {
         let bytes = sanare_fs::read_file(storage, &info.path, READ_LIMIT).map_err(io_err)?;
-        return crate::sealed::unseal(&bytes, &info.name());
+        return Ok(match crate::sealed::unseal(&bytes, &info.name()) {
+            Ok(r) => r,
+            // A container that does not open at all (a damaged version-1 one, or
+            // its header): its entries are lost, the journal is not.
+            Err(e) => (
+                frame::segment_header_v2(info.base).to_vec(),
+                vec![CorruptRegion {
+                    segment: info.name(),
+                    offset: 0,
+                    len: bytes.len() as u64,
+                    reason: format!("sealed segment unreadable, its entries are lost: {e}"),
+                }],
+            ),
+        });
     }
     let f = storage.open(&info.path, OpenMode::Read).map_err(io_err)?;
     let mut bytes = sanare_fs::read_all(&*f, READ_LIMIT).map_err(io_err)?;

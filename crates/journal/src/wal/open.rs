@@ -327,30 +327,20 @@ fn load_segment(
 ) -> Result<Option<(SegmentInfo, Vec<u8>)>> {
     if let Some(path) = sealed {
         let candidate = SegmentInfo::new(base, path.clone(), true);
-        match read_raw(storage, &candidate) {
-            Ok((bytes, damage)) => {
-                report.corrupt.extend(damage);
-                if let Some(raw) = &raw {
-                    let _ = storage.remove_file(raw);
-                    sync_dir(storage, dir)?;
-                }
-                return Ok(Some((candidate, bytes)));
-            }
-            Err(e) if raw.is_some() => {
-                tracing::warn!(error = %e, "sealed journal segment unreadable; using its raw copy");
-                let _ = storage.remove_file(&path);
+        let (bytes, damage) = read_raw(storage, &candidate)?;
+        if damage.is_empty() || raw.is_none() {
+            if let Some(raw) = &raw {
+                // Compaction finished but for removing the raw copy.
+                let _ = storage.remove_file(raw);
                 sync_dir(storage, dir)?;
             }
-            Err(e) => {
-                report.corrupt.push(CorruptRegion {
-                    segment: candidate.name(),
-                    offset: 0,
-                    len: 0,
-                    reason: format!("sealed segment unreadable, its entries are lost: {e}"),
-                });
-                return Ok(None);
-            }
+            report.corrupt.extend(damage);
+            return Ok(Some((candidate, bytes)));
         }
+        // Compaction was cut short: the raw copy is whole.
+        tracing::warn!(segment = %candidate.name(), "sealed journal segment damaged; using its raw copy");
+        let _ = storage.remove_file(&path);
+        sync_dir(storage, dir)?;
     }
     let Some(path) = raw else { return Ok(None) };
     let mut candidate = SegmentInfo::new(base, path, false);
