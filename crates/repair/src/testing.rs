@@ -15,7 +15,7 @@ use sanare_core::{
 use sanare_pg::{PgResultExt, Pool, get_conn, quote_ident};
 use time::OffsetDateTime;
 
-use crate::sql::lit;
+use crate::catalog::lit;
 
 /// A [`SnapshotService`] whose snapshot is a copy of each table in `copy_schema`.
 #[derive(Debug)]
@@ -327,6 +327,26 @@ impl JournalService for FakeJournal {
     }
 }
 
+/// The recompute rule the corpus's consistency violations name.
+pub const ORDER_TOTAL_RULE: &str = "order_total_matches_lines";
+
+/// Registers the corpus's recompute rule (orders' `total_cents` is the sum of their
+/// lines' `amount_cents`) for the order-service fixture in `schema`.
+pub fn corpus_rules(
+    builder: crate::RepairEngineBuilder,
+    schema: &str,
+) -> crate::RepairEngineBuilder {
+    builder.recompute_rule(
+        ORDER_TOTAL_RULE,
+        TableRef::new(schema, "orders"),
+        "total_cents",
+        format!(
+            "(SELECT coalesce(sum(l.amount_cents), 0) FROM {}.order_lines l WHERE l.order_id = t.id)",
+            quote_ident(schema)
+        ),
+    )
+}
+
 /// A labelled corpus of planted violations: each with the decision-table row
 /// (`"R1"` … or `"manual"`) that must be chosen for it.
 pub type Corpus = Vec<(sanare_core::Violation, &'static str)>;
@@ -336,7 +356,7 @@ pub type Corpus = Vec<(sanare_core::Violation, &'static str)>;
 /// (`notes`: nullable foreign key, `tags`: duplicates, `settings`: nulls and
 /// defaults), takes a snapshot through `snapshots` of customers, products and orders,
 /// then damages the data (foreign-key triggers off while planting). Engines analysing
-/// the corpus should have `snapshots` and a journal attached.
+/// the corpus should have `snapshots` and a journal attached, and [`corpus_rules`].
 pub async fn plant_corpus(
     client: &tokio_postgres::Client,
     schema: &str,
@@ -372,6 +392,7 @@ pub async fn plant_corpus(
                 (100001, 'INJ-1', 'injected 1', 1), (100002, 'INJ-2', 'injected 2', 2);
          UPDATE {s}.products SET name = name || ' (corrupt)' WHERE id <= 8;
          UPDATE {s}.orders SET total_cents = total_cents + 1 WHERE id IN (150, 151, 152);
+         UPDATE {s}.settings SET w = 'damaged' WHERE id IN (9, 10);
          SET session_replication_role = replica;
          DELETE FROM {s}.orders WHERE id BETWEEN 1 AND 4 OR id BETWEEN 101 AND 104 OR id BETWEEN 121 AND 123;
          DELETE FROM {s}.customers WHERE id IN (5, 6);
@@ -517,9 +538,6 @@ pub async fn plant_corpus(
         ));
     }
     // R8: order totals that disagree with their lines.
-    let total = format!(
-        "(SELECT coalesce(sum(l.amount_cents), 0) FROM {s}.order_lines l WHERE l.order_id = t.id)"
-    );
     for id in 150..=152 {
         let row = key("orders", &[("id", "bigint", id.to_string())]);
         corpus.push((
@@ -531,9 +549,7 @@ pub async fn plant_corpus(
                 "orders",
                 Some(row),
             )
-            .with_details(
-                serde_json::json!({"recompute": {"column": "total_cents", "expression": total}}),
-            ),
+            .with_details(serde_json::json!({"recompute": {"rule": ORDER_TOTAL_RULE, "column": "total_cents"}})),
             "R8",
         ));
     }

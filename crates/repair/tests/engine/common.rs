@@ -1,0 +1,150 @@
+//! Fixtures shared by the engine's tests.
+
+#![allow(dead_code)]
+
+use sanare_core::{ColumnValue, RowRef, Severity, TableRef, Violation, ViolationKind};
+use sanare_repair::{ActionKey, RepairEngine, RepairEngineBuilder};
+use sanare_testing::fixtures::order_service;
+use sanare_testing::{TestDb, test_db};
+
+pub(crate) const S: &str = "shop";
+
+/// A fresh database with the order-service fixture and `orders` orders.
+pub(crate) async fn setup(orders: u64) -> TestDb {
+    let db = test_db().await;
+    let c = db.client().await;
+    order_service::install(&**c, S).await.unwrap();
+    order_service::generate(&**c, S, orders).await.unwrap();
+    db
+}
+
+pub(crate) fn engine(db: &TestDb) -> RepairEngineBuilder {
+    RepairEngine::builder().pool(db.pool().clone())
+}
+
+pub(crate) fn key() -> ActionKey {
+    ActionKey::from_bytes([42; 32])
+}
+
+pub(crate) fn t(name: &str) -> TableRef {
+    TableRef::new(S, name)
+}
+
+/// md5 of a table's rows (record text, sorted).
+pub(crate) async fn hash(db: &TestDb, table: &str) -> String {
+    let c = db.client().await;
+    c.query_one(
+        &format!(
+            "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {S}.{table} t"
+        ),
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+pub(crate) async fn exec(db: &TestDb, sql: &str) {
+    db.client()
+        .await
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+}
+
+pub(crate) async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .get(0)
+}
+
+pub(crate) fn row(table: &str, key: &[(&str, &str, String)]) -> RowRef {
+    RowRef::new(
+        t(table),
+        key.iter()
+            .map(|(c, ty, v)| ColumnValue::new(*c, *ty, Some(v.clone())))
+            .collect(),
+    )
+}
+
+pub(crate) fn referential(table: &str, col: &str, parent: &str) -> ViolationKind {
+    ViolationKind::Referential {
+        constraint: format!("{table}_{col}_fkey"),
+        columns: vec![col.to_owned()],
+        parent_table: t(parent),
+        parent_columns: vec!["id".into()],
+    }
+}
+
+/// Deletes orders with FK triggers off, orphaning their lines; returns one
+/// referential violation per orphaned line.
+pub(crate) async fn orphan_lines(db: &TestDb, orders: &str) -> Vec<Violation> {
+    exec(
+        db,
+        &format!(
+            "SET session_replication_role = replica; DELETE FROM {S}.orders WHERE id IN ({orders}); SET session_replication_role = origin;"
+        ),
+    )
+    .await;
+    orphan_violations(db).await
+}
+
+/// One referential violation per orphaned order line.
+pub(crate) async fn orphan_violations(db: &TestDb) -> Vec<Violation> {
+    let c = db.client().await;
+    c.query(
+        &format!(
+            "SELECT order_id::text, line_no::text FROM {S}.order_lines l
+              WHERE NOT EXISTS (SELECT 1 FROM {S}.orders o WHERE o.id = l.order_id) ORDER BY 1, 2"
+        ),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        Violation::new(
+            referential("order_lines", "order_id", "orders"),
+            Severity::High,
+            t("order_lines"),
+            Some(row(
+                "order_lines",
+                &[
+                    ("order_id", "bigint", r.get::<_, String>(0)),
+                    ("line_no", "integer", r.get::<_, String>(1)),
+                ],
+            )),
+            "orphaned order line",
+        )
+    })
+    .collect()
+}
+
+pub(crate) async fn orphans(db: &TestDb) -> i64 {
+    count(
+        db,
+        &format!("SELECT count(*) FROM {S}.order_lines l WHERE NOT EXISTS (SELECT 1 FROM {S}.orders o WHERE o.id = l.order_id)"),
+    )
+    .await
+}
+
+/// A canary: a table and a function that writes to it. Any SQL smuggled into a
+/// stored repair calls `shop.canary()`; the table must stay empty.
+pub(crate) async fn canary(db: &TestDb) {
+    exec(
+        db,
+        &format!(
+            "CREATE TABLE {S}.canary (at timestamptz DEFAULT now());
+             CREATE FUNCTION {S}.canary() RETURNS boolean LANGUAGE sql
+               AS $$ INSERT INTO {S}.canary DEFAULT VALUES RETURNING true $$;"
+        ),
+    )
+    .await;
+}
+
+pub(crate) async fn canary_calls(db: &TestDb) -> i64 {
+    count(db, &format!("SELECT count(*) FROM {S}.canary")).await
+}

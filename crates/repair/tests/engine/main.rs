@@ -1,0 +1,4 @@
+//! End-to-end tests of the repair engine against a real PostgreSQL, one binary.
+
+mod common;
+mod flow;
