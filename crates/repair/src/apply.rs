@@ -44,13 +44,18 @@ impl Tables {
     }
 }
 
-/// Starts a transaction on a pooled connection.
+/// Starts a transaction on a pooled connection, under the canonical session
+/// settings ([`CANONICAL`](crate::catalog::CANONICAL)).
 pub(crate) async fn transaction<'c>(
     conn: &'c mut deadpool_postgres::Object,
     what: &'static str,
 ) -> Result<Transaction<'c>> {
     let client: &mut tokio_postgres::Client = conn;
-    client.transaction().await.context(what)
+    let tx = client.transaction().await.context(what)?;
+    tx.batch_execute(crate::catalog::CANONICAL)
+        .await
+        .context("applying the canonical session settings")?;
+    Ok(tx)
 }
 
 /// Opens a repair's transaction: timeouts, the repair's advisory lock, and (for a

@@ -32,6 +32,13 @@ pub(crate) struct Meta {
     pub(crate) pk: Vec<String>,
 }
 
+/// Session settings of every transaction that reads or writes row text (digests,
+/// before-images, quarantined rows): the same as the integrity crate's canonical
+/// settings, so a row prints the same whatever the pooled session's own `DateStyle`
+/// or `TimeZone`, and text written under them is read back under them.
+pub(crate) const CANONICAL: &str = "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; \
+     SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'";
+
 /// Schemas sanare never repairs: the system's.
 const SYSTEM_SCHEMAS: [&str; 3] = ["pg_catalog", "information_schema", "pg_toast"];
 

@@ -55,8 +55,17 @@ impl RepairEngine {
             rules: &self.inner.rules,
             key: self.inner.action_key.as_ref(),
         };
-        let conn = get_conn(self.pool()).await?;
-        bind(&**conn, action, &ctx).await
+        let mut conn = get_conn(self.pool()).await?;
+        let tx =
+            crate::apply::transaction(&mut conn, "starting a check of a stored repair").await?;
+        let bound = bind(&tx, action, &ctx).await?;
+        if bound.action.op.uses_targets() {
+            crate::targets::check_fit(&tx, &self.t("repair_targets"), repair, &bound.meta).await?;
+        }
+        tx.commit()
+            .await
+            .context("ending a check of a stored repair")?;
+        Ok(bound)
     }
 
     /// Checks that a planned repair may run now: its stored action fits the live

@@ -306,7 +306,8 @@ impl<'e> Planner<'e> {
     /// Analyses a batch, groups its repairs into plans and records their rows.
     pub(crate) async fn add(&mut self, violations: &[Violation]) -> Result<()> {
         let analysis = self.analyze(violations).await?;
-        let conn = get_conn(self.engine.pool()).await?;
+        let mut conn = get_conn(self.engine.pool()).await?;
+        let tx = crate::apply::transaction(&mut conn, "starting a planning transaction").await?;
         let mut batch_targets: HashMap<usize, Vec<NewTarget>> = HashMap::new();
         for (v, (decision, facts)) in violations.iter().zip(&analysis) {
             let Decision::Strategy { strategy, rule } = decision else {
@@ -322,7 +323,7 @@ impl<'e> Planner<'e> {
                     continue;
                 }
             };
-            let g = self.group(&**conn, v, &draft).await?;
+            let g = self.group(&tx, v, &draft).await?;
             if let Some(t) = draft.target {
                 batch_targets.entry(g).or_default().push(t);
             }
@@ -333,8 +334,9 @@ impl<'e> Planner<'e> {
             let meta = self
                 .meta(&group.action.table)
                 .ok_or_else(|| Error::not_found(format!("table {}", group.action.table)))?;
-            targets::insert(&**conn, &table, group.id, meta, &list).await?;
+            targets::insert(&tx, &table, group.id, meta, &list).await?;
         }
+        tx.commit().await.context("recording repair plans")?;
         Ok(())
     }
 
@@ -443,10 +445,17 @@ impl<'e> Planner<'e> {
     /// Completes every plan: finds duplicates, counts the rows, sets the approval
     /// requirement and the texts, and makes it `pending` or `awaiting_approval`.
     pub(crate) async fn finish(self) -> Result<Vec<RepairPlan>> {
-        let conn = get_conn(self.engine.pool()).await?;
+        let mut conn = get_conn(self.engine.pool()).await?;
         let mut plans = Vec::with_capacity(self.groups.len());
         for group in &self.groups {
-            match self.finish_one(&**conn, group).await {
+            let done = async {
+                let tx =
+                    crate::apply::transaction(&mut conn, "starting a planning transaction").await?;
+                let plan = self.finish_one(&tx, group).await?;
+                tx.commit().await.context("recording a repair plan")?;
+                Ok::<_, Error>(plan)
+            };
+            match done.await {
                 Ok(plan) => plans.push(plan),
                 Err(e) => {
                     self.abandon().await;

@@ -162,8 +162,10 @@ pub(crate) async fn check_fit(
         .map(|(i, ty)| format!("(key[{}])::{ty}", i + 1))
         .collect::<Vec<_>>()
         .join(", ");
+    // `ROW(…) IS NULL` makes the server evaluate every cast (a count over a subquery
+    // would not).
     let sp_sql =
-        format!("SELECT count(*) FROM (SELECT {casts} FROM {table} WHERE repair_id = $1) c");
+        format!("SELECT count(*) FROM {table} WHERE repair_id = $1 AND ROW({casts}) IS NULL");
     match client.query_one(&sp_sql, &[&uid]).await {
         Ok(_) => Ok(()),
         Err(e) if e.as_db_error().is_some() => Err(Error::invalid_input(format!(

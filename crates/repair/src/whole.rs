@@ -372,9 +372,11 @@ pub(crate) async fn replay(
         .as_ref()
         .ok_or_else(|| Error::unavailable("no journal is attached"))?;
     let t = Tables::of(engine);
-    let conn = get_conn(engine.pool()).await?;
-    crate::targets::check_fit(&**conn, &t.targets, bound.repair, &bound.meta).await?;
-    let (recorded, violating) = still_violating(&**conn, &t, bound).await?;
+    let mut conn = get_conn(engine.pool()).await?;
+    let tx = crate::apply::transaction(&mut conn, "starting a re-check").await?;
+    crate::targets::check_fit(&tx, &t.targets, bound.repair, &bound.meta).await?;
+    let (recorded, violating) = still_violating(&tx, &t, bound).await?;
+    tx.commit().await.context("ending a re-check")?;
     let mut log = Vec::new();
     if recorded > 0 && violating == 0 {
         log.push(format!(
@@ -408,7 +410,9 @@ pub(crate) async fn replay(
         )));
     }
     if !dry_run {
-        let (_, left) = still_violating(&**conn, &t, bound).await?;
+        let tx = crate::apply::transaction(&mut conn, "starting a re-check").await?;
+        let (_, left) = still_violating(&tx, &t, bound).await?;
+        tx.commit().await.context("ending a re-check")?;
         if left > 0 {
             return Err(Error::conflict(format!(
                 "re-validation failed: {left} row(s) of {} still violate after the journal replay \
