@@ -2,4 +2,6 @@
 
 mod common;
 mod flow;
+mod harm;
+mod revalidate;
 mod tamper;
