@@ -145,7 +145,7 @@ impl Op {
 /// A stored action as read back: the current encoding, or an older one that is never
 /// run.
 pub(crate) enum Stored {
-    Current(Action),
+    Current(Box<Action>),
     /// Written by an older version (SQL text), kept for the audit trail only.
     Legacy,
 }
@@ -179,7 +179,7 @@ impl Stored {
                     .into(),
             ));
         }
-        Ok(Stored::Current(action))
+        Ok(Stored::Current(Box::new(action)))
     }
 }
 

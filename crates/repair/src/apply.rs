@@ -369,10 +369,8 @@ async fn stage(
         )));
     }
     tx.execute(
-        &format!(
-            "INSERT INTO _sanare_src SELECT * FROM unnest($1::bigint[], $2::text[])
-             ON CONFLICT (sanare_seq) DO UPDATE SET img = excluded.img"
-        ),
+        "INSERT INTO _sanare_src SELECT * FROM unnest($1::bigint[], $2::text[])
+         ON CONFLICT (sanare_seq) DO UPDATE SET img = excluded.img",
         &[&seqs, &imgs],
     )
     .await

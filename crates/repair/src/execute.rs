@@ -41,7 +41,7 @@ impl RepairEngine {
     pub(crate) async fn bind_loaded(&self, loaded: &Loaded) -> Result<Bound> {
         let repair = loaded.record.plan.id;
         let action = match Stored::parse(repair, &loaded.action)? {
-            Stored::Current(a) => a,
+            Stored::Current(a) => *a,
             Stored::Legacy => {
                 return Err(Error::conflict(format!(
                     "repair {repair} was planned by an older version as SQL text, which is never run: plan it again"

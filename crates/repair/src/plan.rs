@@ -719,29 +719,7 @@ impl Planner<'_> {
                 .ok_or_else(|| Error::unavailable("no snapshot"))
         };
         draft.action.op = match (strategy, &v.kind) {
-            (RepairStrategyKind::Custom(name), _) => {
-                let s = self
-                    .engine
-                    .inner
-                    .strategies
-                    .iter()
-                    .find(|s| s.name() == name)
-                    .ok_or_else(|| Error::not_found(format!("repair strategy `{name}`")))?;
-                draft.custom_approval = s.requires_approval();
-                let (predicate, set) = match s.action(v)? {
-                    RowAction::Delete { predicate } => (predicate, None),
-                    RowAction::Update {
-                        assignments,
-                        predicate,
-                    } => (predicate, Some(assignments)),
-                };
-                Op::Custom {
-                    strategy: name.clone(),
-                    predicate,
-                    set,
-                    mac: String::new(),
-                }
-            }
+            (RepairStrategyKind::Custom(name), _) => self.custom_op(v, name, &mut draft)?,
             (
                 RepairStrategyKind::RestoreFromSnapshot,
                 ViolationKind::Referential {
@@ -750,31 +728,10 @@ impl Planner<'_> {
                     ..
                 },
             ) => {
-                let parent = parent_ref(v, &self.known.metas).ok_or_else(|| {
-                    Error::invalid_input(
-                        "referential violation without a usable details.missing_parent_key",
-                    )
-                })?;
-                let mut sorted_pk = meta.pk.clone();
-                sorted_pk.sort();
-                let mut sorted_pc = parent_columns.clone();
-                sorted_pc.sort();
-                if sorted_pk != sorted_pc {
-                    return Err(Error::invalid_input(
-                        "the foreign key does not reference the parent's primary key",
-                    ));
-                }
-                draft.target = Some(NewTarget {
-                    key: parent.key.into_iter().filter_map(|c| c.value).collect(),
-                    violation: v.id,
-                    columns: None,
-                });
-                Op::RestoreParent {
-                    snapshot: snapshot()?,
-                    child: v.table.clone(),
-                    columns: columns.clone(),
-                    parent_columns: parent_columns.clone(),
-                }
+                let (target, op) =
+                    self.restore_parent(v, meta, columns, parent_columns, snapshot()?)?;
+                draft.target = Some(target);
+                op
             }
             (RepairStrategyKind::RestoreFromSnapshot, _) => {
                 draft.target = Some(own(damaged_columns(v))?);
@@ -871,6 +828,71 @@ impl Planner<'_> {
             draft.action.key_columns.clear();
         }
         Ok(draft)
+    }
+}
+
+impl Planner<'_> {
+    /// A host strategy's operation: its SQL, signed when the plan is recorded.
+    fn custom_op(&self, v: &Violation, name: &str, draft: &mut Draft) -> Result<Op> {
+        let s = self
+            .engine
+            .inner
+            .strategies
+            .iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| Error::not_found(format!("repair strategy `{name}`")))?;
+        draft.custom_approval = s.requires_approval();
+        let (predicate, set) = match s.action(v)? {
+            RowAction::Delete { predicate } => (predicate, None),
+            RowAction::Update {
+                assignments,
+                predicate,
+            } => (predicate, Some(assignments)),
+        };
+        Ok(Op::Custom {
+            strategy: name.to_owned(),
+            predicate,
+            set,
+            mac: String::new(),
+        })
+    }
+
+    /// R1: the missing parent row (the target, in the parent table) and the
+    /// operation that re-inserts it.
+    fn restore_parent(
+        &self,
+        v: &Violation,
+        parent_meta: &Meta,
+        columns: &[String],
+        parent_columns: &[String],
+        snapshot: SnapshotId,
+    ) -> Result<(NewTarget, Op)> {
+        let parent = parent_ref(v, &self.known.metas).ok_or_else(|| {
+            Error::invalid_input(
+                "referential violation without a usable details.missing_parent_key",
+            )
+        })?;
+        let mut sorted_pk = parent_meta.pk.clone();
+        sorted_pk.sort();
+        let mut sorted_pc = parent_columns.to_vec();
+        sorted_pc.sort();
+        if sorted_pk != sorted_pc {
+            return Err(Error::invalid_input(
+                "the foreign key does not reference the parent's primary key",
+            ));
+        }
+        let target = NewTarget {
+            key: parent.key.into_iter().filter_map(|c| c.value).collect(),
+            violation: v.id,
+            columns: None,
+        };
+        let op = Op::RestoreParent {
+            snapshot,
+            child: v.table.clone(),
+            columns: columns.to_vec(),
+            parent_columns: parent_columns.to_vec(),
+        };
+        Ok((target, op))
     }
 }
 

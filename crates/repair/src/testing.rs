@@ -362,7 +362,6 @@ pub async fn plant_corpus(
     schema: &str,
     snapshots: &dyn SnapshotService,
 ) -> Result<Corpus> {
-    use sanare_core::{ColumnValue, CorruptionKind, Severity, Violation, ViolationKind};
     let s = quote_ident(schema);
     let t = |name: &str| TableRef::new(schema, name);
     let run = |sql: String| async move {
@@ -399,24 +398,45 @@ pub async fn plant_corpus(
          SET session_replication_role = origin;"
     ))
     .await?;
-    let key = |table: &str, cols: &[(&str, &str, String)]| {
-        sanare_core::RowRef::new(
-            t(table),
-            cols.iter()
-                .map(|(c, ty, v)| ColumnValue::new(*c, *ty, Some(v.clone())))
-                .collect(),
-        )
-    };
+    let mut corpus = referential_corpus(client, schema).await?;
+    corpus.extend(other_corpus(schema));
+    corpus.extend(corruption_corpus(schema));
+    Ok(corpus)
+}
+
+use sanare_core::{ColumnValue, CorruptionKind, Severity, Violation, ViolationKind};
+
+fn key_of(schema: &str, table: &str, cols: &[(&str, &str, String)]) -> RowRef {
+    RowRef::new(
+        TableRef::new(schema, table),
+        cols.iter()
+            .map(|(c, ty, v)| ColumnValue::new(*c, *ty, Some(v.clone())))
+            .collect(),
+    )
+}
+
+fn planted(
+    schema: &str,
+    kind: ViolationKind,
+    sev: Severity,
+    table: &str,
+    row: Option<RowRef>,
+) -> Violation {
+    Violation::new(kind, sev, TableRef::new(schema, table), row, "planted")
+}
+
+/// The corpus's referential violations (R1 to R4).
+async fn referential_corpus(client: &tokio_postgres::Client, schema: &str) -> Result<Corpus> {
+    let s = quote_ident(schema);
+    let key = |table: &str, cols: &[(&str, &str, String)]| key_of(schema, table, cols);
+    let v = |kind, sev, table: &str, row| planted(schema, kind, sev, table, row);
     let referential = |table: &str, col: &str, parent: &str| ViolationKind::Referential {
         constraint: format!("{table}_{col}_fkey"),
         columns: vec![col.to_owned()],
-        parent_table: t(parent),
+        parent_table: TableRef::new(schema, parent),
         parent_columns: vec!["id".into()],
     };
     let mut corpus: Corpus = Vec::new();
-    let v = |kind: ViolationKind, sev: Severity, table: &str, row: Option<sanare_core::RowRef>| {
-        Violation::new(kind, sev, t(table), row, "planted")
-    };
     // R4: orphaned order lines, parent unknown to the snapshot lookup (no details).
     for r in client
         .query(&format!("SELECT order_id::text, line_no::text FROM {s}.order_lines WHERE order_id BETWEEN 101 AND 104 ORDER BY 1, 2 LIMIT 8"), &[])
@@ -467,6 +487,14 @@ pub async fn plant_corpus(
             "R2",
         ));
     }
+    Ok(corpus)
+}
+
+/// The corpus's violations of single rows and columns (R5, R7 to R10).
+fn other_corpus(schema: &str) -> Corpus {
+    let key = |table: &str, cols: &[(&str, &str, String)]| key_of(schema, table, cols);
+    let v = |kind, sev, table: &str, row| planted(schema, kind, sev, table, row);
+    let mut corpus: Corpus = Vec::new();
     // R5: checksum mismatches and a check violation on rows the snapshot holds.
     for id in 1..=5 {
         let row = key("products", &[("id", "bigint", id.to_string())]);
@@ -553,6 +581,14 @@ pub async fn plant_corpus(
             "R8",
         ));
     }
+    corpus
+}
+
+/// The corpus's corruption and manual violations (R6, R11 to R13, manual).
+fn corruption_corpus(schema: &str) -> Corpus {
+    let key = |table: &str, cols: &[(&str, &str, String)]| key_of(schema, table, cols);
+    let v = |kind, sev, table: &str, row| planted(schema, kind, sev, table, row);
+    let mut corpus: Corpus = Vec::new();
     // R12: damaged indexes.
     for (table, index) in [
         ("orders", "orders_customer_id_idx"),
@@ -643,5 +679,5 @@ pub async fn plant_corpus(
         ),
         "manual",
     ));
-    Ok(corpus)
+    corpus
 }
