@@ -6,7 +6,7 @@
 //! into SQL without first being matched against this.
 
 use sanare_core::{ColumnValue, Error, Result, RowImage, RowRef, TableRef};
-use sanare_pg::{PgResultExt, quote_ident, quote_literal};
+use sanare_pg::{PgResultExt, quote_ident};
 use tokio_postgres::GenericClient;
 
 /// One column of a repaired table.
@@ -243,10 +243,11 @@ impl Meta {
     }
 }
 
-/// `'value'::type`, or `NULL::type`.
+/// `'value'::type`, or `NULL::type` (for the test fakes).
+#[cfg(feature = "testing")]
 pub(crate) fn lit(value: Option<&str>, type_name: &str) -> String {
     match value {
-        Some(v) => format!("{}::{type_name}", quote_literal(v)),
+        Some(v) => format!("{}::{type_name}", sanare_pg::quote_literal(v)),
         None => format!("NULL::{type_name}"),
     }
 }
