@@ -88,10 +88,7 @@ async fn child(mode: &str, url: &str) {
             .await;
         serde_json::json!({"violations": n, "read_s": t.elapsed().as_secs_f64()})
     } else {
-        let engine = RepairEngine::builder()
-            .pool(pool)
-            .build()
-            .expect("engine");
+        let engine = RepairEngine::builder().pool(pool).build().expect("engine");
         engine.migrate().await.expect("migrate");
         let plans = engine
             .plan_stream(violations, &Control::detached())
@@ -164,14 +161,21 @@ async fn plan_1m(figures: &mut Figures) {
     eprintln!("repair bench: baseline {base}, plan {plan}");
     assert_eq!(base["violations"].as_u64(), Some(orphans));
     assert_eq!(plan["violations"].as_u64(), Some(orphans));
-    assert_eq!(plan["rows"].as_u64(), Some(orphans), "the dry run removes every orphan");
+    assert_eq!(
+        plan["rows"].as_u64(),
+        Some(orphans),
+        "the dry run removes every orphan"
+    );
     let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     figures
         .set("repair_plan_1m_orphans", orphans as f64)
         .set("repair_plan_1m_peak_rss_mb", num(&plan, "peak_rss_mb"))
         .set("repair_plan_1m_s", num(&plan, "plan_s"))
         .set("repair_dry_run_1m_s", num(&plan, "dry_run_s"))
-        .set("repair_plan_1m_baseline_read_peak_rss_mb", num(&base, "peak_rss_mb"))
+        .set(
+            "repair_plan_1m_baseline_read_peak_rss_mb",
+            num(&base, "peak_rss_mb"),
+        )
         .set("repair_plan_1m_baseline_read_s", num(&base, "read_s"));
 }
 

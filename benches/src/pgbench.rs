@@ -68,7 +68,10 @@ pub async fn orphan_branches(
 
 /// Every orphaned account and teller as a referential violation, read from the
 /// database a page of `page` rows at a time (by key), so the caller holds one page.
-pub fn orphan_violations(pool: Pool, page: i64) -> BoxStream<'static, sanare_core::Result<Violation>> {
+pub fn orphan_violations(
+    pool: Pool,
+    page: i64,
+) -> BoxStream<'static, sanare_core::Result<Violation>> {
     let tables = [("pgbench_accounts", "aid"), ("pgbench_tellers", "tid")];
     let pages = futures_util::stream::try_unfold(Some((0usize, 0i32)), move |cursor| {
         let pool = pool.clone();

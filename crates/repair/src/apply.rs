@@ -157,7 +157,15 @@ pub(crate) async fn run_rows(
         classify(&tx, &tables, bound, range).await?;
         let done = match &bound.action.op {
             Op::Quarantine { .. } => {
-                refuse_cascades(&tx, &tables, bound, range, &cascades).await?;
+                let removed = format!(
+                    "FROM {} t JOIN {} g ON {} WHERE {PENDING}",
+                    meta.quoted,
+                    tables.targets,
+                    meta.key_match("t", "g.key")?
+                );
+                let params: [&(dyn ToSql + Sync); 3] =
+                    [&bound.repair.as_uuid(), &range.0, &range.1];
+                refuse_cascades(&tx, meta, &cascades, &removed, &params).await?;
                 quarantine(&tx, &tables, bound, range).await?
             }
             Op::Update { .. } => update(&tx, &tables, bound, range).await?,
@@ -288,26 +296,46 @@ async fn update(tx: &Transaction<'_>, t: &Tables, bound: &Bound, range: (i64, i6
         .set
         .as_deref()
         .ok_or_else(|| Error::invalid_input("an update without assignments"))?;
+    let o = format!(
+        "SELECT g.seq AS sanare_seq, g.key AS sanare_key, {} AS sanare_before
+           FROM {} g JOIN {} t ON {} WHERE {PENDING}",
+        Meta::row_text("t"),
+        t.targets,
+        meta.quoted,
+        meta.key_match("t", "g.key")?
+    );
     tx.execute(
-        &format!(
-            "WITH o AS (SELECT g.seq AS sanare_seq, g.key AS sanare_key, {row} AS sanare_before
-                          FROM {g} g JOIN {q} t ON {m} WHERE {PENDING}),
-                  u AS (UPDATE {q} t SET {set} FROM o WHERE {mo}
-                        RETURNING o.sanare_seq, o.sanare_key, o.sanare_before, {row} AS sanare_after),
-                  w AS (INSERT INTO {undo} (repair_id, table_schema, table_name, action, key, before_row, after_row)
-                        SELECT $1, $4, $5, 'updated', sanare_key, sanare_before, sanare_after FROM u ORDER BY sanare_seq)
-             UPDATE {g} g SET outcome = 'repaired' FROM u WHERE g.repair_id = $1 AND g.seq = u.sanare_seq",
-            q = meta.quoted,
-            g = t.targets,
-            undo = t.undo,
-            m = meta.key_match("t", "g.key")?,
-            mo = meta.key_match("t", "o.sanare_key")?,
-            row = Meta::row_text("t"),
-        ),
-        &[&bound.repair.as_uuid(), &range.0, &range.1, &meta.table.schema, &meta.table.name],
+        &update_sql(meta, t, &o, set)?,
+        &[
+            &bound.repair.as_uuid(),
+            &range.0,
+            &range.1,
+            &meta.table.schema,
+            &meta.table.name,
+        ],
     )
     .await
     .with_context(|| format!("updating rows of {}", meta.table))
+}
+
+/// Updates with `set` the rows the query `o` selects (by `sanare_key`, with their
+/// `sanare_seq` and `sanare_before` image), writes their before- and after-images to
+/// the undo log and marks their targets repaired, in one statement. Parameters: $1
+/// the repair, $4 and $5 the table's schema and name.
+fn update_sql(meta: &Meta, t: &Tables, o: &str, set: &str) -> Result<String> {
+    Ok(format!(
+        "WITH o AS ({o}),
+              u AS (UPDATE {q} t SET {set} FROM o WHERE {mo}
+                    RETURNING o.sanare_seq, o.sanare_key, o.sanare_before, {row} AS sanare_after),
+              w AS (INSERT INTO {undo} (repair_id, table_schema, table_name, action, key, before_row, after_row)
+                    SELECT $1, $4, $5, 'updated', sanare_key, sanare_before, sanare_after FROM u ORDER BY sanare_seq)
+         UPDATE {g} g SET outcome = 'repaired' FROM u WHERE g.repair_id = $1 AND g.seq = u.sanare_seq",
+        q = meta.quoted,
+        g = t.targets,
+        undo = t.undo,
+        mo = meta.key_match("t", "o.sanare_key")?,
+        row = Meta::row_text("t"),
+    ))
 }
 
 /// Fetches the snapshot images of the batch's pending rows into `_sanare_src`.
@@ -443,27 +471,18 @@ async fn restore(
         })
         .collect::<Vec<_>>()
         .join(", ");
+    let o = format!(
+        "SELECT g.seq AS sanare_seq, g.key AS sanare_key, g.columns AS sanare_columns,
+                {} AS sanare_before, {}
+           FROM {} g JOIN {src} s ON s.sanare_seq = g.seq JOIN {} t ON {} WHERE {PENDING}",
+        Meta::row_text("t"),
+        Meta::list("s", &meta.update_cols()),
+        t.targets,
+        meta.quoted,
+        meta.key_match("t", "g.key")?,
+    );
     let updated = tx
-        .execute(
-            &format!(
-                "WITH o AS (SELECT g.seq AS sanare_seq, g.key AS sanare_key, g.columns AS sanare_columns,
-                                   {row} AS sanare_before, {scols}
-                              FROM {g} g JOIN {src} s ON s.sanare_seq = g.seq JOIN {q} t ON {m} WHERE {PENDING}),
-                      u AS (UPDATE {q} t SET {set} FROM o WHERE {mo}
-                            RETURNING o.sanare_seq, o.sanare_key, o.sanare_before, {row} AS sanare_after),
-                      w AS (INSERT INTO {undo} (repair_id, table_schema, table_name, action, key, before_row, after_row)
-                            SELECT $1, $4, $5, 'updated', sanare_key, sanare_before, sanare_after FROM u ORDER BY sanare_seq)
-                 UPDATE {g} g SET outcome = 'repaired' FROM u WHERE g.repair_id = $1 AND g.seq = u.sanare_seq",
-                g = t.targets,
-                q = meta.quoted,
-                undo = t.undo,
-                m = meta.key_match("t", "g.key")?,
-                mo = meta.key_match("t", "o.sanare_key")?,
-                row = Meta::row_text("t"),
-                scols = Meta::list("s", &meta.update_cols()),
-            ),
-            &params,
-        )
+        .execute(&update_sql(meta, t, &o, &set)?, &params)
         .await
         .with_context(|| format!("restoring damaged columns of {}", meta.table))?;
     let ins = meta.insert_cols();
@@ -685,29 +704,26 @@ pub(crate) async fn cascading_keys(
         .collect())
 }
 
-/// Refuses to remove a batch's rows when a cascading foreign key would extend the
-/// removal to rows the quarantine does not capture.
-async fn refuse_cascades(
+/// Refuses to remove rows of `meta` (those `removed`, an SQL `FROM … WHERE …` over
+/// the table aliased `t`, with `params`) when one of the cascading foreign keys `fks`
+/// would extend the removal to rows the quarantine does not capture.
+pub(crate) async fn refuse_cascades(
     tx: &Transaction<'_>,
-    t: &Tables,
-    bound: &Bound,
-    range: (i64, i64),
+    meta: &Meta,
     fks: &[(String, TableRef, Vec<String>, Vec<String>)],
+    removed: &str,
+    params: &[&(dyn ToSql + Sync)],
 ) -> Result<()> {
-    let meta = &bound.meta;
     for (name, child, cols, pcols) in fks {
         let n: i64 = tx
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {} c WHERE ({}) IN (SELECT {} FROM {} t JOIN {} g ON {} WHERE {PENDING})",
+                    "SELECT count(*) FROM {} c WHERE ({}) IN (SELECT {} {removed})",
                     child.quoted(),
                     Meta::list("c", cols),
                     Meta::list("t", pcols),
-                    meta.quoted,
-                    t.targets,
-                    meta.key_match("t", "g.key")?
                 ),
-                &[&bound.repair.as_uuid(), &range.0, &range.1],
+                params,
             )
             .await
             .with_context(|| format!("counting rows of {child} a removal would cascade to"))?

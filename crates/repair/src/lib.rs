@@ -148,6 +148,7 @@ mod decide;
 mod describe;
 mod engine;
 mod execute;
+mod page;
 mod plan;
 mod quarantine;
 mod record;

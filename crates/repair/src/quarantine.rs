@@ -1,7 +1,6 @@
 //! The quarantine: every row a repair removed, kept whole (`repair_quarantine`) and
 //! restorable by id.
 
-use futures_util::{StreamExt as _, TryStreamExt as _};
 use sanare_core::{BoxStream, Error, RepairId, Result, TableRef};
 use sanare_pg::{PgResultExt, Pool, get_conn};
 use serde::{Deserialize, Serialize};
@@ -59,12 +58,9 @@ fn list(
 ) -> BoxStream<'static, Result<QuarantinedRow>> {
     const PAGE: i64 = 500;
     let repair = repair.map(|r| r.as_uuid());
-    let pages = futures_util::stream::try_unfold(Some(0i64), move |cursor| {
+    crate::page::paged(0i64, move |after| {
         let (pool, table) = (pool.clone(), table.clone());
         async move {
-            let Some(after) = cursor else {
-                return Ok(None);
-            };
             let conn = get_conn(&pool).await?;
             let rows = conn
                 .query(
@@ -79,13 +75,9 @@ fn list(
             let next = (rows.len() as i64 == PAGE)
                 .then(|| rows.last().map(|r| r.get::<_, i64>(0)))
                 .flatten();
-            Ok::<_, Error>(Some((rows.iter().map(from_row).collect::<Vec<_>>(), next)))
+            Ok((rows.iter().map(from_row).collect(), next))
         }
-    });
-    pages
-        .map_ok(|page| futures_util::stream::iter(page.into_iter().map(Ok)))
-        .try_flatten()
-        .boxed()
+    })
 }
 
 impl RepairEngine {

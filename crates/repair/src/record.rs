@@ -1,6 +1,5 @@
 //! The audit trail: `repair_operations` rows read back, status changes, log lines.
 
-use futures_util::{StreamExt as _, TryStreamExt as _};
 use sanare_core::{
     BoxStream, Error, RepairId, RepairPlan, RepairStatus, Result, SnapshotId, TableRef,
 };
@@ -146,20 +145,16 @@ pub(crate) fn history(
     to: OffsetDateTime,
 ) -> BoxStream<'static, Result<RepairRecord>> {
     let table = schema.table("repair_operations");
-    let pages = futures_util::stream::try_unfold(Some((from, uuid::Uuid::nil())), move |cursor| {
-        let pool = pool.clone();
-        let table = table.clone();
+    crate::page::paged((from, uuid::Uuid::nil()), move |(at, id)| {
+        let (pool, table) = (pool.clone(), table.clone());
         async move {
-            let Some((at, id)) = cursor else {
-                return Ok(None);
-            };
             let conn = get_conn(&pool).await?;
             let rows = conn
                 .query(
                     &format!(
                         "SELECT {RECORD_COLUMNS} FROM {table}
-                              WHERE (created_at, id) > ($1, $2) AND created_at < $3
-                              ORDER BY created_at, id LIMIT {HISTORY_PAGE}"
+                          WHERE (created_at, id) > ($1, $2) AND created_at < $3
+                          ORDER BY created_at, id LIMIT {HISTORY_PAGE}"
                     ),
                     &[&at, &id, &to],
                 )
@@ -172,13 +167,9 @@ pub(crate) fn history(
                 .iter()
                 .map(|r| loaded_from_row(r).map(|l| l.record))
                 .collect::<Result<Vec<_>>>()?;
-            Ok::<_, Error>(Some((page, next)))
+            Ok((page, next))
         }
-    });
-    pages
-        .map_ok(|page| futures_util::stream::iter(page.into_iter().map(Ok)))
-        .try_flatten()
-        .boxed()
+    })
 }
 
 /// An error with its sources, for the audit trail.

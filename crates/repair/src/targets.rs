@@ -2,7 +2,6 @@
 //! planned and read in batches when the repair runs, so that no list of keys is ever
 //! held in memory.
 
-use futures_util::{StreamExt as _, TryStreamExt as _};
 use sanare_core::{BoxStream, Error, RepairId, Result, RowRef, ViolationId};
 use sanare_pg::{PgResultExt, Pool, get_conn};
 use serde::{Deserialize, Serialize};
@@ -211,12 +210,9 @@ pub(crate) fn list(
     meta: Meta,
 ) -> BoxStream<'static, Result<RepairTarget>> {
     const PAGE: i64 = 1_000;
-    let pages = futures_util::stream::try_unfold(Some(0i64), move |cursor| {
+    crate::page::paged(0i64, move |after| {
         let (pool, table, meta) = (pool.clone(), table.clone(), meta.clone());
         async move {
-            let Some(after) = cursor else {
-                return Ok(None);
-            };
             let conn = get_conn(&pool).await?;
             let rows = conn
                 .query(
@@ -242,11 +238,7 @@ pub(crate) fn list(
                     outcome: r.get(3),
                 })
                 .collect();
-            Ok::<_, Error>(Some((page, next)))
+            Ok((page, next))
         }
-    });
-    pages
-        .map_ok(|page| futures_util::stream::iter(page.into_iter().map(Ok)))
-        .try_flatten()
-        .boxed()
+    })
 }

@@ -8,7 +8,7 @@ use sanare_core::{
 use sanare_pg::{PgResultExt, get_conn, quote_ident};
 
 use crate::action::{Bound, Op};
-use crate::apply::{Ran, Tables, begin, cascading_keys, conclude};
+use crate::apply::{Ran, Tables, begin, cascading_keys, conclude, refuse_cascades};
 use crate::catalog::Meta;
 use crate::engine::RepairEngine;
 
@@ -78,27 +78,8 @@ async fn reload_tx(
         "NOT EXISTS (SELECT 1 FROM {src} s WHERE {})",
         meta.pk_eq("s", "t")
     );
-    for (name, child, cols, pcols) in cascading_keys(&tx, meta).await? {
-        let n: i64 = tx
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM {} c WHERE ({}) IN (SELECT {} FROM {q} t WHERE {absent})",
-                    child.quoted(),
-                    Meta::list("c", &cols),
-                    Meta::list("t", &pcols)
-                ),
-                &[],
-            )
-            .await
-            .with_context(|| format!("counting rows of {child} a reload would cascade to"))?
-            .get(0);
-        if n > 0 {
-            return Err(Error::conflict(format!(
-                "reloading {} would cascade to {n} row(s) of {child} through {name}: repair {child} first",
-                meta.table
-            )));
-        }
-    }
+    let fks = cascading_keys(&tx, meta).await?;
+    refuse_cascades(&tx, meta, &fks, &format!("FROM {q} t WHERE {absent}"), &[]).await?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [
         &bound.repair.as_uuid(),
         &meta.table.schema,
@@ -237,27 +218,8 @@ pub(crate) async fn custom(
     .with_context(|| format!("locking rows of {}", meta.table))?;
     let changed = match &bound.set {
         None => {
-            for (name, child, cols, pcols) in cascading_keys(&tx, meta).await? {
-                let n: i64 = tx
-                    .query_one(
-                        &format!(
-                            "SELECT count(*) FROM {} c WHERE ({}) IN (SELECT {} FROM {q} t WHERE {predicate})",
-                            child.quoted(),
-                            Meta::list("c", &cols),
-                            Meta::list("t", &pcols)
-                        ),
-                        &[],
-                    )
-                    .await
-                    .with_context(|| format!("counting rows of {child} a removal would cascade to"))?
-                    .get(0);
-                if n > 0 {
-                    return Err(Error::conflict(format!(
-                        "removing these rows of {} would cascade to {n} row(s) of {child} through {name}: repair {child} first",
-                        meta.table
-                    )));
-                }
-            }
+            let fks = cascading_keys(&tx, meta).await?;
+            refuse_cascades(&tx, meta, &fks, &format!("FROM {q} t WHERE {predicate}"), &[]).await?;
             tx.execute(
                 &format!(
                     "WITH d AS (DELETE FROM {q} t WHERE {predicate} RETURNING {key} AS k, {row} AS img)

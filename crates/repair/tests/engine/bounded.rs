@@ -124,12 +124,12 @@ async fn the_repair_loop_plans_every_batch_runs_what_it_may_and_names_the_rest()
         .unwrap()
         .iter()
         .map(|r| {
-            Violation::new(
-                referential("orders", "customer_id", "customers"),
+            orphan(
+                "orders",
+                "customer_id",
+                "customers",
+                &[("id", "bigint", r.get::<_, String>(0))],
                 Severity::Low,
-                t("orders"),
-                Some(row("orders", &[("id", "bigint", r.get::<_, String>(0))])),
-                "orphaned order",
             )
         })
         .collect();

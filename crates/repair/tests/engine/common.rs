@@ -2,8 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::sync::Arc;
+
 use sanare_core::{ColumnValue, RowRef, Severity, TableRef, Violation, ViolationKind};
-use sanare_repair::{ActionKey, RepairEngine, RepairEngineBuilder};
+use sanare_repair::testing::{FakeJournal, PgCopySnapshots, corpus_rules};
+use sanare_repair::{ActionKey, RepairConfig, RepairEngine, RepairEngineBuilder};
 use sanare_testing::fixtures::order_service;
 use sanare_testing::{TestDb, test_db};
 
@@ -20,6 +23,66 @@ pub(crate) async fn setup(orders: u64) -> TestDb {
 
 pub(crate) fn engine(db: &TestDb) -> RepairEngineBuilder {
     RepairEngine::builder().pool(db.pool().clone())
+}
+
+/// No severity or removal gate (tests that are not about approvals).
+pub(crate) fn lenient() -> RepairConfig {
+    RepairConfig::new()
+        .approval_severity(None)
+        .removals_need_approval(false)
+}
+
+/// The tables of the labelled corpus.
+pub(crate) const CORPUS_TABLES: [&str; 8] = [
+    "customers",
+    "products",
+    "orders",
+    "order_lines",
+    "payments",
+    "notes",
+    "tags",
+    "settings",
+];
+
+/// An engine for the labelled corpus: its snapshots, a journal whose order entries
+/// are no-ops and whose settings entries write `w`, its recompute rule, no row gate.
+pub(crate) fn corpus_engine(db: &TestDb, snaps: Arc<PgCopySnapshots>) -> RepairEngine {
+    let entries = (1..=200)
+        .map(|i| (format!("order-{i}"), format!("SELECT {i}")))
+        .chain((9..=10).map(|i| {
+            (
+                format!("setting-{i}"),
+                format!("UPDATE {S}.settings SET w = 'w' WHERE id = {i}"),
+            )
+        }))
+        .collect();
+    corpus_rules(engine(db), S)
+        .snapshots(snaps)
+        .journal(Arc::new(FakeJournal::new(db.pool().clone(), entries)))
+        .config(
+            RepairConfig::new()
+                .approval_severity(None)
+                .approval_max_rows(u64::MAX),
+        )
+        .build()
+        .unwrap()
+}
+
+/// A referential violation of `table.col` (to `parent.id`) on the row `key`.
+pub(crate) fn orphan(
+    table: &str,
+    col: &str,
+    parent: &str,
+    key: &[(&str, &str, String)],
+    severity: Severity,
+) -> Violation {
+    Violation::new(
+        referential(table, col, parent),
+        severity,
+        t(table),
+        Some(row(table, key)),
+        "orphaned row",
+    )
 }
 
 pub(crate) fn key() -> ActionKey {
@@ -106,18 +169,15 @@ pub(crate) async fn orphan_violations(db: &TestDb) -> Vec<Violation> {
     .unwrap()
     .iter()
     .map(|r| {
-        Violation::new(
-            referential("order_lines", "order_id", "orders"),
+        orphan(
+            "order_lines",
+            "order_id",
+            "orders",
+            &[
+                ("order_id", "bigint", r.get::<_, String>(0)),
+                ("line_no", "integer", r.get::<_, String>(1)),
+            ],
             Severity::High,
-            t("order_lines"),
-            Some(row(
-                "order_lines",
-                &[
-                    ("order_id", "bigint", r.get::<_, String>(0)),
-                    ("line_no", "integer", r.get::<_, String>(1)),
-                ],
-            )),
-            "orphaned order line",
         )
     })
     .collect()

@@ -7,7 +7,7 @@ use sanare_core::{
     ColumnValue, Control, Error, EventBus, ExecuteOptions, RepairService, RepairStatus,
     RepairStrategyKind, RowRef, Severity, TableRef, Violation, ViolationKind,
 };
-use sanare_repair::testing::{FakeJournal, PgCopySnapshots, corpus_rules, plant_corpus};
+use sanare_repair::testing::{PgCopySnapshots, plant_corpus};
 use sanare_repair::{CustomStrategy, Decision, RepairConfig, RowAction, TableFacts};
 
 use crate::common::*;
@@ -312,12 +312,7 @@ async fn failing_statement_dropped_connection_and_unfixed_violation_leave_data_u
 async fn a_concurrent_writer_or_a_cancellation_fails_the_repair_cleanly_and_it_can_be_retried() {
     let db = setup(50).await;
     let engine = engine(&db)
-        .config(
-            RepairConfig::new()
-                .approval_severity(None)
-                .removals_need_approval(false)
-                .lock_timeout(std::time::Duration::from_millis(200)),
-        )
+        .config(lenient().lock_timeout(std::time::Duration::from_millis(200)))
         .build()
         .unwrap();
     engine.migrate().await.unwrap();
@@ -362,14 +357,7 @@ async fn a_concurrent_writer_or_a_cancellation_fails_the_repair_cleanly_and_it_c
 #[tokio::test]
 async fn rollback_refuses_to_overwrite_later_writes() {
     let db = setup(50).await;
-    let engine = engine(&db)
-        .config(
-            RepairConfig::new()
-                .approval_severity(None)
-                .removals_need_approval(false),
-        )
-        .build()
-        .unwrap();
+    let engine = engine(&db).config(lenient()).build().unwrap();
     engine.migrate().await.unwrap();
     let violations = orphan_lines(&db, "12").await;
     let plan = engine.plan(&violations).await.unwrap().remove(0);
@@ -434,26 +422,7 @@ async fn the_labelled_corpus_gets_the_strategy_the_decision_table_names_and_repa
     let client = db.connect().await;
     let corpus = plant_corpus(&client, S, snaps.as_ref()).await.unwrap();
     assert!(corpus.len() >= 40, "{}", corpus.len());
-    let journal_entries = (1..=200)
-        .map(|i| (format!("order-{i}"), format!("SELECT {i}")))
-        .chain((9..=10).map(|i| {
-            (
-                format!("setting-{i}"),
-                format!("UPDATE {S}.settings SET w = 'w' WHERE id = {i}"),
-            )
-        }))
-        .collect();
-    let journal = Arc::new(FakeJournal::new(db.pool().clone(), journal_entries));
-    let engine = corpus_rules(engine(&db), S)
-        .snapshots(snaps)
-        .journal(journal)
-        .config(
-            RepairConfig::new()
-                .approval_severity(None)
-                .approval_max_rows(u64::MAX),
-        )
-        .build()
-        .unwrap();
+    let engine = corpus_engine(&db, snaps);
     engine.migrate().await.unwrap();
     let violations: Vec<Violation> = corpus.iter().map(|(v, _)| v.clone()).collect();
     let analysis = engine.analyze(&violations).await.unwrap();
@@ -482,16 +451,7 @@ async fn the_labelled_corpus_gets_the_strategy_the_decision_table_names_and_repa
     );
 
     // Every repairable plan of the corpus runs and re-validates clean.
-    let tables = [
-        "customers",
-        "products",
-        "orders",
-        "order_lines",
-        "payments",
-        "notes",
-        "tags",
-        "settings",
-    ];
+    let tables = CORPUS_TABLES;
     let mut damaged = Vec::new();
     for table in tables {
         damaged.push(hash(&db, table).await);

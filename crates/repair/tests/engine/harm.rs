@@ -14,12 +14,6 @@ use sanare_repair::{Decision, RepairConfig};
 
 use crate::common::*;
 
-fn lenient() -> RepairConfig {
-    RepairConfig::new()
-        .approval_severity(None)
-        .removals_need_approval(false)
-}
-
 /// Rows that changed since planning, or no longer violate, are skipped and reported;
 /// never overwritten.
 #[tokio::test]

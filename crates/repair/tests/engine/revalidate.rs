@@ -11,20 +11,9 @@ use std::sync::Arc;
 
 use sanare_core::{Control, ExecuteOptions, RepairService, RepairStatus, RepairStrategyKind};
 use sanare_repair::RepairConfig;
-use sanare_repair::testing::{FakeJournal, PgCopySnapshots, corpus_rules, plant_corpus};
+use sanare_repair::testing::{PgCopySnapshots, plant_corpus};
 
 use crate::common::*;
-
-const TABLES: [&str; 8] = [
-    "customers",
-    "products",
-    "orders",
-    "order_lines",
-    "payments",
-    "notes",
-    "tags",
-    "settings",
-];
 
 #[tokio::test]
 async fn a_repair_that_does_not_fix_its_violation_rolls_back_for_every_strategy() {
@@ -43,7 +32,7 @@ async fn a_repair_that_does_not_fix_its_violation_rolls_back_for_every_strategy(
         ),
     )
     .await;
-    for table in TABLES {
+    for table in CORPUS_TABLES {
         exec(
             &db,
             &format!(
@@ -53,30 +42,12 @@ async fn a_repair_that_does_not_fix_its_violation_rolls_back_for_every_strategy(
         )
         .await;
     }
-    // Journal entries that change nothing: the sabotage swallows the settings
-    // update, and the orders' entries are no-ops.
-    let entries = (1..=200)
-        .map(|i| (format!("order-{i}"), format!("SELECT {i}")))
-        .chain((9..=10).map(|i| {
-            (
-                format!("setting-{i}"),
-                format!("UPDATE {S}.settings SET w = 'w' WHERE id = {i}"),
-            )
-        }))
-        .collect();
-    let engine = corpus_rules(engine(&db), S)
-        .snapshots(snaps)
-        .journal(Arc::new(FakeJournal::new(db.pool().clone(), entries)))
-        .config(
-            RepairConfig::new()
-                .approval_severity(None)
-                .approval_max_rows(u64::MAX),
-        )
-        .build()
-        .unwrap();
+    // The journal's entries change nothing: the orders' are no-ops, and the
+    // sabotage swallows the settings' update.
+    let engine = corpus_engine(&db, snaps);
     engine.migrate().await.unwrap();
     let mut before = Vec::new();
-    for table in TABLES {
+    for table in CORPUS_TABLES {
         before.push(hash(&db, table).await);
     }
     let violations: Vec<_> = corpus.iter().map(|(v, _)| v.clone()).collect();
@@ -116,7 +87,7 @@ async fn a_repair_that_does_not_fix_its_violation_rolls_back_for_every_strategy(
             rec.rule
         ));
     }
-    for (table, hash_before) in TABLES.iter().zip(&before) {
+    for (table, hash_before) in CORPUS_TABLES.iter().zip(&before) {
         assert_eq!(&hash(&db, table).await, hash_before, "{table} unchanged");
     }
     let want: BTreeSet<String> = [

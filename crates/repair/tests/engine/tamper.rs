@@ -60,14 +60,7 @@ async fn refused(
 }
 
 async fn planned_orphans(db: &TestDb) -> (RepairEngine, RepairId, Vec<String>) {
-    let engine = engine(db)
-        .config(
-            RepairConfig::new()
-                .approval_severity(None)
-                .removals_need_approval(false),
-        )
-        .build()
-        .unwrap();
+    let engine = engine(db).config(lenient()).build().unwrap();
     engine.migrate().await.unwrap();
     canary(db).await;
     let violations = orphan_lines(db, "7, 8").await;
