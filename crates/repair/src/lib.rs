@@ -168,7 +168,6 @@ pub use record::RepairRecord;
 pub use run::{REPAIR_BATCH, repair_all};
 pub use targets::RepairTarget;
 
-use sanare_core::Violation;
 use sanare_pg::{Migration, Migrations, SchemaName};
 
 /// The repair engine's tables (`repair_operations`, `repair_undo`, `repair_targets`,
@@ -202,7 +201,7 @@ impl RepairEngine {
     /// strategies first), without recording anything.
     pub async fn analyze(
         &self,
-        violations: &[Violation],
+        violations: &[sanare_core::Violation],
     ) -> sanare_core::Result<Vec<(Decision, TableFacts)>> {
         plan::Planner::new(self).analyze(violations).await
     }

@@ -191,20 +191,30 @@ pub(crate) async fn orphans(db: &TestDb) -> i64 {
     .await
 }
 
-/// A canary: a table and a function that writes to it. Any SQL smuggled into a
-/// stored repair calls `shop.canary()`; the table must stay empty.
+/// A canary: a table and a function that writes to it and advances a sequence. Any
+/// SQL smuggled into a stored repair calls `shop.canary()`; the table must stay empty
+/// and the sequence unused. The sequence is not transactional, so it also catches SQL
+/// that ran in a dry run (rolled back).
 pub(crate) async fn canary(db: &TestDb) {
     exec(
         db,
         &format!(
             "CREATE TABLE {S}.canary (at timestamptz DEFAULT now());
+             CREATE SEQUENCE {S}.canary_calls;
              CREATE FUNCTION {S}.canary() RETURNS boolean LANGUAGE sql
-               AS $$ INSERT INTO {S}.canary DEFAULT VALUES RETURNING true $$;"
+               AS $$ SELECT nextval('{S}.canary_calls'); INSERT INTO {S}.canary DEFAULT VALUES RETURNING true $$;"
         ),
     )
     .await;
 }
 
+/// How many times the canary was called (committed or not).
 pub(crate) async fn canary_calls(db: &TestDb) -> i64 {
-    count(db, &format!("SELECT count(*) FROM {S}.canary")).await
+    let called = count(
+        db,
+        &format!("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {S}.canary_calls"),
+    )
+    .await;
+    let rows = count(db, &format!("SELECT count(*) FROM {S}.canary")).await;
+    called.max(rows)
 }

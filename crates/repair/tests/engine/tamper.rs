@@ -33,10 +33,11 @@ async fn refused(
     why: &str,
 ) {
     for options in [ExecuteOptions::dry_run(), ExecuteOptions::new()] {
-        let err = engine
+        let result = engine
             .execute(repair, options.clone(), &Control::detached())
-            .await
-            .expect_err("a tampered repair must be refused");
+            .await;
+        assert_eq!(canary_calls(db).await, 0, "no smuggled SQL ran: {result:?}");
+        let err = result.expect_err("a tampered repair must be refused");
         assert!(
             err.to_string().contains(why),
             "{why:?} not in the refusal: {err}"
@@ -358,7 +359,8 @@ async fn an_assignment_calling_a_function_is_refused_unless_its_keyed_hash_verif
         &db,
         plan.id,
         "UPDATE sanare.repair_operations
-            SET action = jsonb_set(action, '{op,set,0,1}', '\"t.quantity + (SELECT CASE WHEN shop.canary() THEN 0 END)\"')
+            SET action = jsonb_set(jsonb_set(action, '{op,set,0,1}', '\"t.quantity + (SELECT CASE WHEN shop.canary() THEN 0 END)\"'),
+                                   '{op,predicate}', '\"t.order_id = 5 AND shop.canary()\"')
           WHERE id = $1",
     )
     .await;
@@ -375,7 +377,8 @@ async fn an_assignment_calling_a_function_is_refused_unless_its_keyed_hash_verif
     tamper(
         &db,
         plan.id,
-        "UPDATE sanare.repair_operations SET action = jsonb_set(action, '{op,set,0,1}', '\"t.quantity + 1\"') WHERE id = $1",
+        "UPDATE sanare.repair_operations SET action = jsonb_set(jsonb_set(action, '{op,set,0,1}', '\"t.quantity + 1\"'),
+                '{op,predicate}', '\"t.order_id = 5 AND t.quantity < 0\"') WHERE id = $1",
     )
     .await;
     let other = crate::common::engine(&db)
