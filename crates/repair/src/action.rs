@@ -610,3 +610,72 @@ impl Resolved {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repair() -> RepairId {
+        RepairId::from_uuid(uuid::Uuid::from_u128(
+            0x0192_0000_0000_7000_8000_0000_0000_0001,
+        ))
+    }
+
+    /// Golden vector of the stored action encoding (version 2): a change to the
+    /// encoding breaks stored plans and must come with a migration.
+    #[test]
+    fn the_stored_action_encoding_is_stable_and_only_its_canonical_form_is_accepted() {
+        let action = Action {
+            version: ACTION_VERSION,
+            table: TableRef::new("shop", "order_lines"),
+            key_columns: vec!["order_id".into(), "line_no".into()],
+            op: Op::Update {
+                set: vec![Assign::Null {
+                    column: "order_id".into(),
+                }],
+                check: Check::Orphan {
+                    columns: vec!["order_id".into()],
+                    parent: TableRef::new("shop", "orders"),
+                    parent_columns: vec!["id".into()],
+                },
+            },
+        };
+        let golden = r#"{"key_columns":["order_id","line_no"],"op":{"check":{"check":"orphan","columns":["order_id"],"parent":{"name":"orders","schema":"shop"},"parent_columns":["id"]},"op":"update","set":[{"column":"order_id","set":"null"}]},"table":{"name":"order_lines","schema":"shop"},"version":2}"#;
+        let value = serde_json::to_value(&action).unwrap();
+        assert_eq!(value.to_string(), golden);
+        let parsed = Stored::parse(repair(), &serde_json::from_str(golden).unwrap()).unwrap();
+        assert!(matches!(parsed, Stored::Current(a) if *a == action));
+        let mut extra = value.clone();
+        extra["op"]["cond"] = "true".into();
+        assert!(Stored::parse(repair(), &extra).is_err());
+        let mut old = value;
+        old["version"] = 1.into();
+        assert!(Stored::parse(repair(), &old).is_err());
+        assert!(matches!(
+            Stored::parse(repair(), &serde_json::json!({"legacy": {"op": "delete"}})).unwrap(),
+            Stored::Legacy
+        ));
+    }
+
+    /// Golden vector of a host strategy's keyed hash.
+    #[test]
+    fn the_keyed_hash_of_a_host_strategy_is_stable() {
+        let key = ActionKey::from_bytes([7; 32]);
+        let set = Some(vec![("quantity".to_owned(), "t.quantity + 1".to_owned())]);
+        let message = custom_message(
+            repair(),
+            &TableRef::new("shop", "order_lines"),
+            "fix",
+            "t.quantity < 0",
+            &set,
+        );
+        assert_eq!(
+            String::from_utf8(message.clone()).unwrap(),
+            r#"["sanare-repair-custom-v1","01920000-0000-7000-8000-000000000001",{"name":"order_lines","schema":"shop"},"fix","t.quantity < 0",[["quantity","t.quantity + 1"]]]"#
+        );
+        assert_eq!(
+            key.sign(&message),
+            "29fd29f13bbb1473fa49c4abccd7c300f88523c7dbf8078bb3570f5ee16895b0"
+        );
+    }
+}
