@@ -280,23 +280,7 @@ async fn orphans(figures: &mut Figures, c: &tokio_postgres::Client, engine: &Rep
     .await
     .expect("baseline");
     figures.set("orphan_baseline_bare_delete_s", t.elapsed().as_secs_f64());
-    let before = hash(c, "order_lines").await;
-    let t = Instant::now();
-    let plan = engine.plan(&violations).await.expect("plan").remove(0);
-    let out = engine
-        .execute(plan.id, ExecuteOptions::new(), &Control::detached())
-        .await
-        .expect("execute");
-    assert_eq!(out.status, RepairStatus::Completed, "{:?}", out.message);
-    assert_eq!(out.rows_affected, 1000);
-    figures.set("orphan_repair_s", t.elapsed().as_secs_f64());
-    let t = Instant::now();
-    engine
-        .rollback(plan.id, &Control::detached())
-        .await
-        .expect("rollback");
-    figures.set("orphan_rollback_s", t.elapsed().as_secs_f64());
-    assert_eq!(hash(c, "order_lines").await, before);
+    timed_repair(figures, c, engine, &violations, "order_lines", "orphan").await;
 }
 
 /// 100 corrupted customers restored by primary key from a snapshot, against the
@@ -320,7 +304,6 @@ async fn snapshot_rows(
     ))
     .await
     .expect("corrupt");
-    let corrupted = hash(c, "customers").await;
     let violations: Vec<Violation> = (1..=100)
         .map(|id| {
             Violation::new(
@@ -352,25 +335,42 @@ async fn snapshot_rows(
         "snapshot_row_baseline_bare_update_s",
         t.elapsed().as_secs_f64(),
     );
+    let rollback_rows =
+        timed_repair(figures, c, engine, &violations, "customers", "snapshot_row").await;
+    let orphans = figures.get("orphan_rollback_s").unwrap_or(0.0);
+    figures.set("rollback_max_s", orphans.max(rollback_rows));
+}
+
+/// Plans, runs and rolls back the repair of `violations` (one plan, every row
+/// changed), recording `<name>_repair_s` and `<name>_rollback_s`; checks the
+/// rollback is byte-exact and returns its seconds.
+async fn timed_repair(
+    figures: &mut Figures,
+    c: &tokio_postgres::Client,
+    engine: &RepairEngine,
+    violations: &[Violation],
+    table: &str,
+    name: &str,
+) -> f64 {
+    let before = hash(c, table).await;
     let t = Instant::now();
-    let plan = engine.plan(&violations).await.expect("plan").remove(0);
+    let plan = engine.plan(violations).await.expect("plan").remove(0);
     let out = engine
         .execute(plan.id, ExecuteOptions::new(), &Control::detached())
         .await
         .expect("execute");
     assert_eq!(out.status, RepairStatus::Completed, "{:?}", out.message);
-    assert_eq!(out.rows_affected, 100);
-    figures.set("snapshot_row_repair_s", t.elapsed().as_secs_f64());
+    assert_eq!(out.rows_affected, violations.len() as u64);
+    figures.set(&format!("{name}_repair_s"), t.elapsed().as_secs_f64());
     let t = Instant::now();
     engine
         .rollback(plan.id, &Control::detached())
         .await
         .expect("rollback");
-    let rollback_rows = t.elapsed().as_secs_f64();
-    figures.set("snapshot_row_rollback_s", rollback_rows);
-    assert_eq!(hash(c, "customers").await, corrupted);
-    let orphans = figures.get("orphan_rollback_s").unwrap_or(0.0);
-    figures.set("rollback_max_s", orphans.max(rollback_rows));
+    let rollback = t.elapsed().as_secs_f64();
+    figures.set(&format!("{name}_rollback_s"), rollback);
+    assert_eq!(hash(c, table).await, before, "rollback is byte-exact");
+    rollback
 }
 
 /// The pure decision table, with criterion.
