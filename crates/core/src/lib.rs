@@ -57,7 +57,7 @@ pub use repair::{
 pub use row::{ColumnValue, RowChecksum, RowImage, RowRef, TableRef, quote_ident};
 pub use severity::Severity;
 pub use snapshot::{
-    RestoreOutcome, RestoreRequest, RestoreTarget, SnapshotInfo, SnapshotRequest, SnapshotService,
+    RestoreMode, RestoreOutcome, RestoreRequest, RestoreTarget, SnapshotInfo, SnapshotRequest, SnapshotService,
     SnapshotStatus, TableRowCount, VerifyReport,
 };
 pub use violation::{CorruptionKind, Violation, ViolationKind};

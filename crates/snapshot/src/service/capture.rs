@@ -74,6 +74,7 @@ impl Snapshots {
             None => None,
         };
         let tables = self.resolve_tables(&*tx, request).await?;
+        let tables = without_nested_partitions(&*tx, tables).await?;
         let progress = control.progress();
         progress.phase("capturing tables", "tables", Some(tables.len() as u64));
         let mut index = Index {
@@ -322,28 +323,7 @@ impl Snapshots {
     ) -> Result<(TableIndex, u64)> {
         let (columns, primary_key) = describe(tx, table).await?;
         let sequences = sequences(tx, table).await?;
-        let cols = columns
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Rows in primary key order: where a row lives in the heap (which updates
-        // change) then does not move it between blocks, so an update touches only
-        // the blocks around its key and appended keys only the last blocks.
-        let sql = if primary_key.is_empty() {
-            format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", table.quoted())
-        } else {
-            let order = primary_key
-                .iter()
-                .filter_map(|&i| columns.get(usize::from(i)))
-                .map(|c| quote_ident(&c.name))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!(
-                "COPY (SELECT {cols} FROM {} ORDER BY {order}) TO STDOUT (FORMAT binary)",
-                table.quoted()
-            )
-        };
+        let sql = copy_out_sql(tx, table, &columns, &primary_key).await?;
         let stream = tx
             .copy_out(&sql)
             .await
@@ -497,6 +477,95 @@ pub(super) async fn encode(block: RowBlock, codec: Codec) -> Result<(BlockRef, V
         },
         object,
     ))
+}
+
+/// The `COPY … TO STDOUT (FORMAT binary)` that reads `table`'s captured rows.
+///
+/// Rows come in primary key order: where a row lives in the heap (which updates
+/// change) then does not move it between blocks, so an update touches only the
+/// blocks around its key and appended keys only the last blocks. A plain table's
+/// rows are its own (`ONLY`: the rows of its inheritance children are theirs, and
+/// they are captured as tables of their own); a partitioned table's rows are those
+/// of all its partitions.
+pub(super) async fn copy_out_sql(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableRef,
+    columns: &[ColumnDef],
+    primary_key: &[u16],
+) -> Result<String> {
+    let plain: bool = client
+        .query_one(
+            "SELECT relkind = 'r' FROM pg_class WHERE oid = (quote_ident($1) || '.' || quote_ident($2))::regclass",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("looking up {table}"))?
+        .get(0);
+    let cols = columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let only = if plain { "ONLY " } else { "" };
+    Ok(if primary_key.is_empty() {
+        if plain {
+            // COPY TO reads the table's own rows only.
+            format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", table.quoted())
+        } else {
+            format!(
+                "COPY (SELECT {cols} FROM {}) TO STDOUT (FORMAT binary)",
+                table.quoted()
+            )
+        }
+    } else {
+        let order = primary_key
+            .iter()
+            .filter_map(|&i| columns.get(usize::from(i)))
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "COPY (SELECT {cols} FROM {only}{} ORDER BY {order}) TO STDOUT (FORMAT binary)",
+            table.quoted()
+        )
+    })
+}
+
+/// Leaves out of `tables` every partition whose partitioned ancestor is also in
+/// it: the ancestor's rows are its partitions' rows, and they would be captured
+/// (and restored) twice.
+pub(super) async fn without_nested_partitions(
+    client: &impl tokio_postgres::GenericClient,
+    tables: Vec<TableRef>,
+) -> Result<Vec<TableRef>> {
+    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let rows = client
+        .query(
+            "WITH asked AS (
+                 SELECT t.ord, c.oid FROM unnest($1::text[], $2::text[]) WITH ORDINALITY t(s, n, ord)
+                   JOIN pg_namespace ns ON ns.nspname = t.s
+                   JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = t.n)
+             SELECT a.ord FROM asked a
+              WHERE EXISTS (
+                  WITH RECURSIVE up(oid) AS (
+                      SELECT i.inhparent FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                       WHERE i.inhrelid = a.oid AND c.relispartition
+                    UNION
+                      SELECT i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.oid
+                        JOIN pg_class c ON c.oid = i.inhrelid AND c.relispartition)
+                  SELECT 1 FROM up WHERE up.oid IN (SELECT oid FROM asked))",
+            &[&schemas, &names],
+        )
+        .await
+        .context("looking for partitions captured with their partitioned table")?;
+    let nested: BTreeSet<i64> = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
+    Ok(tables
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !nested.contains(&(*i as i64 + 1)))
+        .map(|(_, t)| t)
+        .collect())
 }
 
 /// The captured columns (stored generated columns excluded) and primary key positions.

@@ -38,6 +38,7 @@ mod blocks;
 mod capture;
 mod maintenance;
 mod restore;
+mod parallel;
 mod rows;
 mod sources;
 
