@@ -89,18 +89,28 @@ async fn not_valid_constraints_stay_not_valid_and_their_rows_come_back() {
     .await;
     let rows = e.rows("z").await;
     let objects = e.objects("z").await;
-    assert!(objects.iter().any(|o| o.contains("item_qty_positive") && o.contains("validated=f ")));
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.contains("item_qty_positive") && o.contains("validated=f "))
+    );
     let snap = e.capture(&["z"]).await;
     // The rows that break the NOT VALID constraints go; new rows must obey them.
-    e.exec("DELETE FROM z.item WHERE qty <= 0 OR parent_id = 999 OR size >= 40;
-            UPDATE z.item SET qty = qty + 100 WHERE id % 3 = 0;")
-        .await;
+    e.exec(
+        "DELETE FROM z.item WHERE qty <= 0 OR parent_id = 999 OR size >= 40;
+            UPDATE z.item SET qty = qty + 100 WHERE id % 3 = 0;",
+    )
+    .await;
     assert_ne!(e.rows("z").await, rows);
     e.restore(RestoreRequest::new(snap.id)).await.unwrap();
     assert_eq!(e.rows("z").await, rows);
     assert_eq!(e.objects("z").await, objects);
     // Still enforced for new rows.
-    let err = e.db.client().await.batch_execute("INSERT INTO z.item VALUES (100, -1, 1, 1)").await;
+    let err =
+        e.db.client()
+            .await
+            .batch_execute("INSERT INTO z.item VALUES (100, -1, 1, 1)")
+            .await;
     assert!(err.is_err());
 }
 
@@ -123,22 +133,41 @@ async fn invalid_indexes_stay_as_they_were() {
         "CREATE INDEX CONCURRENTLY t_expr ON z.t ((100 / (y - 50)))",
         "CREATE UNIQUE INDEX CONCURRENTLY nokey_a ON z.nokey (a)",
     ] {
-        assert!(e.db.client().await.batch_execute(sql).await.is_err(), "{sql}");
+        assert!(
+            e.db.client().await.batch_execute(sql).await.is_err(),
+            "{sql}"
+        );
     }
     let rows = e.rows("z").await;
     let objects = e.objects("z").await;
-    assert_eq!(objects.iter().filter(|o| o.contains("valid=f ")).count(), 3, "{objects:#?}");
+    assert_eq!(
+        objects.iter().filter(|o| o.contains("valid=f ")).count(),
+        3,
+        "{objects:#?}"
+    );
     let snap = e.capture(&["z"]).await;
-    e.exec("UPDATE z.t SET x = -x WHERE id % 4 = 0; DELETE FROM z.child WHERE id > 40;
+    e.exec(
+        "UPDATE z.t SET x = -x WHERE id % 4 = 0; DELETE FROM z.child WHERE id > 40;
             DELETE FROM z.t WHERE id > 150; INSERT INTO z.t VALUES (1000, 1, 1);
-            DELETE FROM z.nokey WHERE a = 3; INSERT INTO z.nokey VALUES (42, 'new');")
-        .await;
+            DELETE FROM z.nokey WHERE a = 3; INSERT INTO z.nokey VALUES (42, 'new');",
+    )
+    .await;
     assert_ne!(e.rows("z").await, rows);
     let out = e.restore(RestoreRequest::new(snap.id)).await.unwrap();
     assert_eq!(e.rows("z").await, rows);
     assert_eq!(e.objects("z").await, objects);
-    assert!(out.notes.iter().any(|n| n.contains("z.t") && n.contains("invalid")), "{:?}", out.notes);
-    assert!(out.notes.iter().any(|n| n.contains("z.nokey")), "{:?}", out.notes);
+    assert!(
+        out.notes
+            .iter()
+            .any(|n| n.contains("z.t") && n.contains("invalid")),
+        "{:?}",
+        out.notes
+    );
+    assert!(
+        out.notes.iter().any(|n| n.contains("z.nokey")),
+        "{:?}",
+        out.notes
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,9 +228,21 @@ async fn triggers_do_not_fire_unless_asked_and_keep_their_state() {
     let audit = e.rows("side").await;
     assert_ne!(e.rows("z").await, rows);
     e.restore(RestoreRequest::new(snap.id)).await.unwrap();
-    assert_eq!(e.rows("z").await, rows, "rows as captured, not as the triggers write them");
-    assert_eq!(e.rows("side").await, audit, "no trigger wrote to the audit table");
-    assert_eq!(e.objects("z").await, objects, "every trigger in the state it was");
+    assert_eq!(
+        e.rows("z").await,
+        rows,
+        "rows as captured, not as the triggers write them"
+    );
+    assert_eq!(
+        e.rows("side").await,
+        audit,
+        "no trigger wrote to the audit table"
+    );
+    assert_eq!(
+        e.objects("z").await,
+        objects,
+        "every trigger in the state it was"
+    );
 
     // Asked for: they fire, the TRUNCATE trigger too (the table has no references).
     e.restore(RestoreRequest::new(snap.id).fire_triggers(true))
@@ -209,7 +250,10 @@ async fn triggers_do_not_fire_unless_asked_and_keep_their_state() {
         .unwrap();
     let client = e.db.client().await;
     let fired: Vec<(String, i64)> = client
-        .query("SELECT what, count(*) FROM side.audit WHERE n > $1 GROUP BY 1 ORDER BY 1", &[&(audit[0].1 as i32)])
+        .query(
+            "SELECT what, count(*) FROM side.audit WHERE n > $1 GROUP BY 1 ORDER BY 1",
+            &[&(audit[0].1 as i32)],
+        )
         .await
         .unwrap()
         .iter()
@@ -224,7 +268,10 @@ async fn triggers_do_not_fire_unless_asked_and_keep_their_state() {
         ]
     );
     let stamped: i64 = client
-        .query_one("SELECT count(*) FROM z.acct WHERE touched = 'by trigger'", &[])
+        .query_one(
+            "SELECT count(*) FROM z.acct WHERE touched = 'by trigger'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -274,21 +321,31 @@ async fn partitioned_and_inherited_tables_come_back_row_for_row_in_their_partiti
         ["z.animal", "z.cat", "z.dog", "z.h", "z.m", "z.ref_h"],
         "partitions are captured with their partitioned table"
     );
-    let animals = snap.tables.iter().find(|t| t.table.name == "animal").unwrap();
-    assert_eq!(animals.rows, 100, "a parent's own rows only, not its children's");
-    e.exec("DELETE FROM z.m WHERE id % 4 = 0; UPDATE z.m SET v = 1000 WHERE id % 5 = 0;
+    let animals = snap
+        .tables
+        .iter()
+        .find(|t| t.table.name == "animal")
+        .unwrap();
+    assert_eq!(
+        animals.rows, 100,
+        "a parent's own rows only, not its children's"
+    );
+    e.exec(
+        "DELETE FROM z.m WHERE id % 4 = 0; UPDATE z.m SET v = 1000 WHERE id % 5 = 0;
             UPDATE z.m SET region = 'eu' WHERE id % 7 = 0 AND region <> 'eu' AND v >= 0;
             DELETE FROM z.ref_h WHERE id > 300; DELETE FROM z.h WHERE id > 800;
             UPDATE z.animal SET name = 'renamed';
-            DELETE FROM z.dog WHERE id % 2 = 0; INSERT INTO z.cat VALUES (500, 'new cat', true);")
-        .await;
+            DELETE FROM z.dog WHERE id % 2 = 0; INSERT INTO z.cat VALUES (500, 'new cat', true);",
+    )
+    .await;
     assert_ne!(e.rows("z").await, rows);
     e.restore(RestoreRequest::new(snap.id)).await.unwrap();
     assert_eq!(e.rows("z").await, rows);
     assert_eq!(e.objects("z").await, objects);
 
     // An inheritance parent alone: its children keep their rows.
-    e.exec("UPDATE z.animal SET name = 'again'; DELETE FROM z.dog WHERE id % 3 = 0;").await;
+    e.exec("UPDATE z.animal SET name = 'again'; DELETE FROM z.dog WHERE id % 3 = 0;")
+        .await;
     let changed = e.rows("z").await;
     e.restore(RestoreRequest::new(snap.id).tables([table("z.animal")]))
         .await
@@ -323,18 +380,27 @@ async fn a_parent_restored_alone_keeps_its_childrens_references() {
     let objects = e.objects("z").await;
     let snap = e.capture(&["z"]).await;
     // Customers without orders (401..500) may go; others change; a new one comes.
-    e.exec("UPDATE z.customer SET name = 'changed' WHERE id % 3 = 0;
+    e.exec(
+        "UPDATE z.customer SET name = 'changed' WHERE id % 3 = 0;
             DELETE FROM z.customer WHERE id > 450;
             INSERT INTO z.customer VALUES (9000, 'new', 'new@example.org');
-            UPDATE z.orders SET total = 0 WHERE id % 10 = 0;")
-        .await;
-    let orders_before = e.rows("z").await.into_iter().find(|r| r.0 == "z.orders").unwrap();
+            UPDATE z.orders SET total = 0 WHERE id % 10 = 0;",
+    )
+    .await;
+    let orders_before = e
+        .rows("z")
+        .await
+        .into_iter()
+        .find(|r| r.0 == "z.orders")
+        .unwrap();
     let out = e
         .restore(RestoreRequest::new(snap.id).tables([table("z.customer")]))
         .await
         .unwrap();
     assert!(
-        out.notes.iter().any(|n| n.contains("z.customer") && n.contains("z.orders")),
+        out.notes
+            .iter()
+            .any(|n| n.contains("z.customer") && n.contains("z.orders")),
         "{:?}",
         out.notes
     );
@@ -344,10 +410,12 @@ async fn a_parent_restored_alone_keeps_its_childrens_references() {
     assert_eq!(e.objects("z").await, objects);
 
     // A customer an order references that the snapshot lacks: refused, nothing changed.
-    e.exec("INSERT INTO z.customer VALUES (9001, 'late', 'late@example.org');
+    e.exec(
+        "INSERT INTO z.customer VALUES (9001, 'late', 'late@example.org');
             INSERT INTO z.orders VALUES (9001, 9001, NULL, 1);
-            UPDATE z.customer SET name = 'changed again' WHERE id = 5;")
-        .await;
+            UPDATE z.customer SET name = 'changed again' WHERE id = 5;",
+    )
+    .await;
     let before = e.rows("z").await;
     let err = e
         .restore(RestoreRequest::new(snap.id).tables([table("z.customer")]))
@@ -355,7 +423,13 @@ async fn a_parent_restored_alone_keeps_its_childrens_references() {
         .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
-    for part in ["z.customer", "z.orders", "orders_customer_id_fkey", "9001", "changed nothing"] {
+    for part in [
+        "z.customer",
+        "z.orders",
+        "orders_customer_id_fkey",
+        "9001",
+        "changed nothing",
+    ] {
         assert!(text.contains(part), "{part} missing from: {text}");
     }
     assert_eq!(e.rows("z").await, before);

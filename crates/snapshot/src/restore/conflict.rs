@@ -25,9 +25,11 @@ pub(crate) fn explain(table: &str, doing: &str, err: tokio_postgres::Error) -> E
     if !is_data_conflict(db.code().code()) {
         return sanare_pg::map_pg_error(format!("{doing} ({table})"), err);
     }
+    // A parallel restore's shadow tables stand for the live ones.
+    let named = qualified(db.schema(), db.table()).filter(|t| !t.contains("sanare_shadow_"));
     let mut msg = format!(
         "the snapshot's rows conflict with the live schema of {}: {}",
-        qualified(db.schema(), db.table()).unwrap_or_else(|| table.to_owned()),
+        named.unwrap_or_else(|| table.to_owned()),
         db.message()
     );
     if let Some(c) = db.constraint() {

@@ -22,6 +22,8 @@ pub(crate) struct ForeignKey {
     pub(crate) inside: bool,
     /// The referenced relation.
     pub(crate) parent: u32,
+    /// The referenced relation, as `regclass` prints it.
+    pub(crate) parent_name: String,
     /// The referencing columns, in key order.
     pub(crate) columns: Vec<String>,
     /// The referenced columns, in key order.
@@ -49,14 +51,14 @@ pub(crate) struct ForeignKey {
 /// is set only when all of that holds; otherwise the planner chooses as usual. The
 /// plan changes only the speed of the check, never its outcome.
 pub(crate) async fn foreign_keys(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl tokio_postgres::GenericClient,
     tree: &[u32],
     frozen: &[u32],
 ) -> Result<(Vec<ForeignKey>, String)> {
     let rows = tx
         .query(
             &format!(
-            "WITH tree AS (SELECT unnest($1::oid[]) AS oid),
+                "WITH tree AS (SELECT unnest($1::oid[]) AS oid),
                   frozen AS (SELECT unnest($2::oid[]) AS oid)
              SELECT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid),
                     current_setting('server_version_num')::int >= 140000
@@ -74,13 +76,14 @@ pub(crate) async fn foreign_keys(
                             JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n
                            ORDER BY k.o),
                     (SELECT relkind = 'r' FROM pg_class WHERE oid = c.conrelid),
-                    obj_description(c.oid, 'pg_constraint')
+                    obj_description(c.oid, 'pg_constraint'),
+                    c.confrelid::regclass::text
                FROM pg_constraint c
               WHERE c.contype = 'f' AND c.conparentid = 0
                 AND (c.conrelid IN (SELECT oid FROM tree) OR c.confrelid IN (SELECT oid FROM tree))
               ORDER BY c.oid",
-            child_index = leading_btree_index("c.conrelid", "c.conkey"),
-            parent_index = leading_btree_index("c.confrelid", "c.confkey"),
+                child_index = leading_btree_index("c.conrelid", "c.conkey"),
+                parent_index = leading_btree_index("c.confrelid", "c.confkey"),
             ),
             &[&tree, &frozen],
         )
@@ -102,6 +105,7 @@ pub(crate) async fn foreign_keys(
             parent_columns: r.get(8),
             child_plain: r.get(9),
             comment: r.get(10),
+            parent_name: r.get(11),
         })
         .collect();
     Ok((keys, hashjoin))
@@ -169,6 +173,7 @@ mod tests {
             merge_check,
             inside: true,
             parent: 0,
+            parent_name: "shop.orders".to_owned(),
             columns: vec!["order_id".to_owned()],
             parent_columns: vec!["id".to_owned()],
             child_plain: true,

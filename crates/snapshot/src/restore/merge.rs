@@ -142,11 +142,7 @@ impl<'a> InPlace<'a> {
     /// (compared by their text forms, which every type has).
     pub(crate) fn upsert(&self, key: &[String]) -> String {
         let key_q: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
-        let rest: Vec<&String> = self
-            .columns
-            .iter()
-            .filter(|c| !key_q.contains(c))
-            .collect();
+        let rest: Vec<&String> = self.columns.iter().filter(|c| !key_q.contains(c)).collect();
         let action = if rest.is_empty() {
             "DO NOTHING".to_owned()
         } else {
@@ -208,7 +204,9 @@ mod tests {
         );
         let up = m.upsert(&["id".into()]);
         assert!(
-            up.contains("ON CONFLICT (\"id\") DO UPDATE SET \"full name\" = EXCLUDED.\"full name\""),
+            up.contains(
+                "ON CONFLICT (\"id\") DO UPDATE SET \"full name\" = EXCLUDED.\"full name\""
+            ),
             "{up}"
         );
         assert!(up.contains("IS DISTINCT FROM"), "{up}");

@@ -7,3 +7,4 @@ pub(crate) mod indexes;
 pub(crate) mod keys;
 pub(crate) mod merge;
 pub(crate) mod plan;
+pub(crate) mod shadow;

@@ -37,8 +37,8 @@ use crate::store::BlockStore;
 mod blocks;
 mod capture;
 mod maintenance;
-mod restore;
 mod parallel;
+mod restore;
 mod rows;
 mod sources;
 

@@ -121,7 +121,13 @@ impl Snapshots {
             let cols = &tables[n].1;
             if let Method::Merge { outside, .. } = &rel.method {
                 let m = InPlace::new(rel, cols, n);
-                run(&tx, &rel.name, "locking it for an in-place restore", &m.lock()).await?;
+                run(
+                    &tx,
+                    &rel.name,
+                    "locking it for an in-place restore",
+                    &m.lock(),
+                )
+                .await?;
                 for fk in outside {
                     run(
                         &tx,
@@ -174,7 +180,10 @@ impl Snapshots {
 
     /// The settings of a restore's transaction: constraints that can wait for the
     /// commit do, and indexes are built with the configured memory.
-    pub(super) async fn prepare_restore_tx(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    pub(super) async fn prepare_restore_tx(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<()> {
         tx.batch_execute("SET CONSTRAINTS ALL DEFERRED")
             .await
             .context("deferring constraints for the restore")?;
@@ -223,15 +232,24 @@ impl Snapshots {
                     .await
             }
             Method::Merge { key, outside } => {
-                run(tx, &rel.name, "creating a temporary table", &m.create_temp()).await?;
+                run(
+                    tx,
+                    &rel.name,
+                    "creating a temporary table",
+                    &m.create_temp(),
+                )
+                .await?;
                 let rows = self
                     .copy_in(tx, &m.copy_to_temp(), &rel.name, id, t, control)
                     .await?;
                 for fk in outside {
-                    let lost = tx
-                        .query_opt(&m.lost_reference(fk), &[])
-                        .await
-                        .map_err(conflict::on(&fk.table, "checking references to the restored rows"))?;
+                    let lost =
+                        tx.query_opt(&m.lost_reference(fk), &[])
+                            .await
+                            .map_err(conflict::on(
+                                &fk.table,
+                                "checking references to the restored rows",
+                            ))?;
                     if let Some(row) = lost {
                         let values: String = row.get(0);
                         return Err(Error::conflict(format!(
@@ -245,8 +263,20 @@ impl Snapshots {
                         )));
                     }
                 }
-                run(tx, &rel.name, "deleting the rows the snapshot does not have", &m.delete_gone(key)).await?;
-                run(tx, &rel.name, "writing the snapshot's rows by key", &m.upsert(key)).await?;
+                run(
+                    tx,
+                    &rel.name,
+                    "deleting the rows the snapshot does not have",
+                    &m.delete_gone(key),
+                )
+                .await?;
+                run(
+                    tx,
+                    &rel.name,
+                    "writing the snapshot's rows by key",
+                    &m.upsert(key),
+                )
+                .await?;
                 Ok(rows)
             }
         }
