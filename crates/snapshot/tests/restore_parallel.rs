@@ -220,4 +220,26 @@ async fn a_parallel_restore_that_fails_leaves_the_live_tables_and_no_shadow() {
     assert_eq!(e.rows("z").await, before);
     assert_eq!(e.objects("z").await, objects);
     assert_eq!(shadows_left(&e).await, 0);
+
+    // Found later, once every shadow is loaded: a foreign key to a table outside
+    // the restore that lacks rows the snapshot references.
+    e.exec(
+        "ALTER TABLE z.a DROP CONSTRAINT a_n_small;
+            CREATE TABLE z.c (id int PRIMARY KEY); INSERT INTO z.c SELECT generate_series(1, 400);
+            ALTER TABLE z.b ADD CONSTRAINT b_c_fkey FOREIGN KEY (id) REFERENCES z.c;",
+    )
+    .await;
+    let before = e.rows("z").await;
+    let objects = e.objects("z").await;
+    let err = e
+        .restore(parallel(snap.id).tables([table("z.a"), table("z.b")]))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    for part in ["b_c_fkey", "(id)=(401)", "changed nothing"] {
+        assert!(text.contains(part), "{part} missing from: {text}");
+    }
+    assert_eq!(e.rows("z").await, before);
+    assert_eq!(e.objects("z").await, objects);
+    assert_eq!(shadows_left(&e).await, 0, "the loaded shadows are dropped");
 }

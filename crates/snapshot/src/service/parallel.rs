@@ -42,11 +42,73 @@ impl Snapshots {
                 )
             })
             .collect();
+        if self.inner.pool.status().max_size < 2 {
+            return Err(Error::config(
+                "snapshot.pool",
+                "a parallel restore needs a pool of at least 2 connections",
+            ));
+        }
+        // One parallel restore at a time per database: its connection holds a
+        // session lock for the whole restore (released when it ends, or when the
+        // connection drops with a crashed process), so shadows found at the start
+        // were left by a crashed restore and are dropped.
+        let lock = sanare_pg::get_conn(&self.inner.pool).await?;
+        let key = parallel_lock_key(&self.inner.schema);
+        let locked: bool = lock
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .context("taking the parallel restore lock")?
+            .get(0);
+        if !locked {
+            return Err(Error::conflict(
+                "another parallel restore of this database is running; wait for it to end",
+            ));
+        }
+        let result = self
+            .restore_parallel_locked(id, chosen, &tables, connections, control, &lock)
+            .await;
+        if let Err(e) = lock.execute("SELECT pg_advisory_unlock($1)", &[&key]).await {
+            // The connection is suspect: never hand it back to the pool with the lock.
+            tracing::warn!(error = %e, "could not release the parallel restore lock; closing its connection");
+            let _ = deadpool_postgres::Object::take(lock);
+        }
+        result
+    }
+
+    async fn restore_parallel_locked(
+        &self,
+        id: SnapshotId,
+        chosen: &[&TableIndex],
+        tables: &[(TableRef, Vec<String>)],
+        connections: u16,
+        control: &Control,
+        lock: &deadpool_postgres::Object,
+    ) -> Result<RestoreOutcome> {
+        let mut outcome = RestoreOutcome::new(id);
+        let schemas: Vec<&str> = tables.iter().map(|(t, _)| t.schema.as_str()).collect();
+        let leftovers: Vec<String> = lock
+            .query(
+                "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = ANY($1) AND c.relkind = 'r' AND c.relname LIKE 'sanare\\_shadow\\_%'",
+                &[&schemas],
+            )
+            .await
+            .context("looking for shadow tables of a crashed parallel restore")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !leftovers.is_empty() {
+            lock.batch_execute(&format!("DROP TABLE {}", leftovers.join(", ")))
+                .await
+                .context("dropping the shadow tables of a crashed parallel restore")?;
+            outcome.notes.push(format!(
+                "dropped the shadow tables a crashed parallel restore left: {}",
+                leftovers.join(", ")
+            ));
+        }
         let token = uuid::Uuid::now_v7().simple().to_string()[24..].to_owned();
-        let plan = {
-            let conn = sanare_pg::get_conn(&self.inner.pool).await?;
-            shadow::plan(&**conn, &tables, &token).await?
-        };
+        let client: &tokio_postgres::Client = lock;
+        let plan = shadow::plan(client, tables, &token).await?;
         let result = self
             .load_and_swap(id, chosen, &plan, connections, control)
             .await;
@@ -54,11 +116,13 @@ impl Snapshots {
             self.drop_shadows(&plan).await;
         }
         let rows = result?;
-        let mut outcome = RestoreOutcome::new(id);
         outcome.tables = tables
-            .into_iter()
+            .iter()
             .zip(rows)
-            .map(|((table, _), rows)| TableRowCount { table, rows })
+            .map(|((table, _), rows)| TableRowCount {
+                table: table.clone(),
+                rows,
+            })
             .collect();
         outcome.notes.push(format!(
             "{} tables loaded into shadow tables on up to {connections} connections and swapped in",
@@ -77,7 +141,8 @@ impl Snapshots {
         connections: u16,
         control: &Control,
     ) -> Result<Vec<u64>> {
-        let pool_max = self.inner.pool.status().max_size.max(1);
+        // One connection of the pool holds the parallel restore's lock.
+        let pool_max = self.inner.pool.status().max_size.saturating_sub(1).max(1);
         let workers = usize::from(connections.max(1))
             .min(pool_max)
             .min(chosen.len().max(1));
@@ -229,13 +294,22 @@ impl Snapshots {
                 return;
             }
         };
-        for s in &plan.tables {
-            if let Err(e) = conn
-                .batch_execute(&format!("DROP TABLE IF EXISTS {}", s.shadow))
-                .await
-            {
-                tracing::warn!(shadow = %s.shadow, error = %e, "could not drop a shadow table of a failed parallel restore; drop it by hand");
-            }
+        // In one statement: the foreign keys among the shadows tie them together.
+        let all: Vec<&str> = plan.tables.iter().map(|s| s.shadow.as_str()).collect();
+        if let Err(e) = conn
+            .batch_execute(&format!("DROP TABLE IF EXISTS {}", all.join(", ")))
+            .await
+        {
+            tracing::warn!(shadows = %all.join(", "), error = %e, "could not drop the shadow tables of a failed parallel restore; drop them by hand");
         }
     }
+}
+
+/// The session advisory lock key of parallel restores into the database of sanare
+/// schema `schema`.
+fn parallel_lock_key(schema: &SchemaName) -> i64 {
+    let h = blake3::hash(format!("sanare:snapshot:parallel-restore:{schema}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    i64::from_le_bytes(b)
 }
