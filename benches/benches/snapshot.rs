@@ -1,7 +1,10 @@
-//! Snapshot benchmarks on the order-service fixture (≥ 100 MB of table data):
-//! capture and restore against `pg_dump -Fc` / `pg_restore` in the same run,
-//! lz4 reduction, incremental growth after changing 1% of rows, capture peak RSS.
-//! A small criterion group measures block encoding alone.
+//! Snapshot benchmarks on the order-service schema filled with realistic rows
+//! (`sanare_benches::shop`: natural-language text, timestamps, numerics, jsonb;
+//! ≥ 100 MB of table data): capture and restore against `pg_dump -Fc` /
+//! `pg_restore` in the same run, the parallel restore against `pg_restore --jobs 2`,
+//! lz4 reduction, incremental growth after changing 1 % of rows (clustered, and
+//! spread uniformly over every table), capture peak RSS. A small criterion group
+//! measures block encoding alone.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
 
@@ -11,7 +14,7 @@ use std::time::Instant;
 
 use criterion::{Criterion, Throughput};
 use sanare_benches::{Figures, checkpoint};
-use sanare_core::{Control, RestoreRequest, SnapshotRequest, SnapshotService};
+use sanare_core::{Control, RestoreMode, RestoreRequest, SnapshotRequest, SnapshotService};
 use sanare_pg::SchemaName;
 use sanare_snapshot::{Codec, FsStore, Snapshots};
 use sanare_testing::fixtures::order_service;
@@ -65,7 +68,10 @@ async fn run(figures: &mut Figures) {
     } else {
         &["sanare_bench_snapshot"]
     };
-    for db in fixture_db.iter().chain(&["sanare_bench_snapshot_restore"]) {
+    for db in fixture_db.iter().chain(&[
+        "sanare_bench_snapshot_restore",
+        "sanare_bench_snapshot_restore_j2",
+    ]) {
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .await
@@ -95,7 +101,7 @@ async fn run(figures: &mut Figures) {
         client.batch_execute("VACUUM ANALYZE").await.unwrap();
     } else {
         order_service::install(&client, "shop").await.unwrap();
-        order_service::generate(&client, "shop", orders)
+        sanare_benches::shop::generate(&client, "shop", orders, 42)
             .await
             .unwrap();
         client.batch_execute("VACUUM ANALYZE").await.unwrap();
@@ -167,14 +173,15 @@ async fn run(figures: &mut Figures) {
         .await
         .unwrap();
     let inc = snaps.create(request(), &Control::detached()).await.unwrap();
-    client
-        .execute(
-            "UPDATE shop.orders SET note = 'spread' WHERE id % 100 = 7",
-            &[],
-        )
+    let spread = sanare_benches::shop::spread_update(&client, "shop", 1.0, 7)
         .await
         .unwrap();
     let inc_spread = snaps.create(request(), &Control::detached()).await.unwrap();
+    println!(
+        "incremental: {:.1} KB after the newest 1 % of orders changed, {:.1} KB after {spread} rows (1 % of every table) changed at random",
+        inc.stored_bytes as f64 / 1e3,
+        inc_spread.stored_bytes as f64 / 1e3
+    );
 
     // Restore: ours into the live tables vs pg_restore into a fresh database.
     checkpoint(&admin, "snapshot").await;
@@ -200,6 +207,34 @@ async fn run(figures: &mut Figures) {
     let pg_restore_s = t.elapsed().as_secs_f64();
     println!("restore: {restore_s:.2}s (pg_restore {pg_restore_s:.2}s)");
 
+    // Parallel: ours (shadow tables on 2 connections, then the swap) against
+    // pg_restore --jobs 2 into a fresh database.
+    checkpoint(&admin, "snapshot").await;
+    let t = Instant::now();
+    snaps
+        .restore(
+            RestoreRequest::new(full.id).mode(RestoreMode::Parallel { connections: 2 }),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    let parallel_s = t.elapsed().as_secs_f64();
+    admin
+        .batch_execute("CREATE DATABASE sanare_bench_snapshot_restore_j2")
+        .await
+        .unwrap();
+    checkpoint(&admin, "snapshot").await;
+    let t = Instant::now();
+    let st = Command::new(bin("pg_restore"))
+        .args(["--no-owner", "--jobs", "2", "-d"])
+        .arg(with_db(&admin_url, "sanare_bench_snapshot_restore_j2"))
+        .arg(&dump)
+        .status()
+        .unwrap();
+    assert!(st.success(), "pg_restore --jobs 2 failed");
+    let pg_restore_j2_s = t.elapsed().as_secs_f64();
+    println!("parallel restore: {parallel_s:.2}s (pg_restore --jobs 2 {pg_restore_j2_s:.2}s)");
+
     figures
         .set("table_data_mb", table_mb as f64)
         .set("raw_copy_mb", raw_mb)
@@ -210,6 +245,12 @@ async fn run(figures: &mut Figures) {
         .set("restore_s", restore_s)
         .set("pg_restore_s", pg_restore_s)
         .set("restore_vs_pg_restore_ratio", pg_restore_s / restore_s)
+        .set("parallel_restore_s", parallel_s)
+        .set("pg_restore_j2_s", pg_restore_j2_s)
+        .set(
+            "parallel_restore_vs_pg_restore_j2_ratio",
+            pg_restore_j2_s / parallel_s,
+        )
         .set(
             "lz4_reduction_pct",
             100.0 * (1.0 - full.stored_bytes as f64 / full.size_bytes as f64),
@@ -226,7 +267,9 @@ async fn run(figures: &mut Figures) {
         .set("rss_before_capture_mb", rss_before)
         .note(
             "workload",
-            format!("order-service fixture, {orders} orders, schema shop"),
+            format!(
+                "order-service schema, {orders} orders of realistic rows (sanare_benches::shop, seed 42), schema shop"
+            ),
         );
     drop(pool);
     let fixture_db: &[&str] = if keep {
@@ -234,7 +277,10 @@ async fn run(figures: &mut Figures) {
     } else {
         &["sanare_bench_snapshot"]
     };
-    for db in fixture_db.iter().chain(&["sanare_bench_snapshot_restore"]) {
+    for db in fixture_db.iter().chain(&[
+        "sanare_bench_snapshot_restore",
+        "sanare_bench_snapshot_restore_j2",
+    ]) {
         let _ = admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .await;

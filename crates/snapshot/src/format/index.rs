@@ -1,0 +1,464 @@
+//! The index of a snapshot (`SNIX`): per table its columns, key, sequences and
+//! block references (stored in content-defined group blocks), per host stream its
+//! blocks; and the bloom filters of the rows' keys.
+
+use std::collections::BTreeMap;
+
+use sanare_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{BlockId, open_raw, seal, seal_version};
+
+/// Magic of an index object.
+pub const INDEX_MAGIC: [u8; 4] = *b"SNIX";
+/// The version of the index format written by this crate: block references in
+/// content-defined groups stored as blocks (see [`Index::encode`]).
+pub const INDEX_VERSION: u16 = 2;
+
+/// One column of a captured table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnDef {
+    /// Its name.
+    pub name: String,
+    /// Its type as `format_type()` prints it.
+    pub type_name: String,
+}
+
+/// A sequence owned by a captured table, with its state at capture.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceState {
+    /// The sequence, schema-qualified and quoted as `regclass` prints it.
+    pub name: String,
+    /// `last_value`.
+    pub last_value: i64,
+    /// `is_called`.
+    pub is_called: bool,
+}
+
+/// A block of a table and a filter of the keys of its rows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRef {
+    /// The block.
+    pub id: BlockId,
+    /// Its uncompressed length.
+    pub raw_len: u32,
+    /// Rows in it.
+    pub rows: u32,
+    /// A bloom filter of the blake3 hashes of its rows' primary keys (empty when
+    /// the table has no primary key).
+    pub key_filter: Vec<u8>,
+}
+
+/// Everything needed to restore one table or find rows in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableIndex {
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// Captured columns in COPY order (stored generated columns are not captured).
+    pub columns: Vec<ColumnDef>,
+    /// Positions in `columns` of the primary key, in key order.
+    pub primary_key: Vec<u16>,
+    /// Owned sequences.
+    pub sequences: Vec<SequenceState>,
+    /// Rows captured.
+    pub rows: u64,
+    /// Uncompressed bytes of its rows.
+    pub raw_bytes: u64,
+    /// Its blocks, in row order.
+    pub blocks: Vec<BlockRef>,
+    /// The groups `blocks` is stored in (index version 2; empty in version 1).
+    #[serde(skip)]
+    pub groups: Vec<GroupRef>,
+}
+
+/// A group of consecutive [`BlockRef`]s of one table, stored as a block of its own
+/// so that an unchanged run of blocks costs nothing in the next snapshot's index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRef {
+    /// The block holding the group ([`encode_group`]).
+    pub id: BlockId,
+    /// How many block references it holds.
+    pub blocks: u32,
+}
+
+/// Magic at the start of a group block's content.
+pub const GROUP_MAGIC: [u8; 4] = *b"SNGR";
+const GROUP_MAX: usize = 256;
+
+/// Splits a table's block references into content-defined groups: a group ends
+/// after a block whose id's first byte is below 8 (one in 32 on average) or after
+/// 256 references, so an edit changes only the groups around it.
+pub fn group_blocks(blocks: &[BlockRef]) -> Vec<&[BlockRef]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, b) in blocks.iter().enumerate() {
+        if b.id.0[0] < 8 || i + 1 - start >= GROUP_MAX {
+            out.push(&blocks[start..=i]);
+            start = i + 1;
+        }
+    }
+    if start < blocks.len() {
+        out.push(&blocks[start..]);
+    }
+    out
+}
+
+/// The content of a group block: `SNGR` then the references, postcard.
+pub fn encode_group(refs: &[BlockRef]) -> Result<Vec<u8>> {
+    let mut out = GROUP_MAGIC.to_vec();
+    postcard::to_io(refs, &mut out)
+        .map_err(|e| Error::other("encoding a group of block references", e))?;
+    Ok(out)
+}
+
+/// Decodes a group block's content.
+pub fn decode_group(id: &BlockId, content: &[u8]) -> Result<Vec<BlockRef>> {
+    let what = || format!("index group {id}");
+    let body = content
+        .strip_prefix(&GROUP_MAGIC[..])
+        .ok_or_else(|| Error::corrupt(what(), "bad magic (not a group of block references)"))?;
+    postcard::from_bytes(body).map_err(|e| Error::corrupt(what(), format!("does not decode: {e}")))
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredTable {
+    schema: String,
+    name: String,
+    columns: Vec<ColumnDef>,
+    primary_key: Vec<u16>,
+    sequences: Vec<SequenceState>,
+    rows: u64,
+    raw_bytes: u64,
+    groups: Vec<GroupRef>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredIndex {
+    snapshot: [u8; 16],
+    tables: Vec<StoredTable>,
+    streams: Vec<StreamIndex>,
+}
+
+/// A host byte stream captured with a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamIndex {
+    /// The source's name.
+    pub name: String,
+    /// Its length.
+    pub len: u64,
+    /// Its blocks, in order.
+    pub blocks: Vec<BlockId>,
+    /// The metadata its source gave.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The index object of a snapshot (`indexes/<id>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    /// The snapshot.
+    pub snapshot: [u8; 16],
+    /// Tables.
+    pub tables: Vec<TableIndex>,
+    /// Host byte streams.
+    pub streams: Vec<StreamIndex>,
+}
+
+impl Index {
+    /// Encodes the index in the current version ([`INDEX_VERSION`]): each table's
+    /// block references are given by its `groups`, which must already be stored.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let stored = StoredIndex {
+            snapshot: self.snapshot,
+            tables: self
+                .tables
+                .iter()
+                .map(|t| {
+                    let grouped: u64 = t.groups.iter().map(|g| u64::from(g.blocks)).sum();
+                    if grouped != t.blocks.len() as u64 {
+                        return Err(Error::invalid_input(format!(
+                            "table {}.{}: its groups hold {grouped} block references, it has {}",
+                            t.schema,
+                            t.name,
+                            t.blocks.len()
+                        )));
+                    }
+                    Ok(StoredTable {
+                        schema: t.schema.clone(),
+                        name: t.name.clone(),
+                        columns: t.columns.clone(),
+                        primary_key: t.primary_key.clone(),
+                        sequences: t.sequences.clone(),
+                        rows: t.rows,
+                        raw_bytes: t.raw_bytes,
+                        groups: t.groups.clone(),
+                    })
+                })
+                .collect::<Result<_>>()?,
+            streams: self.streams.clone(),
+        };
+        seal_version(INDEX_MAGIC, INDEX_VERSION, &stored)
+    }
+
+    /// Encodes the index in version 1 (block references inline), as older
+    /// versions of this crate wrote it.
+    pub fn encode_v1(&self) -> Result<Vec<u8>> {
+        seal(INDEX_MAGIC, self)
+    }
+
+    /// Decodes and checks an index object of version 1 or 2. A version 2 index
+    /// comes back with each table's `groups` set and `blocks` empty: fill them with
+    /// [`decode_group`] of each group block ([`Index::needs_groups`]).
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        const WHAT: &str = "snapshot index";
+        let (version, body) = open_raw(INDEX_MAGIC, WHAT, bytes, &[1, INDEX_VERSION])?;
+        let bad = |e: postcard::Error| Error::corrupt(WHAT, format!("body does not decode: {e}"));
+        if version == 1 {
+            return postcard::from_bytes(body).map_err(bad);
+        }
+        let stored: StoredIndex = postcard::from_bytes(body).map_err(bad)?;
+        Ok(Index {
+            snapshot: stored.snapshot,
+            tables: stored
+                .tables
+                .into_iter()
+                .map(|t| TableIndex {
+                    schema: t.schema,
+                    name: t.name,
+                    columns: t.columns,
+                    primary_key: t.primary_key,
+                    sequences: t.sequences,
+                    rows: t.rows,
+                    raw_bytes: t.raw_bytes,
+                    blocks: Vec::new(),
+                    groups: t.groups,
+                })
+                .collect(),
+            streams: stored.streams,
+        })
+    }
+
+    /// Whether some table's block references are still to be read from its groups.
+    pub fn needs_groups(&self) -> bool {
+        self.tables
+            .iter()
+            .any(|t| t.blocks.is_empty() && !t.groups.is_empty())
+    }
+
+    /// Every block referenced (group blocks included), once.
+    pub fn block_ids(&self) -> std::collections::BTreeSet<BlockId> {
+        self.tables
+            .iter()
+            .flat_map(|t| {
+                t.blocks
+                    .iter()
+                    .map(|b| b.id)
+                    .chain(t.groups.iter().map(|g| g.id))
+            })
+            .chain(self.streams.iter().flat_map(|s| s.blocks.iter().copied()))
+            .collect()
+    }
+}
+
+/// A bloom filter over 32-byte key hashes: 8 bits per key, 7 probes (about 2.3%
+/// false positives: a rows-by-key lookup decodes a needless block that often; the
+/// filters are stored with every block, so fewer bits keep snapshots smaller).
+/// Filters written with 10 bits per key (before) are read the same way.
+pub(crate) mod bloom {
+    const PROBES: u64 = 7;
+
+    /// A filter for `keys`.
+    pub(crate) fn build(keys: &[[u8; 32]]) -> Vec<u8> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let bytes = keys.len().max(8);
+        let mut out = vec![0u8; bytes];
+        let bits = (bytes * 8) as u64;
+        for k in keys {
+            for bit in probes(k, bits) {
+                out[(bit / 8) as usize] |= 1 << (bit % 8);
+            }
+        }
+        out
+    }
+
+    /// Whether `key` may be in `filter`.
+    pub(crate) fn may_contain(filter: &[u8], key: &[u8; 32]) -> bool {
+        if filter.is_empty() {
+            return false;
+        }
+        let bits = (filter.len() * 8) as u64;
+        probes(key, bits).all(|bit| filter[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
+    }
+
+    fn probes(k: &[u8; 32], bits: u64) -> impl Iterator<Item = u64> {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        a.copy_from_slice(&k[..8]);
+        b.copy_from_slice(&k[8..16]);
+        let h1 = u64::from_le_bytes(a);
+        let h2 = u64::from_le_bytes(b) | 1;
+        (0..PROBES).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn index_with_a_stream_golden_vector() {
+        let index = Index {
+            snapshot: [3; 16],
+            tables: Vec::new(),
+            streams: vec![StreamIndex {
+                name: "cache.db".into(),
+                len: 300,
+                blocks: vec![BlockId([4; 32])],
+                metadata: BTreeMap::from([("format".into(), "v3".into())]),
+            }],
+        };
+        let bytes = index.encode().unwrap();
+        assert_eq!(hex(&bytes[..4]), "534e4958", "magic SNIX");
+        assert_eq!(
+            hex(&bytes[10..bytes.len() - 32]),
+            concat!(
+                "03030303030303030303030303030303", // snapshot
+                "00",                               // no tables
+                "01",
+                "08",
+                "63616368652e6462", // one stream, "cache.db"
+                "ac02",             // len 300
+                "01",
+                "0404040404040404040404040404040404040404040404040404040404040404",
+                "01",
+                "06",
+                "666f726d6174",
+                "02",
+                "7633", // {"format": "v3"}
+            )
+        );
+        assert_eq!(Index::decode(&bytes).unwrap(), index);
+    }
+
+    fn sample_table(blocks: Vec<BlockRef>) -> TableIndex {
+        TableIndex {
+            schema: "s".into(),
+            name: "t".into(),
+            columns: vec![ColumnDef {
+                name: "id".into(),
+                type_name: "bigint".into(),
+            }],
+            primary_key: vec![0],
+            sequences: Vec::new(),
+            rows: 2,
+            raw_bytes: 30,
+            blocks,
+            groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn group_golden_vector_and_content_defined_grouping() {
+        let r = BlockRef {
+            id: BlockId([9; 32]),
+            raw_len: 30,
+            rows: 2,
+            key_filter: vec![0xff; 8],
+        };
+        let content = encode_group(std::slice::from_ref(&r)).unwrap();
+        assert_eq!(
+            hex(&content),
+            concat!(
+                "534e4752", // SNGR
+                "01",       // one reference
+                "0909090909090909090909090909090909090909090909090909090909090909",
+                "1e",
+                "02",
+                "08",
+                "ffffffffffffffff", // raw_len 30, rows 2, 8-byte filter
+            )
+        );
+        let id = BlockId::of(&content);
+        assert_eq!(decode_group(&id, &content).unwrap(), vec![r.clone()]);
+        assert!(decode_group(&id, &content[1..]).is_err());
+
+        // Groups end after ids starting below 8, so a change moves few groups.
+        let refs: Vec<BlockRef> = (0u32..2000)
+            .map(|i| BlockRef {
+                id: BlockId::of(&i.to_le_bytes()),
+                ..r.clone()
+            })
+            .collect();
+        let groups = group_blocks(&refs);
+        assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 2000);
+        assert!(groups.len() > 30 && groups.len() < 120, "{}", groups.len());
+        assert!(groups.iter().all(|g| g.len() <= GROUP_MAX));
+        let mut edited = refs.clone();
+        edited[1000].id = BlockId([200; 32]);
+        let ids = |g: &[BlockRef]| g.iter().map(|b| b.id).collect::<Vec<_>>();
+        let before: std::collections::HashSet<Vec<BlockId>> = groups.into_iter().map(ids).collect();
+        let changed = group_blocks(&edited)
+            .into_iter()
+            .filter(|g| !before.contains(&ids(g)))
+            .count();
+        assert_eq!(changed, 1);
+    }
+
+    #[test]
+    fn index_v2_refers_to_groups_and_v1_still_decodes() {
+        let blocks = vec![BlockRef {
+            id: BlockId([5; 32]),
+            raw_len: 30,
+            rows: 2,
+            key_filter: Vec::new(),
+        }];
+        let mut index = Index {
+            snapshot: [6; 16],
+            tables: vec![sample_table(blocks.clone())],
+            streams: Vec::new(),
+        };
+        assert!(index.encode().is_err(), "groups must cover the blocks");
+        index.tables[0].groups = vec![GroupRef {
+            id: BlockId([7; 32]),
+            blocks: 1,
+        }];
+        let v2 = index.encode().unwrap();
+        assert_eq!(hex(&v2[4..6]), "0200", "version 2");
+        let decoded = Index::decode(&v2).unwrap();
+        assert!(decoded.needs_groups());
+        assert!(decoded.tables[0].blocks.is_empty());
+        assert_eq!(decoded.tables[0].groups, index.tables[0].groups);
+        let ids = index.block_ids();
+        assert!(ids.contains(&BlockId([5; 32])) && ids.contains(&BlockId([7; 32])));
+
+        // An index written by the previous version of this crate.
+        let mut old = index.clone();
+        old.tables[0].groups.clear();
+        let v1 = old.encode_v1().unwrap();
+        assert_eq!(hex(&v1[4..6]), "0100");
+        let decoded = Index::decode(&v1).unwrap();
+        assert!(!decoded.needs_groups());
+        assert_eq!(decoded, old);
+    }
+
+    #[test]
+    fn bloom_filters_find_members_and_few_strangers() {
+        let keys: Vec<[u8; 32]> = (0u32..500)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect();
+        let f = bloom::build(&keys);
+        assert!(keys.iter().all(|k| bloom::may_contain(&f, k)));
+        let strangers = (1000u32..11000)
+            .filter(|i| bloom::may_contain(&f, blake3::hash(&i.to_le_bytes()).as_bytes()))
+            .count();
+        assert!(strangers < 300, "{strangers} false positives of 10000");
+        assert!(!bloom::may_contain(&[], &keys[0]));
+    }
+}
