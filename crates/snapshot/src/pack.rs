@@ -22,8 +22,14 @@ use crate::store::{BlockStore, ObjectMeta};
 pub const PACK_MAGIC: [u8; 4] = *b"SNPK";
 /// Magic of a pack's table of contents.
 pub const TOC_MAGIC: [u8; 4] = *b"SNPT";
-/// The version of the pack format written by this crate.
-pub const PACK_VERSION: u16 = 1;
+/// The version of the pack format written by this crate: 2 since blocks may be
+/// stored as deltas (each entry of the table of contents names its base); packs of
+/// version 1 are still read.
+pub const PACK_VERSION: u16 = 2;
+/// The longest table of contents a reader accepts (over a million blocks; an 8 MiB
+/// pack has about 60 KiB): a longer length read from a pack's trailer is damage,
+/// refused before anything is read or allocated for it.
+pub const MAX_TOC_LEN: u64 = 64 << 20;
 /// Store keys of packs start with this.
 pub const PACK_PREFIX: &str = "packs/";
 
@@ -42,6 +48,16 @@ pub struct PackEntry {
     pub offset: u32,
     /// Length of its block object.
     pub len: u32,
+    /// The block it is stored as a delta against, if it is (version 2).
+    pub base: Option<BlockId>,
+}
+
+/// An entry of a version 1 table of contents.
+#[derive(Deserialize)]
+struct PackEntryV1 {
+    id: BlockId,
+    offset: u32,
+    len: u32,
 }
 
 impl PackEntry {
@@ -105,7 +121,12 @@ impl PackBuilder {
         let len = u32::try_from(object.len()).map_err(|_| too_big())?;
         offset.checked_add(len).ok_or_else(too_big)?;
         self.buf.extend_from_slice(object);
-        self.entries.push(PackEntry { id, offset, len });
+        self.entries.push(PackEntry {
+            id,
+            offset,
+            len,
+            base: crate::format::delta_base(object),
+        });
         Ok(())
     }
 
@@ -150,6 +171,11 @@ pub(crate) fn parse_tail(key: &str, size: u64, tail: &[u8]) -> Result<Tail> {
     }
     let toc_len = u64::from(u32::from_le_bytes([t[0], t[1], t[2], t[3]]));
     let need = toc_len + TRAILER_LEN as u64;
+    if toc_len > MAX_TOC_LEN {
+        return Err(bad(format!(
+            "its trailer claims a table of contents of {toc_len} bytes, more than any pack has"
+        )));
+    }
     if need + HEADER_LEN as u64 > size {
         return Err(bad(format!(
             "table of contents of {toc_len} bytes does not fit"
@@ -159,8 +185,24 @@ pub(crate) fn parse_tail(key: &str, size: u64, tail: &[u8]) -> Result<Tail> {
         return Ok(Tail::NeedLast(need));
     }
     let toc = &tail[tail.len() - need as usize..tail.len() - TRAILER_LEN];
-    let entries: Vec<PackEntry> =
-        crate::format::open_versions(TOC_MAGIC, &format!("pack {key}"), toc, &[PACK_VERSION])?.1;
+    let what = format!("pack {key}");
+    let (version, body) = crate::format::open_raw(TOC_MAGIC, &what, toc, &[1, PACK_VERSION])?;
+    let undecodable =
+        |e: postcard::Error| bad(format!("its table of contents does not decode: {e}"));
+    let entries: Vec<PackEntry> = if version == 1 {
+        postcard::from_bytes::<Vec<PackEntryV1>>(body)
+            .map_err(undecodable)?
+            .into_iter()
+            .map(|e| PackEntry {
+                id: e.id,
+                offset: e.offset,
+                len: e.len,
+                base: None,
+            })
+            .collect()
+    } else {
+        postcard::from_bytes(body).map_err(undecodable)?
+    };
     let data_end = size - need;
     for e in &entries {
         if u64::from(e.offset) < HEADER_LEN as u64 || e.range().end > data_end {
@@ -497,20 +539,20 @@ mod tests {
         b.push(id(7), b"abc").unwrap();
         let pack = b.seal().unwrap();
         let hex: String = pack.bytes.iter().map(|b| format!("{b:02x}")).collect();
-        // Magic, version 1, reserved; the block ("abc"); the table of contents
-        // (SNPT, version 1, 35 body bytes: one entry of id, offset 8, length 3;
-        // blake3); its length (77); the magic again.
+        // Magic, version 2, reserved; the block ("abc"); the table of contents
+        // (SNPT, version 2, 36 body bytes: one entry of id, offset 8, length 3, no
+        // base; blake3); its length (78); the magic again.
         assert_eq!(
             hex,
-            "534e504b01000000\
+            "534e504b02000000\
              616263\
-             534e5054010023000000\
+             534e5054020024000000\
              010707070707070707070707070707070707070707070707070707070707070707\
-             0803\
-             8bd75cb4d65d0408ed5f962f6ce7b503b1bb9da835c28fc7292823c9720b6156\
-             4d000000534e504b"
+             080300\
+             52c8d307811a6fedf2ff269ba4bd5fef575a6debd80beeef4bedb40aa6a79437\
+             4e000000534e504b"
         );
-        assert_eq!(pack.bytes.len(), 8 + 3 + 77 + 8);
+        assert_eq!(pack.bytes.len(), 8 + 3 + 78 + 8);
         assert_eq!(
             pack.key,
             format!(
@@ -518,6 +560,39 @@ mod tests {
                 &blake3::hash(&pack.bytes).to_hex()[..2],
                 blake3::hash(&pack.bytes).to_hex()
             )
+        );
+        // A block stored as a delta: its entry names its base.
+        let mut b = PackBuilder::new();
+        let delta = crate::format::encode_delta(b"abcd", &id(5), b"abc").unwrap();
+        b.push(id(6), &delta).unwrap();
+        assert_eq!(b.seal().unwrap().entries[0].base, Some(id(5)));
+    }
+
+    /// A pack of version 1, as written before deltas: still read.
+    #[test]
+    fn a_version_1_pack_is_still_read() {
+        let v1 = "534e504b01000000\
+             616263\
+             534e5054010023000000\
+             010707070707070707070707070707070707070707070707070707070707070707\
+             0803\
+             8bd75cb4d65d0408ed5f962f6ce7b503b1bb9da835c28fc7292823c9720b6156\
+             4d000000534e504b";
+        let bytes: Vec<u8> = (0..v1.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&v1[i..i + 2], 16).unwrap())
+            .collect();
+        let Tail::Entries(entries) = parse_tail("v1", bytes.len() as u64, &bytes).unwrap() else {
+            panic!("the whole pack holds its table of contents")
+        };
+        assert_eq!(
+            entries,
+            [PackEntry {
+                id: id(7),
+                offset: 8,
+                len: 3,
+                base: None
+            }]
         );
     }
 
@@ -539,6 +614,10 @@ mod tests {
         let n = long.len();
         long[n - 8..n - 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse_tail("k", size, &long).is_err());
+        // A length longer than any table of contents, in a pack that large: refused
+        // before asking for that much of its end.
+        let err = parse_tail("k", 1 << 32, &long).unwrap_err().to_string();
+        assert!(err.contains("more than any pack has"), "{err}");
     }
 
     #[test]

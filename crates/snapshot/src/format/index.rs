@@ -47,6 +47,21 @@ pub struct BlockRef {
     /// A bloom filter of the blake3 hashes of its rows' primary keys (empty when
     /// the table has no primary key).
     pub key_filter: Vec<u8>,
+    /// The block it is stored as a delta against, if it is (see
+    /// [`crate::format::encode_delta`]): needed to read it, so referenced with it.
+    /// Stored in version 2 groups only (`SNG2`); never in a version 1 index.
+    #[serde(skip)]
+    pub base: Option<BlockId>,
+}
+
+/// A [`BlockRef`] as a version 2 group (`SNG2`) stores it.
+#[derive(Serialize, Deserialize)]
+struct StoredRef {
+    id: BlockId,
+    raw_len: u32,
+    rows: u32,
+    key_filter: Vec<u8>,
+    base: Option<BlockId>,
 }
 
 /// Everything needed to restore one table or find rows in it.
@@ -83,8 +98,12 @@ pub struct GroupRef {
     pub blocks: u32,
 }
 
-/// Magic at the start of a group block's content.
+/// Magic at the start of a group block's content, version 1 (references without
+/// delta bases; still read).
 pub const GROUP_MAGIC: [u8; 4] = *b"SNGR";
+/// Magic at the start of a group block's content, version 2 (written since blocks
+/// may be stored as deltas): each reference carries its base.
+pub const GROUP_MAGIC_V2: [u8; 4] = *b"SNG2";
 const GROUP_MAX: usize = 256;
 
 /// Splits a table's block references into content-defined groups: a group ends
@@ -105,21 +124,45 @@ pub fn group_blocks(blocks: &[BlockRef]) -> Vec<&[BlockRef]> {
     out
 }
 
-/// The content of a group block: `SNGR` then the references, postcard.
+/// The content of a group block: `SNG2` then the references, postcard.
 pub fn encode_group(refs: &[BlockRef]) -> Result<Vec<u8>> {
-    let mut out = GROUP_MAGIC.to_vec();
-    postcard::to_io(refs, &mut out)
+    let stored: Vec<StoredRef> = refs
+        .iter()
+        .map(|r| StoredRef {
+            id: r.id,
+            raw_len: r.raw_len,
+            rows: r.rows,
+            key_filter: r.key_filter.clone(),
+            base: r.base,
+        })
+        .collect();
+    let mut out = GROUP_MAGIC_V2.to_vec();
+    postcard::to_io(&stored, &mut out)
         .map_err(|e| Error::other("encoding a group of block references", e))?;
     Ok(out)
 }
 
-/// Decodes a group block's content.
+/// Decodes a group block's content (version 1 `SNGR` or 2 `SNG2`).
 pub fn decode_group(id: &BlockId, content: &[u8]) -> Result<Vec<BlockRef>> {
     let what = || format!("index group {id}");
+    let bad = |e: postcard::Error| Error::corrupt(what(), format!("does not decode: {e}"));
+    if let Some(body) = content.strip_prefix(&GROUP_MAGIC_V2[..]) {
+        let stored: Vec<StoredRef> = postcard::from_bytes(body).map_err(bad)?;
+        return Ok(stored
+            .into_iter()
+            .map(|r| BlockRef {
+                id: r.id,
+                raw_len: r.raw_len,
+                rows: r.rows,
+                key_filter: r.key_filter,
+                base: r.base,
+            })
+            .collect());
+    }
     let body = content
         .strip_prefix(&GROUP_MAGIC[..])
         .ok_or_else(|| Error::corrupt(what(), "bad magic (not a group of block references)"))?;
-    postcard::from_bytes(body).map_err(|e| Error::corrupt(what(), format!("does not decode: {e}")))
+    postcard::from_bytes(body).map_err(bad)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -246,14 +289,15 @@ impl Index {
             .any(|t| t.blocks.is_empty() && !t.groups.is_empty())
     }
 
-    /// Every block referenced (group blocks included), once.
+    /// Every block referenced (group blocks and the bases of blocks stored as
+    /// deltas included), once.
     pub fn block_ids(&self) -> std::collections::BTreeSet<BlockId> {
         self.tables
             .iter()
             .flat_map(|t| {
                 t.blocks
                     .iter()
-                    .map(|b| b.id)
+                    .flat_map(|b| std::iter::once(b.id).chain(b.base))
                     .chain(t.groups.iter().map(|g| g.id))
             })
             .chain(self.streams.iter().flat_map(|s| s.blocks.iter().copied()))
@@ -310,6 +354,13 @@ mod tests {
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn hex_bytes(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
@@ -371,23 +422,53 @@ mod tests {
             raw_len: 30,
             rows: 2,
             key_filter: vec![0xff; 8],
+            base: None,
         };
-        let content = encode_group(std::slice::from_ref(&r)).unwrap();
+        // Version 1, as written before deltas: still read.
+        let v1 = hex_bytes(concat!(
+            "534e4752", // SNGR
+            "01",       // one reference
+            "0909090909090909090909090909090909090909090909090909090909090909",
+            "1e",
+            "02",
+            "08",
+            "ffffffffffffffff", // raw_len 30, rows 2, 8-byte filter
+        ));
+        let id = BlockId::of(&v1);
+        assert_eq!(decode_group(&id, &v1).unwrap(), vec![r.clone()]);
+        assert!(decode_group(&id, &v1[1..]).is_err());
+        // Version 2: each reference with its delta base.
+        let delta = BlockRef {
+            base: Some(BlockId([3; 32])),
+            ..r.clone()
+        };
+        let content = encode_group(&[r.clone(), delta.clone()]).unwrap();
         assert_eq!(
             hex(&content),
             concat!(
-                "534e4752", // SNGR
-                "01",       // one reference
+                "534e4732", // SNG2
+                "02",       // two references
                 "0909090909090909090909090909090909090909090909090909090909090909",
                 "1e",
                 "02",
                 "08",
-                "ffffffffffffffff", // raw_len 30, rows 2, 8-byte filter
+                "ffffffffffffffff",
+                "00", // no base
+                "0909090909090909090909090909090909090909090909090909090909090909",
+                "1e",
+                "02",
+                "08",
+                "ffffffffffffffff",
+                "01", // a base:
+                "0303030303030303030303030303030303030303030303030303030303030303",
             )
         );
         let id = BlockId::of(&content);
-        assert_eq!(decode_group(&id, &content).unwrap(), vec![r.clone()]);
-        assert!(decode_group(&id, &content[1..]).is_err());
+        assert_eq!(
+            decode_group(&id, &content).unwrap(),
+            vec![r.clone(), delta.clone()]
+        );
+        assert!(decode_group(&id, &content[..content.len() - 1]).is_err());
 
         // Groups end after ids starting below 8, so a change moves few groups.
         let refs: Vec<BlockRef> = (0u32..2000)
@@ -418,6 +499,7 @@ mod tests {
             raw_len: 30,
             rows: 2,
             key_filter: Vec::new(),
+            base: Some(BlockId([8; 32])),
         }];
         let mut index = Index {
             snapshot: [6; 16],
@@ -437,10 +519,16 @@ mod tests {
         assert_eq!(decoded.tables[0].groups, index.tables[0].groups);
         let ids = index.block_ids();
         assert!(ids.contains(&BlockId([5; 32])) && ids.contains(&BlockId([7; 32])));
+        assert!(
+            ids.contains(&BlockId([8; 32])),
+            "a delta's base is referenced"
+        );
 
         // An index written by the previous version of this crate.
+        // (Written before deltas: no bases.)
         let mut old = index.clone();
         old.tables[0].groups.clear();
+        old.tables[0].blocks[0].base = None;
         let v1 = old.encode_v1().unwrap();
         assert_eq!(hex(&v1[4..6]), "0100");
         let decoded = Index::decode(&v1).unwrap();

@@ -474,6 +474,7 @@ pub(super) async fn encode(block: RowBlock, codec: Codec) -> Result<(BlockRef, V
             raw_len,
             rows,
             key_filter,
+            base: None,
         },
         object,
     ))
