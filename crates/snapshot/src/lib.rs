@@ -91,6 +91,8 @@ mod restore;
 #[cfg(feature = "s3")]
 mod s3;
 mod service;
+mod pack_index;
+mod sorted;
 mod source;
 mod store;
 #[cfg(feature = "testing")]

@@ -6,7 +6,7 @@
 //! [`crate::SnapshotConfig::pack_size`] bytes; a pack ends with its own table of
 //! contents, so the store alone says where every block is (see `docs/formats.md`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::format::BlockId;
+use crate::pack_index::PackIndex;
 use crate::store::{BlockStore, ObjectMeta};
 
 /// Magic at the start and at the very end of a pack object.
@@ -238,6 +239,7 @@ struct Loc {
     pack: u32,
     offset: u32,
     len: u32,
+    base: Option<BlockId>,
 }
 
 /// A pack the map knows.
@@ -301,6 +303,7 @@ impl PackMap {
                 pack: n,
                 offset: e.offset,
                 len: e.len,
+                base: e.base,
             });
         }
         self.by_key.insert(info.key.clone(), n);
@@ -346,13 +349,46 @@ impl PackMap {
     }
 }
 
+/// What a [`PackWriter`] asks and tells about the blocks a store already has: the
+/// service's [`crate::pack_index::SharedIndex`], or the map a GC rewrite starts empty.
+#[async_trait::async_trait]
+pub(crate) trait KnownBlocks: Send + Sync {
+    /// `Some(base)` when block `id` is stored (`base` when it is a delta), `None`
+    /// when it is not.
+    async fn known(&self, id: &BlockId) -> Result<Option<Option<BlockId>>>;
+
+    /// Makes the blocks of packs just stored known.
+    async fn absorb(&self, packs: PackIndex) -> Result<()>;
+}
+
+#[async_trait::async_trait]
+impl KnownBlocks for tokio::sync::RwLock<PackMap> {
+    async fn known(&self, id: &BlockId) -> Result<Option<Option<BlockId>>> {
+        Ok(self.read().await.blocks.get(id).map(|l| l.base))
+    }
+
+    async fn absorb(&self, packs: PackIndex) -> Result<()> {
+        let packs = packs.into_packs()?;
+        let mut map = self.write().await;
+        for p in packs {
+            map.add(p);
+        }
+        Ok(())
+    }
+}
+
 /// Where a capture's new blocks go: appended to packs (one [`PackBuilder`] per
 /// capture worker, so a table's blocks stay together), each pack stored in the
 /// background once it reaches the pack size, at most two being stored at once.
 /// A block the store or this capture already has is not added again.
+///
+/// The blocks of this writer's sealed packs are kept in an index of its own (on
+/// disk past a bound, so a capture of any size holds little memory) and become
+/// known to everyone only once every pack is stored ([`PackWriter::finish`]): no
+/// other capture can reuse a block whose pack may never be stored.
 pub(crate) struct PackWriter<'a> {
     store: &'a Arc<dyn BlockStore>,
-    map: &'a tokio::sync::RwLock<PackMap>,
+    known: &'a dyn KnownBlocks,
     pack_size: usize,
     uploads: Arc<tokio::sync::Semaphore>,
     state: std::sync::Mutex<WriterState>,
@@ -360,8 +396,10 @@ pub(crate) struct PackWriter<'a> {
 
 #[derive(Default)]
 struct WriterState {
-    seen: HashSet<BlockId>,
-    sealed: Vec<PackInfo>,
+    /// Blocks in packs not sealed yet, with their bases.
+    open: HashMap<BlockId, Option<BlockId>>,
+    /// Blocks of the packs sealed.
+    sealed: PackIndex,
     stored: u64,
     puts: tokio::task::JoinSet<Result<()>>,
 }
@@ -369,12 +407,12 @@ struct WriterState {
 impl<'a> PackWriter<'a> {
     pub(crate) fn new(
         store: &'a Arc<dyn BlockStore>,
-        map: &'a tokio::sync::RwLock<PackMap>,
+        known: &'a dyn KnownBlocks,
         pack_size: u32,
     ) -> Self {
         Self {
             store,
-            map,
+            known,
             pack_size: pack_size as usize,
             uploads: Arc::new(tokio::sync::Semaphore::new(2)),
             state: std::sync::Mutex::default(),
@@ -388,6 +426,23 @@ impl<'a> PackWriter<'a> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether this writer has block `id` (open or sealed): `Some(base)` if so.
+    fn own(&self, id: &BlockId) -> Result<Option<Option<BlockId>>> {
+        let state = self.state();
+        if let Some(base) = state.open.get(id) {
+            return Ok(Some(*base));
+        }
+        Ok(state.sealed.lookup(id)?.map(|(_, base)| base))
+    }
+
+    /// `Some(base)` when the store or this capture has block `id`.
+    pub(crate) async fn lookup(&self, id: &BlockId) -> Result<Option<Option<BlockId>>> {
+        if let Some(found) = self.own(id)? {
+            return Ok(Some(found));
+        }
+        self.known.known(id).await
+    }
+
     /// Adds block object `object` of block `id` to `pack` unless the store or this
     /// capture already has the block; returns whether it was added.
     pub(crate) async fn add(
@@ -396,7 +451,16 @@ impl<'a> PackWriter<'a> {
         id: BlockId,
         object: &[u8],
     ) -> Result<bool> {
-        if self.map.read().await.contains(&id) || !self.state().seen.insert(id) {
+        let new = self.known.known(&id).await?.is_none() && {
+            let mut state = self.state();
+            if state.open.contains_key(&id) || state.sealed.lookup(&id)?.is_some() {
+                false
+            } else {
+                state.open.insert(id, crate::format::delta_base(object));
+                true
+            }
+        };
+        if !new {
             metrics::counter!("sanare_snapshot_blocks_deduplicated_total").increment(1);
             return Ok(false);
         }
@@ -424,13 +488,18 @@ impl<'a> PackWriter<'a> {
         let size = sealed.bytes.len() as u64;
         let store = Arc::clone(self.store);
         let mut state = self.state();
+        state.sealed.add(
+            crate::pack_index::PackMeta {
+                key: Arc::from(sealed.key.as_str()),
+                size,
+                modified: OffsetDateTime::now_utc(),
+            },
+            &sealed.entries,
+        )?;
+        for e in &sealed.entries {
+            state.open.remove(&e.id);
+        }
         state.stored += size;
-        state.sealed.push(PackInfo {
-            key: Arc::from(sealed.key.as_str()),
-            size,
-            modified: OffsetDateTime::now_utc(),
-            entries: sealed.entries,
-        });
         let (key, bytes) = (sealed.key, sealed.bytes);
         state.puts.spawn(async move {
             let _permit = permit;
@@ -439,8 +508,8 @@ impl<'a> PackWriter<'a> {
         Ok(())
     }
 
-    /// Waits until every pack is stored, then makes their blocks known; returns the
-    /// bytes stored. Dropping the writer instead abandons the packs still being
+    /// Waits until every pack is stored, then makes their blocks known; returns
+    /// the bytes stored. Dropping the writer instead abandons the packs still being
     /// stored (GC removes what was stored).
     pub(crate) async fn finish(self) -> Result<u64> {
         let (mut puts, sealed, stored) = {
@@ -454,10 +523,7 @@ impl<'a> PackWriter<'a> {
         while let Some(put) = puts.join_next().await {
             put.map_err(|e| Error::other("storing a pack", e))??;
         }
-        let mut map = self.map.write().await;
-        for pack in sealed {
-            map.add(pack);
-        }
+        self.known.absorb(sealed).await?;
         Ok(stored)
     }
 }

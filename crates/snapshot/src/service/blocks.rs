@@ -25,6 +25,35 @@ impl Snapshots {
         Ok(())
     }
 
+    /// Brings the block index (what capture and the read paths use) up to the store.
+    pub(super) async fn refresh_index(&self) -> Result<()> {
+        self.inner.index.refresh(&*self.inner.store).await
+    }
+
+    /// Where each of `ids` is in a pack, from the block index (`None`: in none,
+    /// maybe a loose block object of a repository written before packs). Refreshes
+    /// the index once when one is not in it.
+    pub(super) async fn locate_indexed(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLocation>>> {
+        let index = &self.inner.index;
+        index.ensure(&*self.inner.store).await?;
+        let mut out: Vec<Option<BlockLocation>> = index
+            .locate(ids)
+            .await?
+            .into_iter()
+            .map(|l| l.map(|(loc, _)| loc))
+            .collect();
+        if out.iter().any(Option::is_none) {
+            self.refresh_index().await?;
+            let again = index.locate(ids).await?;
+            for (slot, found) in out.iter_mut().zip(again) {
+                if slot.is_none() {
+                    *slot = found.map(|(loc, _)| loc);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Where each of `ids` is in a pack (`None`: in none, maybe a loose block
     /// object of a repository written before packs). Refreshes the map once when
     /// one is not in it.
@@ -55,7 +84,7 @@ impl Snapshots {
     /// Where block `id` lives in the store: the pack holding it, or its own object
     /// in a repository written before packs; `None` when the store does not have it.
     pub async fn locate(&self, id: BlockId) -> Result<Option<BlockLocation>> {
-        if let Some(loc) = self.locate_all(&[id]).await?.pop().flatten() {
+        if let Some(loc) = self.locate_indexed(&[id]).await?.pop().flatten() {
             return Ok(Some(loc));
         }
         let key = id.key();
@@ -75,8 +104,70 @@ impl Snapshots {
 
     /// Reads what `fetch` names: each block with its content, or why not
     /// ([`Error::NotFound`] when the store does not have it, [`Error::Corrupt`] when
-    /// it is damaged). The outer error is a store failure unrelated to one block.
+    /// it is damaged). A block stored as a delta is read with its base. The outer
+    /// error is a store failure unrelated to one block.
     pub(super) async fn fetch(&self, fetch: Fetch) -> Result<Vec<(BlockId, Result<Vec<u8>>)>> {
+        let raw = self.fetch_raw(fetch).await?;
+        if !raw.iter().any(|(_, r)| matches!(r, Ok(Raw::Delta { .. }))) {
+            return Ok(raw
+                .into_iter()
+                .map(|(id, r)| (id, r.map(Raw::into_content)))
+                .collect());
+        }
+        // The bases, each a whole block (a delta is never the base of another).
+        let bases: Vec<BlockId> = raw
+            .iter()
+            .filter_map(|(_, r)| match r {
+                Ok(Raw::Delta { base, .. }) => Some(*base),
+                _ => None,
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let locs = self.locate_indexed(&bases).await?;
+        let mut contents: HashMap<BlockId, Result<Vec<u8>>> = HashMap::new();
+        for f in plan(bases.into_iter().zip(locs)) {
+            for (id, got) in Box::pin(self.fetch_raw(f)).await? {
+                let got = got.and_then(|r| match r {
+                    Raw::Content(c) => Ok(c),
+                    Raw::Delta { .. } => Err(Error::corrupt(
+                        format!("block {id}"),
+                        "it is the base of a delta and a delta itself",
+                    )),
+                });
+                contents.insert(id, got);
+            }
+        }
+        let contents = Arc::new(contents);
+        tokio::task::spawn_blocking(move || {
+            raw.into_iter()
+                .map(|(id, r)| {
+                    let got = r.and_then(|r| match r {
+                        Raw::Content(c) => Ok(c),
+                        Raw::Delta { base, object } => match contents.get(&base) {
+                            Some(Ok(base_content)) => {
+                                crate::format::decode_block_with(&id, &object, Some(base_content))
+                            }
+                            Some(Err(e)) => Err(Error::corrupt(
+                                format!("block {id}"),
+                                format!("its delta base {base} cannot be read: {e}"),
+                            )),
+                            None => Err(Error::corrupt(
+                                format!("block {id}"),
+                                format!("its delta base {base} is missing from the store"),
+                            )),
+                        },
+                    });
+                    (id, got)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::other("decoding blocks stored as deltas", e))
+    }
+
+    /// [`Snapshots::fetch`] without reading the bases of deltas.
+    async fn fetch_raw(&self, fetch: Fetch) -> Result<Vec<(BlockId, Result<Raw>)>> {
         let run = match fetch {
             Fetch::Loose(id) => {
                 let got = match self.inner.store.get(&id.key()).await? {
@@ -94,11 +185,19 @@ impl Snapshots {
             .await
         {
             Ok(Some(bytes)) => bytes,
-            // The pack is gone: GC rewrote it since the map was read. Look again.
+            // The pack is gone: GC rewrote it since the index was read. Look again.
             Ok(None) => {
-                self.refresh_packs().await?;
+                self.refresh_index().await?;
+                // Verify and GC read the pack map: bring it up too if it is loaded.
+                if self
+                    .inner
+                    .packs_loaded
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    self.refresh_packs().await?;
+                }
                 let ids: Vec<BlockId> = run.blocks.iter().map(|b| b.0).collect();
-                let locs = self.locate_all(&ids).await?;
+                let locs = self.locate_indexed(&ids).await?;
                 let mut out = Vec::with_capacity(ids.len());
                 for (id, loc) in ids.into_iter().zip(locs) {
                     let got = match loc {
@@ -111,7 +210,7 @@ impl Snapshots {
                             Some(object) => decode_off_thread(id, object).await?,
                             None => Err(Error::not_found(format!("block {id}"))),
                         },
-                        None => Box::pin(self.fetch(Fetch::Loose(id)))
+                        None => Box::pin(self.fetch_raw(Fetch::Loose(id)))
                             .await?
                             .pop()
                             .map_or_else(|| Err(Error::not_found(format!("block {id}"))), |b| b.1),
@@ -134,7 +233,7 @@ impl Snapshots {
         tokio::task::spawn_blocking(move || {
             run.blocks
                 .into_iter()
-                .map(|(id, r)| (id, decode_block(&id, &bytes[r])))
+                .map(|(id, r)| (id, decode_raw(id, bytes.slice(r))))
                 .collect()
         })
         .await
@@ -150,7 +249,7 @@ impl Snapshots {
     ) -> impl futures_util::Stream<Item = Result<Vec<u8>>> + Send + '_ {
         let concurrency = self.inner.config.read_concurrency.max(1);
         futures_util::stream::once(async move {
-            let locs = self.locate_all(&ids).await?;
+            let locs = self.locate_indexed(&ids).await?;
             Ok(plan(ids.into_iter().zip(locs)))
         })
         .map_ok(move |plan| {
@@ -213,9 +312,33 @@ pub(super) fn plan(
     out
 }
 
+/// A block as read: its content, or a delta still to be applied to its base.
+pub(super) enum Raw {
+    Content(Vec<u8>),
+    Delta { base: BlockId, object: Bytes },
+}
+
+impl Raw {
+    /// The content (a delta is never asked for it: its base is read first).
+    fn into_content(self) -> Vec<u8> {
+        match self {
+            Raw::Content(c) => c,
+            Raw::Delta { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Decodes block object `object` of block `id`, or sets it aside when it is a delta.
+fn decode_raw(id: BlockId, object: Bytes) -> Result<Raw> {
+    match crate::format::delta_base(&object) {
+        Some(base) => Ok(Raw::Delta { base, object }),
+        None => decode_block(&id, &object).map(Raw::Content),
+    }
+}
+
 /// Decodes a block object on a blocking thread; the inner result is the block's.
-pub(super) async fn decode_off_thread(id: BlockId, object: Bytes) -> Result<Result<Vec<u8>>> {
-    tokio::task::spawn_blocking(move || decode_block(&id, &object))
+pub(super) async fn decode_off_thread(id: BlockId, object: Bytes) -> Result<Result<Raw>> {
+    tokio::task::spawn_blocking(move || decode_raw(id, object))
         .await
         .map_err(|e| Error::other("decoding a block", e))
 }

@@ -85,8 +85,8 @@ impl Snapshots {
         // Read the packs afresh, under the lock GC waits for: a map loaded before a
         // GC in another process could name blocks that GC has since deleted, and
         // this capture must not reuse those.
-        self.refresh_packs().await?;
-        let writer = PackWriter::new(&inner.store, &inner.packs, inner.config.pack_size);
+        self.refresh_index().await?;
+        let writer = PackWriter::new(&inner.store, &inner.index, inner.config.pack_size);
         let mut compressed_bytes = 0u64;
         // Tables are captured by up to `capture_concurrency` connections whose
         // transactions all import this transaction's snapshot, so every table is

@@ -258,6 +258,7 @@ impl SnapshotsBuilder {
                 index_cache: Mutex::new(None),
                 packs: tokio::sync::RwLock::new(PackMap::default()),
                 packs_loaded: std::sync::atomic::AtomicBool::new(false),
+                index: crate::pack_index::SharedIndex::default(),
             }),
         })
     }
@@ -291,6 +292,9 @@ struct Inner {
     /// not found in it (another process may have written or rewritten packs).
     packs: tokio::sync::RwLock<PackMap>,
     packs_loaded: std::sync::atomic::AtomicBool,
+    /// Where every packed block is, in bounded memory (on local disk past a bound):
+    /// what capture, restore and rows by key use.
+    index: crate::pack_index::SharedIndex,
 }
 
 fn advisory_key(schema: &SchemaName) -> i64 {
