@@ -87,11 +87,11 @@
 mod copy;
 pub mod format;
 pub mod pack;
+mod pack_index;
 mod restore;
 #[cfg(feature = "s3")]
 mod s3;
 mod service;
-mod pack_index;
 mod sorted;
 mod source;
 mod store;

@@ -273,10 +273,6 @@ impl PackMap {
         })
     }
 
-    pub(crate) fn contains(&self, id: &BlockId) -> bool {
-        self.blocks.contains_key(id)
-    }
-
     /// Blocks known.
     pub(crate) fn block_count(&self) -> usize {
         self.blocks.len()
@@ -349,13 +345,21 @@ impl PackMap {
     }
 }
 
+/// What a store already has of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Known {
+    /// The block it is stored as a delta against, if it is.
+    pub(crate) base: Option<BlockId>,
+    /// The length of its block object.
+    pub(crate) len: u32,
+}
+
 /// What a [`PackWriter`] asks and tells about the blocks a store already has: the
 /// service's [`crate::pack_index::SharedIndex`], or the map a GC rewrite starts empty.
 #[async_trait::async_trait]
 pub(crate) trait KnownBlocks: Send + Sync {
-    /// `Some(base)` when block `id` is stored (`base` when it is a delta), `None`
-    /// when it is not.
-    async fn known(&self, id: &BlockId) -> Result<Option<Option<BlockId>>>;
+    /// What the store has of block `id`, `None` when it does not have it.
+    async fn known(&self, id: &BlockId) -> Result<Option<Known>>;
 
     /// Makes the blocks of packs just stored known.
     async fn absorb(&self, packs: PackIndex) -> Result<()>;
@@ -363,8 +367,11 @@ pub(crate) trait KnownBlocks: Send + Sync {
 
 #[async_trait::async_trait]
 impl KnownBlocks for tokio::sync::RwLock<PackMap> {
-    async fn known(&self, id: &BlockId) -> Result<Option<Option<BlockId>>> {
-        Ok(self.read().await.blocks.get(id).map(|l| l.base))
+    async fn known(&self, id: &BlockId) -> Result<Option<Known>> {
+        Ok(self.read().await.blocks.get(id).map(|l| Known {
+            base: l.base,
+            len: l.len,
+        }))
     }
 
     async fn absorb(&self, packs: PackIndex) -> Result<()> {
@@ -396,8 +403,8 @@ pub(crate) struct PackWriter<'a> {
 
 #[derive(Default)]
 struct WriterState {
-    /// Blocks in packs not sealed yet, with their bases.
-    open: HashMap<BlockId, Option<BlockId>>,
+    /// Blocks in packs not sealed yet.
+    open: HashMap<BlockId, Known>,
     /// Blocks of the packs sealed.
     sealed: PackIndex,
     stored: u64,
@@ -426,17 +433,20 @@ impl<'a> PackWriter<'a> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether this writer has block `id` (open or sealed): `Some(base)` if so.
-    fn own(&self, id: &BlockId) -> Result<Option<Option<BlockId>>> {
+    /// What this writer has of block `id` (open or sealed).
+    fn own(&self, id: &BlockId) -> Result<Option<Known>> {
         let state = self.state();
-        if let Some(base) = state.open.get(id) {
-            return Ok(Some(*base));
+        if let Some(k) = state.open.get(id) {
+            return Ok(Some(*k));
         }
-        Ok(state.sealed.lookup(id)?.map(|(_, base)| base))
+        Ok(state.sealed.lookup(id)?.map(|(loc, base)| Known {
+            base,
+            len: u32::try_from(loc.len).unwrap_or(u32::MAX),
+        }))
     }
 
-    /// `Some(base)` when the store or this capture has block `id`.
-    pub(crate) async fn lookup(&self, id: &BlockId) -> Result<Option<Option<BlockId>>> {
+    /// What the store or this capture has of block `id`.
+    pub(crate) async fn lookup(&self, id: &BlockId) -> Result<Option<Known>> {
         if let Some(found) = self.own(id)? {
             return Ok(Some(found));
         }
@@ -456,7 +466,13 @@ impl<'a> PackWriter<'a> {
             if state.open.contains_key(&id) || state.sealed.lookup(&id)?.is_some() {
                 false
             } else {
-                state.open.insert(id, crate::format::delta_base(object));
+                state.open.insert(
+                    id,
+                    Known {
+                        base: crate::format::delta_base(object),
+                        len: u32::try_from(object.len()).unwrap_or(u32::MAX),
+                    },
+                );
                 true
             }
         };

@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-
 use futures_util::StreamExt;
 use sanare_core::{Error, Result};
 use time::OffsetDateTime;
@@ -36,10 +35,28 @@ use crate::store::{BlockStore, ObjectMeta};
 const REC: usize = 77;
 /// Entries kept in memory before they are spilled to a run file (about 8 MB).
 pub(crate) const RECENT_MAX: usize = 1 << 16;
-/// Small run files kept before they are merged into one.
+/// Run files kept before the small ones are merged into one.
 pub(crate) const SMALL_RUNS_MAX: usize = 8;
 /// Entries sorted in memory at a time while building from scratch (about 20 MB).
 const BUILD_BATCH: usize = 1 << 18;
+
+/// The bounds above, smaller in tests.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    recent_max: usize,
+    small_runs_max: usize,
+    build_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            recent_max: RECENT_MAX,
+            small_runs_max: SMALL_RUNS_MAX,
+            build_batch: BUILD_BATCH,
+        }
+    }
+}
 /// Tables of contents read at once while building.
 const TOC_READS: usize = 16;
 
@@ -93,6 +110,7 @@ pub(crate) struct PackMeta {
 #[derive(Debug, Default)]
 pub(crate) struct PackIndex {
     dir: TempDir,
+    limits: Limits,
     packs: Vec<PackMeta>,
     by_key: HashMap<Arc<str>, u32>,
     runs: Vec<RunFile<REC>>,
@@ -133,11 +151,13 @@ impl PackIndex {
     }
 
     /// Entries known (a block stored in two packs counts twice).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> u64 {
         self.entries
     }
 
     /// The pack stored under `key`, if known.
+    #[cfg(test)]
     pub(crate) fn pack(&self, key: &str) -> Option<&PackMeta> {
         self.packs.get(*self.by_key.get(key)? as usize)
     }
@@ -156,7 +176,7 @@ impl PackIndex {
             });
             self.entries += 1;
         }
-        if self.recent.len() >= RECENT_MAX {
+        if self.recent.len() >= self.limits.recent_max {
             self.spill()?;
         }
         Ok(())
@@ -179,9 +199,13 @@ impl PackIndex {
         let mut recs: Vec<[u8; REC]> = self.recent.drain().map(|(id, e)| encode(&id, &e)).collect();
         recs.sort_unstable();
         self.runs.push(RunFile::write(&self.dir, 32, recs)?);
-        if self.runs.len() > SMALL_RUNS_MAX {
+        if self.runs.len() > self.limits.small_runs_max {
             let small: u64 = self.runs[1..].iter().map(RunFile::len).sum();
-            let from = if small * 4 >= self.runs[0].len() { 0 } else { 1 };
+            let from = if small * 4 >= self.runs[0].len() {
+                0
+            } else {
+                1
+            };
             let merged = merge_runs(&self.dir, 32, &self.runs[from..])?;
             self.runs.truncate(from);
             self.runs.push(merged);
@@ -203,7 +227,7 @@ impl PackIndex {
             };
             self.recent.entry(id).or_insert(Entry { pack: n, ..e });
             self.entries += 1;
-            if self.recent.len() >= RECENT_MAX {
+            if self.recent.len() >= self.limits.recent_max {
                 self.spill()?;
             }
             Ok(())
@@ -276,6 +300,7 @@ impl PackIndex {
         if from_scratch {
             *self = Self {
                 dir: self.dir.clone(),
+                limits: self.limits,
                 ..Self::default()
             };
         }
@@ -290,7 +315,8 @@ impl PackIndex {
                 (meta, toc)
             })
             .buffered(TOC_READS);
-        let mut build = from_scratch.then(|| Spill::<REC>::new(self.dir.clone(), BUILD_BATCH));
+        let mut build =
+            from_scratch.then(|| Spill::<REC>::new(self.dir.clone(), self.limits.build_batch));
         while let Some((meta, toc)) = tocs.next().await {
             let entries = match toc {
                 Ok(e) => e,
@@ -309,7 +335,9 @@ impl PackIndex {
             };
             match &mut build {
                 Some(spill) => {
-                    let Some(n) = self.add_meta(info) else { continue };
+                    let Some(n) = self.add_meta(info) else {
+                        continue;
+                    };
                     for e in &entries {
                         let entry = Entry {
                             pack: n,
@@ -370,11 +398,155 @@ impl SharedIndex {
 
 #[async_trait::async_trait]
 impl crate::pack::KnownBlocks for SharedIndex {
-    async fn known(&self, id: &BlockId) -> Result<Option<Option<BlockId>>> {
-        Ok(self.index.read().await.lookup(id)?.map(|(_, base)| base))
+    async fn known(&self, id: &BlockId) -> Result<Option<crate::pack::Known>> {
+        Ok(self
+            .index
+            .read()
+            .await
+            .lookup(id)?
+            .map(|(loc, base)| crate::pack::Known {
+                base,
+                len: u32::try_from(loc.len).unwrap_or(u32::MAX),
+            }))
     }
 
     async fn absorb(&self, packs: PackIndex) -> Result<()> {
         self.index.write().await.absorb(packs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::pack::PackBuilder;
+    use crate::store::FsStore;
+
+    fn small() -> PackIndex {
+        PackIndex {
+            limits: Limits {
+                recent_max: 50,
+                small_runs_max: 3,
+                build_batch: 70,
+            },
+            ..PackIndex::default()
+        }
+    }
+
+    /// Packs of `per` blocks each, block `i` of pack `p` with content `p:i`; every
+    /// fifth block a delta. Returns each block's expected (pack key, base).
+    async fn packs(
+        store: &FsStore,
+        range: std::ops::Range<u32>,
+        per: u32,
+    ) -> BTreeMap<BlockId, (String, Option<BlockId>)> {
+        let mut out = BTreeMap::new();
+        for p in range {
+            let mut b = PackBuilder::new();
+            let mut bases = Vec::new();
+            for i in 0..per {
+                let content = format!("{p}:{i}").into_bytes();
+                let id = BlockId::of(&content);
+                let base = BlockId::of(format!("base {i}").as_bytes());
+                let object = if i % 5 == 0 {
+                    crate::format::encode_delta(&content, &base, b"base").unwrap()
+                } else {
+                    crate::format::encode_block(&content, crate::format::Codec::Lz4).unwrap()
+                };
+                b.push(id, &object).unwrap();
+                bases.push((id, (i % 5 == 0).then_some(base)));
+            }
+            let sealed = b.seal().unwrap();
+            store.put(&sealed.key, sealed.bytes.clone()).await.unwrap();
+            for (id, base) in bases {
+                out.insert(id, (sealed.key.clone(), base));
+            }
+        }
+        out
+    }
+
+    async fn check(index: &PackIndex, want: &BTreeMap<BlockId, (String, Option<BlockId>)>) {
+        for (id, (key, base)) in want {
+            let (loc, b) = index
+                .lookup(id)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{id} lost"));
+            assert_eq!((&loc.key, &b), (key, base));
+        }
+        for i in 0..100u32 {
+            assert!(
+                index
+                    .lookup(&BlockId::of(&i.to_le_bytes()))
+                    .unwrap()
+                    .is_none()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn built_from_scratch_spilled_and_merged_it_finds_every_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        let mut want = packs(&store, 0..12, 40).await;
+        let mut index = small();
+        index.refresh(&store, false).await.unwrap();
+        assert_eq!(index.len(), 480);
+        assert_eq!(index.runs.len(), 1, "one run from the build");
+        assert!(index.recent.is_empty());
+        check(&index, &want).await;
+
+        // New packs: read alone, kept in memory, spilled, merged.
+        want.extend(packs(&store, 12..30, 40).await);
+        index.refresh(&store, false).await.unwrap();
+        assert_eq!(index.len(), 1200);
+        assert!(index.runs.len() <= 4, "{} runs", index.runs.len());
+        check(&index, &want).await;
+
+        // A pack gone: built again from the store alone.
+        let (gone, _) = want.values().next().unwrap().clone();
+        store.delete(&gone).await.unwrap();
+        want.retain(|_, (k, _)| *k != gone);
+        index.refresh(&store, false).await.unwrap();
+        assert_eq!(index.len(), 1160);
+        check(&index, &want).await;
+        assert!(index.pack(&gone).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_writers_own_index_is_absorbed_with_its_packs_renumbered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        let want = packs(&store, 0..10, 30).await;
+        let mut shared = small();
+        let mut own = small();
+        own.refresh(&store, false).await.unwrap();
+        // The shared one knows some packs already.
+        let first: Vec<_> = store
+            .list(PACK_PREFIX)
+            .await
+            .unwrap()
+            .into_iter()
+            .take(3)
+            .collect();
+        for m in &first {
+            let entries = read_toc(&store, m).await.unwrap();
+            shared
+                .add(
+                    PackMeta {
+                        key: Arc::from(m.key.as_str()),
+                        size: m.size,
+                        modified: m.modified,
+                    },
+                    &entries,
+                )
+                .unwrap();
+        }
+        shared.absorb(own).unwrap();
+        assert_eq!(shared.len(), 300);
+        check(&shared, &want).await;
+        let packs = shared.into_packs().unwrap();
+        assert_eq!(packs.len(), 10);
+        assert!(packs.iter().all(|p| p.entries.len() == 30));
     }
 }

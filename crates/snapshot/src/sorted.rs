@@ -20,7 +20,14 @@ use sanare_core::{Error, Result};
 pub(crate) const PAGE: usize = 64;
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |e| Error::io(format!("{what} (a temporary file of the snapshot service; set TMPDIR to a disk with room)"), e)
+    move |e| {
+        Error::io(
+            format!(
+                "{what} (a temporary file of the snapshot service; set TMPDIR to a disk with room)"
+            ),
+            e,
+        )
+    }
 }
 
 /// A temporary directory, created on first use and shared by the files in it.
@@ -42,9 +49,12 @@ impl TempDir {
                     .map_err(io("creating a temporary directory"))?;
                 // Another thread may have set it meanwhile: use whichever won.
                 let _ = self.dir.set(d);
-                self.dir
-                    .get()
-                    .ok_or_else(|| Error::other("creating a temporary directory", std::io::Error::other("lost")))?
+                self.dir.get().ok_or_else(|| {
+                    Error::other(
+                        "creating a temporary directory",
+                        std::io::Error::other("lost"),
+                    )
+                })?
             }
         };
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

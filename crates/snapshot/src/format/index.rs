@@ -12,8 +12,10 @@ use super::{BlockId, open_raw, seal, seal_version};
 /// Magic of an index object.
 pub const INDEX_MAGIC: [u8; 4] = *b"SNIX";
 /// The version of the index format written by this crate: block references in
-/// content-defined groups stored as blocks (see [`Index::encode`]).
-pub const INDEX_VERSION: u16 = 2;
+/// content-defined groups stored as blocks (see [`Index::encode`]), each group
+/// with the block it is stored as a delta against, if it is (version 3; versions 1
+/// and 2 are still read).
+pub const INDEX_VERSION: u16 = 3;
 
 /// One column of a captured table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +98,16 @@ pub struct GroupRef {
     pub id: BlockId,
     /// How many block references it holds.
     pub blocks: u32,
+    /// The block the group block is stored as a delta against, if it is (the
+    /// previous snapshot's group of the same rows): needed to read it.
+    pub base: Option<BlockId>,
+}
+
+/// A [`GroupRef`] as a version 2 index stores it (no delta base).
+#[derive(Serialize, Deserialize)]
+struct GroupRefV2 {
+    id: BlockId,
+    blocks: u32,
 }
 
 /// Magic at the start of a group block's content, version 1 (references without
@@ -106,14 +118,55 @@ pub const GROUP_MAGIC: [u8; 4] = *b"SNGR";
 pub const GROUP_MAGIC_V2: [u8; 4] = *b"SNG2";
 const GROUP_MAX: usize = 256;
 
+/// Whether a group ends after `r`: when the first byte of the blake3 hash of its
+/// key filter (of its block id, for a table without a primary key, whose filters
+/// are empty) is below 8, one block in 32 on average. Key filters change only when
+/// keys do, so updating rows moves no group boundary: the groups of the next
+/// snapshot line up with these, and a changed group is stored as a small delta.
+fn ends_group(r: &BlockRef) -> bool {
+    let first = if r.key_filter.is_empty() {
+        r.id.0[0]
+    } else {
+        blake3::hash(&r.key_filter).as_bytes()[0]
+    };
+    first < 8
+}
+
+/// Cuts a table's block references into groups as they come (see [`group_blocks`]).
+#[derive(Debug, Default)]
+pub struct GroupBuilder {
+    refs: Vec<BlockRef>,
+}
+
+impl GroupBuilder {
+    /// Adds the next reference; returns the group it completes, if it does.
+    pub fn push(&mut self, r: BlockRef) -> Option<Vec<BlockRef>> {
+        let ends = ends_group(&r);
+        self.refs.push(r);
+        (ends || self.refs.len() >= GROUP_MAX).then(|| std::mem::take(&mut self.refs))
+    }
+
+    /// Whether no reference is waiting for its group to end.
+    pub fn is_empty(&self) -> bool {
+        self.refs.is_empty()
+    }
+
+    /// The last, incomplete group, if any.
+    pub fn finish(self) -> Option<Vec<BlockRef>> {
+        (!self.refs.is_empty()).then_some(self.refs)
+    }
+}
+
 /// Splits a table's block references into content-defined groups: a group ends
-/// after a block whose id's first byte is below 8 (one in 32 on average) or after
-/// 256 references, so an edit changes only the groups around it.
+/// after a reference [`ends_group`] picks or after 256 references, so an edit
+/// changes only the groups around it (and an update of rows moves no boundary).
+/// Indexes written before this rule cut groups after block ids below 8; they are
+/// read the same way (a reader takes the groups as the index lists them).
 pub fn group_blocks(blocks: &[BlockRef]) -> Vec<&[BlockRef]> {
     let mut out = Vec::new();
     let mut start = 0;
     for (i, b) in blocks.iter().enumerate() {
-        if b.id.0[0] < 8 || i + 1 - start >= GROUP_MAX {
+        if ends_group(b) || i + 1 - start >= GROUP_MAX {
             out.push(&blocks[start..=i]);
             start = i + 1;
         }
@@ -165,8 +218,10 @@ pub fn decode_group(id: &BlockId, content: &[u8]) -> Result<Vec<BlockRef>> {
     postcard::from_bytes(body).map_err(bad)
 }
 
+/// A table as an index of version 2 (`G` = [`GroupRefV2`]) or 3 ([`GroupRef`])
+/// stores it.
 #[derive(Serialize, Deserialize)]
-struct StoredTable {
+struct StoredTable<G> {
     schema: String,
     name: String,
     columns: Vec<ColumnDef>,
@@ -174,14 +229,38 @@ struct StoredTable {
     sequences: Vec<SequenceState>,
     rows: u64,
     raw_bytes: u64,
-    groups: Vec<GroupRef>,
+    groups: Vec<G>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct StoredIndex {
+struct StoredIndex<G> {
     snapshot: [u8; 16],
-    tables: Vec<StoredTable>,
+    tables: Vec<StoredTable<G>>,
     streams: Vec<StreamIndex>,
+}
+
+impl<G> StoredIndex<G> {
+    fn into_index(self, group: impl Fn(G) -> GroupRef) -> Index {
+        Index {
+            snapshot: self.snapshot,
+            tables: self
+                .tables
+                .into_iter()
+                .map(|t| TableIndex {
+                    schema: t.schema,
+                    name: t.name,
+                    columns: t.columns,
+                    primary_key: t.primary_key,
+                    sequences: t.sequences,
+                    rows: t.rows,
+                    raw_bytes: t.raw_bytes,
+                    blocks: Vec::new(),
+                    groups: t.groups.into_iter().map(&group).collect(),
+                })
+                .collect(),
+            streams: self.streams,
+        }
+    }
 }
 
 /// A host byte stream captured with a snapshot.
@@ -219,7 +298,8 @@ impl Index {
                 .iter()
                 .map(|t| {
                     let grouped: u64 = t.groups.iter().map(|g| u64::from(g.blocks)).sum();
-                    if grouped != t.blocks.len() as u64 {
+                    // A table captured group by group has no references in memory.
+                    if !t.blocks.is_empty() && grouped != t.blocks.len() as u64 {
                         return Err(Error::invalid_input(format!(
                             "table {}.{}: its groups hold {grouped} block references, it has {}",
                             t.schema,
@@ -250,36 +330,26 @@ impl Index {
         seal(INDEX_MAGIC, self)
     }
 
-    /// Decodes and checks an index object of version 1 or 2. A version 2 index
-    /// comes back with each table's `groups` set and `blocks` empty: fill them with
+    /// Decodes and checks an index object of version 1, 2 or 3. A version 2 or 3
+    /// index comes back with each table's `groups` set and `blocks` empty: fill them with
     /// [`decode_group`] of each group block ([`Index::needs_groups`]).
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         const WHAT: &str = "snapshot index";
-        let (version, body) = open_raw(INDEX_MAGIC, WHAT, bytes, &[1, INDEX_VERSION])?;
+        let (version, body) = open_raw(INDEX_MAGIC, WHAT, bytes, &[1, 2, INDEX_VERSION])?;
         let bad = |e: postcard::Error| Error::corrupt(WHAT, format!("body does not decode: {e}"));
-        if version == 1 {
-            return postcard::from_bytes(body).map_err(bad);
+        match version {
+            1 => postcard::from_bytes(body).map_err(bad),
+            2 => Ok(postcard::from_bytes::<StoredIndex<GroupRefV2>>(body)
+                .map_err(bad)?
+                .into_index(|g| GroupRef {
+                    id: g.id,
+                    blocks: g.blocks,
+                    base: None,
+                })),
+            _ => Ok(postcard::from_bytes::<StoredIndex<GroupRef>>(body)
+                .map_err(bad)?
+                .into_index(|g| g)),
         }
-        let stored: StoredIndex = postcard::from_bytes(body).map_err(bad)?;
-        Ok(Index {
-            snapshot: stored.snapshot,
-            tables: stored
-                .tables
-                .into_iter()
-                .map(|t| TableIndex {
-                    schema: t.schema,
-                    name: t.name,
-                    columns: t.columns,
-                    primary_key: t.primary_key,
-                    sequences: t.sequences,
-                    rows: t.rows,
-                    raw_bytes: t.raw_bytes,
-                    blocks: Vec::new(),
-                    groups: t.groups,
-                })
-                .collect(),
-            streams: stored.streams,
-        })
     }
 
     /// Whether some table's block references are still to be read from its groups.
@@ -298,7 +368,11 @@ impl Index {
                 t.blocks
                     .iter()
                     .flat_map(|b| std::iter::once(b.id).chain(b.base))
-                    .chain(t.groups.iter().map(|g| g.id))
+                    .chain(
+                        t.groups
+                            .iter()
+                            .flat_map(|g| std::iter::once(g.id).chain(g.base)),
+                    )
             })
             .chain(self.streams.iter().flat_map(|s| s.blocks.iter().copied()))
             .collect()
@@ -470,10 +544,12 @@ mod tests {
         );
         assert!(decode_group(&id, &content[..content.len() - 1]).is_err());
 
-        // Groups end after ids starting below 8, so a change moves few groups.
+        // Groups end where a key filter's hash starts below 8, so a change moves
+        // few groups, and changing a block's rows (its id) moves none.
         let refs: Vec<BlockRef> = (0u32..2000)
             .map(|i| BlockRef {
                 id: BlockId::of(&i.to_le_bytes()),
+                key_filter: blake3::hash(&(i + 7).to_le_bytes()).as_bytes()[..8].to_vec(),
                 ..r.clone()
             })
             .collect();
@@ -490,10 +566,42 @@ mod tests {
             .filter(|g| !before.contains(&ids(g)))
             .count();
         assert_eq!(changed, 1);
+        // Every block's content changed, no key: the same boundaries.
+        let updated: Vec<BlockRef> = refs
+            .iter()
+            .map(|b| BlockRef {
+                id: BlockId::of(&b.id.0),
+                ..b.clone()
+            })
+            .collect();
+        let lens = |g: Vec<&[BlockRef]>| g.iter().map(|g| g.len()).collect::<Vec<_>>();
+        assert_eq!(lens(group_blocks(&updated)), lens(group_blocks(&refs)));
+        // Built as they come, the same groups.
+        let mut builder = GroupBuilder::default();
+        let mut built: Vec<Vec<BlockRef>> = refs
+            .iter()
+            .filter_map(|r| builder.push(r.clone()))
+            .collect();
+        built.extend(builder.finish());
+        let cut: Vec<Vec<BlockRef>> = group_blocks(&refs)
+            .into_iter()
+            .map(<[BlockRef]>::to_vec)
+            .collect();
+        assert_eq!(built, cut);
+        // Without keys (empty filters) the ids decide.
+        let keyless: Vec<BlockRef> = refs
+            .iter()
+            .map(|b| BlockRef {
+                key_filter: Vec::new(),
+                ..b.clone()
+            })
+            .collect();
+        let n = group_blocks(&keyless).len();
+        assert!(n > 30 && n < 120, "{n}");
     }
 
     #[test]
-    fn index_v2_refers_to_groups_and_v1_still_decodes() {
+    fn index_v3_refers_to_groups_and_v1_and_v2_still_decode() {
         let blocks = vec![BlockRef {
             id: BlockId([5; 32]),
             raw_len: 30,
@@ -510,22 +618,79 @@ mod tests {
         index.tables[0].groups = vec![GroupRef {
             id: BlockId([7; 32]),
             blocks: 1,
+            base: Some(BlockId([4; 32])),
         }];
-        let v2 = index.encode().unwrap();
-        assert_eq!(hex(&v2[4..6]), "0200", "version 2");
-        let decoded = Index::decode(&v2).unwrap();
+        let v3 = index.encode().unwrap();
+        assert_eq!(hex(&v3[4..6]), "0300", "version 3");
+        assert_eq!(
+            hex(&v3[10..v3.len() - 32]),
+            concat!(
+                "06060606060606060606060606060606", // snapshot
+                "01",
+                "0173",
+                "0174", // one table, s.t
+                "01",
+                "026964",
+                "06626967696e74", // column id bigint
+                "0100",
+                "00",
+                "02",
+                "1e", // key [0], no sequences, 2 rows, 30 bytes
+                "01",
+                "0707070707070707070707070707070707070707070707070707070707070707",
+                "01",
+                "01",
+                "0404040404040404040404040404040404040404040404040404040404040404",
+                "00", // no streams
+            ),
+            "one group of one reference, stored as a delta against 04×32"
+        );
+        let decoded = Index::decode(&v3).unwrap();
         assert!(decoded.needs_groups());
         assert!(decoded.tables[0].blocks.is_empty());
         assert_eq!(decoded.tables[0].groups, index.tables[0].groups);
         let ids = index.block_ids();
-        assert!(ids.contains(&BlockId([5; 32])) && ids.contains(&BlockId([7; 32])));
-        assert!(
-            ids.contains(&BlockId([8; 32])),
-            "a delta's base is referenced"
-        );
+        for (n, why) in [
+            (5, "a block"),
+            (7, "a group"),
+            (8, "a block's base"),
+            (4, "a group's base"),
+        ] {
+            assert!(ids.contains(&BlockId([n; 32])), "{why} is referenced");
+        }
+        // A table captured group by group has no references in memory.
+        let mut streamed = index.clone();
+        streamed.tables[0].blocks.clear();
+        assert_eq!(Index::decode(&streamed.encode().unwrap()).unwrap(), decoded);
 
-        // An index written by the previous version of this crate.
-        // (Written before deltas: no bases.)
+        // Version 2, written before group deltas: the same without the base.
+        let v2 = seal_version(
+            INDEX_MAGIC,
+            2,
+            &StoredIndex {
+                snapshot: [6; 16],
+                tables: vec![StoredTable {
+                    schema: "s".into(),
+                    name: "t".into(),
+                    columns: index.tables[0].columns.clone(),
+                    primary_key: vec![0],
+                    sequences: Vec::new(),
+                    rows: 2,
+                    raw_bytes: 30,
+                    groups: vec![GroupRefV2 {
+                        id: BlockId([7; 32]),
+                        blocks: 1,
+                    }],
+                }],
+                streams: Vec::new(),
+            },
+        )
+        .unwrap();
+        let decoded = Index::decode(&v2).unwrap();
+        assert_eq!(decoded.tables[0].groups[0].id, BlockId([7; 32]));
+        assert_eq!(decoded.tables[0].groups[0].base, None);
+
+        // Version 1, written before groups (and deltas): references inline.
         let mut old = index.clone();
         old.tables[0].groups.clear();
         old.tables[0].blocks[0].base = None;

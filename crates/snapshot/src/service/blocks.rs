@@ -3,6 +3,25 @@
 use super::*;
 
 impl Snapshots {
+    /// The index of snapshot `id`, checked against its manifest, its tables' block
+    /// references still in their groups (see [`Index::decode`]).
+    pub(super) async fn read_index(&self, id: SnapshotId) -> Result<Index> {
+        let manifest = self.load_manifest(id).await?;
+        let bytes = self
+            .inner
+            .store
+            .get(&index_key(id))
+            .await?
+            .ok_or_else(|| Error::corrupt(format!("snapshot {id}"), "its index is missing"))?;
+        if blake3::hash(&bytes).as_bytes() != &manifest.index_hash {
+            return Err(Error::corrupt(
+                format!("snapshot {id}"),
+                "its index does not match the hash in its manifest",
+            ));
+        }
+        Index::decode(&bytes).map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))
+    }
+
     /// Loads the pack map unless it is loaded.
     pub(super) async fn ensure_packs(&self) -> Result<()> {
         if !self
@@ -33,7 +52,10 @@ impl Snapshots {
     /// Where each of `ids` is in a pack, from the block index (`None`: in none,
     /// maybe a loose block object of a repository written before packs). Refreshes
     /// the index once when one is not in it.
-    pub(super) async fn locate_indexed(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLocation>>> {
+    pub(super) async fn locate_indexed(
+        &self,
+        ids: &[BlockId],
+    ) -> Result<Vec<Option<BlockLocation>>> {
         let index = &self.inner.index;
         index.ensure(&*self.inner.store).await?;
         let mut out: Vec<Option<BlockLocation>> = index

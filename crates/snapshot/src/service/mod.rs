@@ -36,6 +36,7 @@ use crate::store::BlockStore;
 
 mod blocks;
 mod capture;
+mod encode;
 mod maintenance;
 mod parallel;
 mod restore;
@@ -424,21 +425,7 @@ impl Snapshots {
         if let Some(idx) = cached {
             return Ok(idx);
         }
-        let manifest = self.load_manifest(id).await?;
-        let bytes = self
-            .inner
-            .store
-            .get(&index_key(id))
-            .await?
-            .ok_or_else(|| Error::corrupt(format!("snapshot {id}"), "its index is missing"))?;
-        if blake3::hash(&bytes).as_bytes() != &manifest.index_hash {
-            return Err(Error::corrupt(
-                format!("snapshot {id}"),
-                "its index does not match the hash in its manifest",
-            ));
-        }
-        let mut index = Index::decode(&bytes)
-            .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
+        let mut index = self.read_index(id).await?;
         for table in &mut index.tables {
             if !table.blocks.is_empty() {
                 continue;
