@@ -462,6 +462,7 @@ impl Snapshots {
                                 rows: 0,
                                 key_filter: Vec::new(),
                                 first_key: None,
+                                last_key: None,
                             },
                             codec,
                         )

@@ -27,7 +27,7 @@ use crate::format::{GroupBuilder, GroupRef, decode_group, encode_delta, encode_g
 use crate::pack::Known;
 use crate::sorted::Spill;
 
-/// Old blocks searched for a new block's predecessor.
+/// Old blocks searched for a new block's predecessor, on each side of the cursor.
 const WINDOW: usize = 64;
 
 /// A block of the previous snapshot's copy of a table, with the group it is in.
@@ -37,15 +37,26 @@ struct OldBlock {
     group: usize,
 }
 
-/// The blocks of the previous snapshot's copy of a table, read group by group.
+/// The blocks of the previous snapshot's copy of a table, read group by group,
+/// with a cursor at the first old block no new block has followed yet.
+///
+/// A new block's predecessor is found by its keys near the cursor: the old blocks
+/// whose key filters hold its first key and its last key, the nearer to the cursor
+/// of the two (a block whose start moved into the old block before the cursor, or
+/// whose end moved into the one after it, still follows the old block at the
+/// cursor), else the old block at the cursor. Nearest wins, so a filter's false
+/// positive farther away never pulls the cursor off, and the cursor moves back as
+/// well as forward within the window.
 pub(super) struct Predecessors<'a> {
     snaps: &'a Snapshots,
     snapshot: SnapshotId,
     groups: std::vec::IntoIter<GroupRef>,
     inline: std::vec::IntoIter<BlockRef>,
-    /// The groups read so far: (its block, its base).
+    /// The groups read so far.
     read: Vec<GroupRef>,
+    /// Up to `WINDOW` blocks before the cursor and `WINDOW` from it.
     window: VecDeque<OldBlock>,
+    cursor: usize,
 }
 
 impl<'a> Predecessors<'a> {
@@ -58,13 +69,19 @@ impl<'a> Predecessors<'a> {
             inline: table.blocks.clone().into_iter(),
             read: Vec::new(),
             window: VecDeque::new(),
+            cursor: 0,
         }
     }
 
-    /// Reads groups until the window is full or the table ends. A group that
-    /// cannot be read ends the predecessors (the capture stores whole blocks).
+    /// Reads groups until `WINDOW` blocks lie from the cursor on or the table
+    /// ends, and forgets blocks more than `WINDOW` before it. A group that cannot
+    /// be read ends the predecessors (the capture stores whole blocks).
     async fn fill(&mut self) {
-        while self.window.len() < WINDOW {
+        while self.cursor > WINDOW {
+            self.window.pop_front();
+            self.cursor -= 1;
+        }
+        while self.window.len() < self.cursor + WINDOW {
             if let Some(r) = self.inline.next() {
                 self.window.push_back(OldBlock {
                     r,
@@ -93,29 +110,41 @@ impl<'a> Predecessors<'a> {
         }
     }
 
-    /// Moves past block `id` when it is among the next old blocks (an unchanged
-    /// block); returns the group it was in.
-    async fn skip(&mut self, id: &BlockId) -> Option<usize> {
-        self.fill().await;
-        let k = self.window.iter().position(|o| o.r.id == *id)?;
-        let group = self.window[k].group;
-        self.window.drain(..=k);
-        Some(group)
+    /// The position nearest the cursor (from it first, then before it) of an old
+    /// block for which `hit` holds.
+    fn nearest(&self, hit: impl Fn(&OldBlock) -> bool) -> Option<usize> {
+        let c = self.cursor;
+        (0..WINDOW).find_map(|d| {
+            let ahead = (c + d < self.window.len() && hit(&self.window[c + d])).then_some(c + d);
+            let behind = (d > 0 && d <= c && hit(&self.window[c - d])).then(|| c - d);
+            ahead.or(behind)
+        })
     }
 
-    /// The old block a changed block (whose first row's key hashes to `key`) most
-    /// likely replaces, and moves past it.
-    async fn take(&mut self, key: Option<&[u8; 32]>) -> Option<OldBlock> {
+    /// Moves the cursor past block `id` when it is near (an unchanged block);
+    /// returns the group it was in.
+    async fn skip(&mut self, id: &BlockId) -> Option<usize> {
         self.fill().await;
-        let k = key
-            .and_then(|k| {
-                self.window
-                    .iter()
-                    .position(|o| bloom::may_contain(&o.r.key_filter, k))
-            })
-            .unwrap_or(0);
-        let old = self.window.get(k)?.clone();
-        self.window.drain(..=k);
+        let p = self.nearest(|o| o.r.id == *id)?;
+        self.cursor = p + 1;
+        Some(self.window[p].group)
+    }
+
+    /// The old block a changed block with first and last keys `keys` most likely
+    /// replaces; the cursor moves past it.
+    async fn take(&mut self, keys: (Option<&[u8; 32]>, Option<&[u8; 32]>)) -> Option<OldBlock> {
+        self.fill().await;
+        let near = |k: Option<&[u8; 32]>| {
+            k.and_then(|k| self.nearest(|o| bloom::may_contain(&o.r.key_filter, k)))
+        };
+        let c = self.cursor;
+        let p = [near(keys.0), near(keys.1)]
+            .into_iter()
+            .flatten()
+            .min_by_key(|&p| (p.abs_diff(c), p < c))
+            .unwrap_or(c);
+        let old = self.window.get(p)?.clone();
+        self.cursor = p + 1;
         Some(old)
     }
 
@@ -226,7 +255,10 @@ impl<'a> TableBlocks<'a> {
                 }
                 None => {
                     let old = match &mut self.preds {
-                        Some(p) => p.take(block.first_key.as_ref()).await,
+                        Some(p) => {
+                            p.take((block.first_key.as_ref(), block.last_key.as_ref()))
+                                .await
+                        }
                         None => None,
                     };
                     // (A block never its own base: a block the index does not know

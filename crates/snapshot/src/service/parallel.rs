@@ -112,10 +112,18 @@ impl Snapshots {
         let result = self
             .load_and_swap(id, chosen, &plan, connections, control)
             .await;
-        if result.is_err() {
-            self.drop_shadows(&plan).await;
-        }
-        let rows = result?;
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                return Err(match self.drop_shadows(&plan).await {
+                    None => e,
+                    Some(left) => match e {
+                        Error::Conflict(msg) => Error::conflict(format!("{msg}; {left}")),
+                        e => Error::other(left, e),
+                    },
+                });
+            }
+        };
         outcome.tables = tables
             .iter()
             .zip(rows)
@@ -284,24 +292,33 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Drops the shadows of a parallel restore that did not swap (best effort: a
-    /// shadow left behind is named in the log).
-    async fn drop_shadows(&self, plan: &ShadowPlan) {
-        let conn = match sanare_pg::get_conn(&self.inner.pool).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not drop the shadow tables of a failed parallel restore");
-                return;
-            }
-        };
-        // In one statement: the foreign keys among the shadows tie them together.
+    /// Drops the shadows of a parallel restore that did not swap; says why not
+    /// when it cannot (the next parallel restore drops them too).
+    async fn drop_shadows(&self, plan: &ShadowPlan) -> Option<String> {
+        // In one statement (the foreign keys among the shadows tie them together),
+        // tried twice on two connections (one may still be ending a failed
+        // transaction of the restore).
         let all: Vec<&str> = plan.tables.iter().map(|s| s.shadow.as_str()).collect();
-        if let Err(e) = conn
-            .batch_execute(&format!("DROP TABLE IF EXISTS {}", all.join(", ")))
-            .await
-        {
-            tracing::warn!(shadows = %all.join(", "), error = %e, "could not drop the shadow tables of a failed parallel restore; drop them by hand");
+        let sql = format!("DROP TABLE IF EXISTS {} CASCADE", all.join(", "));
+        let mut why = String::new();
+        for _ in 0..2 {
+            let attempt = match sanare_pg::get_conn(&self.inner.pool).await {
+                Ok(conn) => conn
+                    .batch_execute(&sql)
+                    .await
+                    .context("dropping the shadow tables"),
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(()) => return None,
+                Err(e) => why = e.to_string(),
+            }
         }
+        tracing::warn!(shadows = %all.join(", "), error = %why, "could not drop the shadow tables of a failed parallel restore");
+        Some(format!(
+            "its shadow tables {} could not be dropped ({why}): drop them, or the next parallel restore will",
+            all.join(", ")
+        ))
     }
 }
 
