@@ -23,7 +23,9 @@ impl Snapshots {
                 status_str(info.status)
             )));
         }
-        let index = match self.load_index(id).await {
+        // The index without its block references: each table's are read group by
+        // group as it is loaded.
+        let index = match self.read_index(id).await {
             Ok(i) => i,
             Err(e) => {
                 self.mark_corrupted(id, &e).await;
@@ -46,8 +48,13 @@ impl Snapshots {
             .filter(|t| wanted.is_empty() || wanted.contains(&TableRef::new(&t.schema, &t.name)))
             .collect();
         let progress = control.progress();
-        let total_blocks: usize = chosen.iter().map(|t| t.blocks.len()).sum();
-        progress.phase("restoring tables", "blocks", Some(total_blocks as u64));
+        let total_blocks: u64 = chosen
+            .iter()
+            .map(|t| {
+                t.blocks.len() as u64 + t.groups.iter().map(|g| u64::from(g.blocks)).sum::<u64>()
+            })
+            .sum();
+        progress.phase("restoring tables", "blocks", Some(total_blocks));
         let mut outcome = match (&request.target, request.mode) {
             (RestoreTarget::Scratch { schema }, _) => {
                 self.restore_scratch(id, schema, &chosen, control).await?
@@ -302,23 +309,33 @@ impl Snapshots {
         sink.send(Bytes::from_static(&copy::HEADER))
             .await
             .map_err(conflict::on(target, &doing))?;
-        let ids: Vec<BlockId> = t.blocks.iter().map(|b| b.id).collect();
-        let blocks = self.read_blocks(id, ids);
-        futures_util::pin_mut!(blocks);
         let progress = control.progress();
-        while let Some(block) = blocks.next().await {
-            let block = match block {
-                Ok(b) => b,
+        let batches = self.table_refs(id, t);
+        futures_util::pin_mut!(batches);
+        while let Some(refs) = batches.next().await {
+            let refs = match refs {
+                Ok(r) => r,
                 Err(e) => {
                     self.mark_corrupted(id, &e).await;
                     return Err(e);
                 }
             };
-            control.checkpoint()?;
-            sink.send(Bytes::from(block))
-                .await
-                .map_err(conflict::on(target, &doing))?;
-            progress.advance(1);
+            let blocks = self.read_blocks(id, refs.iter().map(|b| b.id).collect());
+            futures_util::pin_mut!(blocks);
+            while let Some(block) = blocks.next().await {
+                let block = match block {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.mark_corrupted(id, &e).await;
+                        return Err(e);
+                    }
+                };
+                control.checkpoint()?;
+                sink.send(Bytes::from(block))
+                    .await
+                    .map_err(conflict::on(target, &doing))?;
+                progress.advance(1);
+            }
         }
         sink.send(Bytes::from_static(&copy::TRAILER))
             .await
