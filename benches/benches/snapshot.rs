@@ -271,6 +271,36 @@ async fn run(figures: &mut Figures) {
                 "order-service schema, {orders} orders of realistic rows (sanare_benches::shop, seed 42), schema shop"
             ),
         );
+    // Memory of capture planning against a 100 GB repository (synthetic: index
+    // entries only), in a child process of its own.
+    client
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS index_bench CASCADE; CREATE SCHEMA index_bench;
+             CREATE TABLE index_bench.t AS SELECT id, note, placed_at FROM shop.orders LIMIT 20000;
+             ALTER TABLE index_bench.t ADD PRIMARY KEY (id);",
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let index = index_figures(&url);
+    println!(
+        "index: {index} (child ran {:.1}s)",
+        t.elapsed().as_secs_f64()
+    );
+    for name in [
+        "index_peak_rss_mb_100gb",
+        "index_build_and_capture_s",
+        "index_entries",
+        "index_repository_gb",
+    ] {
+        if let Some(v) = index[name].as_f64() {
+            figures.set(name, v);
+        }
+    }
+    client
+        .batch_execute("DROP SCHEMA index_bench CASCADE; DROP SCHEMA sanare_index_bench CASCADE")
+        .await
+        .unwrap();
     drop(pool);
     let fixture_db: &[&str] = if keep {
         &[]
@@ -288,6 +318,10 @@ async fn run(figures: &mut Figures) {
 }
 
 fn main() {
+    if let Ok(url) = std::env::var("SANARE_BENCH_INDEX_CHILD") {
+        index_child(&url);
+        return;
+    }
     let mut figures = Figures::new();
     // Block encoding alone, against a plain copy of the same bytes as baseline.
     let data: Vec<u8> = (0..1_000_000u32)
@@ -331,4 +365,220 @@ fn main() {
         "figures written to {}",
         Figures::path_for("snapshot").display()
     );
+}
+
+/// A repository of index entries only: `packs` packs of `per_pack` blocks of
+/// `block_len` bytes each, whose tables of contents are made up when read (no block
+/// bytes exist), plus whatever is put into it.
+#[derive(Debug)]
+struct SyntheticStore {
+    packs: u32,
+    per_pack: u32,
+    block_len: u32,
+    real: std::sync::Mutex<std::collections::BTreeMap<String, bytes::Bytes>>,
+}
+
+impl SyntheticStore {
+    /// Room at the end of a pack for its table of contents (whatever its length).
+    const TAIL_ROOM: u64 = 256 * 1024;
+
+    fn key(p: u32) -> String {
+        let h = blake3::hash(&p.to_le_bytes()).to_hex();
+        format!("packs/{}/{h}", &h[..2])
+    }
+
+    fn size(&self) -> u64 {
+        8 + u64::from(self.per_pack) * u64::from(self.block_len) + Self::TAIL_ROOM
+    }
+
+    fn tail(&self, p: u32) -> Vec<u8> {
+        let entries: Vec<(sanare_snapshot::BlockId, u32, u32)> = (0..self.per_pack)
+            .map(|i| {
+                let mut seed = [0u8; 8];
+                seed[..4].copy_from_slice(&p.to_le_bytes());
+                seed[4..].copy_from_slice(&i.to_le_bytes());
+                (
+                    sanare_snapshot::BlockId::of(&seed),
+                    8 + i * self.block_len,
+                    self.block_len,
+                )
+            })
+            .collect();
+        sanare_snapshot::pack::synthetic_tail(&entries).unwrap()
+    }
+
+    fn pack_of(&self, key: &str) -> Option<u32> {
+        let hex = key.rsplit('/').next()?;
+        // Keys are the hash of the pack number: find it by recomputing (the
+        // listing hands them out in order, so a map is cheap).
+        static KEYS: std::sync::OnceLock<std::collections::HashMap<String, u32>> =
+            std::sync::OnceLock::new();
+        let keys = KEYS.get_or_init(|| {
+            (0..self.packs)
+                .map(|p| {
+                    (
+                        Self::key(p)
+                            .rsplit('/')
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        p,
+                    )
+                })
+                .collect()
+        });
+        keys.get(hex).copied()
+    }
+}
+
+#[async_trait::async_trait]
+impl sanare_snapshot::BlockStore for SyntheticStore {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> sanare_core::Result<()> {
+        self.real.lock().unwrap().insert(key.to_owned(), data);
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> sanare_core::Result<Option<bytes::Bytes>> {
+        Ok(self.real.lock().unwrap().get(key).cloned())
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> sanare_core::Result<Option<bytes::Bytes>> {
+        let Some(p) = self.pack_of(key) else {
+            let all = self.real.lock().unwrap().get(key).cloned();
+            return Ok(all.map(|a| a.slice(range.start as usize..range.end as usize)));
+        };
+        let tail = self.tail(p);
+        let size = self.size();
+        let tail_start = size - tail.len() as u64;
+        let out: Vec<u8> = range
+            .map(|at| {
+                if at >= tail_start {
+                    tail[(at - tail_start) as usize]
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Ok(Some(out.into()))
+    }
+
+    async fn contains(&self, key: &str) -> sanare_core::Result<bool> {
+        Ok(self.pack_of(key).is_some() || self.real.lock().unwrap().contains_key(key))
+    }
+
+    async fn delete(&self, key: &str) -> sanare_core::Result<()> {
+        self.real.lock().unwrap().remove(key);
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> sanare_core::Result<Vec<sanare_snapshot::ObjectMeta>> {
+        let mut out: Vec<sanare_snapshot::ObjectMeta> =
+            if "packs/".starts_with(prefix) || prefix.starts_with("packs/") {
+                (0..self.packs)
+                    .map(|p| {
+                        sanare_snapshot::ObjectMeta::new(
+                            Self::key(p),
+                            self.size(),
+                            time::OffsetDateTime::UNIX_EPOCH,
+                        )
+                    })
+                    .filter(|m| m.key.starts_with(prefix))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        out.extend(
+            self.real
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| {
+                    sanare_snapshot::ObjectMeta::new(
+                        k.clone(),
+                        v.len() as u64,
+                        time::OffsetDateTime::now_utc(),
+                    )
+                }),
+        );
+        Ok(out)
+    }
+}
+
+/// In a child process (so that its peak RSS is its own): a capture of a small
+/// table against a synthetic repository of `gb` GB of blocks, 6 KiB each (the
+/// fixture's average stored block) in 8 MiB packs: the index of every block is
+/// built from the packs' tables of contents and each new block is looked up in
+/// it. Prints the figures as JSON.
+fn index_child(url: &str) {
+    let gb: f64 = std::env::var("SANARE_BENCH_INDEX_GB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100.0);
+    let block_len = 6 * 1024u32;
+    let per_pack = (8 * 1024 * 1024) / block_len;
+    let packs = (gb * 1e9 / f64::from(per_pack * block_len)).ceil() as u32;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (build_s, entries) = rt.block_on(async {
+        let pool = sanare_pg::connect_pool(url, 4).unwrap();
+        let schema = SchemaName::new("sanare_index_bench").unwrap();
+        sanare_snapshot::migrate(&mut **sanare_pg::get_conn(&pool).await.unwrap(), &schema)
+            .await
+            .unwrap();
+        let store = Arc::new(SyntheticStore {
+            packs,
+            per_pack,
+            block_len,
+            real: Default::default(),
+        });
+        let snaps = Snapshots::builder()
+            .store(store)
+            .pool(pool)
+            .schema(schema)
+            .build()
+            .unwrap();
+        let t = Instant::now();
+        let info = snaps
+            .create(
+                SnapshotRequest::new().schemas(["index_bench"]),
+                &Control::detached(),
+            )
+            .await
+            .unwrap();
+        assert!(info.stored_bytes > 0);
+        (
+            t.elapsed().as_secs_f64(),
+            u64::from(packs) * u64::from(per_pack),
+        )
+    });
+    println!(
+        "{}",
+        serde_json::json!({
+            "index_peak_rss_mb_100gb": peak_rss_mb(),
+            "index_build_and_capture_s": build_s,
+            "index_entries": entries,
+            "index_repository_gb": gb,
+        })
+    );
+}
+
+/// Runs [`index_child`] in a child process on database `url`; returns its figures.
+fn index_figures(url: &str) -> serde_json::Value {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env("SANARE_BENCH_INDEX_CHILD", url)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the index child failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("index child said {text:?}: {e}"))
 }

@@ -149,6 +149,29 @@ impl PackBuilder {
     }
 }
 
+/// The end of a pack holding blocks `entries` (id, offset, length; none a delta)
+/// whose bytes are not given: its table of contents and trailer, which a reader
+/// reads from the end of the pack (see `docs/formats.md`). For benchmarks and
+/// tests of repositories of index entries only (feature `testing`).
+#[cfg(feature = "testing")]
+pub fn synthetic_tail(entries: &[(BlockId, u32, u32)]) -> Result<Vec<u8>> {
+    let entries: Vec<PackEntry> = entries
+        .iter()
+        .map(|&(id, offset, len)| PackEntry {
+            id,
+            offset,
+            len,
+            base: None,
+        })
+        .collect();
+    let mut out = crate::format::seal_version(TOC_MAGIC, PACK_VERSION, &entries)?;
+    let toc_len = u32::try_from(out.len())
+        .map_err(|_| Error::invalid_input("a pack's table of contents exceeds 4 GiB"))?;
+    out.extend_from_slice(&toc_len.to_le_bytes());
+    out.extend_from_slice(&PACK_MAGIC);
+    Ok(out)
+}
+
 /// What the end of a pack says: its entries, or that more of its end is needed.
 #[derive(Debug)]
 pub(crate) enum Tail {

@@ -296,28 +296,32 @@ impl Snapshots {
         /// Groups (of up to 256 references each) read at once.
         const GROUPS_AT_ONCE: usize = 16;
         let inline = (!t.blocks.is_empty()).then(|| Ok(t.blocks.clone()));
-        let batches = t.groups.chunks(GROUPS_AT_ONCE).map(move |batch| async move {
-            let ids: Vec<BlockId> = batch.iter().map(|g| g.id).collect();
-            let contents: Vec<Vec<u8>> = self.read_blocks(snapshot, ids).try_collect().await?;
-            let mut refs = Vec::new();
-            for (g, content) in batch.iter().zip(contents) {
-                let group = crate::format::decode_group(&g.id, &content)
-                    .map_err(|e| Error::corrupt(format!("snapshot {snapshot}"), e.to_string()))?;
-                if group.len() != g.blocks as usize {
-                    return Err(Error::corrupt(
-                        format!("snapshot {snapshot}"),
-                        format!(
-                            "index group {} holds {} block references, the index says {}",
-                            g.id,
-                            group.len(),
-                            g.blocks
-                        ),
-                    ));
+        let batches = t
+            .groups
+            .chunks(GROUPS_AT_ONCE)
+            .map(move |batch| async move {
+                let ids: Vec<BlockId> = batch.iter().map(|g| g.id).collect();
+                let contents: Vec<Vec<u8>> = self.read_blocks(snapshot, ids).try_collect().await?;
+                let mut refs = Vec::new();
+                for (g, content) in batch.iter().zip(contents) {
+                    let group = crate::format::decode_group(&g.id, &content).map_err(|e| {
+                        Error::corrupt(format!("snapshot {snapshot}"), e.to_string())
+                    })?;
+                    if group.len() != g.blocks as usize {
+                        return Err(Error::corrupt(
+                            format!("snapshot {snapshot}"),
+                            format!(
+                                "index group {} holds {} block references, the index says {}",
+                                g.id,
+                                group.len(),
+                                g.blocks
+                            ),
+                        ));
+                    }
+                    refs.extend(group);
                 }
-                refs.extend(group);
-            }
-            Ok(refs)
-        });
+                Ok(refs)
+            });
         futures_util::stream::iter(inline)
             .chain(futures_util::stream::iter(batches).then(|f| f))
             .boxed()
