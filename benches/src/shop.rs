@@ -507,10 +507,9 @@ impl OrderPlan {
 fn customer(rng: &mut Rng, id: u64, out: &mut String) {
     let (first, last) = (rng.pick(FIRST), rng.pick(LAST));
     let email = format!(
-        "{}.{}{}@{}",
+        "{}.{}.{id}@{}",
         first.to_lowercase(),
         last.to_lowercase(),
-        rng.below(10_000),
         rng.pick(DOMAINS)
     );
     let interests: Vec<String> = (0..rng.below(4))
@@ -556,8 +555,8 @@ fn product(rng: &mut Rng, id: u64, out: &mut String) -> u64 {
         rng.below(10)
     );
     out.push_str(&format!(
-        "{id}\tSKU-{:08X}\t{name}\t{price}\t{attributes}\t{}\n",
-        rng.next_u64() as u32,
+        "{id}\tSKU-{id:06}-{:04X}\t{name}\t{price}\t{attributes}\t{}\n",
+        rng.below(1 << 16),
         if rng.chance(0.94) { "t" } else { "f" }
     ));
     price
