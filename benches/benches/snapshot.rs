@@ -1,7 +1,10 @@
-//! Snapshot benchmarks on the order-service fixture (≥ 100 MB of table data):
-//! capture and restore against `pg_dump -Fc` / `pg_restore` in the same run,
-//! lz4 reduction, incremental growth after changing 1% of rows, capture peak RSS.
-//! A small criterion group measures block encoding alone.
+//! Snapshot benchmarks on the order-service schema filled with realistic rows
+//! (`sanare_benches::shop`: natural-language text, timestamps, numerics, jsonb;
+//! ≥ 100 MB of table data): capture and restore against `pg_dump -Fc` /
+//! `pg_restore` in the same run, the parallel restore against `pg_restore --jobs 2`,
+//! lz4 reduction, incremental growth after changing 1 % of rows (clustered, and
+//! spread uniformly over every table), capture peak RSS. A small criterion group
+//! measures block encoding alone.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
 
@@ -11,7 +14,7 @@ use std::time::Instant;
 
 use criterion::{Criterion, Throughput};
 use sanare_benches::{Figures, checkpoint};
-use sanare_core::{Control, RestoreRequest, SnapshotRequest, SnapshotService};
+use sanare_core::{Control, RestoreMode, RestoreRequest, SnapshotRequest, SnapshotService};
 use sanare_pg::SchemaName;
 use sanare_snapshot::{Codec, FsStore, Snapshots};
 use sanare_testing::fixtures::order_service;
@@ -65,7 +68,10 @@ async fn run(figures: &mut Figures) {
     } else {
         &["sanare_bench_snapshot"]
     };
-    for db in fixture_db.iter().chain(&["sanare_bench_snapshot_restore"]) {
+    for db in fixture_db.iter().chain(&[
+        "sanare_bench_snapshot_restore",
+        "sanare_bench_snapshot_restore_j2",
+    ]) {
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .await
@@ -95,7 +101,7 @@ async fn run(figures: &mut Figures) {
         client.batch_execute("VACUUM ANALYZE").await.unwrap();
     } else {
         order_service::install(&client, "shop").await.unwrap();
-        order_service::generate(&client, "shop", orders)
+        sanare_benches::shop::generate(&client, "shop", orders, 42)
             .await
             .unwrap();
         client.batch_execute("VACUUM ANALYZE").await.unwrap();
@@ -167,14 +173,15 @@ async fn run(figures: &mut Figures) {
         .await
         .unwrap();
     let inc = snaps.create(request(), &Control::detached()).await.unwrap();
-    client
-        .execute(
-            "UPDATE shop.orders SET note = 'spread' WHERE id % 100 = 7",
-            &[],
-        )
+    let spread = sanare_benches::shop::spread_update(&client, "shop", 1.0, 7)
         .await
         .unwrap();
     let inc_spread = snaps.create(request(), &Control::detached()).await.unwrap();
+    println!(
+        "incremental: {:.1} KB after the newest 1 % of orders changed, {:.1} KB after {spread} rows (1 % of every table) changed at random",
+        inc.stored_bytes as f64 / 1e3,
+        inc_spread.stored_bytes as f64 / 1e3
+    );
 
     // Restore: ours into the live tables vs pg_restore into a fresh database.
     checkpoint(&admin, "snapshot").await;
@@ -200,6 +207,34 @@ async fn run(figures: &mut Figures) {
     let pg_restore_s = t.elapsed().as_secs_f64();
     println!("restore: {restore_s:.2}s (pg_restore {pg_restore_s:.2}s)");
 
+    // Parallel: ours (shadow tables on 2 connections, then the swap) against
+    // pg_restore --jobs 2 into a fresh database.
+    checkpoint(&admin, "snapshot").await;
+    let t = Instant::now();
+    snaps
+        .restore(
+            RestoreRequest::new(full.id).mode(RestoreMode::Parallel { connections: 2 }),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    let parallel_s = t.elapsed().as_secs_f64();
+    admin
+        .batch_execute("CREATE DATABASE sanare_bench_snapshot_restore_j2")
+        .await
+        .unwrap();
+    checkpoint(&admin, "snapshot").await;
+    let t = Instant::now();
+    let st = Command::new(bin("pg_restore"))
+        .args(["--no-owner", "--jobs", "2", "-d"])
+        .arg(with_db(&admin_url, "sanare_bench_snapshot_restore_j2"))
+        .arg(&dump)
+        .status()
+        .unwrap();
+    assert!(st.success(), "pg_restore --jobs 2 failed");
+    let pg_restore_j2_s = t.elapsed().as_secs_f64();
+    println!("parallel restore: {parallel_s:.2}s (pg_restore --jobs 2 {pg_restore_j2_s:.2}s)");
+
     figures
         .set("table_data_mb", table_mb as f64)
         .set("raw_copy_mb", raw_mb)
@@ -210,6 +245,12 @@ async fn run(figures: &mut Figures) {
         .set("restore_s", restore_s)
         .set("pg_restore_s", pg_restore_s)
         .set("restore_vs_pg_restore_ratio", pg_restore_s / restore_s)
+        .set("parallel_restore_s", parallel_s)
+        .set("pg_restore_j2_s", pg_restore_j2_s)
+        .set(
+            "parallel_restore_vs_pg_restore_j2_ratio",
+            pg_restore_j2_s / parallel_s,
+        )
         .set(
             "lz4_reduction_pct",
             100.0 * (1.0 - full.stored_bytes as f64 / full.size_bytes as f64),
@@ -226,15 +267,50 @@ async fn run(figures: &mut Figures) {
         .set("rss_before_capture_mb", rss_before)
         .note(
             "workload",
-            format!("order-service fixture, {orders} orders, schema shop"),
+            format!(
+                "order-service schema, {orders} orders of realistic rows (sanare_benches::shop, seed 42), schema shop"
+            ),
         );
+    // Memory of capture planning against a 100 GB repository (synthetic: index
+    // entries only), in a child process of its own.
+    client
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS index_bench CASCADE; CREATE SCHEMA index_bench;
+             CREATE TABLE index_bench.t AS SELECT id, note, placed_at FROM shop.orders LIMIT 20000;
+             ALTER TABLE index_bench.t ADD PRIMARY KEY (id);",
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let index = index_figures(&url);
+    println!(
+        "index: {index} (child ran {:.1}s)",
+        t.elapsed().as_secs_f64()
+    );
+    for name in [
+        "index_peak_rss_mb_100gb",
+        "index_build_and_capture_s",
+        "index_entries",
+        "index_repository_gb",
+    ] {
+        if let Some(v) = index[name].as_f64() {
+            figures.set(name, v);
+        }
+    }
+    client
+        .batch_execute("DROP SCHEMA index_bench CASCADE; DROP SCHEMA sanare_index_bench CASCADE")
+        .await
+        .unwrap();
     drop(pool);
     let fixture_db: &[&str] = if keep {
         &[]
     } else {
         &["sanare_bench_snapshot"]
     };
-    for db in fixture_db.iter().chain(&["sanare_bench_snapshot_restore"]) {
+    for db in fixture_db.iter().chain(&[
+        "sanare_bench_snapshot_restore",
+        "sanare_bench_snapshot_restore_j2",
+    ]) {
         let _ = admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .await;
@@ -242,6 +318,10 @@ async fn run(figures: &mut Figures) {
 }
 
 fn main() {
+    if let Ok(url) = std::env::var("SANARE_BENCH_INDEX_CHILD") {
+        index_child(&url);
+        return;
+    }
     let mut figures = Figures::new();
     // Block encoding alone, against a plain copy of the same bytes as baseline.
     let data: Vec<u8> = (0..1_000_000u32)
@@ -285,4 +365,220 @@ fn main() {
         "figures written to {}",
         Figures::path_for("snapshot").display()
     );
+}
+
+/// A repository of index entries only: `packs` packs of `per_pack` blocks of
+/// `block_len` bytes each, whose tables of contents are made up when read (no block
+/// bytes exist), plus whatever is put into it.
+#[derive(Debug)]
+struct SyntheticStore {
+    packs: u32,
+    per_pack: u32,
+    block_len: u32,
+    real: std::sync::Mutex<std::collections::BTreeMap<String, bytes::Bytes>>,
+}
+
+impl SyntheticStore {
+    /// Room at the end of a pack for its table of contents (whatever its length).
+    const TAIL_ROOM: u64 = 256 * 1024;
+
+    fn key(p: u32) -> String {
+        let h = blake3::hash(&p.to_le_bytes()).to_hex();
+        format!("packs/{}/{h}", &h[..2])
+    }
+
+    fn size(&self) -> u64 {
+        8 + u64::from(self.per_pack) * u64::from(self.block_len) + Self::TAIL_ROOM
+    }
+
+    fn tail(&self, p: u32) -> Vec<u8> {
+        let entries: Vec<(sanare_snapshot::BlockId, u32, u32)> = (0..self.per_pack)
+            .map(|i| {
+                let mut seed = [0u8; 8];
+                seed[..4].copy_from_slice(&p.to_le_bytes());
+                seed[4..].copy_from_slice(&i.to_le_bytes());
+                (
+                    sanare_snapshot::BlockId::of(&seed),
+                    8 + i * self.block_len,
+                    self.block_len,
+                )
+            })
+            .collect();
+        sanare_snapshot::pack::synthetic_tail(&entries).unwrap()
+    }
+
+    fn pack_of(&self, key: &str) -> Option<u32> {
+        let hex = key.rsplit('/').next()?;
+        // Keys are the hash of the pack number: find it by recomputing (the
+        // listing hands them out in order, so a map is cheap).
+        static KEYS: std::sync::OnceLock<std::collections::HashMap<String, u32>> =
+            std::sync::OnceLock::new();
+        let keys = KEYS.get_or_init(|| {
+            (0..self.packs)
+                .map(|p| {
+                    (
+                        Self::key(p)
+                            .rsplit('/')
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        p,
+                    )
+                })
+                .collect()
+        });
+        keys.get(hex).copied()
+    }
+}
+
+#[async_trait::async_trait]
+impl sanare_snapshot::BlockStore for SyntheticStore {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> sanare_core::Result<()> {
+        self.real.lock().unwrap().insert(key.to_owned(), data);
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> sanare_core::Result<Option<bytes::Bytes>> {
+        Ok(self.real.lock().unwrap().get(key).cloned())
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> sanare_core::Result<Option<bytes::Bytes>> {
+        let Some(p) = self.pack_of(key) else {
+            let all = self.real.lock().unwrap().get(key).cloned();
+            return Ok(all.map(|a| a.slice(range.start as usize..range.end as usize)));
+        };
+        let tail = self.tail(p);
+        let size = self.size();
+        let tail_start = size - tail.len() as u64;
+        let out: Vec<u8> = range
+            .map(|at| {
+                if at >= tail_start {
+                    tail[(at - tail_start) as usize]
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Ok(Some(out.into()))
+    }
+
+    async fn contains(&self, key: &str) -> sanare_core::Result<bool> {
+        Ok(self.pack_of(key).is_some() || self.real.lock().unwrap().contains_key(key))
+    }
+
+    async fn delete(&self, key: &str) -> sanare_core::Result<()> {
+        self.real.lock().unwrap().remove(key);
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> sanare_core::Result<Vec<sanare_snapshot::ObjectMeta>> {
+        let mut out: Vec<sanare_snapshot::ObjectMeta> =
+            if "packs/".starts_with(prefix) || prefix.starts_with("packs/") {
+                (0..self.packs)
+                    .map(|p| {
+                        sanare_snapshot::ObjectMeta::new(
+                            Self::key(p),
+                            self.size(),
+                            time::OffsetDateTime::UNIX_EPOCH,
+                        )
+                    })
+                    .filter(|m| m.key.starts_with(prefix))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        out.extend(
+            self.real
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| {
+                    sanare_snapshot::ObjectMeta::new(
+                        k.clone(),
+                        v.len() as u64,
+                        time::OffsetDateTime::now_utc(),
+                    )
+                }),
+        );
+        Ok(out)
+    }
+}
+
+/// In a child process (so that its peak RSS is its own): a capture of a small
+/// table against a synthetic repository of `gb` GB of blocks, 6 KiB each (the
+/// fixture's average stored block) in 8 MiB packs: the index of every block is
+/// built from the packs' tables of contents and each new block is looked up in
+/// it. Prints the figures as JSON.
+fn index_child(url: &str) {
+    let gb: f64 = std::env::var("SANARE_BENCH_INDEX_GB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100.0);
+    let block_len = 6 * 1024u32;
+    let per_pack = (8 * 1024 * 1024) / block_len;
+    let packs = (gb * 1e9 / f64::from(per_pack * block_len)).ceil() as u32;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (build_s, entries) = rt.block_on(async {
+        let pool = sanare_pg::connect_pool(url, 4).unwrap();
+        let schema = SchemaName::new("sanare_index_bench").unwrap();
+        sanare_snapshot::migrate(&mut **sanare_pg::get_conn(&pool).await.unwrap(), &schema)
+            .await
+            .unwrap();
+        let store = Arc::new(SyntheticStore {
+            packs,
+            per_pack,
+            block_len,
+            real: Default::default(),
+        });
+        let snaps = Snapshots::builder()
+            .store(store)
+            .pool(pool)
+            .schema(schema)
+            .build()
+            .unwrap();
+        let t = Instant::now();
+        let info = snaps
+            .create(
+                SnapshotRequest::new().schemas(["index_bench"]),
+                &Control::detached(),
+            )
+            .await
+            .unwrap();
+        assert!(info.stored_bytes > 0);
+        (
+            t.elapsed().as_secs_f64(),
+            u64::from(packs) * u64::from(per_pack),
+        )
+    });
+    println!(
+        "{}",
+        serde_json::json!({
+            "index_peak_rss_mb_100gb": peak_rss_mb(),
+            "index_build_and_capture_s": build_s,
+            "index_entries": entries,
+            "index_repository_gb": gb,
+        })
+    );
+}
+
+/// Runs [`index_child`] in a child process on database `url`; returns its figures.
+fn index_figures(url: &str) -> serde_json::Value {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env("SANARE_BENCH_INDEX_CHILD", url)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the index child failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("index child said {text:?}: {e}"))
 }

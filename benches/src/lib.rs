@@ -7,6 +7,8 @@
 
 #![deny(missing_docs)]
 
+pub mod shop;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -57,8 +57,8 @@ pub use repair::{
 pub use row::{ColumnValue, RowChecksum, RowImage, RowRef, TableRef, quote_ident};
 pub use severity::Severity;
 pub use snapshot::{
-    RestoreOutcome, RestoreRequest, RestoreTarget, SnapshotInfo, SnapshotRequest, SnapshotService,
-    SnapshotStatus, TableRowCount, VerifyReport,
+    RestoreMode, RestoreOutcome, RestoreRequest, RestoreTarget, SnapshotInfo, SnapshotRequest,
+    SnapshotService, SnapshotStatus, TableRowCount, VerifyReport,
 };
 pub use violation::{CorruptionKind, Violation, ViolationKind};
 

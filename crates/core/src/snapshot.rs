@@ -135,6 +135,30 @@ pub enum RestoreTarget {
     },
 }
 
+/// How a restore into the live tables loads them.
+///
+/// The choice is between atomicity and speed: [`RestoreMode::Transaction`] replaces
+/// every table in one transaction on one connection (nothing changes unless all of
+/// it commits; the tables are locked for the whole load), [`RestoreMode::Parallel`]
+/// loads the rows into shadow tables on several connections while the live tables
+/// stay as they are, then swaps the shadow tables in with one short transaction
+/// (twice the disk space while it runs; the swapped tables are new relations, so
+/// their OIDs change).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RestoreMode {
+    /// One transaction, one connection: atomic, the default.
+    #[default]
+    Transaction,
+    /// Shadow tables loaded on `connections` connections, then swapped in one
+    /// short transaction.
+    Parallel {
+        /// Connections loading at once (at least 2 to gain anything).
+        connections: u16,
+    },
+}
+
 /// What to restore.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -145,6 +169,14 @@ pub struct RestoreRequest {
     pub tables: Vec<TableRef>,
     /// Where to.
     pub target: RestoreTarget,
+    /// Whether the restored tables' own triggers fire for the restored rows (and
+    /// their `TRUNCATE` triggers for the emptying). Off by default: a restore puts
+    /// rows back as they were, it does not replay the side effects of inserting them.
+    #[serde(default)]
+    pub fire_triggers: bool,
+    /// How the live tables are loaded (ignored for a scratch target).
+    #[serde(default)]
+    pub mode: RestoreMode,
 }
 
 impl RestoreRequest {
@@ -154,7 +186,21 @@ impl RestoreRequest {
             snapshot,
             tables: Vec::new(),
             target: RestoreTarget::Live,
+            fire_triggers: false,
+            mode: RestoreMode::Transaction,
         }
+    }
+
+    /// Fire the restored tables' triggers (see [`RestoreRequest::fire_triggers`]).
+    pub fn fire_triggers(mut self, fire: bool) -> Self {
+        self.fire_triggers = fire;
+        self
+    }
+
+    /// Load the live tables this way (see [`RestoreMode`]).
+    pub fn mode(mut self, mode: RestoreMode) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// Only these tables.
@@ -180,6 +226,11 @@ pub struct RestoreOutcome {
     pub tables: Vec<TableRowCount>,
     /// The journal cut the restored state is consistent with: replay from here.
     pub journal_cut: Option<JournalCut>,
+    /// What the restore did beyond loading rows, in words (a table restored in
+    /// place by key because tables outside the restore reference it, an invalid
+    /// index left as it was, …).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl RestoreOutcome {
@@ -189,6 +240,7 @@ impl RestoreOutcome {
             snapshot,
             tables: Vec::new(),
             journal_cut: None,
+            notes: Vec::new(),
         }
     }
 }

@@ -105,6 +105,10 @@ pub(crate) struct RowBlock {
     pub(crate) content: Vec<u8>,
     pub(crate) rows: u32,
     pub(crate) key_filter: Vec<u8>,
+    /// The key hashes of its first and last rows (none without a primary key):
+    /// which block of the previous snapshot it most likely replaces.
+    pub(crate) first_key: Option<[u8; 32]>,
+    pub(crate) last_key: Option<[u8; 32]>,
 }
 
 /// Turns a binary COPY byte stream into blocks of whole rows whose boundaries are
@@ -227,6 +231,8 @@ impl Chunker {
             content,
             rows: u32::try_from(nrows).unwrap_or(u32::MAX),
             key_filter: bloom::build(&keys),
+            first_key: keys.first().copied(),
+            last_key: keys.last().copied(),
         }
     }
 

@@ -87,10 +87,12 @@
 mod copy;
 pub mod format;
 pub mod pack;
+mod pack_index;
 mod restore;
 #[cfg(feature = "s3")]
 mod s3;
 mod service;
+mod sorted;
 mod source;
 mod store;
 #[cfg(feature = "testing")]

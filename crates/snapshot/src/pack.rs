@@ -6,7 +6,7 @@
 //! [`crate::SnapshotConfig::pack_size`] bytes; a pack ends with its own table of
 //! contents, so the store alone says where every block is (see `docs/formats.md`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -16,14 +16,21 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::format::BlockId;
+use crate::pack_index::PackIndex;
 use crate::store::{BlockStore, ObjectMeta};
 
 /// Magic at the start and at the very end of a pack object.
 pub const PACK_MAGIC: [u8; 4] = *b"SNPK";
 /// Magic of a pack's table of contents.
 pub const TOC_MAGIC: [u8; 4] = *b"SNPT";
-/// The version of the pack format written by this crate.
-pub const PACK_VERSION: u16 = 1;
+/// The version of the pack format written by this crate: 2 since blocks may be
+/// stored as deltas (each entry of the table of contents names its base); packs of
+/// version 1 are still read.
+pub const PACK_VERSION: u16 = 2;
+/// The longest table of contents a reader accepts (over a million blocks; an 8 MiB
+/// pack has about 60 KiB): a longer length read from a pack's trailer is damage,
+/// refused before anything is read or allocated for it.
+pub const MAX_TOC_LEN: u64 = 64 << 20;
 /// Store keys of packs start with this.
 pub const PACK_PREFIX: &str = "packs/";
 
@@ -42,6 +49,16 @@ pub struct PackEntry {
     pub offset: u32,
     /// Length of its block object.
     pub len: u32,
+    /// The block it is stored as a delta against, if it is (version 2).
+    pub base: Option<BlockId>,
+}
+
+/// An entry of a version 1 table of contents.
+#[derive(Deserialize)]
+struct PackEntryV1 {
+    id: BlockId,
+    offset: u32,
+    len: u32,
 }
 
 impl PackEntry {
@@ -105,7 +122,12 @@ impl PackBuilder {
         let len = u32::try_from(object.len()).map_err(|_| too_big())?;
         offset.checked_add(len).ok_or_else(too_big)?;
         self.buf.extend_from_slice(object);
-        self.entries.push(PackEntry { id, offset, len });
+        self.entries.push(PackEntry {
+            id,
+            offset,
+            len,
+            base: crate::format::delta_base(object),
+        });
         Ok(())
     }
 
@@ -125,6 +147,29 @@ impl PackBuilder {
             entries: self.entries,
         })
     }
+}
+
+/// The end of a pack holding blocks `entries` (id, offset, length; none a delta)
+/// whose bytes are not given: its table of contents and trailer, which a reader
+/// reads from the end of the pack (see `docs/formats.md`). For benchmarks and
+/// tests of repositories of index entries only (feature `testing`).
+#[cfg(feature = "testing")]
+pub fn synthetic_tail(entries: &[(BlockId, u32, u32)]) -> Result<Vec<u8>> {
+    let entries: Vec<PackEntry> = entries
+        .iter()
+        .map(|&(id, offset, len)| PackEntry {
+            id,
+            offset,
+            len,
+            base: None,
+        })
+        .collect();
+    let mut out = crate::format::seal_version(TOC_MAGIC, PACK_VERSION, &entries)?;
+    let toc_len = u32::try_from(out.len())
+        .map_err(|_| Error::invalid_input("a pack's table of contents exceeds 4 GiB"))?;
+    out.extend_from_slice(&toc_len.to_le_bytes());
+    out.extend_from_slice(&PACK_MAGIC);
+    Ok(out)
 }
 
 /// What the end of a pack says: its entries, or that more of its end is needed.
@@ -150,6 +195,11 @@ pub(crate) fn parse_tail(key: &str, size: u64, tail: &[u8]) -> Result<Tail> {
     }
     let toc_len = u64::from(u32::from_le_bytes([t[0], t[1], t[2], t[3]]));
     let need = toc_len + TRAILER_LEN as u64;
+    if toc_len > MAX_TOC_LEN {
+        return Err(bad(format!(
+            "its trailer claims a table of contents of {toc_len} bytes, more than any pack has"
+        )));
+    }
     if need + HEADER_LEN as u64 > size {
         return Err(bad(format!(
             "table of contents of {toc_len} bytes does not fit"
@@ -159,8 +209,24 @@ pub(crate) fn parse_tail(key: &str, size: u64, tail: &[u8]) -> Result<Tail> {
         return Ok(Tail::NeedLast(need));
     }
     let toc = &tail[tail.len() - need as usize..tail.len() - TRAILER_LEN];
-    let entries: Vec<PackEntry> =
-        crate::format::open_versions(TOC_MAGIC, &format!("pack {key}"), toc, &[PACK_VERSION])?.1;
+    let what = format!("pack {key}");
+    let (version, body) = crate::format::open_raw(TOC_MAGIC, &what, toc, &[1, PACK_VERSION])?;
+    let undecodable =
+        |e: postcard::Error| bad(format!("its table of contents does not decode: {e}"));
+    let entries: Vec<PackEntry> = if version == 1 {
+        postcard::from_bytes::<Vec<PackEntryV1>>(body)
+            .map_err(undecodable)?
+            .into_iter()
+            .map(|e| PackEntry {
+                id: e.id,
+                offset: e.offset,
+                len: e.len,
+                base: None,
+            })
+            .collect()
+    } else {
+        postcard::from_bytes(body).map_err(undecodable)?
+    };
     let data_end = size - need;
     for e in &entries {
         if u64::from(e.offset) < HEADER_LEN as u64 || e.range().end > data_end {
@@ -196,6 +262,7 @@ struct Loc {
     pack: u32,
     offset: u32,
     len: u32,
+    base: Option<BlockId>,
 }
 
 /// A pack the map knows.
@@ -229,10 +296,6 @@ impl PackMap {
         })
     }
 
-    pub(crate) fn contains(&self, id: &BlockId) -> bool {
-        self.blocks.contains_key(id)
-    }
-
     /// Blocks known.
     pub(crate) fn block_count(&self) -> usize {
         self.blocks.len()
@@ -259,6 +322,7 @@ impl PackMap {
                 pack: n,
                 offset: e.offset,
                 len: e.len,
+                base: e.base,
             });
         }
         self.by_key.insert(info.key.clone(), n);
@@ -304,13 +368,57 @@ impl PackMap {
     }
 }
 
+/// What a store already has of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Known {
+    /// The block it is stored as a delta against, if it is.
+    pub(crate) base: Option<BlockId>,
+    /// The length of its block object.
+    pub(crate) len: u32,
+}
+
+/// What a [`PackWriter`] asks and tells about the blocks a store already has: the
+/// service's [`crate::pack_index::SharedIndex`], or the map a GC rewrite starts empty.
+#[async_trait::async_trait]
+pub(crate) trait KnownBlocks: Send + Sync {
+    /// What the store has of block `id`, `None` when it does not have it.
+    async fn known(&self, id: &BlockId) -> Result<Option<Known>>;
+
+    /// Makes the blocks of packs just stored known.
+    async fn absorb(&self, packs: PackIndex) -> Result<()>;
+}
+
+#[async_trait::async_trait]
+impl KnownBlocks for tokio::sync::RwLock<PackMap> {
+    async fn known(&self, id: &BlockId) -> Result<Option<Known>> {
+        Ok(self.read().await.blocks.get(id).map(|l| Known {
+            base: l.base,
+            len: l.len,
+        }))
+    }
+
+    async fn absorb(&self, packs: PackIndex) -> Result<()> {
+        let packs = packs.into_packs()?;
+        let mut map = self.write().await;
+        for p in packs {
+            map.add(p);
+        }
+        Ok(())
+    }
+}
+
 /// Where a capture's new blocks go: appended to packs (one [`PackBuilder`] per
 /// capture worker, so a table's blocks stay together), each pack stored in the
 /// background once it reaches the pack size, at most two being stored at once.
 /// A block the store or this capture already has is not added again.
+///
+/// The blocks of this writer's sealed packs are kept in an index of its own (on
+/// disk past a bound, so a capture of any size holds little memory) and become
+/// known to everyone only once every pack is stored ([`PackWriter::finish`]): no
+/// other capture can reuse a block whose pack may never be stored.
 pub(crate) struct PackWriter<'a> {
     store: &'a Arc<dyn BlockStore>,
-    map: &'a tokio::sync::RwLock<PackMap>,
+    known: &'a dyn KnownBlocks,
     pack_size: usize,
     uploads: Arc<tokio::sync::Semaphore>,
     state: std::sync::Mutex<WriterState>,
@@ -318,8 +426,10 @@ pub(crate) struct PackWriter<'a> {
 
 #[derive(Default)]
 struct WriterState {
-    seen: HashSet<BlockId>,
-    sealed: Vec<PackInfo>,
+    /// Blocks in packs not sealed yet.
+    open: HashMap<BlockId, Known>,
+    /// Blocks of the packs sealed.
+    sealed: PackIndex,
     stored: u64,
     puts: tokio::task::JoinSet<Result<()>>,
 }
@@ -327,12 +437,12 @@ struct WriterState {
 impl<'a> PackWriter<'a> {
     pub(crate) fn new(
         store: &'a Arc<dyn BlockStore>,
-        map: &'a tokio::sync::RwLock<PackMap>,
+        known: &'a dyn KnownBlocks,
         pack_size: u32,
     ) -> Self {
         Self {
             store,
-            map,
+            known,
             pack_size: pack_size as usize,
             uploads: Arc::new(tokio::sync::Semaphore::new(2)),
             state: std::sync::Mutex::default(),
@@ -346,6 +456,26 @@ impl<'a> PackWriter<'a> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// What this writer has of block `id` (open or sealed).
+    fn own(&self, id: &BlockId) -> Result<Option<Known>> {
+        let state = self.state();
+        if let Some(k) = state.open.get(id) {
+            return Ok(Some(*k));
+        }
+        Ok(state.sealed.lookup(id)?.map(|(loc, base)| Known {
+            base,
+            len: u32::try_from(loc.len).unwrap_or(u32::MAX),
+        }))
+    }
+
+    /// What the store or this capture has of block `id`.
+    pub(crate) async fn lookup(&self, id: &BlockId) -> Result<Option<Known>> {
+        if let Some(found) = self.own(id)? {
+            return Ok(Some(found));
+        }
+        self.known.known(id).await
+    }
+
     /// Adds block object `object` of block `id` to `pack` unless the store or this
     /// capture already has the block; returns whether it was added.
     pub(crate) async fn add(
@@ -354,7 +484,22 @@ impl<'a> PackWriter<'a> {
         id: BlockId,
         object: &[u8],
     ) -> Result<bool> {
-        if self.map.read().await.contains(&id) || !self.state().seen.insert(id) {
+        let new = self.known.known(&id).await?.is_none() && {
+            let mut state = self.state();
+            if state.open.contains_key(&id) || state.sealed.lookup(&id)?.is_some() {
+                false
+            } else {
+                state.open.insert(
+                    id,
+                    Known {
+                        base: crate::format::delta_base(object),
+                        len: u32::try_from(object.len()).unwrap_or(u32::MAX),
+                    },
+                );
+                true
+            }
+        };
+        if !new {
             metrics::counter!("sanare_snapshot_blocks_deduplicated_total").increment(1);
             return Ok(false);
         }
@@ -382,13 +527,18 @@ impl<'a> PackWriter<'a> {
         let size = sealed.bytes.len() as u64;
         let store = Arc::clone(self.store);
         let mut state = self.state();
+        state.sealed.add(
+            crate::pack_index::PackMeta {
+                key: Arc::from(sealed.key.as_str()),
+                size,
+                modified: OffsetDateTime::now_utc(),
+            },
+            &sealed.entries,
+        )?;
+        for e in &sealed.entries {
+            state.open.remove(&e.id);
+        }
         state.stored += size;
-        state.sealed.push(PackInfo {
-            key: Arc::from(sealed.key.as_str()),
-            size,
-            modified: OffsetDateTime::now_utc(),
-            entries: sealed.entries,
-        });
         let (key, bytes) = (sealed.key, sealed.bytes);
         state.puts.spawn(async move {
             let _permit = permit;
@@ -397,8 +547,8 @@ impl<'a> PackWriter<'a> {
         Ok(())
     }
 
-    /// Waits until every pack is stored, then makes their blocks known; returns the
-    /// bytes stored. Dropping the writer instead abandons the packs still being
+    /// Waits until every pack is stored, then makes their blocks known; returns
+    /// the bytes stored. Dropping the writer instead abandons the packs still being
     /// stored (GC removes what was stored).
     pub(crate) async fn finish(self) -> Result<u64> {
         let (mut puts, sealed, stored) = {
@@ -412,10 +562,7 @@ impl<'a> PackWriter<'a> {
         while let Some(put) = puts.join_next().await {
             put.map_err(|e| Error::other("storing a pack", e))??;
         }
-        let mut map = self.map.write().await;
-        for pack in sealed {
-            map.add(pack);
-        }
+        self.known.absorb(sealed).await?;
         Ok(stored)
     }
 }
@@ -497,20 +644,20 @@ mod tests {
         b.push(id(7), b"abc").unwrap();
         let pack = b.seal().unwrap();
         let hex: String = pack.bytes.iter().map(|b| format!("{b:02x}")).collect();
-        // Magic, version 1, reserved; the block ("abc"); the table of contents
-        // (SNPT, version 1, 35 body bytes: one entry of id, offset 8, length 3;
-        // blake3); its length (77); the magic again.
+        // Magic, version 2, reserved; the block ("abc"); the table of contents
+        // (SNPT, version 2, 36 body bytes: one entry of id, offset 8, length 3, no
+        // base; blake3); its length (78); the magic again.
         assert_eq!(
             hex,
-            "534e504b01000000\
+            "534e504b02000000\
              616263\
-             534e5054010023000000\
+             534e5054020024000000\
              010707070707070707070707070707070707070707070707070707070707070707\
-             0803\
-             8bd75cb4d65d0408ed5f962f6ce7b503b1bb9da835c28fc7292823c9720b6156\
-             4d000000534e504b"
+             080300\
+             52c8d307811a6fedf2ff269ba4bd5fef575a6debd80beeef4bedb40aa6a79437\
+             4e000000534e504b"
         );
-        assert_eq!(pack.bytes.len(), 8 + 3 + 77 + 8);
+        assert_eq!(pack.bytes.len(), 8 + 3 + 78 + 8);
         assert_eq!(
             pack.key,
             format!(
@@ -518,6 +665,39 @@ mod tests {
                 &blake3::hash(&pack.bytes).to_hex()[..2],
                 blake3::hash(&pack.bytes).to_hex()
             )
+        );
+        // A block stored as a delta: its entry names its base.
+        let mut b = PackBuilder::new();
+        let delta = crate::format::encode_delta(b"abcd", &id(5), b"abc").unwrap();
+        b.push(id(6), &delta).unwrap();
+        assert_eq!(b.seal().unwrap().entries[0].base, Some(id(5)));
+    }
+
+    /// A pack of version 1, as written before deltas: still read.
+    #[test]
+    fn a_version_1_pack_is_still_read() {
+        let v1 = "534e504b01000000\
+             616263\
+             534e5054010023000000\
+             010707070707070707070707070707070707070707070707070707070707070707\
+             0803\
+             8bd75cb4d65d0408ed5f962f6ce7b503b1bb9da835c28fc7292823c9720b6156\
+             4d000000534e504b";
+        let bytes: Vec<u8> = (0..v1.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&v1[i..i + 2], 16).unwrap())
+            .collect();
+        let Tail::Entries(entries) = parse_tail("v1", bytes.len() as u64, &bytes).unwrap() else {
+            panic!("the whole pack holds its table of contents")
+        };
+        assert_eq!(
+            entries,
+            [PackEntry {
+                id: id(7),
+                offset: 8,
+                len: 3,
+                base: None
+            }]
         );
     }
 
@@ -539,6 +719,10 @@ mod tests {
         let n = long.len();
         long[n - 8..n - 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse_tail("k", size, &long).is_err());
+        // A length longer than any table of contents, in a pack that large: refused
+        // before asking for that much of its end.
+        let err = parse_tail("k", 1 << 32, &long).unwrap_err().to_string();
+        assert!(err.contains("more than any pack has"), "{err}");
     }
 
     #[test]

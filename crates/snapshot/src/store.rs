@@ -22,6 +22,18 @@ pub struct ObjectMeta {
     pub modified: OffsetDateTime,
 }
 
+impl ObjectMeta {
+    /// An object `key` of `size` bytes last written at `modified` (for
+    /// [`BlockStore::list`] implementations outside this crate).
+    pub fn new(key: impl Into<String>, size: u64, modified: OffsetDateTime) -> Self {
+        Self {
+            key: key.into(),
+            size,
+            modified,
+        }
+    }
+}
+
 /// A content store of immutable objects addressed by keys (`blocks/ab/ab12…`,
 /// `indexes/<id>`, `manifests/<id>`).
 ///

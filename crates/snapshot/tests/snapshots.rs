@@ -273,7 +273,8 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
             .is_ok()
     );
     // Flip a bit in the data block only the second snapshot has (the other new
-    // block, much smaller, is the group of block references that lists it).
+    // block is the group of block references that lists it; both are stored as
+    // deltas against the first snapshot's).
     let good_blocks = e.snaps.block_ids(good.id).await.unwrap();
     let bad_blocks = e.snaps.block_ids(bad.id).await.unwrap();
     let mut new_blocks = Vec::new();
@@ -282,11 +283,38 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
     }
     assert_eq!(new_blocks.len(), 2, "{new_blocks:?}");
     assert!(new_blocks.iter().all(|b| b.1.key.starts_with("packs/")));
-    let (newest, loc) = new_blocks.iter().max_by_key(|b| b.1.len).unwrap().clone();
-    let newest = newest.to_string();
+    // Tell them apart by their content (a group's starts with its magic).
+    let store = e.snaps.store().clone();
+    let read = |id: sanare_snapshot::BlockId| {
+        let (snaps, store) = (&e.snaps, &store);
+        async move {
+            let loc = snaps.locate(id).await.unwrap().unwrap();
+            store
+                .get_range(&loc.key, loc.offset..loc.offset + loc.len)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let mut data = None;
+    for (id, _) in &new_blocks {
+        let object = read(*id).await;
+        let base = match sanare_snapshot::format::delta_base(&object) {
+            Some(b) => Some(sanare_snapshot::format::decode_block(&b, &read(b).await).unwrap()),
+            None => None,
+        };
+        let content =
+            sanare_snapshot::format::decode_block_with(id, &object, base.as_deref()).unwrap();
+        if !content.starts_with(b"SNG") {
+            data = Some(*id);
+        }
+    }
+    let data = data.expect("one of them holds rows");
+    let newest = data.to_string();
+    let loc = &new_blocks.iter().find(|b| b.0 == data).unwrap().1;
     let path = e.store_dir.path().join(&loc.key);
     let mut bytes = std::fs::read(&path).unwrap();
-    let at = (loc.offset + loc.len / 2) as usize;
+    let at = (loc.offset + loc.len - 2) as usize;
     bytes[at] ^= 0x04;
     std::fs::write(&path, &bytes).unwrap();
 
@@ -307,27 +335,14 @@ async fn flipped_bit_and_missing_block_are_found_marked_and_skipped() {
     let latest = e.snaps.latest_good(None).await.unwrap().unwrap();
     assert_eq!(latest.id, good.id, "the corrupted one is skipped");
 
-    // Missing blocks: the pack holding some of the first snapshot's blocks is gone.
-    let store = e.snaps.store().clone();
-    let any = e
-        .snaps
-        .block_ids(good.id)
-        .await
-        .unwrap()
-        .pop_first()
-        .unwrap();
-    let gone = e.snaps.locate(any).await.unwrap().unwrap().key;
-    let mut in_gone = 0;
+    // Missing blocks: the pack holding most of the first snapshot's data blocks is
+    // gone (not the one of its index groups, without which nothing can be counted).
+    let mut by_pack: std::collections::BTreeMap<String, u64> = Default::default();
     for id in e.snaps.block_ids(good.id).await.unwrap() {
-        if e.snaps
-            .locate(id)
-            .await
-            .unwrap()
-            .is_some_and(|l| l.key == gone)
-        {
-            in_gone += 1;
-        }
+        let key = e.snaps.locate(id).await.unwrap().unwrap().key;
+        *by_pack.entry(key).or_default() += 1;
     }
+    let (gone, in_gone) = by_pack.into_iter().max_by_key(|p| p.1).unwrap();
     store.delete(&gone).await.unwrap();
     let report = e.snaps.verify(good.id, &Control::detached()).await.unwrap();
     assert_eq!(report.blocks_missing, in_gone, "{report:?}");

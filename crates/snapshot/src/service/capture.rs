@@ -74,6 +74,7 @@ impl Snapshots {
             None => None,
         };
         let tables = self.resolve_tables(&*tx, request).await?;
+        let tables = without_nested_partitions(&*tx, tables).await?;
         let progress = control.progress();
         progress.phase("capturing tables", "tables", Some(tables.len() as u64));
         let mut index = Index {
@@ -84,8 +85,32 @@ impl Snapshots {
         // Read the packs afresh, under the lock GC waits for: a map loaded before a
         // GC in another process could name blocks that GC has since deleted, and
         // this capture must not reuse those.
-        self.refresh_packs().await?;
-        let writer = PackWriter::new(&inner.store, &inner.packs, inner.config.pack_size);
+        self.refresh_index().await?;
+        let writer = PackWriter::new(&inner.store, &inner.index, inner.config.pack_size);
+        // The previous snapshot, whose blocks lend themselves as delta bases.
+        let previous = match base {
+            Some(b) => match self.read_index(b).await {
+                Ok(i) => Some((b, i)),
+                Err(e) => {
+                    tracing::warn!(base = %b, error = %e, "the previous snapshot's index cannot be read: no block will be stored as a delta");
+                    None
+                }
+            },
+            None => None,
+        };
+        let preds_of = |table: &TableRef| {
+            let (b, index) = previous.as_ref()?;
+            let t = index
+                .tables
+                .iter()
+                .find(|t| t.schema == table.schema && t.name == table.name)?;
+            Some(super::encode::Predecessors::new(self, *b, t))
+        };
+        // Every id the snapshot references, counted without holding them.
+        let ids = std::sync::Mutex::new(crate::sorted::Spill::<32>::new(
+            crate::sorted::TempDir::default(),
+            1 << 16,
+        ));
         let mut compressed_bytes = 0u64;
         // Tables are captured by up to `capture_concurrency` connections whose
         // transactions all import this transaction's snapshot, so every table is
@@ -123,9 +148,12 @@ impl Snapshots {
             let exported = exported.clone();
             let next = &next;
             let writer = &writer;
+            let ids = &ids;
+            let preds_of = &preds_of;
             async move {
                 let mut done: Vec<(usize, TableIndex, u64)> = Vec::new();
                 let mut pack = PackBuilder::new();
+                let mut group_pack = PackBuilder::new();
                 let mut own_conn;
                 let own_tx;
                 let tx: &tokio_postgres::Transaction<'_> = match (&exported, n) {
@@ -155,12 +183,21 @@ impl Snapshots {
                     control.checkpoint()?;
                     progress.message(format!("capturing {table}"));
                     let (ti, compressed) = self
-                        .capture_table(tx, table, writer, &mut pack, control)
+                        .capture_table(
+                            tx,
+                            table,
+                            writer,
+                            (&mut pack, &mut group_pack),
+                            control,
+                            preds_of(table),
+                            ids,
+                        )
                         .await?;
                     done.push((i, ti, compressed));
                     progress.advance(1);
                 }
                 writer.flush(&mut pack).await?;
+                writer.flush(&mut group_pack).await?;
                 Ok::<_, Error>(done)
             }
         };
@@ -182,37 +219,28 @@ impl Snapshots {
                 .capture_source(&**source, &writer, &mut pack, control)
                 .await?;
             compressed_bytes += compressed;
+            {
+                let mut ids = ids
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for b in &si.blocks {
+                    ids.push(b.0)?;
+                }
+            }
             index.streams.push(si);
         }
 
-        // Each table's block references go into content-defined group blocks, so an
-        // unchanged run of blocks costs nothing in this snapshot's index either.
-        for table in &mut index.tables {
-            control.checkpoint()?;
-            let mut groups = Vec::new();
-            for group in crate::format::group_blocks(&table.blocks) {
-                let content = crate::format::encode_group(group)?;
-                let (r, object) = encode(
-                    RowBlock {
-                        content,
-                        rows: 0,
-                        key_filter: Vec::new(),
-                    },
-                    inner.config.codec,
-                )
-                .await?;
-                compressed_bytes += object.len() as u64;
-                writer.add(&mut pack, r.id, &object).await?;
-                groups.push(crate::format::GroupRef {
-                    id: r.id,
-                    blocks: u32::try_from(group.len()).unwrap_or(u32::MAX),
-                });
-            }
-            table.groups = groups;
-        }
         writer.flush(&mut pack).await?;
         let mut stored_bytes = writer.finish().await?;
 
+        let block_count = {
+            let ids = ids
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            tokio::task::spawn_blocking(move || ids.count_distinct())
+                .await
+                .map_err(|e| Error::other("counting the snapshot's blocks", e))??
+        };
         // Blocks are durable; now the index, then the manifest.
         let index_bytes = index.encode()?;
         let index_hash = *blake3::hash(&index_bytes).as_bytes();
@@ -243,7 +271,7 @@ impl Snapshots {
             size_bytes,
             compressed_bytes,
             stored_bytes,
-            block_count: index.block_ids().len() as u64,
+            block_count,
             index_hash,
             metadata: request.metadata.clone(),
         };
@@ -312,50 +340,35 @@ impl Snapshots {
         Ok(info)
     }
 
+    /// Captures one table: its rows by binary COPY into blocks (see
+    /// [`super::encode`]), compared with `preds` (its copy in the previous snapshot)
+    /// for deltas, every id referenced counted in `ids`; returns its index entry
+    /// (groups only) and the compressed bytes it references.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn capture_table(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         table: &TableRef,
         writer: &PackWriter<'_>,
-        pack: &mut PackBuilder,
+        packs: (&mut PackBuilder, &mut PackBuilder),
         control: &Control,
+        preds: Option<super::encode::Predecessors<'_>>,
+        ids: &std::sync::Mutex<crate::sorted::Spill<32>>,
     ) -> Result<(TableIndex, u64)> {
         let (columns, primary_key) = describe(tx, table).await?;
         let sequences = sequences(tx, table).await?;
-        let cols = columns
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Rows in primary key order: where a row lives in the heap (which updates
-        // change) then does not move it between blocks, so an update touches only
-        // the blocks around its key and appended keys only the last blocks.
-        let sql = if primary_key.is_empty() {
-            format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", table.quoted())
-        } else {
-            let order = primary_key
-                .iter()
-                .filter_map(|&i| columns.get(usize::from(i)))
-                .map(|c| quote_ident(&c.name))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!(
-                "COPY (SELECT {cols} FROM {} ORDER BY {order}) TO STDOUT (FORMAT binary)",
-                table.quoted()
-            )
-        };
+        let sql = copy_out_sql(tx, table, &columns, &primary_key).await?;
         let stream = tx
             .copy_out(&sql)
             .await
             .with_context(|| format!("starting to copy {table}"))?;
         futures_util::pin_mut!(stream);
         let mut chunker = Chunker::new(self.inner.config.chunking, primary_key.clone());
-        let mut blocks: Vec<BlockRef> = Vec::new();
-        let mut raw_bytes = 0u64;
-        let mut compressed = 0u64;
+        let mut blocks = super::encode::TableBlocks::new(self, writer, ids, preds);
         let mut pending: Vec<RowBlock> = Vec::new();
-        let conc = self.inner.config.write_concurrency.max(1);
-        let codec = self.inner.config.codec;
+        // Blocks handled at once: compressed in parallel, their predecessors read
+        // together.
+        let batch = self.inner.config.write_concurrency.max(1) * 4;
         loop {
             let next = stream.next().await;
             let done = next.is_none();
@@ -375,25 +388,18 @@ impl Snapshots {
                     );
                 }
             }
-            if pending.len() >= conc || (done && !pending.is_empty()) {
+            if pending.len() >= batch || (done && !pending.is_empty()) {
                 control.checkpoint()?;
-                let batch = std::mem::take(&mut pending);
-                let encoded =
-                    futures_util::future::try_join_all(batch.into_iter().map(|b| encode(b, codec)))
-                        .await?;
-                for (r, object) in encoded {
-                    raw_bytes += u64::from(r.raw_len);
-                    compressed += object.len() as u64;
-                    writer.add(pack, r.id, &object).await?;
-                    blocks.push(r);
-                }
+                blocks
+                    .push((&mut *packs.0, &mut *packs.1), std::mem::take(&mut pending))
+                    .await?;
             }
             if done {
                 break;
             }
         }
-        let rows = blocks.iter().map(|b| u64::from(b.rows)).sum();
-        metrics::counter!("sanare_snapshot_rows_captured_total").increment(rows);
+        let blocks = blocks.finish(packs.1).await?;
+        metrics::counter!("sanare_snapshot_rows_captured_total").increment(blocks.rows);
         Ok((
             TableIndex {
                 schema: table.schema.clone(),
@@ -401,12 +407,12 @@ impl Snapshots {
                 columns,
                 primary_key,
                 sequences,
-                rows,
-                raw_bytes,
-                blocks,
-                groups: Vec::new(),
+                rows: blocks.rows,
+                raw_bytes: blocks.raw_bytes,
+                blocks: Vec::new(),
+                groups: blocks.groups,
             },
-            compressed,
+            blocks.compressed,
         ))
     }
 
@@ -455,6 +461,8 @@ impl Snapshots {
                                 content,
                                 rows: 0,
                                 key_filter: Vec::new(),
+                                first_key: None,
+                                last_key: None,
                             },
                             codec,
                         )
@@ -480,6 +488,7 @@ pub(super) async fn encode(block: RowBlock, codec: Codec) -> Result<(BlockRef, V
         content,
         rows,
         key_filter,
+        ..
     } = block;
     let raw_len = u32::try_from(content.len()).unwrap_or(u32::MAX);
     let (id, object) = tokio::task::spawn_blocking(move || {
@@ -494,9 +503,99 @@ pub(super) async fn encode(block: RowBlock, codec: Codec) -> Result<(BlockRef, V
             raw_len,
             rows,
             key_filter,
+            base: None,
         },
         object,
     ))
+}
+
+/// The `COPY … TO STDOUT (FORMAT binary)` that reads `table`'s captured rows.
+///
+/// Rows come in primary key order: where a row lives in the heap (which updates
+/// change) then does not move it between blocks, so an update touches only the
+/// blocks around its key and appended keys only the last blocks. A plain table's
+/// rows are its own (`ONLY`: the rows of its inheritance children are theirs, and
+/// they are captured as tables of their own); a partitioned table's rows are those
+/// of all its partitions.
+pub(super) async fn copy_out_sql(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableRef,
+    columns: &[ColumnDef],
+    primary_key: &[u16],
+) -> Result<String> {
+    let plain: bool = client
+        .query_one(
+            "SELECT relkind = 'r' FROM pg_class WHERE oid = (quote_ident($1) || '.' || quote_ident($2))::regclass",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("looking up {table}"))?
+        .get(0);
+    let cols = columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let only = if plain { "ONLY " } else { "" };
+    Ok(if primary_key.is_empty() {
+        if plain {
+            // COPY TO reads the table's own rows only.
+            format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", table.quoted())
+        } else {
+            format!(
+                "COPY (SELECT {cols} FROM {}) TO STDOUT (FORMAT binary)",
+                table.quoted()
+            )
+        }
+    } else {
+        let order = primary_key
+            .iter()
+            .filter_map(|&i| columns.get(usize::from(i)))
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "COPY (SELECT {cols} FROM {only}{} ORDER BY {order}) TO STDOUT (FORMAT binary)",
+            table.quoted()
+        )
+    })
+}
+
+/// Leaves out of `tables` every partition whose partitioned ancestor is also in
+/// it: the ancestor's rows are its partitions' rows, and they would be captured
+/// (and restored) twice.
+pub(super) async fn without_nested_partitions(
+    client: &impl tokio_postgres::GenericClient,
+    tables: Vec<TableRef>,
+) -> Result<Vec<TableRef>> {
+    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let rows = client
+        .query(
+            "WITH asked AS (
+                 SELECT t.ord, c.oid FROM unnest($1::text[], $2::text[]) WITH ORDINALITY t(s, n, ord)
+                   JOIN pg_namespace ns ON ns.nspname = t.s
+                   JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = t.n)
+             SELECT a.ord FROM asked a
+              WHERE EXISTS (
+                  WITH RECURSIVE up(oid) AS (
+                      SELECT i.inhparent FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                       WHERE i.inhrelid = a.oid AND c.relispartition
+                    UNION
+                      SELECT i.inhparent FROM up JOIN pg_inherits i ON i.inhrelid = up.oid
+                        JOIN pg_class c ON c.oid = i.inhrelid AND c.relispartition)
+                  SELECT 1 FROM up WHERE up.oid IN (SELECT oid FROM asked))",
+            &[&schemas, &names],
+        )
+        .await
+        .context("looking for partitions captured with their partitioned table")?;
+    let nested: BTreeSet<i64> = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
+    Ok(tables
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !nested.contains(&(*i as i64 + 1)))
+        .map(|(_, t)| t)
+        .collect())
 }
 
 /// The captured columns (stored generated columns excluded) and primary key positions.

@@ -36,7 +36,9 @@ use crate::store::BlockStore;
 
 mod blocks;
 mod capture;
+mod encode;
 mod maintenance;
+mod parallel;
 mod restore;
 mod rows;
 mod sources;
@@ -257,6 +259,7 @@ impl SnapshotsBuilder {
                 index_cache: Mutex::new(None),
                 packs: tokio::sync::RwLock::new(PackMap::default()),
                 packs_loaded: std::sync::atomic::AtomicBool::new(false),
+                index: crate::pack_index::SharedIndex::default(),
             }),
         })
     }
@@ -290,6 +293,9 @@ struct Inner {
     /// not found in it (another process may have written or rewritten packs).
     packs: tokio::sync::RwLock<PackMap>,
     packs_loaded: std::sync::atomic::AtomicBool,
+    /// Where every packed block is, in bounded memory (on local disk past a bound):
+    /// what capture, restore and rows by key use.
+    index: crate::pack_index::SharedIndex,
 }
 
 fn advisory_key(schema: &SchemaName) -> i64 {
@@ -419,21 +425,7 @@ impl Snapshots {
         if let Some(idx) = cached {
             return Ok(idx);
         }
-        let manifest = self.load_manifest(id).await?;
-        let bytes = self
-            .inner
-            .store
-            .get(&index_key(id))
-            .await?
-            .ok_or_else(|| Error::corrupt(format!("snapshot {id}"), "its index is missing"))?;
-        if blake3::hash(&bytes).as_bytes() != &manifest.index_hash {
-            return Err(Error::corrupt(
-                format!("snapshot {id}"),
-                "its index does not match the hash in its manifest",
-            ));
-        }
-        let mut index = Index::decode(&bytes)
-            .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
+        let mut index = self.read_index(id).await?;
         for table in &mut index.tables {
             if !table.blocks.is_empty() {
                 continue;

@@ -1,6 +1,11 @@
-//! Restore of tables into the live database, and point-in-time restore.
+//! Restore of tables into the live database or a scratch schema, and
+//! point-in-time restore.
 
 use super::*;
+use crate::restore::conflict;
+use crate::restore::merge::InPlace;
+use crate::restore::plan::{self, Method};
+use sanare_core::RestoreMode;
 
 impl Snapshots {
     /// Restores a snapshot (see [`SnapshotService::restore`]).
@@ -18,7 +23,9 @@ impl Snapshots {
                 status_str(info.status)
             )));
         }
-        let index = match self.load_index(id).await {
+        // The index without its block references: each table's are read group by
+        // group as it is loaded.
+        let index = match self.read_index(id).await {
             Ok(i) => i,
             Err(e) => {
                 self.mark_corrupted(id, &e).await;
@@ -26,11 +33,6 @@ impl Snapshots {
             }
         };
         let wanted: BTreeSet<&TableRef> = request.tables.iter().collect();
-        let mut chosen: Vec<&TableIndex> = index
-            .tables
-            .iter()
-            .filter(|t| wanted.is_empty() || wanted.contains(&TableRef::new(&t.schema, &t.name)))
-            .collect();
         for w in &wanted {
             if !index
                 .tables
@@ -40,11 +42,155 @@ impl Snapshots {
                 return Err(Error::not_found(format!("table {w} in snapshot {id}")));
             }
         }
+        let chosen: Vec<&TableIndex> = index
+            .tables
+            .iter()
+            .filter(|t| wanted.is_empty() || wanted.contains(&TableRef::new(&t.schema, &t.name)))
+            .collect();
+        let progress = control.progress();
+        let total_blocks: u64 = chosen
+            .iter()
+            .map(|t| {
+                t.blocks.len() as u64 + t.groups.iter().map(|g| u64::from(g.blocks)).sum::<u64>()
+            })
+            .sum();
+        progress.phase("restoring tables", "blocks", Some(total_blocks));
+        let mut outcome = match (&request.target, request.mode) {
+            (RestoreTarget::Scratch { schema }, _) => {
+                self.restore_scratch(id, schema, &chosen, control).await?
+            }
+            (_, RestoreMode::Parallel { connections }) => {
+                self.restore_parallel(id, &chosen, &request, connections, control)
+                    .await?
+            }
+            _ => self.restore_live(id, chosen, &request, control).await?,
+        };
+        outcome.journal_cut = info.journal_cut.clone();
+        progress.finish();
+        let total_rows: u64 = outcome.tables.iter().map(|t| t.rows).sum();
+        metrics::counter!("sanare_snapshot_restores_total").increment(1);
+        metrics::counter!("sanare_snapshot_rows_restored_total").increment(total_rows);
+        tracing::info!(%id, rows = total_rows, "restore committed");
+        if let Some(bus) = &self.inner.events {
+            bus.publish(Event::RestoreCompleted {
+                snapshot: id,
+                tables: outcome.tables.iter().map(|t| t.table.clone()).collect(),
+                rows: total_rows,
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Restores `chosen` into the live tables in one transaction (see
+    /// [`crate::restore::plan`]).
+    async fn restore_live(
+        &self,
+        id: SnapshotId,
+        mut chosen: Vec<&TableIndex>,
+        request: &RestoreRequest,
+        control: &Control,
+    ) -> Result<RestoreOutcome> {
         let mut conn = sanare_pg::get_conn(&self.inner.pool).await?;
         let tx = conn
             .transaction()
             .await
             .context("starting the restore transaction")?;
+        self.prepare_restore_tx(&tx).await?;
+        // Parents before children.
+        let mut infos = Vec::new();
+        for t in &chosen {
+            infos.push(
+                sanare_pg::catalog::describe(&*tx, &TableRef::new(&t.schema, &t.name)).await?,
+            );
+        }
+        let order = sanare_pg::catalog::fk_order(&infos);
+        chosen.sort_by_key(|t| {
+            order
+                .iter()
+                .position(|o| o.schema == t.schema && o.name == t.name)
+                .unwrap_or(usize::MAX)
+        });
+        let tables: Vec<(TableRef, Vec<String>)> = chosen
+            .iter()
+            .map(|t| {
+                (
+                    TableRef::new(&t.schema, &t.name),
+                    t.columns.iter().map(|c| c.name.clone()).collect(),
+                )
+            })
+            .collect();
+        let plan = plan::plan(&tx, &tables, request.fire_triggers).await?;
+        let mut outcome = RestoreOutcome::new(id);
+        outcome.notes = plan.notes.clone();
+        // Tables restored in place, and the tables outside the restore that
+        // reference them, are locked against writes before anything is read.
+        for (n, rel) in plan.relations.iter().enumerate() {
+            let cols = &tables[n].1;
+            if let Method::Merge { outside, .. } = &rel.method {
+                let m = InPlace::new(rel, cols, n);
+                run(
+                    &tx,
+                    &rel.name,
+                    "locking it for an in-place restore",
+                    &m.lock(),
+                )
+                .await?;
+                for fk in outside {
+                    run(
+                        &tx,
+                        &fk.table,
+                        "locking it against writes while a table it references is restored",
+                        &InPlace::lock_referencing(fk),
+                    )
+                    .await?;
+                }
+            }
+        }
+        for step in &plan.before {
+            control.checkpoint()?;
+            run(&tx, &step.table, &step.what, &step.sql).await?;
+        }
+        if let Some(truncate) = &plan.truncate {
+            run(&tx, "the restored tables", "emptying them", truncate).await?;
+        }
+        for (n, (t, rel)) in chosen.iter().zip(&plan.relations).enumerate() {
+            control.checkpoint()?;
+            let rows = self
+                .load_live(&tx, id, t, rel, &tables[n].1, n, control)
+                .await?;
+            for s in &t.sequences {
+                tx.execute(
+                    "SELECT setval($1::text::regclass, $2, $3)",
+                    &[&s.name, &s.last_value, &s.is_called],
+                )
+                .await
+                .with_context(|| format!("restoring sequence {}", s.name))?;
+            }
+            outcome.tables.push(TableRowCount {
+                table: TableRef::new(&t.schema, &t.name),
+                rows,
+            });
+        }
+        if !plan.after.is_empty() {
+            control
+                .progress()
+                .message("rebuilding indexes and checking foreign keys".to_owned());
+        }
+        for step in &plan.after {
+            control.checkpoint()?;
+            run(&tx, &step.table, &step.what, &step.sql).await?;
+        }
+        control.checkpoint()?;
+        tx.commit().await.context("committing the restore")?;
+        Ok(outcome)
+    }
+
+    /// The settings of a restore's transaction: constraints that can wait for the
+    /// commit do, and indexes are built with the configured memory.
+    pub(super) async fn prepare_restore_tx(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<()> {
         tx.batch_execute("SET CONSTRAINTS ALL DEFERRED")
             .await
             .context("deferring constraints for the restore")?;
@@ -54,103 +200,127 @@ impl Snapshots {
                 .await
                 .context("setting maintenance_work_mem for the restore's index builds")?;
         }
-        // Statements that recreate the indexes and keys dropped for the load.
-        let mut rebuild: Vec<(String, String)> = Vec::new();
-        let target_of = |t: &TableIndex| -> TableRef {
-            match &request.target {
-                RestoreTarget::Scratch { schema } => TableRef::new(schema, &t.name),
-                _ => TableRef::new(&t.schema, &t.name),
-            }
-        };
-        // Parents before children.
-        if let RestoreTarget::Live = request.target {
-            let mut infos = Vec::new();
-            for t in &chosen {
-                infos.push(
-                    sanare_pg::catalog::describe(&*tx, &TableRef::new(&t.schema, &t.name)).await?,
+        Ok(())
+    }
+
+    /// Loads table `t` of snapshot `id` into live relation `rel` its plan's way;
+    /// returns the rows loaded. `n` is the table's position in the restore.
+    #[allow(clippy::too_many_arguments)]
+    async fn load_live(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        id: SnapshotId,
+        t: &TableIndex,
+        rel: &plan::Relation,
+        columns: &[String],
+        n: usize,
+        control: &Control,
+    ) -> Result<u64> {
+        let m = InPlace::new(rel, columns, n);
+        let cols = columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        match &rel.method {
+            Method::Replace { freeze } => {
+                // FREEZE writes the rows already frozen (no later vacuum rewrite); it
+                // needs a plain table emptied in this transaction, as here.
+                let freeze = if *freeze { ", FREEZE" } else { "" };
+                let sql = format!(
+                    "COPY {} ({cols}) FROM STDIN (FORMAT binary{freeze})",
+                    rel.name
                 );
+                self.copy_in(tx, &sql, &rel.name, id, t, control).await
             }
-            let order = sanare_pg::catalog::fk_order(&infos);
-            chosen.sort_by_key(|t| {
-                order
-                    .iter()
-                    .position(|o| o.schema == t.schema && o.name == t.name)
-                    .unwrap_or(usize::MAX)
-            });
-            let list = chosen
-                .iter()
-                .map(|t| target_of(t).quoted())
-                .collect::<Vec<_>>()
-                .join(", ");
-            if !list.is_empty() {
-                tx.batch_execute(&format!("TRUNCATE {list}")).await.with_context(|| {
-                    format!("emptying {list} (a table outside the restore that references them blocks this: restore it too)")
-                })?;
+            Method::Reload => {
+                run(tx, &rel.name, "deleting its rows", &m.delete_all()).await?;
+                self.copy_in(tx, &m.copy_to_table(), &rel.name, id, t, control)
+                    .await
             }
-            let names: Vec<String> = chosen.iter().map(|t| target_of(t).quoted()).collect();
-            rebuild = defer_indexes_and_keys(&tx, &names).await?;
-        } else if let RestoreTarget::Scratch { schema } = &request.target {
-            tx.batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {}",
-                quote_ident(schema)
-            ))
-            .await
-            .context("creating the scratch schema")?;
-            for t in &chosen {
-                let target = target_of(t);
-                let cols = t
-                    .columns
-                    .iter()
-                    .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                tx.batch_execute(&format!(
-                    "DROP TABLE IF EXISTS {q}; CREATE TABLE {q} ({cols})",
-                    q = target.quoted()
-                ))
-                .await
-                .with_context(|| format!("creating scratch table {target}"))?;
+            Method::Merge { key, outside } => {
+                run(
+                    tx,
+                    &rel.name,
+                    "creating a temporary table",
+                    &m.create_temp(),
+                )
+                .await?;
+                let rows = self
+                    .copy_in(tx, &m.copy_to_temp(), &rel.name, id, t, control)
+                    .await?;
+                for fk in outside {
+                    let lost =
+                        tx.query_opt(&m.lost_reference(fk), &[])
+                            .await
+                            .map_err(conflict::on(
+                                &fk.table,
+                                "checking references to the restored rows",
+                            ))?;
+                    if let Some(row) = lost {
+                        let values: String = row.get(0);
+                        return Err(Error::conflict(format!(
+                            "restoring {} alone would delete or change the row with ({}) = ({values})                              that {} still references through foreign key {} (its row with ({}) =                              ({values})); the restore was rolled back and changed nothing: restore {}                              too, or restore into a scratch schema (`--into`) and copy what you need",
+                            rel.name,
+                            fk.parent_columns.join(", "),
+                            fk.table,
+                            fk.name,
+                            fk.columns.join(", "),
+                            fk.table,
+                        )));
+                    }
+                }
+                run(
+                    tx,
+                    &rel.name,
+                    "deleting the rows the snapshot does not have",
+                    &m.delete_gone(key),
+                )
+                .await?;
+                run(
+                    tx,
+                    &rel.name,
+                    "writing the snapshot's rows by key",
+                    &m.upsert(key),
+                )
+                .await?;
+                Ok(rows)
             }
         }
+    }
+
+    /// Streams table `t` of snapshot `id` into `COPY … FROM STDIN (FORMAT binary)`
+    /// statement `sql` (loading `target`); checks the row count against the index.
+    pub(super) async fn copy_in(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        sql: &str,
+        target: &str,
+        id: SnapshotId,
+        t: &TableIndex,
+        control: &Control,
+    ) -> Result<u64> {
+        let doing = format!("loading {target}");
+        let sink = tx
+            .copy_in(sql)
+            .await
+            .map_err(conflict::on(target, &doing))?;
+        futures_util::pin_mut!(sink);
+        sink.send(Bytes::from_static(&copy::HEADER))
+            .await
+            .map_err(conflict::on(target, &doing))?;
         let progress = control.progress();
-        let total_blocks: usize = chosen.iter().map(|t| t.blocks.len()).sum();
-        progress.phase("restoring tables", "blocks", Some(total_blocks as u64));
-        let mut outcome = RestoreOutcome::new(id);
-        outcome.journal_cut = info.journal_cut.clone();
-        let mut total_rows = 0u64;
-        for t in &chosen {
-            control.checkpoint()?;
-            let target = target_of(t);
-            let cols = t
-                .columns
-                .iter()
-                .map(|c| quote_ident(&c.name))
-                .collect::<Vec<_>>()
-                .join(", ");
-            // FREEZE writes the rows already frozen (no later vacuum rewrite); it
-            // needs a plain table emptied or created in this transaction, as here.
-            let plain: bool = tx
-                .query_one(
-                    "SELECT relkind = 'r' FROM pg_class WHERE oid = $1::text::regclass",
-                    &[&target.quoted()],
-                )
-                .await
-                .with_context(|| format!("looking up {target}"))?
-                .get(0);
-            let freeze = if plain { ", FREEZE" } else { "" };
-            let sink = tx
-                .copy_in(&format!(
-                    "COPY {} ({cols}) FROM STDIN (FORMAT binary{freeze})",
-                    target.quoted()
-                ))
-                .await
-                .with_context(|| format!("starting to load {target}"))?;
-            futures_util::pin_mut!(sink);
-            sink.send(Bytes::from_static(&copy::HEADER))
-                .await
-                .with_context(|| format!("loading {target}"))?;
-            let ids: Vec<BlockId> = t.blocks.iter().map(|b| b.id).collect();
-            let blocks = self.read_blocks(id, ids);
+        let batches = self.table_refs(id, t);
+        futures_util::pin_mut!(batches);
+        while let Some(refs) = batches.next().await {
+            let refs = match refs {
+                Ok(r) => r,
+                Err(e) => {
+                    self.mark_corrupted(id, &e).await;
+                    return Err(e);
+                }
+            };
+            let blocks = self.read_blocks(id, refs.iter().map(|b| b.id).collect());
             futures_util::pin_mut!(blocks);
             while let Some(block) = blocks.next().await {
                 let block = match block {
@@ -163,63 +333,82 @@ impl Snapshots {
                 control.checkpoint()?;
                 sink.send(Bytes::from(block))
                     .await
-                    .with_context(|| format!("loading {target}"))?;
+                    .map_err(conflict::on(target, &doing))?;
                 progress.advance(1);
             }
-            sink.send(Bytes::from_static(&copy::TRAILER))
-                .await
-                .with_context(|| format!("loading {target}"))?;
-            let rows = sink
-                .finish()
-                .await
-                .with_context(|| format!("loading {target}"))?;
-            if rows != t.rows {
-                return Err(Error::corrupt(
-                    format!("snapshot {id}"),
-                    format!(
-                        "table {target}: loaded {rows} rows, the index says {}",
-                        t.rows
-                    ),
-                ));
-            }
-            if let RestoreTarget::Live = request.target {
-                for s in &t.sequences {
-                    tx.execute(
-                        "SELECT setval($1::text::regclass, $2, $3)",
-                        &[&s.name, &s.last_value, &s.is_called],
-                    )
-                    .await
-                    .with_context(|| format!("restoring sequence {}", s.name))?;
-                }
-            }
-            total_rows += rows;
+        }
+        sink.send(Bytes::from_static(&copy::TRAILER))
+            .await
+            .map_err(conflict::on(target, &doing))?;
+        let rows = sink.finish().await.map_err(conflict::on(target, &doing))?;
+        if rows != t.rows {
+            return Err(Error::corrupt(
+                format!("snapshot {id}"),
+                format!(
+                    "table {target}: loaded {rows} rows, the index says {}",
+                    t.rows
+                ),
+            ));
+        }
+        Ok(rows)
+    }
+
+    /// Restores `chosen` into tables of the same names in `schema` (created, or
+    /// dropped and created again), in one transaction.
+    async fn restore_scratch(
+        &self,
+        id: SnapshotId,
+        schema: &str,
+        chosen: &[&TableIndex],
+        control: &Control,
+    ) -> Result<RestoreOutcome> {
+        let mut conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let tx = conn
+            .transaction()
+            .await
+            .context("starting the restore transaction")?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ))
+        .await
+        .context("creating the scratch schema")?;
+        let mut outcome = RestoreOutcome::new(id);
+        for t in chosen {
+            control.checkpoint()?;
+            let target = TableRef::new(schema, &t.name);
+            let defs = t
+                .columns
+                .iter()
+                .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tx.batch_execute(&format!(
+                "DROP TABLE IF EXISTS {q}; CREATE TABLE {q} ({defs})",
+                q = target.quoted()
+            ))
+            .await
+            .with_context(|| format!("creating scratch table {target}"))?;
+            let cols = t
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "COPY {} ({cols}) FROM STDIN (FORMAT binary, FREEZE)",
+                target.quoted()
+            );
+            let rows = self
+                .copy_in(&tx, &sql, &target.to_string(), id, t, control)
+                .await?;
             outcome.tables.push(TableRowCount {
                 table: target,
                 rows,
             });
         }
-        if !rebuild.is_empty() {
-            progress.message("rebuilding indexes and checking foreign keys".to_owned());
-        }
-        for (what, sql) in &rebuild {
-            control.checkpoint()?;
-            tx.batch_execute(sql).await.with_context(|| {
-                format!("rebuilding {what} after the restore (the restored rows violate it?)")
-            })?;
-        }
         control.checkpoint()?;
         tx.commit().await.context("committing the restore")?;
-        progress.finish();
-        metrics::counter!("sanare_snapshot_restores_total").increment(1);
-        metrics::counter!("sanare_snapshot_rows_restored_total").increment(total_rows);
-        tracing::info!(%id, rows = total_rows, "restore committed");
-        if let Some(bus) = &self.inner.events {
-            bus.publish(Event::RestoreCompleted {
-                snapshot: id,
-                tables: outcome.tables.iter().map(|t| t.table.clone()).collect(),
-                rows: total_rows,
-            });
-        }
         Ok(outcome)
     }
 
@@ -267,77 +456,15 @@ impl Snapshots {
     }
 }
 
-/// Drops the secondary indexes, primary/unique/exclusion constraints and foreign
-/// keys of `tables` (quoted names, already emptied in `tx`) so the load does not
-/// maintain them row by row, and returns what recreates them afterwards, in order:
-/// keys and indexes first, then foreign keys, each checked by PostgreSQL in one
-/// pass over the loaded rows. Everything happens in the restore's transaction, so a
-/// failure or a crash leaves the tables, indexes and keys as they were.
-pub(super) async fn defer_indexes_and_keys(
+/// Runs one statement of a restore on `table` (doing `what`), a data conflict
+/// reported as such (see [`conflict::explain`]).
+pub(super) async fn run(
     tx: &tokio_postgres::Transaction<'_>,
-    tables: &[String],
-) -> Result<Vec<(String, String)>> {
-    if tables.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ctx = "reading the indexes and keys of the restored tables";
-    let (fks, hashjoin) = crate::restore::foreign_keys(tx, tables).await?;
-    let keys = tx
-        .query(
-            "SELECT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid)
-               FROM pg_constraint c
-              WHERE c.contype IN ('p', 'u', 'x') AND c.conrelid = ANY($1::text[]::regclass[])
-              ORDER BY c.oid",
-            &[&tables],
-        )
+    table: &str,
+    what: &str,
+    sql: &str,
+) -> Result<()> {
+    tx.batch_execute(sql)
         .await
-        .context(ctx)?;
-    let indexes = tx
-        .query(
-            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
-               FROM pg_index i
-              WHERE i.indrelid = ANY($1::text[]::regclass[])
-                AND NOT EXISTS (SELECT 1 FROM pg_constraint c
-                                 WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u', 'x'))
-              ORDER BY i.indexrelid",
-            &[&tables],
-        )
-        .await
-        .context(ctx)?;
-    let mut drop = String::new();
-    let mut rebuild = Vec::new();
-    for k in &fks {
-        drop.push_str(&k.drop_sql());
-    }
-    for r in &keys {
-        let (table, name): (String, String) = (r.get(0), r.get(1));
-        drop.push_str(&format!("ALTER TABLE {table} DROP CONSTRAINT {name};\n"));
-    }
-    for r in &indexes {
-        let name: String = r.get(0);
-        drop.push_str(&format!("DROP INDEX {name};\n"));
-    }
-    for r in &keys {
-        let (table, name, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        rebuild.push((
-            format!("constraint {name} of {table}"),
-            format!("ALTER TABLE {table} ADD CONSTRAINT {name} {def}"),
-        ));
-    }
-    for r in &indexes {
-        let (name, def): (String, String) = (r.get(0), r.get(1));
-        rebuild.push((format!("index {name}"), def));
-    }
-    for k in &fks {
-        rebuild.push((
-            format!("foreign key {} of {}", k.name, k.table),
-            k.rebuild_sql(&hashjoin),
-        ));
-    }
-    if !drop.is_empty() {
-        tx.batch_execute(&drop).await.context(
-            "dropping indexes and keys for the restore (they are rebuilt before it commits)",
-        )?;
-    }
-    Ok(rebuild)
+        .map_err(conflict::on(table, what))
 }

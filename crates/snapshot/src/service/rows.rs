@@ -8,7 +8,8 @@ impl Snapshots {
         id: SnapshotId,
         rows: &[RowRef],
     ) -> Result<Vec<RowImage>> {
-        let index = self.load_index(id).await?;
+        // Block references are read group by group, keeping only the candidates.
+        let index = self.read_index(id).await?;
         let mut by_table: BTreeMap<&TableRef, Vec<usize>> = BTreeMap::new();
         for (i, r) in rows.iter().enumerate() {
             by_table.entry(&r.table).or_default().push(i);
@@ -71,16 +72,22 @@ impl Snapshots {
                     .or_default()
                     .push(i);
             }
-            let candidates: Vec<&BlockRef> = t
-                .blocks
-                .iter()
-                .filter(|b| wanted.keys().any(|k| bloom::may_contain(&b.key_filter, k)))
-                .collect();
+            let mut candidates: Vec<BlockId> = Vec::new();
+            let batches = self.table_refs(id, t);
+            futures_util::pin_mut!(batches);
+            while let Some(refs) = batches.next().await {
+                candidates.extend(
+                    refs?
+                        .into_iter()
+                        .filter(|b| wanted.keys().any(|k| bloom::may_contain(&b.key_filter, k)))
+                        .map(|b| b.id),
+                );
+            }
             metrics::counter!("sanare_snapshot_fetch_blocks_read_total")
                 .increment(candidates.len() as u64);
             let mut matched: Vec<(usize, Vec<u8>)> = Vec::new();
             for b in candidates {
-                let content = self.read_block(id, b.id).await?;
+                let content = self.read_block(id, b).await?;
                 for row in copy::rows(&content) {
                     let row = row?;
                     let ranges = copy::fields(row);

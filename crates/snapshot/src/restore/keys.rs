@@ -1,11 +1,11 @@
-//! Helpers of the restore into live tables: which foreign keys the restore drops
-//! and how each is re-added (and so re-checked) before the commit.
+//! The foreign keys a restore into live tables drops and re-adds (and so re-checks)
+//! before it commits, and those it keeps: keys of tables outside the restore that
+//! reference a restored table.
 
 use sanare_core::Result;
 use sanare_pg::PgResultExt;
 
-/// A foreign key dropped for a restore and re-added (checked in one pass over the
-/// loaded rows) before it commits.
+/// A foreign key from or to a restored relation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ForeignKey {
     /// The referencing table, as `regclass` prints it.
@@ -17,48 +17,75 @@ pub(crate) struct ForeignKey {
     /// Whether the check may be forced to a merge anti-join of two index-only scans
     /// (see [`foreign_keys`]).
     pub(crate) merge_check: bool,
+    /// Whether the referencing table is restored too (else the key is kept, and the
+    /// referenced table is restored in place: see `restore::plan`).
+    pub(crate) inside: bool,
+    /// The referenced relation.
+    pub(crate) parent: u32,
+    /// The referenced relation, as `regclass` prints it.
+    pub(crate) parent_name: String,
+    /// The referencing columns, in key order.
+    pub(crate) columns: Vec<String>,
+    /// The referenced columns, in key order.
+    pub(crate) parent_columns: Vec<String>,
+    /// Whether the referencing table is a plain table (`ONLY` applies to it).
+    pub(crate) child_plain: bool,
+    /// Its comment, put back when it is re-added.
+    pub(crate) comment: Option<String>,
 }
 
-/// The foreign keys from or to `tables`, in creation order, and the transaction's
-/// `enable_hashjoin` (to put back after a merge-planned check).
+/// The foreign keys from or to the relations `tree` (the restored relations and
+/// their partitions), in creation order, and the transaction's `enable_hashjoin`
+/// (to put back after a merge-planned check). Keys PostgreSQL cloned onto
+/// partitions are left out: they follow the key they were cloned from.
 ///
 /// When PostgreSQL adds a foreign key it checks every row with one anti-join
 /// (`RI_Initial_Check`) that it plans like any query: on freshly loaded tables the
-/// planner picks a hash anti-join over two sequential heap scans. Both tables were
-/// just loaded with `COPY … FREEZE`, which (PostgreSQL 14 and later) marks every page
-/// all-visible, and both have a B-tree index leading with the key's columns (the
-/// parent's key, the child's own key or foreign key index), so a merge anti-join
-/// over two index-only scans reads the two (smaller, already ordered) indexes instead
-/// of the heaps; measured on the order-service fixture it takes about half the time
-/// (see `docs/PERFORMANCE.md`). `merge_check` is set only when all of that holds:
-/// server 14 or later, both tables restored here and plain (so loaded with FREEZE),
-/// and such an index on each side; otherwise the planner chooses as usual. The plan
-/// changes only the speed of the check, never its outcome.
+/// planner picks a hash anti-join over two sequential heap scans. Tables of `frozen`
+/// were just loaded with `COPY … FREEZE`, which (PostgreSQL 14 and later) marks every
+/// page all-visible; when both tables of a key are such and both have a B-tree index
+/// leading with the key's columns (the parent's key, the child's own key or foreign
+/// key index), a merge anti-join over two index-only scans reads the two (smaller,
+/// already ordered) indexes instead of the heaps; measured on the order-service
+/// fixture it takes about half the time (see `docs/PERFORMANCE.md`). `merge_check`
+/// is set only when all of that holds; otherwise the planner chooses as usual. The
+/// plan changes only the speed of the check, never its outcome.
 pub(crate) async fn foreign_keys(
-    tx: &tokio_postgres::Transaction<'_>,
-    tables: &[String],
+    tx: &impl tokio_postgres::GenericClient,
+    tree: &[u32],
+    frozen: &[u32],
 ) -> Result<(Vec<ForeignKey>, String)> {
     let rows = tx
         .query(
             &format!(
-            "WITH restored AS (SELECT unnest($1::text[]::regclass[])::oid AS oid)
+                "WITH tree AS (SELECT unnest($1::oid[]) AS oid),
+                  frozen AS (SELECT unnest($2::oid[]) AS oid)
              SELECT c.conrelid::regclass::text, quote_ident(c.conname), pg_get_constraintdef(c.oid),
                     current_setting('server_version_num')::int >= 140000
-                    AND c.conrelid IN (SELECT oid FROM restored)
-                    AND c.confrelid IN (SELECT oid FROM restored)
-                    AND (SELECT relkind FROM pg_class WHERE oid = c.conrelid) = 'r'
-                    AND (SELECT relkind FROM pg_class WHERE oid = c.confrelid) = 'r'
+                    AND c.conrelid IN (SELECT oid FROM frozen)
+                    AND c.confrelid IN (SELECT oid FROM frozen)
                     AND {child_index}
                     AND {parent_index},
-                    current_setting('enable_hashjoin')
+                    current_setting('enable_hashjoin'),
+                    c.conrelid IN (SELECT oid FROM tree),
+                    c.confrelid,
+                    ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
+                            JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
+                           ORDER BY k.o),
+                    ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
+                            JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n
+                           ORDER BY k.o),
+                    (SELECT relkind = 'r' FROM pg_class WHERE oid = c.conrelid),
+                    obj_description(c.oid, 'pg_constraint'),
+                    c.confrelid::regclass::text
                FROM pg_constraint c
-              WHERE c.contype = 'f'
-                AND (c.conrelid IN (SELECT oid FROM restored) OR c.confrelid IN (SELECT oid FROM restored))
+              WHERE c.contype = 'f' AND c.conparentid = 0
+                AND (c.conrelid IN (SELECT oid FROM tree) OR c.confrelid IN (SELECT oid FROM tree))
               ORDER BY c.oid",
-            child_index = leading_btree_index("c.conrelid", "c.conkey"),
-            parent_index = leading_btree_index("c.confrelid", "c.confkey"),
+                child_index = leading_btree_index("c.conrelid", "c.conkey"),
+                parent_index = leading_btree_index("c.confrelid", "c.confkey"),
             ),
-            &[&tables],
+            &[&tree, &frozen],
         )
         .await
         .context("reading the foreign keys of the restored tables")?;
@@ -72,6 +99,13 @@ pub(crate) async fn foreign_keys(
             name: r.get(1),
             def: r.get(2),
             merge_check: r.get(3),
+            inside: r.get(5),
+            parent: r.get(6),
+            columns: r.get(7),
+            parent_columns: r.get(8),
+            child_plain: r.get(9),
+            comment: r.get(10),
+            parent_name: r.get(11),
         })
         .collect();
     Ok((keys, hashjoin))
@@ -107,13 +141,22 @@ impl ForeignKey {
             "ALTER TABLE {} ADD CONSTRAINT {} {}",
             self.table, self.name, self.def
         );
-        if self.merge_check {
+        let add = if self.merge_check {
             format!(
                 "SET LOCAL enable_hashjoin = off; {add}; SET LOCAL enable_hashjoin = {}",
                 sanare_pg::quote_literal(hashjoin)
             )
         } else {
             add
+        };
+        match &self.comment {
+            Some(c) => format!(
+                "{add}; COMMENT ON CONSTRAINT {} ON {} IS {}",
+                self.name,
+                self.table,
+                sanare_pg::quote_literal(c)
+            ),
+            None => add,
         }
     }
 }
@@ -128,6 +171,13 @@ mod tests {
             name: "order_lines_order_id_fkey".to_owned(),
             def: "FOREIGN KEY (order_id) REFERENCES shop.orders(id)".to_owned(),
             merge_check,
+            inside: true,
+            parent: 0,
+            parent_name: "shop.orders".to_owned(),
+            columns: vec!["order_id".to_owned()],
+            parent_columns: vec!["id".to_owned()],
+            child_plain: true,
+            comment: None,
         }
     }
 
@@ -147,6 +197,14 @@ mod tests {
         assert_eq!(
             key(true).drop_sql(),
             "ALTER TABLE shop.order_lines DROP CONSTRAINT order_lines_order_id_fkey;\n"
+        );
+        let mut commented = key(false);
+        commented.comment = Some("lines of an order's".to_owned());
+        assert_eq!(
+            commented.rebuild_sql("on"),
+            "ALTER TABLE shop.order_lines ADD CONSTRAINT order_lines_order_id_fkey \
+             FOREIGN KEY (order_id) REFERENCES shop.orders(id); COMMENT ON CONSTRAINT \
+             order_lines_order_id_fkey ON shop.order_lines IS 'lines of an order''s'"
         );
     }
 
@@ -184,14 +242,25 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        let tx = client.transaction().await.unwrap();
-        let all: Vec<String> = [
+        let oid = |t: &str| {
+            let client = &client;
+            let t = format!("r.{t}");
+            async move {
+                client
+                    .query_one("SELECT $1::text::regclass::oid", &[&t])
+                    .await
+                    .unwrap()
+                    .get::<_, u32>(0)
+            }
+        };
+        let mut all = Vec::new();
+        for t in [
             "parent", "other", "led", "swapped", "bare", "partial", "indexed",
-        ]
-        .iter()
-        .map(|t| format!("r.{t}"))
-        .collect();
-        let (keys, hashjoin) = foreign_keys(&tx, &all).await.unwrap();
+        ] {
+            all.push(oid(t).await);
+        }
+        let tx = client.transaction().await.unwrap();
+        let (keys, hashjoin) = foreign_keys(&tx, &all, &all).await.unwrap();
         assert_eq!(hashjoin, "on");
         let merged: Vec<(&str, bool)> = keys
             .iter()
@@ -208,16 +277,25 @@ mod tests {
                 ("r.indexed", v14),
             ]
         );
-        // With the parent outside the restore, its pages are not known all-visible.
-        let children: Vec<String> = all[2..].to_vec();
-        let (keys, _) = foreign_keys(&tx, &children).await.unwrap();
+        assert!(keys.iter().all(|k| k.inside));
+        assert_eq!(keys[0].columns, ["a", "b"]);
+        assert_eq!(keys[0].parent_columns, ["a", "b"]);
+        // With the parents outside the restore, their pages are not known
+        // all-visible, and the keys that reference them are still read.
+        let children: Vec<u32> = all[2..].to_vec();
+        let (keys, _) = foreign_keys(&tx, &children, &children).await.unwrap();
         assert_eq!(keys.len(), 5);
         assert!(keys.iter().all(|k| !k.merge_check), "{keys:?}");
+        // With only the parents restored, every key is outside the restore.
+        let (keys, _) = foreign_keys(&tx, &all[..2], &all[..2]).await.unwrap();
+        assert_eq!(keys.len(), 5);
+        assert!(keys.iter().all(|k| !k.inside && !k.merge_check), "{keys:?}");
+        assert!(keys.iter().all(|k| all[..2].contains(&k.parent)));
         // The transaction's own setting is what comes back after the check.
         tx.batch_execute("SET LOCAL enable_hashjoin = off")
             .await
             .unwrap();
-        let (_, hashjoin) = foreign_keys(&tx, &all).await.unwrap();
+        let (_, hashjoin) = foreign_keys(&tx, &all, &all).await.unwrap();
         assert_eq!(hashjoin, "off");
         tx.rollback().await.unwrap();
     }
