@@ -85,8 +85,10 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod copy;
+pub mod ddl;
 pub mod format;
 pub mod pack;
+pub mod repo;
 mod restore;
 #[cfg(feature = "s3")]
 mod s3;
@@ -98,11 +100,12 @@ pub mod testing;
 
 pub use format::{BlockId, ChunkParams, Codec};
 pub use pack::BlockLocation;
+pub use repo::{RepositoryConfig, RepositoryKey};
 #[cfg(feature = "s3")]
 pub use s3::S3Store;
 pub use service::{
-    GcReport, PitrOutcome, RetentionPolicy, SnapshotConfig, Snapshots, SnapshotsBuilder,
-    StorageStats,
+    Availability, GcReport, ListedSnapshot, PitrOutcome, RepositoryListing, RetentionPolicy,
+    SnapshotConfig, Snapshots, SnapshotsBuilder, StorageStats,
 };
 pub use source::{SourceInfo, StateSource};
 pub use store::{BlockStore, FsStore, ObjectMeta, PgStore};
@@ -112,9 +115,10 @@ use sanare_pg::{Migration, Migrations, SchemaName};
 /// The snapshot catalog and the PostgreSQL block store's table, in sanare's schema.
 pub const MIGRATIONS: Migrations = Migrations::new(
     "snapshot",
-    &[Migration::new(
-        1,
-        "snapshot_catalog",
+    &[
+        Migration::new(
+            1,
+            "snapshot_catalog",
         "CREATE TABLE {schema}.snapshots (
             id               uuid PRIMARY KEY,
             status           text NOT NULL CHECK (status IN
@@ -137,7 +141,47 @@ pub const MIGRATIONS: Migrations = Migrations::new(
             created_at timestamptz NOT NULL DEFAULT now()
         );
         ALTER TABLE {schema}.snapshot_objects ALTER COLUMN data SET STORAGE EXTERNAL;",
-    )],
+        ),
+        Migration::new(
+            2,
+            "snapshot_repositories",
+            "ALTER TABLE {schema}.snapshots
+                 ADD COLUMN repository      uuid,
+                 ADD COLUMN database_id     uuid,
+                 ADD COLUMN status_at       timestamptz,
+                 ADD COLUMN status_by       text,
+                 ADD COLUMN status_evidence jsonb;
+            CREATE INDEX snapshots_repository_idx
+                ON {schema}.snapshots (repository, database_id, status, created_at DESC);
+            CREATE TABLE {schema}.snapshot_repositories (
+                id         uuid PRIMARY KEY,
+                location   text NOT NULL,
+                first_seen timestamptz NOT NULL DEFAULT now(),
+                last_seen  timestamptz NOT NULL DEFAULT now()
+            );
+            CREATE TABLE {schema}.snapshot_database (
+                one          boolean PRIMARY KEY DEFAULT true CHECK (one),
+                id           uuid NOT NULL,
+                created_at   timestamptz NOT NULL DEFAULT now(),
+                adopted_at   timestamptz,
+                adopted_from text
+            );
+            INSERT INTO {schema}.snapshot_database (id) VALUES (gen_random_uuid());
+            CREATE TABLE {schema}.snapshot_status_log (
+                id          bigserial PRIMARY KEY,
+                snapshot_id uuid NOT NULL,
+                at          timestamptz NOT NULL DEFAULT now(),
+                from_status text,
+                to_status   text NOT NULL,
+                by          text NOT NULL,
+                repository  uuid,
+                reason      text,
+                evidence    jsonb
+            );
+            CREATE INDEX snapshot_status_log_snapshot_idx
+                ON {schema}.snapshot_status_log (snapshot_id, at);",
+        ),
+    ],
 );
 
 /// Creates or upgrades the snapshot tables in `schema`.

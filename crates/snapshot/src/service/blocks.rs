@@ -47,9 +47,11 @@ impl Snapshots {
     }
 
     /// Every block snapshot `id` references (table blocks, index groups, state
-    /// source blocks).
+    /// source blocks, the block of its DDL).
     pub async fn block_ids(&self, id: SnapshotId) -> Result<BTreeSet<BlockId>> {
-        Ok(self.load_index(id).await?.block_ids())
+        let mut ids = self.load_index(id).await?.block_ids();
+        ids.extend(self.load_manifest(id).await?.ddl);
+        Ok(ids)
     }
 
     /// Where block `id` lives in the store: the pack holding it, or its own object

@@ -1,4 +1,4 @@
-//! Restore of tables into the live database, and point-in-time restore.
+//! Restore of tables into the live database.
 
 use super::*;
 
@@ -54,6 +54,11 @@ impl Snapshots {
                 .await
                 .context("setting maintenance_work_mem for the restore's index builds")?;
         }
+        // Tables the database lacks (a lost database) come from the snapshot's DDL.
+        let recreated = match request.target {
+            RestoreTarget::Live => self.recreate_missing(&tx, id, &chosen).await?,
+            _ => Vec::new(),
+        };
         // Statements that recreate the indexes and keys dropped for the load.
         let mut rebuild: Vec<(String, String)> = Vec::new();
         let target_of = |t: &TableIndex| -> TableRef {
@@ -117,6 +122,7 @@ impl Snapshots {
         progress.phase("restoring tables", "blocks", Some(total_blocks as u64));
         let mut outcome = RestoreOutcome::new(id);
         outcome.journal_cut = info.journal_cut.clone();
+        outcome.recreated = recreated;
         let mut total_rows = 0u64;
         for t in &chosen {
             control.checkpoint()?;
@@ -221,49 +227,6 @@ impl Snapshots {
             });
         }
         Ok(outcome)
-    }
-
-    pub(super) async fn mark_corrupted(&self, id: SnapshotId, e: &Error) {
-        if matches!(e, Error::Corrupt { .. }) {
-            tracing::error!(%id, error = %e, "snapshot is corrupted");
-            metrics::counter!("sanare_snapshot_corrupted_total").increment(1);
-            if let Err(e2) = self
-                .set_status(id, SnapshotStatus::Corrupted, Some(&e.to_string()))
-                .await
-            {
-                tracing::warn!(%id, error = %e2, "could not mark the snapshot corrupted");
-            }
-            let mut cache = self.inner.index_cache.lock().await;
-            if cache.as_ref().is_some_and(|(cached, _)| *cached == id) {
-                *cache = None;
-            }
-        }
-    }
-
-    /// Restores the latest good snapshot taken at or before `at`, then replays the
-    /// journal from the cut it recorded (point-in-time recovery).
-    pub async fn restore_to(&self, at: OffsetDateTime, control: &Control) -> Result<PitrOutcome> {
-        let snap = self
-            .latest_good(Some(at))
-            .await?
-            .ok_or_else(|| Error::not_found(format!("a good snapshot taken before {at}")))?;
-        let restore = self
-            .restore_inner(RestoreRequest::new(snap.id), control)
-            .await?;
-        let replay = match &self.inner.journal {
-            Some(j) => {
-                let cut = restore.journal_cut.clone().unwrap_or(JournalCut {
-                    position: JournalPosition::START,
-                    db_snapshot: None,
-                });
-                Some(
-                    j.replay(ReplayRequest::new(ReplayRange::After(cut)), control)
-                        .await?,
-                )
-            }
-            None => None,
-        };
-        Ok(PitrOutcome { restore, replay })
     }
 }
 
