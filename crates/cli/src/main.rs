@@ -125,7 +125,8 @@ impl Context {
         let url = cli
             .database_url
             .clone()
-            .or_else(|| config.database_url.clone());
+            .or_else(|| config.database_url.clone())
+            .filter(|u| !u.trim().is_empty());
         Ok(Self {
             config,
             schema,

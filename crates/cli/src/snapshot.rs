@@ -165,14 +165,17 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
                     report.blocks_checked,
                     report.blocks_missing,
                     report.blocks_corrupt,
-                    if ok {
-                        "intact"
-                    } else {
-                        "DAMAGED (marked corrupted)"
+                    match (ok, ctx.url.is_some()) {
+                        (true, _) => "intact",
+                        (false, true) => "DAMAGED (marked corrupted)",
+                        (false, false) => "DAMAGED (not marked: no database)",
                     }
                 ));
                 for p in &report.problems {
                     out.line(format!("  {p}"));
+                }
+                for n in &report.notes {
+                    out.line(format!("  note: {n}"));
                 }
             })?;
             Ok(if ok { 0 } else { EXIT_FINDINGS })
