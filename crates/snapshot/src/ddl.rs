@@ -958,22 +958,16 @@ mod tests {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             hex,
-            format!(
-                "534e444c0100{}{}{}{}{}{}{}{}",
-                "01", // one statement
-                "04", // kind: table
-                "0173",
-                "0174",                         // schema, name
-                "01017301 74".replace(' ', ""), // table: Some(("s", "t"))
-                "00",                           // needed_by: none
-                "00",                           // refers_to: none
-                format!(
-                    "1c{}",
-                    "CREATE TABLE s.t (id bigint)"
-                        .bytes()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<String>()
-                ),
+            concat!(
+                "534e444c0100",                                               // SNDL, version 1
+                "01",                                                         // one statement
+                "04",                                                         // kind: table
+                "0173",                                                       // schema "s"
+                "0174",                                                       // name "t"
+                "0101730174", // table: Some(("s", "t"))
+                "00",         // needed_by: none
+                "00",         // refers_to: none
+                "1c435245415445205441424c4520732e742028696420626967696e7429", // sql
             )
         );
         assert_eq!(SchemaDdl::decode(&bytes).unwrap(), ddl);

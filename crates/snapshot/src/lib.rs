@@ -87,6 +87,7 @@
 mod copy;
 pub mod ddl;
 pub mod format;
+mod manifest;
 pub mod pack;
 pub mod repo;
 mod restore;

@@ -796,8 +796,7 @@ impl Snapshots {
                 snapshots.push(ListedSnapshot { info, availability });
             }
         }
-        snapshots
-            .sort_by(|a, b| (b.info.created_at, b.info.id).cmp(&(a.info.created_at, a.info.id)));
+        snapshots.sort_by_key(|s| std::cmp::Reverse((s.info.created_at, s.info.id)));
         Ok(RepositoryListing {
             repository: repo.map(|r| r.config),
             location: self.inner.store.location(),

@@ -264,7 +264,7 @@ impl Snapshots {
         let mut again = VerifyReport::new(report.snapshot);
         let by_pack = Box::pin(self.check_blocks(&moved, &mut again, control)).await?;
         // Their new packs' tables of contents, once (a pack gone again is damage).
-        for (key, _) in &by_pack {
+        for key in by_pack.keys() {
             if !self.inner.store.contains(key).await? {
                 again.blocks_missing += 1;
                 again

@@ -134,7 +134,11 @@ pub(crate) async fn a_wrong_store_condemns_nothing(
         TableRef::new("shop", "orders"),
         vec![ColumnValue::new("id", "bigint", Some("1"))],
     );
-    assert!(b.fetch_rows(snap_a.id, &[key_row.clone()]).await.is_err());
+    assert!(
+        b.fetch_rows(snap_a.id, std::slice::from_ref(&key_row))
+            .await
+            .is_err()
+    );
     b.gc(Duration::ZERO, &Control::detached()).await.unwrap();
     b.apply_retention(&sanare_snapshot::RetentionPolicy::new(1, Duration::ZERO))
         .await
