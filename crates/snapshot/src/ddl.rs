@@ -452,7 +452,9 @@ impl Builder {
         table: &TableRef,
         oid: u32,
     ) -> Result<()> {
-        if !self.types_seen.insert((oid, pair(table))) {
+        // Built-in types (and their arrays) have oids below PostgreSQL's
+        // FirstNormalObjectId: nothing to recreate, no query needed.
+        if oid < 16_384 || !self.types_seen.insert((oid, pair(table))) {
             return Ok(());
         }
         let ctx = || format!("reading a column type of {table} for its DDL");

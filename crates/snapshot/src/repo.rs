@@ -218,7 +218,7 @@ impl RepositoryKey {
         );
         let ctx = || format!("writing snapshot key file {}", path.display());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(ctx(), e))?;
+            crate::store::fsio::create_dirs(dir)?;
         }
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -235,9 +235,7 @@ impl RepositoryKey {
             .and_then(|()| file.sync_all())
             .map_err(|e| Error::io(ctx(), e))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(ctx(), e))?;
+            crate::store::fsio::sync_dir(dir)?;
         }
         tracing::info!(path = %path.display(), "snapshot key created; keep a copy outside the data directory");
         Ok(Self::from_bytes(secret))

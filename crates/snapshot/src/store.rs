@@ -213,9 +213,9 @@ impl BlockStore for FsStore {
     }
 }
 
-/// The raw file operations of [`FsStore`], in one place (to be ported onto a
-/// storage trait that can simulate a power cut).
-mod fsio {
+/// The raw file operations of [`FsStore`] (and of the key file), in one place
+/// (to be ported onto a storage trait that can simulate a power cut).
+pub(crate) mod fsio {
     use std::io::Write;
     use std::ops::Range;
     use std::path::{Path, PathBuf};
@@ -228,7 +228,7 @@ mod fsio {
 
     /// Creates `dir` and every missing parent, fsyncing each new directory's
     /// parent so the new entry survives a power cut.
-    pub(super) fn create_dirs(dir: &Path) -> Result<()> {
+    pub(crate) fn create_dirs(dir: &Path) -> Result<()> {
         let mut missing: Vec<PathBuf> = Vec::new();
         let mut at = Some(dir);
         while let Some(d) = at {
@@ -252,7 +252,7 @@ mod fsio {
         Ok(())
     }
 
-    pub(super) fn sync_dir(dir: &Path) -> Result<()> {
+    pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
