@@ -185,29 +185,22 @@ async fn snapshots_on_s3_round_trip_and_verify() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filesystem_and_an_s3_store_never_condemn_each_others_snapshots() {
     let server = s3_server().await;
-    let db = common::shop_db(300).await;
-    let dir = tempfile::tempdir().unwrap();
-    let fs: Arc<dyn BlockStore> = Arc::new(sanare_snapshot::FsStore::new(dir.path()).unwrap());
-    let s3: Arc<dyn BlockStore> = Arc::new(
-        S3Store::new(client(server.addr, SECRET_KEY))
-            .unwrap()
-            .with_prefix("moved-here")
-            .unwrap(),
-    );
-    // The service moved from the filesystem to S3: snapshots of the old store
-    // are never condemned by the new one.
-    scenarios::a_wrong_store_condemns_nothing(&db, fs.clone(), s3.clone()).await;
-    // And the other way round, in another database.
-    let db = common::shop_db(300).await;
-    let dir = tempfile::tempdir().unwrap();
-    let fs: Arc<dyn BlockStore> = Arc::new(sanare_snapshot::FsStore::new(dir.path()).unwrap());
-    let s3: Arc<dyn BlockStore> = Arc::new(
-        S3Store::new(client(server.addr, SECRET_KEY))
-            .unwrap()
-            .with_prefix("first-here")
-            .unwrap(),
-    );
-    scenarios::a_wrong_store_condemns_nothing(&db, s3, fs).await;
+    // The service moved from the filesystem to S3, then (in another database)
+    // the other way round: the snapshots of the old store are never condemned by
+    // the new one.
+    for (prefix, s3_first) in [("moved-here", false), ("first-here", true)] {
+        let db = common::shop_db(300).await;
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn BlockStore> = Arc::new(sanare_snapshot::FsStore::new(dir.path()).unwrap());
+        let s3: Arc<dyn BlockStore> = Arc::new(
+            S3Store::new(client(server.addr, SECRET_KEY))
+                .unwrap()
+                .with_prefix(prefix)
+                .unwrap(),
+        );
+        let (old, new) = if s3_first { (s3, fs) } else { (fs, s3) };
+        scenarios::a_wrong_store_condemns_nothing(&db, old, new).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

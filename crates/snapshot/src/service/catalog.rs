@@ -300,9 +300,9 @@ impl Snapshots {
     /// Imports into the catalog the snapshots of this database whose manifests
     /// are in the store, signed with this service's key, but not in the catalog.
     async fn import_from_store(&self, repo: &Opened) -> Result<()> {
-        let Some(key) = &self.inner.key else {
+        if self.inner.key.is_none() {
             return Ok(());
-        };
+        }
         let ids = self.manifest_ids().await?;
         let conn = sanare_pg::get_conn(&self.inner.pool).await?;
         let uuids: Vec<uuid::Uuid> = ids.iter().map(SnapshotId::as_uuid).collect();
@@ -321,22 +321,32 @@ impl Snapshots {
             .collect();
         drop(conn);
         for id in ids.into_iter().filter(|id| !known.contains(&id.as_uuid())) {
-            let Some(bytes) = self.inner.store.get(&manifest_key(id)).await? else {
+            let Some((m, bytes)) = self.stored_manifest(id).await? else {
                 continue;
             };
-            let Ok(m) = Manifest::decode(&bytes) else {
-                continue;
-            };
-            if crate::format::Manifest::authenticate(&bytes, key)
-                != crate::format::ManifestAuth::Valid
-                || m.database.map(uuid::Uuid::from_bytes) != repo.database
-            {
+            if !self.signed(&bytes) || m.database.map(uuid::Uuid::from_bytes) != repo.database {
                 continue;
             }
             self.insert_imported(repo, &m, &bytes).await?;
             tracing::info!(%id, "snapshot found in the store imported into the catalog");
         }
         Ok(())
+    }
+
+    /// The manifest of `id` in the store with its bytes, if it is there and intact
+    /// (authentic or not).
+    async fn stored_manifest(&self, id: SnapshotId) -> Result<Option<(Manifest, Bytes)>> {
+        let Some(bytes) = self.inner.store.get(&manifest_key(id)).await? else {
+            return Ok(None);
+        };
+        Ok(Manifest::decode(&bytes).ok().map(|m| (m, bytes)))
+    }
+
+    /// Whether the manifest `bytes` is signed with this service's key.
+    fn signed(&self, bytes: &[u8]) -> bool {
+        self.inner.key.as_ref().is_some_and(|k| {
+            crate::format::Manifest::authenticate(bytes, k) == crate::format::ManifestAuth::Valid
+        })
     }
 
     /// The ids of every manifest in the store.
@@ -700,16 +710,10 @@ impl Snapshots {
     ) -> Result<Option<SnapshotInfo>> {
         let mut found: Vec<(SnapshotInfo, Option<[u8; 16]>, bool)> = Vec::new();
         for id in self.manifest_ids().await? {
-            let Some(bytes) = self.inner.store.get(&manifest_key(id)).await? else {
+            let Some((m, bytes)) = self.stored_manifest(id).await? else {
                 continue;
             };
-            let Ok(m) = Manifest::decode(&bytes) else {
-                continue;
-            };
-            let signed = self.inner.key.as_ref().is_some_and(|k| {
-                crate::format::Manifest::authenticate(&bytes, k)
-                    == crate::format::ManifestAuth::Valid
-            });
+            let signed = self.signed(&bytes);
             let info = info_from_manifest(&m, SnapshotStatus::Ready);
             if before.is_none_or(|b| info.created_at <= b) {
                 found.push((info, m.database, signed));
@@ -773,16 +777,10 @@ impl Snapshots {
                 if known.contains(&id) {
                     continue;
                 }
-                let Some(bytes) = self.inner.store.get(&manifest_key(id)).await? else {
+                let Some((m, bytes)) = self.stored_manifest(id).await? else {
                     continue;
                 };
-                let Ok(m) = Manifest::decode(&bytes) else {
-                    continue;
-                };
-                let authenticated = self.inner.key.as_ref().is_some_and(|k| {
-                    crate::format::Manifest::authenticate(&bytes, k)
-                        == crate::format::ManifestAuth::Valid
-                });
+                let authenticated = self.signed(&bytes);
                 let mut info = info_from_manifest(&m, SnapshotStatus::Ready);
                 info.repository = info.repository.or(repo.as_ref().map(|r| r.config.id));
                 let availability = if self.inner.catalog {

@@ -19,6 +19,15 @@ impl Snapshots {
         control: &Control,
     ) -> Result<VerifyReport> {
         let (info, repo) = self.here(id).await?;
+        if matches!(
+            info.status,
+            SnapshotStatus::Deleted | SnapshotStatus::Creating
+        ) {
+            return Err(Error::conflict(format!(
+                "snapshot {id} is {}: there is nothing to verify",
+                status_str(info.status)
+            )));
+        }
         let lock = RepoLock::acquire(
             &self.inner.store,
             false,
