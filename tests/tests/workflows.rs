@@ -249,13 +249,13 @@ async fn snapshot_lifecycle_with_damage_pitr_and_retention() {
         .create(SnapshotRequest::new(), &control)
         .await
         .unwrap();
-    let before_second = time::OffsetDateTime::now_utc();
     // Journaled orders after the first snapshot.
     for n in 1..=30 {
         orders::place_order(&sanare, &PlaceOrder::nth(500, n, 50, 10))
             .await
             .unwrap();
     }
+    let after_orders = time::OffsetDateTime::now_utc();
     let blocks_before: std::collections::BTreeSet<_> = files(&dir.path().join("snapshots"));
     let second = snaps
         .create(SnapshotRequest::new(), &control)
@@ -291,21 +291,22 @@ async fn snapshot_lifecycle_with_damage_pitr_and_retention() {
     let good = snaps.latest_good(None).await.unwrap().unwrap();
     assert_eq!(good.id, first.id, "the damaged snapshot is skipped");
 
-    // Point in time: everything is lost after the second snapshot's time; restore
-    // the latest good snapshot before it and replay the journal.
+    // Point in time: everything is lost; the state when the 30 orders were placed
+    // comes back from the latest good snapshot before then and the journal
+    // replayed up to that time.
     db.client()
         .await
         .batch_execute("TRUNCATE shop.payments, shop.order_lines, shop.orders CASCADE")
         .await
         .unwrap();
-    let pitr = snaps.restore_to(before_second, &control).await.unwrap();
+    let pitr = snaps.restore_to(after_orders, &control).await.unwrap();
     assert_eq!(pitr.restore.snapshot, first.id);
     assert_eq!(
         count(&db, "SELECT count(*) FROM shop.orders").await,
         530,
         "500 from the snapshot + 30 replayed"
     );
-    assert!(pitr.replay.is_some());
+    assert_eq!(pitr.replay.unwrap().applied, 30);
 
     let retired = snaps
         .apply_retention(&RetentionPolicy::new(1, Duration::ZERO))
@@ -318,6 +319,69 @@ async fn snapshot_lifecycle_with_damage_pitr_and_retention() {
             .iter()
             .any(|s| s.id == first.id && s.status == SnapshotStatus::Ready),
         "the last good snapshot is kept: {listed:?}"
+    );
+    sanare.shutdown().await.unwrap();
+}
+
+/// The order tables row for row, except when an order was placed (`now()` when
+/// it is applied, so a replay gives it a new time).
+async fn order_state(db: &TestDb) -> Vec<String> {
+    let client = db.client().await;
+    let mut out = Vec::new();
+    for q in [
+        "SELECT count(*)::text || ' ' || md5(string_agg((id, customer_id, status, total_cents, shipped_at, note)::text, '|' ORDER BY id)) FROM shop.orders",
+        "SELECT count(*)::text || ' ' || md5(string_agg(x::text, '|' ORDER BY x::text)) FROM shop.order_lines x",
+        "SELECT count(*)::text || ' ' || md5(string_agg(x::text, '|' ORDER BY x::text)) FROM shop.payments x",
+        "SELECT count(*)::text || ' ' || md5(string_agg(x::text, '|' ORDER BY x::text)) FROM shop.customers x",
+    ] {
+        out.push(client.query_one(q, &[]).await.unwrap().get(0));
+    }
+    out
+}
+
+/// Point in time between two journaled orders: the snapshot before them, then
+/// the journal replayed up to that time and not a moment further.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_restore_gives_exactly_the_state_between_two_entries() {
+    let db = shop(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sanare = start(&db, &dir, orders::register).await;
+    let snaps = sanare.snapshots();
+    let control = Control::detached();
+    let snapshot = snaps
+        .create(SnapshotRequest::new(), &control)
+        .await
+        .unwrap();
+    orders::place_order(&sanare, &PlaceOrder::nth(300, 1, 30, 6))
+        .await
+        .unwrap();
+    let between = time::OffsetDateTime::now_utc();
+    let expected = order_state(&db).await;
+    // The next order is recorded strictly after `between`.
+    while time::OffsetDateTime::now_utc() <= between {
+        tokio::task::yield_now().await;
+    }
+    orders::place_order(&sanare, &PlaceOrder::nth(300, 2, 30, 6))
+        .await
+        .unwrap();
+    assert_ne!(order_state(&db).await, expected);
+    db.client()
+        .await
+        .batch_execute("TRUNCATE shop.payments, shop.order_lines, shop.orders CASCADE")
+        .await
+        .unwrap();
+    let pitr = snaps.restore_to(between, &control).await.unwrap();
+    assert_eq!(pitr.restore.snapshot, snapshot.id);
+    let replay = pitr.replay.unwrap();
+    assert_eq!(
+        (replay.applied, replay.failures.len()),
+        (1, 0),
+        "{replay:?}"
+    );
+    assert_eq!(
+        order_state(&db).await,
+        expected,
+        "exactly the state at that time"
     );
     sanare.shutdown().await.unwrap();
 }

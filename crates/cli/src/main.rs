@@ -104,7 +104,7 @@ pub(crate) const EXIT_NEEDS_APPROVAL: u8 = 4;
 pub(crate) struct Context {
     config: SanareConfig,
     schema: SchemaName,
-    url: String,
+    url: Option<String>,
     out: Output,
 }
 
@@ -126,9 +126,7 @@ impl Context {
             .database_url
             .clone()
             .or_else(|| config.database_url.clone())
-            .ok_or_else(|| {
-                anyhow::anyhow!("no database: pass --database-url or set DATABASE_URL")
-            })?;
+            .filter(|u| !u.trim().is_empty());
         Ok(Self {
             config,
             schema,
@@ -137,13 +135,21 @@ impl Context {
         })
     }
 
+    /// The connection string (every command but a few snapshot ones needs one).
+    fn url(&self) -> anyhow::Result<&str> {
+        self.url
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("no database: pass --database-url or set DATABASE_URL"))
+    }
+
     /// A plain connection for read-only one-shot commands (no migrations).
     async fn client(&self) -> anyhow::Result<sanare_pg::tokio_postgres::Client> {
+        let url = self.url()?;
         let (client, conn) =
-            sanare_pg::tokio_postgres::connect(&self.url, sanare_pg::tokio_postgres::NoTls)
+            sanare_pg::tokio_postgres::connect(url, sanare_pg::tokio_postgres::NoTls)
                 .await
                 .map_err(|e| {
-                    anyhow::anyhow!("cannot connect to {}: {e}", sanare_pg::redact(&self.url))
+                    anyhow::anyhow!("cannot connect to {}: {e}", sanare_pg::redact(url))
                 })?;
         tokio::spawn(conn);
         Ok(client)
@@ -152,11 +158,16 @@ impl Context {
     /// Every component, as an operator handle (migrations run; the service's
     /// marker, spool and background work untouched).
     async fn sanare(&self) -> anyhow::Result<Sanare> {
+        self.sanare_with(self.config.clone()).await
+    }
+
+    /// [`Context::sanare`] with a changed configuration.
+    async fn sanare_with(&self, config: SanareConfig) -> anyhow::Result<Sanare> {
         // Fail on a wrong URL with the connection's own message, not a pool timeout.
         drop(self.client().await?);
-        let pool = sanare_pg::connect_pool(&self.url, 8)?;
+        let pool = sanare_pg::connect_pool(self.url()?, 8)?;
         Ok(Sanare::builder()
-            .config(self.config.clone())
+            .config(config)
             .pool(pool)
             .operator()
             .build()

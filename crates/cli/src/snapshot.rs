@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use clap::Subcommand;
+use sanare::Sanare;
 use sanare::core::{
     RestoreMode, RestoreRequest, RestoreTarget, SnapshotId, SnapshotInfo, SnapshotRequest,
     SnapshotService,
 };
-use sanare::snapshot::RetentionPolicy;
+use sanare::snapshot::{Availability, ListedSnapshot, RetentionPolicy, Snapshots};
 
 use crate::output::with_progress;
 use crate::{Context, EXIT_FINDINGS};
@@ -25,17 +26,26 @@ pub(crate) enum SnapshotCommand {
         /// A label.
         #[arg(long)]
         label: Option<String>,
+        /// Start a new repository in this store even though the database's
+        /// catalog expects its snapshots in another one.
+        #[arg(long)]
+        new_repository: bool,
     },
-    /// Every snapshot, newest first, with storage statistics.
+    /// Every snapshot the catalog or the store knows, newest first, with where
+    /// each is and storage statistics. Without a database, lists the store alone.
     List,
-    /// Check every block of a snapshot (hash and availability); a damaged one is
-    /// marked corrupted. Exits 3 when damage is found.
+    /// Check every block of a snapshot (hash and availability) in its own
+    /// repository: a damaged one is marked corrupted, an intact one marked
+    /// corrupted before is ready again. Exits 3 when damage is found. Without a
+    /// database, checks the store alone (nothing is marked).
     Verify {
         /// The snapshot (`latest` for the newest good one).
         id: String,
     },
     /// Restore a snapshot into the live tables (one transaction, foreign-key
-    /// order), or into a scratch schema with `--into`.
+    /// order; tables the database lacks are recreated from the DDL stored with
+    /// the snapshot), or into a scratch schema with `--into`. `latest` into a
+    /// database whose catalog is empty takes the newest snapshot in the store.
     Restore {
         /// The snapshot (`latest` for the newest good one).
         id: String,
@@ -78,14 +88,58 @@ pub(crate) enum SnapshotCommand {
     },
 }
 
+/// What a snapshot command works through: every component, or the store alone
+/// (no database given: `list` and `verify` only).
+enum Handle {
+    Full(Box<Sanare>),
+    StoreOnly(Snapshots),
+}
+
+impl Handle {
+    fn snapshots(&self) -> &Snapshots {
+        match self {
+            Handle::Full(s) => s.snapshots(),
+            Handle::StoreOnly(s) => s,
+        }
+    }
+}
+
+async fn open(ctx: &Context, command: &SnapshotCommand) -> anyhow::Result<Handle> {
+    let store_only = matches!(
+        command,
+        SnapshotCommand::List | SnapshotCommand::Verify { .. }
+    );
+    if ctx.url.is_some() || !store_only {
+        let mut config = ctx.config.clone();
+        if let SnapshotCommand::Create {
+            new_repository: true,
+            ..
+        } = command
+        {
+            config.snapshots.new_repository = true;
+        }
+        return Ok(Handle::Full(Box::new(ctx.sanare_with(config).await?)));
+    }
+    let data_dir = &ctx.config.data_dir;
+    let mut builder = Snapshots::builder()
+        .store(ctx.config.snapshot_store(data_dir, None)?)
+        .schema(ctx.schema.clone())
+        .without_catalog();
+    if let Some(key) = ctx.config.snapshot_key(data_dir, false)? {
+        builder = builder.key(key);
+    }
+    Ok(Handle::StoreOnly(builder.build()?))
+}
+
 pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Result<u8> {
-    let sanare = ctx.sanare().await?;
-    let snapshots = sanare.snapshots();
+    let handle = open(ctx, &command).await?;
+    let snapshots = handle.snapshots();
     match command {
         SnapshotCommand::Create {
             table,
             of_schema,
             label,
+            new_repository: _,
         } => {
             let mut request = SnapshotRequest::new()
                 .tables(crate::tables(&table)?)
@@ -107,29 +161,7 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
             })?;
             Ok(0)
         }
-        SnapshotCommand::List => {
-            let list = snapshots.list().await?;
-            let stats = snapshots.stats().await?;
-            let value = serde_json::json!({ "snapshots": list, "storage": stats });
-            ctx.out.print(&value, |out| {
-                if list.is_empty() {
-                    out.line("no snapshots");
-                    return;
-                }
-                out.table(
-                    &[
-                        "id", "created", "status", "label", "tables", "rows", "bytes", "stored",
-                        "journal",
-                    ],
-                    list.iter().map(row),
-                );
-                out.line(format!(
-                    "storage: {} blocks in {} packs, {} bytes stored for {} bytes of data",
-                    stats.blocks, stats.packs, stats.block_bytes, stats.logical_bytes
-                ));
-            });
-            Ok(0)
-        }
+        SnapshotCommand::List => list(ctx, snapshots).await,
         SnapshotCommand::Verify { id } => {
             let id = resolve(snapshots, &id).await?;
             let report = with_progress(&ctx.out, "verify", |control| async move {
@@ -144,14 +176,17 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
                     report.blocks_checked,
                     report.blocks_missing,
                     report.blocks_corrupt,
-                    if ok {
-                        "intact"
-                    } else {
-                        "DAMAGED (marked corrupted)"
+                    match (ok, ctx.url.is_some()) {
+                        (true, _) => "intact",
+                        (false, true) => "DAMAGED (marked corrupted)",
+                        (false, false) => "DAMAGED (not marked: no database)",
                     }
                 ));
                 for p in &report.problems {
                     out.line(format!("  {p}"));
+                }
+                for n in &report.notes {
+                    out.line(format!("  note: {n}"));
                 }
             })?;
             Ok(if ok { 0 } else { EXIT_FINDINGS })
@@ -164,7 +199,7 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
             parallel,
             fire_triggers,
         } => {
-            let id = resolve(snapshots, &id).await?;
+            let id = resolve_for_restore(snapshots, &id).await?;
             let target = match into {
                 Some(schema) => RestoreTarget::Scratch { schema },
                 None if yes => RestoreTarget::Live,
@@ -187,6 +222,16 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
             .await?;
             ctx.out.show(&outcome, |out| {
                 out.line(format!("restored snapshot {}", outcome.snapshot));
+                if !outcome.recreated.is_empty() {
+                    out.line(format!(
+                        "recreated from the snapshot's DDL: {}",
+                        outcome
+                            .recreated
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
                 for note in &outcome.notes {
                     out.line(format!("  {note}"));
                 }
@@ -221,7 +266,7 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
             keep_days,
             grace,
         } => {
-            let cfg = &sanare.config().snapshots;
+            let cfg = &ctx.config.snapshots;
             let policy = RetentionPolicy::new(
                 usize::try_from(keep_last.unwrap_or(cfg.keep_last)).unwrap_or(usize::MAX),
                 Duration::from_secs(u64::from(keep_days.unwrap_or(cfg.keep_days)) * 86_400),
@@ -248,25 +293,100 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
     }
 }
 
-fn row(s: &SnapshotInfo) -> Vec<String> {
+/// `snapshot list`: the repository opened, then every snapshot with where it is.
+async fn list(ctx: &Context, snapshots: &Snapshots) -> anyhow::Result<u8> {
+    let listing = snapshots.list_all().await?;
+    let stats = snapshots.stats().await?;
+    let value = serde_json::json!({
+        "repository": &listing.repository,
+        "location": &listing.location,
+        "inside_protected_database": listing.inside_protected_database,
+        "catalog": listing.catalog,
+        "snapshots": &listing.snapshots,
+        "storage": stats,
+    });
+    ctx.out.print(&value, |out| {
+        match &listing.repository {
+            Some(r) => out.line(format!("repository {} at {}", r.id, listing.location)),
+            None => out.line(format!(
+                "no repository at {} yet (the first snapshot taken there creates one)",
+                listing.location
+            )),
+        }
+        if listing.inside_protected_database {
+            out.line(
+                "warning: this store keeps its blocks inside the protected database; losing the database loses these snapshots too",
+            );
+        }
+        if !listing.catalog {
+            out.line("no database given: the store alone is listed");
+        }
+        if listing.snapshots.is_empty() {
+            out.line("no snapshots");
+            return;
+        }
+        out.table(
+            &[
+                "id", "created", "status", "label", "tables", "rows", "bytes", "stored", "journal",
+            ],
+            listing.snapshots.iter().map(row),
+        );
+        out.line(format!(
+            "storage: {} blocks in {} packs, {} bytes stored for {} bytes of data",
+            stats.blocks, stats.packs, stats.block_bytes, stats.logical_bytes
+        ));
+    });
+    Ok(0)
+}
+
+fn row(s: &ListedSnapshot) -> Vec<String> {
+    let i = &s.info;
+    let status = match &s.availability {
+        Availability::OtherRepository {
+            repository: Some(r),
+            ..
+        } => format!("in repository {r} (not opened here)"),
+        Availability::OtherRepository { .. } => {
+            "in a store not opened here (taken before repository ids)".to_owned()
+        }
+        Availability::StoreOnly {
+            authenticated: true,
+            ..
+        } => "in the store only".to_owned(),
+        Availability::StoreOnly { .. } => "in the store only (not authenticated)".to_owned(),
+        _ => format!("{:?}", i.status).to_lowercase(),
+    };
     vec![
-        s.id.to_string(),
-        s.created_at.to_string(),
-        format!("{:?}", s.status).to_lowercase(),
-        s.label.clone().unwrap_or_default(),
-        s.tables.len().to_string(),
-        s.tables.iter().map(|t| t.rows).sum::<u64>().to_string(),
-        s.size_bytes.to_string(),
-        s.stored_bytes.to_string(),
-        s.journal_cut
+        i.id.to_string(),
+        i.created_at.to_string(),
+        status,
+        i.label.clone().unwrap_or_default(),
+        i.tables.len().to_string(),
+        i.tables.iter().map(|t| t.rows).sum::<u64>().to_string(),
+        i.size_bytes.to_string(),
+        i.stored_bytes.to_string(),
+        i.journal_cut
             .as_ref()
             .map(|c| c.position.to_string())
             .unwrap_or_default(),
     ]
 }
 
+/// [`resolve`] for a restore: `latest` into a database whose catalog knows no
+/// good snapshot is the newest one in the store (a database restored from the
+/// store alone).
+async fn resolve_for_restore(snapshots: &Snapshots, id: &str) -> anyhow::Result<SnapshotId> {
+    if id == "latest"
+        && snapshots.latest_good(None).await?.is_none()
+        && let Some(found) = snapshots.latest_in_store(None).await?
+    {
+        return Ok(found.id);
+    }
+    resolve(snapshots, id).await
+}
+
 /// A snapshot id, or `latest` for the newest good snapshot.
-async fn resolve(snapshots: &sanare::snapshot::Snapshots, id: &str) -> anyhow::Result<SnapshotId> {
+async fn resolve(snapshots: &Snapshots, id: &str) -> anyhow::Result<SnapshotId> {
     if id == "latest" {
         return snapshots
             .latest_good(None)

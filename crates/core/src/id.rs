@@ -81,6 +81,12 @@ id_type!(
     "snapshot"
 );
 id_type!(
+    /// Identifies one snapshot repository: the store a snapshot's blocks, index and
+    /// manifest live in (written in the store when the repository is created).
+    RepositoryId,
+    "repository"
+);
+id_type!(
     /// Identifies one integrity violation.
     ViolationId,
     "violation"

@@ -42,8 +42,8 @@ pub use control::{Control, Progress, ProgressHandle, ProgressReporter};
 pub use error::{BoxError, Error, Result};
 pub use event::{CrashKind, Event, EventBus, EventRecord, EventSubscription};
 pub use id::{
-    AlertId, CheckId, CrashId, EventId, IssueId, JournalEntryId, RecoveryId, RepairId, ScanId,
-    SnapshotId, ViolationId,
+    AlertId, CheckId, CrashId, EventId, IssueId, JournalEntryId, RecoveryId, RepairId,
+    RepositoryId, ScanId, SnapshotId, ViolationId,
 };
 pub use integrity::{CheckFamily, IntegrityService, ValidationScope, ValidationSummary};
 pub use journal::{

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{Control, JournalCut, Result, RowImage, RowRef, SnapshotId, TableRef};
+use crate::{Control, JournalCut, RepositoryId, Result, RowImage, RowRef, SnapshotId, TableRef};
 
 /// Where a snapshot is in its life (spec §4.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -61,6 +61,11 @@ pub struct SnapshotInfo {
     pub stored_bytes: u64,
     /// Host metadata.
     pub metadata: BTreeMap<String, String>,
+    /// The repository (store) holding its blocks, index and manifest; `None` for a
+    /// snapshot taken before repositories had ids whose store has not been opened
+    /// since.
+    #[serde(default)]
+    pub repository: Option<RepositoryId>,
 }
 
 impl SnapshotInfo {
@@ -78,6 +83,7 @@ impl SnapshotInfo {
             size_bytes: 0,
             stored_bytes: 0,
             metadata: BTreeMap::new(),
+            repository: None,
         }
     }
 }
@@ -231,6 +237,9 @@ pub struct RestoreOutcome {
     /// index left as it was, …).
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Tables the database lacked, created from the DDL stored with the snapshot.
+    #[serde(default)]
+    pub recreated: Vec<TableRef>,
 }
 
 impl RestoreOutcome {
@@ -241,6 +250,7 @@ impl RestoreOutcome {
             tables: Vec::new(),
             journal_cut: None,
             notes: Vec::new(),
+            recreated: Vec::new(),
         }
     }
 }
@@ -259,6 +269,13 @@ pub struct VerifyReport {
     pub blocks_corrupt: u64,
     /// Each problem found, in words.
     pub problems: Vec<String>,
+    /// The repository the snapshot was verified in.
+    #[serde(default)]
+    pub repository: Option<RepositoryId>,
+    /// What the verification did or could not check, beyond damage (a status set
+    /// back to ready, a manifest that could not be authenticated), in words.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl VerifyReport {
@@ -270,6 +287,8 @@ impl VerifyReport {
             blocks_missing: 0,
             blocks_corrupt: 0,
             problems: Vec::new(),
+            repository: None,
+            notes: Vec::new(),
         }
     }
 
@@ -292,7 +311,7 @@ pub trait SnapshotService: Send + Sync {
     async fn create(&self, request: SnapshotRequest, control: &Control) -> Result<SnapshotInfo>;
 
     /// The newest snapshot in status `Ready` taken at or before `before` (now when
-    /// `None`), skipping any found corrupted.
+    /// `None`) in the repository this service opens, skipping any found corrupted.
     async fn latest_good(&self, before: Option<OffsetDateTime>) -> Result<Option<SnapshotInfo>>;
 
     /// Restores a snapshot.
@@ -302,7 +321,9 @@ pub trait SnapshotService: Send + Sync {
     /// snapshot are absent from the result; order follows `rows`.
     async fn fetch_rows(&self, snapshot: SnapshotId, rows: &[RowRef]) -> Result<Vec<RowImage>>;
 
-    /// Verifies every block and the manifest of a snapshot, marking it corrupted if
-    /// it is not intact.
+    /// Verifies every block and the manifest of a snapshot in its own repository,
+    /// marking it corrupted (with the report as evidence) if it is not intact and
+    /// ready again if it is. A snapshot in a repository this service cannot see is
+    /// refused, never marked.
     async fn verify(&self, snapshot: SnapshotId, control: &Control) -> Result<VerifyReport>;
 }

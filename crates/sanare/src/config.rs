@@ -236,6 +236,13 @@ pub struct SnapshotConfig {
     pub storage: StorageConfig,
     /// Only these schemas are captured (all host schemas when empty).
     pub schemas: Vec<String>,
+    /// The file holding the key that signs manifests, so a restore from the
+    /// store alone can trust them (default `<data_dir>/snapshot.key`, created when
+    /// missing). Keep a copy away from the data directory and the store.
+    pub key_file: Option<PathBuf>,
+    /// Start a new snapshot repository in a store that holds none even though
+    /// this database's catalog expects another (moving to a new store on purpose).
+    pub new_repository: bool,
 }
 
 impl Default for SnapshotConfig {
@@ -248,6 +255,8 @@ impl Default for SnapshotConfig {
             keep_days: 7,
             storage: StorageConfig::Filesystem { path: None },
             schemas: Vec::new(),
+            key_file: None,
+            new_repository: false,
         }
     }
 }

@@ -344,31 +344,8 @@ impl SanareBuilder {
         };
         let journal_service: Arc<dyn JournalService> = Arc::new(journal.clone());
 
-        let store: Arc<dyn BlockStore> = match &config.snapshots.storage {
-            StorageConfig::Filesystem { path } => Arc::new(FsStore::new(
-                path.clone().unwrap_or_else(|| data_dir.join("snapshots")),
-            )?),
-            StorageConfig::Postgres => Arc::new(PgStore::new(pool.clone(), &schema)),
-            #[cfg(feature = "s3")]
-            StorageConfig::S3 {
-                bucket,
-                prefix,
-                endpoint,
-                region,
-            } => Arc::new(sanare_snapshot::S3Store::from_settings(
-                bucket,
-                Some(prefix.as_str()).filter(|p| !p.is_empty()),
-                endpoint.as_deref(),
-                region.as_deref(),
-            )?),
-            #[cfg(not(feature = "s3"))]
-            StorageConfig::S3 { .. } => {
-                return Err(Error::config(
-                    "snapshots.storage",
-                    "S3-compatible storage needs the `s3` feature of the `sanare` crate; enable it, or use `filesystem` or `postgres`",
-                ));
-            }
-        };
+        let store = config.snapshot_store(&data_dir, Some(&pool))?;
+        let key = config.snapshot_key(&data_dir, true)?;
         let mut snapshot_config = sanare_snapshot::SnapshotConfig::default();
         snapshot_config.codec = match config.snapshots.codec {
             Codec::Lz4 => sanare_snapshot::Codec::Lz4,
@@ -378,11 +355,15 @@ impl SanareBuilder {
         snapshot_config.default_schemas = config.snapshots.schemas.clone();
         let mut snapshots = Snapshots::builder()
             .store(store)
+            .new_repository(config.snapshots.new_repository)
             .pool(pool.clone())
             .schema(schema.clone())
             .journal(journal_service.clone())
             .events(events.clone())
             .config(snapshot_config);
+        if let Some(key) = key {
+            snapshots = snapshots.key(key);
+        }
         for source in self.sources {
             snapshots = snapshots.source(source);
         }
@@ -622,6 +603,72 @@ impl Drop for Sanare {
         self.shutdown.cancel();
         if let Some(background) = &self.background {
             background.abort();
+        }
+    }
+}
+
+impl SanareConfig {
+    /// The snapshot block store `snapshots.storage` names (the filesystem store
+    /// defaults to `<data_dir>/snapshots`; the PostgreSQL store needs `pool`).
+    pub fn snapshot_store(
+        &self,
+        data_dir: &std::path::Path,
+        pool: Option<&Pool>,
+    ) -> Result<Arc<dyn BlockStore>> {
+        Ok(match &self.snapshots.storage {
+            StorageConfig::Filesystem { path } => Arc::new(FsStore::new(
+                path.clone().unwrap_or_else(|| data_dir.join("snapshots")),
+            )?),
+            StorageConfig::Postgres => match pool {
+                Some(pool) => Arc::new(PgStore::new(pool.clone(), &self.schema_name()?)),
+                None => {
+                    return Err(Error::config(
+                        "snapshots.storage",
+                        "the postgres store keeps its blocks in the database: it needs a database connection",
+                    ));
+                }
+            },
+            #[cfg(feature = "s3")]
+            StorageConfig::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                region,
+            } => Arc::new(sanare_snapshot::S3Store::from_settings(
+                bucket,
+                Some(prefix.as_str()).filter(|p| !p.is_empty()),
+                endpoint.as_deref(),
+                region.as_deref(),
+            )?),
+            #[cfg(not(feature = "s3"))]
+            StorageConfig::S3 { .. } => {
+                return Err(Error::config(
+                    "snapshots.storage",
+                    "S3-compatible storage needs the `s3` feature of the `sanare` crate; enable it, or use `filesystem` or `postgres`",
+                ));
+            }
+        })
+    }
+
+    /// The key that signs snapshot manifests: the file `snapshots.key_file`
+    /// (default `<data_dir>/snapshot.key`), made when missing if `create`
+    /// (otherwise `None` when there is none).
+    pub fn snapshot_key(
+        &self,
+        data_dir: &std::path::Path,
+        create: bool,
+    ) -> Result<Option<sanare_snapshot::RepositoryKey>> {
+        let path = self
+            .snapshots
+            .key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("snapshot.key"));
+        if create {
+            sanare_snapshot::RepositoryKey::load_or_create(&path).map(Some)
+        } else if path.exists() {
+            sanare_snapshot::RepositoryKey::load(&path).map(Some)
+        } else {
+            Ok(None)
         }
     }
 }

@@ -48,7 +48,24 @@
 //!   mostly unreferenced or small.
 //! - **Write order**: packs, then the index, then the manifest, then the catalog row
 //!   flips from `creating` to `ready`: a crash at any point leaves no ready snapshot
-//!   with missing data.
+//!   with missing data. GC, under the repository's exclusive lock, cleans up after
+//!   captures that never finished.
+//! - **Repository**: a store holds one repository, whose identity (`config`) is
+//!   written in it when the first snapshot is taken. Every manifest names its
+//!   repository, the database it was captured from, and the block holding the DDL
+//!   of its tables, and is signed with a [`RepositoryKey`] kept outside the store:
+//!   the store describes itself, and the catalog in the database is a cache of it.
+//!   A process only verifies, restores, collects, lists as available or marks the
+//!   snapshots of the repository its store holds ([`Snapshots::list_all`] shows the
+//!   others as not opened here), and refuses to start a new repository beside a
+//!   catalog that expects another ([`SnapshotsBuilder::new_repository`]). Only a
+//!   verify marks a snapshot corrupted, with its report as evidence; a verify that
+//!   finds one intact sets it ready again. Lock objects in the store keep GC away
+//!   from captures, verifies and restores, also of other databases sharing it.
+//! - **From the store alone**: with the database lost, the snapshots are listed and
+//!   verified from the store ([`SnapshotsBuilder::without_catalog`]), and a restore
+//!   into an empty database recreates the tables from the stored DDL before loading
+//!   them.
 //! - **Restore** loads tables in foreign-key order in one transaction: `TRUNCATE`,
 //!   then the tables' foreign keys, primary/unique keys and secondary indexes are
 //!   dropped, the rows are loaded with binary `COPY … FREEZE` (which also marks
@@ -66,28 +83,35 @@
 //!   `s3` feature `S3Store` (any S3-compatible server through `object_store`), all
 //!   held to one conformance suite (`testing::conformance`, feature `testing`).
 //! - **Point in time**: [`Snapshots::restore_to`] restores the latest good snapshot
-//!   before T and replays the journal after its cut, through the core trait.
+//!   before T (falling back to an older one when it turns out damaged) and replays
+//!   the journal after its cut up to T, through the core trait.
 //!
 //! # Architecture invariant
 //! This crate depends on `sanare-core` and `sanare-pg` only; the journal is reached
 //! through [`sanare_core::JournalService`]. It never writes to host tables except in
 //! a restore, and then in one transaction that either commits every table or none.
-//! It never snapshots its own schema. Every stored object begins with a magic and a
-//! version (see `docs/formats.md`).
+//! It never snapshots its own schema. It never marks a snapshot it cannot see: only
+//! a verify of the snapshot in its own repository changes its status, and it
+//! builds no SQL from a manifest it has not authenticated. Every stored object
+//! begins with a magic and a version (see `docs/formats.md`).
 //!
 //! # Dependencies
 //! `fastcdc` (content-defined chunking, a maintained implementation of the paper's
 //! algorithm), `blake3` (fast cryptographic block ids), `lz4_flex` and `brotli` (pure
 //! Rust codecs), `postcard` (a stable, specified encoding for index and manifest),
-//! `object_store` (feature `s3`: the Apache Arrow project's object storage client).
+//! `object_store` (feature `s3`: the Apache Arrow project's object storage client),
+//! `getrandom` (the operating system's random source, for repository keys).
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod copy;
+pub mod ddl;
 pub mod format;
+mod manifest;
 pub mod pack;
 mod pack_index;
+pub mod repo;
 mod restore;
 #[cfg(feature = "s3")]
 mod s3;
@@ -100,11 +124,12 @@ pub mod testing;
 
 pub use format::{BlockId, ChunkParams, Codec};
 pub use pack::BlockLocation;
+pub use repo::{RepositoryConfig, RepositoryKey};
 #[cfg(feature = "s3")]
 pub use s3::S3Store;
 pub use service::{
-    GcReport, PitrOutcome, RetentionPolicy, SnapshotConfig, Snapshots, SnapshotsBuilder,
-    StorageStats,
+    Availability, GcReport, ListedSnapshot, PitrOutcome, RepositoryListing, RetentionPolicy,
+    SnapshotConfig, Snapshots, SnapshotsBuilder, StorageStats,
 };
 pub use source::{SourceInfo, StateSource};
 pub use store::{BlockStore, FsStore, ObjectMeta, PgStore};
@@ -114,9 +139,10 @@ use sanare_pg::{Migration, Migrations, SchemaName};
 /// The snapshot catalog and the PostgreSQL block store's table, in sanare's schema.
 pub const MIGRATIONS: Migrations = Migrations::new(
     "snapshot",
-    &[Migration::new(
-        1,
-        "snapshot_catalog",
+    &[
+        Migration::new(
+            1,
+            "snapshot_catalog",
         "CREATE TABLE {schema}.snapshots (
             id               uuid PRIMARY KEY,
             status           text NOT NULL CHECK (status IN
@@ -139,7 +165,47 @@ pub const MIGRATIONS: Migrations = Migrations::new(
             created_at timestamptz NOT NULL DEFAULT now()
         );
         ALTER TABLE {schema}.snapshot_objects ALTER COLUMN data SET STORAGE EXTERNAL;",
-    )],
+        ),
+        Migration::new(
+            2,
+            "snapshot_repositories",
+            "ALTER TABLE {schema}.snapshots
+                 ADD COLUMN repository      uuid,
+                 ADD COLUMN database_id     uuid,
+                 ADD COLUMN status_at       timestamptz,
+                 ADD COLUMN status_by       text,
+                 ADD COLUMN status_evidence jsonb;
+            CREATE INDEX snapshots_repository_idx
+                ON {schema}.snapshots (repository, database_id, status, created_at DESC);
+            CREATE TABLE {schema}.snapshot_repositories (
+                id         uuid PRIMARY KEY,
+                location   text NOT NULL,
+                first_seen timestamptz NOT NULL DEFAULT now(),
+                last_seen  timestamptz NOT NULL DEFAULT now()
+            );
+            CREATE TABLE {schema}.snapshot_database (
+                one          boolean PRIMARY KEY DEFAULT true CHECK (one),
+                id           uuid NOT NULL,
+                created_at   timestamptz NOT NULL DEFAULT now(),
+                adopted_at   timestamptz,
+                adopted_from text
+            );
+            INSERT INTO {schema}.snapshot_database (id) VALUES (gen_random_uuid());
+            CREATE TABLE {schema}.snapshot_status_log (
+                id          bigserial PRIMARY KEY,
+                snapshot_id uuid NOT NULL,
+                at          timestamptz NOT NULL DEFAULT now(),
+                from_status text,
+                to_status   text NOT NULL,
+                by          text NOT NULL,
+                repository  uuid,
+                reason      text,
+                evidence    jsonb
+            );
+            CREATE INDEX snapshot_status_log_snapshot_idx
+                ON {schema}.snapshot_status_log (snapshot_id, at);",
+        ),
+    ],
 );
 
 /// Creates or upgrades the snapshot tables in `schema`.

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use sanare_core::{Error, Result};
 use time::OffsetDateTime;
 
@@ -26,6 +26,8 @@ use crate::{BlockStore, ObjectMeta};
 pub struct S3Store {
     inner: Arc<dyn ObjectStore>,
     prefix: String,
+    /// The bucket and endpoint, for [`BlockStore::location`].
+    place: String,
 }
 
 impl fmt::Debug for S3Store {
@@ -42,13 +44,27 @@ impl S3Store {
     /// `AmazonS3Builder::from_env().with_bucket_name("backups")` or, for a
     /// self-hosted server, `.with_endpoint("http://127.0.0.1:9000").with_allow_http(true)`.
     pub fn new(builder: AmazonS3Builder) -> Result<Self> {
+        let bucket = builder
+            .get_config_value(&AmazonS3ConfigKey::Bucket)
+            .unwrap_or_default();
+        let place = match builder.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+            Some(endpoint) => format!("S3 bucket {bucket} at {endpoint}"),
+            None => {
+                let region = builder
+                    .get_config_value(&AmazonS3ConfigKey::Region)
+                    .unwrap_or_default();
+                format!("S3 bucket {bucket} (AWS {region})")
+            }
+        };
         let store = builder.build().map_err(|e| {
             Error::config(
                 "snapshot.s3",
                 format!("the S3 block store cannot be configured ({e}); check bucket, region, endpoint and credentials"),
             )
         })?;
-        Ok(Self::from_object_store(Arc::new(store)))
+        let mut out = Self::from_object_store(Arc::new(store));
+        out.place = place;
+        Ok(out)
     }
 
     /// A store for `bucket` with credentials from the environment (`AWS_ACCESS_KEY_ID`,
@@ -79,6 +95,7 @@ impl S3Store {
     /// A store over any [`ObjectStore`].
     pub fn from_object_store(store: Arc<dyn ObjectStore>) -> Self {
         Self {
+            place: store.to_string(),
             inner: store,
             prefix: String::new(),
         }
@@ -97,7 +114,7 @@ impl S3Store {
         Ok(self)
     }
 
-    fn location(&self, key: &str) -> Result<Path> {
+    fn object_path(&self, key: &str) -> Result<Path> {
         check_key(key)?;
         Path::parse(format!("{}{key}", self.prefix))
             .map_err(|e| Error::invalid_input(format!("`{key}` is not a valid object path: {e}")))
@@ -116,7 +133,7 @@ fn s3_error(what: String, e: object_store::Error) -> Error {
 #[async_trait]
 impl BlockStore for S3Store {
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
-        let location = self.location(key)?;
+        let location = self.object_path(key)?;
         self.inner
             .put(&location, PutPayload::from_bytes(data))
             .await
@@ -125,7 +142,7 @@ impl BlockStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let location = self.location(key)?;
+        let location = self.object_path(key)?;
         let result = match self.inner.get(&location).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -139,7 +156,7 @@ impl BlockStore for S3Store {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
-        let location = self.location(key)?;
+        let location = self.object_path(key)?;
         if range.start > range.end {
             return Err(short_object(key, 0, &range));
         }
@@ -158,8 +175,40 @@ impl BlockStore for S3Store {
         Ok(Some(bytes))
     }
 
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<bool> {
+        let location = self.object_path(key)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(&location, PutPayload::from_bytes(data.clone()), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            // A server without conditional puts: check, then put.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                if self.contains(key).await? {
+                    return Ok(false);
+                }
+                self.put(key, data).await?;
+                Ok(true)
+            }
+            Err(e) => Err(s3_error(format!("creating {key}"), e)),
+        }
+    }
+
+    fn location(&self) -> String {
+        match self.prefix.trim_end_matches('/') {
+            "" => self.place.clone(),
+            p => format!("{} under prefix {p}/", self.place),
+        }
+    }
+
     async fn contains(&self, key: &str) -> Result<bool> {
-        let location = self.location(key)?;
+        let location = self.object_path(key)?;
         match self.inner.head(&location).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -168,7 +217,7 @@ impl BlockStore for S3Store {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let location = self.location(key)?;
+        let location = self.object_path(key)?;
         match self.inner.delete(&location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(s3_error(format!("deleting {key}"), e)),

@@ -67,6 +67,32 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &str) -> Result<()>;
     /// Every object whose key starts with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+
+    /// Stores `data` under `key` only if nothing is stored there yet; `false` when
+    /// something was. Used for the repository's `config` and lock objects, which
+    /// are not content-addressed. The provided implementation checks, then puts
+    /// (two writers racing may both see `true`; the repository then re-reads what
+    /// was stored); stores that can create atomically override it.
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<bool> {
+        if self.contains(key).await? {
+            return Ok(false);
+        }
+        self.put(key, data).await?;
+        Ok(true)
+    }
+
+    /// Where the store is, in words an operator recognises (`filesystem directory
+    /// /var/lib/app/snapshots`, `S3 bucket backups/app at …`), for messages and
+    /// the catalog's list of repositories.
+    fn location(&self) -> String {
+        format!("{self:?}")
+    }
+
+    /// Whether the store keeps its objects inside the database it protects (then
+    /// losing that database loses the snapshots too).
+    fn inside_protected_database(&self) -> bool {
+        false
+    }
 }
 
 /// `range` of `all`, the object `key`, or why it cannot be.
@@ -108,7 +134,9 @@ pub(crate) fn check_key(key: &str) -> Result<()> {
 /// Objects as files under a directory: the embedded default.
 ///
 /// A put writes a temporary file, fsyncs it, renames it into place and fsyncs the
-/// directory, so an object is either absent or complete after a crash.
+/// directory; a directory it creates is fsynced into its parent. So an object is
+/// either absent or complete after a crash or a power cut. Every raw file
+/// operation is in the private `fsio` module below.
 #[derive(Clone, Debug)]
 pub struct FsStore {
     root: PathBuf,
@@ -118,8 +146,7 @@ impl FsStore {
     /// A store rooted at `root` (created if missing).
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        std::fs::create_dir_all(&root)
-            .map_err(|e| Error::io(format!("creating block store {}", root.display()), e))?;
+        fsio::create_dirs(&root)?;
         Ok(Self { root })
     }
 
@@ -138,42 +165,45 @@ impl FsStore {
 impl BlockStore for FsStore {
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
-        tokio::task::spawn_blocking(move || write_atomic(&path, &data))
+        tokio::task::spawn_blocking(move || fsio::write_atomic(&path, &data, false).map(drop))
             .await
             .map_err(|e| Error::other("writing a block file", e))?
     }
 
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<bool> {
+        let path = self.path(key)?;
+        tokio::task::spawn_blocking(move || fsio::write_atomic(&path, &data, true))
+            .await
+            .map_err(|e| Error::other("writing a block store file", e))?
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let path = self.path(key)?;
-        match tokio::fs::read(&path).await {
-            Ok(b) => Ok(Some(Bytes::from(b))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
-        }
+        tokio::task::spawn_blocking(move || fsio::read(&path))
+            .await
+            .map_err(|e| Error::other("reading a block store file", e))?
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
         let path = self.path(key)?;
         let key = key.to_owned();
-        tokio::task::spawn_blocking(move || read_range(&path, &key, range))
+        tokio::task::spawn_blocking(move || fsio::read_range(&path, &key, range))
             .await
             .map_err(|e| Error::other("reading part of a block store file", e))?
     }
 
     async fn contains(&self, key: &str) -> Result<bool> {
         let path = self.path(key)?;
-        tokio::fs::try_exists(&path)
+        tokio::task::spawn_blocking(move || fsio::exists(&path))
             .await
-            .map_err(|e| Error::io(format!("checking {}", path.display()), e))
+            .map_err(|e| Error::other("checking a block store file", e))?
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
-        }
+        tokio::task::spawn_blocking(move || fsio::remove(&path))
+            .await
+            .map_err(|e| Error::other("deleting a block store file", e))?
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
@@ -181,103 +211,202 @@ impl BlockStore for FsStore {
         let prefix = prefix.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            walk(&root, &root, &prefix, &mut out)?;
+            fsio::walk(&root, &root, &prefix, &mut out)?;
             out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
         })
         .await
         .map_err(|e| Error::other("listing the block store", e))?
     }
+
+    fn location(&self) -> String {
+        let abs = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
+        format!("filesystem directory {}", abs.display())
+    }
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+/// The raw file operations of [`FsStore`] (and of the key file), in one place
+/// (to be ported onto a storage trait that can simulate a power cut).
+pub(crate) mod fsio {
     use std::io::Write;
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::invalid_input("a block path has no parent"))?;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        uuid::Uuid::now_v7().simple()
-    ));
-    let ctx = || format!("writing {}", path.display());
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(ctx(), e))?;
-        f.write_all(data).map_err(|e| Error::io(ctx(), e))?;
-        f.sync_all().map_err(|e| Error::io(ctx(), e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(ctx(), e))?;
+    use std::ops::Range;
+    use std::path::{Path, PathBuf};
+
+    use bytes::Bytes;
+    use sanare_core::{Error, Result};
+    use time::OffsetDateTime;
+
+    use super::{ObjectMeta, short_object};
+
+    /// Creates `dir` and every missing parent, fsyncing each new directory's
+    /// parent so the new entry survives a power cut.
+    pub(crate) fn create_dirs(dir: &Path) -> Result<()> {
+        let mut missing: Vec<PathBuf> = Vec::new();
+        let mut at = Some(dir);
+        while let Some(d) = at {
+            if d.as_os_str().is_empty() || d.is_dir() {
+                break;
+            }
+            missing.push(d.to_path_buf());
+            at = d.parent();
+        }
+        for d in missing.iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => {}
+                // Another writer made it; its entry may not be durable yet.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(format!("creating {}", d.display()), e)),
+            }
+            if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
-}
 
-fn read_range(path: &Path, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
-    use std::os::unix::fs::FileExt;
-    let ctx = || format!("reading {}", path.display());
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(ctx(), e)),
-    };
-    let size = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
-    if range.start > range.end || range.end > size {
-        return Err(short_object(key, size, &range));
+    /// Writes `data` to `path` atomically and durably: a temporary file, fsynced,
+    /// then renamed into place (or, with `exclusive`, linked into place, which
+    /// fails when `path` exists: then `false`), then the directory fsynced.
+    pub(super) fn write_atomic(path: &Path, data: &[u8], exclusive: bool) -> Result<bool> {
+        let dir = path
+            .parent()
+            .ok_or_else(|| Error::invalid_input("a block path has no parent"))?;
+        create_dirs(dir)?;
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        ));
+        let ctx = || format!("writing {}", path.display());
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(ctx(), e))?;
+            f.write_all(data).map_err(|e| Error::io(ctx(), e))?;
+            f.sync_all().map_err(|e| Error::io(ctx(), e))?;
+            let created = if exclusive {
+                match std::fs::hard_link(&tmp, path) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(Error::io(ctx(), e)),
+                }
+            } else {
+                std::fs::rename(&tmp, path).map_err(|e| Error::io(ctx(), e))?;
+                true
+            };
+            sync_dir(dir)?;
+            Ok(created)
+        })();
+        // After a rename there is nothing left; after a link (or a failure) the
+        // temporary name goes.
+        if exclusive || result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
-    let mut buf = vec![0u8; (range.end - range.start) as usize];
-    file.read_exact_at(&mut buf, range.start)
-        .map_err(|e| Error::io(ctx(), e))?;
-    Ok(Some(Bytes::from(buf)))
-}
 
-fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        let path = entry.path();
-        let meta = entry
-            .metadata()
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        let Ok(rel) = path.strip_prefix(root) else {
-            continue;
-        };
-        let key = rel.to_string_lossy().replace('\\', "/");
-        if meta.is_dir() {
-            if prefix.starts_with(&format!("{key}/"))
-                || key.starts_with(prefix)
-                || prefix.is_empty()
-            {
-                walk(root, &path, prefix, out)?;
-            }
-        } else if key.starts_with(prefix)
-            && !entry.file_name().to_string_lossy().starts_with(".tmp-")
-        {
-            let modified = meta
-                .modified()
-                .map(OffsetDateTime::from)
-                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-            out.push(ObjectMeta {
-                key,
-                size: meta.len(),
-                modified,
-            });
+    pub(super) fn read(path: &Path) -> Result<Option<Bytes>> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
         }
     }
-    Ok(())
+
+    pub(super) fn exists(path: &Path) -> Result<bool> {
+        path.try_exists()
+            .map_err(|e| Error::io(format!("checking {}", path.display()), e))
+    }
+
+    pub(super) fn remove(path: &Path) -> Result<()> {
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
+        }
+    }
+
+    pub(super) fn read_range(path: &Path, key: &str, range: Range<u64>) -> Result<Option<Bytes>> {
+        use std::os::unix::fs::FileExt;
+        let ctx = || format!("reading {}", path.display());
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(ctx(), e)),
+        };
+        let size = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
+        if range.start > range.end || range.end > size {
+            return Err(short_object(key, size, &range));
+        }
+        let len = usize::try_from(range.end - range.start)
+            .map_err(|_| short_object(key, size, &range))?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, range.start)
+            .map_err(|e| Error::io(ctx(), e))?;
+        Ok(Some(Bytes::from(buf)))
+    }
+
+    pub(super) fn walk(
+        root: &Path,
+        dir: &Path,
+        prefix: &str,
+        out: &mut Vec<ObjectMeta>,
+    ) -> Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+            let path = entry.path();
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                // Deleted between the listing and the look (a concurrent GC).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+            };
+            let Ok(rel) = path.strip_prefix(root) else {
+                continue;
+            };
+            let key = rel.to_string_lossy().replace('\\', "/");
+            if meta.is_dir() {
+                if prefix.starts_with(&format!("{key}/"))
+                    || key.starts_with(prefix)
+                    || prefix.is_empty()
+                {
+                    walk(root, &path, prefix, out)?;
+                }
+            } else if key.starts_with(prefix)
+                && !entry.file_name().to_string_lossy().starts_with(".tmp-")
+            {
+                let modified = meta
+                    .modified()
+                    .map(OffsetDateTime::from)
+                    .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                out.push(ObjectMeta {
+                    key,
+                    size: meta.len(),
+                    modified,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Objects as rows of `{schema}.snapshot_objects` (created by [`crate::MIGRATIONS`]):
 /// for hosts that want everything in the one database they already back up.
+///
+/// **The blocks live inside the database they protect.** A snapshot in a
+/// `PgStore` helps against damaged or deleted rows, not against losing the
+/// database: when the database is gone, so are its snapshots. `sanare snapshot
+/// list` says so. For recovery from the store alone, use [`FsStore`] on another
+/// disk or an S3-compatible store.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
@@ -387,6 +516,34 @@ impl BlockStore for PgStore {
         .await
         .with_context(|| format!("deleting object {key}"))?;
         Ok(())
+    }
+
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<bool> {
+        check_key(key)?;
+        let conn = sanare_pg::get_conn(&self.pool).await?;
+        let data: &[u8] = &data;
+        let n = conn
+            .execute(
+                &format!(
+                    "INSERT INTO {} (key, data) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                    self.table
+                ),
+                &[&key, &data],
+            )
+            .await
+            .with_context(|| format!("storing object {key}"))?;
+        Ok(n == 1)
+    }
+
+    fn location(&self) -> String {
+        format!(
+            "PostgreSQL table {} (inside the protected database)",
+            self.table
+        )
+    }
+
+    fn inside_protected_database(&self) -> bool {
+        true
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {

@@ -151,6 +151,23 @@ pub async fn conformance(store: &dyn BlockStore) {
         assert_eq!(got, vec![i; 10_000]);
     }
 
+    // Creating only what is not there: the first wins, the second changes nothing.
+    assert!(
+        store
+            .put_new("locks/first", Bytes::from_static(b"a"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_new("locks/first", Bytes::from_static(b"b"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get("locks/first").await.unwrap().unwrap(), &b"a"[..]);
+    store.delete("locks/first").await.unwrap();
+    assert!(!store.location().is_empty());
+
     // Delete.
     store.delete("blocks/ab/one").await.unwrap();
     assert!(store.get("blocks/ab/one").await.unwrap().is_none());

@@ -14,6 +14,10 @@ use sanare_testing::fixtures::order_service;
 use sanare_testing::test_db;
 use tokio::net::TcpListener;
 
+mod common;
+#[path = "common/scenarios.rs"]
+mod scenarios;
+
 const ACCESS_KEY: &str = "sanare-test";
 const SECRET_KEY: &str = "sanare-test-secret";
 const BUCKET: &str = "snapshots";
@@ -176,4 +180,32 @@ async fn snapshots_on_s3_round_trip_and_verify() {
     assert_eq!(hash().await, before);
     let report = snaps.verify(info.id, &Control::detached()).await.unwrap();
     assert!(report.is_ok(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_and_an_s3_store_never_condemn_each_others_snapshots() {
+    let server = s3_server().await;
+    // The service moved from the filesystem to S3, then (in another database)
+    // the other way round: the snapshots of the old store are never condemned by
+    // the new one.
+    for (prefix, s3_first) in [("moved-here", false), ("first-here", true)] {
+        let db = common::shop_db(300).await;
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn BlockStore> = Arc::new(sanare_snapshot::FsStore::new(dir.path()).unwrap());
+        let s3: Arc<dyn BlockStore> = Arc::new(
+            S3Store::new(client(server.addr, SECRET_KEY))
+                .unwrap()
+                .with_prefix(prefix)
+                .unwrap(),
+        );
+        let (old, new) = if s3_first { (s3, fs) } else { (fs, s3) };
+        scenarios::a_wrong_store_condemns_nothing(&db, old, new).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_is_restored_from_an_s3_store_alone() {
+    let server = s3_server().await;
+    let s3: Arc<dyn BlockStore> = Arc::new(S3Store::new(client(server.addr, SECRET_KEY)).unwrap());
+    scenarios::a_lost_database_is_restored_from_the_store_alone(s3).await;
 }

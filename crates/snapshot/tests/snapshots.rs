@@ -21,6 +21,7 @@ mod common;
 struct FakeJournal {
     cuts: Mutex<Vec<Option<String>>>,
     replays: Mutex<Vec<ReplayRange>>,
+    untils: Mutex<Vec<Option<time::OffsetDateTime>>>,
     head: Mutex<u64>,
 }
 
@@ -44,6 +45,7 @@ impl JournalService for FakeJournal {
         request: ReplayRequest,
         _control: &Control,
     ) -> sanare_core::Result<ReplaySummary> {
+        self.untils.lock().unwrap().push(request.until);
         self.replays.lock().unwrap().push(request.range);
         Ok(ReplaySummary::default())
     }
@@ -420,6 +422,63 @@ async fn point_in_time_restores_then_replays_after_the_cut() {
         }
         other => panic!("unexpected range {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_stops_at_t_and_falls_back_past_a_damaged_snapshot() {
+    let e = env(500).await;
+    *e.journal.head.lock().unwrap() = 10;
+    let s1 = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    e.db.client()
+        .await
+        .batch_execute("UPDATE shop.customers SET full_name = full_name || '!' WHERE id < 5")
+        .await
+        .unwrap();
+    *e.journal.head.lock().unwrap() = 20;
+    let s2 = e.snaps.create(shop(), &Control::detached()).await.unwrap();
+    let at = time::OffsetDateTime::now_utc();
+    // A block only the second snapshot has is damaged; it is still `ready`.
+    let s1_blocks = e.snaps.block_ids(s1.id).await.unwrap();
+    let mut only_s2 = Vec::new();
+    for id in e
+        .snaps
+        .block_ids(s2.id)
+        .await
+        .unwrap()
+        .difference(&s1_blocks)
+    {
+        only_s2.push(e.snaps.locate(*id).await.unwrap().unwrap());
+    }
+    let loc = only_s2.iter().max_by_key(|l| l.len).unwrap();
+    let path = e.store_dir.path().join(&loc.key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(loc.offset + loc.len / 2) as usize] ^= 0x08;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let out = e.snaps.restore_to(at, &Control::detached()).await.unwrap();
+    assert_eq!(out.restore.snapshot, s1.id, "fell back to the one before");
+    assert_eq!(out.skipped.len(), 1);
+    assert_eq!(out.skipped[0].0, s2.id);
+    let replays = e.journal.replays.lock().unwrap().clone();
+    match &replays[..] {
+        [ReplayRange::After(cut)] => assert_eq!(cut.position, JournalPosition(10)),
+        other => panic!("unexpected replays {other:?}"),
+    }
+    assert_eq!(
+        e.journal.untils.lock().unwrap().clone(),
+        vec![Some(at)],
+        "the replay stops at T"
+    );
+    // Nothing older than the first snapshot: refused, saying why.
+    let err = e
+        .snaps
+        .restore_to(
+            s1.created_at - time::Duration::seconds(1),
+            &Control::detached(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,12 @@ impl Snapshots {
     /// references still in their groups (see [`Index::decode`]).
     pub(super) async fn read_index(&self, id: SnapshotId) -> Result<Index> {
         let manifest = self.load_manifest(id).await?;
+        self.read_index_of(id, &manifest).await
+    }
+
+    /// The index `manifest` names, checked against its hash; block references
+    /// still in their groups.
+    pub(super) async fn read_index_of(&self, id: SnapshotId, manifest: &Manifest) -> Result<Index> {
         let bytes = self
             .inner
             .store
@@ -98,9 +104,11 @@ impl Snapshots {
     }
 
     /// Every block snapshot `id` references (table blocks, index groups, state
-    /// source blocks).
+    /// source blocks, the block of its DDL).
     pub async fn block_ids(&self, id: SnapshotId) -> Result<BTreeSet<BlockId>> {
-        Ok(self.load_index(id).await?.block_ids())
+        let mut ids = self.load_index(id).await?.block_ids();
+        ids.extend(self.load_manifest(id).await?.ddl);
+        Ok(ids)
     }
 
     /// Where block `id` lives in the store: the pack holding it, or its own object

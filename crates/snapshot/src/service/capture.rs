@@ -10,22 +10,10 @@ impl Snapshots {
         request: SnapshotRequest,
         control: &Control,
     ) -> Result<SnapshotInfo> {
-        let inner = &self.inner;
         let id = SnapshotId::new();
         tracing::Span::current().record("snapshot", tracing::field::display(id));
         let base = self.latest_good(None).await?.map(|s| s.id);
-        {
-            let conn = sanare_pg::get_conn(&inner.pool).await?;
-            conn.execute(
-                &format!(
-                    "INSERT INTO {} (id, status, created_at, label) VALUES ($1, 'creating', now(), $2)",
-                    self.table("snapshots")
-                ),
-                &[&id.as_uuid(), &request.label],
-            )
-            .await
-            .context("recording a new snapshot")?;
-        }
+        self.insert_creating(id, &request.label).await?;
         let result = self.capture_inner(id, base, &request, control).await;
         match result {
             Ok(info) => Ok(info),
@@ -230,6 +218,12 @@ impl Snapshots {
             index.streams.push(si);
         }
 
+        // The DDL that recreates the tables, stored as a block.
+        let (ddl, ddl_bytes) = self.capture_ddl(&tx, &tables, &writer, &mut pack).await?;
+        compressed_bytes += ddl_bytes;
+        ids.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(ddl.0)?;
         writer.flush(&mut pack).await?;
         let mut stored_bytes = writer.finish().await?;
 
@@ -251,6 +245,7 @@ impl Snapshots {
             .await?;
         let size_bytes: u64 = index.tables.iter().map(|t| t.raw_bytes).sum::<u64>()
             + index.streams.iter().map(|s| s.len).sum::<u64>();
+        let (repository, database) = self.manifest_origin().await?;
         let manifest = Manifest {
             id: *id.as_uuid().as_bytes(),
             created_at_us: i64::try_from(created_at.unix_timestamp_nanos() / 1000)
@@ -274,8 +269,11 @@ impl Snapshots {
             block_count,
             index_hash,
             metadata: request.metadata.clone(),
+            repository,
+            database,
+            ddl: Some(ddl),
         };
-        let manifest_bytes = manifest.encode()?;
+        let manifest_bytes = manifest.encode(inner.key.as_ref())?;
         let manifest_hash = blake3::hash(&manifest_bytes).as_bytes().to_vec();
         inner
             .store

@@ -1,159 +1,13 @@
-//! Verify, retention, deletion, garbage collection and storage statistics.
+//! Retention, deletion, garbage collection and storage statistics.
+//!
+//! GC keeps every block that any manifest in the store references, also those of
+//! other databases sharing the store, and runs under the repository's exclusive
+//! lock, so no capture, verify or restore of any of them is in flight. Under the
+//! same lock it cleans up after captures that never finished.
 
-use super::blocks::plan;
 use super::*;
 
 impl Snapshots {
-    pub(super) async fn verify_inner(
-        &self,
-        id: SnapshotId,
-        control: &Control,
-    ) -> Result<VerifyReport> {
-        let mut report = VerifyReport::new(id);
-        let info = self.get(id).await?;
-        let prior = info.status;
-        let manifest = match self.load_manifest(id).await {
-            Ok(m) => Some(m),
-            Err(e) => {
-                report.problems.push(e.to_string());
-                None
-            }
-        };
-        *self.inner.index_cache.lock().await = None;
-        let index = match &manifest {
-            Some(_) => match self.load_index(id).await {
-                Ok(i) => Some(i),
-                Err(e) => {
-                    report.problems.push(e.to_string());
-                    None
-                }
-            },
-            None => None,
-        };
-        if let (Some(m), Some(index)) = (&manifest, &index) {
-            let ids = index.block_ids();
-            if m.block_count != ids.len() as u64 {
-                report.problems.push(format!(
-                    "manifest counts {} blocks, the index references {}",
-                    m.block_count,
-                    ids.len()
-                ));
-            }
-            let expected_tables: Vec<(String, String, u64)> = index
-                .tables
-                .iter()
-                .map(|t| (t.schema.clone(), t.name.clone(), t.rows))
-                .collect();
-            if expected_tables != m.tables {
-                report
-                    .problems
-                    .push("manifest table list differs from the index".into());
-            }
-            for t in &index.tables {
-                let rows: u64 = t.blocks.iter().map(|b| u64::from(b.rows)).sum();
-                if rows != t.rows {
-                    report.problems.push(format!(
-                        "table {}.{}: block rows do not add up",
-                        t.schema, t.name
-                    ));
-                }
-            }
-            control
-                .progress()
-                .phase("verifying blocks", "blocks", Some(ids.len() as u64));
-            // In store order, so each pack is read front to back in few reads.
-            let ids: Vec<BlockId> = ids.into_iter().collect();
-            let mut located: Vec<(BlockId, Option<BlockLocation>)> = ids
-                .iter()
-                .copied()
-                .zip(self.locate_all(&ids).await?)
-                .collect();
-            located.sort_by(|a, b| {
-                let key = |l: &Option<BlockLocation>| l.as_ref().map(|l| (l.key.clone(), l.offset));
-                key(&a.1).cmp(&key(&b.1))
-            });
-            let mut by_pack: BTreeMap<String, Vec<(BlockId, BlockLocation)>> = BTreeMap::new();
-            for (id, loc) in &located {
-                if let Some(loc) = loc.as_ref().filter(|l| l.key.starts_with(PACK_PREFIX)) {
-                    by_pack
-                        .entry(loc.key.clone())
-                        .or_default()
-                        .push((*id, loc.clone()));
-                }
-            }
-            let checks = futures_util::stream::iter(plan(located))
-                .map(|f| self.fetch(f))
-                .buffer_unordered(self.inner.config.read_concurrency.max(1));
-            futures_util::pin_mut!(checks);
-            while let Some(blocks) = checks.next().await {
-                control.checkpoint()?;
-                for (b, got) in blocks? {
-                    report.blocks_checked += 1;
-                    match got {
-                        Ok(_) => {}
-                        Err(Error::NotFound { .. }) => {
-                            report.blocks_missing += 1;
-                            report.problems.push(format!("block {b} is missing"));
-                        }
-                        Err(e) => {
-                            report.blocks_corrupt += 1;
-                            report.problems.push(e.to_string());
-                        }
-                    }
-                    control.progress().advance(1);
-                }
-            }
-            // Each pack's own table of contents, as a reader without this process's
-            // map would find the blocks.
-            for (key, blocks) in by_pack {
-                control.checkpoint()?;
-                let size = self.inner.packs.read().await.pack(&key).map(|p| p.size);
-                let Some(size) = size else { continue };
-                let meta = crate::store::ObjectMeta {
-                    key: key.clone(),
-                    size,
-                    modified: OffsetDateTime::UNIX_EPOCH,
-                };
-                let problem = match crate::pack::read_toc(&*self.inner.store, &meta).await {
-                    Ok(entries) => {
-                        let listed: HashMap<BlockId, (u64, u64)> = entries
-                            .iter()
-                            .map(|e| (e.id, (u64::from(e.offset), u64::from(e.len))))
-                            .collect();
-                        blocks
-                            .iter()
-                            .any(|(id, l)| listed.get(id) != Some(&(l.offset, l.len)))
-                            .then(|| "its table of contents no longer lists this snapshot's blocks where they are".to_owned())
-                    }
-                    Err(Error::NotFound { .. }) => Some("it is gone".to_owned()),
-                    Err(e) => Some(e.to_string()),
-                };
-                if let Some(why) = problem {
-                    report.blocks_corrupt += blocks.len() as u64;
-                    report.problems.push(format!(
-                        "pack {key} holding {} of this snapshot's blocks is damaged: {why}",
-                        blocks.len()
-                    ));
-                }
-            }
-            if report.blocks_missing > 0 {
-                for (pack, why) in &self.inner.packs.read().await.unreadable {
-                    report
-                        .problems
-                        .push(format!("pack {pack} is unreadable: {why}"));
-                }
-            }
-        }
-        if !report.is_ok() {
-            let e = Error::corrupt(format!("snapshot {id}"), report.problems.join("; "));
-            self.mark_corrupted(id, &e).await;
-        } else if prior == SnapshotStatus::Corrupted {
-            tracing::warn!(%id, "a snapshot marked corrupted now verifies; leaving it corrupted");
-        }
-        metrics::counter!("sanare_snapshot_verifications_total").increment(1);
-        Ok(report)
-    }
-
     /// Applies `policy`: marks older snapshots deleted and removes their index and
     /// manifest (never the newest ready one). Blocks are freed by [`Snapshots::gc`].
     pub async fn apply_retention(&self, policy: &RetentionPolicy) -> Result<u64> {
@@ -185,7 +39,8 @@ impl Snapshots {
     /// Its blocks are freed by [`Snapshots::gc`] once no other snapshot uses them.
     /// A snapshot still being written cannot be deleted.
     pub async fn delete(&self, id: SnapshotId) -> Result<SnapshotInfo> {
-        let info = self.get(id).await?;
+        self.require_catalog("deleting a snapshot")?;
+        let (info, _) = self.here(id).await?;
         match info.status {
             SnapshotStatus::Creating => {
                 return Err(Error::conflict(format!(
@@ -201,10 +56,35 @@ impl Snapshots {
         self.get(id).await
     }
 
-    /// Mark-and-sweep of blocks no live snapshot references. Waits for running
-    /// captures (a capture holds a shared lock GC takes exclusively) and keeps
-    /// unreferenced blocks younger than `grace` (a capture that crashed may be retried).
+    /// Mark-and-sweep of blocks no snapshot in the store references. Takes the
+    /// repository's exclusive lock (waiting up to [`SnapshotConfig::lock_wait`]
+    /// for captures, verifies and restores, of this database or another sharing
+    /// the store) and the catalog's advisory lock; keeps unreferenced blocks
+    /// younger than `grace`. Refuses to run while a manifest or index it would
+    /// need to read is unreadable: it keeps every block rather than guess.
     pub async fn gc(&self, grace: Duration, control: &Control) -> Result<GcReport> {
+        self.require_catalog("garbage collection")?;
+        let Some(repo) = self.repository().await? else {
+            return Ok(GcReport::default());
+        };
+        let lock = RepoLock::acquire(
+            &self.inner.store,
+            true,
+            "garbage collection",
+            self.inner.config.lock_wait,
+        )
+        .await?;
+        let out = self.gc_locked(&repo, grace, control).await;
+        super::release(lock).await;
+        out
+    }
+
+    async fn gc_locked(
+        &self,
+        repo: &super::catalog::Opened,
+        grace: Duration,
+        control: &Control,
+    ) -> Result<GcReport> {
         let mut report = GcReport::default();
         let mut conn = sanare_pg::get_conn(&self.inner.pool).await?;
         let tx = conn.transaction().await.context("starting GC")?;
@@ -214,24 +94,9 @@ impl Snapshots {
         )
         .await
         .context("waiting for running snapshots before GC")?;
-        let mut live: BTreeSet<BlockId> = BTreeSet::new();
-        for s in self.list().await? {
-            if matches!(s.status, SnapshotStatus::Deleted | SnapshotStatus::Creating) {
-                continue;
-            }
-            control.checkpoint()?;
-            match self.load_index(s.id).await {
-                Ok(i) => live.extend(i.block_ids()),
-                Err(e) => {
-                    // An unreadable index: keep every block rather than guess.
-                    tracing::warn!(snapshot = %s.id, error = %e, "GC skipped: an index is unreadable");
-                    return Err(Error::conflict(format!(
-                        "GC refused: the index of snapshot {} is unreadable ({e}); verify or delete it first",
-                        s.id
-                    )));
-                }
-            }
-        }
+        report.crashed_captures = self.clean_up_captures(repo).await?;
+        self.finish_deletions(repo).await?;
+        let live = self.live_blocks(repo, &mut report, control).await?;
         report.blocks_live = live.len() as u64;
         let now = OffsetDateTime::now_utc();
         self.refresh_packs().await?;
@@ -289,10 +154,149 @@ impl Snapshots {
             report.blocks_deleted += 1;
             report.bytes_freed += obj.size;
         }
+        // Indexes of captures that never wrote their manifest.
+        let manifests: BTreeSet<SnapshotId> = self.manifest_ids().await?.into_iter().collect();
+        for obj in self.inner.store.list("indexes/").await? {
+            let Some(id) = obj
+                .key
+                .strip_prefix("indexes/")
+                .and_then(|i| i.parse().ok())
+            else {
+                continue;
+            };
+            if !manifests.contains(&id) && now - obj.modified >= grace {
+                self.inner.store.delete(&obj.key).await?;
+            }
+        }
         tx.commit().await.context("ending GC")?;
         metrics::counter!("sanare_snapshot_gc_blocks_deleted_total")
             .increment(report.blocks_deleted);
         Ok(report)
+    }
+
+    /// Every block a manifest in the store references (its index, the index's
+    /// groups, its DDL block). A catalog row of this repository that should be
+    /// restorable but whose manifest is gone stops GC: verify it first.
+    async fn live_blocks(
+        &self,
+        repo: &super::catalog::Opened,
+        report: &mut GcReport,
+        control: &Control,
+    ) -> Result<BTreeSet<BlockId>> {
+        let ids = self.manifest_ids().await?;
+        let in_store: BTreeSet<SnapshotId> = ids.iter().copied().collect();
+        let conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT id FROM {} WHERE repository = $1 AND status IN ('ready', 'archived', 'validating')",
+                    self.table("snapshots")
+                ),
+                &[&repo.config.id.as_uuid()],
+            )
+            .await
+            .context("listing the repository's snapshots for GC")?;
+        drop(conn);
+        if let Some(lost) = rows
+            .iter()
+            .map(|r| SnapshotId::from_uuid(r.get(0)))
+            .find(|id| !in_store.contains(id))
+        {
+            return Err(Error::conflict(format!(
+                "GC refused: snapshot {lost} is ready in the catalog but its manifest is not in the store; `sanare snapshot verify {lost}` marks it, then GC runs"
+            )));
+        }
+        let mut live: BTreeSet<BlockId> = BTreeSet::new();
+        for id in ids {
+            control.checkpoint()?;
+            let index = async {
+                let bytes = self
+                    .inner
+                    .store
+                    .get(&manifest_key(id))
+                    .await?
+                    .ok_or_else(|| Error::not_found(format!("the manifest of snapshot {id}")))?;
+                let manifest = Manifest::decode(&bytes)?;
+                live.extend(manifest.ddl);
+                self.load_index_of(id, &manifest).await
+            };
+            match index.await {
+                Ok(i) => live.extend(i.block_ids()),
+                // Deleted since the listing: nothing of it to keep.
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => {
+                    // Unreadable: keep every block rather than guess.
+                    tracing::warn!(snapshot = %id, error = %e, "GC refused: a manifest or index is unreadable");
+                    return Err(Error::conflict(format!(
+                        "GC refused: the manifest or index of snapshot {id} is unreadable ({e}); verify or delete it first"
+                    )));
+                }
+            }
+            report.snapshots_in_store += 1;
+        }
+        Ok(live)
+    }
+
+    /// Under GC's locks no capture of this catalog runs: every `creating` row of
+    /// this repository (or from before repositories had ids) is a capture that
+    /// never finished. Each is marked deleted, saying so, and its index and
+    /// manifest, if written, are removed (its packs go with the sweep).
+    async fn clean_up_captures(&self, repo: &super::catalog::Opened) -> Result<u64> {
+        let conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT id, error FROM {} WHERE status = 'creating' AND (repository = $1 OR repository IS NULL)",
+                    self.table("snapshots")
+                ),
+                &[&repo.config.id.as_uuid()],
+            )
+            .await
+            .context("looking for captures that never finished")?;
+        drop(conn);
+        for r in &rows {
+            let id = SnapshotId::from_uuid(r.get(0));
+            let error: Option<String> = r.get(1);
+            let why = match error {
+                Some(e) => format!("the capture failed ({e}) and never finished"),
+                None => "the capture never finished (its process ended)".to_owned(),
+            };
+            self.inner.store.delete(&manifest_key(id)).await?;
+            self.inner.store.delete(&index_key(id)).await?;
+            self.change_status(id, SnapshotStatus::Deleted, Some(&why), None)
+                .await?;
+            tracing::info!(%id, %why, "crashed capture cleaned up");
+        }
+        Ok(rows.len() as u64)
+    }
+
+    /// Removes the manifest and index of snapshots of this repository marked
+    /// deleted whose removal a crash interrupted.
+    async fn finish_deletions(&self, repo: &super::catalog::Opened) -> Result<()> {
+        let ids: Vec<uuid::Uuid> = self
+            .manifest_ids()
+            .await?
+            .iter()
+            .map(SnapshotId::as_uuid)
+            .collect();
+        let conn = sanare_pg::get_conn(&self.inner.pool).await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT id FROM {} WHERE status = 'deleted' AND repository = $1 AND id = ANY($2)",
+                    self.table("snapshots")
+                ),
+                &[&repo.config.id.as_uuid(), &ids],
+            )
+            .await
+            .context("looking for deletions a crash interrupted")?;
+        drop(conn);
+        for r in rows {
+            let id = SnapshotId::from_uuid(r.get(0));
+            self.inner.store.delete(&manifest_key(id)).await?;
+            self.inner.store.delete(&index_key(id)).await?;
+        }
+        Ok(())
     }
 
     /// Copies the live blocks of `packs` into new packs (checking each block's

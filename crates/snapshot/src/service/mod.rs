@@ -12,9 +12,9 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use sanare_core::{
     ColumnValue, Control, Error, Event, EventBus, JournalCut, JournalPosition, JournalService,
-    ReplayRange, ReplayRequest, ReplaySummary, RestoreOutcome, RestoreRequest, RestoreTarget,
-    Result, RowImage, RowRef, SnapshotId, SnapshotInfo, SnapshotRequest, SnapshotService,
-    SnapshotStatus, TableRef, TableRowCount, VerifyReport,
+    ReplayRange, ReplayRequest, ReplaySummary, RepositoryId, RestoreOutcome, RestoreRequest,
+    RestoreTarget, Result, RowImage, RowRef, SnapshotId, SnapshotInfo, SnapshotRequest,
+    SnapshotService, SnapshotStatus, TableRef, TableRowCount, VerifyReport,
 };
 use sanare_pg::{PgResultExt, Pool, SchemaName, quote_ident, quote_literal};
 use serde::{Deserialize, Serialize};
@@ -31,17 +31,24 @@ use crate::format::{
 use crate::pack::{
     BlockLocation, PACK_PREFIX, PackBuilder, PackEntry, PackInfo, PackMap, PackWriter,
 };
+use crate::repo::{RepoLock, RepositoryConfig, RepositoryKey};
 use crate::source::{ByteChunker, SourceInfo, StateSource};
 use crate::store::BlockStore;
 
 mod blocks;
 mod capture;
+mod catalog;
 mod encode;
 mod maintenance;
 mod parallel;
+mod pitr;
 mod restore;
 mod rows;
+mod schema;
 mod sources;
+mod verify;
+
+pub use catalog::{Availability, ListedSnapshot, RepositoryListing};
 
 /// How a [`Snapshots`] service captures.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +77,9 @@ pub struct SnapshotConfig {
     /// `maintenance_work_mem` (MiB) of the restore transaction, in which the
     /// restored tables' indexes and keys are rebuilt; 0 keeps the server's setting.
     pub restore_maintenance_work_mem_mb: u32,
+    /// How long a capture, verify or restore waits for a garbage collection
+    /// holding the repository's lock (and GC for them) before giving up.
+    pub lock_wait: Duration,
 }
 
 impl Default for SnapshotConfig {
@@ -83,6 +93,7 @@ impl Default for SnapshotConfig {
             capture_concurrency: 2,
             restore_maintenance_work_mem_mb: 256,
             read_concurrency: 8,
+            lock_wait: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -126,6 +137,12 @@ pub struct GcReport {
     /// Packs rewritten without their unreferenced blocks, or merged because they
     /// were small.
     pub packs_rewritten: u64,
+    /// Snapshots whose blocks were kept: every manifest in the store, also those
+    /// of other databases sharing it.
+    pub snapshots_in_store: u64,
+    /// Catalog rows of captures that never finished (the process ended), marked
+    /// deleted, with their index and manifest removed.
+    pub crashed_captures: u64,
 }
 
 /// What the store holds.
@@ -150,8 +167,13 @@ pub struct StorageStats {
 pub struct PitrOutcome {
     /// The restore.
     pub restore: RestoreOutcome,
-    /// The journal replay after it (none without a journal).
+    /// The journal replay after it, up to the point in time (none without a
+    /// journal).
     pub replay: Option<ReplaySummary>,
+    /// Newer snapshots before the point in time that could not be restored
+    /// (damaged), each with why, newest first.
+    #[serde(default)]
+    pub skipped: Vec<(SnapshotId, String)>,
 }
 
 /// Builds a [`Snapshots`] service.
@@ -165,9 +187,36 @@ pub struct SnapshotsBuilder {
     events: Option<EventBus>,
     config: SnapshotConfig,
     sources: Vec<Arc<dyn StateSource>>,
+    key: Option<RepositoryKey>,
+    new_repository: bool,
+    without_catalog: bool,
 }
 
 impl SnapshotsBuilder {
+    /// The key that signs new manifests and authenticates stored ones (see
+    /// [`RepositoryKey`]). Without one, a manifest is trusted only when the
+    /// catalog holds its hash, so nothing can be restored from the store alone.
+    pub fn key(mut self, key: RepositoryKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Lets a capture create a new repository in a store that holds none even
+    /// though the catalog's snapshots live in another repository (default: such a
+    /// capture is refused, naming the repository the catalog expects).
+    pub fn new_repository(mut self, allow: bool) -> Self {
+        self.new_repository = allow;
+        self
+    }
+
+    /// A service over the store alone, for when the database is gone: it lists
+    /// and verifies what the store holds (nothing is marked: there is no catalog).
+    /// Capture, restore and rows by key need a database and are refused.
+    pub fn without_catalog(mut self) -> Self {
+        self.without_catalog = true;
+        self
+    }
+
     /// A host byte stream captured in every snapshot after the tables (see
     /// [`StateSource`]); call once per source.
     pub fn source(mut self, source: Arc<dyn StateSource>) -> Self {
@@ -217,9 +266,22 @@ impl SnapshotsBuilder {
         let store = self
             .store
             .ok_or_else(|| Error::config("snapshot.store", "a block store is required"))?;
-        let pool = self
-            .pool
-            .ok_or_else(|| Error::config("snapshot.pool", "a database pool is required"))?;
+        let pool = match (self.pool, self.without_catalog) {
+            (Some(pool), false) => pool,
+            (None, true) => catalog::no_database_pool()?,
+            (Some(_), true) => {
+                return Err(Error::config(
+                    "snapshot.pool",
+                    "a service without a catalog takes no database pool",
+                ));
+            }
+            (None, false) => {
+                return Err(Error::config(
+                    "snapshot.pool",
+                    "a database pool is required",
+                ));
+            }
+        };
         let c = &self.config.chunking;
         if !(64 <= c.min_size && c.min_size <= c.avg_size && c.avg_size <= c.max_size)
             || c.avg_size < 256
@@ -260,6 +322,12 @@ impl SnapshotsBuilder {
                 packs: tokio::sync::RwLock::new(PackMap::default()),
                 packs_loaded: std::sync::atomic::AtomicBool::new(false),
                 index: crate::pack_index::SharedIndex::default(),
+                key: self.key,
+                new_repository: self.new_repository,
+                catalog: !self.without_catalog,
+                repo: Mutex::new(None),
+                verifying: std::sync::Mutex::default(),
+                manifest_cache: Mutex::new(None),
             }),
         })
     }
@@ -296,6 +364,18 @@ struct Inner {
     /// Where every packed block is, in bounded memory (on local disk past a bound):
     /// what capture, restore and rows by key use.
     index: crate::pack_index::SharedIndex,
+    /// Signs new manifests and authenticates stored ones.
+    key: Option<RepositoryKey>,
+    /// Whether a capture may create a repository the catalog does not expect.
+    new_repository: bool,
+    /// Whether there is a catalog (false: the store alone).
+    catalog: bool,
+    /// The repository of the store, once opened.
+    repo: Mutex<Option<catalog::Opened>>,
+    /// Snapshots being verified after a failed read.
+    verifying: std::sync::Mutex<std::collections::HashSet<SnapshotId>>,
+    /// The last manifest loaded, authenticated.
+    manifest_cache: Mutex<Option<(SnapshotId, Arc<Manifest>)>>,
 }
 
 fn advisory_key(schema: &SchemaName) -> i64 {
@@ -350,48 +430,60 @@ impl Snapshots {
         self.inner.schema.table(name)
     }
 
+    /// Sets the catalog status of `id` (and its error, when given), recording
+    /// the change and who made it in the status log.
     async fn set_status(
         &self,
         id: SnapshotId,
         status: SnapshotStatus,
         error: Option<&str>,
     ) -> Result<()> {
-        let conn = sanare_pg::get_conn(&self.inner.pool).await?;
-        conn.execute(
-            &format!(
-                "UPDATE {} SET status = $2, error = coalesce($3, error) WHERE id = $1",
-                self.table("snapshots")
-            ),
-            &[&id.as_uuid(), &status_str(status), &error],
-        )
-        .await
-        .with_context(|| format!("marking snapshot {id} {}", status_str(status)))?;
-        Ok(())
+        self.change_status(id, status, error, None).await
     }
 
-    /// Every snapshot in the catalog, newest first.
+    /// The snapshots of this database in the repository this service opens,
+    /// newest first: what it may restore, verify, keep or delete. Snapshots of
+    /// other repositories are listed by [`Snapshots::list_all`].
     pub async fn list(&self) -> Result<Vec<SnapshotInfo>> {
+        let Some(repo) = self.repository().await? else {
+            return Ok(Vec::new());
+        };
+        if !self.inner.catalog {
+            return Ok(self
+                .list_all()
+                .await?
+                .snapshots
+                .into_iter()
+                .map(|s| s.info)
+                .collect());
+        }
         let conn = sanare_pg::get_conn(&self.inner.pool).await?;
         let rows = conn
             .query(
                 &format!(
-                    "SELECT id, status, created_at, info FROM {} ORDER BY created_at DESC, id DESC",
+                    "SELECT id, status, created_at, info, repository FROM {}
+                      WHERE repository = $1 AND database_id = $2
+                      ORDER BY created_at DESC, id DESC",
                     self.table("snapshots")
                 ),
-                &[],
+                &[&repo.config.id.as_uuid(), &repo.database],
             )
             .await
             .context("listing snapshots")?;
         rows.iter().map(row_info).collect()
     }
 
-    /// One snapshot's catalog entry.
+    /// One snapshot's catalog entry (in any repository); without a catalog, what
+    /// its manifest in the store says.
     pub async fn get(&self, id: SnapshotId) -> Result<SnapshotInfo> {
+        if !self.inner.catalog {
+            return self.store_info(id).await;
+        }
         let conn = sanare_pg::get_conn(&self.inner.pool).await?;
         let row = conn
             .query_opt(
                 &format!(
-                    "SELECT id, status, created_at, info FROM {} WHERE id = $1",
+                    "SELECT id, status, created_at, info, repository FROM {} WHERE id = $1",
                     self.table("snapshots")
                 ),
                 &[&id.as_uuid()],
@@ -402,15 +494,41 @@ impl Snapshots {
         row_info(&row)
     }
 
-    async fn load_manifest(&self, id: SnapshotId) -> Result<Manifest> {
+    /// The manifest of snapshot `id`, checked intact and authentic before anything
+    /// (SQL included) is built from what it says: signed with this service's key,
+    /// or matching the hash the catalog recorded when the snapshot was taken.
+    /// Without a catalog no SQL can run, and an unsigned manifest is read as is.
+    async fn load_manifest(&self, id: SnapshotId) -> Result<Arc<Manifest>> {
         let bytes = self
             .inner
             .store
             .get(&manifest_key(id))
             .await?
             .ok_or_else(|| Error::corrupt(format!("snapshot {id}"), "its manifest is missing"))?;
-        Manifest::decode(&bytes)
-            .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))
+        let manifest = Manifest::decode(&bytes)
+            .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))?;
+        self.authenticate_manifest(id, &manifest, &bytes).await?;
+        let manifest = Arc::new(manifest);
+        *self.inner.manifest_cache.lock().await = Some((id, manifest.clone()));
+        Ok(manifest)
+    }
+
+    /// The manifest of `id` loaded (and authenticated) last, if it is the last
+    /// one loaded; else [`Snapshots::load_manifest`]. For a restore, which
+    /// loads the index (and so the manifest) before it takes a connection.
+    async fn cached_manifest(&self, id: SnapshotId) -> Result<Arc<Manifest>> {
+        let cached = self
+            .inner
+            .manifest_cache
+            .lock()
+            .await
+            .as_ref()
+            .filter(|(cached, _)| *cached == id)
+            .map(|(_, m)| m.clone());
+        match cached {
+            Some(m) => Ok(m),
+            None => self.load_manifest(id).await,
+        }
     }
 
     async fn load_index(&self, id: SnapshotId) -> Result<Arc<Index>> {
@@ -425,7 +543,16 @@ impl Snapshots {
         if let Some(idx) = cached {
             return Ok(idx);
         }
-        let mut index = self.read_index(id).await?;
+        let manifest = self.load_manifest(id).await?;
+        let index = self.load_index_of(id, &manifest).await?;
+        *self.inner.index_cache.lock().await = Some((id, index.clone()));
+        Ok(index)
+    }
+
+    /// The index `manifest` names, with every table's block references read from
+    /// its groups; each checked against its hash.
+    async fn load_index_of(&self, id: SnapshotId, manifest: &Manifest) -> Result<Arc<Index>> {
+        let mut index = self.read_index_of(id, manifest).await?;
         for table in &mut index.tables {
             if !table.blocks.is_empty() {
                 continue;
@@ -451,9 +578,7 @@ impl Snapshots {
             }
             table.blocks = groups.into_iter().flatten().collect();
         }
-        let index = Arc::new(index);
-        *self.inner.index_cache.lock().await = Some((id, index.clone()));
-        Ok(index)
+        Ok(Arc::new(index))
     }
 
     async fn resolve_tables(
@@ -482,6 +607,7 @@ impl Snapshots {
     }
 }
 
+/// A catalog row (`id, status, created_at, info, repository`) as a snapshot.
 fn row_info(r: &tokio_postgres::Row) -> Result<SnapshotInfo> {
     let id = SnapshotId::from_uuid(r.get(0));
     let status = parse_status(r.get::<_, &str>(1));
@@ -494,34 +620,57 @@ fn row_info(r: &tokio_postgres::Row) -> Result<SnapshotInfo> {
         None => SnapshotInfo::new(id, created_at, status),
     };
     out.status = status;
+    out.repository = r
+        .get::<_, Option<uuid::Uuid>>(4)
+        .map(RepositoryId::from_uuid);
     Ok(out)
 }
 
 #[async_trait]
 impl SnapshotService for Snapshots {
     async fn create(&self, request: SnapshotRequest, control: &Control) -> Result<SnapshotInfo> {
-        self.capture(request, control).await
+        self.require_catalog("taking a snapshot")?;
+        let repo = self.repository_for_capture().await?;
+        let lock = RepoLock::acquire(
+            &self.inner.store,
+            false,
+            "a capture",
+            self.inner.config.lock_wait,
+        )
+        .await?;
+        let out = self.capture(request, control).await;
+        release(lock).await;
+        tracing::debug!(repository = %repo.config.id, "capture done");
+        out
     }
 
     async fn latest_good(&self, before: Option<OffsetDateTime>) -> Result<Option<SnapshotInfo>> {
+        if !self.inner.catalog {
+            return self.latest_in_store(before).await;
+        }
+        let Some(repo) = self.repository().await? else {
+            return Ok(None);
+        };
         let conn = sanare_pg::get_conn(&self.inner.pool).await?;
         let rows = conn
             .query(
                 &format!(
-                    "SELECT id, status, created_at, info, manifest_hash FROM {}
-                      WHERE status = 'ready' AND created_at <= coalesce($1, now())
+                    "SELECT id, status, created_at, info, repository, manifest_hash FROM {}
+                      WHERE status = 'ready' AND repository = $2 AND database_id = $3
+                        AND created_at <= coalesce($1, now())
                       ORDER BY created_at DESC, id DESC",
                     self.table("snapshots")
                 ),
-                &[&before],
+                &[&before, &repo.config.id.as_uuid(), &repo.database],
             )
             .await
             .context("looking for the latest good snapshot")?;
         drop(conn);
         for r in rows {
             let info = row_info(&r)?;
-            let hash: Option<Vec<u8>> = r.get(4);
-            // A cheap check: the manifest is there and is the one recorded.
+            let hash: Option<Vec<u8>> = r.get(5);
+            // A cheap check: the manifest is there and is the one recorded. A
+            // failure is not proof: the snapshot is verified before it is marked.
             let check = match self.inner.store.get(&manifest_key(info.id)).await? {
                 None => Err(Error::corrupt(
                     format!("snapshot {}", info.id),
@@ -544,14 +693,34 @@ impl SnapshotService for Snapshots {
     }
 
     async fn restore(&self, request: RestoreRequest, control: &Control) -> Result<RestoreOutcome> {
-        self.restore_inner(request, control).await
+        self.require_catalog("restoring a snapshot")?;
+        self.restorable_here(request.snapshot).await?;
+        let lock = RepoLock::acquire(
+            &self.inner.store,
+            false,
+            "a restore",
+            self.inner.config.lock_wait,
+        )
+        .await?;
+        let out = self.restore_inner(request, control).await;
+        release(lock).await;
+        out
     }
 
     async fn fetch_rows(&self, snapshot: SnapshotId, rows: &[RowRef]) -> Result<Vec<RowImage>> {
+        self.require_catalog("reading rows of a snapshot")?;
+        self.here(snapshot).await?;
         self.fetch_inner(snapshot, rows).await
     }
 
     async fn verify(&self, snapshot: SnapshotId, control: &Control) -> Result<VerifyReport> {
         self.verify_inner(snapshot, control).await
+    }
+}
+
+/// Removes a repository lock; a failure only leaves a lock that goes stale.
+async fn release(lock: RepoLock) {
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "could not remove a repository lock; it goes stale in 30 minutes");
     }
 }

@@ -1,5 +1,4 @@
-//! Restore of tables into the live database or a scratch schema, and
-//! point-in-time restore.
+//! Restore of tables into the live database or a scratch schema.
 
 use super::*;
 use crate::restore::conflict;
@@ -96,6 +95,8 @@ impl Snapshots {
             .await
             .context("starting the restore transaction")?;
         self.prepare_restore_tx(&tx).await?;
+        // Tables the database lacks (a lost database) come from the snapshot's DDL.
+        let recreated = self.recreate_missing(&tx, id, &chosen).await?;
         // Parents before children.
         let mut infos = Vec::new();
         for t in &chosen {
@@ -122,6 +123,7 @@ impl Snapshots {
         let plan = plan::plan(&tx, &tables, request.fire_triggers).await?;
         let mut outcome = RestoreOutcome::new(id);
         outcome.notes = plan.notes.clone();
+        outcome.recreated = recreated;
         // Tables restored in place, and the tables outside the restore that
         // reference them, are locked against writes before anything is read.
         for (n, rel) in plan.relations.iter().enumerate() {
@@ -410,49 +412,6 @@ impl Snapshots {
         control.checkpoint()?;
         tx.commit().await.context("committing the restore")?;
         Ok(outcome)
-    }
-
-    pub(super) async fn mark_corrupted(&self, id: SnapshotId, e: &Error) {
-        if matches!(e, Error::Corrupt { .. }) {
-            tracing::error!(%id, error = %e, "snapshot is corrupted");
-            metrics::counter!("sanare_snapshot_corrupted_total").increment(1);
-            if let Err(e2) = self
-                .set_status(id, SnapshotStatus::Corrupted, Some(&e.to_string()))
-                .await
-            {
-                tracing::warn!(%id, error = %e2, "could not mark the snapshot corrupted");
-            }
-            let mut cache = self.inner.index_cache.lock().await;
-            if cache.as_ref().is_some_and(|(cached, _)| *cached == id) {
-                *cache = None;
-            }
-        }
-    }
-
-    /// Restores the latest good snapshot taken at or before `at`, then replays the
-    /// journal from the cut it recorded (point-in-time recovery).
-    pub async fn restore_to(&self, at: OffsetDateTime, control: &Control) -> Result<PitrOutcome> {
-        let snap = self
-            .latest_good(Some(at))
-            .await?
-            .ok_or_else(|| Error::not_found(format!("a good snapshot taken before {at}")))?;
-        let restore = self
-            .restore_inner(RestoreRequest::new(snap.id), control)
-            .await?;
-        let replay = match &self.inner.journal {
-            Some(j) => {
-                let cut = restore.journal_cut.clone().unwrap_or(JournalCut {
-                    position: JournalPosition::START,
-                    db_snapshot: None,
-                });
-                Some(
-                    j.replay(ReplayRequest::new(ReplayRange::After(cut)), control)
-                        .await?,
-                )
-            }
-            None => None,
-        };
-        Ok(PitrOutcome { restore, replay })
     }
 }
 

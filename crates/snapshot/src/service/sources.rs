@@ -30,7 +30,8 @@ impl Snapshots {
         out: &mut (dyn AsyncWrite + Send + Unpin),
         control: &Control,
     ) -> Result<u64> {
-        let info = self.get(id).await?;
+        self.require_catalog("restoring a state source")?;
+        let (info, _) = self.here(id).await?;
         if info.status != SnapshotStatus::Ready && info.status != SnapshotStatus::Archived {
             return Err(Error::conflict(format!(
                 "snapshot {id} is {} and cannot be restored",
