@@ -60,20 +60,26 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod catalog;
 pub mod checksum;
+mod chunking;
+mod config;
 mod plan;
 mod probe;
 pub mod report;
 pub mod rules;
 mod service;
+mod spill;
+mod units;
 
 pub use checksum::{
     CANONICAL_SETTINGS, ChecksumAlgorithm, Checksummer, ENCODING_VERSION, RowHasher,
     install_checksum_trigger,
 };
-pub use report::{CheckStatus, FamilyResult, IntegrityReport, ReportDocument};
+pub use config::{IntegrityBuilder, IntegrityConfig};
+pub use report::{CheckStatus, FamilyResult, IntegrityReport, JsonWriter, ReportDocument};
 pub use rules::{Bound, ConsistencyRule, Rules, RulesBuilder};
-pub use service::{Integrity, IntegrityBuilder, IntegrityConfig, ViolationQuery};
+pub use service::{Integrity, ViolationQuery};
 
 use sanare_pg::{Migration, Migrations, SchemaName};
 
@@ -134,6 +140,17 @@ CREATE FUNCTION {schema}.row_checksum_field(v text) RETURNS bytea
     families     jsonb NOT NULL DEFAULT '{}',
     PRIMARY KEY (check_id, table_schema, table_name, unit)
 );",
+        ),
+        Migration::new(
+            3,
+            "integrity_units_as_data",
+            r"ALTER TABLE {schema}.integrity_chunks ADD COLUMN work jsonb;
+ALTER TABLE {schema}.integrity_chunks ADD COLUMN replan_needed boolean NOT NULL DEFAULT false;
+UPDATE {schema}.integrity_chunks SET replan_needed = true;
+ALTER TABLE {schema}.integrity_chunks DROP COLUMN predicate;
+ALTER TABLE {schema}.integrity_chunks ADD CONSTRAINT integrity_chunks_work_or_replan
+    CHECK (replan_needed OR work IS NOT NULL);
+ALTER TABLE {schema}.integrity_violations ADD COLUMN unit integer;",
         ),
     ],
 );

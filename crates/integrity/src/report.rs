@@ -138,23 +138,54 @@ pub fn write_json<W: Write>(
     violations: impl IntoIterator<Item = Result<Violation>>,
     out: &mut W,
 ) -> Result<()> {
-    let io = |e| Error::io("writing the JSON report", e);
-    out.write_all(b"{\"report\":").map_err(io)?;
-    serde_json::to_writer(&mut *out, report)
-        .map_err(|e| Error::other("writing the JSON report", e))?;
-    out.write_all(b",\"violations\":[").map_err(io)?;
-    for (i, v) in violations.into_iter().enumerate() {
-        if i > 0 {
-            out.write_all(b",").map_err(io)?;
-        }
-        serde_json::to_writer(&mut *out, &v?)
-            .map_err(|e| Error::other("writing the JSON report", e))?;
+    let mut doc = JsonWriter::start(report, out)?;
+    for v in violations {
+        doc.violation(&v?)?;
     }
-    out.write_all(b"]}").map_err(io)?;
-    Ok(())
+    doc.finish()
 }
 
-/// Reads a document written by [`write_json`].
+/// A [`write_json`] document written incrementally: the report first, then each
+/// violation as it comes, then the end. Nothing but the current violation is held.
+pub struct JsonWriter<'a, W: Write> {
+    out: &'a mut W,
+    first: bool,
+}
+
+impl<'a, W: Write> JsonWriter<'a, W> {
+    /// Starts the document with its report.
+    pub fn start(report: &IntegrityReport, out: &'a mut W) -> Result<Self> {
+        out.write_all(b"{\"report\":").map_err(json_io)?;
+        serde_json::to_writer(&mut *out, report)
+            .map_err(|e| Error::other("writing the JSON report", e))?;
+        out.write_all(b",\"violations\":[").map_err(json_io)?;
+        Ok(Self { out, first: true })
+    }
+
+    /// Appends one violation.
+    pub fn violation(&mut self, v: &Violation) -> Result<()> {
+        if !self.first {
+            self.out.write_all(b",").map_err(json_io)?;
+        }
+        self.first = false;
+        serde_json::to_writer(&mut *self.out, v)
+            .map_err(|e| Error::other("writing the JSON report", e))
+    }
+
+    /// Ends the document.
+    pub fn finish(self) -> Result<()> {
+        self.out.write_all(b"]}\n").map_err(json_io)?;
+        self.out.flush().map_err(json_io)
+    }
+}
+
+fn json_io(e: std::io::Error) -> Error {
+    Error::io("writing the JSON report", e)
+}
+
+/// Reads a document written by [`write_json`] (whole, into memory: for tools and
+/// tests; stream the violations of a large run with
+/// [`crate::Integrity::violations_matching`] instead).
 pub fn read_json(input: impl std::io::Read) -> Result<ReportDocument> {
     serde_json::from_reader(input)
         .map_err(|e| Error::corrupt("JSON integrity report", e.to_string()))
@@ -163,43 +194,51 @@ pub fn read_json(input: impl std::io::Read) -> Result<ReportDocument> {
 /// The CSV header of [`write_csv`].
 pub const CSV_HEADER: &str = "violation_id,check_id,table,row_key,violation_type,severity,description,recommended_action,detected_at,details";
 
-/// Writes one CSV row per affected record (RFC 4180 quoting).
+/// Writes one CSV row per affected record (RFC 4180 quoting), after the header.
 pub fn write_csv<W: Write>(
     check: CheckId,
     violations: impl IntoIterator<Item = Result<Violation>>,
     out: &mut W,
 ) -> Result<()> {
-    let io = |e| Error::io("writing the CSV report", e);
-    writeln!(out, "{CSV_HEADER}").map_err(io)?;
+    write_csv_header(out)?;
     for v in violations {
-        let v = v?;
-        let key = v.row.as_ref().map(|r| {
-            r.key
-                .iter()
-                .map(|c| format!("{}={}", c.column, c.value.as_deref().unwrap_or("NULL")))
-                .collect::<Vec<_>>()
-                .join(";")
-        });
-        let detected = v
-            .detected_at
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|e| Error::other("formatting a timestamp", e))?;
-        let fields = [
-            v.id.to_string(),
-            check.to_string(),
-            v.table.to_string(),
-            key.unwrap_or_default(),
-            v.kind.code().to_owned(),
-            v.severity.as_str().to_owned(),
-            v.description.clone(),
-            v.recommended_action.clone(),
-            detected,
-            v.details.to_string(),
-        ];
-        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-        writeln!(out, "{}", line.join(",")).map_err(io)?;
+        write_csv_row(check, &v?, out)?;
     }
     Ok(())
+}
+
+/// Writes [`CSV_HEADER`] and a line end.
+pub fn write_csv_header<W: Write>(out: &mut W) -> Result<()> {
+    writeln!(out, "{CSV_HEADER}").map_err(|e| Error::io("writing the CSV report", e))
+}
+
+/// Writes the CSV row of one violation of run `check`.
+pub fn write_csv_row<W: Write>(check: CheckId, v: &Violation, out: &mut W) -> Result<()> {
+    let key = v.row.as_ref().map(|r| {
+        r.key
+            .iter()
+            .map(|c| format!("{}={}", c.column, c.value.as_deref().unwrap_or("NULL")))
+            .collect::<Vec<_>>()
+            .join(";")
+    });
+    let detected = v
+        .detected_at
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| Error::other("formatting a timestamp", e))?;
+    let fields = [
+        v.id.to_string(),
+        check.to_string(),
+        v.table.to_string(),
+        key.unwrap_or_default(),
+        v.kind.code().to_owned(),
+        v.severity.as_str().to_owned(),
+        v.description.clone(),
+        v.recommended_action.clone(),
+        detected,
+        v.details.to_string(),
+    ];
+    let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+    writeln!(out, "{}", line.join(",")).map_err(|e| Error::io("writing the CSV report", e))
 }
 
 fn csv_field(s: &str) -> String {
