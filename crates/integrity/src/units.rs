@@ -170,6 +170,89 @@ impl StoredUnit {
     }
 }
 
+/// Checks that the stored units of one table are the units a run of the live plan
+/// would have: every whole-table probe once, over all rows (or the scope's keys),
+/// and chunks that tile the table (the first open below, each starting where the
+/// previous ended, the last open above), so that no row is skipped or read twice.
+/// `units` are in unit order; `scoped` are the keys of a scope limited to rows.
+pub(crate) fn check_tiling(
+    plan: &TablePlan,
+    units: &[(i32, &StoredUnit)],
+    scoped: Option<&[Vec<String>]>,
+) -> Result<()> {
+    let first = units.first().map_or(0, |u| u.0);
+    let bad = |unit: i32, why: &str| Err(refused(&plan.table, unit, why));
+    let mut live: Vec<String> = plan
+        .probes
+        .iter()
+        .filter(|p| !p.chunked())
+        .map(crate::plan::Probe::id)
+        .collect();
+    let mut stored: Vec<String> = units.iter().filter_map(|u| u.1.probe.clone()).collect();
+    live.sort();
+    stored.sort();
+    if live != stored {
+        return bad(
+            first,
+            "the table's whole-table checks are not the ones stored",
+        );
+    }
+    let whole_rows = match scoped {
+        Some(keys) => Rows::Keys {
+            keys: keys.to_vec(),
+        },
+        None => Rows::All,
+    };
+    if let Some((unit, _)) = units
+        .iter()
+        .find(|u| u.1.probe.is_some() && u.1.rows != whole_rows)
+    {
+        return bad(*unit, "a whole-table check does not cover the run's rows");
+    }
+    let chunks: Vec<&(i32, &StoredUnit)> = units.iter().filter(|u| u.1.probe.is_none()).collect();
+    let chunked = plan.probes.iter().any(|p| p.chunked());
+    if chunks.is_empty() != !chunked {
+        return bad(first, "the chunks do not match the table's chunked checks");
+    }
+    if let Some(keys) = scoped {
+        return match chunks.as_slice() {
+            [] => Ok(()),
+            [(_, u)]
+                if u.rows
+                    == (Rows::Keys {
+                        keys: keys.to_vec(),
+                    }) =>
+            {
+                Ok(())
+            }
+            _ => bad(first, "the chunks are not the run's rows"),
+        };
+    }
+    let mut prev_end: Option<Option<Vec<String>>> = None;
+    for (unit, u) in chunks {
+        let (from, to) = match &u.rows {
+            Rows::Range { from, to } => (from.clone(), to.clone()),
+            Rows::Blocks { from, to } => (
+                from.map(|b| vec![b.to_string()]),
+                to.map(|b| vec![b.to_string()]),
+            ),
+            Rows::All | Rows::Keys { .. } => return bad(*unit, "a chunk that is not a range"),
+        };
+        let expected_from = prev_end.clone().unwrap_or(None);
+        if from != expected_from || (prev_end.is_some() && from.is_none()) {
+            return bad(
+                *unit,
+                "the chunks do not tile the table (a chunk does not start where the previous one ended)",
+            );
+        }
+        prev_end = Some(to);
+    }
+    if prev_end.is_some_and(|end| end.is_some()) {
+        return bad(first, "the last chunk does not reach the end of the table");
+    }
+    Ok(())
+}
+
 fn describe_key(key: &[StoredKeyCol]) -> String {
     let cols: Vec<String> = key
         .iter()

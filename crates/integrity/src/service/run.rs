@@ -20,7 +20,7 @@ use crate::chunking::plan_chunks;
 use crate::plan::TablePlan;
 use crate::probe::{begin_fresh, begin_in_snapshot};
 use crate::report::{CheckStatus, IntegrityReport};
-use crate::units::{Pred, Rows, StoredUnit, refused};
+use crate::units::{Pred, Rows, StoredUnit, check_tiling, refused};
 
 /// The units of one table: id, work, and whether an earlier attempt finished it.
 type Units = Vec<(i32, StoredUnit, bool)>;
@@ -267,7 +267,7 @@ impl Integrity {
         // A resumed run's stored units are all checked before any of them runs.
         let mut stored = if resuming {
             let stored = self.stored_units(check).await?;
-            let by_table = self.check_stored(&plans, stored).await?;
+            let by_table = self.check_stored(&plans, stored, scope).await?;
             self.forget_unfinished(check).await?;
             by_table
         } else {
@@ -312,6 +312,7 @@ impl Integrity {
         &self,
         plans: &[TablePlan],
         stored: Vec<StoredRow>,
+        scope: &ValidationScope,
     ) -> Result<BTreeMap<TableRef, Units>> {
         let mut by_table: BTreeMap<TableRef, Units> = BTreeMap::new();
         for row in stored {
@@ -333,6 +334,13 @@ impl Integrity {
             let Some(plan) = plans.iter().find(|p| p.table == *table) else {
                 continue;
             };
+            let scoped = if scope.rows.is_empty() {
+                None
+            } else {
+                Some(rows_of(scope, plan)?)
+            };
+            let ordered: Vec<(i32, &StoredUnit)> = units.iter().map(|u| (u.0, &u.1)).collect();
+            check_tiling(plan, &ordered, scoped.as_deref())?;
             let mut values: Vec<Vec<String>> = vec![Vec::new(); plan.key.len()];
             for (_, u, _) in units {
                 u.values_by_column(&mut values);
