@@ -17,7 +17,8 @@ pub(crate) struct ValidateArgs {
     /// Write every violation as CSV to this file.
     #[arg(long)]
     csv: Option<PathBuf>,
-    /// Write the full report (every violation) as JSON to this file.
+    /// Write the full report (every violation) as JSON to this file (the document
+    /// `--json` prints).
     #[arg(long)]
     report: Option<PathBuf>,
 }
@@ -32,41 +33,48 @@ pub(crate) async fn validate(ctx: &Context, args: ValidateArgs) -> anyhow::Resul
             .await
     })
     .await?;
+    let create = |path: &PathBuf| {
+        std::fs::File::create(path)
+            .map(std::io::BufWriter::new)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))
+    };
     if let Some(path) = &args.csv {
-        let mut file = std::fs::File::create(path)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
-        integrity.export_csv(report.id, &mut file).await?;
+        integrity.export_csv(report.id, &mut create(path)?).await?;
     }
     if let Some(path) = &args.report {
-        let mut file = std::fs::File::create(path)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
-        integrity.export_json(report.id, &mut file).await?;
+        integrity.export_json(report.id, &mut create(path)?).await?;
     }
     let total = report.total_violations();
-    ctx.out.show(&report, |out| {
+    if ctx.out.json() {
+        // One document, `{"report": …, "violations": […]}`, written as the
+        // violations are read a page at a time: never the whole run in memory.
+        let mut out = std::io::BufWriter::new(std::io::stdout());
+        integrity.export_json(report.id, &mut out).await?;
+        return Ok(if total > 0 { EXIT_FINDINGS } else { 0 });
+    }
+    let out = &mut crate::output::Human;
+    out.line(format!(
+        "check {}: {} tables, {} rows in {:.1}s — {} violations",
+        report.id,
+        report.tables_checked,
+        report.rows_checked,
+        report.duration.as_secs_f64(),
+        total
+    ));
+    if total > 0 {
+        out.table(
+            &["severity", "violations"],
+            report
+                .violations_by_severity
+                .iter()
+                .map(|(s, n)| vec![s.to_string(), n.to_string()]),
+        );
+        out.line(&report.recommended_action);
         out.line(format!(
-            "check {}: {} tables, {} rows in {:.1}s — {} violations",
-            report.id,
-            report.tables_checked,
-            report.rows_checked,
-            report.duration.as_secs_f64(),
-            total
+            "next: `sanare repair plan --check {}` proposes repairs",
+            report.id
         ));
-        if total > 0 {
-            out.table(
-                &["severity", "violations"],
-                report
-                    .violations_by_severity
-                    .iter()
-                    .map(|(s, n)| vec![s.to_string(), n.to_string()]),
-            );
-            out.line(&report.recommended_action);
-            out.line(format!(
-                "next: `sanare repair plan --check {}` proposes repairs",
-                report.id
-            ));
-        }
-    })?;
+    }
     Ok(if total > 0 { EXIT_FINDINGS } else { 0 })
 }
 

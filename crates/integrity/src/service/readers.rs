@@ -166,6 +166,7 @@ impl Integrity {
         while let Some(v) = stream.next().await {
             crate::report::write_csv_row(check, &v?, out)?;
         }
-        Ok(())
+        out.flush()
+            .map_err(|e| Error::io("writing the CSV report", e))
     }
 }
