@@ -172,6 +172,15 @@ impl<'a, W: Write> JsonWriter<'a, W> {
             .map_err(|e| Error::other("writing the JSON report", e))
     }
 
+    /// Appends one violation as stored by a run (the JSON it serialized).
+    pub(crate) fn stored_violation(&mut self, json: &str) -> Result<()> {
+        if !self.first {
+            self.out.write_all(b",").map_err(json_io)?;
+        }
+        self.first = false;
+        self.out.write_all(json.as_bytes()).map_err(json_io)
+    }
+
     /// Ends the document.
     pub fn finish(self) -> Result<()> {
         self.out.write_all(b"]}\n").map_err(json_io)?;

@@ -211,7 +211,7 @@ pub(crate) fn check_tiling(
     }
     let chunks: Vec<&(i32, &StoredUnit)> = units.iter().filter(|u| u.1.probe.is_none()).collect();
     let chunked = plan.probes.iter().any(|p| p.chunked());
-    if chunks.is_empty() != !chunked {
+    if chunks.is_empty() == chunked {
         return bad(first, "the chunks do not match the table's chunked checks");
     }
     if let Some(keys) = scoped {
@@ -524,6 +524,54 @@ mod tests {
         // Inlined (COPY only), a value cannot leave its literal.
         assert!(pred.inline().contains("E'x'') OR true --'"));
         assert_eq!(literal("a\\'b"), "E'a\\\\''b'");
+    }
+
+    /// The stored form of version 1 (`docs/formats.md`, "Integrity work unit").
+    #[test]
+    fn golden_units_of_version_1() {
+        let p = plan(&[("order_id", "bigint"), ("line_no", "integer")]);
+        let golden = [
+            (
+                StoredUnit::new(
+                    &p,
+                    None,
+                    Rows::Range {
+                        from: Some(vec!["42".into(), "3".into()]),
+                        to: None,
+                    },
+                ),
+                r#"{"format":"sanare-integrity-unit","version":1,"probe":null,"key":[{"name":"order_id","type_name":"bigint"},{"name":"line_no","type_name":"integer"}],"rows":{"kind":"range","from":["42","3"],"to":null}}"#,
+            ),
+            (
+                StoredUnit::new(&p, Some("query:order_total".into()), Rows::All),
+                r#"{"format":"sanare-integrity-unit","version":1,"probe":"query:order_total","key":[{"name":"order_id","type_name":"bigint"},{"name":"line_no","type_name":"integer"}],"rows":{"kind":"all"}}"#,
+            ),
+            (
+                StoredUnit::new(
+                    &p,
+                    Some("unique:lines_key".into()),
+                    Rows::Keys {
+                        keys: vec![vec!["5".into(), "1".into()]],
+                    },
+                ),
+                r#"{"format":"sanare-integrity-unit","version":1,"probe":"unique:lines_key","key":[{"name":"order_id","type_name":"bigint"},{"name":"line_no","type_name":"integer"}],"rows":{"kind":"keys","keys":[["5","1"]]}}"#,
+            ),
+        ];
+        for (unit, json) in golden {
+            assert_eq!(serde_json::to_string(&unit).unwrap(), json);
+            let back =
+                StoredUnit::decode(&p.table, 0, serde_json::from_str(json).unwrap()).unwrap();
+            assert_eq!(back, unit);
+        }
+        let blocks = r#"{"format":"sanare-integrity-unit","version":1,"probe":null,"key":[{"name":"ctid","type_name":"tid"}],"rows":{"kind":"blocks","from":12,"to":null}}"#;
+        let u = StoredUnit::decode(&p.table, 0, serde_json::from_str(blocks).unwrap()).unwrap();
+        assert_eq!(
+            u.rows,
+            Rows::Blocks {
+                from: Some(12),
+                to: None
+            }
+        );
     }
 
     #[test]

@@ -13,6 +13,9 @@ use sanare_integrity::{ConsistencyRule, Integrity, IntegrityConfig, Rules, Viola
 use sanare_pg::SchemaName;
 use sanare_testing::{TestDb, fixtures::order_service, test_db};
 
+mod common;
+use common::{gate, order_total, texts, wait_at_gate};
+
 fn t(name: &str) -> TableRef {
     TableRef::new("shop", name)
 }
@@ -63,30 +66,14 @@ async fn more_findings_than_a_batch_are_the_same_in_the_table_the_files_and_the_
     )
     .await
     .unwrap();
-    let orphans: BTreeSet<String> = c
-        .query(
-            "SELECT id::text FROM shop.orders o WHERE NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = o.customer_id)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let orphans = texts(
+        &c,
+        "SELECT id::text FROM shop.orders o WHERE NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = o.customer_id)",
+    )
+    .await;
     let batch = 7;
     assert!(orphans.len() > 10 * batch, "{}", orphans.len());
-    let rules = Rules::builder()
-        .consistency(ConsistencyRule::aggregate_equals(
-            "order_total",
-            &t("orders"),
-            "id",
-            "total_cents",
-            &t("order_lines"),
-            "order_id",
-            "amount_cents",
-        ))
-        .build()
-        .unwrap();
+    let rules = Rules::builder().consistency(order_total()).build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let i = integrity(db.pool().clone(), dir.path(), rules, batch);
     let report = i
@@ -277,14 +264,7 @@ async fn a_failed_or_dropped_run_leaves_no_pooled_connection_in_a_transaction() 
 
     // A run dropped while a unit waits inside its transaction (at an advisory-lock
     // gate the test holds).
-    let gate_rule = Rules::builder()
-        .consistency(ConsistencyRule::predicate(
-            "gate",
-            &t("orders"),
-            "pg_advisory_xact_lock_shared(4343)::text IS NOT NULL",
-        ))
-        .build()
-        .unwrap();
+    let gate_rule = Rules::builder().consistency(gate(4343)).build().unwrap();
     let gated = integrity(pool.clone(), dir.path(), gate_rule, 10);
     let gate = db.connect().await;
     gate.execute("SELECT pg_advisory_lock(4343)", &[])
@@ -298,27 +278,7 @@ async fn a_failed_or_dropped_run_leaves_no_pooled_connection_in_a_transaction() 
             )
             .await
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let waiting: bool = c
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                  WHERE a.datname = current_database() AND l.locktype = 'advisory'
-                    AND l.objid = 4343 AND NOT l.granted",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no unit reached the gate"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_at_gate(&c, 4343).await;
     run.abort();
     assert!(run.await.unwrap_err().is_cancelled());
     gate.execute("SELECT pg_advisory_unlock(4343)", &[])

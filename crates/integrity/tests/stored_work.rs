@@ -12,6 +12,9 @@ use sanare_pg::{Migrations, SchemaName};
 use sanare_testing::cluster::{Cluster, ClusterOptions};
 use sanare_testing::fixtures::order_service;
 
+mod common;
+use common::order_total;
+
 fn t(name: &str) -> TableRef {
     TableRef::new("shop", name)
 }
@@ -24,18 +27,7 @@ fn scope() -> ValidationScope {
 
 fn rules() -> Rules {
     Rules::builder()
-        .consistency(
-            ConsistencyRule::aggregate_equals(
-                "order_total",
-                &t("orders"),
-                "id",
-                "total_cents",
-                &t("order_lines"),
-                "order_id",
-                "amount_cents",
-            )
-            .with_recompute("total_cents"),
-        )
+        .consistency(order_total().with_recompute("total_cents"))
         .unique("product_name", &t("products"), &["name"])
         .build()
         .unwrap()

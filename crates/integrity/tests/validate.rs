@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use sanare_core::{
     CheckFamily, ColumnValue, Control, Event, EventBus, IntegrityService, RowChecksum, RowRef,
-    Severity, TableRef, ValidationScope, Violation, ViolationKind,
+    Severity, TableRef, ValidationScope, Violation,
 };
 use sanare_integrity::report::{CSV_HEADER, read_json};
 use sanare_integrity::rules::Bound;
@@ -17,6 +17,9 @@ use sanare_integrity::{
 };
 use sanare_pg::SchemaName;
 use sanare_testing::{TestDb, fixtures::order_service, test_db};
+
+mod common;
+use common::{gate, kind_name, order_total, row_key, wait_at_gate};
 
 const S: &str = "shop";
 
@@ -88,27 +91,9 @@ fn keys(vs: &[Violation], code: &str, name: &str) -> BTreeSet<String> {
 fn grouped(vs: &[Violation]) -> BTreeMap<(String, String), BTreeSet<String>> {
     let mut out: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for v in vs {
-        let name = match &v.kind {
-            ViolationKind::NullConstraint { column }
-            | ViolationKind::TypeMismatch { column, .. }
-            | ViolationKind::ChecksumMismatch { column } => column.clone(),
-            ViolationKind::UniqueConstraint { constraint, .. }
-            | ViolationKind::CheckConstraint { constraint, .. }
-            | ViolationKind::Referential { constraint, .. } => constraint.clone(),
-            ViolationKind::Consistency { rule } => rule.clone(),
-            other => format!("{other:?}"),
-        };
-        let key: Vec<String> = v
-            .row
-            .as_ref()
-            .unwrap()
-            .key
-            .iter()
-            .map(|c| c.value.clone().unwrap_or_default())
-            .collect();
-        out.entry((v.kind.code().to_owned(), name))
+        out.entry((v.kind.code().to_owned(), kind_name(&v.kind)))
             .or_default()
-            .insert(key.join("/"));
+            .insert(row_key(v));
     }
     out
 }
@@ -232,15 +217,7 @@ async fn every_planted_rule_violation_is_found_exactly() {
             &t("customers"),
             &["id"],
         )
-        .consistency(ConsistencyRule::aggregate_equals(
-            "order_total",
-            &t("orders"),
-            "id",
-            "total_cents",
-            &t("order_lines"),
-            "order_id",
-            "amount_cents",
-        ))
+        .consistency(order_total())
         .consistency(
             ConsistencyRule::predicate(
                 "cancelled_not_shipped",
@@ -757,18 +734,7 @@ async fn concurrent_writes_produce_no_false_positives() {
         }
         n
     });
-    let rules = Rules::builder()
-        .consistency(ConsistencyRule::aggregate_equals(
-            "order_total",
-            &t("orders"),
-            "id",
-            "total_cents",
-            &t("order_lines"),
-            "order_id",
-            "amount_cents",
-        ))
-        .build()
-        .unwrap();
+    let rules = Rules::builder().consistency(order_total()).build().unwrap();
     let mut cfg = config(&s);
     // Rotate the snapshot constantly so chunks see different states.
     cfg.snapshot_max_age = Duration::from_millis(1);
@@ -795,18 +761,6 @@ async fn concurrent_writes_produce_no_false_positives() {
     assert!(written > 0);
 }
 
-/// Polls `sql` (a boolean) until it is true, for at most a minute.
-async fn wait_until(c: &tokio_postgres::Client, sql: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !c.query_one(sql, &[]).await.unwrap().get::<_, bool>(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {sql}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_suspect_fixed_before_its_re_read_is_dismissed() {
     let s = setup(200).await;
@@ -824,11 +778,7 @@ async fn a_suspect_fixed_before_its_re_read_is_dismissed() {
             &t("orders"),
             "status <> 'cancelled' OR shipped_at IS NULL",
         ))
-        .consistency(ConsistencyRule::predicate(
-            "gate",
-            &t("orders"),
-            "pg_advisory_xact_lock_shared(4242)::text IS NOT NULL",
-        ))
+        .consistency(gate(4242))
         .build()
         .unwrap();
     let mut cfg = config(&s);
@@ -854,13 +804,7 @@ async fn a_suspect_fixed_before_its_re_read_is_dismissed() {
     });
     // A chunk waits at the gate: the run's exported snapshot exists, with order 4
     // broken in it, and every chunk reads that snapshot.
-    wait_until(
-        &c,
-        "SELECT count(*) > 0 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-          WHERE a.datname = current_database() AND l.locktype = 'advisory'
-            AND l.objid = 4242 AND NOT l.granted",
-    )
-    .await;
+    wait_at_gate(&c, 4242).await;
     c.execute("UPDATE shop.orders SET shipped_at = NULL WHERE id = 4", &[])
         .await
         .unwrap();
@@ -1092,18 +1036,7 @@ async fn a_cancelled_run_resumes_skipping_done_chunks_and_ends_with_the_same_rep
     )
     .await
     .unwrap();
-    let rules = Rules::builder()
-        .consistency(ConsistencyRule::aggregate_equals(
-            "order_total",
-            &t("orders"),
-            "id",
-            "total_cents",
-            &t("order_lines"),
-            "order_id",
-            "amount_cents",
-        ))
-        .build()
-        .unwrap();
+    let rules = Rules::builder().consistency(order_total()).build().unwrap();
     let i = integrity(&s, rules);
 
     // The reference: one uninterrupted run.

@@ -6,10 +6,13 @@
 use std::collections::BTreeMap;
 
 use futures_util::StreamExt;
-use sanare_core::{Control, IntegrityService, TableRef, ValidationScope, Violation, ViolationKind};
+use sanare_core::{Control, IntegrityService, TableRef, ValidationScope, Violation};
 use sanare_integrity::{ConsistencyRule, Integrity, IntegrityConfig, Rules};
 use sanare_pg::SchemaName;
 use sanare_testing::{TestDb, test_db, zoo};
+
+mod common;
+use common::{kind_name, row_key};
 
 struct Zoo {
     db: TestDb,
@@ -62,38 +65,16 @@ fn scope() -> ValidationScope {
     s
 }
 
-/// The name a kind is about: its constraint, rule or column.
-fn kind_name(k: &ViolationKind) -> String {
-    match k {
-        ViolationKind::NullConstraint { column } => column.clone(),
-        ViolationKind::UniqueConstraint { constraint, .. }
-        | ViolationKind::CheckConstraint { constraint, .. }
-        | ViolationKind::Referential { constraint, .. } => constraint.clone(),
-        ViolationKind::TypeMismatch { column, .. } => column.clone(),
-        ViolationKind::ChecksumMismatch { column } => column.clone(),
-        ViolationKind::Consistency { rule } => rule.clone(),
-        other => format!("{other:?}"),
-    }
-}
-
 /// `table|code|name|key` of every violation, counted.
 fn found(vs: &[Violation]) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for v in vs {
-        let key: Vec<String> = v
-            .row
-            .as_ref()
-            .unwrap()
-            .key
-            .iter()
-            .map(|c| c.value.clone().unwrap_or_default())
-            .collect();
         *out.entry(format!(
             "{}|{}|{}|{}",
             v.table,
             v.kind.code(),
             kind_name(&v.kind),
-            key.join("/")
+            row_key(v)
         ))
         .or_default() += 1;
     }

@@ -56,12 +56,12 @@ impl ViolationQuery {
     }
 }
 
-/// Every violation matching `query`, read a page at a time (`query.limit`, else
-/// the configured batch size).
-pub(super) fn pages(
+/// Every violation matching `query` as its stored JSON text, read a page at a time
+/// (`query.limit`, else the configured batch size).
+fn raw_pages(
     this: Integrity,
     query: ViolationQuery,
-) -> impl Stream<Item = Result<Violation>> + Send {
+) -> impl Stream<Item = Result<(ViolationId, String)>> + Send {
     let page = query
         .limit
         .unwrap_or_else(|| i64::try_from(this.inner.config.batch_size).unwrap_or(1000))
@@ -73,14 +73,26 @@ pub(super) fn pages(
                 return Ok(None);
             }
             query.limit = Some(page);
-            let rows = this.query_violations(&query).await?;
+            let rows = this.raw_page(&query).await?;
             let ended = i64::try_from(rows.len()).unwrap_or(i64::MAX) < page;
-            query.after = rows.last().map(|v| v.id);
+            query.after = rows.last().map(|v| v.0);
             let items = futures_util::stream::iter(rows.into_iter().map(Ok));
             Ok::<_, Error>(Some((items, (this, query, ended))))
         },
     )
     .try_flatten()
+}
+
+/// Every violation matching `query`, read a page at a time.
+pub(super) fn pages(
+    this: Integrity,
+    query: ViolationQuery,
+) -> impl Stream<Item = Result<Violation>> + Send {
+    raw_pages(this, query).map(|r| r.and_then(|(_, json)| parse(&json)))
+}
+
+fn parse(json: &str) -> Result<Violation> {
+    serde_json::from_str(json).map_err(|e| Error::corrupt("stored violation", e.to_string()))
 }
 
 impl Integrity {
@@ -109,11 +121,20 @@ impl Integrity {
     /// `query.limit` (default 1000), after `query.after`. Pass the last id of a page
     /// as the next page's `after`, or use [`Integrity::violations_matching`].
     pub async fn query_violations(&self, query: &ViolationQuery) -> Result<Vec<Violation>> {
+        self.raw_page(query)
+            .await?
+            .iter()
+            .map(|(_, json)| parse(json))
+            .collect()
+    }
+
+    /// One page of stored violations: id and JSON text.
+    async fn raw_page(&self, query: &ViolationQuery) -> Result<Vec<(ViolationId, String)>> {
         let client = get_conn(&self.inner.pool).await?;
         let rows = client
             .query(
                 &format!(
-                    "SELECT violation::text FROM {}.integrity_violations
+                    "SELECT id, violation::text FROM {}.integrity_violations
                       WHERE ($1::uuid IS NULL OR check_id = $1)
                         AND ($2::text IS NULL OR (table_schema = $2 AND table_name = $3))
                         AND ($4::text IS NULL OR violation_type = $4)
@@ -132,12 +153,10 @@ impl Integrity {
             )
             .await
             .context("querying violations")?;
-        rows.iter()
-            .map(|r| {
-                serde_json::from_str(r.get::<_, &str>(0))
-                    .map_err(|e| Error::corrupt("stored violation", e.to_string()))
-            })
-            .collect()
+        Ok(rows
+            .iter()
+            .map(|r| (ViolationId::from_uuid(r.get(0)), r.get(1)))
+            .collect())
     }
 
     /// Every persisted violation matching `query` (its `limit` is the page size),
@@ -151,9 +170,11 @@ impl Integrity {
     pub async fn export_json(&self, check: CheckId, out: &mut impl std::io::Write) -> Result<()> {
         let report = self.report(check).await?;
         let mut doc = crate::report::JsonWriter::start(&report, out)?;
-        let mut stream = std::pin::pin!(sanare_core::IntegrityService::violations(self, check));
+        // Each violation as stored: the JSON the run wrote, not parsed again.
+        let mut stream =
+            std::pin::pin!(raw_pages(self.clone(), ViolationQuery::new().check(check)));
         while let Some(v) = stream.next().await {
-            doc.violation(&v?)?;
+            doc.stored_violation(&v?.1)?;
         }
         doc.finish()
     }

@@ -174,22 +174,50 @@ impl Integrity {
         if violations.is_empty() {
             return Ok(());
         }
+        if let Some(v) = violations.iter().find(|v| v.table != *at.table) {
+            return Err(Error::invalid_input(format!(
+                "a violation of {} in a unit of {} (a bug in sanare-integrity)",
+                v.table, at.table
+            )));
+        }
         let json: Vec<String> = violations
             .iter()
             .map(serde_json::to_string)
             .collect::<Result<_, _>>()
             .map_err(|e| Error::other("encoding violations", e))?;
+        let row_keys: Vec<Option<String>> = violations
+            .iter()
+            .map(|v| {
+                v.row
+                    .as_ref()
+                    .map(|r| serde_json::to_string(&r.key))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::other("encoding row keys", e))?;
+        let ids: Vec<uuid::Uuid> = violations.iter().map(|v| v.id.as_uuid()).collect();
+        let types: Vec<&str> = violations.iter().map(|v| v.kind.code()).collect();
+        let severities: Vec<&str> = violations.iter().map(|v| v.severity.as_str()).collect();
+        let descriptions: Vec<&str> = violations.iter().map(|v| v.description.as_str()).collect();
+        let actions: Vec<&str> = violations
+            .iter()
+            .map(|v| v.recommended_action.as_str())
+            .collect();
+        let detected: Vec<time::OffsetDateTime> =
+            violations.iter().map(|v| v.detected_at).collect();
         let client = get_conn(&self.inner.pool).await?;
+        // The columns come from the client: the server parses each violation once,
+        // to check it is JSON, and extracts nothing from it.
         let written = client
             .execute(
                 &format!(
                     "INSERT INTO {s}.integrity_violations
                        (id, check_id, table_schema, table_name, violation_type, severity, row_key,
                         description, recommended_action, detected_at, violation, unit)
-                     SELECT (v->>'id')::uuid, $1, $2, $3, v->'kind'->>'type', v->>'severity',
-                            v->'row'->'key', v->>'description', v->>'recommended_action',
-                            (v->>'detected_at')::timestamptz, v, $4
-                       FROM unnest($5::text[]) x(j), LATERAL (SELECT x.j::jsonb AS v) y
+                     SELECT v.id, $1, $2, $3, v.t, v.sev, v.rk::jsonb, v.d, v.a, v.at, v.j::json, $4
+                       FROM unnest($5::uuid[], $6::text[], $7::text[], $8::text[], $9::text[],
+                                   $10::text[], $11::timestamptz[], $12::text[])
+                            AS v(id, t, sev, rk, d, a, at, j)
                       WHERE EXISTS (SELECT 1 FROM {s}.integrity_chunks c
                                      WHERE c.check_id = $1 AND c.table_schema = $2 AND c.table_name = $3
                                        AND c.unit = $4 AND c.done_at IS NULL)",
@@ -200,6 +228,13 @@ impl Integrity {
                     &at.table.schema,
                     &at.table.name,
                     &at.unit,
+                    &ids,
+                    &types,
+                    &severities,
+                    &row_keys,
+                    &descriptions,
+                    &actions,
+                    &detected,
                     &json,
                 ],
             )
