@@ -33,16 +33,26 @@ pub(crate) async fn validate(ctx: &Context, args: ValidateArgs) -> anyhow::Resul
             .await
     })
     .await?;
-    let create = |path: &PathBuf| {
-        std::fs::File::create(path)
+    // The files are written at once, each by its own task: a run with millions of
+    // violations is read back once per file, page by page.
+    let mut files = Vec::new();
+    for (path, json) in [(&args.csv, false), (&args.report, true)] {
+        let Some(path) = path else { continue };
+        let mut out = std::fs::File::create(path)
             .map(std::io::BufWriter::new)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))
-    };
-    if let Some(path) = &args.csv {
-        integrity.export_csv(report.id, &mut create(path)?).await?;
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+        let integrity = integrity.clone();
+        let id = report.id;
+        files.push(tokio::spawn(async move {
+            if json {
+                integrity.export_json(id, &mut out).await
+            } else {
+                integrity.export_csv(id, &mut out).await
+            }
+        }));
     }
-    if let Some(path) = &args.report {
-        integrity.export_json(report.id, &mut create(path)?).await?;
+    for file in files {
+        file.await??;
     }
     let total = report.total_violations();
     if ctx.out.json() {

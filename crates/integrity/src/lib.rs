@@ -97,6 +97,7 @@ mod catalog;
 pub mod checksum;
 mod chunking;
 mod config;
+mod finding;
 mod plan;
 mod probe;
 pub mod report;

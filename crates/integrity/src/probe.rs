@@ -3,14 +3,14 @@
 //! and every catalog read runs under.
 
 use futures_util::{StreamExt, TryStreamExt, pin_mut};
-use sanare_core::{CheckFamily, ColumnValue, Error, Result, RowRef, Violation, ViolationKind};
+use sanare_core::{Error, Result};
 use sanare_pg::copy_text::{TextCopyRows, bytea_hex_eq, decode_bytea_hex};
 use sanare_pg::{PgResultExt, quote_ident};
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use tokio_postgres::types::ToSql;
 
 use crate::plan::{Probe, Relationship, TablePlan, TextForm, UniqueKey};
-use crate::spill::{Collect, Suspect};
+use crate::spill::{Collect, Facts, Suspect};
 use crate::units::Pred;
 
 /// `SET LOCAL` statements of every transaction that reads host tables or the
@@ -213,7 +213,7 @@ impl<'de> Visitor<'de> for FusedRows<'_> {
                     let pushed = self.out.push(Suspect {
                         rule: u32::try_from(i).unwrap_or(u32::MAX),
                         key: key.clone(),
-                        details: serde_json::Value::Null,
+                        facts: Facts::None,
                     });
                     if let Err(e) = pushed {
                         *self.failed = Some(e);
@@ -288,27 +288,10 @@ async fn orphans(
     stream_rows(client, joins_off, &sql, &pred.params(), what, |r| {
         let key = key_of_row(r, nkey, &what)?;
         let fk: Vec<Option<String>> = (0..rel.columns.len()).map(|i| r.get(nkey + i)).collect();
-        let partial = rel.match_full && fk.iter().any(Option::is_none);
-        let by = |names: &[String]| -> serde_json::Map<String, serde_json::Value> {
-            names
-                .iter()
-                .zip(&fk)
-                .map(|(c, v)| (c.clone(), serde_json::json!(v)))
-                .collect()
-        };
-        let mut details = serde_json::json!({
-            "child_key": by(&rel.columns),
-            "missing_parent_key": by(&rel.parent_columns),
-            "constraint_validated": rel.validated,
-            "constraint_deferrable": rel.deferrable,
-        });
-        if partial {
-            details["match_full_partial_key"] = serde_json::Value::Bool(true);
-        }
         out.push(Suspect {
             rule: 0,
             key,
-            details,
+            facts: Facts::Values(fk),
         })
     })
     .await
@@ -372,25 +355,11 @@ async fn unique(
     ];
     stream_rows(client, &off, &sql, &pred.params(), what, |r| {
         let key = key_of_row(r, nkey, &what)?;
-        let values: serde_json::Map<String, serde_json::Value> = u
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                (
-                    c.clone(),
-                    serde_json::json!(r.get::<_, Option<String>>(nkey + i)),
-                )
-            })
-            .collect();
-        let mut details = serde_json::json!({ "duplicate_value": values });
-        if let Some(p) = &u.predicate {
-            details["index_predicate"] = serde_json::Value::String(p.clone());
-        }
+        let values: Vec<Option<String>> = (0..u.columns.len()).map(|i| r.get(nkey + i)).collect();
         out.push(Suspect {
             rule: 0,
             key,
-            details,
+            facts: Facts::Values(values),
         })
     })
     .await
@@ -432,7 +401,7 @@ async fn query_rule(
         out.push(Suspect {
             rule: 0,
             key: key_of_row(r, nkey, &what)?,
-            details: serde_json::Value::Null,
+            facts: Facts::None,
         })
     })
     .await
@@ -570,7 +539,7 @@ impl Verifier {
         let nfields = self.key_fields + 1 + self.forms.len();
         let mut hasher = self.checksummer.row(ncols);
         let (forms, key_at, key_fields) = (&self.forms, &self.key_at, self.key_fields);
-        let (out, checksummer, column) = (&mut self.out, &self.checksummer, &self.column);
+        let (out, column) = (&mut self.out, &self.column);
         let mut on_row = |fields: &[Option<&[u8]>]| -> Result<()> {
             rows += 1;
             if fields.len() != nfields {
@@ -615,12 +584,10 @@ impl Verifier {
             out.push(Suspect {
                 rule: 0,
                 key,
-                details: serde_json::json!({
-                    "stored": stored.as_deref().map(hex),
-                    "computed": hex(&computed),
-                    "algorithm": checksummer.algorithm().as_str(),
-                    "encoding_version": crate::checksum::ENCODING_VERSION,
-                }),
+                facts: Facts::Checksum {
+                    stored: stored.as_deref().map(hex),
+                    computed: hex(&computed),
+                },
             })
         };
         while let Some(batch) = rx.blocking_recv() {
@@ -630,119 +597,6 @@ impl Verifier {
         }
         lines.finish()?;
         Ok(rows)
-    }
-}
-
-/// The violation a confirmed suspect of `probe` reports.
-pub(crate) fn to_violation(plan: &TablePlan, probe: &Probe, s: Suspect) -> Violation {
-    let row = RowRef::new(
-        plan.table.clone(),
-        plan.key
-            .iter()
-            .zip(s.key)
-            .map(|(k, v)| ColumnValue {
-                column: k.name.clone(),
-                type_name: k.type_name.clone(),
-                value: Some(v),
-            })
-            .collect(),
-    );
-    let name = &plan.table;
-    let (kind, severity, description, action, recompute) = match probe {
-        Probe::Fused(rules) => {
-            let i = usize::try_from(s.rule).unwrap_or(usize::MAX).min(rules.len().saturating_sub(1));
-            let r = &rules[i];
-            (
-                r.kind.clone(),
-                r.severity,
-                r.description.clone(),
-                r.action.clone(),
-                match (&r.kind, &r.recompute) {
-                    (ViolationKind::Consistency { rule }, Some(c)) => Some((rule.clone(), c.clone())),
-                    _ => None,
-                },
-            )
-        }
-        Probe::Orphans(rel) => (
-            ViolationKind::Referential {
-                constraint: rel.name.clone(),
-                columns: rel.columns.clone(),
-                parent_table: rel.parent.clone(),
-                parent_columns: rel.parent_columns.clone(),
-            },
-            rel.severity,
-            if s.details.get("match_full_partial_key").is_some() {
-                format!(
-                    "{name} row has some but not all columns of MATCH FULL foreign key {} null",
-                    rel.name
-                )
-            } else {
-                format!("{name} row references a missing {} row ({})", rel.parent, rel.name)
-            },
-            format!(
-                "restore the missing {} row from a snapshot, or delete / re-point the orphan",
-                rel.parent
-            ),
-            None,
-        ),
-        Probe::Checksum {
-            column, severity, ..
-        } => (
-            ViolationKind::ChecksumMismatch {
-                column: column.clone(),
-            },
-            *severity,
-            format!("{name}.{column} does not match the row's values"),
-            "compare with the latest snapshot and the journal; restore the row if it was tampered with".into(),
-            None,
-        ),
-        Probe::Unique(u) => (
-            ViolationKind::UniqueConstraint {
-                constraint: u.name.clone(),
-                columns: u.columns.clone(),
-            },
-            u.severity,
-            format!("{name}: rows share a value of unique {}", u.name),
-            "keep one of the duplicates (compare with the journal), delete or change the others, then REINDEX".into(),
-            None,
-        ),
-        Probe::Query {
-            rule,
-            severity,
-            action,
-            recompute,
-            ..
-        } => (
-            ViolationKind::Consistency { rule: rule.clone() },
-            *severity,
-            format!("{name}: business rule `{rule}` fails"),
-            action.clone(),
-            recompute.as_ref().map(|c| (rule.clone(), c.clone())),
-        ),
-    };
-    let mut details = s.details;
-    if let Some((rule, column)) = recompute {
-        // A repair recomputes the column by the rule's name, from its own trusted
-        // configuration: no expression is ever carried in a finding.
-        if !details.is_object() {
-            details = serde_json::json!({});
-        }
-        details["recompute"] = serde_json::json!({ "rule": rule, "column": column });
-    }
-    let description = format!("{description} at {row}");
-    Violation::new(kind, severity, plan.table.clone(), Some(row), description)
-        .with_recommended_action(action)
-        .with_details(details)
-}
-
-/// The family a probe's finding belongs to.
-pub(crate) fn family_of(probe: &Probe, s: &Suspect) -> CheckFamily {
-    match probe {
-        Probe::Fused(rules) => usize::try_from(s.rule)
-            .ok()
-            .and_then(|i| rules.get(i))
-            .map_or(CheckFamily::Schema, |r| r.family),
-        other => other.family(),
     }
 }
 

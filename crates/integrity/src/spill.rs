@@ -19,8 +19,25 @@ pub(crate) struct Suspect {
     pub(crate) rule: u32,
     /// The row key (text forms), in key column order.
     pub(crate) key: Vec<String>,
-    /// Finding-specific facts.
-    pub(crate) details: serde_json::Value,
+    /// What the probe read besides the key; its probe turns them into the
+    /// violation's details.
+    pub(crate) facts: Facts,
+}
+
+/// The values a probe read of a suspect row, in the probe's own order (kept
+/// compact: a unit may hold many suspects).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Facts {
+    /// Nothing besides the key.
+    #[default]
+    None,
+    /// The referencing columns (orphans) or the unique key (duplicates).
+    Values(Vec<Option<String>>),
+    /// A checksum mismatch: the stored and the computed checksum, in hex.
+    Checksum {
+        stored: Option<String>,
+        computed: String,
+    },
 }
 
 impl Suspect {
@@ -213,7 +230,7 @@ mod tests {
         Suspect {
             rule,
             key: vec![key.into()],
-            details: serde_json::json!({"k": key}),
+            facts: Facts::Values(vec![Some(key.to_owned()), None]),
         }
     }
 

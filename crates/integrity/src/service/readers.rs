@@ -183,9 +183,10 @@ impl Integrity {
     /// they are read, a page at a time.
     pub async fn export_csv(&self, check: CheckId, out: &mut impl std::io::Write) -> Result<()> {
         crate::report::write_csv_header(out)?;
-        let mut stream = std::pin::pin!(sanare_core::IntegrityService::violations(self, check));
+        let mut stream =
+            std::pin::pin!(raw_pages(self.clone(), ViolationQuery::new().check(check)));
         while let Some(v) = stream.next().await {
-            crate::report::write_csv_row(check, &v?, out)?;
+            crate::report::write_stored_csv_row(check, &v?.1, out)?;
         }
         out.flush()
             .map_err(|e| Error::io("writing the CSV report", e))
