@@ -254,10 +254,10 @@ impl Integrity {
         }
         sink.append(&lines).await?;
         let mut sev = stats.by_severity.lock().await;
+        let mut counted: BTreeMap<(&'static str, Severity), u64> = BTreeMap::new();
         for v in violations {
             *sev.entry(v.severity).or_default() += 1;
-            metrics::counter!("sanare_integrity_violations_total", "type" => v.kind.code(), "severity" => v.severity.as_str())
-                .increment(1);
+            *counted.entry((v.kind.code(), v.severity)).or_default() += 1;
             if self.inner.config.publish_violations
                 && let Some(bus) = &self.inner.events
             {
@@ -269,6 +269,10 @@ impl Integrity {
                     severity: v.severity,
                 });
             }
+        }
+        for ((code, severity), n) in counted {
+            metrics::counter!("sanare_integrity_violations_total", "type" => code, "severity" => severity.as_str())
+                .increment(n);
         }
         stats
             .written
