@@ -1,6 +1,6 @@
 //! From a confirmed suspect to the violation it reports.
 
-use sanare_core::{CheckFamily, ColumnValue, RowRef, Violation, ViolationKind};
+use sanare_core::{CheckFamily, ColumnValue, RowRef, Severity, Violation, ViolationKind};
 use serde_json::{Map, Value, json};
 
 use crate::plan::{Probe, TablePlan};
@@ -8,6 +8,19 @@ use crate::spill::{Facts, Suspect};
 
 /// The violation a confirmed suspect of `probe` reports.
 pub(crate) fn to_violation(plan: &TablePlan, probe: &Probe, s: Suspect) -> Violation {
+    let Finding {
+        kind,
+        severity,
+        description,
+        action,
+        mut details,
+        recompute,
+    } = finding(plan, probe, &s);
+    if let Some((rule, column)) = recompute {
+        // A repair recomputes the column by the rule's name, from its own trusted
+        // configuration: no expression is ever carried in a finding.
+        details = json!({ "recompute": { "rule": rule, "column": column } });
+    }
     let row = RowRef::new(
         plan.table.clone(),
         plan.key
@@ -20,6 +33,24 @@ pub(crate) fn to_violation(plan: &TablePlan, probe: &Probe, s: Suspect) -> Viola
             })
             .collect(),
     );
+    let description = format!("{description} at {row}");
+    Violation::new(kind, severity, plan.table.clone(), Some(row), description)
+        .with_recommended_action(action)
+        .with_details(details)
+}
+
+/// What a suspect of a probe means.
+struct Finding {
+    kind: ViolationKind,
+    severity: Severity,
+    description: String,
+    action: String,
+    details: Value,
+    /// `(rule, column)` of a business rule a repair may recompute.
+    recompute: Option<(String, String)>,
+}
+
+fn finding(plan: &TablePlan, probe: &Probe, s: &Suspect) -> Finding {
     let name = &plan.table;
     let values = match &s.facts {
         Facts::Values(v) => v.as_slice(),
@@ -34,24 +65,25 @@ pub(crate) fn to_violation(plan: &TablePlan, probe: &Probe, s: Suspect) -> Viola
                 .collect::<Map<_, _>>(),
         )
     };
-    let (kind, severity, description, action, mut details, recompute) = match probe {
+    match probe {
         Probe::Fused(rules) => {
             let i = usize::try_from(s.rule)
                 .unwrap_or(usize::MAX)
                 .min(rules.len().saturating_sub(1));
             let r = &rules[i];
-            let recompute = match (&r.kind, &r.recompute) {
-                (ViolationKind::Consistency { rule }, Some(c)) => Some((rule.clone(), c.clone())),
-                _ => None,
-            };
-            (
-                r.kind.clone(),
-                r.severity,
-                r.description.clone(),
-                r.action.clone(),
-                Value::Null,
-                recompute,
-            )
+            Finding {
+                kind: r.kind.clone(),
+                severity: r.severity,
+                description: r.description.clone(),
+                action: r.action.clone(),
+                details: Value::Null,
+                recompute: match (&r.kind, &r.recompute) {
+                    (ViolationKind::Consistency { rule }, Some(c)) => {
+                        Some((rule.clone(), c.clone()))
+                    }
+                    _ => None,
+                },
+            }
         }
         Probe::Orphans(rel) => {
             let partial = rel.match_full && values.iter().any(Option::is_none);
@@ -64,15 +96,15 @@ pub(crate) fn to_violation(plan: &TablePlan, probe: &Probe, s: Suspect) -> Viola
             if partial {
                 details["match_full_partial_key"] = Value::Bool(true);
             }
-            (
-                ViolationKind::Referential {
+            Finding {
+                kind: ViolationKind::Referential {
                     constraint: rel.name.clone(),
                     columns: rel.columns.clone(),
                     parent_table: rel.parent.clone(),
                     parent_columns: rel.parent_columns.clone(),
                 },
-                rel.severity,
-                if partial {
+                severity: rel.severity,
+                description: if partial {
                     format!(
                         "{name} row has some but not all columns of MATCH FULL foreign key {} null",
                         rel.name
@@ -83,13 +115,13 @@ pub(crate) fn to_violation(plan: &TablePlan, probe: &Probe, s: Suspect) -> Viola
                         rel.parent, rel.name
                     )
                 },
-                format!(
+                action: format!(
                     "restore the missing {} row from a snapshot, or delete / re-point the orphan",
                     rel.parent
                 ),
                 details,
-                None,
-            )
+                recompute: None,
+            }
         }
         Probe::Checksum {
             column,
@@ -101,38 +133,38 @@ pub(crate) fn to_violation(plan: &TablePlan, probe: &Probe, s: Suspect) -> Viola
                 Facts::Checksum { stored, computed } => (stored.clone(), Some(computed.clone())),
                 _ => (None, None),
             };
-            (
-                ViolationKind::ChecksumMismatch {
+            Finding {
+                kind: ViolationKind::ChecksumMismatch {
                     column: column.clone(),
                 },
-                *severity,
-                format!("{name}.{column} does not match the row's values"),
-                "compare with the latest snapshot and the journal; restore the row if it was tampered with".into(),
-                json!({
+                severity: *severity,
+                description: format!("{name}.{column} does not match the row's values"),
+                action: "compare with the latest snapshot and the journal; restore the row if it was tampered with".into(),
+                details: json!({
                     "stored": stored,
                     "computed": computed,
                     "algorithm": checksummer.algorithm().as_str(),
                     "encoding_version": crate::checksum::ENCODING_VERSION,
                 }),
-                None,
-            )
+                recompute: None,
+            }
         }
         Probe::Unique(u) => {
             let mut details = json!({ "duplicate_value": by(&u.columns) });
             if let Some(p) = &u.predicate {
                 details["index_predicate"] = Value::String(p.clone());
             }
-            (
-                ViolationKind::UniqueConstraint {
+            Finding {
+                kind: ViolationKind::UniqueConstraint {
                     constraint: u.name.clone(),
                     columns: u.columns.clone(),
                 },
-                u.severity,
-                format!("{name}: rows share a value of unique {}", u.name),
-                "keep one of the duplicates (compare with the journal), delete or change the others, then REINDEX".into(),
+                severity: u.severity,
+                description: format!("{name}: rows share a value of unique {}", u.name),
+                action: "keep one of the duplicates (compare with the journal), delete or change the others, then REINDEX".into(),
                 details,
-                None,
-            )
+                recompute: None,
+            }
         }
         Probe::Query {
             rule,
@@ -140,24 +172,15 @@ pub(crate) fn to_violation(plan: &TablePlan, probe: &Probe, s: Suspect) -> Viola
             action,
             recompute,
             ..
-        } => (
-            ViolationKind::Consistency { rule: rule.clone() },
-            *severity,
-            format!("{name}: business rule `{rule}` fails"),
-            action.clone(),
-            Value::Null,
-            recompute.as_ref().map(|c| (rule.clone(), c.clone())),
-        ),
-    };
-    if let Some((rule, column)) = recompute {
-        // A repair recomputes the column by the rule's name, from its own trusted
-        // configuration: no expression is ever carried in a finding.
-        details = json!({ "recompute": { "rule": rule, "column": column } });
+        } => Finding {
+            kind: ViolationKind::Consistency { rule: rule.clone() },
+            severity: *severity,
+            description: format!("{name}: business rule `{rule}` fails"),
+            action: action.clone(),
+            details: Value::Null,
+            recompute: recompute.as_ref().map(|c| (rule.clone(), c.clone())),
+        },
     }
-    let description = format!("{description} at {row}");
-    Violation::new(kind, severity, plan.table.clone(), Some(row), description)
-        .with_recommended_action(action)
-        .with_details(details)
 }
 
 /// The family a probe's finding belongs to.
