@@ -8,12 +8,19 @@
 //! `SANARE_BENCH_INTEGRITY_ONLY=checksum` (stop after the checksum figure, which
 //! is printed and not written: for quick iterations),
 //! `SANARE_BENCH_INTEGRITY_LOAD_SECS` (seconds per write-load phase, default 10; four
-//! phases).
+//! phases), `SANARE_BENCH_INTEGRITY_ONLY=orphans` (only the million-orphans figures).
+//!
+//! The million-orphans figures (`violations_1m_*`) run last, on the same pgbench
+//! tables with their foreign keys added and a tenth of the branches deleted behind
+//! the database's back ([`sanare_benches::pgbench::orphan_branches`]): a child
+//! process (this binary again, `SANARE_BENCH_INTEGRITY_CHILD`) builds the service as
+//! the CLI does, validates the pgbench tables, writes the CSV and JSON reports, and
+//! reports its peak memory; a baseline child validates only `pgbench_branches`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sanare_benches::{Figures, checkpoint};
+use sanare_benches::{Figures, checkpoint, pgbench};
 use sanare_core::{CheckFamily, Control, IntegrityService, TableRef, ValidationScope};
 use sanare_integrity::{ChecksumAlgorithm, ConsistencyRule, Integrity, IntegrityConfig, Rules};
 
@@ -24,17 +31,11 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn pgbench() -> std::path::PathBuf {
-    std::env::var_os("SANARE_PG_BINDIR")
-        .map(|d| std::path::PathBuf::from(d).join("pgbench"))
-        .unwrap_or_else(|| "pgbench".into())
-}
-
 /// Runs a pgbench write load for `secs` and returns its transactions per second.
 async fn write_load(url: &str, secs: u64) -> f64 {
     let url = url.to_owned();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(pgbench())
+        Command::new(pgbench::binary())
             .args([
                 "-N",
                 "-c",
@@ -68,7 +69,12 @@ async fn write_load(url: &str, secs: u64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if let Ok(what) = std::env::var(CHILD) {
+        child(&what).await;
+        return;
+    }
     let scale = env_u64("SANARE_BENCH_INTEGRITY_SCALE", 100);
+    let only = std::env::var("SANARE_BENCH_INTEGRITY_ONLY").unwrap_or_default();
     let load_secs = env_u64("SANARE_BENCH_INTEGRITY_LOAD_SECS", 10);
     let db = sanare_testing::test_db().await;
     let url = db.url().to_owned();
@@ -79,15 +85,12 @@ async fn main() {
     );
 
     let t = Instant::now();
-    let out = Command::new(pgbench())
-        .args(["-i", "-q", "-s", &scale.to_string(), &url])
-        .output()
-        .expect("pgbench -i runs");
-    assert!(
-        out.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || pgbench::init(&url, scale, false))
+            .await
+            .expect("pgbench -i");
+    }
     eprintln!(
         "integrity bench: pgbench -i -s {scale} in {:.1?}",
         t.elapsed()
@@ -116,6 +119,12 @@ async fn main() {
         .expect("count")
         .get(0);
     let rows = rows as f64;
+    if only == "orphans" {
+        million_orphans(&url, &c, scale, &mut figures).await;
+        let path = Figures::path_for("integrity");
+        figures.write(&path).expect("writing figures");
+        return;
+    }
 
     // Baseline: count(*) on the same table.
     let t = Instant::now();
@@ -199,7 +208,7 @@ async fn main() {
         "checksum_rows_per_s",
         s.rows_checked as f64 / t.elapsed().as_secs_f64(),
     );
-    if std::env::var("SANARE_BENCH_INTEGRITY_ONLY").as_deref() == Ok("checksum") {
+    if only == "checksum" {
         // Quick iterations on the checksum figure (with a small scale): skip the rest.
         eprintln!("integrity bench: checksum only: {figures:?}");
         return;
@@ -297,6 +306,8 @@ async fn main() {
     figures.set("write_load_validation_workers", 1.0);
     figures.set("write_load_validation_duty_cycle", bg_cfg_duty);
 
+    million_orphans(&url, &c, scale, &mut figures).await;
+
     let path = Figures::path_for("integrity");
     figures.write(&path).expect("writing figures");
     eprintln!("integrity bench: figures in {}", path.display());
@@ -363,6 +374,152 @@ async fn build_checksum_table(c: &tokio_postgres::Client, c2: &tokio_postgres::C
     c.batch_execute("VACUUM ANALYZE cks")
         .await
         .expect("vacuum checksum table");
+}
+
+/// The environment variable that makes this binary a child measuring one
+/// validation: `orphans` (the pgbench tables) or `baseline` (`pgbench_branches`).
+const CHILD: &str = "SANARE_BENCH_INTEGRITY_CHILD";
+
+/// The million-orphans figures: peak memory and time of a validation of the pgbench
+/// tables with a tenth of their branches deleted, CSV and JSON reports written,
+/// measured in a child process, against a child validating one small table.
+async fn million_orphans(url: &str, c: &tokio_postgres::Client, scale: u64, figures: &mut Figures) {
+    let t = Instant::now();
+    pgbench::add_foreign_keys(c)
+        .await
+        .expect("pgbench foreign keys");
+    let branches = i32::try_from((scale / 10).max(1)).expect("branches");
+    let orphans = pgbench::orphan_branches(c, branches)
+        .await
+        .expect("orphans");
+    eprintln!(
+        "integrity bench: {} orphans planted in {:.1?}",
+        orphans.total(),
+        t.elapsed()
+    );
+    checkpoint(c, "integrity").await;
+    let base = run_child(url, "baseline");
+    let run = run_child(url, "orphans");
+    let found = run["violations"].as_f64().expect("violations");
+    assert_eq!(found as i64, orphans.total(), "every orphan found: {run}");
+    figures.set("violations_1m_count", found);
+    figures.set("violations_1m_s", run["seconds"].as_f64().expect("seconds"));
+    figures.set(
+        "violations_1m_validate_s",
+        run["validate_s"].as_f64().expect("validate_s"),
+    );
+    figures.set(
+        "violations_1m_peak_rss_mb",
+        run["peak_rss_mb"].as_f64().expect("rss"),
+    );
+    figures.set(
+        "violations_1m_baseline_peak_rss_mb",
+        base["peak_rss_mb"].as_f64().expect("rss"),
+    );
+    figures.note(
+        "violations_1m_reports_mb",
+        format!(
+            "csv {:.0}, json {:.0}, jsonl {:.0}",
+            run["csv_mb"].as_f64().unwrap_or(0.0),
+            run["json_mb"].as_f64().unwrap_or(0.0),
+            run["jsonl_mb"].as_f64().unwrap_or(0.0)
+        ),
+    );
+    eprintln!("integrity bench: million orphans {run}, baseline {base}");
+}
+
+/// Runs this binary as a child measuring `what`, and returns its one-line report.
+fn run_child(url: &str, what: &str) -> serde_json::Value {
+    let exe = std::env::current_exe().expect("the bench binary");
+    let out = Command::new(exe)
+        .env(CHILD, what)
+        .env("SANARE_BENCH_INTEGRITY_URL", url)
+        .output()
+        .expect("the child runs");
+    assert!(
+        out.status.success(),
+        "child {what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().expect("the child's report");
+    serde_json::from_str(line).expect("the child's report is JSON")
+}
+
+/// The child: the service as the CLI builds it, one validation, both reports.
+async fn child(what: &str) {
+    let url = std::env::var("SANARE_BENCH_INTEGRITY_URL").expect("the database URL");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pool = sanare_pg::connect_pool(&url, 8).expect("pool");
+    let sanare = sanare::Sanare::builder()
+        .pool(pool)
+        .data_dir(dir.path())
+        .operator()
+        .build()
+        .await
+        .expect("sanare");
+    let tables: Vec<TableRef> = match what {
+        "baseline" => vec![TableRef::new("public", "pgbench_branches")],
+        _ => [
+            "pgbench_accounts",
+            "pgbench_tellers",
+            "pgbench_branches",
+            "pgbench_history",
+        ]
+        .into_iter()
+        .map(|t| TableRef::new("public", t))
+        .collect(),
+    };
+    let t = Instant::now();
+    let integrity = sanare.integrity();
+    let report = integrity
+        .run(ValidationScope::all().tables(tables), &Control::detached())
+        .await
+        .expect("validation");
+    let validate_s = t.elapsed().as_secs_f64();
+    let validate_cpu_s = cpu_seconds();
+    let csv = dir.path().join("violations.csv");
+    let json = dir.path().join("report.json");
+    let file = |p: &std::path::Path| {
+        std::io::BufWriter::new(std::fs::File::create(p).expect("report file"))
+    };
+    // Both reports at once, each by its own task, as `sanare validate --csv F
+    // --report F` writes them.
+    let (mut csv_out, mut json_out) = (file(&csv), file(&json));
+    let (i1, i2, id) = (integrity.clone(), integrity.clone(), report.id);
+    let csv_task = tokio::spawn(async move { i1.export_csv(id, &mut csv_out).await });
+    let json_task = tokio::spawn(async move { i2.export_json(id, &mut json_out).await });
+    csv_task.await.expect("csv task").expect("csv");
+    json_task.await.expect("json task").expect("json");
+    let seconds = t.elapsed().as_secs_f64();
+    let cpu_s = cpu_seconds();
+    let mb = |p: &std::path::Path| std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / 1048576.0);
+    let jsonl = report.violations_file.clone().unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::json!({
+            "violations": report.total_violations(),
+            "rows": report.rows_checked,
+            "validate_s": validate_s,
+            "seconds": seconds,
+            "cpu_s": cpu_s,
+            "validate_cpu_s": validate_cpu_s,
+            "peak_rss_mb": sanare_benches::peak_rss_mb(),
+            "csv_mb": mb(&csv),
+            "json_mb": mb(&json),
+            "jsonl_mb": mb(&jsonl),
+        })
+    );
+}
+
+/// CPU seconds (user and system) this process used so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 fn sanare_pg_schema() -> sanare_pg::SchemaName {

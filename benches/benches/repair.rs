@@ -141,15 +141,13 @@ async fn plan_1m(figures: &mut Figures) {
         .unwrap_or(100);
     let db = sanare_testing::test_db().await;
     let t = Instant::now();
-    let url = db.url().to_owned();
-    tokio::task::spawn_blocking(move || pgbench::init_with_foreign_keys(&url, scale))
-        .await
-        .expect("pgbench task")
-        .expect("pgbench -i");
     let c = db.connect().await;
-    let orphans = pgbench::orphan_branches(&c, scale / 10)
+    let orphaned = pgbench::million_orphans(db.url(), &c, scale)
         .await
         .expect("orphans");
+    // The repair figures are over the orphaned accounts and tellers (the history
+    // of a fresh pgbench database is empty).
+    let orphans = u64::try_from(orphaned.accounts + orphaned.tellers).unwrap_or(0);
     c.batch_execute("VACUUM ANALYZE").await.expect("analyze");
     sanare_benches::checkpoint(&c, "repair").await;
     eprintln!(

@@ -4,9 +4,15 @@
 //! run and writes them with [`Figures`] as a flat JSON object to the file named by
 //! `SANARE_BENCH_OUT` (set by `cargo xtask bench <area>` to
 //! `target/bench/<area>.json`).
+//!
+//! [`pgbench`] holds the pgbench fixtures, among them
+//! [`pgbench::million_orphans`], the database of the integrity and repair
+//! benchmarks' one-million-violations figures; [`peak_rss_mb`] measures a process's
+//! peak memory.
 
 #![deny(missing_docs)]
 
+pub mod pgbench;
 pub mod shop;
 
 use std::collections::BTreeMap;
@@ -97,6 +103,21 @@ pub async fn checkpoint(client: &tokio_postgres::Client, bench: &str) {
     }
 }
 
+/// This process's peak resident set size in MiB (`VmHWM` of `/proc/self/status`),
+/// or `None` where the kernel does not report it.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +137,14 @@ mod tests {
         assert_eq!(v["y_ratio"], 2.0);
         assert_eq!(v["machine"], "test");
         assert_eq!(b.get("y_ratio"), Some(2.0));
+    }
+
+    #[test]
+    fn peak_memory_grows_with_what_was_touched() {
+        let before = peak_rss_mb().unwrap();
+        let big = std::hint::black_box(vec![1u8; 64 << 20]);
+        let after = peak_rss_mb().unwrap();
+        assert!(after >= before + 60.0, "{before} -> {after}");
+        drop(big);
     }
 }

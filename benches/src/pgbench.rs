@@ -1,5 +1,5 @@
-//! The pgbench fixture with foreign keys, and orphans planted behind the database's
-//! back: the workload of the "one million orphans" figures (integrity and repair).
+//! pgbench fixtures: its tables at a scale, its foreign keys, and the million
+//! orphans of ten branches deleted behind the database's back.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -8,62 +8,119 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use sanare_core::{BoxStream, ColumnValue, RowRef, Severity, TableRef, Violation, ViolationKind};
 use sanare_pg::{PgResultExt, Pool, get_conn};
 
-/// The `pgbench` binary (`$SANARE_PG_BINDIR/pgbench`, else from `PATH`).
+/// The `pgbench` binary: in `$SANARE_PG_BINDIR` (set by `cargo xtask bench`), else
+/// on `PATH`.
 pub fn binary() -> PathBuf {
     std::env::var_os("SANARE_PG_BINDIR")
         .map(|d| PathBuf::from(d).join("pgbench"))
         .unwrap_or_else(|| "pgbench".into())
 }
 
-/// `pgbench -i -q --foreign-keys -s <scale>`: `scale` branches, 10 tellers and
-/// 100,000 accounts per branch, with the foreign keys of tellers, accounts and
-/// history to their branch (and of history to its teller and account).
-pub fn init_with_foreign_keys(url: &str, scale: u64) -> Result<(), String> {
-    let out = Command::new(binary())
-        .args(["-i", "-q", "--foreign-keys", "-s", &scale.to_string(), url])
-        .output()
-        .map_err(|e| format!("running {}: {e}", binary().display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "pgbench -i failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+/// `pgbench -i -q -s <scale>` on `url` (tables dropped and created again), with its
+/// foreign keys when `foreign_keys`. Panics with pgbench's output when it fails.
+pub fn init(url: &str, scale: u64, foreign_keys: bool) {
+    let mut cmd = Command::new(binary());
+    cmd.args(["-i", "-q", "-s", &scale.to_string()]);
+    if foreign_keys {
+        cmd.arg("--foreign-keys");
     }
-    Ok(())
+    let out = cmd.arg(url).output().expect("pgbench -i runs");
+    assert!(
+        out.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
-/// Deletes the `branches` highest-numbered branches with
-/// `session_replication_role = replica`, as a bug or an operator bypassing the
-/// foreign keys would: their tellers and accounts become orphans. Returns how many
-/// rows are orphaned (`branches` × 100,010 for a fresh fixture).
-pub async fn orphan_branches(
+/// Adds the foreign keys `pgbench -i --foreign-keys` creates to tables initialised
+/// without them (each one validated, so on a scale-100 database this reads the
+/// 10M accounts once).
+pub async fn add_foreign_keys(
     client: &tokio_postgres::Client,
-    branches: u64,
-) -> Result<u64, tokio_postgres::Error> {
-    let n = i64::try_from(branches).unwrap_or(i64::MAX);
-    client
-        .execute(
-            "CREATE TEMP TABLE sanare_gone AS SELECT bid FROM pgbench_branches ORDER BY bid DESC LIMIT $1",
-            &[&n],
-        )
-        .await?;
+) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(
-            "SET session_replication_role = replica;
-             DELETE FROM pgbench_branches WHERE bid IN (SELECT bid FROM sanare_gone);
-             SET session_replication_role = origin;",
+            "ALTER TABLE pgbench_tellers ADD CONSTRAINT pgbench_tellers_bid_fkey
+                 FOREIGN KEY (bid) REFERENCES pgbench_branches;
+             ALTER TABLE pgbench_accounts ADD CONSTRAINT pgbench_accounts_bid_fkey
+                 FOREIGN KEY (bid) REFERENCES pgbench_branches;
+             ALTER TABLE pgbench_history ADD CONSTRAINT pgbench_history_bid_fkey
+                 FOREIGN KEY (bid) REFERENCES pgbench_branches;
+             ALTER TABLE pgbench_history ADD CONSTRAINT pgbench_history_tid_fkey
+                 FOREIGN KEY (tid) REFERENCES pgbench_tellers;
+             ALTER TABLE pgbench_history ADD CONSTRAINT pgbench_history_aid_fkey
+                 FOREIGN KEY (aid) REFERENCES pgbench_accounts;",
         )
-        .await?;
-    let orphans: i64 = client
-        .query_one(
-            "SELECT (SELECT count(*) FROM pgbench_accounts WHERE bid IN (SELECT bid FROM sanare_gone))
-                  + (SELECT count(*) FROM pgbench_tellers WHERE bid IN (SELECT bid FROM sanare_gone))",
+        .await
+}
+
+/// What [`orphan_branches`] left behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Orphans {
+    /// Accounts whose branch is gone.
+    pub accounts: i64,
+    /// Tellers whose branch is gone.
+    pub tellers: i64,
+    /// History rows whose branch, teller or account is gone.
+    pub history: i64,
+}
+
+impl Orphans {
+    /// Every orphan.
+    pub fn total(&self) -> i64 {
+        self.accounts + self.tellers + self.history
+    }
+}
+
+/// Deletes branches `1..=branches` with `session_replication_role = replica`, so
+/// their accounts and tellers stay behind as orphans (100,000 accounts and 10
+/// tellers each), then analyses the tables as autovacuum eventually would.
+pub async fn orphan_branches(
+    client: &tokio_postgres::Client,
+    branches: i32,
+) -> Result<Orphans, tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT set_config('session_replication_role', 'replica', false)",
             &[],
         )
-        .await?
-        .get(0);
-    client.batch_execute("DROP TABLE sanare_gone").await?;
-    Ok(u64::try_from(orphans).unwrap_or(0))
+        .await?;
+    client
+        .execute("DELETE FROM pgbench_branches WHERE bid <= $1", &[&branches])
+        .await?;
+    client
+        .batch_execute("SET session_replication_role = origin; ANALYZE pgbench_branches")
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pgbench_accounts WHERE bid <= $1),
+                    (SELECT count(*) FROM pgbench_tellers WHERE bid <= $1),
+                    (SELECT count(*) FROM pgbench_history WHERE bid <= $1)",
+            &[&branches],
+        )
+        .await?;
+    Ok(Orphans {
+        accounts: row.get(0),
+        tellers: row.get(1),
+        history: row.get(2),
+    })
+}
+
+/// The million-orphans database of the integrity and repair benchmarks: pgbench at
+/// scale 100 with its foreign keys, ten branches deleted behind the database's back
+/// (1,000,000 accounts and 100 tellers orphaned). `scale` other than 100 scales the
+/// orphans with it (a tenth of the branches).
+pub async fn million_orphans(
+    url: &str,
+    client: &tokio_postgres::Client,
+    scale: u64,
+) -> Result<Orphans, tokio_postgres::Error> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || init(&url, scale, true))
+        .await
+        .expect("pgbench -i task");
+    let branches = i32::try_from((scale / 10).max(1)).unwrap_or(i32::MAX);
+    orphan_branches(client, branches).await
 }
 
 /// Every orphaned account and teller as a referential violation, read from the

@@ -17,7 +17,8 @@ pub(crate) struct ValidateArgs {
     /// Write every violation as CSV to this file.
     #[arg(long)]
     csv: Option<PathBuf>,
-    /// Write the full report (every violation) as JSON to this file.
+    /// Write the full report (every violation) as JSON to this file (the document
+    /// `--json` prints).
     #[arg(long)]
     report: Option<PathBuf>,
 }
@@ -32,41 +33,58 @@ pub(crate) async fn validate(ctx: &Context, args: ValidateArgs) -> anyhow::Resul
             .await
     })
     .await?;
-    if let Some(path) = &args.csv {
-        let mut file = std::fs::File::create(path)
+    // The files are written at once, each by its own task: a run with millions of
+    // violations is read back once per file, page by page.
+    let mut files = Vec::new();
+    for (path, json) in [(&args.csv, false), (&args.report, true)] {
+        let Some(path) = path else { continue };
+        let mut out = std::fs::File::create(path)
+            .map(std::io::BufWriter::new)
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
-        integrity.export_csv(report.id, &mut file).await?;
+        let integrity = integrity.clone();
+        let id = report.id;
+        files.push(tokio::spawn(async move {
+            if json {
+                integrity.export_json(id, &mut out).await
+            } else {
+                integrity.export_csv(id, &mut out).await
+            }
+        }));
     }
-    if let Some(path) = &args.report {
-        let mut file = std::fs::File::create(path)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
-        integrity.export_json(report.id, &mut file).await?;
+    for file in files {
+        file.await??;
     }
     let total = report.total_violations();
-    ctx.out.show(&report, |out| {
+    if ctx.out.json() {
+        // One document, `{"report": …, "violations": […]}`, written as the
+        // violations are read a page at a time: never the whole run in memory.
+        let mut out = std::io::BufWriter::new(std::io::stdout());
+        integrity.export_json(report.id, &mut out).await?;
+        return Ok(if total > 0 { EXIT_FINDINGS } else { 0 });
+    }
+    let out = &mut crate::output::Human;
+    out.line(format!(
+        "check {}: {} tables, {} rows in {:.1}s — {} violations",
+        report.id,
+        report.tables_checked,
+        report.rows_checked,
+        report.duration.as_secs_f64(),
+        total
+    ));
+    if total > 0 {
+        out.table(
+            &["severity", "violations"],
+            report
+                .violations_by_severity
+                .iter()
+                .map(|(s, n)| vec![s.to_string(), n.to_string()]),
+        );
+        out.line(&report.recommended_action);
         out.line(format!(
-            "check {}: {} tables, {} rows in {:.1}s — {} violations",
-            report.id,
-            report.tables_checked,
-            report.rows_checked,
-            report.duration.as_secs_f64(),
-            total
+            "next: `sanare repair plan --check {}` proposes repairs",
+            report.id
         ));
-        if total > 0 {
-            out.table(
-                &["severity", "violations"],
-                report
-                    .violations_by_severity
-                    .iter()
-                    .map(|(s, n)| vec![s.to_string(), n.to_string()]),
-            );
-            out.line(&report.recommended_action);
-            out.line(format!(
-                "next: `sanare repair plan --check {}` proposes repairs",
-                report.id
-            ));
-        }
-    })?;
+    }
     Ok(if total > 0 { EXIT_FINDINGS } else { 0 })
 }
 

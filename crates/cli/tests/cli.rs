@@ -125,6 +125,52 @@ async fn validate_reports_violations_with_exit_code_3_and_writes_csv() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("violations"));
     let csv = std::fs::read_to_string(&csv).unwrap();
     assert!(csv.lines().count() > 1, "{csv}");
+
+    // `--json` prints one document, the report and every violation, the same as
+    // the `--report` file and the CSV.
+    let report = dir.path().join("report.json");
+    let out = sanare(
+        &db,
+        &[
+            "validate",
+            "--json",
+            "--table",
+            "shop.orders",
+            "--csv",
+            csv_path(&dir).to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total: u64 = doc["report"]["violations_by_severity"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    let violations = doc["violations"].as_array().unwrap();
+    assert!(total > 0);
+    assert_eq!(violations.len() as u64, total);
+    assert!(
+        violations
+            .iter()
+            .all(|v| v["kind"]["type"] == "referential" && v["table"]["name"] == "orders")
+    );
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(file, doc);
+    let csv = std::fs::read_to_string(csv_path(&dir)).unwrap();
+    assert_eq!(csv.lines().count() as u64, total + 1);
+}
+
+fn csv_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("again.csv")
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! Reports: the headline record, the on-disk violation stream, JSON and CSV export.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -138,23 +139,63 @@ pub fn write_json<W: Write>(
     violations: impl IntoIterator<Item = Result<Violation>>,
     out: &mut W,
 ) -> Result<()> {
-    let io = |e| Error::io("writing the JSON report", e);
-    out.write_all(b"{\"report\":").map_err(io)?;
-    serde_json::to_writer(&mut *out, report)
-        .map_err(|e| Error::other("writing the JSON report", e))?;
-    out.write_all(b",\"violations\":[").map_err(io)?;
-    for (i, v) in violations.into_iter().enumerate() {
-        if i > 0 {
-            out.write_all(b",").map_err(io)?;
-        }
-        serde_json::to_writer(&mut *out, &v?)
-            .map_err(|e| Error::other("writing the JSON report", e))?;
+    let mut doc = JsonWriter::start(report, out)?;
+    for v in violations {
+        doc.violation(&v?)?;
     }
-    out.write_all(b"]}").map_err(io)?;
-    Ok(())
+    doc.finish()
 }
 
-/// Reads a document written by [`write_json`].
+/// A [`write_json`] document written incrementally: the report first, then each
+/// violation as it comes, then the end. Nothing but the current violation is held.
+pub struct JsonWriter<'a, W: Write> {
+    out: &'a mut W,
+    first: bool,
+}
+
+impl<'a, W: Write> JsonWriter<'a, W> {
+    /// Starts the document with its report.
+    pub fn start(report: &IntegrityReport, out: &'a mut W) -> Result<Self> {
+        out.write_all(b"{\"report\":").map_err(json_io)?;
+        serde_json::to_writer(&mut *out, report)
+            .map_err(|e| Error::other("writing the JSON report", e))?;
+        out.write_all(b",\"violations\":[").map_err(json_io)?;
+        Ok(Self { out, first: true })
+    }
+
+    /// Appends one violation.
+    pub fn violation(&mut self, v: &Violation) -> Result<()> {
+        if !self.first {
+            self.out.write_all(b",").map_err(json_io)?;
+        }
+        self.first = false;
+        serde_json::to_writer(&mut *self.out, v)
+            .map_err(|e| Error::other("writing the JSON report", e))
+    }
+
+    /// Appends one violation as stored by a run (the JSON it serialized).
+    pub(crate) fn stored_violation(&mut self, json: &str) -> Result<()> {
+        if !self.first {
+            self.out.write_all(b",").map_err(json_io)?;
+        }
+        self.first = false;
+        self.out.write_all(json.as_bytes()).map_err(json_io)
+    }
+
+    /// Ends the document.
+    pub fn finish(self) -> Result<()> {
+        self.out.write_all(b"]}\n").map_err(json_io)?;
+        self.out.flush().map_err(json_io)
+    }
+}
+
+fn json_io(e: std::io::Error) -> Error {
+    Error::io("writing the JSON report", e)
+}
+
+/// Reads a document written by [`write_json`] (whole, into memory: for tools and
+/// tests; stream the violations of a large run with
+/// [`crate::Integrity::violations_matching`] instead).
 pub fn read_json(input: impl std::io::Read) -> Result<ReportDocument> {
     serde_json::from_reader(input)
         .map_err(|e| Error::corrupt("JSON integrity report", e.to_string()))
@@ -163,56 +204,163 @@ pub fn read_json(input: impl std::io::Read) -> Result<ReportDocument> {
 /// The CSV header of [`write_csv`].
 pub const CSV_HEADER: &str = "violation_id,check_id,table,row_key,violation_type,severity,description,recommended_action,detected_at,details";
 
-/// Writes one CSV row per affected record (RFC 4180 quoting).
+/// Writes one CSV row per affected record (RFC 4180 quoting), after the header.
 pub fn write_csv<W: Write>(
     check: CheckId,
     violations: impl IntoIterator<Item = Result<Violation>>,
     out: &mut W,
 ) -> Result<()> {
-    let io = |e| Error::io("writing the CSV report", e);
-    writeln!(out, "{CSV_HEADER}").map_err(io)?;
+    write_csv_header(out)?;
     for v in violations {
-        let v = v?;
-        let key = v.row.as_ref().map(|r| {
+        write_csv_row(check, &v?, out)?;
+    }
+    Ok(())
+}
+
+/// Writes [`CSV_HEADER`] and a line end.
+pub fn write_csv_header<W: Write>(out: &mut W) -> Result<()> {
+    writeln!(out, "{CSV_HEADER}").map_err(|e| Error::io("writing the CSV report", e))
+}
+
+/// Writes the CSV row of one violation of run `check`.
+pub fn write_csv_row<W: Write>(check: CheckId, v: &Violation, out: &mut W) -> Result<()> {
+    let json = serde_json::to_string(v).map_err(|e| Error::other("encoding a violation", e))?;
+    write_stored_csv_row(check, &json, out)
+}
+
+/// The fields of a stored violation that its CSV row shows, borrowed from its
+/// JSON (no `Violation` is built: an export of millions of rows parses each once,
+/// and only as far as it needs).
+#[derive(Deserialize)]
+struct CsvView<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: KindView<'a>,
+    #[serde(borrow)]
+    severity: Cow<'a, str>,
+    #[serde(borrow)]
+    table: TableView<'a>,
+    #[serde(borrow)]
+    row: Option<RowView<'a>>,
+    #[serde(borrow)]
+    description: Cow<'a, str>,
+    #[serde(borrow)]
+    detected_at: Cow<'a, str>,
+    #[serde(borrow)]
+    recommended_action: Cow<'a, str>,
+    #[serde(borrow)]
+    details: &'a serde_json::value::RawValue,
+}
+
+#[derive(Deserialize)]
+struct KindView<'a> {
+    #[serde(borrow, rename = "type")]
+    code: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct TableView<'a> {
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct RowView<'a> {
+    #[serde(borrow)]
+    key: Vec<KeyView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct KeyView<'a> {
+    #[serde(borrow)]
+    column: Cow<'a, str>,
+    #[serde(borrow)]
+    value: Option<Cow<'a, str>>,
+}
+
+/// Writes the CSV row of one violation as a run stored it (its JSON).
+pub(crate) fn write_stored_csv_row<W: Write>(
+    check: CheckId,
+    json: &str,
+    out: &mut W,
+) -> Result<()> {
+    let v: CsvView<'_> = serde_json::from_str(json)
+        .map_err(|e| Error::corrupt("stored violation", e.to_string()))?;
+    let key = v
+        .row
+        .map(|r| {
             r.key
                 .iter()
                 .map(|c| format!("{}={}", c.column, c.value.as_deref().unwrap_or("NULL")))
                 .collect::<Vec<_>>()
                 .join(";")
-        });
-        let detected = v
-            .detected_at
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|e| Error::other("formatting a timestamp", e))?;
-        let fields = [
-            v.id.to_string(),
-            check.to_string(),
-            v.table.to_string(),
-            key.unwrap_or_default(),
-            v.kind.code().to_owned(),
-            v.severity.as_str().to_owned(),
-            v.description.clone(),
-            v.recommended_action.clone(),
-            detected,
-            v.details.to_string(),
-        ];
-        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-        writeln!(out, "{}", line.join(",")).map_err(io)?;
-    }
-    Ok(())
+        })
+        .unwrap_or_default();
+    let fields: [&str; 10] = [
+        &v.id,
+        &check.to_string(),
+        &format!("{}.{}", v.table.schema, v.table.name),
+        &key,
+        &v.kind.code,
+        &v.severity,
+        &v.description,
+        &v.recommended_action,
+        &v.detected_at,
+        v.details.get(),
+    ];
+    let line: Vec<Cow<'_, str>> = fields.iter().map(|f| csv_field(f)).collect();
+    writeln!(out, "{}", line.join(",")).map_err(|e| Error::io("writing the CSV report", e))
 }
 
-fn csv_field(s: &str) -> String {
+fn csv_field(s: &str) -> Cow<'_, str> {
     if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
+        Cow::Owned(format!("\"{}\"", s.replace('"', "\"\"")))
     } else {
-        s.to_owned()
+        Cow::Borrowed(s)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_violation_gives_the_csv_row_of_the_violation() {
+        use sanare_core::{ColumnValue, RowRef, Severity, TableRef, ViolationKind};
+        let table = TableRef::new("s", "t,1");
+        let v = Violation::new(
+            ViolationKind::Consistency { rule: "r".into() },
+            Severity::High,
+            table.clone(),
+            Some(RowRef::new(
+                table,
+                vec![
+                    ColumnValue::new("a", "text", Some("x\"y")),
+                    ColumnValue::new("b", "int", None::<String>),
+                ],
+            )),
+            "said \"no\", twice\n",
+        )
+        .with_details(serde_json::json!({"k": [1, "é"]}));
+        let check = CheckId::new();
+        let mut from_stored = Vec::new();
+        write_stored_csv_row(check, &serde_json::to_string(&v).unwrap(), &mut from_stored).unwrap();
+        let line = String::from_utf8(from_stored).unwrap();
+        let detected = v
+            .detected_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "{},{check},\"s.t,1\",\"a=x\"\"y;b=NULL\",consistency,high,\"said \"\"no\"\", twice\n\",,{detected},\"{{\"\"k\"\":[1,\"\"é\"\"]}}\"\n",
+                v.id
+            )
+        );
+    }
 
     #[test]
     fn csv_quotes_what_needs_quoting() {

@@ -38,7 +38,17 @@
 //! name = "shipped_after_placed"
 //! table = "public.orders"
 //! predicate = "shipped_at IS NULL OR shipped_at >= placed_at"
+//!
+//! [[consistency]]
+//! name = "order_total"
+//! table = "public.orders"
+//! query = "SELECT o.id FROM public.orders o WHERE o.total_cents <> (SELECT coalesce(sum(l.amount_cents), 0) FROM public.order_lines l WHERE l.order_id = o.id)"
+//! recompute = "total_cents"
 //! ```
+//!
+//! Rules on a partitioned table apply to its partitions (row rules, relationships,
+//! checksums) or run on it whole (unique keys, queries); rules on an inheritance
+//! parent judge the parent's own rows, like its constraints.
 
 use sanare_core::{Error, Result, Severity, TableRef};
 use sanare_pg::{quote_ident, quote_literal};
@@ -213,6 +223,12 @@ pub struct ConsistencyRule {
     /// What an operator should do.
     #[serde(default)]
     pub recommended_action: Option<String>,
+    /// The column of `table` a repair may recompute to make the rule hold. A
+    /// violation then carries `details.recompute = {"rule": <name>, "column":
+    /// <column>}`, never an expression: the repair engine looks the rule up by name
+    /// in its own (trusted) configuration.
+    #[serde(default)]
+    pub recompute: Option<String>,
 }
 
 impl ConsistencyRule {
@@ -226,6 +242,7 @@ impl ConsistencyRule {
             params: Vec::new(),
             severity: None,
             recommended_action: None,
+            recompute: None,
         }
     }
 
@@ -239,6 +256,7 @@ impl ConsistencyRule {
             params: Vec::new(),
             severity: None,
             recommended_action: None,
+            recompute: None,
         }
     }
 
@@ -315,6 +333,13 @@ impl ConsistencyRule {
     /// Sets the severity.
     pub fn with_severity(mut self, severity: Severity) -> Self {
         self.severity = Some(severity);
+        self
+    }
+
+    /// Names the column a repair may recompute by this rule's name (see
+    /// [`recompute`](Self::recompute)).
+    pub fn with_recompute(mut self, column: &str) -> Self {
+        self.recompute = Some(column.to_owned());
         self
     }
 }
@@ -431,6 +456,12 @@ impl Rules {
             }
         }
         for r in &self.consistency {
+            if r.recompute.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                return bad(format!(
+                    "consistency rule `{}` names an empty recompute column",
+                    r.name
+                ));
+            }
             if r.predicate.is_some() == r.query.is_some() {
                 return bad(format!(
                     "consistency rule `{}` needs exactly one of `predicate` and `query`",

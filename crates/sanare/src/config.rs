@@ -22,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sanare_core::{Error, Result, Severity};
+use sanare_core::{CheckFamily, Error, Result, Severity};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration (the spec's §19 settings, in Rust shape).
@@ -101,13 +101,14 @@ impl Default for CrashDetectionConfig {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ValidationConfig {
-    /// Run schema checks.
+    /// Run schema checks (NOT NULL, CHECK, types, unique keys, declared column
+    /// rules). Off: no validation checks them, scheduled or on demand.
     pub schema: bool,
-    /// Run referential checks.
+    /// Run referential checks (foreign keys and declared relationships).
     pub referential: bool,
-    /// Run checksum checks.
+    /// Run checksum checks (declared checksum columns).
     pub checksum: bool,
-    /// Run consistency checks.
+    /// Run consistency checks (declared business rules).
     pub consistency: bool,
     /// Rows per chunk.
     pub chunk_size: u32,
@@ -124,6 +125,22 @@ pub struct ValidationConfig {
     pub interval: Option<Duration>,
     /// A TOML file of declared rules.
     pub rules_file: Option<PathBuf>,
+}
+
+impl ValidationConfig {
+    /// The check families turned on by `schema`, `referential`, `checksum` and
+    /// `consistency`.
+    pub fn families(&self) -> Vec<CheckFamily> {
+        [
+            (self.schema, CheckFamily::Schema),
+            (self.referential, CheckFamily::Referential),
+            (self.checksum, CheckFamily::Checksum),
+            (self.consistency, CheckFamily::Consistency),
+        ]
+        .into_iter()
+        .filter_map(|(on, f)| on.then_some(f))
+        .collect()
+    }
 }
 
 impl Default for ValidationConfig {
@@ -443,6 +460,7 @@ impl SanareConfig {
             ));
         }
         sanare_integrity::IntegrityConfig::check_duty_cycle(self.validation.duty_cycle)?;
+        sanare_integrity::IntegrityConfig::check_families(&self.validation.families())?;
         if self.snapshots.keep_last == 0 {
             return Err(Error::config(
                 "snapshots.keep_last",
@@ -727,6 +745,36 @@ mod tests {
             .with_env(env(&[("SANARE__SCHEMA__X", "1")]))
             .unwrap_err();
         assert!(err.to_string().contains("SANARE__SCHEMA__X"), "{err}");
+    }
+
+    #[test]
+    fn each_validation_family_key_turns_its_family_off() {
+        assert_eq!(ValidationConfig::default().families(), CheckFamily::ALL);
+        for (key, family) in [
+            ("schema", CheckFamily::Schema),
+            ("referential", CheckFamily::Referential),
+            ("checksum", CheckFamily::Checksum),
+            ("consistency", CheckFamily::Consistency),
+        ] {
+            let c =
+                SanareConfig::from_toml_str(&format!("[validation]\n{key} = false"), "f").unwrap();
+            let on = c.validation.families();
+            assert!(!on.contains(&family), "{key}");
+            assert_eq!(on.len(), 3, "{key}");
+            let c = SanareConfig::default()
+                .with_env([(
+                    format!("SANARE__VALIDATION__{}", key.to_uppercase()),
+                    "false".into(),
+                )])
+                .unwrap();
+            assert!(!c.validation.families().contains(&family), "{key}");
+        }
+        let err = SanareConfig::from_toml_str(
+            "[validation]\nschema = false\nreferential = false\nchecksum = false\nconsistency = false",
+            "f",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("validation"), "{err}");
     }
 
     #[test]

@@ -376,6 +376,7 @@ impl SanareBuilder {
         integrity_config.duty_cycle = config.validation.duty_cycle;
         integrity_config.chunk_timeout = config.validation.chunk_timeout;
         integrity_config.report_dir = data_dir.join("reports");
+        integrity_config.families = config.validation.families();
         let rules = match &config.validation.rules_file {
             Some(path) => Rules::from_toml_file(path)?,
             None => self.rules,

@@ -16,9 +16,10 @@
 //!   `timestamptz`, `interval` and a range, non-ASCII text;
 //! - **constraints and indexes**: a `NOT VALID` check and a `NOT VALID` foreign key
 //!   (both satisfied by the data), a `NO INHERIT` check, a deferrable foreign key, a
-//!   `MATCH FULL` composite foreign key, an exclusion constraint, partial and
-//!   expression unique indexes, and an **invalid index** (left by a failed
-//!   `CREATE INDEX CONCURRENTLY`);
+//!   `MATCH FULL` composite foreign key, a foreign key from a partitioned table (cloned
+//!   onto each partition) and one to a partitioned table (which PostgreSQL keeps once
+//!   per referenced partition), an exclusion constraint, partial and expression unique
+//!   indexes, and an **invalid index** (left by a failed `CREATE INDEX CONCURRENTLY`);
 //! - **statistics**: a table that was never analysed (`reltuples = -1`, autovacuum
 //!   off for it).
 
@@ -64,6 +65,8 @@ pub const TABLES: &[ZooTable] = &[
     t("zoo", "readings_h0", false, false, 110),
     t("zoo", "readings_h1", false, false, 80),
     t("zoo", "readings_h2", false, false, 110),
+    t("zoo", "sensors", true, false, 30),
+    t("zoo", "event_notes", true, false, 150),
     t("zoo", "vehicles", true, false, 60),
     t("zoo", "cars", true, false, 20),
     t("zoo", "typed", true, false, 120),
@@ -206,6 +209,23 @@ CREATE TABLE zoo.readings_h0 PARTITION OF zoo.readings FOR VALUES WITH (MODULUS 
 CREATE TABLE zoo.readings_h1 PARTITION OF zoo.readings FOR VALUES WITH (MODULUS 3, REMAINDER 1);
 CREATE TABLE zoo.readings_h2 PARTITION OF zoo.readings FOR VALUES WITH (MODULUS 3, REMAINDER 2);
 
+-- A foreign key from a partitioned table (cloned onto each partition), and one to a
+-- partitioned table (kept once more per referenced partition).
+CREATE TABLE zoo.sensors (
+    id    integer PRIMARY KEY,
+    label text NOT NULL
+);
+ALTER TABLE zoo.readings ADD CONSTRAINT readings_sensor_fkey
+    FOREIGN KEY (sensor_id) REFERENCES zoo.sensors (id);
+CREATE TABLE zoo.event_notes (
+    id       integer PRIMARY KEY,
+    event_id bigint NOT NULL,
+    event_at timestamptz NOT NULL,
+    note     text,
+    CONSTRAINT event_notes_event_fkey
+        FOREIGN KEY (event_id, event_at) REFERENCES zoo.events (id, created_at)
+);
+
 -- Inheritance, with a check the child does not inherit.
 CREATE TABLE zoo.vehicles (
     id   integer PRIMARY KEY,
@@ -319,10 +339,16 @@ INSERT INTO zoo.regions (country, code, name) VALUES
     ('FR', 'OCC', 'Occitanie'), ('US', 'CA', 'California'), ('US', 'NY', 'New York'),
     ('US', 'TX', 'Texas'), ('JP', '13', '東京都'), ('BR', 'SP', 'São Paulo');
 
+INSERT INTO zoo.sensors (id, label) SELECT s, 'sensor ' || s FROM generate_series(0, 29) s;
+
 INSERT INTO zoo.readings (sensor_id, taken_at, value)
 SELECT s, timestamptz '2025-03-01 00:00:00+00' + r * interval '1 minute', (s * 31 + r * 7) % 1000 / 10.0
   FROM generate_series(0, 29) s CROSS JOIN generate_series(1, 10) r
  ORDER BY s, r;
+
+INSERT INTO zoo.event_notes (id, event_id, event_at, note)
+SELECT row_number() OVER (ORDER BY e.id), e.id, e.created_at, 'about event ' || e.id
+  FROM zoo.events e WHERE e.id % 4 = 1;
 
 INSERT INTO zoo.vehicles (id, name) SELECT g, 'vehicle ' || g FROM generate_series(1, 40) g;
 INSERT INTO zoo.cars (id, name, doors) SELECT 1000 + g, 'car ' || g, 2 + 2 * (g % 2) FROM generate_series(1, 20) g;
