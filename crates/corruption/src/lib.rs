@@ -59,11 +59,15 @@
 
 mod alert;
 mod classify;
+mod confirm;
+mod deletion;
 mod detector;
 mod issue;
 pub mod monitor;
 mod physical;
+mod run;
 mod scan;
+mod session;
 mod stats;
 mod trends;
 
@@ -78,7 +82,8 @@ pub use detector::{
 };
 pub use issue::{CorruptionIssue, IssueQuery, Layer, default_action, default_severity};
 pub use monitor::{MonitorHandle, MonitorStats};
-pub use physical::{AmcheckStatus, PhysicalReport};
+pub use physical::{AmcheckStatus, PhysicalReport, RelationKind, RelationReport};
+pub use run::TableWideMismatch;
 pub use stats::{ColumnStats, TableStats};
 pub use trends::{Count, Direction, RecoveryAnalysis, Trends, direction};
 

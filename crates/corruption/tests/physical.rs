@@ -96,7 +96,11 @@ async fn damaged_heap_and_index_pages_are_found_through_amcheck() {
         .find(|i| i.kind == CorruptionKind::Index)
         .unwrap_or_else(|| panic!("no index issue: {:?}", report.issues));
     assert_eq!(idx.index.as_deref(), Some("accounts_email"));
-    assert!(report.indexes_checked.contains(&"accounts_pkey".to_owned()));
+    assert!(
+        report
+            .indexes_checked
+            .contains(&"public.accounts_pkey".to_owned())
+    );
 
     // The server counted the checksum failures.
     let failures = det
