@@ -141,27 +141,32 @@ impl CorruptionDetector {
         };
         let group_cols: String = groups.iter().map(|g| format!("{g}, ")).collect();
         let group_text: String = groups.iter().map(|g| format!("{g}::text, ")).collect();
-        // Rows the table lacks against the snapshot's count: probed past the
-        // largest key (of each group).
+        // Arithmetic in numeric (keys near the ends of bigint do not overflow);
+        // each gap's series is cut at the probe limit before it is generated, since
+        // a set-returning function in FROM is computed whole before LIMIT applies.
+        // Past the largest key (of each group), as many keys are probed as the
+        // table has fewer rows than the snapshot.
         let rows = tx
             .query(
                 &format!(
                     "WITH d AS (
-                       SELECT {group_cols}{k}::bigint AS k,
-                              lead({k}::bigint) OVER ({partition} ORDER BY {k}) AS nxt
+                       SELECT {group_cols}{k}::numeric AS k,
+                              lead({k}::numeric) OVER ({partition} ORDER BY {k}) AS nxt
                          FROM {from}),
                      step AS (
                        SELECT coalesce(mode() WITHIN GROUP (ORDER BY nxt - k), 1) AS s
                          FROM d WHERE nxt IS NOT NULL),
                      tail AS (
-                       SELECT greatest($2 - (SELECT count(*) FROM {from}), 0) AS n)
+                       SELECT greatest($2::bigint - (SELECT count(*) FROM {from}), 0) AS n)
                      SELECT {group_text}c::text
                        FROM d, step, tail,
-                            LATERAL generate_series(d.k + step.s,
-                                                    coalesce(d.nxt - 1, d.k + step.s * tail.n),
-                                                    step.s) c
+                            LATERAL generate_series(
+                              d.k + step.s,
+                              least(coalesce(d.nxt - 1, d.k + step.s * tail.n),
+                                    d.k + step.s * $1::bigint, 9223372036854775807),
+                              step.s) c
                       WHERE d.nxt IS NULL OR d.nxt - d.k > step.s
-                      LIMIT $1"
+                      LIMIT $1::bigint"
                 ),
                 &[&self.inner.config.deletion_probe_limit, &expected],
             )

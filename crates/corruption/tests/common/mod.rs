@@ -143,6 +143,74 @@ impl FakeSnapshots {
     }
 }
 
+impl FakeSnapshots {
+    /// Captures every row of `table` (all columns, as text under the canonical
+    /// settings, keyed by its primary key) and adds it to the snapshot.
+    pub async fn capture_table(&self, c: &impl GenericClient, table: &TableRef) {
+        let info = sanare_pg::catalog::describe(c, table).await.unwrap();
+        let select: Vec<String> = info
+            .columns
+            .iter()
+            .map(|col| format!("{}::text", sanare_pg::quote_ident(&col.name)))
+            .collect();
+        c.batch_execute(&format!(
+            "BEGIN; {}",
+            sanare_pg::canonical_settings_local_sql()
+        ))
+        .await
+        .unwrap();
+        let rows = c
+            .query(
+                &format!("SELECT {} FROM {}", select.join(", "), table.quoted()),
+                &[],
+            )
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        let key: Vec<&str> = info.primary_key.iter().map(String::as_str).collect();
+        let mut map = self.rows.lock().unwrap();
+        for r in &rows {
+            let img = RowImage {
+                table: table.clone(),
+                values: info
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| {
+                        ColumnValue::new(
+                            col.name.clone(),
+                            col.type_name.clone(),
+                            r.get::<_, Option<String>>(i),
+                        )
+                    })
+                    .collect(),
+            };
+            map.insert(key_of(&img.row_ref(&key).unwrap()), img);
+        }
+        let mut info_slot = self.info.lock().unwrap();
+        let mut snapshot = info_slot.clone().unwrap_or_else(|| {
+            serde_json::from_value(serde_json::json!({
+                "id": SnapshotId::new(),
+                "created_at": "2026-01-01T00:00:00Z",
+                "status": "ready",
+                "label": null,
+                "base": null,
+                "journal_cut": null,
+                "tables": [],
+                "size_bytes": 0,
+                "stored_bytes": 0,
+                "metadata": {}
+            }))
+            .unwrap()
+        });
+        snapshot.tables.push(
+            serde_json::from_value(serde_json::json!({ "table": table, "rows": rows.len() }))
+                .unwrap(),
+        );
+        *info_slot = Some(snapshot);
+    }
+}
+
 #[async_trait]
 impl SnapshotService for FakeSnapshots {
     async fn create(&self, _: SnapshotRequest, _: &Control) -> Result<SnapshotInfo> {
