@@ -31,7 +31,7 @@ pub(crate) async fn confirm(
             .map(|(n, _)| format!("{}::text", quote_ident(n)))
             .collect::<Vec<_>>()
             .join(", "),
-        plan.from_clause()
+        plan.source_clause()
     );
     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
         .iter()

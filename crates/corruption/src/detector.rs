@@ -354,18 +354,19 @@ impl CorruptionDetector {
     pub async fn resolve(&self, id: IssueId, resolution: &str) -> Result<bool> {
         let conn = get_conn(&self.inner.pool).await?;
         let done = issue::resolve_issue(&**conn, &self.inner.schema, id, resolution).await?;
-        if done && let Some(sink) = &self.inner.alerts {
-            if let Some(i) = issue::get_issue(&**conn, &self.inner.schema, id).await? {
-                let mut alert = alert_for(&i);
-                alert.resolved = true;
-                alert.title = format!("resolved: {}", alert.title);
-                let sink = Arc::clone(sink);
-                tokio::spawn(async move {
-                    if let Err(e) = sink.send(&alert).await {
-                        tracing::warn!(sink = sink.name(), error = %e, "sending a resolve alert failed");
-                    }
-                });
-            }
+        if done
+            && let Some(sink) = &self.inner.alerts
+            && let Some(i) = issue::get_issue(&**conn, &self.inner.schema, id).await?
+        {
+            let mut alert = alert_for(&i);
+            alert.resolved = true;
+            alert.title = format!("resolved: {}", alert.title);
+            let sink = Arc::clone(sink);
+            tokio::spawn(async move {
+                if let Err(e) = sink.send(&alert).await {
+                    tracing::warn!(sink = sink.name(), error = %e, "sending a resolve alert failed");
+                }
+            });
         }
         Ok(done)
     }

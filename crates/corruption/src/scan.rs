@@ -142,7 +142,7 @@ impl TablePlan {
     /// What a query reading the table's rows by key selects from: the table alone
     /// (`ONLY`: an inheritance parent's children are tables of their own), or a
     /// partitioned table with its partitions.
-    pub(crate) fn from_clause(&self) -> String {
+    pub(crate) fn source_clause(&self) -> String {
         match self.relations.as_slice() {
             [(only, _)] if *only == self.table => format!("ONLY {}", self.table.quoted()),
             _ => self.table.quoted(),
