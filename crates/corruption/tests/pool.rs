@@ -3,22 +3,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use sanare_core::Control;
-use sanare_corruption::{CorruptionDetector, DetectorConfig};
+use sanare_corruption::DetectorConfig;
 use sanare_testing::test_db;
-
-fn detector(pool: &sanare_pg::Pool, config: DetectorConfig) -> CorruptionDetector {
-    CorruptionDetector::builder()
-        .pool(pool.clone())
-        .checksum(Arc::new(Blake3Rows))
-        .config(config)
-        .build()
-        .unwrap()
-}
 
 /// Takes every connection of `pool` at once and writes through each, as a host
 /// would: none may be read-only, in a transaction, or aborted.
@@ -48,7 +38,7 @@ async fn a_cancelled_or_aborted_scan_leaves_the_shared_pool_clean() {
     let mut cfg = DetectorConfig::default();
     cfg.parallelism = 2;
     cfg.chunk_blocks = 1;
-    let det = detector(&pool, cfg);
+    let det = detector_with(&pool, cfg);
     det.migrate().await.unwrap();
 
     // Cancelled: the workers have begun their snapshot transactions when they see
@@ -93,7 +83,7 @@ async fn a_failed_monitor_poll_leaves_the_shared_pool_clean_and_the_monitor_reco
     let pool = sanare_pg::connect_pool(db.url(), 1).unwrap();
     let mut cfg = DetectorConfig::default();
     cfg.monitor_interval = Duration::from_millis(50);
-    let det = detector(&pool, cfg);
+    let det = detector_with(&pool, cfg);
     det.migrate().await.unwrap();
     let monitor = det.start_monitor(vec![accounts()]).await.unwrap();
 
@@ -104,11 +94,11 @@ async fn a_failed_monitor_poll_leaves_the_shared_pool_clean_and_the_monitor_reco
         .batch_execute("ALTER TABLE accounts RENAME COLUMN full_name TO display_name")
         .await
         .unwrap();
-    wait_until(|| monitor.stats().errors >= 1).await;
+    wait_for(|| monitor.stats().errors >= 1).await;
     // It plans again and keeps polling without failing.
     let errors = monitor.stats().errors;
     let polls = monitor.stats().polls;
-    wait_until(|| monitor.stats().polls >= polls + 3).await;
+    wait_for(|| monitor.stats().polls >= polls + 3).await;
     let stats = monitor.stop().await;
     assert_eq!(stats.errors, errors, "polls after the failure succeed");
 
@@ -138,14 +128,4 @@ async fn in_transaction(c: &tokio_postgres::Client) -> bool {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("t"),
         _ => false,
     })
-}
-
-async fn wait_until(mut f: impl FnMut() -> bool) {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("condition not reached within 30 s");
 }

@@ -15,18 +15,9 @@ use sanare_corruption::{CorruptionDetector, DetectorConfig, IssueQuery, Layer};
 use sanare_pg::SchemaName;
 use sanare_testing::test_db;
 
-fn detector(pool: &sanare_pg::Pool, config: DetectorConfig) -> CorruptionDetector {
-    // BLAKE3: right for `accounts` (the application writes BLAKE3 checksums), wrong
-    // for the tables whose trigger writes SHA-256.
-    CorruptionDetector::builder()
-        .pool(pool.clone())
-        .checksum(Arc::new(Blake3Rows))
-        .config(config)
-        .build()
-        .unwrap()
-}
-
-/// `name` with `n` rows whose checksums the SQL trigger keeps (SHA-256).
+/// `name` with `n` rows whose checksums the SQL trigger keeps (SHA-256), where the
+/// detectors here check BLAKE3 (right for `accounts`, whose application writes
+/// BLAKE3): a wrong algorithm.
 async fn trigger_table(c: &mut tokio_postgres::Client, name: &str, n: i64) -> TableRef {
     let schema = SchemaName::default();
     sanare_integrity::migrate(c, &schema).await.unwrap();
@@ -59,7 +50,7 @@ async fn a_wrong_algorithm_is_one_table_wide_finding_and_real_damage_is_still_fo
     )
     .await
     .unwrap();
-    let det = detector(db.pool(), DetectorConfig::default());
+    let det = detector_with(db.pool(), DetectorConfig::default());
     det.migrate().await.unwrap();
     let report = det
         .scan_tables(
@@ -115,7 +106,7 @@ async fn the_suspect_limit_is_configurable_and_without_a_storm_small_damage_is_r
         .unwrap();
     let mut cfg = DetectorConfig::default();
     cfg.max_suspects_per_table = 3;
-    let det = detector(db.pool(), cfg);
+    let det = detector_with(db.pool(), cfg);
     det.migrate().await.unwrap();
     let report = det
         .scan_table(&accounts(), &Control::detached())
@@ -133,7 +124,7 @@ async fn the_suspect_limit_is_configurable_and_without_a_storm_small_damage_is_r
     assert!(report.issues[0].row.is_none());
 
     // The same damage under the default limit: five row findings.
-    let det = detector(db.pool(), DetectorConfig::default());
+    let det = detector_with(db.pool(), DetectorConfig::default());
     let report = det
         .scan_table(&accounts(), &Control::detached())
         .await
@@ -160,7 +151,7 @@ async fn the_monitor_reports_a_storm_of_changed_rows_once() {
     let hot = trigger_table(&mut c, "hot", 200).await;
     let mut cfg = DetectorConfig::default();
     cfg.monitor_interval = Duration::from_millis(50);
-    let det = detector(db.pool(), cfg);
+    let det = detector_with(db.pool(), cfg);
     det.migrate().await.unwrap();
     let monitor = det.start_monitor(vec![hot.clone()]).await.unwrap();
     c.batch_execute("UPDATE hot SET v = v || '!' WHERE id <= 150")

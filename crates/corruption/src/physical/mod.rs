@@ -59,6 +59,18 @@ pub struct PhysicalReport {
     pub issues: Vec<CorruptionIssue>,
 }
 
+/// The installed amcheck's version, if it is installed.
+async fn amcheck_version(client: &tokio_postgres::Client) -> Result<Option<String>> {
+    Ok(client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'amcheck'",
+            &[],
+        )
+        .await
+        .context("looking for the amcheck extension")?
+        .map(|r| r.get(0)))
+}
+
 impl CorruptionDetector {
     /// Whether amcheck is usable by this role (installing it when configured to).
     pub async fn amcheck_status(&self) -> Result<AmcheckStatus> {
@@ -66,29 +78,13 @@ impl CorruptionDetector {
             return Ok(AmcheckStatus::Disabled);
         }
         let conn = get_conn(&self.inner.pool).await?;
-        let mut version: Option<String> = conn
-            .query_opt(
-                "SELECT extversion FROM pg_extension WHERE extname = 'amcheck'",
-                &[],
-            )
-            .await
-            .context("looking for the amcheck extension")?
-            .map(|r| r.get(0));
+        let mut version = amcheck_version(&conn).await?;
         if version.is_none() && self.inner.config.create_amcheck {
             match conn
                 .batch_execute("CREATE EXTENSION IF NOT EXISTS amcheck")
                 .await
             {
-                Ok(()) => {
-                    version = conn
-                        .query_opt(
-                            "SELECT extversion FROM pg_extension WHERE extname = 'amcheck'",
-                            &[],
-                        )
-                        .await
-                        .context("looking for the amcheck extension")?
-                        .map(|r| r.get(0));
-                }
+                Ok(()) => version = amcheck_version(&conn).await?,
                 Err(e) => {
                     return Ok(AmcheckStatus::Unavailable {
                         reason: format!(
