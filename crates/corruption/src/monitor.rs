@@ -16,6 +16,13 @@
 //! measured and rejected: a backend flushes its counters up to 10 s after a commit,
 //! which would stretch the detection latency to that.)
 //!
+//! A poll whose changed rows of one table mostly fail their checksums (at least 10,
+//! or more than the suspect limit) reports one table-wide mismatch, as a scan does:
+//! the application writing with another checksum configuration looks like that. A
+//! burst of tampering looks the same to a poll; it is still reported (one issue, no
+//! automatic repair), and the next periodic scan, which weighs the whole table,
+//! names its rows.
+//!
 //! Why not a trigger with `LISTEN/NOTIFY`: a `NOTIFY` in the host's transaction
 //! takes a database-wide lock on the notification queue at commit, serialising the
 //! host's commits; a trigger also runs inside every write. Polling adds nothing to
