@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use sanare::core::TableRef;
 use sanare::core::ValidationScope;
-use sanare::corruption::CorruptionIssue;
+use sanare::corruption::{CorruptionIssue, PhysicalReport, ScanReport};
 
 use crate::output::with_progress;
 use crate::{Context, EXIT_FINDINGS};
@@ -114,61 +115,164 @@ pub(crate) async fn scan(ctx: &Context, args: ScanArgs) -> anyhow::Result<u8> {
             let mut physical_reports = Vec::new();
             let mut failures = None;
             if physical {
-                let all = report
+                let all: Vec<_> = report
                     .tables_scanned
                     .iter()
-                    .chain(report.tables_skipped.iter().map(|(t, _)| t));
-                for table in all {
-                    physical_reports.push(detector.check_physical(table, &control).await?);
-                }
+                    .chain(report.tables_skipped.iter().map(|(t, _)| t))
+                    .cloned()
+                    .collect();
+                physical_reports = detector.check_physical_tables(&all, &control).await?;
                 failures = detector.check_checksum_failures().await?;
             }
             anyhow::Ok((report, physical_reports, failures))
         })
         .await?;
-    let mut issues: Vec<&CorruptionIssue> = report.issues.iter().collect();
-    issues.extend(physical_reports.iter().flat_map(|p| p.issues.iter()));
-    issues.extend(failures.iter());
-    let value = serde_json::json!({
-        "scan": report,
-        "physical": physical_reports,
-        "checksum_failures": failures,
-    });
-    ctx.out.print(&value, |out| {
+    let issues = || {
+        report
+            .issues
+            .iter()
+            .chain(physical_reports.iter().flat_map(|p| p.issues.iter()))
+            .chain(failures.iter())
+    };
+    let found = issues().count();
+    if ctx.out.json() {
+        write_scan_json(&report, &physical_reports, failures.as_ref(), issues())?;
+    } else {
+        print_scan(&report, &physical_reports, found, issues());
+    }
+    Ok(if found == 0 { 0 } else { EXIT_FINDINGS })
+}
+
+/// Rows of the human issue table; the rest are counted (all are in `--json` and in
+/// the store: `sanare` keeps every finding in `corruption_issues`).
+const HUMAN_ISSUES: usize = 100;
+
+fn print_scan<'a>(
+    report: &ScanReport,
+    physical: &[PhysicalReport],
+    found: usize,
+    issues: impl Iterator<Item = &'a CorruptionIssue>,
+) {
+    let mut out = crate::output::Human;
+    out.line(format!(
+        "scanned {} rows of {} tables in {:.1}s — {found} issues",
+        report.rows_scanned,
+        report.tables_scanned.len(),
+        report.duration.as_secs_f64(),
+    ));
+    for (table, why) in &report.tables_skipped {
+        out.line(format!("skipped {table}: {why}"));
+    }
+    for w in &report.table_wide {
+        out.line(format!("{}: nothing of it will be repaired", w.reason));
+    }
+    for p in physical {
         out.line(format!(
-            "scanned {} rows of {} tables in {:.1}s — {} issues",
-            report.rows_scanned,
-            report.tables_scanned.len(),
-            report.duration.as_secs_f64(),
-            issues.len()
+            "physical {}: amcheck {:?}, {} heap blocks, {} indexes, {} relations",
+            p.table,
+            p.amcheck,
+            p.heap_blocks_checked,
+            p.indexes_checked.len(),
+            p.relations.len()
         ));
-        for (table, why) in &report.tables_skipped {
-            out.line(format!("skipped {table}: {why}"));
-        }
-        for p in &physical_reports {
+    }
+    if found > 0 {
+        out.table(
+            &["kind", "severity", "table", "row", "what", "do"],
+            issues.take(HUMAN_ISSUES).map(|i| {
+                vec![
+                    format!("{:?}", i.kind),
+                    i.severity.to_string(),
+                    i.table.to_string(),
+                    i.row.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    i.description.clone(),
+                    i.recommended_action.clone(),
+                ]
+            }),
+        );
+        if found > HUMAN_ISSUES {
             out.line(format!(
-                "physical {}: amcheck {:?}, {} heap blocks, {} indexes",
-                p.table,
-                p.amcheck,
-                p.heap_blocks_checked,
-                p.indexes_checked.len()
+                "… and {} more (`sanare scan --json` prints every one)",
+                found - HUMAN_ISSUES
             ));
         }
-        if !issues.is_empty() {
-            out.table(
-                &["kind", "severity", "table", "row", "what", "do"],
-                issues.iter().map(|i| {
-                    vec![
-                        format!("{:?}", i.kind),
-                        i.severity.to_string(),
-                        i.table.to_string(),
-                        i.row.as_ref().map(ToString::to_string).unwrap_or_default(),
-                        i.description.clone(),
-                        i.recommended_action.clone(),
-                    ]
-                }),
-            );
+    }
+}
+
+/// The scan as one JSON document, written as it goes: the report's figures, the
+/// physical reports' figures, then the issues one by one (never one value of
+/// everything in memory).
+///
+/// `{"scan": {…}, "physical": [{…}], "checksum_failures": {…}|null, "issues": [{…}, …]}`
+fn write_scan_json<'a>(
+    report: &ScanReport,
+    physical: &[PhysicalReport],
+    failures: Option<&CorruptionIssue>,
+    issues: impl Iterator<Item = &'a CorruptionIssue>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+
+    #[derive(serde::Serialize)]
+    struct ScanFigures<'r> {
+        tables_scanned: &'r [TableRef],
+        tables_skipped: &'r [(TableRef, String)],
+        rows_scanned: u64,
+        chunks: u64,
+        suspects: u64,
+        table_wide: &'r [sanare::corruption::TableWideMismatch],
+        issues: usize,
+        duration: std::time::Duration,
+    }
+    #[derive(serde::Serialize)]
+    struct PhysicalFigures<'r> {
+        table: &'r TableRef,
+        amcheck: &'r sanare::corruption::AmcheckStatus,
+        heap_blocks_checked: u64,
+        indexes_checked: &'r [String],
+        relations: &'r [sanare::corruption::RelationReport],
+        issues: usize,
+    }
+    let stdout = std::io::stdout();
+    let mut w = std::io::BufWriter::new(stdout.lock());
+    w.write_all(b"{\"scan\":")?;
+    serde_json::to_writer(
+        &mut w,
+        &ScanFigures {
+            tables_scanned: &report.tables_scanned,
+            tables_skipped: &report.tables_skipped,
+            rows_scanned: report.rows_scanned,
+            chunks: report.chunks,
+            suspects: report.suspects,
+            table_wide: &report.table_wide,
+            issues: report.issues.len(),
+            duration: report.duration,
+        },
+    )?;
+    w.write_all(b",\"physical\":[")?;
+    for (i, p) in physical.iter().enumerate() {
+        if i > 0 {
+            w.write_all(b",")?;
         }
-    });
-    Ok(if issues.is_empty() { 0 } else { EXIT_FINDINGS })
+        serde_json::to_writer(
+            &mut w,
+            &PhysicalFigures {
+                table: &p.table,
+                amcheck: &p.amcheck,
+                heap_blocks_checked: p.heap_blocks_checked,
+                indexes_checked: &p.indexes_checked,
+                relations: &p.relations,
+                issues: p.issues.len(),
+            },
+        )?;
+    }
+    w.write_all(b"],\"checksum_failures\":")?;
+    serde_json::to_writer(&mut w, &failures)?;
+    w.write_all(b",\"issues\":[")?;
+    for (i, issue) in issues.enumerate() {
+        w.write_all(if i == 0 { b"\n" } else { b",\n" })?;
+        serde_json::to_writer(&mut w, issue)?;
+    }
+    w.write_all(b"]}\n")?;
+    w.flush()?;
+    Ok(())
 }

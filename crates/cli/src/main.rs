@@ -12,6 +12,12 @@
 //! | 3 | success, and findings exist (violations, corruption, damage, a crash to recover) |
 //! | 4 | a repair or recovery needs an operator's approval before it can run |
 //!
+//! A failed command prints `sanare: ` and the whole error on stderr — when the
+//! server refused a statement, PostgreSQL's own words (message, SQLSTATE, position,
+//! `DETAIL`, `HINT`, `CONTEXT`). With `--json` it also prints
+//! `{"error": {"kind", "message", "retryable", "server": {"code", "message",
+//! "detail", "hint", "position", …}}}` on stdout.
+//!
 //! The CLI builds the same [`sanare::Sanare`] a service does, as an *operator*
 //! handle: it never touches the service's shutdown marker or crash spool and runs
 //! no background work.
@@ -149,7 +155,11 @@ impl Context {
             sanare_pg::tokio_postgres::connect(url, sanare_pg::tokio_postgres::NoTls)
                 .await
                 .map_err(|e| {
-                    anyhow::anyhow!("cannot connect to {}: {e}", sanare_pg::redact(url))
+                    anyhow::anyhow!(
+                        "cannot connect to {}: {}",
+                        sanare_pg::redact(url),
+                        sanare_pg::describe_pg_error(&e)
+                    )
                 })?;
         tokio::spawn(conn);
         Ok(client)
@@ -178,10 +188,11 @@ impl Context {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     match run(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("sanare: {e:#}");
+            output::print_error(&e, json);
             ExitCode::FAILURE
         }
     }

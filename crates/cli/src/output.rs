@@ -66,6 +66,31 @@ impl Human {
     }
 }
 
+/// Prints the error a command failed with: the whole chain (each message once) on
+/// stderr and, with `--json`, the same as a JSON object on stdout, with the
+/// server's words as fields when PostgreSQL refused a statement.
+pub(crate) fn print_error(e: &anyhow::Error, json: bool) {
+    let message = format!("{e:#}");
+    eprintln!("sanare: {message}");
+    if json {
+        let core = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<sanare::core::Error>());
+        let value = serde_json::json!({
+            "error": {
+                "kind": core.map_or("other", sanare::core::Error::kind_name),
+                "message": message,
+                "retryable": core.is_some_and(sanare::core::Error::is_retryable),
+                "server": core.and_then(sanare::core::Error::server),
+            }
+        });
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{value}");
+        }
+    }
+}
+
 /// Runs long work with a progress bar on a terminal (none with `--json` or when
 /// stderr is not a terminal); Ctrl-C cancels the work cleanly.
 pub(crate) async fn with_progress<T, F, Fut>(out: &Output, label: &str, work: F) -> T

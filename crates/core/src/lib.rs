@@ -39,7 +39,7 @@ mod violation;
 
 pub use alert::{Alert, AlertSink};
 pub use control::{Control, Progress, ProgressHandle, ProgressReporter};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, ErrorReport, Result, ServerError, error_chain_message};
 pub use event::{CrashKind, Event, EventBus, EventRecord, EventSubscription};
 pub use id::{
     AlertId, CheckId, CrashId, EventId, IssueId, JournalEntryId, RecoveryId, RepairId,

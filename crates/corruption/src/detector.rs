@@ -2,20 +2,22 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinSet;
-use tracing::Instrument;
 
 use sanare_core::{
-    Alert, AlertSink, Control, CorruptionKind, Error, Event, EventBus, IssueId, JournalService,
-    Result, RowChecksum, SnapshotService, TableRef,
+    Alert, AlertSink, Control, Error, Event, EventBus, IssueId, JournalService, Result,
+    RowChecksum, SnapshotService, TableRef,
 };
-use sanare_pg::{MigrationReport, PgResultExt, Pool, SchemaName, catalog, get_conn};
+use sanare_pg::{MigrationReport, Pool, SchemaName, catalog, get_conn};
 
 use crate::issue::{self, CorruptionIssue, IssueQuery};
-use crate::scan::{self, TablePlan};
+use crate::run::TableWideMismatch;
+
+/// Issues written to the store per statement: a scan records its findings table
+/// by table in batches of at most this many, never all at once.
+pub(crate) const RECORD_BATCH: usize = 500;
 
 /// Tunables of the detector. Plain data; `Default` is sensible.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,6 +33,16 @@ pub struct DetectorConfig {
     pub chunk_blocks: u32,
     /// Chunks scanned at once (connections used).
     pub parallelism: usize,
+    /// Relations (heaps, TOAST tables, indexes) checked at once by physical checks
+    /// (connections used).
+    pub physical_jobs: usize,
+    /// Rows of one table a scan keeps as suspects. Past it the table is reported as
+    /// a table-wide mismatch ("probably configuration, not corruption"), its rows
+    /// are not recorded one by one, and no repair is planned from the scan.
+    pub max_suspects_per_table: u64,
+    /// Share of a table's rows (with at least 10 mismatches) whose failing
+    /// checksums also make a table-wide mismatch, in `(0, 1]`.
+    pub table_wide_fraction: f64,
     /// `statement_timeout` of each chunk.
     pub chunk_timeout: Duration,
     /// How often the real-time monitor polls.
@@ -57,6 +69,9 @@ impl Default for DetectorConfig {
             checksum_column: "row_checksum".into(),
             chunk_blocks: 2048,
             parallelism: 2,
+            physical_jobs: 2,
+            max_suspects_per_table: 1_000,
+            table_wide_fraction: 0.5,
             chunk_timeout: Duration::from_secs(300),
             monitor_interval: Duration::from_secs(1),
             amcheck: true,
@@ -66,6 +81,34 @@ impl Default for DetectorConfig {
             max_row_count_drop: 0.1,
             deletion_probe_limit: 10_000,
         }
+    }
+}
+
+impl DetectorConfig {
+    /// Checks values that make no sense: zero chunk sizes, workers or suspects, a
+    /// fraction outside `(0, 1]`.
+    pub fn validate(&self) -> Result<()> {
+        let at_least_one = [
+            ("corruption.chunk_blocks", u64::from(self.chunk_blocks)),
+            ("corruption.parallelism", self.parallelism as u64),
+            ("corruption.physical_jobs", self.physical_jobs as u64),
+            (
+                "corruption.max_suspects_per_table",
+                self.max_suspects_per_table,
+            ),
+        ];
+        for (key, v) in at_least_one {
+            if v == 0 {
+                return Err(Error::config(key, "must be at least 1"));
+            }
+        }
+        if !(self.table_wide_fraction > 0.0 && self.table_wide_fraction <= 1.0) {
+            return Err(Error::config(
+                "corruption.table_wide_fraction",
+                format!("must be in (0, 1], not {}", self.table_wide_fraction),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -81,9 +124,15 @@ pub struct ScanReport {
     pub rows_scanned: u64,
     /// Chunks read.
     pub chunks: u64,
-    /// Rows whose checksum failed in the scan snapshot (before re-reading).
+    /// Rows whose checksum failed in the scan snapshot (before re-reading), kept
+    /// as suspects or not.
     pub suspects: u64,
-    /// Confirmed findings (new or already known).
+    /// Tables whose mismatches look like configuration, not corruption: each is
+    /// one issue in `issues`, without a row; nothing is planned from it.
+    pub table_wide: Vec<TableWideMismatch>,
+    /// Confirmed findings (new or already known), recorded as they were confirmed.
+    /// Bounded: at most `max_suspects_per_table` row findings per table, plus
+    /// damaged chunks and table-wide mismatches.
     pub issues: Vec<CorruptionIssue>,
     /// Wall time.
     pub duration: Duration,
@@ -195,12 +244,7 @@ impl CorruptionDetectorBuilder {
                 "a RowChecksum is required (the integrity crate provides it)",
             )
         })?;
-        if self.config.chunk_blocks == 0 || self.config.parallelism == 0 {
-            return Err(Error::config(
-                "corruption.chunk_blocks",
-                "chunk_blocks and parallelism must be at least 1",
-            ));
-        }
+        self.config.validate()?;
         Ok(CorruptionDetector {
             inner: Arc::new(Inner {
                 pool,
@@ -239,9 +283,10 @@ impl CorruptionDetector {
         crate::migrate(&mut conn, &self.inner.schema).await
     }
 
-    /// Records `issues`: stores each (one unresolved issue per fingerprint), and for
-    /// each new one publishes `CorruptionDetected`, counts it and sends an alert in
-    /// the background. Returns the issues that were new.
+    /// Records `issues`: stores them (one unresolved issue per fingerprint) in
+    /// batches of at most 500 per statement, and for each new one publishes
+    /// `CorruptionDetected`, counts it and sends an alert in the background.
+    /// Returns the issues that were new.
     pub async fn record(&self, issues: &[CorruptionIssue]) -> Result<Vec<CorruptionIssue>> {
         if issues.is_empty() {
             return Ok(Vec::new());
@@ -252,39 +297,50 @@ impl CorruptionDetector {
         };
         let conn = get_conn(&self.inner.pool).await?;
         let mut new = Vec::new();
-        for issue in issues {
-            let mut issue = issue.clone();
-            if let Some(head) = journal_head
-                && let serde_json::Value::Object(map) = &mut issue.affected
-            {
-                map.insert("journal_head".into(), serde_json::json!(head.0));
-            }
-            if !issue::insert_issue(&**conn, &self.inner.schema, &issue).await? {
-                continue;
-            }
-            metrics::counter!("sanare_corruption_issues_total",
-                "kind" => issue.kind.as_str(), "layer" => issue.layer.as_str())
-            .increment(1);
-            tracing::warn!(table = %issue.table, kind = issue.kind.as_str(),
-                severity = %issue.severity, "{}", issue.description);
-            self.inner.events.publish(Event::CorruptionDetected {
-                issue: issue.id,
-                table: issue.table.clone(),
-                kind: issue.kind,
-                severity: issue.severity,
-            });
-            if let Some(sink) = &self.inner.alerts {
-                let sink = Arc::clone(sink);
-                let alert = alert_for(&issue);
-                tokio::spawn(async move {
-                    if let Err(e) = sink.send(&alert).await {
-                        tracing::warn!(sink = sink.name(), error = %e, "sending a corruption alert failed");
+        for batch in issues.chunks(RECORD_BATCH) {
+            let batch: Vec<CorruptionIssue> = batch
+                .iter()
+                .cloned()
+                .map(|mut issue| {
+                    if let Some(head) = journal_head
+                        && let serde_json::Value::Object(map) = &mut issue.affected
+                    {
+                        map.insert("journal_head".into(), serde_json::json!(head.0));
                     }
-                });
+                    issue
+                })
+                .collect();
+            let inserted = issue::insert_issues(&**conn, &self.inner.schema, &batch).await?;
+            for issue in batch.into_iter().filter(|i| inserted.contains(&i.id)) {
+                self.announce(&issue);
+                new.push(issue);
             }
-            new.push(issue);
         }
         Ok(new)
+    }
+
+    /// Counts, logs, publishes and alerts a newly recorded issue.
+    fn announce(&self, issue: &CorruptionIssue) {
+        metrics::counter!("sanare_corruption_issues_total",
+            "kind" => issue.kind.as_str(), "layer" => issue.layer.as_str())
+        .increment(1);
+        tracing::warn!(table = %issue.table, kind = issue.kind.as_str(),
+            severity = %issue.severity, "{}", issue.description);
+        self.inner.events.publish(Event::CorruptionDetected {
+            issue: issue.id,
+            table: issue.table.clone(),
+            kind: issue.kind,
+            severity: issue.severity,
+        });
+        if let Some(sink) = &self.inner.alerts {
+            let sink = Arc::clone(sink);
+            let alert = alert_for(issue);
+            tokio::spawn(async move {
+                if let Err(e) = sink.send(&alert).await {
+                    tracing::warn!(sink = sink.name(), error = %e, "sending a corruption alert failed");
+                }
+            });
+        }
     }
 
     /// Stored issues matching `query`, newest first.
@@ -298,22 +354,19 @@ impl CorruptionDetector {
     pub async fn resolve(&self, id: IssueId, resolution: &str) -> Result<bool> {
         let conn = get_conn(&self.inner.pool).await?;
         let done = issue::resolve_issue(&**conn, &self.inner.schema, id, resolution).await?;
-        if done && let Some(sink) = &self.inner.alerts {
-            let found = issue::query_issues(&**conn, &self.inner.schema, &IssueQuery::new())
-                .await?
-                .into_iter()
-                .find(|i| i.id == id);
-            if let Some(i) = found {
-                let mut alert = alert_for(&i);
-                alert.resolved = true;
-                alert.title = format!("resolved: {}", alert.title);
-                let sink = Arc::clone(sink);
-                tokio::spawn(async move {
-                    if let Err(e) = sink.send(&alert).await {
-                        tracing::warn!(sink = sink.name(), error = %e, "sending a resolve alert failed");
-                    }
-                });
-            }
+        if done
+            && let Some(sink) = &self.inner.alerts
+            && let Some(i) = issue::get_issue(&**conn, &self.inner.schema, id).await?
+        {
+            let mut alert = alert_for(&i);
+            alert.resolved = true;
+            alert.title = format!("resolved: {}", alert.title);
+            let sink = Arc::clone(sink);
+            tokio::spawn(async move {
+                if let Err(e) = sink.send(&alert).await {
+                    tracing::warn!(sink = sink.name(), error = %e, "sending a resolve alert failed");
+                }
+            });
         }
         Ok(done)
     }
@@ -336,237 +389,6 @@ impl CorruptionDetector {
     pub async fn scan_table(&self, table: &TableRef, control: &Control) -> Result<ScanReport> {
         self.scan_tables(std::slice::from_ref(table), control).await
     }
-
-    /// Scans `tables`: every row's checksum is verified in one exported snapshot,
-    /// ctid-range chunks read in parallel; suspects are re-read in a fresh snapshot,
-    /// classified against the latest good snapshot, and recorded.
-    pub async fn scan_tables(&self, tables: &[TableRef], control: &Control) -> Result<ScanReport> {
-        let span = tracing::info_span!("corruption.scan", tables = tables.len());
-        async {
-            let started = Instant::now();
-            let mut report = ScanReport::default();
-            let mut plans = Vec::new();
-            {
-                let conn = get_conn(&self.inner.pool).await?;
-                for t in tables {
-                    let info = catalog::describe(&**conn, t).await?;
-                    match TablePlan::new(&info, &self.inner.config.checksum_column) {
-                        Some(p) => {
-                            let p = p.with_text_forms(&**conn, info.oid).await?;
-                            let blocks: i64 = conn
-                                .query_one(
-                                    "SELECT (pg_relation_size($1::oid) / current_setting('block_size')::bigint)",
-                                    &[&info.oid],
-                                )
-                                .await
-                                .context("reading a table's size")?
-                                .get(0);
-                            plans.push((p, blocks));
-                        }
-                        None => report.tables_skipped.push((
-                            t.clone(),
-                            format!(
-                                "no `{}` checksum column or no primary key",
-                                self.inner.config.checksum_column
-                            ),
-                        )),
-                    }
-                }
-            }
-            let chunk = i64::from(self.inner.config.chunk_blocks);
-            let mut jobs: Vec<(usize, i64, Option<i64>)> = Vec::new();
-            for (i, (_, blocks)) in plans.iter().enumerate() {
-                let mut start = 0;
-                loop {
-                    let end = start + chunk;
-                    if end >= *blocks {
-                        jobs.push((i, start, None));
-                        break;
-                    }
-                    jobs.push((i, start, Some(end)));
-                    start = end;
-                }
-            }
-            let progress = control.progress();
-            progress.phase("corruption scan", "chunks", Some(jobs.len() as u64));
-
-            // One snapshot for every worker.
-            let coordinator = get_conn(&self.inner.pool).await?;
-            coordinator
-                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await
-                .context("starting the scan snapshot")?;
-            let snapshot_id: String = coordinator
-                .query_one("SELECT pg_export_snapshot()", &[])
-                .await
-                .context("exporting the scan snapshot")?
-                .get(0);
-            let plans: Arc<Vec<(TablePlan, i64)>> = Arc::new(plans);
-            let queue = Arc::new(std::sync::Mutex::new(jobs.into_iter()));
-            let mut set = JoinSet::new();
-            for _ in 0..self.inner.config.parallelism {
-                let inner = Arc::clone(&self.inner);
-                let plans = Arc::clone(&plans);
-                let queue = Arc::clone(&queue);
-                let snapshot_id = snapshot_id.clone();
-                let control = control.clone();
-                set.spawn(async move { worker(inner, plans, queue, snapshot_id, control).await });
-            }
-            let mut suspects: Vec<Vec<scan::Suspect>> = vec![Vec::new(); plans.len()];
-            let mut physical = Vec::new();
-            let mut first_err = None;
-            while let Some(res) = set.join_next().await {
-                match res {
-                    Ok(Ok(out)) => {
-                        report.rows_scanned += out.rows;
-                        report.chunks += out.chunks;
-                        for (i, s) in out.suspects {
-                            suspects[i].extend(s);
-                        }
-                        physical.extend(out.physical);
-                    }
-                    Ok(Err(e)) => {
-                        control.cancel_token().cancel();
-                        first_err.get_or_insert(e);
-                    }
-                    Err(e) => {
-                        first_err.get_or_insert(Error::other("a scan worker panicked", e));
-                    }
-                }
-            }
-            let _ = coordinator.batch_execute("COMMIT").await;
-            if let Some(e) = first_err {
-                return Err(e);
-            }
-            metrics::counter!("sanare_corruption_rows_scanned_total").increment(report.rows_scanned);
-            let conn = get_conn(&self.inner.pool).await?;
-            let mut found = physical;
-            for (i, (plan, _)) in plans.iter().enumerate() {
-                report.suspects += suspects[i].len() as u64;
-                control.checkpoint()?;
-                found.extend(
-                    scan::confirm_and_classify(
-                        &**conn,
-                        plan,
-                        &*self.inner.checksum,
-                        self.inner.snapshots.as_ref(),
-                        &suspects[i],
-                    )
-                    .await?,
-                );
-                report.tables_scanned.push(plan.table.clone());
-            }
-            self.record(&found).await?;
-            report.issues = found;
-            report.duration = started.elapsed();
-            progress.finish();
-            Ok(report)
-        }
-        .instrument(span)
-        .await
-    }
-}
-
-struct WorkerOut {
-    rows: u64,
-    chunks: u64,
-    suspects: Vec<(usize, Vec<scan::Suspect>)>,
-    physical: Vec<CorruptionIssue>,
-}
-
-type Jobs = Arc<std::sync::Mutex<std::vec::IntoIter<(usize, i64, Option<i64>)>>>;
-
-async fn worker(
-    inner: Arc<Inner>,
-    plans: Arc<Vec<(TablePlan, i64)>>,
-    queue: Jobs,
-    snapshot_id: String,
-    control: Control,
-) -> Result<WorkerOut> {
-    let mut out = WorkerOut {
-        rows: 0,
-        chunks: 0,
-        suspects: Vec::new(),
-        physical: Vec::new(),
-    };
-    let conn = get_conn(&inner.pool).await?;
-    let sql = format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
-         SET LOCAL statement_timeout = {}",
-        sanare_pg::quote_literal(&snapshot_id),
-        inner.config.chunk_timeout.as_millis()
-    );
-    conn.batch_execute(&sql)
-        .await
-        .context("joining the scan snapshot")?;
-    loop {
-        control.checkpoint()?;
-        let job = match queue.lock() {
-            Ok(mut q) => q.next(),
-            Err(_) => return Err(Error::conflict("the scan job queue was poisoned")),
-        };
-        let Some((i, start, end)) = job else { break };
-        let plan = &plans[i].0;
-        let predicate = match end {
-            Some(end) => format!("ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid"),
-            None => format!("ctid >= '({start},0)'::tid"),
-        };
-        conn.batch_execute("SAVEPOINT chunk")
-            .await
-            .context("starting a scan chunk")?;
-        match scan::verify_where(&conn, plan, &*inner.checksum, &predicate).await {
-            Ok((rows, suspects)) => {
-                conn.batch_execute("RELEASE SAVEPOINT chunk")
-                    .await
-                    .context("ending a scan chunk")?;
-                out.rows += rows;
-                if !suspects.is_empty() {
-                    out.suspects.push((i, suspects));
-                }
-            }
-            Err(e) if is_data_corrupted(&e) => {
-                conn.batch_execute("ROLLBACK TO SAVEPOINT chunk")
-                    .await
-                    .context("recovering from a damaged chunk")?;
-                out.physical.push(
-                    CorruptionIssue::new(
-                        plan.table.clone(),
-                        CorruptionKind::Metadata,
-                        crate::Layer::Physical,
-                        format!(
-                            "reading blocks {start}..{} of {} failed: {e}",
-                            end.map_or("end".to_owned(), |e| e.to_string()),
-                            plan.table
-                        ),
-                    )
-                    .with_affected(serde_json::json!({
-                        "start_block": start, "end_block": end, "error": e.to_string(),
-                    })),
-                );
-            }
-            Err(e) => return Err(e),
-        }
-        out.chunks += 1;
-        control.progress().advance(1);
-    }
-    let _ = conn.batch_execute("COMMIT").await;
-    Ok(out)
-}
-
-/// Whether `e` is PostgreSQL's "data corrupted" class (XX001, XX002) or a
-/// data-page checksum failure.
-pub(crate) fn is_data_corrupted(e: &Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = src {
-        if let Some(pg) = s.downcast_ref::<tokio_postgres::Error>()
-            && let Some(code) = pg.code()
-        {
-            let c = code.code();
-            return c == "XX001" || c == "XX002";
-        }
-        src = s.source();
-    }
-    false
 }
 
 /// The alert for an issue.

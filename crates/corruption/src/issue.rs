@@ -139,9 +139,16 @@ impl CorruptionIssue {
         self
     }
 
-    /// A stable identity of the problem (kind, table, row, column, index): the same
-    /// damage found twice has the same fingerprint, and only one unresolved issue is
-    /// stored per fingerprint. Also the alert dedup key.
+    /// Sets the recommended action.
+    pub fn with_recommended_action(mut self, action: impl Into<String>) -> Self {
+        self.recommended_action = action.into();
+        self
+    }
+
+    /// A stable identity of the problem (kind, table, row, column, index, and for a
+    /// physical finding the relation and block): the same damage found twice has
+    /// the same fingerprint, and only one unresolved issue is stored per
+    /// fingerprint. Also the alert dedup key.
     pub fn fingerprint(&self) -> String {
         let row = self
             .row
@@ -154,14 +161,21 @@ impl CorruptionIssue {
                     .join(",")
             })
             .unwrap_or_default();
-        format!(
+        let mut fp = format!(
             "corruption:{}:{}:{}:{}:{}",
             self.kind.as_str(),
             self.table,
             row,
             self.column.as_deref().unwrap_or(""),
             self.index.as_deref().unwrap_or("")
-        )
+        );
+        if self.layer == Layer::Physical
+            && let Some(block) = self.affected.get("block").and_then(|b| b.as_i64())
+        {
+            let relation = self.affected.get("relation").and_then(|r| r.as_str());
+            fp.push_str(&format!(":{}@{block}", relation.unwrap_or("")));
+        }
+        fp
     }
 
     /// The finding as a [`Violation`] for the repair engine (same id bytes, kind
@@ -265,49 +279,92 @@ impl IssueQuery {
     }
 }
 
-/// Inserts `issue` unless an unresolved issue with the same fingerprint exists.
-/// Returns whether it was new.
-pub(crate) async fn insert_issue(
+/// Inserts `issues` in one statement, each unless an unresolved issue with the
+/// same fingerprint exists (or an earlier one of `issues` has it). Returns the ids
+/// of those inserted.
+pub(crate) async fn insert_issues(
     client: &impl GenericClient,
     schema: &SchemaName,
-    issue: &CorruptionIssue,
-) -> Result<bool> {
-    let row_key = issue
-        .row
-        .as_ref()
-        .map(|r| serde_json::to_value(&r.key))
-        .transpose()
-        .map_err(|e| Error::other("encoding a row key", e))?;
-    let n = client
-        .execute(
+    issues: &[CorruptionIssue],
+) -> Result<std::collections::HashSet<IssueId>> {
+    let mut ids = Vec::with_capacity(issues.len());
+    let mut detected = Vec::with_capacity(issues.len());
+    let mut text: [Vec<Option<String>>; 10] = Default::default();
+    let mut row_keys = Vec::with_capacity(issues.len());
+    let mut affected = Vec::with_capacity(issues.len());
+    for issue in issues {
+        ids.push(issue.id.as_uuid());
+        detected.push(issue.detected_at);
+        row_keys.push(
+            issue
+                .row
+                .as_ref()
+                .map(|r| serde_json::to_value(&r.key))
+                .transpose()
+                .map_err(|e| Error::other("encoding a row key", e))?,
+        );
+        affected.push(issue.affected.clone());
+        let fields = [
+            Some(issue.table.schema.clone()),
+            Some(issue.table.name.clone()),
+            Some(issue.kind.as_str().to_owned()),
+            Some(issue.severity.as_str().to_owned()),
+            Some(issue.layer.as_str().to_owned()),
+            issue.column.clone(),
+            issue.index.clone(),
+            Some(issue.description.clone()),
+            Some(issue.recommended_action.clone()),
+            Some(issue.fingerprint()),
+        ];
+        for (column, value) in text.iter_mut().zip(fields) {
+            column.push(value);
+        }
+    }
+    let [
+        ts,
+        tn,
+        kind,
+        severity,
+        layer,
+        column,
+        index,
+        description,
+        action,
+        fingerprint,
+    ] = &text;
+    let rows = client
+        .query(
             &format!(
                 "INSERT INTO {} (id, detected_at, table_schema, table_name, corruption_type, \
                  severity, layer, row_key, column_name, index_name, description, affected, \
                  recommended_action, fingerprint) \
-                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) \
-                 ON CONFLICT (fingerprint) WHERE resolved_at IS NULL DO NOTHING",
+                 SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], \
+                   $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::text[], \
+                   $11::text[], $12::jsonb[], $13::text[], $14::text[]) \
+                 ON CONFLICT (fingerprint) WHERE resolved_at IS NULL DO NOTHING \
+                 RETURNING id",
                 schema.table("corruption_issues")
             ),
             &[
-                &issue.id.as_uuid(),
-                &issue.detected_at,
-                &issue.table.schema,
-                &issue.table.name,
-                &issue.kind.as_str(),
-                &issue.severity.as_str(),
-                &issue.layer.as_str(),
-                &row_key,
-                &issue.column,
-                &issue.index,
-                &issue.description,
-                &issue.affected,
-                &issue.recommended_action,
-                &issue.fingerprint(),
+                &ids,
+                &detected,
+                ts,
+                tn,
+                kind,
+                severity,
+                layer,
+                &row_keys,
+                column,
+                index,
+                description,
+                &affected,
+                action,
+                fingerprint,
             ],
         )
         .await
-        .context("recording a corruption issue")?;
-    Ok(n == 1)
+        .context("recording corruption issues")?;
+    Ok(rows.iter().map(|r| IssueId::from_uuid(r.get(0))).collect())
 }
 
 pub(crate) async fn query_issues(
@@ -323,9 +380,7 @@ pub(crate) async fn query_issues(
     let rows = client
         .query(
             &format!(
-                "SELECT id, detected_at, table_schema, table_name, corruption_type, severity, \
-                 layer, row_key, column_name, index_name, description, affected, \
-                 recommended_action, resolved_at, resolution FROM {} \
+                "SELECT {ISSUE_COLUMNS} FROM {} \
                  WHERE ($1::timestamptz IS NULL OR detected_at >= $1) \
                    AND ($2::timestamptz IS NULL OR detected_at < $2) \
                    AND ($3::text IS NULL OR (table_schema = $3 AND table_name = $4)) \
@@ -339,6 +394,31 @@ pub(crate) async fn query_issues(
         .context("querying corruption issues")?;
     rows.iter().map(issue_from_row).collect()
 }
+
+/// One stored issue by id.
+pub(crate) async fn get_issue(
+    client: &impl GenericClient,
+    schema: &SchemaName,
+    id: IssueId,
+) -> Result<Option<CorruptionIssue>> {
+    client
+        .query_opt(
+            &format!(
+                "SELECT {ISSUE_COLUMNS} FROM {} WHERE id = $1",
+                schema.table("corruption_issues")
+            ),
+            &[&id.as_uuid()],
+        )
+        .await
+        .context("reading a corruption issue")?
+        .as_ref()
+        .map(issue_from_row)
+        .transpose()
+}
+
+const ISSUE_COLUMNS: &str = "id, detected_at, table_schema, table_name, corruption_type, \
+    severity, layer, row_key, column_name, index_name, description, affected, \
+    recommended_action, resolved_at, resolution";
 
 fn issue_from_row(r: &tokio_postgres::Row) -> Result<CorruptionIssue> {
     let table = TableRef::new(r.get::<_, String>(2), r.get::<_, String>(3));

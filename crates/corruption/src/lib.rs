@@ -3,21 +3,32 @@
 //!
 //! # Layers
 //! - **checksum**: every row of a table with a checksum column (default
-//!   `row_checksum`, `bytea`) is re-hashed through the canonical [`RowChecksum`](sanare_core::RowChecksum)
-//!   (implemented by the integrity crate) and compared with the stored value
-//!   ([`CorruptionDetector::scan_table`], [`CorruptionDetector::scan_all`]);
+//!   `row_checksum`, `bytea`) — every partition of a partitioned table — is re-hashed
+//!   through the canonical [`RowChecksum`](sanare_core::RowChecksum) (implemented by
+//!   the integrity crate) and compared with the stored value
+//!   ([`CorruptionDetector::scan_table`], [`CorruptionDetector::scan_all`]). A table
+//!   failing on too many rows is one [`TableWideMismatch`]: a configuration problem,
+//!   recorded without rows, never repaired;
 //! - **pattern**: a confirmed mismatch is classified against the row's last known
 //!   good version from the latest good snapshot ([`classify_value`]): one flipped bit
 //!   is a `BitFlip`, a prefix a `Truncation`, a row the snapshot does not have an
 //!   `Injection`; rows the snapshot has and the table lost are `Deletion`s
 //!   ([`CorruptionDetector::check_deletions`]);
-//! - **physical**: amcheck's `verify_heapam` by block ranges and `bt_index_check`
-//!   with `heapallindexed` (never the parent checks), degrading to a report that says
-//!   why when the extension or grants are missing ([`CorruptionDetector::check_physical`]);
-//!   `pg_stat_database.checksum_failures` ([`CorruptionDetector::check_checksum_failures`]);
+//! - **physical**: amcheck over every relation of a table — partitions, TOAST
+//!   tables, B-tree indexes — in parallel: `verify_heapam` by block ranges, bisected
+//!   to the block when a page cannot be read, and `bt_index_check` (never the parent
+//!   checks), an index blamed only when its own check fails; degrading to a report
+//!   that says why when the extension or grants are missing
+//!   ([`CorruptionDetector::check_physical_tables`]); `pg_stat_database.checksum_failures`
+//!   ([`CorruptionDetector::check_checksum_failures`]);
 //! - **statistics**: per-column null fraction, distinct count, length and range
 //!   against a stored baseline; a row-count drop flags a truncated table
 //!   ([`CorruptionDetector::check_statistics`]).
+//!
+//! Every reader runs in a transaction on a [`TxGuard`](sanare_pg::TxGuard) (no
+//! connection goes back to the pool inside it, on error, cancellation or panic) under
+//! the canonical session settings ([`sanare_pg::canonical`]), so that values print
+//! as the checksum writer printed them whatever the database's or role's settings.
 //!
 //! Findings are [`CorruptionIssue`]s stored in `<schema>.corruption_issues`, published
 //! as `Event::CorruptionDetected`, sent as alerts ([`AlertDispatcher`] in front of
@@ -59,11 +70,15 @@
 
 mod alert;
 mod classify;
+mod confirm;
+mod deletion;
 mod detector;
 mod issue;
 pub mod monitor;
 mod physical;
+mod run;
 mod scan;
+mod session;
 mod stats;
 mod trends;
 
@@ -78,7 +93,8 @@ pub use detector::{
 };
 pub use issue::{CorruptionIssue, IssueQuery, Layer, default_action, default_severity};
 pub use monitor::{MonitorHandle, MonitorStats};
-pub use physical::{AmcheckStatus, PhysicalReport};
+pub use physical::{AmcheckStatus, PhysicalReport, RelationKind, RelationReport};
+pub use run::TableWideMismatch;
 pub use stats::{ColumnStats, TableStats};
 pub use trends::{Count, Direction, RecoveryAnalysis, Trends, direction};
 

@@ -1,19 +1,32 @@
 //! Real-time monitoring: re-verify rows soon after they change.
 //!
-//! The monitor polls. Each poll, per table, reads the rows whose `xmin` is at or
-//! after the previous poll's snapshot horizon (`pg_snapshot_xmin`, compared through
-//! `age()`), in one
-//! REPEATABLE READ read-only transaction, and verifies their checksums; suspects
-//! are re-read and classified like a periodic scan's. It takes only the
+//! The monitor polls. Each poll, per table (per partition of a partitioned table),
+//! reads the rows whose `xmin` is at or after the previous read's snapshot horizon
+//! (`pg_snapshot_xmin`, compared through `age()`), in one REPEATABLE READ read-only
+//! transaction under the canonical session settings, and verifies their checksums;
+//! suspects are re-read and classified like a periodic scan's. It takes only the
 //! AccessShareLock every `SELECT` takes.
+//!
+//! What a poll reads: PostgreSQL has no index on `xmin`, and sanare adds none to
+//! host tables, so each poll reads every monitored table sequentially and hashes
+//! only the rows changed since the previous poll. The cost of monitoring is one
+//! sequential read of each monitored table per interval; monitor the tables that
+//! matter (`start_monitor(tables)`) and leave the rest to the periodic scan.
+//! (Skipping tables whose write counters in `pg_stat_all_tables` did not move was
+//! measured and rejected: a backend flushes its counters up to 10 s after a commit,
+//! which would stretch the detection latency to that.)
+//!
+//! A poll whose changed rows of one table mostly fail their checksums (at least 10,
+//! or more than the suspect limit) reports one table-wide mismatch, as a scan does:
+//! the application writing with another checksum configuration looks like that. A
+//! burst of tampering looks the same to a poll; it is still reported (one issue, no
+//! automatic repair), and the next periodic scan, which weighs the whole table,
+//! names its rows.
 //!
 //! Why not a trigger with `LISTEN/NOTIFY`: a `NOTIFY` in the host's transaction
 //! takes a database-wide lock on the notification queue at commit, serialising the
 //! host's commits; a trigger also runs inside every write. Polling adds nothing to
-//! the host's commit path, costs one sequential read of each monitored table per
-//! interval (an index on an update timestamp would make it cheaper, but sanare must
-//! not add columns or indexes to host tables), and bounds the detection latency by
-//! the interval.
+//! the host's commit path, and bounds the detection latency by the interval.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,10 +37,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use sanare_core::{Result, TableRef};
-use sanare_pg::{PgResultExt, catalog, get_conn};
+use sanare_pg::{PgResultExt, TxGuard, catalog, get_conn};
 
+use crate::confirm;
 use crate::detector::CorruptionDetector;
-use crate::scan::{self, TablePlan};
+use crate::run::{table_wide, table_wide_issue};
+use crate::scan::{self, SuspectBudget, TablePlan};
 
 /// Counters of a running monitor.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +64,14 @@ struct Counters {
     rows: AtomicU64,
     issues: AtomicU64,
     errors: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, poll: &Poll) {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(poll.rows, Ordering::Relaxed);
+        self.issues.fetch_add(poll.issues, Ordering::Relaxed);
+    }
 }
 
 /// A running monitor; stop it with [`MonitorHandle::stop`] (dropping it stops it too).
@@ -108,11 +131,9 @@ impl CorruptionDetector {
     /// cannot be described.
     pub async fn start_monitor(&self, tables: Vec<TableRef>) -> Result<MonitorHandle> {
         let mut state = MonitorState::default();
-        let (rows, issues) = self.poll_once(&tables, &mut state).await?;
+        let first = self.poll_once(&tables, &mut state).await?;
         let counters = Arc::new(Counters::default());
-        counters.polls.store(1, Ordering::Relaxed);
-        counters.rows.store(rows, Ordering::Relaxed);
-        counters.issues.store(issues, Ordering::Relaxed);
+        counters.add(&first);
         let cancel = CancellationToken::new();
         let detector = self.clone();
         let token = cancel.clone();
@@ -127,17 +148,14 @@ impl CorruptionDetector {
                     _ = tick.tick() => {}
                 }
                 match detector.poll_once(&tables, &mut state).await {
-                    Ok((rows, issues)) => {
-                        c.rows.fetch_add(rows, Ordering::Relaxed);
-                        c.issues.fetch_add(issues, Ordering::Relaxed);
-                    }
+                    Ok(poll) => c.add(&poll),
                     Err(e) => {
                         c.errors.fetch_add(1, Ordering::Relaxed);
+                        c.polls.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(error = %e, "a corruption monitor poll failed; retrying next interval");
                         state.plans = None;
                     }
                 }
-                c.polls.fetch_add(1, Ordering::Relaxed);
             }
         });
         Ok(MonitorHandle {
@@ -147,34 +165,24 @@ impl CorruptionDetector {
         })
     }
 
-    async fn poll_once(&self, tables: &[TableRef], state: &mut MonitorState) -> Result<(u64, u64)> {
+    async fn poll_once(&self, tables: &[TableRef], state: &mut MonitorState) -> Result<Poll> {
+        state.pending.clear();
+        let mut poll = Poll::default();
         let conn = get_conn(&self.inner.pool).await?;
         if state.plans.is_none() || state.polls.is_multiple_of(60) {
-            let list = if tables.is_empty() {
-                catalog::list_tables(
-                    &**conn,
-                    &self.inner.config.host_schemas,
-                    self.inner.schema.as_str(),
-                )
-                .await?
-            } else {
-                tables.to_vec()
-            };
-            let mut plans = Vec::new();
-            for t in &list {
-                let info = catalog::describe(&**conn, t).await?;
-                if let Some(p) = TablePlan::new(&info, &self.inner.config.checksum_column) {
-                    plans.push(p.with_text_forms(&**conn, info.oid).await?);
-                }
-            }
-            state.plans = Some(plans);
+            state.plans = Some(self.monitor_plans(&**conn, tables).await?);
         }
         state.polls += 1;
         let plans = state.plans.clone().unwrap_or_default();
-        conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .context("starting a monitor poll")?;
-        let horizon: i64 = conn
+        let tx = TxGuard::begin_on(
+            conn,
+            &format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}",
+                sanare_pg::canonical_settings_local_sql()
+            ),
+        )
+        .await?;
+        let horizon: i64 = tx
             .query_one(
                 "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
                 &[],
@@ -182,57 +190,112 @@ impl CorruptionDetector {
             .await
             .context("reading the snapshot horizon")?
             .get(0);
-        let mut rows = 0;
         let mut suspects = Vec::new();
+        let mut budgets = Vec::new();
         for plan in &plans {
-            let Some(&prev) = state.horizons.get(&plan.table) else {
-                state.horizons.insert(plan.table.clone(), horizon);
+            let budget = SuspectBudget::new(self.inner.config.max_suspects_per_table);
+            let mut mine = Vec::new();
+            for (relation, oid) in &plan.relations {
+                let Some(&prev) = state.horizons.get(oid) else {
+                    state.horizons.insert(*oid, horizon);
+                    continue;
+                };
+                // Rows written by transactions at or after the previous horizon.
+                // `age()` is the distance from the current transaction id
+                // (wraparound-safe, frozen rows are as old as can be) and costs an
+                // integer subtraction per row.
+                let lo = prev & 0xffff_ffff;
+                let predicate = format!("age(xmin) <= age('{lo}'::xid)");
+                let (n, s) = scan::verify_where(
+                    &tx,
+                    plan,
+                    relation,
+                    &*self.inner.checksum,
+                    &budget,
+                    &predicate,
+                )
+                .await?;
+                poll.rows += n;
+                mine.extend(s);
+                state.pending.insert(*oid, horizon);
+            }
+            suspects.push(mine);
+            budgets.push(budget);
+        }
+        tx.commit().await?;
+        let wide = table_wide(&plans, &budgets, self.inner.config.table_wide_fraction);
+        let mut found = Vec::new();
+        for (plan, s) in plans.iter().zip(suspects) {
+            if let Some(w) = wide.iter().find(|w| w.table == plan.table) {
+                found.push(table_wide_issue(w));
                 continue;
-            };
-            // Rows written by transactions at or after the previous horizon. `age()`
-            // is the distance from the current transaction id (wraparound-safe, frozen
-            // rows are as old as can be) and costs an integer subtraction per row,
-            // where comparing `xmin::text::bigint` printed and parsed every xmin.
-            let lo = prev & 0xffff_ffff;
-            let predicate = format!("age(xmin) <= age('{lo}'::xid)");
-            let (n, s) = scan::verify_where(&conn, plan, &*self.inner.checksum, &predicate).await?;
-            rows += n;
-            if !s.is_empty() {
-                suspects.push((plan.clone(), s));
+            }
+            for batch in s.chunks(crate::detector::RECORD_BATCH) {
+                found.extend(
+                    confirm::confirm_and_classify(
+                        &self.inner.pool,
+                        plan,
+                        &*self.inner.checksum,
+                        self.inner.snapshots.as_ref(),
+                        batch,
+                    )
+                    .await?,
+                );
             }
         }
-        conn.batch_execute("COMMIT")
-            .await
-            .context("ending a monitor poll")?;
-        for plan in &plans {
-            state.horizons.insert(plan.table.clone(), horizon);
-        }
-        let mut found = Vec::new();
-        for (plan, s) in &suspects {
-            found.extend(
-                scan::confirm_and_classify(
-                    &**conn,
-                    plan,
-                    &*self.inner.checksum,
-                    self.inner.snapshots.as_ref(),
-                    s,
-                )
-                .await?,
-            );
-        }
-        drop(conn);
-        let mut new = self.record(&found).await?.len() as u64;
+        poll.issues = self.record(&found).await?.len() as u64;
+        // Horizons advance only once what was read is recorded: a failed poll is
+        // read again from the same horizons.
+        state.horizons.extend(state.pending.drain());
         if self.check_checksum_failures().await?.is_some() {
-            new += 1;
+            poll.issues += 1;
         }
-        metrics::counter!("sanare_corruption_monitor_rows_total").increment(rows);
-        Ok((rows, new))
+        metrics::counter!("sanare_corruption_monitor_rows_total").increment(poll.rows);
+        Ok(poll)
     }
+
+    /// The plans of the monitored tables (the configured host schemas when
+    /// `tables` is empty).
+    async fn monitor_plans(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        tables: &[TableRef],
+    ) -> Result<Vec<TablePlan>> {
+        let list = if tables.is_empty() {
+            catalog::list_tables(
+                client,
+                &self.inner.config.host_schemas,
+                self.inner.schema.as_str(),
+            )
+            .await?
+        } else {
+            tables.to_vec()
+        };
+        let mut plans = Vec::new();
+        for t in &list {
+            let info = catalog::describe(client, t).await?;
+            if let Some(p) = TablePlan::new(&info, &self.inner.config.checksum_column) {
+                plans.push(p.resolve(client, info.oid).await?);
+            }
+        }
+        Ok(plans)
+    }
+}
+
+/// What one poll did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Poll {
+    rows: u64,
+    issues: u64,
 }
 
 #[derive(Default)]
 struct MonitorState {
     plans: Option<Vec<TablePlan>>,
-    horizons: HashMap<TableRef, i64>,
+    /// The snapshot horizon of each relation's last read (by oid): the next read
+    /// starts there.
+    horizons: HashMap<u32, i64>,
+    /// Horizons of the current poll's reads, applied once its findings are recorded.
+    pending: HashMap<u32, i64>,
     polls: u64,
 }

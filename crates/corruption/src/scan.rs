@@ -1,28 +1,26 @@
-//! The checksum layer: streaming rows by ctid ranges, verifying their checksums, and
-//! confirming and classifying suspects.
+//! The checksum layer: how a table is read (its plan, one per partition), and the
+//! verifier that streams rows by ctid ranges and checks their checksums.
 
-use sanare_pg::catalog::TextForm;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::GenericClient;
 
-use sanare_core::{
-    ColumnValue, CorruptionKind, Error, Result, RowChecksum, RowImage, RowRef, TableRef,
-};
-use sanare_pg::catalog::TableInfo;
-use sanare_pg::{PgResultExt, quote_ident};
-
-use crate::classify::{bit_distance, classify_value};
-use crate::issue::{CorruptionIssue, Layer};
+use sanare_core::{ColumnValue, Error, Result, RowChecksum, RowRef, TableRef};
+use sanare_pg::catalog::{TableInfo, TextForm};
 use sanare_pg::copy_text::{TextCopyRows, bytea_hex_eq, decode_bytea_hex};
+use sanare_pg::{PgResultExt, quote_ident};
 
 /// How a table is read by the checksum layer.
 #[derive(Clone, Debug)]
 pub(crate) struct TablePlan {
+    /// The table as the application sees it (a partitioned table, not its
+    /// partitions): issues, row references and snapshot look-ups name it.
     pub(crate) table: TableRef,
-    /// Every column in table order, checksum column included.
+    /// Every column in the order of `table` (the order the checksum encodes),
+    /// checksum column included.
     pub(crate) columns: Vec<(String, String)>,
     /// Index of the checksum column in `columns`.
     pub(crate) checksum_idx: usize,
@@ -31,11 +29,18 @@ pub(crate) struct TablePlan {
     /// How each of `columns` is read so that its text is its `::text` form, the one
     /// the canonical row encoding hashes.
     pub(crate) forms: Vec<TextForm>,
+    /// The relations holding the rows, with their oids: `table` itself, or its leaf
+    /// partitions ([`leaf_relations`]).
+    pub(crate) relations: Vec<(TableRef, u32)>,
 }
 
 impl TablePlan {
     /// The plan of `info`, `None` when the table has no checksum column or no
     /// primary key.
+    ///
+    /// Generated columns (stored generated and identity `ALWAYS`) are not hashed:
+    /// the application cannot write them, so a checksum it computes cannot cover
+    /// them (see "Row checksum encoding" in `docs/formats.md`).
     pub(crate) fn new(info: &TableInfo, checksum_column: &str) -> Option<TablePlan> {
         let columns: Vec<(String, String)> = info
             .columns
@@ -59,15 +64,20 @@ impl TablePlan {
             checksum_idx,
             key_idx,
             forms,
+            relations: vec![(info.table.clone(), info.oid)],
         })
     }
 
+    /// Completes the plan from the catalog: how each column prints as text, and
+    /// which relations hold the rows.
+    pub(crate) async fn resolve(self, client: &impl GenericClient, oid: u32) -> Result<Self> {
+        let mut plan = self.with_text_forms(client, oid).await?;
+        plan.relations = leaf_relations(client, oid).await?;
+        Ok(plan)
+    }
+
     /// Reads from `pg_cast` how each column of table `oid` prints as `::text`.
-    pub(crate) async fn with_text_forms(
-        mut self,
-        client: &impl GenericClient,
-        oid: u32,
-    ) -> Result<Self> {
+    async fn with_text_forms(mut self, client: &impl GenericClient, oid: u32) -> Result<Self> {
         let forms = sanare_pg::catalog::text_forms(client, oid).await?;
         for (i, (name, _)) in self.columns.iter().enumerate() {
             if i == self.checksum_idx {
@@ -108,7 +118,9 @@ impl TablePlan {
         )
     }
 
-    /// The `WHERE` clause selecting `row` by its key.
+    /// The `WHERE` clause selecting `row` by its key, with its parameters (the
+    /// key's text forms, cast back to the column types so that the primary key's
+    /// index serves the look-up).
     pub(crate) fn key_predicate(&self, row: &RowRef) -> (String, Vec<Option<String>>) {
         let clause = row
             .key
@@ -116,14 +128,107 @@ impl TablePlan {
             .enumerate()
             .map(|(i, c)| {
                 format!(
-                    "{}::text IS NOT DISTINCT FROM ${}",
+                    "{} = ${}::text::{}",
                     quote_ident(&c.column),
-                    i + 1
+                    i + 1,
+                    c.type_name
                 )
             })
             .collect::<Vec<_>>()
             .join(" AND ");
         (clause, row.key.iter().map(|c| c.value.clone()).collect())
+    }
+
+    /// What a query reading the table's rows by key selects from: the table alone
+    /// (`ONLY`: an inheritance parent's children are tables of their own), or a
+    /// partitioned table with its partitions.
+    pub(crate) fn source_clause(&self) -> String {
+        match self.relations.as_slice() {
+            [(only, _)] if *only == self.table => format!("ONLY {}", self.table.quoted()),
+            _ => self.table.quoted(),
+        }
+    }
+}
+
+/// The relations holding a table's rows: the table itself, or the leaf partitions
+/// of a partitioned table (sub-partitions included). Foreign-table partitions hold
+/// no local rows and are left out. Inheritance children are tables of their own,
+/// listed and scanned on their own: readers use `FROM ONLY`.
+pub(crate) async fn leaf_relations(
+    client: &impl GenericClient,
+    oid: u32,
+) -> Result<Vec<(TableRef, u32)>> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.oid
+               FROM (SELECT relid FROM pg_partition_tree($1::oid::regclass) WHERE isleaf
+                     UNION SELECT $1::oid) p
+               JOIN pg_class c ON c.oid = p.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'm')
+              ORDER BY 1, 2",
+            &[&oid],
+        )
+        .await
+        .context("listing a table's partitions")?;
+    let leaves: Vec<(TableRef, u32)> = rows
+        .iter()
+        .map(|r| {
+            (
+                TableRef::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get(2),
+            )
+        })
+        .collect();
+    Ok(leaves)
+}
+
+/// How many rows of one table may be kept as suspects, shared by every worker
+/// reading a part of it: past the limit, mismatches are counted, not kept.
+#[derive(Debug)]
+pub(crate) struct SuspectBudget {
+    pub(crate) limit: u64,
+    mismatches: AtomicU64,
+    rows: AtomicU64,
+}
+
+impl SuspectBudget {
+    pub(crate) fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            mismatches: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts a mismatch; whether it may be kept.
+    fn take(&self) -> bool {
+        self.mismatches.fetch_add(1, Ordering::Relaxed) < self.limit
+    }
+
+    /// Mismatches counted so far (kept or not).
+    pub(crate) fn mismatches(&self) -> u64 {
+        self.mismatches.load(Ordering::Relaxed)
+    }
+
+    /// Rows verified so far.
+    pub(crate) fn rows(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn add_rows(&self, n: u64) {
+        self.rows.fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn count_mismatch(&self) {
+        self.take();
+    }
+
+    /// Whether more mismatches were counted than could be kept.
+    pub(crate) fn exhausted(&self) -> bool {
+        self.mismatches() > self.limit
     }
 }
 
@@ -140,6 +245,7 @@ pub(crate) struct Suspect {
 pub(crate) struct RowVerifier<'a> {
     plan: &'a TablePlan,
     checksum: &'a dyn RowChecksum,
+    budget: &'a SuspectBudget,
     decoder: TextCopyRows,
     /// Every column but the checksum, as templates (no values) for the checksum.
     columns: Vec<ColumnValue>,
@@ -150,7 +256,11 @@ pub(crate) struct RowVerifier<'a> {
 }
 
 impl<'a> RowVerifier<'a> {
-    pub(crate) fn new(plan: &'a TablePlan, checksum: &'a dyn RowChecksum) -> Self {
+    pub(crate) fn new(
+        plan: &'a TablePlan,
+        checksum: &'a dyn RowChecksum,
+        budget: &'a SuspectBudget,
+    ) -> Self {
         let columns = plan
             .columns
             .iter()
@@ -161,6 +271,7 @@ impl<'a> RowVerifier<'a> {
         Self {
             plan,
             checksum,
+            budget,
             columns,
             decoder: TextCopyRows::default(),
             spare: Vec::new(),
@@ -179,6 +290,7 @@ impl<'a> RowVerifier<'a> {
 
     /// Ends the stream; a partial last line is an error.
     pub(crate) fn finish(&mut self) -> Result<()> {
+        self.budget.rows.fetch_add(self.rows, Ordering::Relaxed);
         self.decoder.finish().map_err(|_| {
             Error::corrupt(
                 format!("COPY stream of {}", self.plan.table),
@@ -230,7 +342,8 @@ impl<'a> RowVerifier<'a> {
         }
         self.rows += 1;
         let computed = self.checksum.checksum_text(&self.columns, &values);
-        if !raw[plan.checksum_idx].is_some_and(|h| bytea_hex_eq(h, &computed)) {
+        if !raw[plan.checksum_idx].is_some_and(|h| bytea_hex_eq(h, &computed)) && self.budget.take()
+        {
             let stored = raw[plan.checksum_idx].and_then(decode_bytea_hex);
             // Rare: only a suspect pays for owned values.
             let fields: Vec<Option<String>> = raw
@@ -258,255 +371,31 @@ impl<'a> RowVerifier<'a> {
     }
 }
 
-/// Streams `COPY (SELECT … WHERE predicate) TO STDOUT` through a verifier.
+/// Streams `COPY (SELECT … FROM ONLY relation WHERE predicate) TO STDOUT` through a
+/// verifier. `relation` is the table of `plan` or one of its partitions.
 pub(crate) async fn verify_where(
     client: &tokio_postgres::Client,
     plan: &TablePlan,
+    relation: &TableRef,
     checksum: &dyn RowChecksum,
+    budget: &SuspectBudget,
     predicate: &str,
 ) -> Result<(u64, Vec<Suspect>)> {
     let sql = format!(
-        "COPY (SELECT {} FROM {} WHERE {predicate}) TO STDOUT",
+        "COPY (SELECT {} FROM ONLY {} WHERE {predicate}) TO STDOUT",
         plan.select_list(),
-        plan.table.quoted()
+        relation.quoted()
     );
     let stream = client
         .copy_out(&sql)
         .await
-        .with_context(|| format!("streaming rows of {}", plan.table))?;
+        .with_context(|| format!("streaming rows of {relation}"))?;
     let mut stream = std::pin::pin!(stream);
-    let mut verifier = RowVerifier::new(plan, checksum);
+    let mut verifier = RowVerifier::new(plan, checksum, budget);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.with_context(|| format!("streaming rows of {}", plan.table))?;
+        let chunk = chunk.with_context(|| format!("streaming rows of {relation}"))?;
         verifier.feed(&chunk)?;
     }
     verifier.finish()?;
     Ok((verifier.rows, verifier.suspects))
-}
-
-/// Re-reads a suspect in a fresh snapshot: `Some` if it is still damaged (with its
-/// current values), `None` if it changed or vanished since (a concurrent write).
-pub(crate) async fn confirm(
-    client: &impl GenericClient,
-    plan: &TablePlan,
-    checksum: &dyn RowChecksum,
-    suspect: &Suspect,
-) -> Result<Option<Suspect>> {
-    let (clause, params) = plan.key_predicate(&suspect.row);
-    let sql = format!(
-        "SELECT {} FROM {} WHERE {clause}",
-        plan.columns
-            .iter()
-            .map(|(n, _)| format!("{}::text", quote_ident(n)))
-            .collect::<Vec<_>>()
-            .join(", "),
-        plan.table.quoted()
-    );
-    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-        .iter()
-        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect();
-    let row = client
-        .query_opt(&sql, &refs)
-        .await
-        .with_context(|| format!("re-reading suspect row {}", suspect.row))?;
-    let Some(row) = row else { return Ok(None) };
-    let fields: Vec<Option<String>> = (0..plan.columns.len()).map(|i| row.get(i)).collect();
-    let values: Vec<ColumnValue> = plan
-        .columns
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != plan.checksum_idx)
-        .map(|(i, (n, t))| ColumnValue::new(n.clone(), t.clone(), fields[i].clone()))
-        .collect();
-    let computed = checksum.checksum(&values);
-    let stored = fields[plan.checksum_idx]
-        .as_deref()
-        .map(str::as_bytes)
-        .and_then(decode_bytea_hex);
-    if stored.as_deref() == Some(&computed[..]) {
-        return Ok(None);
-    }
-    Ok(Some(Suspect {
-        row: suspect.row.clone(),
-        values,
-        stored,
-        computed,
-    }))
-}
-
-/// Classifies a confirmed suspect against its last known good image (`None` when
-/// the snapshot does not have the row, or there is no snapshot).
-pub(crate) fn classify_suspect(
-    plan: &TablePlan,
-    suspect: &Suspect,
-    good: Option<&RowImage>,
-    have_reference: bool,
-) -> CorruptionIssue {
-    let checksum_column = &plan.columns[plan.checksum_idx].0;
-    let table = plan.table.clone();
-    let Some(good) = good else {
-        if have_reference {
-            return CorruptionIssue::new(
-                table,
-                CorruptionKind::Injection,
-                Layer::Pattern,
-                format!(
-                    "row {} has no valid checksum and is not in the latest good snapshot: \
-                     nothing the application wrote explains it",
-                    suspect.row
-                ),
-            )
-            .with_row(suspect.row.clone())
-            .with_affected(serde_json::json!({ "current": image_json(&suspect.values) }));
-        }
-        return CorruptionIssue::new(
-            table,
-            CorruptionKind::Unknown,
-            Layer::Checksum,
-            format!(
-                "row {} fails its checksum; no last known good version to classify it against",
-                suspect.row
-            ),
-        )
-        .with_row(suspect.row.clone())
-        .with_affected(serde_json::json!({ "current": image_json(&suspect.values) }));
-    };
-    // The first damaged column decides the kind; BitFlip and Truncation win over
-    // Unknown when several columns differ.
-    let mut found: Option<(CorruptionKind, &ColumnValue, Option<&str>)> = None;
-    for cur in &suspect.values {
-        let Some(g) = good.get(&cur.column) else {
-            continue;
-        };
-        if let Some(kind) = classify_value(g, cur.value.as_deref()) {
-            let better = match &found {
-                None => true,
-                Some((CorruptionKind::Unknown, _, _)) => kind != CorruptionKind::Unknown,
-                Some(_) => false,
-            };
-            if better {
-                found = Some((kind, cur, g));
-            }
-        }
-    }
-    match found {
-        Some((kind, cur, g)) => CorruptionIssue::new(
-            table,
-            kind,
-            Layer::Pattern,
-            format!(
-                "{} of row {} is damaged ({}) against the latest good snapshot",
-                cur.column,
-                suspect.row,
-                kind.as_str()
-            ),
-        )
-        .with_row(suspect.row.clone())
-        .with_column(cur.column.clone())
-        .with_affected(serde_json::json!({
-            "column": cur.column,
-            "current": cur.value,
-            "last_known_good": g,
-        })),
-        None => {
-            // Every value matches the snapshot: the checksum itself is damaged.
-            let kind = match suspect
-                .stored
-                .as_deref()
-                .and_then(|s| bit_distance(s, &suspect.computed))
-            {
-                Some(1) => CorruptionKind::BitFlip,
-                _ => CorruptionKind::Unknown,
-            };
-            CorruptionIssue::new(
-                table,
-                kind,
-                Layer::Checksum,
-                format!(
-                    "the stored checksum of row {} is damaged; its values match the latest good snapshot",
-                    suspect.row
-                ),
-            )
-            .with_row(suspect.row.clone())
-            .with_column(checksum_column.clone())
-            .with_affected(serde_json::json!({
-                "stored": suspect.stored.as_deref().map(hex),
-                "computed": hex(&suspect.computed),
-            }))
-        }
-    }
-}
-
-pub(crate) fn image_json(values: &[ColumnValue]) -> serde_json::Value {
-    serde_json::Value::Object(
-        values
-            .iter()
-            .map(|c| {
-                (
-                    c.column.clone(),
-                    c.value
-                        .clone()
-                        .map_or(serde_json::Value::Null, serde_json::Value::String),
-                )
-            })
-            .collect(),
-    )
-}
-
-pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Confirms, then classifies, suspects (shared by periodic scans and the monitor).
-pub(crate) async fn confirm_and_classify(
-    client: &impl GenericClient,
-    plan: &TablePlan,
-    checksum: &dyn RowChecksum,
-    snapshots: Option<&Arc<dyn sanare_core::SnapshotService>>,
-    suspects: &[Suspect],
-) -> Result<Vec<CorruptionIssue>> {
-    let mut confirmed = Vec::new();
-    for s in suspects {
-        if let Some(c) = confirm(client, plan, checksum, s).await? {
-            confirmed.push(c);
-        }
-    }
-    if confirmed.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut goods: Vec<Option<RowImage>> = vec![None; confirmed.len()];
-    let mut have_reference = false;
-    if let Some(snap) = snapshots
-        && let Some(info) = snap.latest_good(None).await?
-    {
-        have_reference = true;
-        let keys: Vec<RowRef> = confirmed.iter().map(|s| s.row.clone()).collect();
-        let key_cols: Vec<&str> = plan
-            .key_idx
-            .iter()
-            .map(|&i| plan.columns[i].0.as_str())
-            .collect();
-        let images = snap.fetch_rows(info.id, &keys).await?;
-        for img in images {
-            if let Some(r) = img.row_ref(&key_cols)
-                && let Some(pos) = keys.iter().position(|k| same_key(k, &r))
-            {
-                goods[pos] = Some(img);
-            }
-        }
-    }
-    Ok(confirmed
-        .iter()
-        .zip(&goods)
-        .map(|(s, g)| classify_suspect(plan, s, g.as_ref(), have_reference))
-        .collect())
-}
-
-fn same_key(a: &RowRef, b: &RowRef) -> bool {
-    a.key.len() == b.key.len()
-        && a.key
-            .iter()
-            .zip(&b.key)
-            .all(|(x, y)| x.column == y.column && x.value == y.value)
 }

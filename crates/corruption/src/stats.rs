@@ -1,15 +1,16 @@
 //! The statistics layer (per-column drift against a stored baseline) and deletion
 //! checks against the latest good snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use sanare_core::{ColumnValue, Control, CorruptionKind, Error, Result, RowRef, TableRef};
+use sanare_core::{CorruptionKind, Error, Result, TableRef};
 use sanare_pg::{PgResultExt, catalog, get_conn, quote_ident};
 
 use crate::detector::CorruptionDetector;
 use crate::issue::{CorruptionIssue, Layer};
+use crate::session;
 
 /// Statistics of one column.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,30 +40,48 @@ pub struct TableStats {
     pub columns: BTreeMap<String, ColumnStats>,
 }
 
-const NUMERIC: [&str; 7] = [
-    "smallint",
-    "integer",
-    "bigint",
-    "real",
-    "double precision",
-    "numeric",
-    "money",
-];
+/// Types whose minimum and maximum are kept (as `float8`): the integer, float and
+/// numeric types, and domains over them. Arrays of them are not numbers.
+const NUMERIC_TYPES: &str = "'int2'::regtype, 'int4'::regtype, 'int8'::regtype, \
+    'float4'::regtype, 'float8'::regtype, 'numeric'::regtype";
 
 impl CorruptionDetector {
-    /// Computes the statistics of `table` now (one full pass).
+    /// Computes the statistics of `table` now (one full pass; a partitioned table's
+    /// partitions together, an inheritance parent without its children), under the
+    /// canonical session settings so that text lengths do not depend on the
+    /// database's `DateStyle` or `TimeZone`.
+    ///
+    /// Distinct counts are of the values' text forms, so that every type counts,
+    /// `json`, `xml` and `point` (which have no equality) included.
     pub async fn table_stats(&self, table: &TableRef) -> Result<TableStats> {
-        let conn = get_conn(&self.inner.pool).await?;
-        let info = catalog::describe(&**conn, table).await?;
+        let tx = session::read_committed(&self.inner.pool).await?;
+        let info = catalog::describe(&***tx, table).await?;
+        let shape = tx
+            .query(
+                &format!(
+                    "SELECT a.attname::text,
+                            coalesce(nullif(t.typbasetype, 0), t.oid) IN ({NUMERIC_TYPES}),
+                            (SELECT relkind = 'p' FROM pg_class WHERE oid = $1)
+                       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                      WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped"
+                ),
+                &[&info.oid],
+            )
+            .await
+            .with_context(|| format!("reading the column types of {table}"))?;
+        let numeric: HashSet<String> = shape
+            .iter()
+            .filter(|r| r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect();
+        let partitioned = shape.first().is_some_and(|r| r.get::<_, bool>(2));
         let mut select = vec!["count(*)::bigint".to_owned()];
         for c in &info.columns {
             let q = quote_ident(&c.name);
-            let numeric =
-                NUMERIC.iter().any(|n| c.type_name.starts_with(n)) && c.type_name != "money";
             select.push(format!("count({q})::bigint"));
-            select.push(format!("count(DISTINCT {q})::bigint"));
+            select.push(format!("count(DISTINCT {q}::text)::bigint"));
             select.push(format!("coalesce(avg(length({q}::text)), 0)::float8"));
-            if numeric {
+            if numeric.contains(&c.name) {
                 select.push(format!("min({q})::float8"));
                 select.push(format!("max({q})::float8"));
             } else {
@@ -70,13 +89,16 @@ impl CorruptionDetector {
                 select.push("NULL::float8".into());
             }
         }
-        let row = conn
-            .query_one(
-                &format!("SELECT {} FROM {}", select.join(", "), table.quoted()),
-                &[],
-            )
+        let from = if partitioned {
+            table.quoted()
+        } else {
+            format!("ONLY {}", table.quoted())
+        };
+        let row = tx
+            .query_one(&format!("SELECT {} FROM {from}", select.join(", ")), &[])
             .await
             .with_context(|| format!("computing the statistics of {table}"))?;
+        tx.commit().await?;
         let rows: i64 = row.get(0);
         let mut columns = BTreeMap::new();
         for (i, c) in info.columns.iter().enumerate() {
@@ -234,108 +256,6 @@ impl CorruptionDetector {
                 );
             }
         }
-        self.record(&issues).await?;
-        Ok(issues)
-    }
-
-    /// Finds rows of `table` that the latest good snapshot has and the table no
-    /// longer has, for tables with a single integer primary key: the gaps in the
-    /// key range (up to the configured probe limit) are looked up in the snapshot.
-    /// Each row found there is recorded as a [`CorruptionKind::Deletion`].
-    ///
-    /// Run it right after a snapshot or restore: rows the application deleted since
-    /// the snapshot are reported too, because the journal service does not expose
-    /// per-row history through its trait.
-    pub async fn check_deletions(
-        &self,
-        table: &TableRef,
-        control: &Control,
-    ) -> Result<Vec<CorruptionIssue>> {
-        let Some(snapshots) = &self.inner.snapshots else {
-            return Err(Error::unavailable(
-                "deletion checks need a snapshot service (CorruptionDetector::builder().snapshots(..))",
-            ));
-        };
-        let Some(snap) = snapshots.latest_good(None).await? else {
-            return Ok(Vec::new());
-        };
-        let conn = get_conn(&self.inner.pool).await?;
-        let info = catalog::describe(&**conn, table).await?;
-        let [pk] = info.primary_key.as_slice() else {
-            return Err(Error::invalid_input(format!(
-                "deletion checks need a single-column integer primary key; {table} has {:?}",
-                info.primary_key
-            )));
-        };
-        let ty = info
-            .column(pk)
-            .map(|c| c.type_name.clone())
-            .unwrap_or_default();
-        if !["smallint", "integer", "bigint"].contains(&ty.as_str()) {
-            return Err(Error::invalid_input(format!(
-                "deletion checks need an integer primary key; {table}.{pk} is {ty}"
-            )));
-        }
-        let expected = snap
-            .tables
-            .iter()
-            .find(|t| &t.table == table)
-            .map_or(0, |t| i64::try_from(t.rows).unwrap_or(i64::MAX));
-        let q = quote_ident(pk);
-        // Probe gaps inside the key range and just past it (deleted tail rows).
-        let rows = conn
-            .query(
-                &format!(
-                    "WITH b AS (SELECT coalesce(min({q}), 1)::bigint lo, coalesce(max({q}), 0)::bigint hi FROM {t})
-                     SELECT g FROM b, generate_series(b.lo, b.hi + greatest($2 - (SELECT count(*) FROM {t}), 0)) g
-                      WHERE NOT EXISTS (SELECT 1 FROM {t} x WHERE x.{q} = g)
-                      ORDER BY g LIMIT $1",
-                    t = table.quoted()
-                ),
-                &[&self.inner.config.deletion_probe_limit, &expected],
-            )
-            .await
-            .with_context(|| format!("probing key gaps of {table}"))?;
-        control.checkpoint()?;
-        let keys: Vec<RowRef> = rows
-            .iter()
-            .map(|r| {
-                RowRef::new(
-                    table.clone(),
-                    vec![ColumnValue::new(
-                        pk.clone(),
-                        ty.clone(),
-                        Some(r.get::<_, i64>(0).to_string()),
-                    )],
-                )
-            })
-            .collect();
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let images = snapshots.fetch_rows(snap.id, &keys).await?;
-        let issues: Vec<CorruptionIssue> = images
-            .iter()
-            .filter_map(|img| {
-                let row = img.row_ref(&[pk.as_str()])?;
-                Some(
-                    CorruptionIssue::new(
-                        table.clone(),
-                        CorruptionKind::Deletion,
-                        Layer::Pattern,
-                        format!(
-                            "row {row} is in snapshot {} but gone from the table",
-                            snap.id
-                        ),
-                    )
-                    .with_row(row)
-                    .with_affected(serde_json::json!({
-                        "snapshot": snap.id.to_string(),
-                        "last_known_good": crate::scan::image_json(&img.values),
-                    })),
-                )
-            })
-            .collect();
         self.record(&issues).await?;
         Ok(issues)
     }

@@ -559,16 +559,6 @@ async fn issues_query_by_date_resolve_trends_and_recovery_analysis() {
     assert_eq!(a.missed[0].row, Some(row("17")));
 }
 
-async fn wait_for(mut f: impl FnMut() -> bool) {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("condition not reached within 30 s");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_snapshot_is_an_issue() {
     let db = test_db().await;

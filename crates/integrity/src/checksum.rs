@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Text forms are those printed under the canonical session settings
-//! [`CANONICAL_SETTINGS`] (UTC, ISO dates, hex bytea, shortest exact floats).
+//! [`CANONICAL_SETTINGS`] (UTC, ISO dates, hex bytea, shortest exact floats, `C`
+//! money).
 //! Integers are big-endian here because that is what PostgreSQL's `int4send` produces,
 //! which keeps the SQL side a plain expression.
 
@@ -31,23 +32,9 @@ pub const ROW_MAGIC: [u8; 4] = *b"SNRW";
 pub const ENCODING_VERSION: u16 = 1;
 
 /// The session settings under which values are printed for the encoding. Every reader
-/// (the runner, the trigger function, the corruption detector) applies these.
-pub const CANONICAL_SETTINGS: [(&str, &str); 5] = [
-    ("TimeZone", "UTC"),
-    ("DateStyle", "ISO, YMD"),
-    ("IntervalStyle", "postgres"),
-    ("extra_float_digits", "1"),
-    ("bytea_output", "hex"),
-];
-
-/// `SET` statements applying [`CANONICAL_SETTINGS`] to a session.
-pub fn canonical_settings_sql() -> String {
-    CANONICAL_SETTINGS
-        .iter()
-        .map(|(k, v)| format!("SET {} = '{v}';", quote_ident(k)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+/// (the runner, the trigger function, the corruption detector) applies these; they
+/// live in `sanare-pg` ([`sanare_pg::canonical`]) so that both crates share them.
+pub use sanare_pg::canonical::{CANONICAL_SETTINGS, canonical_settings_sql};
 
 /// Which hash a checksum column holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -333,10 +320,7 @@ pub async fn install_checksum_trigger(
         schema.quoted(),
         quote_ident(&format!("row_checksum_{}", info.oid))
     );
-    let settings: String = CANONICAL_SETTINGS
-        .iter()
-        .map(|(k, v)| format!(" SET {} = '{v}'", quote_ident(k)))
-        .collect();
+    let settings = sanare_pg::canonical_function_settings();
     let expr = sql_checksum_expr(schema, "NEW", &columns);
     let sql = format!(
         "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql{settings} AS $sanare$

@@ -4,6 +4,8 @@
 //!   (default `sanare`);
 //! - [`Migrations`]: each component's versioned, embedded migrations, applied
 //!   idempotently under an advisory lock so that concurrent starts are safe;
+//! - [`canonical`]: the session settings under which every reader and writer of a
+//!   row checksum prints values the same way;
 //! - [`catalog`]: introspection of host tables (columns, keys, foreign keys, order);
 //! - [`copy_text`]: decoding a text `COPY … TO STDOUT` stream on the client;
 //! - [`PgResultExt`]: mapping driver errors into [`sanare_core::Error`] with context;
@@ -20,6 +22,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod canonical;
 pub mod catalog;
 pub mod copy_text;
 mod error;
@@ -27,7 +30,11 @@ mod ident;
 mod migrate;
 mod tx;
 
-pub use error::{PgResultExt, map_pg_error};
+pub use canonical::{
+    CANONICAL_SETTINGS, canonical_function_settings, canonical_settings_local_sql,
+    canonical_settings_sql,
+};
+pub use error::{PgResultExt, describe_pg_error, map_pg_error, server_error};
 pub use ident::{SchemaName, quote_ident, quote_literal};
 pub use migrate::{Migration, MigrationReport, Migrations, advisory_key};
 pub use tx::TxGuard;

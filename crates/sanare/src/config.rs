@@ -358,17 +358,45 @@ pub struct CorruptionConfig {
     pub alert_on_detection: bool,
     /// Where alerts go.
     pub alerts: AlertsConfig,
+    /// The algorithm of the row checksums scans verify: `sha256` (what
+    /// `install_checksum_trigger` maintains, the default), `blake3`, or
+    /// `blake3_keyed` (with `SanareBuilder::checksum_key`).
+    pub checksum_algorithm: sanare_integrity::ChecksumAlgorithm,
+    /// The `bytea` column holding each row's checksum.
+    pub checksum_column: String,
+    /// Rows of one table a scan keeps as suspects; past it the table is one
+    /// "table-wide mismatch" finding (probably configuration), never repaired.
+    pub max_suspects_per_table: u64,
+    /// Relations checked at once by physical checks (connections used).
+    pub physical_jobs: u16,
 }
 
 impl Default for CorruptionConfig {
     fn default() -> Self {
+        let detector = sanare_corruption::DetectorConfig::default();
         Self {
             monitoring: true,
             scan_interval: Some(Duration::from_secs(3600)),
             real_time: false,
             alert_on_detection: true,
             alerts: AlertsConfig::default(),
+            checksum_algorithm: sanare_integrity::ChecksumAlgorithm::Sha256,
+            checksum_column: detector.checksum_column,
+            max_suspects_per_table: detector.max_suspects_per_table,
+            physical_jobs: u16::try_from(detector.physical_jobs).unwrap_or(u16::MAX),
         }
+    }
+}
+
+impl CorruptionConfig {
+    /// The detector's tunables from this configuration (the rest at their
+    /// defaults).
+    pub fn detector_config(&self) -> sanare_corruption::DetectorConfig {
+        let mut c = sanare_corruption::DetectorConfig::default();
+        c.checksum_column = self.checksum_column.clone();
+        c.max_suspects_per_table = self.max_suspects_per_table;
+        c.physical_jobs = usize::from(self.physical_jobs);
+        c
     }
 }
 
@@ -461,6 +489,7 @@ impl SanareConfig {
         }
         sanare_integrity::IntegrityConfig::check_duty_cycle(self.validation.duty_cycle)?;
         sanare_integrity::IntegrityConfig::check_families(&self.validation.families())?;
+        self.corruption.detector_config().validate()?;
         if self.snapshots.keep_last == 0 {
             return Err(Error::config(
                 "snapshots.keep_last",
@@ -788,5 +817,40 @@ mod tests {
         let mut c = SanareConfig::default();
         c.validation.duty_cycle = 0.25;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_corruption_checksum_settings_reach_the_detector_and_are_checked() {
+        let c = SanareConfig::from_toml_str(
+            "[corruption]\nchecksum_algorithm = \"blake3\"\nchecksum_column = \"sum\"\n\
+             max_suspects_per_table = 50\nphysical_jobs = 4",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            c.corruption.checksum_algorithm,
+            sanare_integrity::ChecksumAlgorithm::Blake3
+        );
+        let d = c.corruption.detector_config();
+        assert_eq!(d.checksum_column, "sum");
+        assert_eq!(d.max_suspects_per_table, 50);
+        assert_eq!(d.physical_jobs, 4);
+        assert_eq!(
+            SanareConfig::default().corruption.checksum_algorithm,
+            sanare_integrity::ChecksumAlgorithm::Sha256
+        );
+        let err = SanareConfig::from_toml_str("[corruption]\nchecksum_algorithm = \"md5\"", "f")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("corruption.checksum_algorithm"),
+            "{err}"
+        );
+        let err = SanareConfig::from_toml_str("[corruption]\nmax_suspects_per_table = 0", "f")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("corruption.max_suspects_per_table"),
+            "{err}"
+        );
     }
 }

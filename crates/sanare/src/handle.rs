@@ -63,6 +63,7 @@ pub struct SanareBuilder {
     cgroup_root: Option<PathBuf>,
     readiness: Option<Arc<dyn ReadinessCheck>>,
     sources: Vec<Arc<dyn sanare_snapshot::StateSource>>,
+    checksum_key: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for SanareBuilder {
@@ -120,11 +121,20 @@ impl Sanare {
             cgroup_root: None,
             readiness: None,
             sources: Vec::new(),
+            checksum_key: None,
         }
     }
 }
 
 impl SanareBuilder {
+    /// The 32-byte secret of `blake3_keyed` row checksums (integrity rules and
+    /// `corruption.checksum_algorithm = "blake3_keyed"`). Kept out of the
+    /// configuration file and never stored in the database.
+    pub fn checksum_key(mut self, key: [u8; 32]) -> Self {
+        self.checksum_key = Some(key);
+        self
+    }
+
     /// The whole configuration (from a file, the environment or code).
     pub fn config(mut self, config: SanareConfig) -> Self {
         self.config = config;
@@ -381,15 +391,16 @@ impl SanareBuilder {
             Some(path) => Rules::from_toml_file(path)?,
             None => self.rules,
         };
-        let integrity = Arc::new(
-            Integrity::builder()
-                .pool(pool.clone())
-                .schema(schema.clone())
-                .rules(rules)
-                .events(events.clone())
-                .config(integrity_config)
-                .build()?,
-        );
+        let mut integrity = Integrity::builder()
+            .pool(pool.clone())
+            .schema(schema.clone())
+            .rules(rules)
+            .events(events.clone())
+            .config(integrity_config);
+        if let Some(key) = self.checksum_key {
+            integrity = integrity.checksum_key(key);
+        }
+        let integrity = Arc::new(integrity.build()?);
 
         let mut repair_config = sanare_repair::RepairConfig::default();
         repair_config.approval_severity = Some(config.repair.approval_threshold);
@@ -407,10 +418,19 @@ impl SanareBuilder {
                 .build()?,
         );
 
+        let checksum =
+            Checksummer::for_algorithm(config.corruption.checksum_algorithm, self.checksum_key)
+                .map_err(|_| {
+                    Error::config(
+                        "corruption.checksum_algorithm",
+                        "blake3_keyed needs the key: pass it with SanareBuilder::checksum_key",
+                    )
+                })?;
         let mut corruption = CorruptionDetector::builder()
             .pool(pool.clone())
             .schema(schema.clone())
-            .checksum(Arc::new(Checksummer::sha256()))
+            .checksum(Arc::new(checksum))
+            .config(config.corruption.detector_config())
             .snapshots(snapshot_service.clone())
             .journal(journal_service.clone())
             .events(events.clone());

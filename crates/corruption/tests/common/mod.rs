@@ -126,21 +126,82 @@ impl FakeSnapshots {
             };
             map.insert(key_of(&img.row_ref(&["id"]).unwrap()), img);
         }
-        let info: SnapshotInfo = serde_json::from_value(serde_json::json!({
-            "id": SnapshotId::new(),
-            "created_at": "2026-01-01T00:00:00Z",
-            "status": "ready",
-            "label": null,
-            "base": null,
-            "journal_cut": null,
-            "tables": [{ "table": table, "rows": rows.len() }],
-            "size_bytes": 0,
-            "stored_bytes": 0,
-            "metadata": {}
-        }))
-        .unwrap();
+        let mut info = snapshot_info();
+        info.tables.push(table_rows(table, rows.len()));
         *self.info.lock().unwrap() = Some(info);
     }
+}
+
+impl FakeSnapshots {
+    /// Captures every row of `table` (all columns, as text under the canonical
+    /// settings, keyed by its primary key) and adds it to the snapshot.
+    pub async fn capture_table(&self, c: &impl GenericClient, table: &TableRef) {
+        let info = sanare_pg::catalog::describe(c, table).await.unwrap();
+        let select: Vec<String> = info
+            .columns
+            .iter()
+            .map(|col| format!("{}::text", sanare_pg::quote_ident(&col.name)))
+            .collect();
+        c.batch_execute(&format!(
+            "BEGIN; {}",
+            sanare_pg::canonical_settings_local_sql()
+        ))
+        .await
+        .unwrap();
+        let rows = c
+            .query(
+                &format!("SELECT {} FROM {}", select.join(", "), table.quoted()),
+                &[],
+            )
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+        let key: Vec<&str> = info.primary_key.iter().map(String::as_str).collect();
+        let mut map = self.rows.lock().unwrap();
+        for r in &rows {
+            let img = RowImage {
+                table: table.clone(),
+                values: info
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| {
+                        ColumnValue::new(
+                            col.name.clone(),
+                            col.type_name.clone(),
+                            r.get::<_, Option<String>>(i),
+                        )
+                    })
+                    .collect(),
+            };
+            map.insert(key_of(&img.row_ref(&key).unwrap()), img);
+        }
+        let mut info_slot = self.info.lock().unwrap();
+        let mut snapshot = info_slot.clone().unwrap_or_else(snapshot_info);
+        snapshot.tables.push(table_rows(table, rows.len()));
+        *info_slot = Some(snapshot);
+    }
+}
+
+/// A ready snapshot with no tables yet.
+fn snapshot_info() -> SnapshotInfo {
+    serde_json::from_value(serde_json::json!({
+        "id": SnapshotId::new(),
+        "created_at": "2026-01-01T00:00:00Z",
+        "status": "ready",
+        "label": null,
+        "base": null,
+        "journal_cut": null,
+        "tables": [],
+        "size_bytes": 0,
+        "stored_bytes": 0,
+        "metadata": {}
+    }))
+    .unwrap()
+}
+
+fn table_rows(table: &TableRef, rows: usize) -> sanare_core::TableRowCount {
+    serde_json::from_value(serde_json::json!({ "table": table, "rows": rows })).unwrap()
 }
 
 #[async_trait]
@@ -182,4 +243,28 @@ pub fn detector(pool: &sanare_pg::Pool, snaps: Option<Arc<FakeSnapshots>>) -> Co
         b = b.snapshots(s);
     }
     b.build().unwrap()
+}
+
+/// A detector with BLAKE3 checksums (the application's) and `config`.
+pub fn detector_with(
+    pool: &sanare_pg::Pool,
+    config: sanare_corruption::DetectorConfig,
+) -> CorruptionDetector {
+    CorruptionDetector::builder()
+        .pool(pool.clone())
+        .checksum(Arc::new(Blake3Rows))
+        .config(config)
+        .build()
+        .unwrap()
+}
+
+/// Waits (polling) until `f` holds, at most 30 s.
+pub async fn wait_for(mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while !f() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("condition not reached within 30 s");
 }

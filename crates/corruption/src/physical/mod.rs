@@ -1,13 +1,24 @@
-//! The physical layer: amcheck and the server's data-page checksum failures.
+//! The physical layer: amcheck over every relation of a table, and the server's
+//! data-page checksum failures.
+
+mod check;
+mod relations;
+mod report;
+
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use sanare_core::{Control, CorruptionKind, Result, TableRef};
-use sanare_pg::{PgResultExt, get_conn, quote_literal};
+use sanare_core::{Control, CorruptionKind, Error, Result, TableRef};
+use sanare_pg::{PgResultExt, get_conn};
 
-use crate::detector::{CorruptionDetector, is_data_corrupted};
+use crate::detector::CorruptionDetector;
 use crate::issue::{CorruptionIssue, Layer};
+
+pub use relations::RelationKind;
+pub use report::RelationReport;
 
 /// Whether amcheck could run, and if not, why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,12 +49,26 @@ pub struct PhysicalReport {
     pub table: TableRef,
     /// Whether amcheck ran.
     pub amcheck: AmcheckStatus,
-    /// Heap blocks verified by `verify_heapam`.
+    /// Heap blocks verified by `verify_heapam` (of every partition and TOAST table).
     pub heap_blocks_checked: u64,
-    /// B-tree indexes verified by `bt_index_check(heapallindexed => true)`.
+    /// B-tree indexes verified by `bt_index_check` (`schema.name`).
     pub indexes_checked: Vec<String>,
+    /// Every relation checked, with what was found in it.
+    pub relations: Vec<RelationReport>,
     /// Findings.
     pub issues: Vec<CorruptionIssue>,
+}
+
+/// The installed amcheck's version, if it is installed.
+async fn amcheck_version(client: &tokio_postgres::Client) -> Result<Option<String>> {
+    Ok(client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'amcheck'",
+            &[],
+        )
+        .await
+        .context("looking for the amcheck extension")?
+        .map(|r| r.get(0)))
 }
 
 impl CorruptionDetector {
@@ -53,29 +78,13 @@ impl CorruptionDetector {
             return Ok(AmcheckStatus::Disabled);
         }
         let conn = get_conn(&self.inner.pool).await?;
-        let mut version: Option<String> = conn
-            .query_opt(
-                "SELECT extversion FROM pg_extension WHERE extname = 'amcheck'",
-                &[],
-            )
-            .await
-            .context("looking for the amcheck extension")?
-            .map(|r| r.get(0));
+        let mut version = amcheck_version(&conn).await?;
         if version.is_none() && self.inner.config.create_amcheck {
             match conn
                 .batch_execute("CREATE EXTENSION IF NOT EXISTS amcheck")
                 .await
             {
-                Ok(()) => {
-                    version = conn
-                        .query_opt(
-                            "SELECT extversion FROM pg_extension WHERE extname = 'amcheck'",
-                            &[],
-                        )
-                        .await
-                        .context("looking for the amcheck extension")?
-                        .map(|r| r.get(0));
-                }
+                Ok(()) => version = amcheck_version(&conn).await?,
                 Err(e) => {
                     return Ok(AmcheckStatus::Unavailable {
                         reason: format!(
@@ -114,134 +123,117 @@ impl CorruptionDetector {
         Ok(AmcheckStatus::Available { version })
     }
 
-    /// Verifies `table`'s heap (by block ranges) and its B-tree indexes with amcheck
-    /// (never the parent checks, which take heavier locks). Degrades to a report
-    /// saying why when amcheck is missing or not granted. Findings are recorded.
+    /// Verifies `table` physically: see [`check_physical_tables`](Self::check_physical_tables).
     pub async fn check_physical(
         &self,
         table: &TableRef,
         control: &Control,
     ) -> Result<PhysicalReport> {
-        let span = tracing::info_span!("corruption.physical", %table);
+        let mut reports = self
+            .check_physical_tables(std::slice::from_ref(table), control)
+            .await?;
+        reports
+            .pop()
+            .ok_or_else(|| Error::not_found(format!("table {table}")))
+    }
+
+    /// Verifies `tables` with amcheck, as `pg_amcheck` does and more: every
+    /// relation holding their data — each leaf partition of a partitioned table, its
+    /// TOAST table, and the valid B-tree indexes of both — checked by
+    /// [`physical_jobs`](crate::DetectorConfig::physical_jobs) parallel workers.
+    ///
+    /// - Heaps and TOAST tables go through `verify_heapam` by block ranges (TOAST
+    ///   pointers checked). When the server cannot read a page (a failed data
+    ///   checksum, an invalid page header), the range is halved until the block is
+    ///   found; the rest of the relation is still checked. Each damaged block is
+    ///   one issue, with the offsets and PostgreSQL's messages.
+    /// - Indexes go through `bt_index_check` (never the parent checks, which take
+    ///   heavier locks): first their own pages; an index is blamed only when that
+    ///   check fails. Then, for indexes whose heap checked clean, with
+    ///   `heapallindexed` (every heap tuple has its entry).
+    ///
+    /// Degrades to reports saying why when amcheck is missing or not granted.
+    /// Findings are recorded. One report per table, in the order given.
+    pub async fn check_physical_tables(
+        &self,
+        tables: &[TableRef],
+        control: &Control,
+    ) -> Result<Vec<PhysicalReport>> {
+        let span = tracing::info_span!("corruption.physical", tables = tables.len());
         async {
-            let mut report = PhysicalReport {
-                table: table.clone(),
-                amcheck: self.amcheck_status().await?,
-                heap_blocks_checked: 0,
-                indexes_checked: Vec::new(),
-                issues: Vec::new(),
-            };
-            if !matches!(report.amcheck, AmcheckStatus::Available { .. }) {
-                tracing::info!(%table, status = ?report.amcheck, "amcheck unavailable; physical heap/index checks skipped");
-                return Ok(report);
+            let amcheck = self.amcheck_status().await?;
+            let mut reports: Vec<PhysicalReport> = tables
+                .iter()
+                .map(|t| PhysicalReport {
+                    table: t.clone(),
+                    amcheck: amcheck.clone(),
+                    heap_blocks_checked: 0,
+                    indexes_checked: Vec::new(),
+                    relations: Vec::new(),
+                    issues: Vec::new(),
+                })
+                .collect();
+            if !matches!(amcheck, AmcheckStatus::Available { .. }) {
+                tracing::info!(status = ?amcheck, "amcheck unavailable; physical heap/index checks skipped");
+                return Ok(reports);
             }
-            let conn = get_conn(&self.inner.pool).await?;
-            let regclass = quote_literal(&table.quoted());
-            let blocks: i64 = conn
-                .query_one(
-                    &format!("SELECT pg_relation_size({regclass}::regclass) / current_setting('block_size')::bigint"),
-                    &[],
-                )
-                .await
-                .with_context(|| format!("reading the size of {table}"))?
-                .get(0);
+            let mut relations = Vec::new();
+            {
+                let conn = get_conn(&self.inner.pool).await?;
+                for (i, t) in tables.iter().enumerate() {
+                    let info = sanare_pg::catalog::describe(&**conn, t).await?;
+                    relations.extend(relations::relations_of(&**conn, info.oid, i).await?);
+                }
+            }
+            let checker = Arc::new(check::Checker {
+                pool: self.inner.pool.clone(),
+                relations,
+                timeout: self.inner.config.chunk_timeout,
+            });
             let chunk = i64::from(self.inner.config.chunk_blocks);
-            control.progress().phase("amcheck heap", "blocks", Some(u64::try_from(blocks).unwrap_or(0)));
-            let mut start = 0;
-            while start < blocks {
-                control.checkpoint()?;
-                let end = (start + chunk).min(blocks) - 1;
-                let res = conn
-                    .query(
-                        &format!(
-                            "SELECT blkno, offnum, attnum, msg FROM verify_heapam({regclass}::regclass, \
-                             on_error_stop => false, check_toast => true, skip => 'none', \
-                             startblock => $1, endblock => $2)"
-                        ),
-                        &[&start, &end],
-                    )
-                    .await
-                    .with_context(|| format!("verifying heap blocks {start}..={end} of {table}"));
-                match res {
-                    Ok(rows) => {
-                        for r in rows {
-                            let blk: i64 = r.get(0);
-                            let off: Option<i32> = r.get(1);
-                            let msg: String = r.get(3);
-                            report.issues.push(
-                                CorruptionIssue::new(
-                                    table.clone(),
-                                    CorruptionKind::Metadata,
-                                    Layer::Physical,
-                                    format!("heap block {blk} of {table}: {msg}"),
-                                )
-                                .with_affected(serde_json::json!({
-                                    "block": blk, "offset": off, "attnum": r.get::<_, Option<i32>>(2), "message": msg,
-                                })),
-                            );
+            let mut jobs = Vec::new();
+            let mut heap_blocks = 0;
+            for (rel, r) in checker.relations.iter().enumerate() {
+                match r.kind {
+                    RelationKind::Index => jobs.push(check::Job::IndexStructure { rel }),
+                    RelationKind::Heap | RelationKind::Toast => {
+                        heap_blocks += r.blocks;
+                        let mut start = 0;
+                        while start < r.blocks {
+                            let end = (start + chunk).min(r.blocks) - 1;
+                            jobs.push(check::Job::Heap { rel, start, end });
+                            start = end + 1;
                         }
                     }
-                    Err(e) if is_data_corrupted(&e) => {
-                        report.issues.push(
-                            CorruptionIssue::new(
-                                table.clone(),
-                                CorruptionKind::Metadata,
-                                Layer::Physical,
-                                format!("heap blocks {start}..={end} of {table} are damaged: {e}"),
-                            )
-                            .with_affected(serde_json::json!({
-                                "start_block": start, "end_block": end, "error": e.to_string(),
-                            })),
-                        );
-                    }
-                    Err(e) => return Err(e),
                 }
-                report.heap_blocks_checked += u64::try_from(end - start + 1).unwrap_or(0);
-                control.progress().advance(u64::try_from(end - start + 1).unwrap_or(0));
-                start = end + 1;
             }
-            let indexes = conn
-                .query(
-                    &format!(
-                        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relname::text
-                           FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-                           JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_am a ON a.oid = c.relam
-                          WHERE i.indrelid = {regclass}::regclass AND a.amname = 'btree' AND i.indisvalid
-                          ORDER BY 2"
-                    ),
-                    &[],
-                )
-                .await
-                .with_context(|| format!("listing the indexes of {table}"))?;
-            for ix in indexes {
-                control.checkpoint()?;
-                let qualified: String = ix.get(0);
-                let name: String = ix.get(1);
-                let res = conn
-                    .query(
-                        &format!("SELECT bt_index_check({}::regclass, true)", quote_literal(&qualified)),
-                        &[],
-                    )
-                    .await
-                    .with_context(|| format!("verifying index {qualified}"));
-                match res {
-                    Ok(_) => {}
-                    Err(e) if is_data_corrupted(&e) => report.issues.push(
-                        CorruptionIssue::new(
-                            table.clone(),
-                            CorruptionKind::Index,
-                            Layer::Physical,
-                            format!("index {name} of {table} is damaged: {e}"),
-                        )
-                        .with_index(name.clone())
-                        .with_affected(serde_json::json!({ "index": name, "error": e.to_string() })),
-                    ),
-                    Err(e) => return Err(e),
-                }
-                report.indexes_checked.push(name);
-            }
-            self.record(&report.issues).await?;
-            Ok(report)
+            control
+                .progress()
+                .phase("amcheck", "heap blocks", Some(u64::try_from(heap_blocks).unwrap_or(0)));
+            let workers = self.inner.config.physical_jobs;
+            let mut out = checker.run(jobs, workers, control).await?;
+            // Indexes against their heaps, where the heap and the index are sound.
+            let damaged: HashSet<u32> = out
+                .findings
+                .iter()
+                .map(|f| checker.relations[f.rel].oid)
+                .collect();
+            let cross: Vec<check::Job> = out
+                .sound_indexes
+                .iter()
+                .filter(|&&rel| {
+                    checker.relations[rel]
+                        .indexed
+                        .is_some_and(|heap| !damaged.contains(&heap))
+                })
+                .map(|&rel| check::Job::IndexHeapAll { rel })
+                .collect();
+            out.merge(checker.run(cross, workers, control).await?);
+            let issues = report::issues(&checker.relations, &out.findings);
+            self.record(&issues).await?;
+            report::fill(&mut reports, &checker.relations, out, issues);
+            control.progress().finish();
+            Ok(reports)
         }
         .instrument(span)
         .await
