@@ -64,6 +64,7 @@ mod issue;
 pub mod monitor;
 mod physical;
 mod scan;
+mod service;
 mod stats;
 mod trends;
 
