@@ -170,10 +170,8 @@ async fn main() -> anyhow::Result<()> {
         crash.evidence.join("; ")
     );
     let journaled = sanare.journal().stats().await?;
-    let result = match &sanare.startup_report().recovery {
-        Some(Ok(result)) => result.clone(),
-        Some(Err(e)) => bail!("automatic recovery could not run: {e}"),
-        None => bail!("no automatic recovery ran (is auto_recovery off?)"),
+    let Some(result) = sanare.startup_report().recovery.clone() else {
+        bail!("no recovery ran at start-up")
     };
     println!(
         "   automatic recovery {}: steps {}; journal entries replayed {}, errors fixed {}",
@@ -185,7 +183,7 @@ async fn main() -> anyhow::Result<()> {
         result
             .steps
             .iter()
-            .map(|s| format!("{:?}", s.step))
+            .map(|s| s.step.to_string())
             .collect::<Vec<_>>()
             .join(" → "),
         result.entries_replayed,
