@@ -10,7 +10,7 @@ use sanare_journal::JournalBuilder;
 use sanare_pg::{MigrationReport, Pool, SchemaName, get_conn};
 use sanare_recovery::{
     CrashDetector, CrashStore, HandlerOptions, PreviousRun, ReadinessCheck, Recovery,
-    RecoveryOption, RecoveryOptions, RecoveryResult,
+    RecoveryOption, RecoveryOptions, RecoveryPlan, RecoveryResult,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -275,10 +275,11 @@ impl SanareBuilder {
         let wired = wire::wire(&mut self, &config, &pool, &schema, &data_dir, &events).await?;
         let recovery = recovery(&wired, crash_store.clone(), readiness, &events);
         // 5.
-        let recovered = if service {
-            Some(start_up(&config, &recovery, &detected.previous_run).await?)
+        let (plan, recovered) = if service {
+            let (plan, result) = start_up(&config, &recovery, &detected.previous_run).await?;
+            (Some(plan), Some(result))
         } else {
-            None
+            (None, None)
         };
         startup_events.drain();
         let shutdown = CancellationToken::new();
@@ -323,6 +324,7 @@ impl SanareBuilder {
                 previous_run: detected.previous_run,
                 migrations,
                 recovery: recovered,
+                plan,
                 crash_history_purged: detected.purged,
                 events: startup_events.events,
             },
@@ -460,7 +462,7 @@ async fn start_up(
     config: &SanareConfig,
     recovery: &Recovery,
     previous_run: &PreviousRun,
-) -> Result<RecoveryResult> {
+) -> Result<(RecoveryPlan, RecoveryResult)> {
     let (crash, option) = match &previous_run.crash {
         Some(crash) if config.auto_recovery => (Some(crash), RecoveryOption::Auto),
         _ => (None, RecoveryOption::Startup),
@@ -476,7 +478,8 @@ async fn start_up(
     );
     // A detached control is never cancelled, and the plan is never manual: the
     // only errors left are the result's own.
-    recovery.recover(&plan, &Control::detached()).await
+    let result = recovery.recover(&plan, &Control::detached()).await?;
+    Ok((plan, result))
 }
 
 fn default_instance_name() -> String {

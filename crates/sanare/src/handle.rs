@@ -7,7 +7,9 @@ use sanare_corruption::CorruptionDetector;
 use sanare_integrity::Integrity;
 use sanare_journal::Journal;
 use sanare_pg::{MigrationReport, Pool, SchemaName};
-use sanare_recovery::{CrashDetector, CrashStore, PreviousRun, Recovery, RecoveryResult};
+use sanare_recovery::{
+    CrashDetector, CrashStore, PreviousRun, Recovery, RecoveryPlan, RecoveryResult,
+};
 use sanare_repair::RepairEngine;
 use sanare_snapshot::Snapshots;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +35,9 @@ pub struct StartupReport {
     /// failed recovery does not fail the start: its `success` is false, its
     /// `errors` say why, and [`Sanare::recovery`]`().readiness()` reports not ready.
     pub recovery: Option<RecoveryResult>,
+    /// The plan that recovery ran (its steps, why, and the options the
+    /// configuration gave it); `None` only for an operator handle.
+    pub plan: Option<RecoveryPlan>,
     /// Crash records, incidents and recovery records purged as older than
     /// `crash_detection.history_days`.
     pub crash_history_purged: u64,
