@@ -447,3 +447,46 @@ impl CrashDetector {
 
 /// Whether some detector already installed the process-wide hook and handlers.
 static PROCESS_HANDLERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_only_detector_reads_the_evidence_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = CrashDetector::builder()
+            .data_dir(dir.path())
+            .build()
+            .unwrap();
+        assert_eq!(writer.locked_dir(), Some(dir.path()));
+        writer.mark_running().unwrap();
+        let marker = std::fs::read(writer.marker_path()).unwrap();
+        // A tool beside the running process: no lock, reads, refuses to write.
+        let reader = CrashDetector::builder()
+            .data_dir(dir.path())
+            .read_only()
+            .build()
+            .unwrap();
+        assert_eq!(reader.locked_dir(), None);
+        assert!(reader.detect_previous_run().unwrap().crashed());
+        for refused in [
+            reader.mark_running(),
+            reader.mark_clean_shutdown(),
+            reader.heartbeat().map(|_| ()),
+            reader.start_heartbeat(Duration::from_secs(1)),
+            reader.install_handlers(HandlerOptions::default()),
+        ] {
+            assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+        }
+        assert_eq!(std::fs::read(writer.marker_path()).unwrap(), marker);
+        // A second writer is refused while the first holds the directory.
+        let second = CrashDetector::builder().data_dir(dir.path()).build();
+        assert!(matches!(second, Err(Error::Conflict(_))));
+        drop(writer);
+        CrashDetector::builder()
+            .data_dir(dir.path())
+            .build()
+            .unwrap();
+    }
+}

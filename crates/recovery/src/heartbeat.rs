@@ -126,3 +126,46 @@ impl MarkerCell {
         self.wake.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running() -> Marker {
+        Marker {
+            state: MarkerState::Running,
+            pid: 1,
+            boot_id: "b".into(),
+            started_unix_ms: 1,
+            oom_kill: None,
+            version: "v".into(),
+            run_id: None,
+            heartbeat_unix_ms: None,
+        }
+    }
+
+    fn on_disk(path: &std::path::Path) -> Marker {
+        Marker::decode(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn no_heartbeat_before_the_run_within_the_grace_period_or_after_a_clean_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("marker");
+        let cell = MarkerCell::new(path.clone());
+        assert!(!cell.beat().unwrap(), "nothing to beat before mark_running");
+        cell.write(running()).unwrap();
+        assert!(cell.beat().unwrap());
+        let first = on_disk(&path).heartbeat_unix_ms.expect("a heartbeat");
+        assert!(first >= capture::now_unix_ms() - 60_000);
+        // Right after an incident the process may be dying of it: no heartbeat.
+        capture::note_incident();
+        assert!(!cell.beat().unwrap());
+        assert_eq!(on_disk(&path).heartbeat_unix_ms, Some(first));
+        let mut clean = running();
+        clean.state = MarkerState::Clean;
+        cell.write(clean).unwrap();
+        assert!(!cell.beat().unwrap(), "never after a clean shutdown");
+        assert_eq!(on_disk(&path).state, MarkerState::Clean);
+    }
+}
