@@ -260,24 +260,28 @@ impl CrashDetector {
     /// hung `/proc`) with [`Error::Unavailable`]. Needs no timer of the async
     /// runtime.
     pub async fn detect_previous_run_within(&self, timeout: Duration) -> Result<PreviousRun> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let detector = self.clone();
-        let done = tx.clone();
+        // A waiter thread gives the detection `timeout`; the detection runs on a
+        // thread of its own, which is left behind if it never returns.
         std::thread::Builder::new()
             .name("sanare-detect".into())
             .spawn(move || {
-                let _ = done.send(Some(detector.detect_previous_run()));
+                let (done_tx, done_rx) = std::sync::mpsc::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("sanare-detect-read".into())
+                    .spawn(move || {
+                        let _ = done_tx.send(detector.detect_previous_run());
+                    });
+                let outcome = match spawned {
+                    Ok(_) => done_rx.recv_timeout(timeout).ok(),
+                    Err(e) => Some(Err(Error::io("starting crash detection", e))),
+                };
+                let _ = tx.send(outcome);
             })
             .map_err(|e| Error::io("starting crash detection", e))?;
-        std::thread::Builder::new()
-            .name("sanare-detect-timer".into())
-            .spawn(move || {
-                std::thread::sleep(timeout);
-                let _ = tx.send(None);
-            })
-            .map_err(|e| Error::io("starting crash detection", e))?;
-        match rx.recv().await {
-            Some(Some(result)) => result,
+        match rx.await {
+            Ok(Some(result)) => result,
             _ => Err(Error::unavailable(format!(
                 "crash detection did not finish within {timeout:?} (`crash_detection.detection_timeout`): \
                  reading the marker and spool in {} or the boot id at {} does not answer; check that disk, or raise the timeout",

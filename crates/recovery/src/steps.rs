@@ -129,10 +129,14 @@ impl Run {
         }
     }
 
-    fn remaining(&self, plan: &RecoveryPlan) -> Option<Duration> {
-        plan.options
+    /// A child control for a check, cancelled at the time target; `None` when
+    /// the target is reached already.
+    fn deadline(&self, plan: &RecoveryPlan, control: &Control) -> Option<Deadline> {
+        let remaining = plan
+            .options
             .time_target
-            .map(|t| t.saturating_sub(self.started.elapsed()))
+            .map(|t| t.saturating_sub(self.started.elapsed()));
+        (remaining != Some(Duration::ZERO)).then(|| Deadline::new(control, remaining))
     }
 
     fn out_of_time(&mut self, plan: &RecoveryPlan, what: &str) -> String {
@@ -294,11 +298,9 @@ impl Run {
             .integrity
             .as_ref()
             .ok_or_else(|| unavailable("integrity"))?;
-        let remaining = self.remaining(plan);
-        if remaining == Some(Duration::ZERO) {
+        let Some(deadline) = self.deadline(plan, control) else {
             return Ok(self.out_of_time(plan, "validation"));
-        }
-        let deadline = Deadline::new(control, remaining);
+        };
         let scope = ValidationScope::all().tables(plan.options.tables.iter().cloned());
         let r = i.validate(scope, &deadline.control).await;
         let Some(summary) = deadline.judge(r)? else {
@@ -325,11 +327,9 @@ impl Run {
             .corruption
             .as_ref()
             .ok_or_else(|| unavailable("corruption"))?;
-        let remaining = self.remaining(plan);
-        if remaining == Some(Duration::ZERO) {
+        let Some(deadline) = self.deadline(plan, control) else {
             return Ok(self.out_of_time(plan, "the corruption scan"));
-        }
-        let deadline = Deadline::new(control, remaining);
+        };
         let scope = CorruptionScope::all()
             .tables(plan.options.tables.iter().cloned())
             .physical(plan.physical_checks);
@@ -427,17 +427,17 @@ impl Run {
             .unwrap_or_default();
         let remain = match (&s.integrity, done.completed) {
             (Some(i), n) if n > 0 && !touched.is_empty() => {
-                let deadline = Deadline::new(control, self.remaining(plan));
-                let r = i
-                    .validate(ValidationScope::all().tables(touched), &deadline.control)
-                    .await;
-                match deadline.judge(r)? {
-                    Some(after) => Some(after.total_violations()),
-                    None => {
-                        self.out_of_time(plan, "re-validation after the repairs");
-                        None
+                let revalidated = match self.deadline(plan, control) {
+                    Some(deadline) => {
+                        let scope = ValidationScope::all().tables(touched);
+                        deadline.judge(i.validate(scope, &deadline.control).await)?
                     }
+                    None => None,
+                };
+                if revalidated.is_none() {
+                    self.out_of_time(plan, "re-validation after the repairs");
                 }
+                revalidated.map(|after| after.total_violations())
             }
             _ => Some(done.violations_read.saturating_sub(done.violations_fixed)),
         };

@@ -31,7 +31,8 @@ impl Recovery {
         let undone = store.recovery(id).await?;
         steps::undoable(id, undone.undone_by)?;
         let started = Instant::now();
-        let mut result = RecoveryResult::new(RecoveryOption::Undo, undone.result.crash);
+        // Not tied to the crash: the crash record keeps the outcome of its recovery.
+        let mut result = RecoveryResult::new(RecoveryOption::Undo, None);
         result.undoes = Some(id);
         control.checkpoint()?;
         let r = steps::undo_restore(snaps.as_ref(), &undone.result, &mut result, control).await;

@@ -272,7 +272,14 @@ impl SanareBuilder {
         startup_events.drain();
         // 4.
         let readiness = self.readiness.take();
-        let wired = wire::wire(&mut self, &config, &pool, &schema, &data_dir, &events).await?;
+        let env = wire::Env {
+            config: &config,
+            pool: &pool,
+            schema: &schema,
+            data_dir: &data_dir,
+            events: &events,
+        };
+        let wired = wire::wire(&mut self, &env).await?;
         let recovery = recovery(&wired, crash_store.clone(), readiness, &events);
         // 5.
         let (plan, recovered) = if service {
@@ -389,14 +396,14 @@ impl SanareBuilder {
         }
         let cd = &config.crash_detection;
         let previous_run = if cd.enabled {
-            let run = detector
+            detector
                 .detect_previous_run_within(cd.detection_timeout)
-                .await?;
-            store.record_run(&run).await?;
-            run
+                .await?
         } else {
             PreviousRun::unchecked()
         };
+        // Old history goes before the new crash is recorded, so a crash dated long
+        // ago (a service down for weeks) is kept.
         let purged = if cd.history_days > 0 {
             let cutoff = sanare_core::now() - time::Duration::days(i64::from(cd.history_days));
             store.purge_before(cutoff).await.unwrap_or_else(|e| {
@@ -406,6 +413,8 @@ impl SanareBuilder {
         } else {
             0
         };
+        // Before `mark_running` clears the spool.
+        store.record_run(&previous_run).await?;
         detector.mark_running()?;
         detector.start_heartbeat(cd.heartbeat_interval)?;
         if self.crash_handlers {

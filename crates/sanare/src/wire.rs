@@ -23,54 +23,47 @@ pub(crate) struct Wired {
     pub(crate) corruption: Arc<CorruptionDetector>,
 }
 
+/// What every component is built from.
+pub(crate) struct Env<'a> {
+    pub(crate) config: &'a SanareConfig,
+    pub(crate) pool: &'a Pool,
+    pub(crate) schema: &'a SchemaName,
+    pub(crate) data_dir: &'a Path,
+    pub(crate) events: &'a EventBus,
+}
+
+/// The services other components reach each other through.
+struct Shared {
+    journal: Arc<dyn JournalService>,
+    snapshots: Arc<dyn SnapshotService>,
+}
+
 /// Builds every component (taking the builder's hooks, sources, rules and alerts).
-pub(crate) async fn wire(
-    b: &mut SanareBuilder,
-    config: &SanareConfig,
-    pool: &Pool,
-    schema: &SchemaName,
-    data_dir: &Path,
-    events: &EventBus,
-) -> Result<Wired> {
-    let journal = journal(b, config, pool, schema, data_dir, events).await?;
+pub(crate) async fn wire(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Wired> {
+    let journal = journal(b, env).await?;
     let journal_service: Arc<dyn JournalService> = Arc::new(journal.clone());
-    let snapshots = snapshots(b, config, pool, schema, data_dir, events, &journal_service)?;
-    let snapshot_service: Arc<dyn SnapshotService> = snapshots.clone();
-    let integrity = integrity(b, config, pool, schema, data_dir, events)?;
-    let repair = repair(
-        config,
-        pool,
-        schema,
-        events,
-        &snapshot_service,
-        &journal_service,
-    )?;
-    let corruption = corruption(
-        b,
-        config,
-        pool,
-        schema,
-        events,
-        &snapshot_service,
-        &journal_service,
-    )?;
+    let snapshots = snapshots(b, env, &journal_service)?;
+    let shared = Shared {
+        journal: journal_service,
+        snapshots: snapshots.clone(),
+    };
     Ok(Wired {
+        integrity: integrity(b, env)?,
+        repair: repair(env, &shared)?,
+        corruption: corruption(b, env, &shared)?,
         journal,
         snapshots,
-        integrity,
-        repair,
-        corruption,
     })
 }
 
-async fn journal(
-    b: &mut SanareBuilder,
-    config: &SanareConfig,
-    pool: &Pool,
-    schema: &SchemaName,
-    data_dir: &Path,
-    events: &EventBus,
-) -> Result<Journal> {
+async fn journal(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Journal> {
+    let Env {
+        config,
+        pool,
+        schema,
+        data_dir,
+        events,
+    } = *env;
     let journal_builder = |read_only: bool| {
         match config.journal.backend {
             JournalBackend::Wal => Journal::wal(data_dir.join("journal")),
@@ -98,13 +91,16 @@ async fn journal(
 
 fn snapshots(
     b: &mut SanareBuilder,
-    config: &SanareConfig,
-    pool: &Pool,
-    schema: &SchemaName,
-    data_dir: &Path,
-    events: &EventBus,
+    env: &Env<'_>,
     journal_service: &Arc<dyn JournalService>,
 ) -> Result<Arc<Snapshots>> {
+    let Env {
+        config,
+        pool,
+        schema,
+        data_dir,
+        events,
+    } = *env;
     let store: Arc<dyn BlockStore> = match &config.snapshots.storage {
         StorageConfig::Filesystem { path } => Arc::new(FsStore::new(
             path.clone().unwrap_or_else(|| data_dir.join("snapshots")),
@@ -152,14 +148,14 @@ fn snapshots(
     Ok(snapshots)
 }
 
-fn integrity(
-    b: &mut SanareBuilder,
-    config: &SanareConfig,
-    pool: &Pool,
-    schema: &SchemaName,
-    data_dir: &Path,
-    events: &EventBus,
-) -> Result<Arc<Integrity>> {
+fn integrity(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Arc<Integrity>> {
+    let Env {
+        config,
+        pool,
+        schema,
+        data_dir,
+        events,
+    } = *env;
     let mut integrity_config = IntegrityConfig::default();
     integrity_config.chunk_rows = u64::from(config.validation.chunk_size);
     integrity_config.parallelism = usize::from(config.validation.parallelism);
@@ -183,14 +179,15 @@ fn integrity(
     Ok(integrity)
 }
 
-fn repair(
-    config: &SanareConfig,
-    pool: &Pool,
-    schema: &SchemaName,
-    events: &EventBus,
-    snapshot_service: &Arc<dyn SnapshotService>,
-    journal_service: &Arc<dyn JournalService>,
-) -> Result<Arc<RepairEngine>> {
+fn repair(env: &Env<'_>, shared: &Shared) -> Result<Arc<RepairEngine>> {
+    let Env {
+        config,
+        pool,
+        schema,
+        events,
+        ..
+    } = *env;
+    let (snapshot_service, journal_service) = (&shared.snapshots, &shared.journal);
     let mut repair_config = sanare_repair::RepairConfig::default();
     repair_config.approval_severity = Some(config.repair.approval_threshold);
     repair_config.approval_max_rows = config.repair.max_rows_without_approval;
@@ -211,13 +208,17 @@ fn repair(
 
 fn corruption(
     b: &mut SanareBuilder,
-    config: &SanareConfig,
-    pool: &Pool,
-    schema: &SchemaName,
-    events: &EventBus,
-    snapshot_service: &Arc<dyn SnapshotService>,
-    journal_service: &Arc<dyn JournalService>,
+    env: &Env<'_>,
+    shared: &Shared,
 ) -> Result<Arc<CorruptionDetector>> {
+    let Env {
+        config,
+        pool,
+        schema,
+        events,
+        ..
+    } = *env;
+    let (snapshot_service, journal_service) = (&shared.snapshots, &shared.journal);
     let mut corruption = CorruptionDetector::builder()
         .pool(pool.clone())
         .schema(schema.clone())

@@ -6,8 +6,9 @@
 //!    (segment-file journal and filesystem snapshots in a data directory), snapshots
 //!    its tables, and places orders — each one journaled write-ahead, then applied;
 //! 2. it is killed with SIGKILL in the middle of the workload;
-//! 3. it restarts: sanare detects the crash, records it, restores the latest
-//!    snapshot, replays the journal exactly once, validates and checks readiness;
+//! 3. it restarts: sanare detects the crash, records it, replays the journal
+//!    exactly once, validates and scans (restoring nothing over committed data)
+//!    and checks readiness;
 //! 4. damage is planted behind the database's back (a deleted parent, a flipped bit);
 //! 5. integrity validation and the corruption scan find it, the repair engine plans,
 //!    approves and executes repairs (each in one transaction with an undo log);
