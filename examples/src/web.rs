@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use sanare::Sanare;
 use sanare::journal::NewEntry;
-use sanare::recovery::{Readiness, ReadinessCheck};
+use sanare::recovery::{Readiness, ReadinessCheck, RecoveryStep};
 
 use crate::orders::{self, PlaceOrder};
 
@@ -119,8 +119,14 @@ async fn place(State(sanare): State<Arc<Sanare>>, Json(order): Json<PlaceOrder>)
 }
 
 async fn ready(State(sanare): State<Arc<Sanare>>) -> Response {
+    // A start-up recovery that failed before its readiness check (a replay or a
+    // restore that did not go through) keeps the service out of rotation; a
+    // readiness check that failed then is simply asked again below.
     if let Some(result) = &sanare.startup_report().recovery
-        && !result.success
+        && result
+            .steps
+            .iter()
+            .any(|s| !s.success && s.step != RecoveryStep::ReadinessCheck)
     {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
