@@ -216,6 +216,7 @@ async fn journal_stats_query_archive_verify_and_a_damaged_record() {
             .unwrap();
     }
     service.shutdown().await.unwrap();
+    drop(service); // the journal is released with the last handle
 
     let stats = env.json(&["journal", "stats"], 0);
     assert_eq!(stats["stats"]["entries"], 20);
