@@ -9,7 +9,10 @@
 //! unapplied orders; the next start recovers by evidence — replays the journal,
 //! validates, scans rows and, since the host went down, pages and indexes with
 //! amcheck, repairs what it finds (nothing), restores nothing, checks readiness;
-//! baseline `recovery_baseline_copy_s`, the bare copy of the same tables).
+//! baseline `recovery_baseline_copy_s`, the bare copy of the same tables;
+//! `recovery_checks_cut_by_time_target` counts the checks `recovery.time_target`
+//! stopped, and `recovery_full_checks_s` times the same validation and scan run to
+//! the end on the recovered database).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

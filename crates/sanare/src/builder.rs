@@ -248,6 +248,7 @@ impl SanareBuilder {
     /// A failed recovery does not fail the start: [`StartupReport::recovery`]
     /// holds its errors and [`Recovery::readiness`] says not ready.
     pub async fn build(mut self) -> Result<Sanare> {
+        let started = std::time::Instant::now();
         let config = std::mem::take(&mut self.config);
         config.validate()?;
         let schema = config.schema_name()?;
@@ -283,7 +284,8 @@ impl SanareBuilder {
         let recovery = recovery(&wired, crash_store.clone(), readiness, &events);
         // 5.
         let (plan, recovered) = if service {
-            let (plan, result) = start_up(&config, &recovery, &detected.previous_run).await?;
+            let (plan, result) =
+                start_up(&config, &recovery, &detected.previous_run, started).await?;
             (Some(plan), Some(result))
         } else {
             (None, None)
@@ -466,11 +468,14 @@ fn recovery(
 }
 
 /// The recovery every service start runs: by evidence after a crash (with
-/// `auto_recovery`), else the journal replay and the readiness check.
+/// `auto_recovery`), else the journal replay and the readiness check. The time
+/// target counts from the start of `build()` (`started`): it bounds the time to
+/// ready, not only the recovery's own part of it.
 async fn start_up(
     config: &SanareConfig,
     recovery: &Recovery,
     previous_run: &PreviousRun,
+    started: std::time::Instant,
 ) -> Result<(RecoveryPlan, RecoveryResult)> {
     let (crash, option) = match &previous_run.crash {
         Some(crash) if config.auto_recovery => (Some(crash), RecoveryOption::Auto),
@@ -478,7 +483,12 @@ async fn start_up(
     };
     let options = RecoveryOptions::new(option)
         .execute_repairs(config.repair.auto_repair)
-        .time_target(config.recovery.time_target);
+        .time_target(
+            config
+                .recovery
+                .time_target
+                .saturating_sub(started.elapsed()),
+        );
     let plan = recovery.plan(crash, options);
     tracing::info!(
         crash = ?crash.map(|c| c.id),

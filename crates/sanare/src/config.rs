@@ -111,9 +111,10 @@ impl Default for CrashDetectionConfig {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RecoveryConfig {
-    /// The recovery time target: the start-up recovery's validation and corruption
-    /// scan stop once it has run this long, and name what they did not reach (the
-    /// scheduled checks cover it). Journal replay and repairs always finish.
+    /// The recovery time target, counted from the start of `build()`: the start-up
+    /// recovery's validation and corruption scan stop once the start has taken this
+    /// long, and name what they did not reach (the scheduled checks cover it).
+    /// Journal replay and repairs always finish.
     #[serde(with = "humantime_serde")]
     pub time_target: Duration,
 }
