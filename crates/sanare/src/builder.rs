@@ -467,6 +467,10 @@ fn recovery(
     recovery.build()
 }
 
+/// Time kept back from the checks for what follows them: stopping a check at a
+/// chunk boundary, readiness, the recovery's record.
+const FINISH_RESERVE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The recovery every service start runs: by evidence after a crash (with
 /// `auto_recovery`), else the journal replay and the readiness check. The time
 /// target counts from the start of `build()` (`started`): it bounds the time to
@@ -487,7 +491,7 @@ async fn start_up(
             config
                 .recovery
                 .time_target
-                .saturating_sub(started.elapsed()),
+                .saturating_sub(started.elapsed() + FINISH_RESERVE),
         );
     let plan = recovery.plan(crash, options);
     tracing::info!(
