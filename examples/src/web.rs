@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use sanare::Sanare;
 use sanare::journal::NewEntry;
-use sanare::recovery::{Readiness, ReadinessCheck};
+use sanare::recovery::{Readiness, ReadinessCheck, RecoveryStep};
 
 use crate::orders::{self, PlaceOrder};
 
@@ -119,15 +119,14 @@ async fn place(State(sanare): State<Arc<Sanare>>, Json(order): Json<PlaceOrder>)
 }
 
 async fn ready(State(sanare): State<Arc<Sanare>>) -> Response {
-    if let Some(Err(e)) = &sanare.startup_report().recovery {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "ready": false, "detail": format!("the start-up recovery could not run: {e}") })),
-        )
-            .into_response();
-    }
-    if let Some(Ok(result)) = &sanare.startup_report().recovery
-        && !result.success
+    // A start-up recovery that failed before its readiness check (a replay or a
+    // restore that did not go through) keeps the service out of rotation; a
+    // readiness check that failed then is simply asked again below.
+    if let Some(result) = &sanare.startup_report().recovery
+        && result
+            .steps
+            .iter()
+            .any(|s| !s.success && s.step != RecoveryStep::ReadinessCheck)
     {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -147,11 +146,7 @@ async fn recovery(State(sanare): State<Arc<Sanare>>) -> Json<serde_json::Value> 
     Json(serde_json::json!({
         "previous_run": report.previous_run.outcome,
         "crash": report.crash(),
-        "recovery": match &report.recovery {
-            None => serde_json::Value::Null,
-            Some(Ok(r)) => serde_json::to_value(r).unwrap_or_default(),
-            Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
-        },
+        "recovery": report.recovery.as_ref().map(|r| serde_json::to_value(r).unwrap_or_default()),
     }))
 }
 

@@ -4,14 +4,21 @@
 use std::io::IsTerminal;
 
 use clap::{Args, ValueEnum};
-use sanare::core::CrashId;
-use sanare::recovery::{RecoveryOption, RecoveryOptions, RecoveryPlan, StoredCrash};
+use sanare::core::{CrashId, RecoveryId};
+use sanare::recovery::{
+    RecoveryOption, RecoveryOptions, RecoveryPlan, RecoveryResult, StoredCrash,
+};
 
 use crate::output::with_progress;
 use crate::{Context, EXIT_NEEDS_APPROVAL};
 
 #[derive(Debug, Args)]
 pub(crate) struct RecoverArgs {
+    /// Undo the recovery with this id: return the tables it restored to their
+    /// state before it, from the backup snapshot its record names (the state they
+    /// have now is backed up first).
+    #[arg(long, value_name = "RECOVERY_ID", conflicts_with_all = ["crash", "option", "backup_first", "auto_approve"])]
+    undo: Option<RecoveryId>,
     /// The crash to recover from (default: the newest one not yet recovered).
     #[arg(long)]
     crash: Option<CrashId>,
@@ -36,9 +43,11 @@ pub(crate) struct RecoverArgs {
 /// The recovery options of the spec's wizard.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum OptionArg {
-    /// Pick the steps from the crash type (recommended).
+    /// By evidence: replay, validate and scan, repair only what they find
+    /// (recommended).
     Auto,
-    /// Restore the latest good snapshot, replay the journal from its cut, validate.
+    /// Restore the latest good snapshot over the tables it holds (after a backup of
+    /// their current state; undo with `--undo`), replay the journal, validate.
     RestoreLatestSnapshot,
     /// Replay journal entries not yet applied, validate.
     ReplayJournal,
@@ -62,6 +71,9 @@ impl From<OptionArg> for RecoveryOption {
 
 pub(crate) async fn run(ctx: &Context, args: RecoverArgs) -> anyhow::Result<u8> {
     let sanare = ctx.sanare().await?;
+    if let Some(id) = args.undo {
+        return undo(ctx, &sanare, id, args.yes).await;
+    }
     let crash: Option<StoredCrash> = match args.crash {
         Some(id) => Some(sanare.crashes().get(id).await?),
         None => sanare
@@ -109,6 +121,9 @@ pub(crate) async fn run(ctx: &Context, args: RecoverArgs) -> anyhow::Result<u8> 
         .plan(crash.as_ref().map(|c| &c.crash), options);
     print_plan(ctx, &plan)?;
     if matches!(option, OptionArg::Manual) {
+        if ctx.out.json() {
+            ctx.out.show(&plan, |_| {})?;
+        }
         return Ok(0);
     }
     let go = if interactive {
@@ -120,7 +135,10 @@ pub(crate) async fn run(ctx: &Context, args: RecoverArgs) -> anyhow::Result<u8> 
         args.yes
     };
     if !go {
-        if !ctx.out.json() {
+        if ctx.out.json() {
+            // The one JSON document: the plan that was not run.
+            ctx.out.show(&plan, |_| {})?;
+        } else {
             eprintln!("not run: pass --yes to run this plan");
         }
         return Ok(EXIT_NEEDS_APPROVAL);
@@ -130,7 +148,66 @@ pub(crate) async fn run(ctx: &Context, args: RecoverArgs) -> anyhow::Result<u8> 
         recovery.recover(&plan, &control).await
     })
     .await?;
-    ctx.out.show(&result, |out| {
+    show_result(ctx, &result)
+}
+
+/// `recover --undo <id>`: without `--yes` (or a terminal's confirmation), says
+/// what it would do and exits 4.
+async fn undo(
+    ctx: &Context,
+    sanare: &sanare::Sanare,
+    id: RecoveryId,
+    yes: bool,
+) -> anyhow::Result<u8> {
+    let record = sanare.crashes().recovery(id).await?;
+    let what = format!(
+        "undo recovery {id} ({}, {}): restore {} from backup snapshot {}",
+        record.result.option,
+        record.result.started_at,
+        if record.result.tables_restored.is_empty() {
+            "no table".to_owned()
+        } else {
+            record
+                .result
+                .tables_restored
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        record
+            .result
+            .backup_snapshot
+            .map_or_else(|| "(none)".to_owned(), |s| s.to_string())
+    );
+    let interactive = !yes && !ctx.out.json() && std::io::stdin().is_terminal();
+    let go = if interactive {
+        eprintln!("{what}");
+        dialoguer::Confirm::new()
+            .with_prompt("Undo it now?")
+            .default(false)
+            .interact()?
+    } else {
+        yes
+    };
+    if !go {
+        if ctx.out.json() {
+            ctx.out.show(&record, |_| {})?;
+        } else {
+            eprintln!("{what}\nnot run: pass --yes to undo it");
+        }
+        return Ok(EXIT_NEEDS_APPROVAL);
+    }
+    let recovery = sanare.recovery();
+    let result = with_progress(&ctx.out, "undo", |control| async move {
+        recovery.undo(id, &control).await
+    })
+    .await?;
+    show_result(ctx, &result)
+}
+
+fn show_result(ctx: &Context, result: &RecoveryResult) -> anyhow::Result<u8> {
+    ctx.out.show(result, |out| {
         out.line(format!(
             "recovery {}: {} in {:.1}s — {} entries replayed, {} errors fixed",
             result.id,
@@ -139,11 +216,17 @@ pub(crate) async fn run(ctx: &Context, args: RecoverArgs) -> anyhow::Result<u8> 
             result.entries_replayed,
             result.errors_fixed
         ));
+        if let Some(backup) = result.backup_snapshot {
+            out.line(format!(
+                "backup snapshot {backup} holds the state before; undo with `sanare recover --undo {}`",
+                result.id
+            ));
+        }
         out.table(
             &["step", "ok", "seconds", "detail"],
             result.steps.iter().map(|s| {
                 vec![
-                    format!("{:?}", s.step),
+                    s.step.to_string(),
                     if s.success { "yes" } else { "NO" }.into(),
                     format!("{:.2}", s.duration.as_secs_f64()),
                     s.detail.clone(),
@@ -171,11 +254,11 @@ fn ask_option() -> anyhow::Result<OptionArg> {
     let choices = [
         (
             OptionArg::Auto,
-            "Automatic — steps chosen from the crash type (recommended)",
+            "Automatic — replay, check, repair only what is found (recommended)",
         ),
         (
             OptionArg::RestoreLatestSnapshot,
-            "Restore the latest good snapshot, then replay the journal",
+            "Restore the latest good snapshot (current state backed up first), then replay the journal",
         ),
         (
             OptionArg::ReplayJournal,
@@ -195,14 +278,11 @@ fn ask_option() -> anyhow::Result<OptionArg> {
 fn print_plan(ctx: &Context, plan: &RecoveryPlan) -> anyhow::Result<()> {
     if ctx.out.json() {
         // With --json the result (or the plan, when not run) is the one document.
-        if !plan.steps.is_empty() {
-            eprintln!("{}", serde_json::to_string(plan)?);
-        }
         return Ok(());
     }
-    eprintln!("plan ({:?}):", plan.options.option);
+    eprintln!("plan ({}):", plan.options.option);
     for (i, step) in plan.steps.iter().enumerate() {
-        eprintln!("  {}. {step:?}", i + 1);
+        eprintln!("  {}. {step}", i + 1);
     }
     for note in &plan.notes {
         eprintln!("  note: {note}");

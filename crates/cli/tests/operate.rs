@@ -216,6 +216,7 @@ async fn journal_stats_query_archive_verify_and_a_damaged_record() {
             .unwrap();
     }
     service.shutdown().await.unwrap();
+    drop(service); // the journal is released with the last handle
 
     let stats = env.json(&["journal", "stats"], 0);
     assert_eq!(stats["stats"]["entries"], 20);
@@ -408,9 +409,12 @@ async fn crashes_show_and_the_recovery_wizard_without_a_terminal() {
     assert_eq!(planned.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&planned.stderr);
     assert!(
-        stderr.contains("Validate") && stderr.contains("--yes"),
+        stderr.contains("validate") && stderr.contains("--yes"),
         "{stderr}"
     );
+    // With --json, the plan that was not run is the one document on stdout.
+    let plan = env.json(&["recover", "--option", "repair-only"], 4);
+    assert_eq!(plan["steps"][0]["step"], "validate");
 
     let result = env.json(&["recover", "--option", "repair-only", "--yes"], 0);
     assert_eq!(result["success"], true);
@@ -423,6 +427,59 @@ async fn crashes_show_and_the_recovery_wizard_without_a_terminal() {
     assert_eq!(manual.status.code(), Some(0));
     let bad = env.run(&["recover", "--option", "sideways"]);
     assert_eq!(bad.status.code(), Some(2));
+    // That recovery restored nothing: there is nothing to undo.
+    let id = result["id"].as_str().unwrap();
+    let nothing = env.run(&["recover", "--undo", id, "--yes"]);
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&nothing.stderr).contains("nothing to undo"),
+        "{}",
+        String::from_utf8_lossy(&nothing.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_snapshot_restore_is_undone_by_recovery_id() {
+    let env = Env::new(50).await;
+    env.json(&["snapshot", "create", "--of-schema", "shop"], 0);
+    // Committed after the snapshot, by a client that is not sanare.
+    let customer = "SELECT count(*) FROM shop.customers WHERE email = 'late@example.com'";
+    env.db
+        .client()
+        .await
+        .batch_execute(
+            "INSERT INTO shop.customers (id, email, full_name, country) VALUES (100001, 'late@example.com', 'Late', 'DE')",
+        )
+        .await
+        .unwrap();
+    let restored = env.json(
+        &["recover", "--option", "restore-latest-snapshot", "--yes"],
+        0,
+    );
+    assert!(restored["backup_snapshot"].is_string(), "{restored}");
+    assert!(
+        restored["tables_restored"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "customers")
+    );
+    assert_eq!(
+        env.count(customer).await,
+        0,
+        "the operator chose to go back"
+    );
+    let id = restored["id"].as_str().unwrap();
+
+    // Without --yes nothing is undone.
+    assert_eq!(env.run(&["recover", "--undo", id]).status.code(), Some(4));
+    assert_eq!(env.count(customer).await, 0);
+    let undone = env.json(&["recover", "--undo", id, "--yes"], 0);
+    assert_eq!(undone["undoes"], id);
+    assert_eq!(env.count(customer).await, 1, "the committed row is back");
+    let again = env.run(&["recover", "--undo", id, "--yes"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("undone already"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,7 @@
 
 mod alert;
 mod control;
+mod corruption;
 mod error;
 mod event;
 mod id;
@@ -39,6 +40,7 @@ mod violation;
 
 pub use alert::{Alert, AlertSink};
 pub use control::{Control, Progress, ProgressHandle, ProgressReporter};
+pub use corruption::{CorruptionScanSummary, CorruptionScope, CorruptionService};
 pub use error::{BoxError, Error, ErrorReport, Result, ServerError, error_chain_message};
 pub use event::{CrashKind, Event, EventBus, EventRecord, EventSubscription};
 pub use id::{

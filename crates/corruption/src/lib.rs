@@ -78,6 +78,7 @@ pub mod monitor;
 mod physical;
 mod run;
 mod scan;
+mod service;
 mod session;
 mod stats;
 mod trends;

@@ -8,7 +8,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
 use crate::spool::{self, RawRecord, RecordSource};
 
@@ -16,6 +16,29 @@ use crate::spool::{self, RawRecord, RecordSource};
 static SPOOL_FD: AtomicI32 = AtomicI32::new(-1);
 /// Set once an allocation failed (see [`SanareAllocator`]).
 static ALLOC_FAILED: AtomicBool = AtomicBool::new(false);
+/// When the last incident (panic, allocation failure, fatal signal) was captured, in
+/// ms since the Unix epoch.
+static LAST_INCIDENT_MS: AtomicI64 = AtomicI64::new(i64::MIN);
+
+/// How long after an incident the heartbeat stays silent. A heartbeat written after
+/// an incident is the evidence that the process survived it (a caught panic, a
+/// handled `try_reserve` failure), so none may be written while the process could
+/// still be dying of it (printing the panic, unwinding, aborting).
+pub(crate) const INCIDENT_GRACE_MS: i64 = 1_000;
+
+/// Notes that an incident was just captured. Async-signal-safe (one atomic store).
+pub(crate) fn note_incident() {
+    LAST_INCIDENT_MS.store(now_unix_ms(), Ordering::SeqCst);
+}
+
+/// Whether a heartbeat taken at `now_ms` may be written: no incident was captured
+/// within [`INCIDENT_GRACE_MS`] before it.
+pub(crate) fn heartbeat_allowed(now_ms: i64) -> bool {
+    now_ms
+        >= LAST_INCIDENT_MS
+            .load(Ordering::SeqCst)
+            .saturating_add(INCIDENT_GRACE_MS)
+}
 
 const CRASH_BUF_LEN: usize = 8192;
 
@@ -125,6 +148,7 @@ pub(crate) fn write_record_heap(rec: &RawRecord<'_>) -> bool {
 }
 
 pub(crate) fn panic_record_hook(info: &std::panic::PanicHookInfo<'_>, capture_backtrace: bool) {
+    note_incident();
     let message = if let Some(s) = info.payload().downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = info.payload().downcast_ref::<String>() {
@@ -157,6 +181,8 @@ pub(crate) fn panic_record_hook(info: &std::panic::PanicHookInfo<'_>, capture_ba
         thread: thread_name.as_bytes(),
         backtrace: backtrace.as_bytes(),
     });
+    // Capturing the backtrace may take a while: the grace counts from here.
+    note_incident();
 }
 
 /// Records that a supervised task of `component` ended in a panic. The process lives
@@ -268,6 +294,7 @@ pub(crate) mod signals {
                 {
                     flags |= spool::FLAG_STACK_OVERFLOW;
                 }
+                note_incident();
                 write_record_static(&RawRecord {
                     source: RecordSource::Signal,
                     flags,
@@ -327,6 +354,7 @@ impl<A> SanareAllocator<A> {
     #[cold]
     fn failed(&self, size: usize) {
         ALLOC_FAILED.store(true, Ordering::Relaxed);
+        note_incident();
         write_record_static(&RawRecord {
             source: RecordSource::AllocFailure,
             flags: 0,

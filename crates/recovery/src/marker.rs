@@ -36,6 +36,13 @@ pub struct Marker {
     pub oom_kill: Option<u64>,
     /// The host's version string.
     pub version: String,
+    /// The run's identity (a UUID written at start; absent in markers of older
+    /// releases). A crash of this run is recorded under this id, so detecting the
+    /// same crash twice records it once.
+    pub run_id: Option<uuid::Uuid>,
+    /// The run's last sign of life, in ms since the Unix epoch: rewritten every few
+    /// seconds while it runs (absent until the first heartbeat).
+    pub heartbeat_unix_ms: Option<i64>,
 }
 
 impl Marker {
@@ -55,7 +62,19 @@ impl Marker {
             s.push_str(&format!("oom_kill={n}\n"));
         }
         s.push_str(&format!("version={}\n", one_line(&self.version)));
+        if let Some(id) = self.run_id {
+            s.push_str(&format!("run_id={id}\n"));
+        }
+        if let Some(ms) = self.heartbeat_unix_ms {
+            s.push_str(&format!("heartbeat_unix_ms={ms}\n"));
+        }
         s
+    }
+
+    /// The run's last sign of life: its latest heartbeat, else its start.
+    pub fn last_sign_of_life_ms(&self) -> i64 {
+        self.heartbeat_unix_ms
+            .map_or(self.started_unix_ms, |h| h.max(self.started_unix_ms))
     }
 
     /// Decodes a marker; a wrong magic, version or a missing key is an error.
@@ -71,6 +90,7 @@ impl Marker {
         }
         let (mut state, mut pid, mut boot, mut started, mut oom, mut version) =
             (None, None, None, None, None, String::new());
+        let (mut run_id, mut heartbeat) = (None, None);
         for line in lines {
             let Some((k, v)) = line.split_once('=') else {
                 return Err(corrupt(format!("line `{line}` is not key=value")));
@@ -88,6 +108,18 @@ impl Marker {
                 "started_unix_ms" => started = v.parse().ok(),
                 "oom_kill" => oom = v.parse().ok(),
                 "version" => version = v.to_owned(),
+                "run_id" => {
+                    run_id = Some(
+                        v.parse()
+                            .map_err(|_| corrupt(format!("run_id `{v}` is not a UUID")))?,
+                    )
+                }
+                "heartbeat_unix_ms" => {
+                    heartbeat =
+                        Some(v.parse().map_err(|_| {
+                            corrupt(format!("heartbeat_unix_ms `{v}` is not a number"))
+                        })?)
+                }
                 _ => {} // unknown keys from newer writers are ignored
             }
         }
@@ -98,6 +130,8 @@ impl Marker {
             started_unix_ms: started.ok_or_else(|| corrupt("no valid started_unix_ms".into()))?,
             oom_kill: oom,
             version,
+            run_id,
+            heartbeat_unix_ms: heartbeat,
         })
     }
 }
@@ -202,10 +236,26 @@ mod tests {
             started_unix_ms: 1_700_000_000_000,
             oom_kill: Some(3),
             version: "1.2.3".into(),
+            run_id: None,
+            heartbeat_unix_ms: None,
         };
+        // A marker of the first release (no run id, no heartbeat) still reads.
         let golden = "SANARE-MARKER 1\nstate=running\npid=4242\nboot_id=c75cab50-0aae-495b-b187-c55bf8261015\nstarted_unix_ms=1700000000000\noom_kill=3\nversion=1.2.3\n";
         assert_eq!(m.encode(), golden);
         assert_eq!(Marker::decode(golden).unwrap(), m);
+        assert_eq!(m.last_sign_of_life_ms(), 1_700_000_000_000);
+        // With a run id and a heartbeat (golden vector of docs/formats.md).
+        let mut beating = m.clone();
+        beating.run_id = Some("01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap());
+        beating.heartbeat_unix_ms = Some(1_700_000_065_000);
+        let golden2 = format!(
+            "{golden}run_id=01890a5d-ac96-774b-bcce-b302099a8057\nheartbeat_unix_ms=1700000065000\n"
+        );
+        assert_eq!(beating.encode(), golden2);
+        assert_eq!(Marker::decode(&golden2).unwrap(), beating);
+        assert_eq!(beating.last_sign_of_life_ms(), 1_700_000_065_000);
+        assert!(Marker::decode(&format!("{golden}run_id=nope\n")).is_err());
+        assert!(Marker::decode(&format!("{golden}heartbeat_unix_ms=soon\n")).is_err());
         assert!(Marker::decode("SANARE-MARKER 2\nstate=clean\n").is_err());
         assert!(Marker::decode("garbage").is_err());
         assert!(Marker::decode("SANARE-MARKER 1\nstate=running\n").is_err());
@@ -230,7 +280,47 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_oom_kill_count(dir.path()), Some(9));
-        // the real machine: whatever it is, it must not fail
-        let _ = read_oom_kill_count(&own_cgroup_root());
+        std::fs::write(dir.path().join("memory.events"), "oom_kill many\n").unwrap();
+        assert_eq!(
+            read_oom_kill_count(dir.path()),
+            Some(7),
+            "a v2 file without a readable count falls back to v1"
+        );
+        std::fs::remove_file(dir.path().join("memory/memory.oom_control")).unwrap();
+        assert_eq!(
+            read_oom_kill_count(dir.path()),
+            None,
+            "a bad count is no count"
+        );
+    }
+
+    #[test]
+    fn own_cgroup_root_names_the_folder_holding_this_process_oom_counter() {
+        let root = own_cgroup_root();
+        assert!(root.starts_with("/sys/fs/cgroup"), "{}", root.display());
+        // Work out independently where this process's counter is (v2 unified
+        // path, else the v1 memory controller's) and expect the same folder.
+        let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let base = Path::new("/sys/fs/cgroup");
+        let expected = text.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let path = path.trim_start_matches('/');
+            let (dir, file) = if controllers.is_empty() {
+                (base.join(path), "memory.events")
+            } else if controllers.split(',').any(|c| c == "memory") {
+                (base.join("memory").join(path), "memory.oom_control")
+            } else {
+                return None;
+            };
+            dir.join(file).exists().then_some(dir)
+        });
+        match expected {
+            Some(dir) => {
+                assert_eq!(root, dir);
+                assert!(read_oom_kill_count(&root).is_some(), "{}", root.display());
+            }
+            None => assert_eq!(root, base),
+        }
     }
 }

@@ -42,6 +42,27 @@ pub enum RecordSource {
 }
 
 impl RecordSource {
+    /// The stable snake_case name, as stored.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RecordSource::Panic => "panic",
+            RecordSource::Signal => "signal",
+            RecordSource::AllocFailure => "alloc_failure",
+            RecordSource::TaskPanic => "task_panic",
+        }
+    }
+
+    /// The source named `name` (as [`as_str`](Self::as_str) writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "panic" => RecordSource::Panic,
+            "signal" => RecordSource::Signal,
+            "alloc_failure" => RecordSource::AllocFailure,
+            "task_panic" => RecordSource::TaskPanic,
+            _ => return None,
+        })
+    }
+
     fn code(self) -> u8 {
         match self {
             RecordSource::Panic => 1,

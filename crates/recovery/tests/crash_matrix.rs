@@ -110,6 +110,38 @@ fn run_child(mode: &str) {
             std::hint::black_box(&v);
             unreachable!("the allocation fails");
         }
+        "workload" => {
+            workload_child(&std::env::var("SANARE_WORKLOAD_URL").unwrap());
+            unreachable!("the workload kills itself");
+        }
+        "caught_then_power" => {
+            // A panic the run catches, a heartbeat after it (the run went on), then
+            // the host loses power (SIGKILL here, a new boot id in the parent).
+            d.start_heartbeat(Duration::from_millis(20)).unwrap();
+            let r = std::panic::catch_unwind(|| panic!("a caught panic"));
+            assert!(r.is_err());
+            wait_for_heartbeat_after(&d, now_ms());
+            // SAFETY: killing ourselves.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            unreachable!("SIGKILL ends the process");
+        }
+        "try_reserve_then_kill" => {
+            // An allocation failure the run handles, a heartbeat, then kill -9.
+            d.start_heartbeat(Duration::from_millis(20)).unwrap();
+            let mut v: Vec<u8> = Vec::new();
+            assert!(v.try_reserve(1 << 46).is_err(), "64 TiB is refused");
+            assert!(sanare_recovery::allocation_failed());
+            wait_for_heartbeat_after(&d, now_ms());
+            // SAFETY: killing ourselves.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            unreachable!("SIGKILL ends the process");
+        }
+        "clean_after_caught_panic" => {
+            let r = std::panic::catch_unwind(|| panic!("a panic the clean run caught"));
+            assert!(r.is_err());
+            d.mark_clean_shutdown().unwrap();
+            std::process::exit(0);
+        }
         "sigkill" | "power" => {
             // SAFETY: killing ourselves.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
@@ -117,6 +149,33 @@ fn run_child(mode: &str) {
             unreachable!("SIGKILL ends the process");
         }
         other => panic!("unknown crash mode {other}"),
+    }
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// Waits (up to 20 s) until the heartbeat thread has written a heartbeat later
+/// than `after`: the incident's grace period has passed and the run is alive.
+fn wait_for_heartbeat_after(d: &CrashDetector, after: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(d.marker_path()).unwrap();
+        let beat = sanare_recovery::Marker::decode(&text)
+            .unwrap()
+            .heartbeat_unix_ms;
+        if beat.is_some_and(|b| b > after) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no heartbeat after {after}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -168,7 +227,7 @@ fn crash_child(mode: &str) -> Child {
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
-    if mode == "power" {
+    if mode.ends_with("power") {
         std::fs::write(&boot, "22222222-2222-2222-2222-222222222222\n").unwrap();
     }
     Child {
@@ -260,6 +319,48 @@ fn crash_matrix_classifies_every_child() {
         slowest < Duration::from_secs(2),
         "detection took {slowest:?}"
     );
+}
+
+#[test]
+fn an_incident_the_run_outlived_does_not_hide_how_it_ended() {
+    use sanare_recovery::spool::RecordSource;
+    let child = crash_child("caught_then_power");
+    let run = detector(&child.data, &child.boot)
+        .detect_previous_run()
+        .unwrap();
+    let crash = run.crash.as_ref().expect("a crash");
+    assert_eq!(crash.kind, CrashKind::PowerFailure, "{run:#?}");
+    assert_eq!(run.fatal_record, None);
+    assert_eq!(run.records.len(), 1);
+    assert_eq!(run.records[0].source, RecordSource::Panic);
+    assert!(
+        crash
+            .evidence
+            .iter()
+            .any(|e| e.contains("1 earlier incident")),
+        "{:?}",
+        crash.evidence
+    );
+    // The crash time is the last heartbeat, after the panic.
+    let panic_at = time::OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(run.records[0].unix_ms) * 1_000_000,
+    )
+    .unwrap();
+    assert!(crash.crashed_at > panic_at, "{crash:?}");
+    assert_eq!(
+        Some(crash.crashed_at),
+        crash.system_state.previous_heartbeat_at
+    );
+
+    let child = crash_child("try_reserve_then_kill");
+    let run = detector(&child.data, &child.boot)
+        .detect_previous_run()
+        .unwrap();
+    let crash = run.crash.as_ref().expect("a crash");
+    assert_eq!(crash.kind, CrashKind::ApplicationCrash, "{run:#?}");
+    assert_eq!(crash.exception_type.as_deref(), Some("killed"));
+    assert_eq!(run.records[0].source, RecordSource::AllocFailure);
+    assert_eq!(run.fatal_record, None);
 }
 
 #[test]
@@ -377,6 +478,109 @@ async fn crashes_persist_with_history_by_date_and_recovery_outcome() {
     assert!(gone.history(None, None).await.is_err());
 }
 
+#[tokio::test]
+async fn a_start_that_dies_half_way_records_one_crash_and_clean_runs_keep_their_incidents() {
+    use sanare_recovery::spool::RecordSource;
+    let db = sanare_testing::test_db().await;
+    let schema = sanare_pg::SchemaName::default_schema();
+    sanare_recovery::migrate(&mut db.connect().await, &schema)
+        .await
+        .unwrap();
+    let store = CrashStore::new(db.pool().clone(), schema);
+    let rows = |table: &'static str| {
+        let db = &db;
+        async move {
+            let n: i64 = db
+                .client()
+                .await
+                .query_one(&format!("SELECT count(*) FROM sanare.{table}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+
+    // A crash detected and recorded, then the start dies before `mark_running`:
+    // the next start finds the same crash, under the same id, and adds nothing.
+    let child = crash_child("panic_main");
+    let first = detector(&child.data, &child.boot)
+        .detect_previous_run()
+        .unwrap();
+    store.record_run(&first).await.unwrap();
+    let second = detector(&child.data, &child.boot)
+        .detect_previous_run()
+        .unwrap();
+    assert_eq!(
+        first.crash.as_ref().unwrap().id,
+        second.crash.as_ref().unwrap().id
+    );
+    store.record_run(&second).await.unwrap();
+    assert_eq!(rows("crash_records").await, 1);
+    assert_eq!(rows("crash_incidents").await, 1);
+    // The same with a damaged marker (no run id): the id is a digest of the evidence.
+    std::fs::write(
+        child.data.join("sanare-shutdown.marker"),
+        b"SANARE-MARKER 1\nstate=",
+    )
+    .unwrap();
+    let a = detector(&child.data, &child.boot)
+        .detect_previous_run()
+        .unwrap();
+    let b = detector(&child.data, &child.boot)
+        .detect_previous_run()
+        .unwrap();
+    assert_eq!(a.crash.as_ref().unwrap().id, b.crash.as_ref().unwrap().id);
+    store.record_run(&a).await.unwrap();
+    store.record_run(&b).await.unwrap();
+    assert_eq!(rows("crash_records").await, 2);
+
+    // A clean run that caught a panic: no crash, and the panic is kept.
+    let clean = crash_child("clean_after_caught_panic");
+    let run = detector(&clean.data, &clean.boot)
+        .detect_previous_run()
+        .unwrap();
+    assert_eq!(run.outcome, PreviousOutcome::Clean);
+    store.record_run(&run).await.unwrap();
+    let incidents = store.incidents(None, None).await.unwrap();
+    let kept = incidents
+        .iter()
+        .find(|i| Some(i.run_id) == run.run_id)
+        .expect("the clean run's panic is kept");
+    assert_eq!(kept.source, RecordSource::Panic);
+    assert_eq!(
+        kept.message.as_deref(),
+        Some("a panic the clean run caught")
+    );
+    assert!(!kept.fatal && kept.crash.is_none());
+    let fatal = incidents
+        .iter()
+        .find(|i| i.crash == first.crash.as_ref().map(|c| c.id))
+        .unwrap();
+    assert!(
+        fatal.fatal,
+        "the panic the crashed run died of is marked fatal"
+    );
+
+    // History older than the cutoff goes; younger stays.
+    assert_eq!(
+        store
+            .purge_before(sanare_core::now() - time::Duration::days(1))
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(
+        store
+            .purge_before(sanare_core::now() + time::Duration::seconds(1))
+            .await
+            .unwrap()
+            >= 4
+    );
+    assert_eq!(rows("crash_records").await, 0);
+    assert_eq!(rows("crash_incidents").await, 0);
+}
+
 /// The journal of the mid-workload test: entries are written ahead in their own
 /// transaction; the effect and the applied mark commit together.
 struct PgJournal(tokio_postgres::Client);
@@ -471,21 +675,6 @@ fn workload_child(url: &str) {
     });
 }
 
-#[test]
-fn workload_child_entry() {
-    if std::env::var(MODE).as_deref() == Ok("workload") {
-        let dir = PathBuf::from(std::env::var_os(DIR).unwrap());
-        let boot = PathBuf::from(std::env::var_os(BOOT).unwrap());
-        let d = detector(&dir, &boot);
-        d.mark_running().unwrap();
-        d.install_handlers(HandlerOptions::default()).unwrap();
-        workload_child(&std::env::var("SANARE_WORKLOAD_URL").unwrap());
-        return;
-    }
-    // Run normally: the SQL of the workload is valid.
-    assert!(WORKLOAD_SQL.contains("CREATE TABLE journal"));
-}
-
 #[tokio::test]
 async fn a_child_killed_mid_workload_recovers_to_all_committed_work_replayed_once() {
     use std::sync::Arc;
@@ -498,7 +687,7 @@ async fn a_child_killed_mid_workload_recovers_to_all_committed_work_replayed_onc
     let boot = tmp.path().join("boot_id");
     std::fs::write(&boot, "boot-a").unwrap();
     let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "workload_child_entry", "--nocapture"])
+        .args(["--exact", "crash_child_entry", "--nocapture"])
         .env(MODE, "workload")
         .env(DIR, &data)
         .env(BOOT, &boot)
@@ -511,6 +700,7 @@ async fn a_child_killed_mid_workload_recovers_to_all_committed_work_replayed_onc
     let crash = d.detect_previous_run().unwrap().crash.unwrap();
     assert_eq!(crash.kind, CrashKind::ApplicationCrash);
     assert_eq!(crash.exception_type.as_deref(), Some("killed"));
+    drop(d);
 
     let recovery = sanare_recovery::Recovery::builder()
         .journal(Arc::new(PgJournal(db.connect().await)))

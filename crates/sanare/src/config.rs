@@ -36,10 +36,14 @@ pub struct SanareConfig {
     pub data_dir: PathBuf,
     /// A connection string, when the host does not hand over a pool.
     pub database_url: Option<String>,
-    /// Recover automatically at start-up after a crash.
+    /// Recover automatically at start-up after a crash (by evidence: replay,
+    /// validate and scan, repair what they find). Off: a start after a crash only
+    /// replays the journal, as every start does.
     pub auto_recovery: bool,
     /// Crash detection.
     pub crash_detection: CrashDetectionConfig,
+    /// Recovery.
+    pub recovery: RecoveryConfig,
     /// Integrity validation.
     pub validation: ValidationConfig,
     /// Automatic repair.
@@ -62,6 +66,7 @@ impl Default for SanareConfig {
             database_url: None,
             auto_recovery: true,
             crash_detection: CrashDetectionConfig::default(),
+            recovery: RecoveryConfig::default(),
             validation: ValidationConfig::default(),
             repair: RepairConfig::default(),
             snapshots: SnapshotConfig::default(),
@@ -79,11 +84,18 @@ impl Default for SanareConfig {
 pub struct CrashDetectionConfig {
     /// Check how the previous run ended at start-up.
     pub enabled: bool,
-    /// Longest time the start-up check may take.
+    /// Longest time the start-up check (reading the marker, the spool, the boot id
+    /// and the cgroup) may take; past it, `build()` fails with an error naming this
+    /// key rather than hang on a disk that stopped answering.
     #[serde(with = "humantime_serde")]
     pub detection_timeout: Duration,
-    /// Crash records older than this many days are purged.
+    /// Crash records, incidents and recovery records older than this many days are
+    /// purged at start-up (`0`: kept forever).
     pub history_days: u32,
+    /// How often the running service writes its heartbeat into the shutdown
+    /// marker: the next start dates a kill or a power loss to within this.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for CrashDetectionConfig {
@@ -92,6 +104,28 @@ impl Default for CrashDetectionConfig {
             enabled: true,
             detection_timeout: Duration::from_secs(2),
             history_days: 30,
+            heartbeat_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Recovery settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RecoveryConfig {
+    /// The recovery time target, counted from the start of `build()`: the start-up
+    /// recovery's validation and corruption scan stop once the start has taken this
+    /// long, and name what they did not reach (the scheduled checks cover it).
+    /// Journal replay and repairs always finish.
+    #[serde(with = "humantime_serde")]
+    pub time_target: Duration,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            time_target: Duration::from_secs(30),
         }
     }
 }
@@ -497,6 +531,30 @@ impl SanareConfig {
             ));
         }
         self.background.validate()?;
+        for (key, d, min) in [
+            (
+                "crash_detection.detection_timeout",
+                self.crash_detection.detection_timeout,
+                Duration::from_millis(10),
+            ),
+            (
+                "crash_detection.heartbeat_interval",
+                self.crash_detection.heartbeat_interval,
+                Duration::from_millis(10),
+            ),
+            (
+                "recovery.time_target",
+                self.recovery.time_target,
+                Duration::from_secs(1),
+            ),
+        ] {
+            if d < min {
+                return Err(Error::config(
+                    key,
+                    format!("must be at least {}", humantime::format_duration(min)),
+                ));
+            }
+        }
         for (key, d) in [
             ("snapshots.interval", self.snapshots.interval),
             ("validation.interval", self.validation.interval),

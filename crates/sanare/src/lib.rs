@@ -17,6 +17,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod background;
+mod builder;
 pub mod config;
 mod handle;
 mod jobs;
@@ -24,10 +25,12 @@ mod leader;
 mod scheduler;
 mod supervise;
 mod worker;
+mod wire;
 
 pub use background::{JOB_SCAN_TABLE, JOB_VALIDATE_TABLE, task};
+pub use builder::SanareBuilder;
 pub use config::SanareConfig;
-pub use handle::{Sanare, SanareBuilder, StartupReport};
+pub use handle::{Sanare, StartupReport};
 pub use jobs::{BatchStatus, Job, JobQueue};
 pub use leader::LeaderLease;
 pub use sanare_core as core;

@@ -90,6 +90,7 @@ async fn a_run_without_clean_shutdown_is_detected_recorded_and_recovered() {
     .unwrap();
     assert!(summary.is_clean(), "{summary:?}");
     second.shutdown().await.unwrap();
+    drop(second); // the data directory is released with the last handle
 
     let third = Sanare::builder()
         .pool(db.pool().clone())

@@ -1,0 +1,367 @@
+//! Wiring the components of a [`Sanare`](crate::Sanare) from the configuration.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sanare_core::{AlertSink, Error, EventBus, JournalService, Result, SnapshotService};
+use sanare_corruption::CorruptionDetector;
+use sanare_integrity::{Checksummer, Integrity, IntegrityConfig, Rules};
+use sanare_journal::Journal;
+use sanare_pg::{Pool, SchemaName};
+use sanare_repair::RepairEngine;
+use sanare_snapshot::{BlockStore, FsStore, PgStore, Snapshots};
+
+use crate::builder::SanareBuilder;
+use crate::config::{AlertsConfig, Codec, JournalBackend, SanareConfig, StorageConfig};
+
+/// The components, wired.
+pub(crate) struct Wired {
+    pub(crate) journal: Journal,
+    pub(crate) snapshots: Arc<Snapshots>,
+    pub(crate) integrity: Arc<Integrity>,
+    pub(crate) repair: Arc<RepairEngine>,
+    pub(crate) corruption: Arc<CorruptionDetector>,
+}
+
+/// What every component is built from.
+pub(crate) struct Env<'a> {
+    pub(crate) config: &'a SanareConfig,
+    pub(crate) pool: &'a Pool,
+    pub(crate) schema: &'a SchemaName,
+    pub(crate) data_dir: &'a Path,
+    pub(crate) events: &'a EventBus,
+}
+
+/// The services other components reach each other through.
+struct Shared {
+    journal: Arc<dyn JournalService>,
+    snapshots: Arc<dyn SnapshotService>,
+}
+
+/// Builds every component (taking the builder's hooks, sources, rules and alerts).
+pub(crate) async fn wire(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Wired> {
+    let journal = journal(b, env).await?;
+    let journal_service: Arc<dyn JournalService> = Arc::new(journal.clone());
+    let snapshots = snapshots(b, env, &journal_service)?;
+    let shared = Shared {
+        journal: journal_service,
+        snapshots: snapshots.clone(),
+    };
+    Ok(Wired {
+        integrity: integrity(b, env)?,
+        repair: repair(env, &shared)?,
+        corruption: corruption(b, env, &shared)?,
+        journal,
+        snapshots,
+    })
+}
+
+async fn journal(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Journal> {
+    let Env {
+        config,
+        pool,
+        schema,
+        data_dir,
+        events,
+    } = *env;
+    let journal_builder = |read_only: bool| {
+        match config.journal.backend {
+            JournalBackend::Wal => Journal::wal(data_dir.join("journal")),
+            JournalBackend::Postgres => Journal::postgres(pool.clone(), schema.clone()),
+        }
+        .handler_database(pool.clone(), schema.clone())
+        .events(events.clone())
+        .migrate(false)
+        .read_only(read_only)
+    };
+    let journal = match b.journal_hook.take() {
+        Some(hook) => hook(journal_builder(false)).build().await?,
+        None => match journal_builder(false).build().await {
+            // An operator tool beside the running service, which holds the
+            // journal's writer lock: read it without changing it.
+            Err(Error::Conflict(why)) if b.operator => {
+                tracing::info!(%why, "the journal is in use; opening it read-only");
+                journal_builder(true).build().await?
+            }
+            other => other?,
+        },
+    };
+    Ok(journal)
+}
+
+fn snapshots(
+    b: &mut SanareBuilder,
+    env: &Env<'_>,
+    journal_service: &Arc<dyn JournalService>,
+) -> Result<Arc<Snapshots>> {
+    let Env {
+        config,
+        pool,
+        schema,
+        data_dir,
+        events,
+    } = *env;
+    let store = config.snapshot_store(data_dir, Some(pool))?;
+    let key = config.snapshot_key(data_dir, true)?;
+    let mut snapshot_config = sanare_snapshot::SnapshotConfig::default();
+    snapshot_config.codec = match config.snapshots.codec {
+        Codec::Lz4 => sanare_snapshot::Codec::Lz4,
+        Codec::Brotli => sanare_snapshot::Codec::Brotli,
+        Codec::None => sanare_snapshot::Codec::None,
+    };
+    snapshot_config.default_schemas = config.snapshots.schemas.clone();
+    let mut snapshots = Snapshots::builder()
+        .store(store)
+        .new_repository(config.snapshots.new_repository)
+        .pool(pool.clone())
+        .schema(schema.clone())
+        .journal(journal_service.clone())
+        .events(events.clone())
+        .config(snapshot_config);
+    if let Some(key) = key {
+        snapshots = snapshots.key(key);
+    }
+    for source in std::mem::take(&mut b.sources) {
+        snapshots = snapshots.source(source);
+    }
+    let snapshots = Arc::new(snapshots.build()?);
+
+    Ok(snapshots)
+}
+
+fn integrity(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Arc<Integrity>> {
+    let Env {
+        config,
+        pool,
+        schema,
+        data_dir,
+        events,
+    } = *env;
+    let mut integrity_config = IntegrityConfig::default();
+    integrity_config.chunk_rows = u64::from(config.validation.chunk_size);
+    integrity_config.parallelism = usize::from(config.validation.parallelism);
+    integrity_config.duty_cycle = config.validation.duty_cycle;
+    integrity_config.chunk_timeout = config.validation.chunk_timeout;
+    integrity_config.report_dir = data_dir.join("reports");
+    integrity_config.families = config.validation.families();
+    let rules = match &config.validation.rules_file {
+        Some(path) => Rules::from_toml_file(path)?,
+        None => std::mem::take(&mut b.rules),
+    };
+    let mut integrity = Integrity::builder()
+        .pool(pool.clone())
+        .schema(schema.clone())
+        .rules(rules)
+        .events(events.clone())
+        .config(integrity_config);
+    if let Some(key) = b.checksum_key {
+        integrity = integrity.checksum_key(key);
+    }
+    let integrity = Arc::new(integrity.build()?);
+
+    Ok(integrity)
+}
+
+fn repair(env: &Env<'_>, shared: &Shared) -> Result<Arc<RepairEngine>> {
+    let Env {
+        config,
+        pool,
+        schema,
+        events,
+        ..
+    } = *env;
+    let (snapshot_service, journal_service) = (&shared.snapshots, &shared.journal);
+    let mut repair_config = sanare_repair::RepairConfig::default();
+    repair_config.approval_severity = Some(config.repair.approval_threshold);
+    repair_config.approval_max_rows = config.repair.max_rows_without_approval;
+    repair_config.removals_need_approval = config.repair.removals_need_approval;
+    repair_config.statement_timeout = config.repair.max_duration;
+    let repair = Arc::new(
+        RepairEngine::builder()
+            .pool(pool.clone())
+            .schema(schema.clone())
+            .snapshots(snapshot_service.clone())
+            .journal(journal_service.clone())
+            .events(events.clone())
+            .config(repair_config)
+            .build()?,
+    );
+
+    Ok(repair)
+}
+
+fn corruption(
+    b: &mut SanareBuilder,
+    env: &Env<'_>,
+    shared: &Shared,
+) -> Result<Arc<CorruptionDetector>> {
+    let Env {
+        config,
+        pool,
+        schema,
+        events,
+        ..
+    } = *env;
+    let (snapshot_service, journal_service) = (&shared.snapshots, &shared.journal);
+    let checksum =
+        Checksummer::for_algorithm(config.corruption.checksum_algorithm, b.checksum_key)
+            .map_err(|_| {
+                Error::config(
+                    "corruption.checksum_algorithm",
+                    "blake3_keyed needs the key: pass it with SanareBuilder::checksum_key",
+                )
+            })?;
+    let mut corruption = CorruptionDetector::builder()
+        .pool(pool.clone())
+        .schema(schema.clone())
+        .checksum(Arc::new(checksum))
+        .config(config.corruption.detector_config())
+        .snapshots(snapshot_service.clone())
+        .journal(journal_service.clone())
+        .events(events.clone());
+    if let Some(alerts) = b.alerts.take().or(alert_sinks(&config.corruption.alerts)?)
+        && config.corruption.alert_on_detection
+    {
+        corruption = corruption.alerts(alerts);
+    }
+    let corruption = Arc::new(corruption.build()?);
+
+    Ok(corruption)
+}
+
+/// The alert sinks named by the configuration, behind one dispatcher (batching,
+/// rate limits, retries, never blocking detection); `None` when none is configured.
+fn alert_sinks(config: &AlertsConfig) -> Result<Option<Arc<dyn AlertSink>>> {
+    use sanare_corruption::{
+        AlertDispatcher, EmailSink, PagerDutySink, Route, SlackSink, WebhookSink,
+    };
+    let min = config.min_severity.unwrap_or(sanare_core::Severity::Low);
+    let mut routes = Vec::new();
+    if let Some(url) = &config.webhook_url {
+        let secret = config.webhook_secret.as_deref().ok_or_else(|| {
+            Error::config(
+                "corruption.alerts.webhook_secret",
+                "a webhook URL needs its signing secret (`whsec_…`)",
+            )
+        })?;
+        routes.push(Route::new(Arc::new(WebhookSink::new(url.clone(), secret)?)));
+    }
+    if let Some(url) = &config.slack_webhook_url {
+        routes.push(Route::new(Arc::new(SlackSink::new(url.clone())?)));
+    }
+    if let Some(key) = &config.pagerduty_routing_key {
+        // PagerDuty keys incidents by dedup key: never merge alerts.
+        routes.push(Route::new(Arc::new(PagerDutySink::new(key.clone())?)).batch(false));
+    }
+    if let Some(smtp) = &config.smtp_url {
+        let (host, port) = parse_smtp_url(smtp)?;
+        let from = config.email_from.as_deref().ok_or_else(|| {
+            Error::config(
+                "corruption.alerts.email_from",
+                "an SMTP server needs a sender address",
+            )
+        })?;
+        if config.email_to.is_empty() {
+            return Err(Error::config(
+                "corruption.alerts.email_to",
+                "an SMTP server needs at least one recipient",
+            ));
+        }
+        let to: Vec<&str> = config.email_to.iter().map(String::as_str).collect();
+        routes.push(Route::new(Arc::new(EmailSink::new(
+            &host, port, from, &to,
+        )?)));
+    }
+    if routes.is_empty() {
+        return Ok(None);
+    }
+    let mut dispatcher = AlertDispatcher::builder();
+    for route in routes {
+        dispatcher = dispatcher.route(route.min_severity(min));
+    }
+    Ok(Some(Arc::new(dispatcher.build())))
+}
+
+fn parse_smtp_url(url: &str) -> Result<(String, u16)> {
+    let bad = || {
+        Error::config(
+            "corruption.alerts.smtp_url",
+            format!("`{url}` is not `smtp://host[:port]`"),
+        )
+    };
+    let rest = url.strip_prefix("smtp://").ok_or_else(bad)?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => {
+            Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
+        }
+        None if !rest.is_empty() => Ok((rest.to_owned(), 25)),
+        _ => Err(bad()),
+    }
+}
+
+impl SanareConfig {
+    /// The snapshot block store `snapshots.storage` names (the filesystem store
+    /// defaults to `<data_dir>/snapshots`; the PostgreSQL store needs `pool`).
+    pub fn snapshot_store(
+        &self,
+        data_dir: &std::path::Path,
+        pool: Option<&Pool>,
+    ) -> Result<Arc<dyn BlockStore>> {
+        Ok(match &self.snapshots.storage {
+            StorageConfig::Filesystem { path } => Arc::new(FsStore::new(
+                path.clone().unwrap_or_else(|| data_dir.join("snapshots")),
+            )?),
+            StorageConfig::Postgres => match pool {
+                Some(pool) => Arc::new(PgStore::new(pool.clone(), &self.schema_name()?)),
+                None => {
+                    return Err(Error::config(
+                        "snapshots.storage",
+                        "the postgres store keeps its blocks in the database: it needs a database connection",
+                    ));
+                }
+            },
+            #[cfg(feature = "s3")]
+            StorageConfig::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                region,
+            } => Arc::new(sanare_snapshot::S3Store::from_settings(
+                bucket,
+                Some(prefix.as_str()).filter(|p| !p.is_empty()),
+                endpoint.as_deref(),
+                region.as_deref(),
+            )?),
+            #[cfg(not(feature = "s3"))]
+            StorageConfig::S3 { .. } => {
+                return Err(Error::config(
+                    "snapshots.storage",
+                    "S3-compatible storage needs the `s3` feature of the `sanare` crate; enable it, or use `filesystem` or `postgres`",
+                ));
+            }
+        })
+    }
+
+    /// The key that signs snapshot manifests: the file `snapshots.key_file`
+    /// (default `<data_dir>/snapshot.key`), made when missing if `create`
+    /// (otherwise `None` when there is none).
+    pub fn snapshot_key(
+        &self,
+        data_dir: &std::path::Path,
+        create: bool,
+    ) -> Result<Option<sanare_snapshot::RepositoryKey>> {
+        let path = self
+            .snapshots
+            .key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("snapshot.key"));
+        if create {
+            sanare_snapshot::RepositoryKey::load_or_create(&path).map(Some)
+        } else if path.exists() {
+            sanare_snapshot::RepositoryKey::load(&path).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
