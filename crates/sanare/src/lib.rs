@@ -25,8 +25,15 @@ mod scheduler;
 mod supervise;
 mod worker;
 
+/// `#[async_trait]`, to implement the plug-in traits a host gives the builder
+/// ([`journal::PgHandler`], [`recovery::ReadinessCheck`], …) without depending on
+/// `async-trait` itself.
+pub use async_trait::async_trait;
 pub use background::{JOB_SCAN_TABLE, JOB_VALIDATE_TABLE, task};
 pub use config::SanareConfig;
+/// The `deadpool-postgres` whose `Pool` [`SanareBuilder::pool`] takes (its
+/// `tokio_postgres` is the one [`journal::PgHandler`] is handed).
+pub use deadpool_postgres;
 pub use handle::{Sanare, SanareBuilder, StartupReport};
 pub use jobs::{BatchStatus, Job, JobQueue};
 pub use leader::LeaderLease;
