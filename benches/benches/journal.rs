@@ -53,9 +53,15 @@ fn order_event(order_id: usize, i: usize) -> String {
 }
 
 async fn concurrent_records(journal: &Journal, per_writer: usize) -> f64 {
+    concurrent_records_by(journal, WRITERS, per_writer).await
+}
+
+/// `writers` tasks, each recording `per_writer` entries one at a time (each
+/// waits for its entry to be durable before the next); entries per second.
+async fn concurrent_records_by(journal: &Journal, writers: usize, per_writer: usize) -> f64 {
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..WRITERS {
+    for w in 0..writers {
         let j = journal.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..per_writer {
@@ -71,7 +77,34 @@ async fn concurrent_records(journal: &Journal, per_writer: usize) -> f64 {
     for t in tasks {
         t.await.expect("writer");
     }
-    (WRITERS * per_writer) as f64 / start.elapsed().as_secs_f64()
+    (writers * per_writer) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The `okaywal` crate driven the same way: `writers` OS threads (it is
+/// synchronous), each committing one 256-byte entry at a time (`commit` returns
+/// once the entry is durable; the crate batches the flushes of concurrent
+/// committers). Entries per second.
+fn okaywal_records(writers: usize, per_writer: usize) -> f64 {
+    let dir = scratch();
+    let log = okaywal::WriteAheadLog::recover(dir.path(), okaywal::LogVoid).expect("okaywal");
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let log = &log;
+            s.spawn(move || {
+                for i in 0..per_writer {
+                    let mut entry = log.begin_entry().expect("begin");
+                    entry
+                        .write_chunk(&payload256(w * per_writer + i))
+                        .expect("write");
+                    entry.commit().expect("commit");
+                }
+            });
+        }
+    });
+    let rate = (writers * per_writer) as f64 / start.elapsed().as_secs_f64();
+    drop(log);
+    rate
 }
 
 fn naive_fsync_per_entry(n: usize) -> f64 {
@@ -447,6 +480,39 @@ async fn run_figures(figures: &mut Figures) {
         figures.set("wal_textbook_group_commit_per_s", textbook);
         figures.set("wal_textbook_group_commit_group_size", textbook_group);
         figures.set("wal_vs_naive_fsync_ratio", wal_rate / naive);
+        figures.set("wal_vs_textbook_ratio", wal_rate / textbook);
+
+        // Many requests in flight: 256 one-at-a-time writers.
+        let dir = scratch();
+        let wal = Journal::wal(dir.path()).build().await.expect("wal");
+        let _ = concurrent_records_by(&wal, 256, 10).await;
+        let many = concurrent_records_by(&wal, 256, 800).await;
+        drop(wal);
+        // okaywal, same 32 writers, and ours again right after (alternated, so
+        // a change in the disk's flush rate hits both).
+        let okay = tokio::task::spawn_blocking(|| okaywal_records(WRITERS, 2000))
+            .await
+            .expect("okaywal");
+        let dir = scratch();
+        let wal = Journal::wal(dir.path()).build().await.expect("wal");
+        let ours_again = concurrent_records(&wal, 2000).await;
+        drop(wal);
+        let okay2 = tokio::task::spawn_blocking(|| okaywal_records(WRITERS, 2000))
+            .await
+            .expect("okaywal");
+        let ours = (wal_rate + ours_again) / 2.0;
+        let okay = (okay + okay2) / 2.0;
+        println!(
+            "wal, 256 writers: {many:.0}/s; okaywal (32 OS threads): {okay:.0}/s, ours {ours:.0}/s"
+        );
+        figures.set("wal_appends_256_writers_per_s", many);
+        figures.set("wal_okaywal_appends_per_s", okay);
+        figures.set("wal_vs_okaywal_ratio", ours / okay);
+    }
+
+    // --- Opening a long journal (10 million entries by default).
+    if section("open") {
+        open_figures(figures).await;
     }
 
     // --- Replay into a no-op handler (WAL).
@@ -563,6 +629,7 @@ async fn run_figures(figures: &mut Figures) {
     figures.set("pg_records_per_s", pg_rate);
     figures.set("pg_single_insert_per_s", single);
     figures.set("pg_vs_single_insert_ratio", pg_rate / single);
+    record_in_figures(figures, &pool, &journal).await;
 
     // Replay into the order service's upsert handler (exactly-once marks in the
     // same transaction): 3,000 events one round trip per entry, then 50,000 events
@@ -606,6 +673,124 @@ async fn run_figures(figures: &mut Figures) {
     let _ = admin_client
         .batch_execute("DROP DATABASE IF EXISTS sanare_bench_journal WITH (FORCE)")
         .await;
+}
+
+/// A journal of `SANARE_BENCH_OPEN_ENTRIES` entries (10 million by default; 64-byte
+/// payloads, each with an idempotency key), then the time to open it and to
+/// record the first entry after (which waits for the idempotency window).
+async fn open_figures(figures: &mut Figures) {
+    let n: usize = std::env::var("SANARE_BENCH_OPEN_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    let dir = scratch();
+    let build = || Journal::wal(dir.path()).max_batch(8192).build();
+    let wal = build().await.expect("wal");
+    let writers = 256;
+    let per = n.div_ceil(writers);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let j = wal.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per {
+                let k = w * per + i;
+                let mut p = format!("entry-{k:010}-").into_bytes();
+                p.resize(64, b'x');
+                j.record(NewEntry::from_bytes("bench", p).idempotency_key(format!("k-{k}")))
+                    .await
+                    .expect("record");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let wrote = start.elapsed();
+    drop(wal);
+    // Once untimed: summaries that sealing left to a background thread are
+    // written by then.
+    drop(build().await.expect("reopen"));
+    let mut opens = Vec::new();
+    let mut first_append = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let wal = build().await.expect("reopen");
+        opens.push(start.elapsed().as_secs_f64() * 1000.0);
+        let start = Instant::now();
+        wal.record(NewEntry::from_bytes("bench", b"after".to_vec()).idempotency_key("k-0"))
+            .await
+            .expect("record");
+        first_append.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(wal.head().await.expect("head").0 as usize, writers * per);
+    }
+    opens.sort_by(f64::total_cmp);
+    first_append.sort_by(f64::total_cmp);
+    println!(
+        "open: {} entries written in {:.1} s; open {:.1} ms (median of 3), first append after open {:.1} ms",
+        writers * per,
+        wrote.as_secs_f64(),
+        opens[1],
+        first_append[1]
+    );
+    figures.set("open_entries", (writers * per) as f64);
+    figures.set("open_ms_10m_entries", opens[1]);
+    figures.set("open_first_append_ms", first_append[1]);
+}
+
+/// A host's own write transactions per second on 32 sessions, with one
+/// `record_in` inside each and without it, alternated twice.
+async fn record_in_figures(figures: &mut Figures, pool: &sanare_pg::Pool, journal: &Journal) {
+    let client = sanare_pg::get_conn(pool).await.expect("connect");
+    client
+        .batch_execute("CREATE TABLE host_orders (id bigint PRIMARY KEY, doc text NOT NULL)")
+        .await
+        .expect("host table");
+    drop(client);
+    let next = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let run = async |with_record: bool| {
+        let per = 150;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..WRITERS {
+            let (pool, journal, next) = (pool.clone(), journal.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = sanare_pg::get_conn(&pool).await.expect("connect");
+                for _ in 0..per {
+                    let id = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let doc = order_json(id as usize);
+                    let tx = c.transaction().await.expect("begin");
+                    tx.execute(
+                        "INSERT INTO host_orders (id, doc) VALUES ($1, $2)",
+                        &[&id, &doc],
+                    )
+                    .await
+                    .expect("insert");
+                    if with_record {
+                        journal
+                            .record_in(&tx, NewEntry::new("order.updated", &doc).expect("payload"))
+                            .await
+                            .expect("record_in");
+                    }
+                    tx.commit().await.expect("commit");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("session");
+        }
+        (WRITERS * per) as f64 / start.elapsed().as_secs_f64()
+    };
+    let _ = run(false).await; // warm-up
+    let (mut with, mut without) = (0.0, 0.0);
+    for _ in 0..2 {
+        with += run(true).await / 2.0;
+        without += run(false).await / 2.0;
+    }
+    println!("host transactions: {with:.0}/s with record_in, {without:.0}/s without");
+    figures.set("record_in_host_tx_per_s", with);
+    figures.set("host_tx_per_s", without);
+    figures.set("record_in_retained_pct", 100.0 * with / without);
 }
 
 fn with_dbname(url: &str, db: &str) -> String {

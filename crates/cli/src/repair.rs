@@ -1,16 +1,27 @@
-//! `repair plan|dry-run|approve|apply|rollback|history`.
+//! `repair plan|dry-run|approve|apply|rollback|history|rows|quarantine`.
+//!
+//! Lists (plans, history, rows, quarantine) are printed as they are read: `--json`
+//! writes one JSON array element by element, the human form prints tables of at
+//! most [`PAGE`] rows, so no list is ever held whole in memory.
+
+use std::io::Write as _;
 
 use clap::Subcommand;
+use futures_util::StreamExt as _;
 use sanare::core::{
-    CheckId, Error, ExecuteOptions, RepairId, RepairPlan, RepairService, RepairStatus, Violation,
+    BoxStream, CheckId, Error, ExecuteOptions, IntegrityService, RepairId, RepairPlan,
+    RepairService, RepairStatus, Violation,
 };
 use sanare::corruption::IssueQuery;
-use sanare::integrity::ViolationQuery;
 use sanare_pg::PgResultExt;
+use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::output::with_progress;
+use crate::output::{Human, with_progress};
 use crate::{Context, EXIT_NEEDS_APPROVAL};
+
+/// Rows per human table of a streamed list.
+const PAGE: usize = 100;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum RepairCommand {
@@ -40,7 +51,7 @@ pub(crate) enum RepairCommand {
         by: String,
     },
     /// Run a planned (and, when needed, approved) repair: one transaction, undo log
-    /// kept. Exits 4 when it still needs an approval.
+    /// and quarantine kept. Exits 4 when it still needs an approval.
     Apply {
         /// The repair.
         id: RepairId,
@@ -48,7 +59,7 @@ pub(crate) enum RepairCommand {
         #[arg(long, default_value = "sanare-cli")]
         by: String,
     },
-    /// Undo a completed repair from its undo log.
+    /// Undo a completed repair from its undo log and quarantine.
     Rollback {
         /// The repair.
         id: RepairId,
@@ -62,6 +73,35 @@ pub(crate) enum RepairCommand {
         #[arg(long)]
         id: Option<RepairId>,
     },
+    /// Every row a repair covers, and what its last run did with each (repaired, or
+    /// skipped because it changed since planning or no longer violated).
+    Rows {
+        /// The repair.
+        id: RepairId,
+    },
+    /// Rows repairs removed, kept whole: list them, or put one back.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum QuarantineCommand {
+    /// Quarantined rows, oldest first.
+    List {
+        /// Only those of this repair.
+        #[arg(long)]
+        repair: Option<RepairId>,
+    },
+    /// Put a quarantined row back into its table, exactly as it was.
+    Restore {
+        /// The quarantined row's id (from `repair quarantine list`).
+        id: i64,
+        /// Who puts it back (recorded in the audit trail).
+        #[arg(long)]
+        by: String,
+    },
 }
 
 pub(crate) async fn run(ctx: &Context, command: RepairCommand) -> anyhow::Result<u8> {
@@ -71,47 +111,7 @@ pub(crate) async fn run(ctx: &Context, command: RepairCommand) -> anyhow::Result
         RepairCommand::Plan {
             check,
             no_corruption,
-        } => {
-            let check = match check {
-                Some(c) => Some(c),
-                None => latest_check(ctx).await?,
-            };
-            let mut violations: Vec<Violation> = Vec::new();
-            if let Some(check) = check {
-                let mut q = ViolationQuery::new().check(check);
-                q.limit = Some(100_000);
-                violations.extend(sanare.integrity().query_violations(&q).await?);
-            }
-            if !no_corruption {
-                let issues = sanare
-                    .corruption()
-                    .issues(&IssueQuery::new().unresolved())
-                    .await?;
-                violations.extend(issues.iter().map(|i| i.to_violation()));
-            }
-            if violations.is_empty() {
-                ctx.out.show(&Vec::<RepairPlan>::new(), |out| {
-                    out.line(match check {
-                        Some(c) => format!("nothing to repair: check {c} found no violations and no corruption issue is open"),
-                        None => "nothing to repair: no integrity check has completed yet (run `sanare validate`) and no corruption issue is open".into(),
-                    });
-                })?;
-                return Ok(0);
-            }
-            let plans = repair.plan(&violations).await?;
-            let waiting = plans.iter().filter(|p| p.requires_approval).count();
-            ctx.out.show(&plans, |out| {
-                out.line(format!(
-                    "{} violations → {} repairs planned ({} need an approval)",
-                    violations.len(),
-                    plans.len(),
-                    waiting
-                ));
-                print_plans(out, &plans);
-                out.line("next: `sanare repair dry-run <id>`, `sanare repair approve <id> --by <you>`, `sanare repair apply <id>`");
-            })?;
-            Ok(if waiting > 0 { EXIT_NEEDS_APPROVAL } else { 0 })
-        }
+        } => plan(ctx, &sanare, check, no_corruption).await,
         RepairCommand::DryRun { id } => {
             let outcome = with_progress(&ctx.out, "dry run", |control| async move {
                 repair
@@ -129,8 +129,7 @@ pub(crate) async fn run(ctx: &Context, command: RepairCommand) -> anyhow::Result
             Ok(0)
         }
         RepairCommand::Apply { id, by } => {
-            let mut options = ExecuteOptions::new();
-            options.executed_by = Some(by);
+            let options = ExecuteOptions::new().executed_by(by);
             let outcome = with_progress(&ctx.out, "repair", |control| async move {
                 repair.execute(id, options, &control).await
             })
@@ -145,60 +144,222 @@ pub(crate) async fn run(ctx: &Context, command: RepairCommand) -> anyhow::Result
             print_outcome(ctx, &outcome)?;
             Ok(0)
         }
-        RepairCommand::History { since, id } => {
-            if let Some(id) = id {
-                let record = repair.get(id).await?;
-                ctx.out.show(&record, |out| {
-                    print_plans(out, std::slice::from_ref(&record.plan));
-                    out.table(
-                        &["event", "at"],
-                        [
-                            ("planned", Some(record.created_at)),
-                            ("approved", record.approved_at),
-                            ("started", record.started_at),
-                            ("completed", record.completed_at),
-                            ("rolled back", record.rolled_back_at),
-                        ]
-                        .into_iter()
-                        .filter_map(|(k, v)| v.map(|v| vec![k.to_owned(), v.to_string()])),
-                    );
-                    for line in record.execution_log.iter().chain(&record.rollback_log) {
-                        out.line(format!("  {line}"));
-                    }
-                    if let Some(e) = &record.error_message {
-                        out.line(format!("error: {e}"));
-                    }
-                })?;
-                return Ok(0);
+        RepairCommand::History { since, id } => history(ctx, repair, since, id).await,
+        RepairCommand::Rows { id } => {
+            let rows = repair.targets(id).await?;
+            let n = print_stream(ctx, rows, &["row", "violation", "outcome"], |t| {
+                vec![
+                    t.row.to_string(),
+                    t.violation.map(|v| v.to_string()).unwrap_or_default(),
+                    t.outcome.clone().unwrap_or_else(|| "not run".into()),
+                ]
+            })
+            .await?;
+            if n == 0 && !ctx.out.json() {
+                Human.line(format!(
+                    "repair {id} covers no recorded row (it works on a whole table or index)"
+                ));
             }
-            let from =
-                since.unwrap_or_else(|| OffsetDateTime::now_utc() - time::Duration::days(30));
-            let records = repair
-                .history(from, OffsetDateTime::now_utc() + time::Duration::minutes(1))
-                .await?;
-            ctx.out.show(&records, |out| {
-                if records.is_empty() {
-                    out.line("no repairs in this window");
-                    return;
-                }
-                out.table(
-                    &["id", "planned", "table", "strategy", "status", "rows", "by"],
-                    records.iter().map(|r| {
-                        vec![
-                            r.plan.id.to_string(),
-                            r.created_at.to_string(),
-                            r.plan.table.to_string(),
-                            sanare::repair::strategy_code(&r.plan.strategy),
-                            format!("{:?}", r.plan.status),
-                            r.rows_affected.map(|n| n.to_string()).unwrap_or_default(),
-                            r.executed_by.clone().unwrap_or_default(),
-                        ]
-                    }),
-                );
+            Ok(0)
+        }
+        RepairCommand::Quarantine { command } => quarantine(ctx, repair, command).await,
+    }
+}
+
+async fn plan(
+    ctx: &Context,
+    sanare: &sanare::Sanare,
+    check: Option<CheckId>,
+    no_corruption: bool,
+) -> anyhow::Result<u8> {
+    let check = match check {
+        Some(c) => Some(c),
+        None => latest_check(ctx).await?,
+    };
+    let from_check: BoxStream<'_, sanare::Result<Violation>> = match check {
+        Some(check) => sanare.integrity().violations(check),
+        None => futures_util::stream::empty().boxed(),
+    };
+    let issues = if no_corruption {
+        Vec::new()
+    } else {
+        sanare
+            .corruption()
+            .issues(&IssueQuery::new().unresolved())
+            .await?
+    };
+    let violations = from_check
+        .chain(futures_util::stream::iter(
+            issues.into_iter().map(|i| Ok(i.to_violation())),
+        ))
+        .boxed();
+    let repair = sanare.repair();
+    let plans = with_progress(&ctx.out, "planning", |control| async move {
+        repair.plan_stream(violations, &control).await
+    })
+    .await?;
+    let waiting = plans.iter().filter(|p| p.requires_approval).count();
+    if plans.is_empty() && !ctx.out.json() {
+        Human.line(match check {
+            Some(c) => format!(
+                "nothing to repair automatically: check {c} and the open corruption issues gave no plan"
+            ),
+            None => "nothing to repair: no integrity check has completed yet (run `sanare validate`) and no corruption issue gave a plan".into(),
+        });
+        return Ok(0);
+    }
+    let planned = plans.len();
+    print_plans(ctx, plans.into_iter()).await?;
+    if !ctx.out.json() {
+        Human.line(format!(
+            "{planned} repairs planned ({waiting} need an approval); next: `sanare repair dry-run <id>`, \
+             `sanare repair approve <id> --by <you>`, `sanare repair apply <id>`"
+        ));
+    }
+    Ok(if waiting > 0 { EXIT_NEEDS_APPROVAL } else { 0 })
+}
+
+async fn history(
+    ctx: &Context,
+    repair: &sanare::repair::RepairEngine,
+    since: Option<OffsetDateTime>,
+    id: Option<RepairId>,
+) -> anyhow::Result<u8> {
+    if let Some(id) = id {
+        let record = repair.get(id).await?;
+        ctx.out.show(&record, |out| {
+            out.table(&PLAN_HEADER, [plan_row(&record.plan)]);
+            out.table(
+                &["event", "at"],
+                [
+                    ("planned", Some(record.created_at)),
+                    ("approved", record.approved_at),
+                    ("started", record.started_at),
+                    ("completed", record.completed_at),
+                    ("rolled back", record.rolled_back_at),
+                ]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| vec![k.to_owned(), v.to_string()])),
+            );
+            for line in record.execution_log.iter().chain(&record.rollback_log) {
+                out.line(format!("  {line}"));
+            }
+            if let Some(e) = &record.error_message {
+                out.line(format!("error: {e}"));
+            }
+        })?;
+        return Ok(0);
+    }
+    let from = since.unwrap_or_else(|| OffsetDateTime::now_utc() - time::Duration::days(30));
+    let records = repair.history(from, OffsetDateTime::now_utc() + time::Duration::minutes(1));
+    let n = print_stream(
+        ctx,
+        records,
+        &[
+            "id", "planned", "table", "strategy", "status", "rows", "skipped", "by",
+        ],
+        |r| {
+            vec![
+                r.plan.id.to_string(),
+                r.created_at.to_string(),
+                r.plan.table.to_string(),
+                sanare::repair::strategy_code(&r.plan.strategy),
+                format!("{:?}", r.plan.status),
+                r.rows_affected.map(|n| n.to_string()).unwrap_or_default(),
+                r.rows_skipped.map(|n| n.to_string()).unwrap_or_default(),
+                r.executed_by.clone().unwrap_or_default(),
+            ]
+        },
+    )
+    .await?;
+    if n == 0 && !ctx.out.json() {
+        Human.line("no repairs in this window");
+    }
+    Ok(0)
+}
+
+async fn quarantine(
+    ctx: &Context,
+    repair: &sanare::repair::RepairEngine,
+    command: QuarantineCommand,
+) -> anyhow::Result<u8> {
+    match command {
+        QuarantineCommand::List { repair: of } => {
+            let rows = repair.quarantine(of);
+            let n = print_stream(
+                ctx,
+                rows,
+                &["id", "repair", "table", "key", "quarantined", "restored"],
+                |q| {
+                    vec![
+                        q.id.to_string(),
+                        q.repair.to_string(),
+                        q.table.to_string(),
+                        q.key.join(", "),
+                        q.quarantined_at.to_string(),
+                        match (&q.restored_at, &q.restored_by) {
+                            (Some(at), by) => format!("{at} by {}", by.as_deref().unwrap_or("?")),
+                            (None, _) => String::new(),
+                        },
+                    ]
+                },
+            )
+            .await?;
+            if n == 0 && !ctx.out.json() {
+                Human.line("the quarantine is empty");
+            }
+            Ok(0)
+        }
+        QuarantineCommand::Restore { id, by } => {
+            let row = repair.restore_quarantined(id, &by).await?;
+            ctx.out.show(&row, |out| {
+                out.line(format!(
+                    "quarantined row {id} is back in {} (key {}), put back by {by}",
+                    row.table,
+                    row.key.join(", ")
+                ));
             })?;
             Ok(0)
         }
     }
+}
+
+/// Prints `items` as they are read: with `--json` one JSON array written element by
+/// element, else tables of at most [`PAGE`] rows. Returns how many were printed.
+async fn print_stream<T: Serialize>(
+    ctx: &Context,
+    mut items: BoxStream<'_, sanare::Result<T>>,
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<u64> {
+    let json = ctx.out.json();
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let mut page = Vec::with_capacity(PAGE);
+    let mut n = 0u64;
+    if json {
+        out.write_all(b"[")?;
+    }
+    while let Some(item) = items.next().await {
+        let item = item?;
+        if json {
+            out.write_all(if n == 0 { b"\n" } else { b",\n" })?;
+            serde_json::to_writer_pretty(&mut out, &item)?;
+        } else {
+            page.push(row(&item));
+            if page.len() == PAGE {
+                out.flush()?;
+                Human.table(header, page.drain(..));
+            }
+        }
+        n += 1;
+    }
+    if json {
+        out.write_all(if n == 0 { b"]\n" } else { b"\n]\n" })?;
+    } else if !page.is_empty() {
+        Human.table(header, page.drain(..));
+    }
+    out.flush()?;
+    Ok(n)
 }
 
 /// The newest completed integrity check.
@@ -245,7 +406,7 @@ fn outcome_or_approval(
 fn print_outcome(ctx: &Context, outcome: &sanare::core::RepairOutcome) -> anyhow::Result<()> {
     ctx.out.show(outcome, |out| {
         out.line(format!(
-            "repair {}: {:?}{} — {} rows in {:.2}s",
+            "repair {}: {:?}{} — {} rows changed, {} left alone, in {:.2}s",
             outcome.repair,
             outcome.status,
             if outcome.dry_run {
@@ -254,13 +415,18 @@ fn print_outcome(ctx: &Context, outcome: &sanare::core::RepairOutcome) -> anyhow
                 ""
             },
             outcome.rows_affected,
+            outcome.rows_skipped,
             outcome.duration.as_secs_f64()
         ));
         for row in outcome.rows.iter().take(20) {
             out.line(format!("  {row}"));
         }
-        if outcome.rows.len() > 20 {
-            out.line(format!("  … and {} more", outcome.rows.len() - 20));
+        if outcome.rows_affected > 20 {
+            out.line(format!(
+                "  … and {} more (`sanare repair rows {}`)",
+                outcome.rows_affected - 20,
+                outcome.repair
+            ));
         }
         if let Some(m) = &outcome.message {
             out.line(m);
@@ -268,26 +434,31 @@ fn print_outcome(ctx: &Context, outcome: &sanare::core::RepairOutcome) -> anyhow
     })
 }
 
-fn print_plans(out: &mut crate::output::Human, plans: &[RepairPlan]) {
-    out.table(
-        &[
-            "id", "table", "strategy", "severity", "rows", "approval", "status", "what",
-        ],
-        plans.iter().map(|p| {
-            vec![
-                p.id.to_string(),
-                p.table.to_string(),
-                sanare::repair::strategy_code(&p.strategy),
-                p.severity.to_string(),
-                p.estimated_rows.to_string(),
-                match (&p.approved_by, p.requires_approval) {
-                    (Some(by), _) => format!("approved by {by}"),
-                    (None, true) => "NEEDED".into(),
-                    (None, false) => "not needed".into(),
-                },
-                format!("{:?}", p.status),
-                p.description.clone(),
-            ]
-        }),
-    );
+const PLAN_HEADER: [&str; 8] = [
+    "id", "table", "strategy", "severity", "rows", "approval", "status", "what",
+];
+
+fn plan_row(p: &RepairPlan) -> Vec<String> {
+    vec![
+        p.id.to_string(),
+        p.table.to_string(),
+        sanare::repair::strategy_code(&p.strategy),
+        p.severity.to_string(),
+        p.estimated_rows.to_string(),
+        match (&p.approved_by, p.requires_approval) {
+            (Some(by), _) => format!("approved by {by}"),
+            (None, true) => "NEEDED".into(),
+            (None, false) => "not needed".into(),
+        },
+        format!("{:?}", p.status),
+        p.description.clone(),
+    ]
+}
+
+async fn print_plans(
+    ctx: &Context,
+    plans: impl Iterator<Item = RepairPlan> + Send + 'static,
+) -> anyhow::Result<u64> {
+    let stream = futures_util::stream::iter(plans.map(Ok)).boxed();
+    print_stream(ctx, stream, &PLAN_HEADER, plan_row).await
 }

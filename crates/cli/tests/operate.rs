@@ -321,6 +321,27 @@ async fn repair_plan_approve_apply_rollback_and_history() {
     }
     env.json(&["validate"], 0);
 
+    // Every row a repair covers, with what the run did with it.
+    let first = plans[0]["id"].as_str().unwrap();
+    let rows = env.json(&["repair", "rows", first], 0);
+    let rows = rows.as_array().unwrap();
+    assert!(!rows.is_empty());
+    assert!(rows.iter().all(|r| r["outcome"] == "repaired"), "{rows:?}");
+
+    // Removed rows are in the quarantine, whole; one comes back by id.
+    let quarantined = env.json(&["repair", "quarantine", "list"], 0);
+    let quarantined = quarantined.as_array().unwrap();
+    assert!(!quarantined.is_empty());
+    let qid = quarantined[0]["id"].as_i64().unwrap().to_string();
+    let back = env.json(
+        &["repair", "quarantine", "restore", &qid, "--by", "alice"],
+        0,
+    );
+    assert_eq!(back["restored_by"], "alice");
+    let again = env.run(&["repair", "quarantine", "restore", &qid, "--by", "alice"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already"));
+
     // Roll every repair back: the violations are back.
     for plan in plans.iter().rev() {
         env.json(&["repair", "rollback", plan["id"].as_str().unwrap()], 0);

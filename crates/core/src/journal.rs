@@ -185,4 +185,21 @@ pub trait JournalService: Send + Sync {
 
     /// Replays entries through the handlers registered for their operation types.
     async fn replay(&self, request: ReplayRequest, control: &Control) -> Result<ReplaySummary>;
+
+    /// Reopens the entries after `cut` once a snapshot taken at that cut has been
+    /// restored: the restore undid their effects, so their applied marks no longer
+    /// hold and the next replay of [`ReplayRange::After`] this cut applies them
+    /// again, exactly once. Entries at or before the cut (and, with a database
+    /// snapshot, entries whose writers the snapshot saw) keep their marks.
+    /// Returns how many marks were voided.
+    ///
+    /// Call it right after the restore commits and before anything replays; a
+    /// restore followed by a replay without it skips every entry an earlier replay
+    /// applied after the cut, and their effects stay lost. The default does
+    /// nothing and suits implementations that keep no applied marks;
+    /// implementations that keep them must override it.
+    async fn reopen_after(&self, cut: &JournalCut) -> Result<u64> {
+        let _ = cut;
+        Ok(0)
+    }
 }

@@ -51,8 +51,8 @@ pub use journal::{
     ReplaySummary,
 };
 pub use repair::{
-    ExecuteOptions, RepairOutcome, RepairPlan, RepairPolicy, RepairRunSummary, RepairService,
-    RepairStatus, RepairStrategyKind,
+    ExecuteOptions, PLAN_VIOLATION_SAMPLE, RepairOutcome, RepairPlan, RepairPolicy,
+    RepairRunSummary, RepairService, RepairStatus, RepairStrategyKind,
 };
 pub use row::{ColumnValue, RowChecksum, RowImage, RowRef, TableRef, quote_ident};
 pub use severity::Severity;

@@ -39,6 +39,8 @@ pub enum RepairStrategyKind {
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum RepairStatus {
+    /// Being planned: its rows are still being recorded. Never runs.
+    Planning,
     /// Planned; may run.
     Pending,
     /// Planned; waits for an approval.
@@ -51,7 +53,15 @@ pub enum RepairStatus {
     Failed,
     /// Completed, then undone.
     RolledBack,
+    /// Recorded by an older version in a form this version does not run (SQL text):
+    /// never runs; plan the repair again.
+    ReplanNeeded,
 }
+
+/// How many violation ids a [`RepairPlan`] carries at most, and how many rows a
+/// [`RepairOutcome`] lists at most: a repair may cover millions of rows, which stay
+/// in the repair engine's tables.
+pub const PLAN_VIOLATION_SAMPLE: usize = 1_000;
 
 /// A planned repair of one or more violations.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,8 +69,14 @@ pub enum RepairStatus {
 pub struct RepairPlan {
     /// The repair.
     pub id: RepairId,
-    /// The violations it fixes.
+    /// The violations it fixes: all of them up to [`PLAN_VIOLATION_SAMPLE`], the
+    /// first ones beyond (a plan may cover millions; the repair engine keeps the full
+    /// list in its tables, not in memory). [`violation_count`](Self::violation_count)
+    /// has the total.
     pub violations: Vec<ViolationId>,
+    /// How many violations it fixes.
+    #[serde(default)]
+    pub violation_count: u64,
     /// The table it changes.
     pub table: TableRef,
     /// How.
@@ -97,6 +113,7 @@ impl RepairPlan {
     ) -> Self {
         Self {
             id,
+            violation_count: violations.len() as u64,
             violations,
             table,
             strategy,
@@ -156,8 +173,13 @@ pub struct RepairOutcome {
     pub dry_run: bool,
     /// Rows changed (would be changed, in a dry run).
     pub rows_affected: u64,
-    /// Exactly which rows.
+    /// Which rows: all of them up to [`PLAN_VIOLATION_SAMPLE`], the first ones beyond
+    /// (the repair engine keeps the full list in its undo log and quarantine).
     pub rows: Vec<RowRef>,
+    /// Rows the plan named that were left alone because they changed since the
+    /// repair was planned or no longer violate (re-checked at execute time).
+    #[serde(default)]
+    pub rows_skipped: u64,
     /// How long it took.
     pub duration: Duration,
     /// A note (why it failed, what was skipped).
@@ -173,6 +195,7 @@ impl RepairOutcome {
             dry_run,
             rows_affected: 0,
             rows: Vec::new(),
+            rows_skipped: 0,
             duration: Duration::ZERO,
             message: None,
         }
@@ -244,6 +267,10 @@ pub struct RepairRunSummary {
     pub completed: u64,
     /// Rows changed by them (would be changed, for a dry-run-only policy).
     pub rows_changed: u64,
+    /// Rows their plans named that were left alone (changed since planning, or no
+    /// longer violating).
+    #[serde(default)]
+    pub rows_skipped: u64,
     /// Repairs left waiting for an approval.
     pub awaiting_approval: Vec<RepairId>,
     /// Repairs that ended otherwise (failed, refused), with the reason.
@@ -262,6 +289,35 @@ pub struct RepairRunSummary {
 pub trait RepairService: Send + Sync {
     /// Analyses violations and records a plan for each repair.
     async fn plan(&self, violations: &[Violation]) -> Result<Vec<RepairPlan>>;
+
+    /// Analyses every violation of a stream, read in bounded batches, and records a
+    /// plan for each repair. Implementations should merge the batches' repairs of the
+    /// same kind into one plan (so approval thresholds see the whole repair); the
+    /// default plans each batch of [`PLAN_VIOLATION_SAMPLE`] violations on its own
+    /// with [`plan`](Self::plan). Cancellation through `control` stops between
+    /// batches.
+    async fn plan_stream(
+        &self,
+        mut violations: BoxStream<'_, Result<Violation>>,
+        control: &Control,
+    ) -> Result<Vec<RepairPlan>> {
+        let mut plans = Vec::new();
+        let mut batch = Vec::with_capacity(PLAN_VIOLATION_SAMPLE);
+        loop {
+            batch.clear();
+            while batch.len() < PLAN_VIOLATION_SAMPLE {
+                match std::future::poll_fn(|cx| violations.as_mut().poll_next(cx)).await {
+                    Some(v) => batch.push(v?),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                return Ok(plans);
+            }
+            control.checkpoint()?;
+            plans.extend(self.plan(&batch).await?);
+        }
+    }
 
     /// Approves a repair that needs it.
     async fn approve(&self, repair: RepairId, approver: &str) -> Result<RepairPlan>;

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use sanare_core::{Error, Result};
+use sanare_fs::Storage;
 
 use crate::frame;
 use crate::query::ScanPlan;
@@ -205,9 +206,9 @@ fn clamp_ns(ns: i128) -> i64 {
 
 /// Reads the index of the segment `base` in `dir`, or `None` when it is missing
 /// or damaged (the caller rebuilds it).
-pub(crate) fn load(dir: &Path, base: u64) -> Option<SegmentIndex> {
+pub(crate) fn load(storage: &dyn Storage, dir: &Path, base: u64) -> Option<SegmentIndex> {
     let p = path(dir, base);
-    let bytes = std::fs::read(&p).ok()?;
+    let bytes = sanare_fs::read_file(storage, &p, 1 << 32).ok()?;
     match SegmentIndex::decode(&bytes, &p.display().to_string()) {
         Ok(index) if index.base == base => Some(index),
         Ok(_) => {
@@ -221,13 +222,10 @@ pub(crate) fn load(dir: &Path, base: u64) -> Option<SegmentIndex> {
     }
 }
 
-/// Writes `index` durably (temporary file, fsync, rename).
-pub(crate) fn store(dir: &Path, index: &SegmentIndex) -> Result<()> {
+/// Writes `index` durably (temporary file, fsync, rename, fsync of the directory).
+pub(crate) fn store(storage: &dyn Storage, dir: &Path, index: &SegmentIndex) -> Result<()> {
     let p = path(dir, index.base);
-    let tmp = p.with_extension("idx.tmp");
-    std::fs::write(&tmp, index.encode())
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, &p))
+    sanare_fs::write_atomic(storage, &p, &index.encode())
         .map_err(|e| Error::io(format!("writing journal index {}", p.display()), e))
 }
 

@@ -14,16 +14,25 @@
 //!   flushes run; callers arriving while that many are in flight share the next
 //!   group. [`Journal::record`] returns only once the entry is durable, and callers,
 //!   the head, events and metrics advance in position order. See
-//!   [Write failures](#write-failures). Segments rotate at a size limit; on open a torn
-//!   tail is cut off and reported, and damage followed by valid records is isolated
-//!   and reported in [`OpenReport`] (the rest stays readable). [`Journal::compact`]
-//!   compresses sealed segments (brotli), [`Journal::purge`] drops whole segments
-//!   before a retained position. An in-memory summary per segment (positions,
-//!   time range, operation types) lets queries skip segments, and every sealed
-//!   segment has an index file (position, time, operation type and frame offset of
-//!   each entry; rebuilt when missing or damaged) so queries decode only the
-//!   entries they select. The active segment is zero-filled ahead of its data, so
-//!   a group commit's `fdatasync` rarely has metadata to flush.
+//!   [Write failures](#write-failures). Each group commit ends with a group trailer
+//!   (its entries, and what was durable when it was written), so after a power
+//!   cut a torn, never acknowledged group is cut off as a tail, while damage in a
+//!   group a later one vouches for is isolated and reported in [`OpenReport`] (the
+//!   rest stays readable). Segments rotate at a size limit. [`Journal::compact`]
+//!   compresses sealed segments in 64 KiB blocks (brotli; damage costs the records
+//!   of one block, never the segment), [`Journal::purge`] drops whole segments
+//!   before a retained position, and the applied marks of their entries. A summary
+//!   per sealed segment (positions, time range, operation types, idempotency keys)
+//!   lets open skip decoding it, so open time does not grow with the journal, and
+//!   lets queries skip segments; every sealed segment has an index file (position,
+//!   time, operation type and frame offset of each entry; rebuilt when missing or
+//!   damaged) so queries decode only the entries they select. The active segment
+//!   is zero-filled ahead of its data, so a group commit's `fdatasync` rarely has
+//!   metadata to flush. All file I/O goes through a [`sanare_fs::Storage`]
+//!   ([`JournalBuilder::storage`]): the tests cut the power of a simulated disk
+//!   under it. Queries, replay, statistics, validation and compaction do their
+//!   file I/O, decoding and compression on blocking threads, never on the async
+//!   runtime's.
 //! - **PostgreSQL** ([`Journal::postgres`]): the `transaction_journal` table in sanare's
 //!   schema ([`MIGRATIONS`]). [`Journal::record_in`] writes inside the host's own
 //!   transaction, atomic with its change; [`Journal::record`] batches concurrent
@@ -43,7 +52,7 @@
 //! highest position visible in the snapshot, lowered below the first entry of any
 //! other writer under the horizon; a replay reads up to the last number drawn
 //! before the horizon. A replay of
-//! [`ReplayRange::After`] a cut additionally skips every entry whose writer is visible
+//! [`ReplayRange::After`](sanare_core::ReplayRange::After) a cut additionally skips every entry whose writer is visible
 //! in the cut's snapshot (`pg_visible_in_snapshot`), so restore + replay is exact
 //! even with out-of-order commits.
 //!
@@ -65,6 +74,24 @@
 //! writeback error is reported to each concurrent `fdatasync` rather than consumed
 //! by one of them.
 //!
+//! # Cuts and write-ahead entries
+//! The reference pattern is [`Journal::record`], then the host's transaction
+//! commits its change. An entry can thus be durable before a snapshot is taken
+//! while its change commits after it. A [cut](JournalService::cut) therefore
+//! leaves out every entry recorded with `record()` within the
+//! [write-ahead window](JournalBuilder::write_ahead_window) (60 s) before it, on
+//! both backends; a replay after the cut applies them (handlers are idempotent),
+//! and on PostgreSQL it does so even when their rows are visible in the cut's
+//! snapshot. Entries written with [`Journal::record_in`] commit with the change
+//! and need no window.
+//!
+//! # Restores
+//! A restore undoes the effects of the entries after its cut, but not their
+//! applied marks. [`JournalService::reopen_after`] voids those marks (WAL: a
+//! reopen record in `applied.marks`; PostgreSQL: the rows of `journal_applied`),
+//! so the replay that follows applies them again, exactly once; call it right
+//! after the restore commits.
+//!
 //! # Exactly-once replay
 //! Each applied entry gets an applied mark keyed by its id. A [`PgHandler`] runs in a
 //! transaction that first inserts the mark (`ON CONFLICT DO NOTHING`; zero rows means
@@ -78,9 +105,12 @@
 //! blake3 hash are reported and never applied.
 //!
 //! # Architecture invariant
-//! This crate depends on `sanare-core` and `sanare-pg` only, never on another
-//! component. Positions are never reused; a position handed out by `head`, `cut`
-//! or a replay summary never gains an entry at or before it later.
+//! This crate depends on `sanare-core`, `sanare-pg` and `sanare-fs` only, never on
+//! another component. Positions strictly increase for the life of the journal
+//! (across rotation, purge, compaction and restarts: a segment's base, written
+//! before any entry goes in, bounds every position handed out); a position
+//! handed out by `head`, `cut` or a replay summary never gains an entry at or
+//! before it later. Nothing is allocated from a length no checksum has vouched for.
 //!
 //! # Dependencies
 //! `crc32c` (hardware CRC-32C for frames), `postcard` (the documented, stable
@@ -99,21 +129,23 @@ mod lock;
 mod pg;
 mod pipeline;
 mod query;
+mod replay;
+mod sealed;
+mod summary;
 mod wal;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
-use futures_util::StreamExt;
 use tracing::Instrument;
 
 use sanare_core::{
-    Control, Error, Event, EventBus, JournalCut, JournalEntryId, JournalPosition, JournalService,
-    ReplayFailure, ReplayRange, ReplayRequest, ReplaySummary, Result,
+    Control, Error, Event, EventBus, JournalCut, JournalPosition, JournalService, ReplayRequest,
+    ReplaySummary, Result,
 };
 use sanare_pg::SchemaName;
 
@@ -187,6 +219,9 @@ pub struct JournalBuilder {
     replay_concurrency: usize,
     read_only: bool,
     lock_wait: Duration,
+    storage: Arc<dyn sanare_fs::Storage>,
+    idempotency_window: usize,
+    write_ahead_window: Duration,
 }
 
 impl JournalBuilder {
@@ -206,7 +241,42 @@ impl JournalBuilder {
             replay_concurrency: 8,
             read_only: false,
             lock_wait: Duration::from_secs(5),
+            storage: sanare_fs::os(),
+            idempotency_window: 1_000_000,
+            write_ahead_window: Duration::from_secs(60),
         }
+    }
+
+    /// WAL: where its files live (default: the operating system's files). Tests
+    /// pass a `sanare_fs::sim::SimDisk` to cut the power under the journal.
+    pub fn storage(mut self, storage: Arc<dyn sanare_fs::Storage>) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// WAL: how many of the most recent idempotency keys are remembered (default
+    /// 1,000,000, about 60 MB). A key recorded again within the last `n` keyed
+    /// entries returns the first entry; an older key is recorded anew. Memory
+    /// stays bounded however long the journal grows. (The PostgreSQL backend keeps
+    /// every key, in its table's unique index.)
+    pub fn idempotency_window(mut self, n: usize) -> Self {
+        self.idempotency_window = n.max(1);
+        self
+    }
+
+    /// How long a host may take, after [`Journal::record`] returns, to commit the
+    /// change the entry describes (default 60 s). A [cut](JournalService::cut)
+    /// leaves out every entry recorded with `record()` less than this long before
+    /// it, so a snapshot never claims an entry whose change had not committed
+    /// yet; replay after a restore applies those entries again (handlers are
+    /// idempotent). Enforce it on the host's side with PostgreSQL's
+    /// `idle_in_transaction_session_timeout` and `statement_timeout` (or
+    /// `transaction_timeout`). Entries written with [`Journal::record_in`] commit
+    /// with the host's change and need no window. Zero when the host applies
+    /// changes only through replay.
+    pub fn write_ahead_window(mut self, window: Duration) -> Self {
+        self.write_ahead_window = window;
+        self
     }
 
     /// Registers `handler` for `operation_type`.
@@ -369,8 +439,10 @@ impl JournalBuilder {
                     events: self.events.clone(),
                     read_only: self.read_only,
                     lock_wait: self.lock_wait,
+                    storage: self.storage.clone(),
                 };
-                let wal = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, options))
+                let keys = self.idempotency_window;
+                let wal = tokio::task::spawn_blocking(move || wal::Wal::open(&dir, options, keys))
                     .await
                     .map_err(|e| Error::other("opening the journal", e))??;
                 Backend::Wal(wal)
@@ -391,6 +463,7 @@ impl JournalBuilder {
                 events: self.events,
                 replay_batch: self.replay_batch,
                 replay_concurrency: self.replay_concurrency,
+                write_ahead_window: self.write_ahead_window,
             }),
         })
     }
@@ -408,6 +481,7 @@ struct Inner {
     events: Option<EventBus>,
     replay_batch: usize,
     replay_concurrency: usize,
+    write_ahead_window: Duration,
 }
 
 /// The transaction journal: cheap to clone, shared by every task of the host.
@@ -556,12 +630,15 @@ impl Journal {
         limit: usize,
     ) -> Result<(Vec<JournalEntry>, Vec<CorruptRegion>)> {
         match &self.inner.backend {
-            Backend::Wal(w) => {
+            Backend::Wal(_) => {
                 let mut plan = plan.clone();
                 plan.snapshot = None;
-                let (mut entries, damage) = w.scan(&plan, after, limit)?;
-                w.apply_marks(&mut entries);
-                Ok((entries, damage))
+                self.on_wal(move |w| {
+                    let (mut entries, damage) = w.scan(&plan, after, limit)?;
+                    w.apply_marks(&mut entries);
+                    Ok((entries, damage))
+                })
+                .await
             }
             Backend::Pg(p) => Ok((p.scan(plan, after, limit).await?, Vec::new())),
         }
@@ -571,8 +648,8 @@ impl Journal {
     pub async fn validate(&self, control: &Control) -> Result<JournalValidation> {
         control.checkpoint()?;
         match &self.inner.backend {
-            Backend::Wal(w) => {
-                let (segments, entries, problems) = w.validate()?;
+            Backend::Wal(_) => {
+                let (segments, entries, problems) = self.on_wal(|w| w.validate()).await?;
                 Ok(JournalValidation {
                     entries,
                     segments,
@@ -609,15 +686,27 @@ impl Journal {
         }
     }
 
+    /// Runs `f` on the WAL on a blocking thread: file I/O, decoding and
+    /// compression never run on the async runtime's threads.
+    async fn on_wal<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&wal::Wal) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || match &inner.backend {
+            Backend::Wal(w) => f(w),
+            Backend::Pg(_) => Err(Error::invalid_input("not a WAL journal")),
+        })
+        .await
+        .map_err(|e| Error::other("a journal task stopped", e))?
+    }
+
     /// Statistics.
     pub async fn stats(&self) -> Result<JournalStats> {
         let head = self.head().await?;
         match &self.inner.backend {
-            Backend::Wal(w) => {
-                let (segments, entries, _) = {
-                    let (s, e, _) = w.validate()?;
-                    (s, e, ())
-                };
+            Backend::Wal(_) => {
+                let (segments, entries, _) = self.on_wal(|w| w.validate()).await?;
                 Ok(JournalStats {
                     head,
                     entries,
@@ -652,11 +741,15 @@ impl Journal {
     /// PostgreSQL, whose storage is the server's.
     pub async fn compact(&self, control: &Control) -> Result<CompactionReport> {
         control.checkpoint()?;
-        let span = tracing::info_span!("journal.compact");
-        let _g = span.enter();
+        self.compact_inner()
+            .instrument(tracing::info_span!("journal.compact"))
+            .await
+    }
+
+    async fn compact_inner(&self) -> Result<CompactionReport> {
         match &self.inner.backend {
-            Backend::Wal(w) => {
-                let (segments, bytes_before, bytes_after) = w.compact()?;
+            Backend::Wal(_) => {
+                let (segments, bytes_before, bytes_after) = self.on_wal(|w| w.compact()).await?;
                 metrics::counter!("sanare_journal_compacted_segments_total").increment(segments);
                 tracing::info!(segments, bytes_before, bytes_after, "journal compacted");
                 if let Some(bus) = &self.inner.events {
@@ -679,8 +772,8 @@ impl Journal {
     /// Removes entries at or before `retain_after` (WAL: whole sealed segments only;
     /// PostgreSQL: rows). Returns segments (WAL) or rows (PostgreSQL) removed.
     pub async fn purge(&self, retain_after: JournalPosition) -> Result<u64> {
-        match &self.inner.backend {
-            Backend::Wal(w) => w.purge(retain_after),
+        let removed = match &self.inner.backend {
+            Backend::Wal(_) => self.on_wal(move |w| w.purge(retain_after)).await?,
             Backend::Pg(p) => {
                 let client = sanare_pg::get_conn(&p.pool).await?;
                 let n = client
@@ -690,9 +783,21 @@ impl Journal {
                     )
                     .await
                     .map_err(|e| sanare_pg::map_pg_error("purging journal entries", e))?;
-                Ok(n)
+                pg::prune_marks(&p.pool, &p.sql, retain_after).await?;
+                n
             }
+        };
+        // The marks of purged entries are needed by no replay any more.
+        if let (Backend::Wal(_), Some((pool, sql))) = (&self.inner.backend, &self.inner.handler_db)
+        {
+            let first_left = self
+                .query(&Query::all().limit(1))
+                .await?
+                .first()
+                .map_or(self.head().await?.0, |e| e.position.0.saturating_sub(1));
+            pg::prune_marks(pool, sql, JournalPosition(first_left)).await?;
         }
+        Ok(removed)
     }
 
     /// Exports the entries matching `query` to a compressed, checksummed archive file
@@ -704,12 +809,14 @@ impl Journal {
         for e in &entries {
             frame::encode_entry(e, &mut raw)?;
         }
-        let sealed = frame::seal(frame::ARCHIVE_MAGIC, &raw)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &sealed)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| Error::io(format!("writing journal archive {}", path.display()), e))?;
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let sealed = frame::seal(frame::ARCHIVE_MAGIC, &raw)?;
+            sanare_fs::write_atomic(&sanare_fs::OsStorage, &path, &sealed)
+                .map_err(|e| Error::io(format!("writing journal archive {}", path.display()), e))
+        })
+        .await
+        .map_err(|e| Error::other("writing a journal archive", e))??;
         Ok(entries.len() as u64)
     }
 
@@ -724,7 +831,7 @@ impl Journal {
             corrupt,
             torn,
             ..
-        } = wal::decode_segment(&raw, &name)?;
+        } = wal::decode_segment(&raw, &name, true)?;
         if let Some(c) = corrupt.first() {
             return Err(Error::corrupt(name, c.reason.clone()));
         }
@@ -732,397 +839,6 @@ impl Journal {
             return Err(Error::corrupt(name, "truncated"));
         }
         Ok(entries)
-    }
-
-    async fn resolve(&self, range: &ReplayRange) -> Result<ScanPlan> {
-        let upper = match &self.inner.backend {
-            Backend::Wal(w) => w.head(),
-            Backend::Pg(p) => p.stable_head().await?,
-        };
-        let mut plan = ScanPlan {
-            to: Some(upper.0),
-            ..ScanPlan::default()
-        };
-        match range {
-            ReplayRange::All => {}
-            ReplayRange::After(cut) => {
-                plan.after = cut.position.0;
-                if matches!(self.inner.backend, Backend::Pg(_)) {
-                    plan.snapshot = cut.db_snapshot.clone();
-                }
-            }
-            ReplayRange::Positions { from, to } => {
-                plan.after = from.0.saturating_sub(1);
-                if let Some(to) = to {
-                    plan.to = Some(to.0.min(upper.0));
-                }
-            }
-            ReplayRange::Time { from, to } => {
-                plan.time_from = *from;
-                plan.time_to = *to;
-            }
-            _ => return Err(Error::invalid_input("unsupported replay range")),
-        }
-        Ok(plan)
-    }
-
-    async fn replay_inner(
-        &self,
-        request: ReplayRequest,
-        control: &Control,
-    ) -> Result<ReplaySummary> {
-        let mut plan = self.resolve(&request.range).await?;
-        if let Some(until) = request.until {
-            // `time_to` is exclusive; entries recorded exactly at `until` are in.
-            let bound = until + time::Duration::nanoseconds(1);
-            plan.time_to = Some(plan.time_to.map_or(bound, |t| t.min(bound)));
-        }
-        plan.operation_types = request.operation_types.clone();
-        plan.idempotency_keys = request.idempotency_keys.clone();
-        control
-            .progress()
-            .phase("replaying journal", "entries", None);
-        let mut initial = ReplaySummary::default();
-        initial.dry_run = request.dry_run;
-        let state = Mutex::new(initial);
-        let mut seen_damage: HashSet<(String, u64)> = HashSet::new();
-        let mut after = plan.after;
-        let result: Result<()> = async {
-            loop {
-                control.checkpoint()?;
-                let (batch, damage) = self.scan(&plan, after, self.inner.replay_batch).await?;
-                for d in damage {
-                    if seen_damage.insert((d.segment.clone(), d.offset)) {
-                        lock(&state).failures.push(ReplayFailure {
-                            position: JournalPosition(after),
-                            entry: None,
-                            operation_type: None,
-                            reason: format!(
-                                "corrupt journal data in {} at offset {} ({}): skipped",
-                                d.segment, d.offset, d.reason
-                            ),
-                        });
-                    }
-                }
-                let Some(last) = batch.last() else { break };
-                after = last.position.0;
-                let pg_marked = self.pg_marked(&batch).await?;
-                let pending = Mutex::new(Vec::new());
-                let outcome = if request.parallel {
-                    let mut groups: Vec<Vec<&JournalEntry>> = Vec::new();
-                    let mut by_key: HashMap<&str, usize> = HashMap::new();
-                    for e in &batch {
-                        match e.idempotency_key.as_deref() {
-                            Some(k) => {
-                                let i = *by_key.entry(k).or_insert_with(|| {
-                                    groups.push(Vec::new());
-                                    groups.len() - 1
-                                });
-                                groups[i].push(e);
-                            }
-                            None => groups.push(vec![e]),
-                        }
-                    }
-                    let cancelled = std::sync::atomic::AtomicBool::new(false);
-                    futures_util::stream::iter(groups)
-                        .for_each_concurrent(self.inner.replay_concurrency, |group| {
-                            let (state, pending, pg_marked, cancelled) =
-                                (&state, &pending, &pg_marked, &cancelled);
-                            let dry = request.dry_run;
-                            async move {
-                                for e in group {
-                                    if control.is_cancelled() {
-                                        cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
-                                        return;
-                                    }
-                                    self.apply_one(e, dry, pg_marked, state, pending).await;
-                                }
-                            }
-                        })
-                        .await;
-                    if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
-                        Err(Error::Cancelled)
-                    } else {
-                        Ok(())
-                    }
-                } else {
-                    let mut r = Ok(());
-                    let mut i = 0;
-                    while i < batch.len() {
-                        if let Err(err) = control.checkpoint() {
-                            r = Err(err);
-                            break;
-                        }
-                        // A run of entries for PostgreSQL handlers commits in one
-                        // transaction with their marks; on any failure the run is
-                        // rolled back and retried entry by entry.
-                        let run = if request.dry_run {
-                            0
-                        } else {
-                            batch[i..]
-                                .iter()
-                                .take_while(|e| {
-                                    matches!(
-                                        self.inner.handlers.get(&e.operation_type),
-                                        Some(AnyHandler::Pg(_))
-                                    ) && e.payload_intact()
-                                })
-                                .count()
-                        };
-                        if run > 1 {
-                            let chunk: Vec<&JournalEntry> = batch[i..i + run].iter().collect();
-                            match self.apply_pg_chunk(&chunk).await {
-                                Ok(applied) => {
-                                    let mut s = lock(&state);
-                                    for fresh in applied {
-                                        s.entries_seen += 1;
-                                        if fresh {
-                                            s.applied += 1;
-                                        } else {
-                                            s.already_applied += 1;
-                                        }
-                                    }
-                                }
-                                Err(err) => {
-                                    tracing::debug!(error = %err, "replay chunk failed; applying one by one");
-                                    for e in chunk {
-                                        self.apply_one(e, false, &pg_marked, &state, &pending)
-                                            .await;
-                                    }
-                                }
-                            }
-                            i += run;
-                            continue;
-                        }
-                        self.apply_one(&batch[i], request.dry_run, &pg_marked, &state, &pending)
-                            .await;
-                        i += 1;
-                    }
-                    r
-                };
-                let marks = std::mem::take(&mut *lock(&pending));
-                self.mark_plain(&marks).await?;
-                {
-                    let mut s = lock(&state);
-                    s.last_position = Some(last.position);
-                    control
-                        .progress()
-                        .set_done(s.applied + s.already_applied + s.failures.len() as u64);
-                }
-                outcome?;
-            }
-            Ok(())
-        }
-        .await;
-        let summary = state
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        metrics::counter!("sanare_journal_replayed_total").increment(summary.applied);
-        metrics::counter!("sanare_journal_replay_failures_total")
-            .increment(summary.failures.len() as u64);
-        if let Some(bus) = &self.inner.events {
-            bus.publish(Event::JournalReplayed {
-                applied: summary.applied,
-                skipped: summary.already_applied + summary.failures.len() as u64,
-                last_position: summary.last_position,
-                dry_run: summary.dry_run,
-            });
-        }
-        control.progress().finish();
-        result?;
-        Ok(summary)
-    }
-
-    /// The ids of `batch` already marked in the handler database.
-    async fn pg_marked(&self, batch: &[JournalEntry]) -> Result<HashSet<uuid::Uuid>> {
-        let Some((pool, sql)) = &self.inner.handler_db else {
-            return Ok(HashSet::new());
-        };
-        if let Backend::Pg(_) = &self.inner.backend {
-            return Ok(batch
-                .iter()
-                .filter(|e| e.status == EntryStatus::Replayed)
-                .map(|e| e.id.as_uuid())
-                .collect());
-        }
-        let any_pg = batch.iter().any(|e| {
-            matches!(
-                self.inner.handlers.get(&e.operation_type),
-                Some(AnyHandler::Pg(_))
-            )
-        });
-        if !any_pg {
-            return Ok(HashSet::new());
-        }
-        let ids: Vec<uuid::Uuid> = batch.iter().map(|e| e.id.as_uuid()).collect();
-        pg::marked(pool, sql, &ids).await
-    }
-
-    async fn mark_plain(&self, marks: &[(JournalPosition, JournalEntryId)]) -> Result<()> {
-        match &self.inner.backend {
-            Backend::Wal(w) => w.mark(marks),
-            Backend::Pg(p) => pg::mark_many(&p.pool, &p.sql, marks).await,
-        }
-    }
-
-    async fn apply_one(
-        &self,
-        e: &JournalEntry,
-        dry_run: bool,
-        pg_marked: &HashSet<uuid::Uuid>,
-        state: &Mutex<ReplaySummary>,
-        pending: &Mutex<Vec<(JournalPosition, JournalEntryId)>>,
-    ) {
-        enum Outcome {
-            Applied,
-            Already,
-            Failed(String),
-        }
-        let fail = |reason: String| Outcome::Failed(reason);
-        let outcome = if !e.payload_intact() {
-            fail("payload does not match its recorded blake3 hash; not applied".into())
-        } else {
-            match self.inner.handlers.get(&e.operation_type) {
-                None => fail(format!("no handler registered for `{}`", e.operation_type)),
-                Some(AnyHandler::Plain(h)) => {
-                    let marked = match &self.inner.backend {
-                        Backend::Wal(_) => e.status == EntryStatus::Replayed,
-                        Backend::Pg(_) => e.status == EntryStatus::Replayed,
-                    };
-                    if marked {
-                        Outcome::Already
-                    } else {
-                        match h.is_applied(e).await {
-                            Ok(true) => {
-                                if !dry_run {
-                                    lock(pending).push((e.position, e.id));
-                                }
-                                Outcome::Already
-                            }
-                            Ok(false) if dry_run => Outcome::Applied,
-                            Ok(false) => match h.apply(e).await {
-                                Ok(()) => {
-                                    lock(pending).push((e.position, e.id));
-                                    Outcome::Applied
-                                }
-                                Err(err) => fail(format!("handler failed: {err}")),
-                            },
-                            Err(err) => fail(format!("handler's applied check failed: {err}")),
-                        }
-                    }
-                }
-                Some(AnyHandler::Pg(h)) => {
-                    if pg_marked.contains(&e.id.as_uuid()) {
-                        Outcome::Already
-                    } else if dry_run {
-                        Outcome::Applied
-                    } else {
-                        match self.apply_pg(h.as_ref(), e).await {
-                            Ok(true) => Outcome::Applied,
-                            Ok(false) => Outcome::Already,
-                            Err(err) => fail(format!("handler failed: {err}")),
-                        }
-                    }
-                }
-            }
-        };
-        let mut s = lock(state);
-        s.entries_seen += 1;
-        match outcome {
-            Outcome::Applied => s.applied += 1,
-            Outcome::Already => s.already_applied += 1,
-            Outcome::Failed(reason) => {
-                tracing::warn!(position = %e.position, %reason, "journal entry not applied");
-                s.failures.push(ReplayFailure {
-                    position: e.position,
-                    entry: Some(e.id),
-                    operation_type: Some(e.operation_type.clone()),
-                    reason,
-                });
-            }
-        }
-    }
-
-    /// Applies a run of entries for PostgreSQL handlers in one transaction with
-    /// their applied marks. Returns, per entry, whether it was newly applied.
-    async fn apply_pg_chunk(&self, run: &[&JournalEntry]) -> Result<Vec<bool>> {
-        let Some((pool, sql)) = &self.inner.handler_db else {
-            return Err(Error::config(
-                "journal.handler_database",
-                "no database for PostgreSQL handlers",
-            ));
-        };
-        let mut client = sanare_pg::get_conn(pool).await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|err| sanare_pg::map_pg_error("starting a replay transaction", err))?;
-        let ids: Vec<uuid::Uuid> = run.iter().map(|e| e.id.as_uuid()).collect();
-        let seqs: Vec<i64> = run
-            .iter()
-            .map(|e| i64::try_from(e.position.0).unwrap_or(i64::MAX))
-            .collect();
-        let stmt = tx
-            .prepare_cached(&sql.mark_many_returning)
-            .await
-            .map_err(|err| sanare_pg::map_pg_error("preparing the applied-mark insert", err))?;
-        let fresh: HashSet<uuid::Uuid> = tx
-            .query(&stmt, &[&ids, &seqs])
-            .await
-            .map_err(|err| sanare_pg::map_pg_error("writing journal applied marks", err))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let out: Vec<bool> = run
-            .iter()
-            .map(|e| fresh.contains(&e.id.as_uuid()))
-            .collect();
-        // Consecutive fresh entries of one operation type go to their handler in one
-        // call, so effects keep position order across operation types.
-        let todo: Vec<&JournalEntry> = run
-            .iter()
-            .zip(&out)
-            .filter(|(_, fresh)| **fresh)
-            .map(|(e, _)| *e)
-            .collect();
-        for group in todo.chunk_by(|a, b| a.operation_type == b.operation_type) {
-            if let Some(AnyHandler::Pg(h)) = self.inner.handlers.get(&group[0].operation_type) {
-                h.apply_batch(&tx, group).await?;
-            }
-        }
-        tx.commit()
-            .await
-            .map_err(|err| sanare_pg::map_pg_error("committing replayed journal entries", err))?;
-        Ok(out)
-    }
-
-    /// Runs a PostgreSQL handler with the applied mark in the same transaction.
-    /// Returns false when the mark already existed.
-    async fn apply_pg(&self, h: &dyn PgHandler, e: &JournalEntry) -> Result<bool> {
-        let Some((pool, sql)) = &self.inner.handler_db else {
-            return Err(Error::config(
-                "journal.handler_database",
-                "no database for PostgreSQL handlers",
-            ));
-        };
-        let mut client = sanare_pg::get_conn(pool).await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|err| sanare_pg::map_pg_error("starting a replay transaction", err))?;
-        let seq = i64::try_from(e.position.0).unwrap_or(i64::MAX);
-        let n = tx
-            .execute(&sql.mark_one, &[&e.id.as_uuid(), &seq])
-            .await
-            .map_err(|err| sanare_pg::map_pg_error("writing a journal applied mark", err))?;
-        if n == 0 {
-            return Ok(false);
-        }
-        h.apply(&tx, e).await?;
-        tx.commit()
-            .await
-            .map_err(|err| sanare_pg::map_pg_error("committing a replayed journal entry", err))?;
-        Ok(true)
     }
 }
 
@@ -1133,8 +849,9 @@ impl Journal {
 pub fn decode_segment_file(bytes: &[u8]) -> Result<(Vec<JournalEntry>, Vec<CorruptRegion>)> {
     let name = "segment";
     let raw;
+    let mut damage = Vec::new();
     let bytes = if bytes.starts_with(&frame::SEALED_MAGIC) {
-        raw = frame::unseal(frame::SEALED_MAGIC, bytes, name)?;
+        (raw, damage) = sealed::unseal(bytes, name)?;
         &raw[..]
     } else {
         bytes
@@ -1144,7 +861,8 @@ pub fn decode_segment_file(bytes: &[u8]) -> Result<(Vec<JournalEntry>, Vec<Corru
         mut corrupt,
         torn,
         ..
-    } = wal::decode_segment(bytes, name)?;
+    } = wal::decode_segment(bytes, name, false)?;
+    corrupt.extend(damage);
     if let Some(at) = torn {
         corrupt.push(CorruptRegion {
             segment: name.to_owned(),
@@ -1171,12 +889,34 @@ impl JournalService for Journal {
 
     async fn cut(&self, db_snapshot: Option<&str>) -> Result<JournalCut> {
         match &self.inner.backend {
-            Backend::Wal(w) => Ok(JournalCut {
-                position: w.head(),
-                db_snapshot: None,
-            }),
-            Backend::Pg(p) => p.cut(db_snapshot).await,
+            Backend::Wal(w) => {
+                // Entries recorded within the write-ahead window may have changes
+                // not committed yet: they stay after the cut.
+                let before = sanare_core::now() - self.inner.write_ahead_window;
+                let recent = w.position_recorded_before(before.unix_timestamp_nanos());
+                Ok(JournalCut {
+                    position: recent.min(w.head()),
+                    db_snapshot: None,
+                })
+            }
+            Backend::Pg(p) => p.cut(db_snapshot, self.inner.write_ahead_window).await,
         }
+    }
+
+    async fn reopen_after(&self, cut: &JournalCut) -> Result<u64> {
+        let mut voided = match &self.inner.backend {
+            Backend::Wal(_) => {
+                let position = cut.position;
+                self.on_wal(move |w| w.reopen_after(position)).await?
+            }
+            Backend::Pg(p) => pg::reopen_after(&p.pool, &p.sql, cut, true).await?,
+        };
+        if let (Backend::Wal(_), Some((pool, sql))) = (&self.inner.backend, &self.inner.handler_db)
+        {
+            voided += pg::reopen_after(pool, sql, cut, false).await?;
+        }
+        tracing::info!(cut = %cut.position, voided, "journal entries after a restored cut reopened");
+        Ok(voided)
     }
 
     async fn replay(&self, request: ReplayRequest, control: &Control) -> Result<ReplaySummary> {

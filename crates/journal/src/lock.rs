@@ -1,47 +1,43 @@
 //! One writer per WAL directory, across processes.
 //!
-//! The writing journal holds an exclusive `flock` on `<dir>/LOCK` for as long as it
-//! is open; the lock dies with the process (even on SIGKILL), so a crashed writer
-//! never blocks the next start. A second writer — another instance configured with
-//! the same data directory, or a tool — is refused instead of cutting the first
-//! one's in-flight records as a "torn tail". Read-only opens take no lock.
+//! The writing journal holds an exclusive lock on `<dir>/LOCK` (an `flock` on the
+//! OS storage) for as long as it is open; the lock dies with the process (even on
+//! SIGKILL), so a crashed writer never blocks the next start. A second writer —
+//! another instance configured with the same data directory, or a tool — is
+//! refused instead of cutting the first one's in-flight records as a "torn tail".
+//! Read-only opens take no lock.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek as _, Write as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rustix::fs::{FlockOperation, flock};
 use sanare_core::{Error, Result};
+use sanare_fs::{LockGuard, OpenMode, Storage};
 
 /// The held lock; released when dropped (or when the process dies).
 #[derive(Debug)]
 pub(crate) struct DirLock {
-    _file: File,
+    _guard: LockGuard,
 }
 
 impl DirLock {
     /// Takes the exclusive writer lock of `dir`, waiting up to `wait` for a
     /// previous writer to let go (a restart racing the old process's exit), or
     /// says who holds it. Blocks the thread: call it off the async runtime.
-    pub(crate) fn acquire(dir: &Path, wait: Duration) -> Result<Self> {
+    pub(crate) fn acquire(storage: &dyn Storage, dir: &Path, wait: Duration) -> Result<Self> {
         let path = dir.join("LOCK");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening the journal lock {}", path.display()), e))?;
+        let io = |e| Error::io(format!("opening the journal lock {}", path.display()), e);
         let deadline = Instant::now() + wait;
-        while flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        let guard = loop {
+            if let Some(g) = storage.try_lock(&path).map_err(io)? {
+                break g;
+            }
             if Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
+            let holder = sanare_fs::read_file(storage, &path, 64)
+                .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+                .unwrap_or_default();
             return Err(Error::conflict(format!(
                 "the journal in {} is open for writing by another process{}: one process writes a journal; \
                  give each instance its own data directory, stop the other process, or open this one read-only",
@@ -52,12 +48,14 @@ impl DirLock {
                     format!(" (pid {holder})")
                 }
             )));
-        }
+        };
         // Best effort: who holds it, for the next one's message.
-        let _ = file
-            .set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| writeln!(file, "{}", std::process::id()));
-        Ok(Self { _file: file })
+        if let Ok(f) = storage.open(&path, OpenMode::ReadWrite) {
+            let pid = format!("{}\n", std::process::id());
+            let _ = f
+                .set_len(0)
+                .and_then(|()| f.write_all_at(pid.as_bytes(), 0));
+        }
+        Ok(Self { _guard: guard })
     }
 }

@@ -20,7 +20,6 @@
 //!   result is trusted and the writer stops accepting entries.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::{Duration, Instant};
@@ -112,7 +111,7 @@ struct State {
 /// A request to a sync thread: `fdatasync` through `file`, then report `sync`.
 pub(crate) struct SyncJob {
     pub(crate) sync: u64,
-    pub(crate) file: Arc<File>,
+    pub(crate) file: Arc<dyn sanare_fs::File>,
 }
 
 /// The groups in flight and the threads syncing them.
@@ -371,6 +370,7 @@ impl Pipeline {
         }
         if let Some(last) = groups.iter().rev().find_map(|g| g.entries.last()) {
             self.shared.head.store(last.position.0, Ordering::Release);
+            self.sample(groups.iter().flat_map(|g| &g.entries));
         }
         for g in groups {
             if let (Some(first), Some(last)) = (g.entries.first(), g.entries.last()) {
@@ -387,6 +387,29 @@ impl Pipeline {
             for (reply, r) in g.replies {
                 let _ = reply.send(r);
             }
+        }
+    }
+}
+
+impl Pipeline {
+    /// Remembers when the entries just made durable were recorded (one sample per
+    /// answered batch), for cuts that leave out what was recorded too recently.
+    fn sample<'a>(&self, entries: impl Iterator<Item = &'a JournalEntry>) {
+        let mut last = None;
+        let mut max_t = i128::MIN;
+        for e in entries {
+            max_t = max_t.max(e.recorded_at.unix_timestamp_nanos());
+            last = Some(e.position.0);
+        }
+        let Some(last) = last else { return };
+        let mut recent = lock(&self.shared.recent);
+        let max_t = recent.back().map_or(max_t, |&(_, t)| t.max(max_t));
+        recent.push_back((last, max_t));
+        // Keep an hour, and at most 100,000 samples; the oldest kept sample still
+        // answers for everything before it.
+        let horizon = max_t - 3_600_000_000_000;
+        while recent.len() > 100_000 || recent.get(1).is_some_and(|&(_, t)| t <= horizon) {
+            recent.pop_front();
         }
     }
 }

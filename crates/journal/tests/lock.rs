@@ -77,7 +77,8 @@ async fn a_read_only_journal_reads_beside_the_writer_and_changes_nothing() {
         .unwrap();
     assert_eq!(reader.stats().await.unwrap().entries, 10);
     assert_eq!(reader.query(&Query::all()).await.unwrap().len(), 10);
-    assert!(reader.validate(&Control::detached()).await.unwrap().is_ok());
+    let v = reader.validate(&Control::detached()).await.unwrap();
+    assert!(v.is_ok(), "{v:?}");
     let report = reader.open_report().unwrap();
     assert!(report.truncated_tail.is_none(), "{report:?}");
     assert_eq!(

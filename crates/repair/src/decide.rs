@@ -28,6 +28,12 @@ pub struct TableFacts {
     pub journal_entries: bool,
     /// The latest good snapshot, when a snapshot service is attached and has one.
     pub snapshot: Option<SnapshotId>,
+    /// `details.recompute` names a recompute rule the engine's configuration holds
+    /// for the violation's table and column.
+    pub recompute_rule: bool,
+    /// For a check violation: it names a CHECK constraint of the table's catalog
+    /// (which the engine can evaluate to prove a repair fixed it).
+    pub catalog_check: bool,
 }
 
 /// What [`decide`] chose.
@@ -85,7 +91,12 @@ pub fn decide(v: &Violation, facts: &TableFacts) -> Decision {
             }
         }
         ViolationKind::UniqueConstraint { .. } => Decision::rule("R9", S::FixConstraintViolation),
-        ViolationKind::Consistency { .. } if recompute(v).is_some() => {
+        ViolationKind::Consistency { .. }
+        | ViolationKind::CheckConstraint { .. }
+        | ViolationKind::NullConstraint { .. }
+        | ViolationKind::TypeMismatch { .. }
+            if has_row && facts.recompute_rule =>
+        {
             Decision::rule("R8", S::UpdateInvalidData)
         }
         ViolationKind::Corruption {
@@ -118,6 +129,11 @@ pub fn decide(v: &Violation, facts: &TableFacts) -> Decision {
         {
             Decision::rule("R7", S::UpdateInvalidData)
         }
+        ViolationKind::CheckConstraint { columns, .. }
+            if has_row && columns.len() == 1 && facts.catalog_check && facts.column_has_default =>
+        {
+            Decision::rule("R7", S::UpdateInvalidData)
+        }
         ViolationKind::NullConstraint { .. }
         | ViolationKind::TypeMismatch { .. }
         | ViolationKind::CheckConstraint { .. }
@@ -135,12 +151,17 @@ pub fn decide(v: &Violation, facts: &TableFacts) -> Decision {
     }
 }
 
-/// `details.recompute` of a consistency violation: `{"column": "...", "expression": "..."}`.
+/// `details.recompute` of a violation: `{"rule": "<rule name>", "column": "<column>"}`,
+/// as `(rule, column)`. Anything else there (an SQL expression) is ignored: the
+/// expression of a rule comes from the engine's configuration, never from a finding.
 pub(crate) fn recompute(v: &Violation) -> Option<(String, String)> {
-    let r = v.details.get("recompute")?;
+    let r = v.details.get("recompute")?.as_object()?;
+    if r.len() != 2 {
+        return None;
+    }
     Some((
+        r.get("rule")?.as_str()?.to_owned(),
         r.get("column")?.as_str()?.to_owned(),
-        r.get("expression")?.as_str()?.to_owned(),
     ))
 }
 
@@ -158,7 +179,8 @@ pub(crate) fn idempotency_keys(v: &Violation) -> Vec<String> {
 }
 
 /// What a host strategy does to the rows it matched, run through the same undo-log
-/// machinery as the built-in strategies.
+/// and quarantine machinery as the built-in strategies (a delete moves the rows to
+/// the quarantine).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -183,9 +205,12 @@ pub enum RowAction {
 ///
 /// # Contract
 /// The predicate of the returned [`RowAction`] selects exactly the broken rows: the
-/// engine deletes or updates them inside the repair transaction, records their
+/// engine quarantines or updates them inside the repair transaction, records their
 /// before-images, and re-counts the predicate before commit, rolling back unless it
-/// matches no row. SQL text comes from the host and is trusted.
+/// matches no row. SQL text comes from the host's code and is stored with the plan
+/// under a keyed hash ([`ActionKey`](crate::ActionKey)): a plan whose SQL was altered
+/// in the database is refused. Never build the SQL from a violation's fields without
+/// quoting them: violations are data read back from the database.
 ///
 /// [`matches`]: CustomStrategy::matches
 pub trait CustomStrategy: Send + Sync {

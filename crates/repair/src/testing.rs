@@ -15,7 +15,7 @@ use sanare_core::{
 use sanare_pg::{PgResultExt, Pool, get_conn, quote_ident};
 use time::OffsetDateTime;
 
-use crate::sql::lit;
+use crate::catalog::lit;
 
 /// A [`SnapshotService`] whose snapshot is a copy of each table in `copy_schema`.
 #[derive(Debug)]
@@ -327,6 +327,26 @@ impl JournalService for FakeJournal {
     }
 }
 
+/// The recompute rule the corpus's consistency violations name.
+pub const ORDER_TOTAL_RULE: &str = "order_total_matches_lines";
+
+/// Registers the corpus's recompute rule (orders' `total_cents` is the sum of their
+/// lines' `amount_cents`) for the order-service fixture in `schema`.
+pub fn corpus_rules(
+    builder: crate::RepairEngineBuilder,
+    schema: &str,
+) -> crate::RepairEngineBuilder {
+    builder.recompute_rule(
+        ORDER_TOTAL_RULE,
+        TableRef::new(schema, "orders"),
+        "total_cents",
+        format!(
+            "(SELECT coalesce(sum(l.amount_cents), 0) FROM {}.order_lines l WHERE l.order_id = t.id)",
+            quote_ident(schema)
+        ),
+    )
+}
+
 /// A labelled corpus of planted violations: each with the decision-table row
 /// (`"R1"` … or `"manual"`) that must be chosen for it.
 pub type Corpus = Vec<(sanare_core::Violation, &'static str)>;
@@ -336,13 +356,12 @@ pub type Corpus = Vec<(sanare_core::Violation, &'static str)>;
 /// (`notes`: nullable foreign key, `tags`: duplicates, `settings`: nulls and
 /// defaults), takes a snapshot through `snapshots` of customers, products and orders,
 /// then damages the data (foreign-key triggers off while planting). Engines analysing
-/// the corpus should have `snapshots` and a journal attached.
+/// the corpus should have `snapshots` and a journal attached, and [`corpus_rules`].
 pub async fn plant_corpus(
     client: &tokio_postgres::Client,
     schema: &str,
     snapshots: &dyn SnapshotService,
 ) -> Result<Corpus> {
-    use sanare_core::{ColumnValue, CorruptionKind, Severity, Violation, ViolationKind};
     let s = quote_ident(schema);
     let t = |name: &str| TableRef::new(schema, name);
     let run = |sql: String| async move {
@@ -372,30 +391,52 @@ pub async fn plant_corpus(
                 (100001, 'INJ-1', 'injected 1', 1), (100002, 'INJ-2', 'injected 2', 2);
          UPDATE {s}.products SET name = name || ' (corrupt)' WHERE id <= 8;
          UPDATE {s}.orders SET total_cents = total_cents + 1 WHERE id IN (150, 151, 152);
+         UPDATE {s}.settings SET w = 'damaged' WHERE id IN (9, 10);
          SET session_replication_role = replica;
          DELETE FROM {s}.orders WHERE id BETWEEN 1 AND 4 OR id BETWEEN 101 AND 104 OR id BETWEEN 121 AND 123;
          DELETE FROM {s}.customers WHERE id IN (5, 6);
          SET session_replication_role = origin;"
     ))
     .await?;
-    let key = |table: &str, cols: &[(&str, &str, String)]| {
-        sanare_core::RowRef::new(
-            t(table),
-            cols.iter()
-                .map(|(c, ty, v)| ColumnValue::new(*c, *ty, Some(v.clone())))
-                .collect(),
-        )
-    };
+    let mut corpus = referential_corpus(client, schema).await?;
+    corpus.extend(other_corpus(schema));
+    corpus.extend(corruption_corpus(schema));
+    Ok(corpus)
+}
+
+use sanare_core::{ColumnValue, CorruptionKind, Severity, Violation, ViolationKind};
+
+fn key_of(schema: &str, table: &str, cols: &[(&str, &str, String)]) -> RowRef {
+    RowRef::new(
+        TableRef::new(schema, table),
+        cols.iter()
+            .map(|(c, ty, v)| ColumnValue::new(*c, *ty, Some(v.clone())))
+            .collect(),
+    )
+}
+
+fn planted(
+    schema: &str,
+    kind: ViolationKind,
+    sev: Severity,
+    table: &str,
+    row: Option<RowRef>,
+) -> Violation {
+    Violation::new(kind, sev, TableRef::new(schema, table), row, "planted")
+}
+
+/// The corpus's referential violations (R1 to R4).
+async fn referential_corpus(client: &tokio_postgres::Client, schema: &str) -> Result<Corpus> {
+    let s = quote_ident(schema);
+    let key = |table: &str, cols: &[(&str, &str, String)]| key_of(schema, table, cols);
+    let v = |kind, sev, table: &str, row| planted(schema, kind, sev, table, row);
     let referential = |table: &str, col: &str, parent: &str| ViolationKind::Referential {
         constraint: format!("{table}_{col}_fkey"),
         columns: vec![col.to_owned()],
-        parent_table: t(parent),
+        parent_table: TableRef::new(schema, parent),
         parent_columns: vec!["id".into()],
     };
     let mut corpus: Corpus = Vec::new();
-    let v = |kind: ViolationKind, sev: Severity, table: &str, row: Option<sanare_core::RowRef>| {
-        Violation::new(kind, sev, t(table), row, "planted")
-    };
     // R4: orphaned order lines, parent unknown to the snapshot lookup (no details).
     for r in client
         .query(&format!("SELECT order_id::text, line_no::text FROM {s}.order_lines WHERE order_id BETWEEN 101 AND 104 ORDER BY 1, 2 LIMIT 8"), &[])
@@ -446,6 +487,14 @@ pub async fn plant_corpus(
             "R2",
         ));
     }
+    Ok(corpus)
+}
+
+/// The corpus's violations of single rows and columns (R5, R7 to R10).
+fn other_corpus(schema: &str) -> Corpus {
+    let key = |table: &str, cols: &[(&str, &str, String)]| key_of(schema, table, cols);
+    let v = |kind, sev, table: &str, row| planted(schema, kind, sev, table, row);
+    let mut corpus: Corpus = Vec::new();
     // R5: checksum mismatches and a check violation on rows the snapshot holds.
     for id in 1..=5 {
         let row = key("products", &[("id", "bigint", id.to_string())]);
@@ -517,9 +566,6 @@ pub async fn plant_corpus(
         ));
     }
     // R8: order totals that disagree with their lines.
-    let total = format!(
-        "(SELECT coalesce(sum(l.amount_cents), 0) FROM {s}.order_lines l WHERE l.order_id = t.id)"
-    );
     for id in 150..=152 {
         let row = key("orders", &[("id", "bigint", id.to_string())]);
         corpus.push((
@@ -531,12 +577,18 @@ pub async fn plant_corpus(
                 "orders",
                 Some(row),
             )
-            .with_details(
-                serde_json::json!({"recompute": {"column": "total_cents", "expression": total}}),
-            ),
+            .with_details(serde_json::json!({"recompute": {"rule": ORDER_TOTAL_RULE, "column": "total_cents"}})),
             "R8",
         ));
     }
+    corpus
+}
+
+/// The corpus's corruption and manual violations (R6, R11 to R13, manual).
+fn corruption_corpus(schema: &str) -> Corpus {
+    let key = |table: &str, cols: &[(&str, &str, String)]| key_of(schema, table, cols);
+    let v = |kind, sev, table: &str, row| planted(schema, kind, sev, table, row);
+    let mut corpus: Corpus = Vec::new();
     // R12: damaged indexes.
     for (table, index) in [
         ("orders", "orders_customer_id_idx"),
@@ -627,5 +679,5 @@ pub async fn plant_corpus(
         ),
         "manual",
     ));
-    Ok(corpus)
+    corpus
 }

@@ -154,6 +154,9 @@ pub struct RepairConfig {
     pub approval_threshold: Severity,
     /// Repairs touching more rows than this wait for an approval.
     pub max_rows_without_approval: u64,
+    /// Repairs that remove rows (to the quarantine) wait for an approval whatever
+    /// their severity and size.
+    pub removals_need_approval: bool,
     /// Longest time one repair may run.
     #[serde(with = "humantime_serde")]
     pub max_duration: Duration,
@@ -167,6 +170,7 @@ impl Default for RepairConfig {
             auto_repair: false,
             approval_threshold: Severity::High,
             max_rows_without_approval: 1_000,
+            removals_need_approval: true,
             max_duration: Duration::from_secs(120),
             dry_run_first: true,
         }
@@ -624,6 +628,7 @@ mod tests {
             storage = { kind = "s3", bucket = "b", endpoint = "http://127.0.0.1:9000" }
             [repair]
             approval_threshold = "critical"
+            removals_need_approval = false
             [corruption]
             scan_interval = "off"
             alerts = { slack_webhook_url = "https://hooks.slack.test/x", email_to = ["ops@example.com"] }
@@ -638,6 +643,8 @@ mod tests {
             matches!(c.snapshots.storage, StorageConfig::S3 { ref bucket, .. } if bucket == "b")
         );
         assert_eq!(c.repair.approval_threshold, Severity::Critical);
+        assert!(!c.repair.removals_need_approval);
+        assert!(SanareConfig::default().repair.removals_need_approval);
         assert_eq!(c.corruption.scan_interval, None);
         assert_eq!(c.corruption.alerts.email_to, vec!["ops@example.com"]);
         assert_eq!(c.journal, JournalConfig::default());

@@ -412,6 +412,7 @@ impl SanareBuilder {
         let mut repair_config = sanare_repair::RepairConfig::default();
         repair_config.approval_severity = Some(config.repair.approval_threshold);
         repair_config.approval_max_rows = config.repair.max_rows_without_approval;
+        repair_config.removals_need_approval = config.repair.removals_need_approval;
         repair_config.statement_timeout = config.repair.max_duration;
         let repair = Arc::new(
             RepairEngine::builder()

@@ -250,3 +250,43 @@ pub async fn parallel_replay_applies_everything(make: impl AsyncFn(Counting) -> 
     assert_eq!(s.applied, 60);
     assert_eq!(counting.counts().len(), 60);
 }
+
+/// A replay `until` a time applies the entries recorded at or before it, and no
+/// later one, whatever the range.
+pub async fn point_in_time_replay_stops_at_its_time(journal: &Journal, counting: &Counting) {
+    let early: Vec<u64> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            v.push(
+                journal
+                    .record(entry("op", &format!("early {i}")))
+                    .await
+                    .unwrap()
+                    .position
+                    .0,
+            );
+        }
+        v
+    };
+    let entries = journal.query(&Query::all()).await.unwrap();
+    let at = entries.last().unwrap().recorded_at;
+    // Later entries are recorded strictly after `at`.
+    while sanare_core::now() <= at {
+        tokio::task::yield_now().await;
+    }
+    for i in 0..3 {
+        journal
+            .record(entry("op", &format!("late {i}")))
+            .await
+            .unwrap();
+    }
+    let s = journal
+        .replay(
+            ReplayRequest::new(ReplayRange::All).until(at),
+            &Control::detached(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.applied, 3, "{s:?}");
+    assert_eq!(counting.positions(), early);
+}

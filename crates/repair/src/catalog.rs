@@ -1,7 +1,12 @@
-//! SQL building blocks: table metadata, literals, key predicates, record literals.
+//! What the engine reads from the live catalog to build SQL: a table's columns and
+//! primary key, and the SQL fragments over them.
+//!
+//! Every identifier that reaches SQL is a name read here from `pg_catalog`, quoted;
+//! every type name is `format_type()`'s output. Nothing stored by a plan is spliced
+//! into SQL without first being matched against this.
 
-use sanare_core::{Error, Result, RowImage, TableRef};
-use sanare_pg::{PgResultExt, quote_ident, quote_literal};
+use sanare_core::{ColumnValue, Error, Result, RowImage, RowRef, TableRef};
+use sanare_pg::{PgResultExt, quote_ident};
 use tokio_postgres::GenericClient;
 
 /// One column of a repaired table.
@@ -27,7 +32,18 @@ pub(crate) struct Meta {
     pub(crate) pk: Vec<String>,
 }
 
+/// Session settings of every transaction that reads or writes row text (digests,
+/// before-images, quarantined rows): the same as the integrity crate's canonical
+/// settings, so a row prints the same whatever the pooled session's own `DateStyle`
+/// or `TimeZone`, and text written under them is read back under them.
+pub(crate) const CANONICAL: &str = "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; \
+     SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'";
+
+/// Schemas sanare never repairs: the system's.
+const SYSTEM_SCHEMAS: [&str; 3] = ["pg_catalog", "information_schema", "pg_toast"];
+
 impl Meta {
+    /// Reads `table` from the catalog; [`Error::NotFound`] when it does not exist.
     pub(crate) async fn load(client: &impl GenericClient, table: &TableRef) -> Result<Meta> {
         let info = sanare_pg::catalog::describe(client, table).await?;
         let rows = client
@@ -55,12 +71,23 @@ impl Meta {
             })
             .collect();
         Ok(Meta {
-            table: table.clone(),
-            quoted: table.quoted(),
+            table: info.table.clone(),
+            quoted: info.table.quoted(),
             oid: info.oid,
             columns,
             pk: info.primary_key,
         })
+    }
+
+    /// Refuses a table sanare must never change: the system's, or sanare's own.
+    pub(crate) fn check_scope(table: &TableRef, own_schema: &str) -> Result<()> {
+        let s = table.schema.as_str();
+        if SYSTEM_SCHEMAS.contains(&s) || s.starts_with("pg_temp") || s == own_schema {
+            return Err(Error::invalid_input(format!(
+                "{table} is outside what sanare repairs (a system table or one of sanare's own)"
+            )));
+        }
+        Ok(())
     }
 
     pub(crate) fn require_pk(&self) -> Result<()> {
@@ -108,7 +135,15 @@ impl Meta {
             .collect()
     }
 
-    /// `ARRAY[alias."pk1"::text, …]`.
+    /// The types of the primary-key columns, in key order.
+    pub(crate) fn key_types(&self) -> Result<Vec<&str>> {
+        self.pk
+            .iter()
+            .map(|k| self.col(k).map(|c| c.type_name.as_str()))
+            .collect()
+    }
+
+    /// `ARRAY[alias."pk1"::text, …]`: a row's key as stored.
     pub(crate) fn key_array(&self, alias: &str) -> String {
         let parts = self
             .pk
@@ -119,7 +154,21 @@ impl Meta {
         format!("ARRAY[{parts}]")
     }
 
-    /// `(a."pk1", …) = (b."pk1", …)` (rows compared by primary key).
+    /// `alias."pk1" = (key)[1]::type1 AND …`: the row of `alias` whose key is the
+    /// stored `text[]` expression `key`, each element cast to its live column type.
+    pub(crate) fn key_match(&self, alias: &str, key: &str) -> Result<String> {
+        let types = self.key_types()?;
+        Ok(self
+            .pk
+            .iter()
+            .zip(types)
+            .enumerate()
+            .map(|(i, (k, ty))| format!("{alias}.{} = ({key})[{}]::{ty}", quote_ident(k), i + 1))
+            .collect::<Vec<_>>()
+            .join(" AND "))
+    }
+
+    /// `a."pk1" = b."pk1" AND …` (rows compared by primary key).
     pub(crate) fn pk_eq(&self, a: &str, b: &str) -> String {
         self.pk
             .iter()
@@ -131,30 +180,33 @@ impl Meta {
             .join(" AND ")
     }
 
-    /// `(t."pk1", …) IN ((lit, …), …)` for key values in primary-key order.
-    pub(crate) fn keys_in(&self, alias: &str, keys: &[Vec<Option<String>>]) -> Result<String> {
-        if keys.is_empty() {
-            return Ok("false".into());
-        }
-        let types = self
+    /// `ROW(alias.*)::text`: a row's lossless record text (the undo log's encoding).
+    pub(crate) fn row_text(alias: &str) -> String {
+        format!("ROW({alias}.*)::text")
+    }
+
+    /// `(img)::"schema"."table"`: a record text cast back to a row of this table.
+    pub(crate) fn cast_row(&self, img: &str) -> String {
+        format!("(({img})::{})", self.quoted)
+    }
+
+    /// A [`RowRef`] of this table from stored key text.
+    pub(crate) fn row_ref(&self, key: Vec<Option<String>>) -> RowRef {
+        let cols = self
             .pk
             .iter()
-            .map(|k| self.col(k).map(|c| c.type_name.clone()))
-            .collect::<Result<Vec<_>>>()?;
-        let tuples = keys
-            .iter()
-            .map(|key| {
-                let vals = key
-                    .iter()
-                    .zip(&types)
-                    .map(|(v, ty)| lit(v.as_deref(), ty))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("({vals})")
+            .zip(key)
+            .map(|(c, v)| {
+                let ty = self.col(c).map(|c| c.type_name.clone()).unwrap_or_default();
+                ColumnValue::new(c.clone(), ty, v)
             })
-            .collect::<Vec<_>>()
-            .join(", ");
-        Ok(format!("({}) IN ({tuples})", Meta::list(alias, &self.pk)))
+            .collect();
+        RowRef::new(self.table.clone(), cols)
+    }
+
+    /// Whether a row reference names exactly this table's primary key, in order.
+    pub(crate) fn names_pk(&self, row: &RowRef) -> bool {
+        row.key.len() == self.pk.len() && row.key.iter().zip(&self.pk).all(|(c, k)| c.column == *k)
     }
 
     /// The record literal of `image` for this table (columns matched by name, in table
@@ -191,10 +243,11 @@ impl Meta {
     }
 }
 
-/// `'value'::type`, or `NULL::type`.
+/// `'value'::type`, or `NULL::type` (for the test fakes).
+#[cfg(feature = "testing")]
 pub(crate) fn lit(value: Option<&str>, type_name: &str) -> String {
     match value {
-        Some(v) => format!("{}::{type_name}", quote_literal(v)),
+        Some(v) => format!("{}::{type_name}", sanare_pg::quote_literal(v)),
         None => format!("NULL::{type_name}"),
     }
 }
@@ -202,7 +255,6 @@ pub(crate) fn lit(value: Option<&str>, type_name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sanare_core::ColumnValue;
 
     fn meta() -> Meta {
         let col = |name: &str, ty: &str| Col {
@@ -241,13 +293,19 @@ mod tests {
     }
 
     #[test]
-    fn key_predicates_cast_literals_to_the_column_type() {
+    fn stored_keys_are_cast_to_the_live_column_types() {
         let m = meta();
         assert_eq!(
-            m.keys_in("t", &[vec![Some("4".into())], vec![Some("it's".into())]])
-                .unwrap(),
-            "(t.\"id\") IN (('4'::bigint), ('it''s'::bigint))"
+            m.key_match("t", "g.key").unwrap(),
+            "t.\"id\" = (g.key)[1]::bigint"
         );
-        assert_eq!(m.keys_in("t", &[]).unwrap(), "false");
+    }
+
+    #[test]
+    fn system_and_own_tables_are_out_of_scope() {
+        for schema in ["pg_catalog", "information_schema", "pg_temp_3", "sanare"] {
+            assert!(Meta::check_scope(&TableRef::new(schema, "x"), "sanare").is_err());
+        }
+        assert!(Meta::check_scope(&TableRef::new("shop", "x"), "sanare").is_ok());
     }
 }

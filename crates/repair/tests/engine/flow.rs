@@ -1,97 +1,16 @@
-//! End-to-end tests of the repair engine against a real PostgreSQL.
+//! The main flows: plan, approve, dry-run, execute, roll back.
 
 use std::sync::Arc;
 
+use futures_util::TryStreamExt as _;
 use sanare_core::{
     ColumnValue, Control, Error, EventBus, ExecuteOptions, RepairService, RepairStatus,
     RepairStrategyKind, RowRef, Severity, TableRef, Violation, ViolationKind,
 };
-use sanare_repair::testing::{FakeJournal, PgCopySnapshots, plant_corpus};
-use sanare_repair::{CustomStrategy, Decision, RepairConfig, RepairEngine, RowAction, TableFacts};
-use sanare_testing::fixtures::order_service;
-use sanare_testing::{TestDb, test_db};
+use sanare_repair::testing::{PgCopySnapshots, plant_corpus};
+use sanare_repair::{CustomStrategy, Decision, RepairConfig, RowAction, TableFacts};
 
-const S: &str = "shop";
-
-async fn setup(orders: u64) -> TestDb {
-    let db = test_db().await;
-    let c = db.client().await;
-    order_service::install(&**c, S).await.unwrap();
-    order_service::generate(&**c, S, orders).await.unwrap();
-    db
-}
-
-fn engine(db: &TestDb) -> sanare_repair::RepairEngineBuilder {
-    RepairEngine::builder().pool(db.pool().clone())
-}
-
-async fn hash(db: &TestDb, table: &str) -> String {
-    let c = db.client().await;
-    c.query_one(
-        &format!(
-            "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {S}.{table} t"
-        ),
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
-/// Deletes orders with FK triggers off, orphaning their lines; returns one
-/// referential violation per orphaned line.
-async fn orphan_lines(db: &TestDb, orders: &str) -> Vec<Violation> {
-    let c = db.client().await;
-    c.batch_execute(&format!(
-        "SET session_replication_role = replica; DELETE FROM {S}.orders WHERE id IN ({orders}); SET session_replication_role = origin;"
-    ))
-    .await
-    .unwrap();
-    c.query(
-        &format!(
-            "SELECT order_id::text, line_no::text FROM {S}.order_lines l
-              WHERE NOT EXISTS (SELECT 1 FROM {S}.orders o WHERE o.id = l.order_id) ORDER BY 1, 2"
-        ),
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| {
-        let t = TableRef::new(S, "order_lines");
-        Violation::new(
-            ViolationKind::Referential {
-                constraint: "order_lines_order_id_fkey".into(),
-                columns: vec!["order_id".into()],
-                parent_table: TableRef::new(S, "orders"),
-                parent_columns: vec!["id".into()],
-            },
-            Severity::High,
-            t.clone(),
-            Some(RowRef::new(
-                t,
-                vec![
-                    ColumnValue::new("order_id", "bigint", Some(r.get::<_, String>(0))),
-                    ColumnValue::new("line_no", "integer", Some(r.get::<_, String>(1))),
-                ],
-            )),
-            "orphaned order line",
-        )
-    })
-    .collect()
-}
-
-async fn orphans(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one(
-            &format!("SELECT count(*) FROM {S}.order_lines l WHERE NOT EXISTS (SELECT 1 FROM {S}.orders o WHERE o.id = l.order_id)"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
+use crate::common::*;
 
 #[tokio::test]
 async fn orphans_are_removed_only_after_approval_and_rollback_is_byte_exact() {
@@ -192,18 +111,26 @@ async fn orphans_are_removed_only_after_approval_and_rollback_is_byte_exact() {
     assert_eq!(rec.plan.approved_by.as_deref(), Some("alice"));
     assert!(!rec.execution_log.is_empty() && !rec.rollback_log.is_empty());
     let from = rec.created_at - time::Duration::minutes(1);
-    let history = engine
+    let history: Vec<_> = engine
         .history(from, rec.created_at + time::Duration::minutes(1))
+        .try_collect()
         .await
         .unwrap();
     assert!(history.iter().any(|r| r.plan.id == plan.id));
-    assert!(
-        engine
-            .history(from - time::Duration::days(2), from)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let none: Vec<_> = engine
+        .history(from - time::Duration::days(2), from)
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    // Every removed row went to the quarantine whole, and came back from it.
+    let quarantined: Vec<_> = engine
+        .quarantine(Some(plan.id))
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(quarantined.len(), violations.len());
+    assert!(quarantined.iter().all(|q| q.restored_at.is_some()));
 }
 
 #[tokio::test]
@@ -335,7 +262,9 @@ async fn failing_statement_dropped_connection_and_unfixed_violation_leave_data_u
             predicate: "t.order_id = 3",
         },
     ];
-    let mut builder = engine(&db).config(RepairConfig::new().approval_severity(None));
+    let mut builder = engine(&db)
+        .action_key(key())
+        .config(RepairConfig::new().approval_severity(None));
     for s in cases {
         builder = builder.strategy(Arc::new(s));
     }
@@ -383,11 +312,7 @@ async fn failing_statement_dropped_connection_and_unfixed_violation_leave_data_u
 async fn a_concurrent_writer_or_a_cancellation_fails_the_repair_cleanly_and_it_can_be_retried() {
     let db = setup(50).await;
     let engine = engine(&db)
-        .config(
-            RepairConfig::new()
-                .approval_severity(None)
-                .lock_timeout(std::time::Duration::from_millis(200)),
-        )
+        .config(lenient().lock_timeout(std::time::Duration::from_millis(200)))
         .build()
         .unwrap();
     engine.migrate().await.unwrap();
@@ -432,10 +357,7 @@ async fn a_concurrent_writer_or_a_cancellation_fails_the_repair_cleanly_and_it_c
 #[tokio::test]
 async fn rollback_refuses_to_overwrite_later_writes() {
     let db = setup(50).await;
-    let engine = engine(&db)
-        .config(RepairConfig::new().approval_severity(None))
-        .build()
-        .unwrap();
+    let engine = engine(&db).config(lenient()).build().unwrap();
     engine.migrate().await.unwrap();
     let violations = orphan_lines(&db, "12").await;
     let plan = engine.plan(&violations).await.unwrap().remove(0);
@@ -500,26 +422,7 @@ async fn the_labelled_corpus_gets_the_strategy_the_decision_table_names_and_repa
     let client = db.connect().await;
     let corpus = plant_corpus(&client, S, snaps.as_ref()).await.unwrap();
     assert!(corpus.len() >= 40, "{}", corpus.len());
-    let journal_entries = (1..=200)
-        .map(|i| (format!("order-{i}"), format!("SELECT {i}")))
-        .chain((9..=10).map(|i| {
-            (
-                format!("setting-{i}"),
-                format!("UPDATE {S}.settings SET w = 'w' WHERE id = {i}"),
-            )
-        }))
-        .collect();
-    let journal = Arc::new(FakeJournal::new(db.pool().clone(), journal_entries));
-    let engine = engine(&db)
-        .snapshots(snaps)
-        .journal(journal)
-        .config(
-            RepairConfig::new()
-                .approval_severity(None)
-                .approval_max_rows(u64::MAX),
-        )
-        .build()
-        .unwrap();
+    let engine = corpus_engine(&db, snaps);
     engine.migrate().await.unwrap();
     let violations: Vec<Violation> = corpus.iter().map(|(v, _)| v.clone()).collect();
     let analysis = engine.analyze(&violations).await.unwrap();
@@ -548,6 +451,11 @@ async fn the_labelled_corpus_gets_the_strategy_the_decision_table_names_and_repa
     );
 
     // Every repairable plan of the corpus runs and re-validates clean.
+    let tables = CORPUS_TABLES;
+    let mut damaged = Vec::new();
+    for table in tables {
+        damaged.push(hash(&db, table).await);
+    }
     let plans = engine.plan(&violations).await.unwrap();
     for p in &plans {
         if p.requires_approval {
@@ -563,6 +471,7 @@ async fn the_labelled_corpus_gets_the_strategy_the_decision_table_names_and_repa
     };
     let mut plans = plans;
     plans.sort_by_key(order);
+    let mut completed = Vec::new();
     for p in &plans {
         let out = engine
             .execute(p.id, ExecuteOptions::new(), &Control::detached())
@@ -582,6 +491,38 @@ async fn the_labelled_corpus_gets_the_strategy_the_decision_table_names_and_repa
                 p.description,
                 out.message
             );
+            completed.push(p.clone());
         }
+    }
+    let strategies: std::collections::BTreeSet<_> = completed
+        .iter()
+        .map(|p| sanare_repair::strategy_code(&p.strategy))
+        .collect();
+    assert_eq!(
+        strategies.len(),
+        8,
+        "every strategy completed: {strategies:?}"
+    );
+    // Every repair with an undo log rolls back, newest first, to the damaged state
+    // byte for byte (replays and index rebuilds have none).
+    for p in completed.iter().rev() {
+        if matches!(
+            p.strategy,
+            RepairStrategyKind::ReplayTransaction | RepairStrategyKind::RebuildIndex
+        ) {
+            continue;
+        }
+        let out = engine.rollback(p.id, &Control::detached()).await;
+        assert!(out.is_ok(), "{}: {out:?}", p.description);
+    }
+    // The replayed settings rows (9, 10) keep the journal's values; everything else
+    // is as it was.
+    exec(
+        &db,
+        &format!("UPDATE {S}.settings SET w = 'damaged' WHERE id IN (9, 10)"),
+    )
+    .await;
+    for (table, before) in tables.iter().zip(&damaged) {
+        assert_eq!(&hash(&db, table).await, before, "{table} after rollback");
     }
 }

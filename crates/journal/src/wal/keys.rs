@@ -1,0 +1,89 @@
+//! The idempotency keys the WAL remembers: the most recent ones, bounded.
+//!
+//! Each key is held as the first 16 bytes of its blake3 hash (a collision among a
+//! million keys has a chance near 2⁻⁸⁸), so memory is about 60 bytes a key
+//! whatever the keys' length. Beyond `capacity` keys the oldest is forgotten: a
+//! key is recognised as a duplicate when it was recorded within the last
+//! `capacity` keyed entries ([`JournalBuilder::idempotency_window`]).
+//!
+//! [`JournalBuilder::idempotency_window`]: crate::JournalBuilder::idempotency_window
+
+use std::collections::{HashMap, VecDeque};
+
+use uuid::Uuid;
+
+/// The first 16 bytes of a key's blake3 hash.
+pub(crate) type KeyHash = [u8; 16];
+
+/// The hash a key is remembered by.
+pub(crate) fn hash(key: &str) -> KeyHash {
+    let h = blake3::hash(key.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.as_bytes()[..16]);
+    out
+}
+
+/// The last `capacity` idempotency keys with their entries' positions and ids.
+#[derive(Debug)]
+pub(crate) struct KeyWindow {
+    map: HashMap<KeyHash, (u64, Uuid)>,
+    order: VecDeque<KeyHash>,
+    capacity: usize,
+}
+
+impl KeyWindow {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The entry first recorded with `key`, if it is in the window.
+    pub(crate) fn get(&self, key: &str) -> Option<(u64, Uuid)> {
+        self.map.get(&hash(key)).copied()
+    }
+
+    /// Remembers `key` (the first entry of a key wins), forgetting the oldest key
+    /// beyond the capacity.
+    pub(crate) fn insert(&mut self, key: &str, at: (u64, Uuid)) {
+        self.insert_hash(hash(key), at);
+    }
+
+    /// Remembers a key by its hash (see [`insert`](Self::insert)).
+    pub(crate) fn insert_hash(&mut self, h: KeyHash, at: (u64, Uuid)) {
+        if self.map.contains_key(&h) {
+            return;
+        }
+        self.map.insert(h, at);
+        self.order.push_back(h);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_keeps_the_newest_keys_and_the_first_entry_of_each() {
+        let mut w = KeyWindow::new(3);
+        for (i, k) in ["a", "b", "a", "c", "d"].iter().enumerate() {
+            w.insert(k, (i as u64, Uuid::nil()));
+        }
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.get("a"), None, "the oldest key is forgotten");
+        assert_eq!(w.get("b").map(|x| x.0), Some(1));
+        assert_eq!(w.get("d").map(|x| x.0), Some(4));
+    }
+}
