@@ -1,24 +1,33 @@
 //! `cargo xtask <task>`: the project's development tasks.
 //!
-//! - `test`: format check, clippy with `-D warnings`, docs with `-D warnings`, and every
-//!   test of the workspace, against one throwaway PostgreSQL for the whole run (or
-//!   `DATABASE_URL` when set);
+//! - `test`: format check, the MSRV check ([`msrv`]), clippy with `-D warnings`, docs
+//!   with `-D warnings`, `cargo package --workspace`, the host crate built from the
+//!   getting-started guide ([`guide`]), and every test of the workspace, against one
+//!   throwaway PostgreSQL for the whole run (or `DATABASE_URL` when set);
+//! - `msrv`: the declared `rust-version` against the dependency graph ([`msrv`]);
 //! - `demo`: the quickstart example on embedded defaults with a throwaway PostgreSQL;
 //! - `bench <area>`: one area's criterion benchmarks; figures land in
 //!   `target/bench/<area>.json`.
 
 use std::env;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use sanare_testing::cluster::{Cluster, ClusterError, ClusterOptions};
+use serde_json::Value;
+
+mod guide;
+mod msrv;
 
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  test            fmt check, clippy -D warnings, docs, every test (throwaway PostgreSQL
-                  unless DATABASE_URL is set)
+  test            fmt check, MSRV check, clippy -D warnings, docs, cargo package, the
+                  getting-started host crate, every test (throwaway PostgreSQL unless
+                  DATABASE_URL is set)
+  msrv            check that no dependency of a published crate needs a newer Rust
+                  than the declared rust-version
   demo            run the quickstart example against a throwaway PostgreSQL
   pg [--durable]  start a throwaway PostgreSQL, print its DATABASE_URL, keep it
                   running until this process is interrupted (for quick test loops;
@@ -30,6 +39,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
+        Some("msrv") => check_msrv(),
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("pg") => pg(&args[1..]),
@@ -139,12 +149,28 @@ fn can_apt_install() -> bool {
     sanare_testing::cluster::running_as_root() && has_command("apt-get", "--version")
 }
 
+/// The host crate built from the getting-started guide: outside the workspace,
+/// with its own `Cargo.lock`.
+const HOST: &str = "examples/host-axum";
+
 fn test(args: &[String]) -> Result<(), String> {
     let started = Instant::now();
     run(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--check"]),
     )?;
+    run(
+        "cargo fmt --check (host crate)",
+        cargo().args([
+            "fmt",
+            "--check",
+            "--manifest-path",
+            &format!("{HOST}/Cargo.toml"),
+        ]),
+    )?;
+    let metadata = metadata()?;
+    step("msrv", || msrv_report(&metadata))?;
+    step("getting-started and the host crate agree", check_guide)?;
     run(
         "cargo clippy",
         cargo().args([
@@ -163,6 +189,49 @@ fn test(args: &[String]) -> Result<(), String> {
             .args(["doc", "--workspace", "--no-deps", "--all-features"])
             .env("RUSTDOCFLAGS", "-D warnings"),
     )?;
+    // Every publishable crate packaged (manifest, files, versions of its path
+    // dependencies, a lock file resolved against crates.io plus the crates packaged
+    // before it), then the upload skipped. Not `cargo package --workspace`: it also
+    // packages the `publish = false` crates but, by design, does not offer them to
+    // each other, so `examples` and `xtask`, which need the unpublished
+    // `sanare-testing`, can never resolve.
+    //
+    // Without verification: a verifying build compiles each crate again from its
+    // packaged files, whose manifests carry none of the workspace's `[profile]`, so
+    // nothing already built is reused. Measured for `sanare-core` alone, the
+    // smallest: 36 crates recompiled, 2m22s on 2 busy cores; for all ten it is the
+    // whole dependency graph again. The doc tests and the host crate, which builds
+    // `sanare` from its manifest outside the workspace, cover most of what it would.
+    run(
+        "cargo package (cargo publish --workspace --dry-run)",
+        cargo().args([
+            "publish",
+            "--workspace",
+            "--dry-run",
+            "--no-verify",
+            "--allow-dirty",
+        ]),
+    )?;
+    let target_dir = metadata["target_directory"]
+        .as_str()
+        .ok_or("cargo metadata: no `target_directory`")?;
+    run(
+        "host crate (examples/host-axum)",
+        cargo()
+            .args([
+                "build",
+                "--locked",
+                "--manifest-path",
+                &format!("{HOST}/Cargo.toml"),
+            ])
+            .env("CARGO_TARGET_DIR", target_dir),
+    )
+    .map_err(|e| {
+        format!(
+            "{e}\n(if cargo said the lock file needs updating: a sanare crate's dependencies \
+             changed; run `cargo fetch` in {HOST} and commit its Cargo.lock)"
+        )
+    })?;
     let (url, cluster) = database(ClusterOptions::default())?;
     let mut tests = if has_command("cargo-nextest", "--version")
         || cargo()
@@ -200,6 +269,88 @@ fn test(args: &[String]) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn step(name: &str, check: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    eprintln!("xtask: == {name}");
+    let started = Instant::now();
+    let result = check();
+    eprintln!(
+        "xtask: == {name}: {} in {:.1}s",
+        if result.is_ok() { "ok" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    result.map_err(|e| format!("{name} failed:\n{e}"))
+}
+
+/// `cargo metadata` of the workspace, every feature on, every platform.
+fn metadata() -> Result<Value, String> {
+    let output = cargo()
+        .args(["metadata", "--format-version", "1", "--all-features"])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not run cargo metadata: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("cargo metadata failed ({})", output.status));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("cargo metadata: {e}"))
+}
+
+fn check_msrv() -> Result<(), String> {
+    let metadata = metadata()?;
+    step("msrv", || msrv_report(&metadata))
+}
+
+fn msrv_report(metadata: &Value) -> Result<(), String> {
+    let report = msrv::check(metadata)?;
+    let mut declared: Vec<String> = report.checked.iter().map(|(_, v)| v.to_string()).collect();
+    declared.sort();
+    declared.dedup();
+    eprintln!(
+        "xtask: {} published crates declare rust-version {}; the highest a dependency declares is {}",
+        report.checked.len(),
+        declared.join(", "),
+        report
+            .highest
+            .map_or_else(|| "none".to_owned(), |(v, who)| format!("{v} ({who})"))
+    );
+    if !report.violations.is_empty() {
+        let list: Vec<String> = report.violations.iter().map(|v| format!("  {v}")).collect();
+        return Err(format!(
+            "{}\nraise `rust-version` in [workspace.package] of Cargo.toml to what the \
+             dependencies need, or hold those dependencies back",
+            list.join("\n")
+        ));
+    }
+    if let [version] = declared.as_slice() {
+        for (path, wording) in [
+            ("README.md", format!("Minimum supported Rust: {version}")),
+            (
+                "docs/getting-started.md",
+                format!("Rust {version} or newer"),
+            ),
+        ] {
+            let text = std::fs::read_to_string(root().join(path))
+                .map_err(|e| format!("reading {path}: {e}"))?;
+            if !text.contains(&wording) {
+                return Err(format!("{path} does not say \"{wording}\": update it"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_guide() -> Result<(), String> {
+    let read = |path: &str| {
+        std::fs::read_to_string(root().join(path)).map_err(|e| format!("reading {path}: {e}"))
+    };
+    let guide = read("docs/getting-started.md")?;
+    guide::check_program(&guide, &read(&format!("{HOST}/src/main.rs"))?)?;
+    guide::check_dependencies(
+        &guide,
+        &read(&format!("{HOST}/Cargo.toml"))?,
+        &read("Cargo.toml")?,
+    )
 }
 
 fn demo(args: &[String]) -> Result<(), String> {
@@ -292,4 +443,13 @@ fn bench(args: &[String]) -> Result<(), String> {
     result?;
     eprintln!("xtask: figures written to target/bench/{area}.json");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The repository's own guide and host crate, as `cargo xtask test` checks them.
+    #[test]
+    fn the_guide_and_the_host_crate_agree() {
+        super::check_guide().unwrap();
+    }
 }

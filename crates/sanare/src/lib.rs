@@ -27,9 +27,16 @@ mod supervise;
 mod worker;
 mod wire;
 
+/// `#[async_trait]`, to implement the plug-in traits a host gives the builder
+/// ([`journal::PgHandler`], [`recovery::ReadinessCheck`], …) without depending on
+/// `async-trait` itself.
+pub use async_trait::async_trait;
 pub use background::{JOB_SCAN_TABLE, JOB_VALIDATE_TABLE, task};
 pub use builder::SanareBuilder;
 pub use config::SanareConfig;
+/// The `deadpool-postgres` whose `Pool` [`SanareBuilder::pool`] takes (its
+/// `tokio_postgres` is the one [`journal::PgHandler`] is handed).
+pub use deadpool_postgres;
 pub use handle::{Sanare, StartupReport};
 pub use jobs::{BatchStatus, Job, JobQueue};
 pub use leader::LeaderLease;
