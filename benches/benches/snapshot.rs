@@ -25,14 +25,9 @@ fn bin(name: &str) -> String {
         .unwrap_or_else(|_| name.to_owned())
 }
 
+/// The peak resident set size so far, in MiB (NaN where the kernel does not say).
 fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    sanare_benches::peak_rss_mb().unwrap_or(f64::NAN)
 }
 
 fn with_db(url: &str, db: &str) -> String {

@@ -18,8 +18,6 @@ pub mod shop;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub mod pgbench;
-
 /// A flat set of named figures, written as one JSON object.
 #[derive(Debug, Default)]
 pub struct Figures {
@@ -79,18 +77,6 @@ impl Figures {
         let json = serde_json::to_vec_pretty(&merged).map_err(std::io::Error::other)?;
         std::fs::write(path, json)
     }
-}
-
-/// The peak resident set size of this process so far (`VmHWM`), in MiB; 0 where
-/// `/proc` is not available.
-pub fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Runs `CHECKPOINT` on `client`, so the timed step that follows does not pay for

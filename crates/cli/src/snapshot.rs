@@ -5,8 +5,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use sanare::Sanare;
 use sanare::core::{
-    RestoreMode, RestoreRequest, RestoreTarget, SnapshotId, SnapshotInfo, SnapshotRequest,
-    SnapshotService,
+    RestoreMode, RestoreRequest, RestoreTarget, SnapshotId, SnapshotRequest, SnapshotService,
 };
 use sanare::snapshot::{Availability, ListedSnapshot, RetentionPolicy, Snapshots};
 
@@ -232,6 +231,7 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
                             .collect::<Vec<_>>()
                             .join(", ")
                     ));
+                }
                 for note in &outcome.notes {
                     out.line(format!("  {note}"));
                 }

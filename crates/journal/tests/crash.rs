@@ -3,7 +3,8 @@
 //! A test binary without the libtest harness, so that its child half is not a
 //! test of its own: run with `SANARE_JOURNAL_CRASH_DIR` set, it is the child that
 //! records forever and prints each durable position; run plainly, it is the
-//! parent that starts the child, kills it mid-write and checks the journal.
+//! parent (one test, through `libtest-mimic`) that starts the child, kills it
+//! mid-write and checks the journal.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -12,23 +13,29 @@ use std::process::{Command, Stdio};
 use sanare_core::{Control, JournalService};
 use sanare_journal::{Journal, NewEntry, Query};
 
-fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    match std::env::var("SANARE_JOURNAL_CRASH_DIR") {
-        Ok(dir) => runtime.block_on(child(Path::new(&dir))),
-        Err(_) => {
-            runtime.block_on(entries_acknowledged_before_a_sigkill_survive());
-            // The child's protocol is stdout; the parent reports the way libtest does.
-            #[allow(clippy::print_stdout)]
-            {
-                println!("test entries_acknowledged_before_a_sigkill_survive ... ok");
-            }
-        }
+fn main() -> std::process::ExitCode {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
+    if let Ok(dir) = std::env::var("SANARE_JOURNAL_CRASH_DIR") {
+        runtime().block_on(child(Path::new(&dir)));
+        return std::process::ExitCode::SUCCESS;
     }
+    // The parent speaks the test harness's protocol (`--list`, filters, `--exact`),
+    // so cargo test and cargo nextest list and run it like any other test.
+    let args = libtest_mimic::Arguments::from_args();
+    let tests = vec![libtest_mimic::Trial::test(
+        "entries_acknowledged_before_a_sigkill_survive",
+        move || {
+            runtime().block_on(entries_acknowledged_before_a_sigkill_survive());
+            Ok(())
+        },
+    )];
+    libtest_mimic::run(&args, tests).exit_code()
 }
 
 /// Records forever, printing each durable position.

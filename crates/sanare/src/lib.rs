@@ -24,8 +24,8 @@ mod jobs;
 mod leader;
 mod scheduler;
 mod supervise;
-mod worker;
 mod wire;
+mod worker;
 
 /// `#[async_trait]`, to implement the plug-in traits a host gives the builder
 /// ([`journal::PgHandler`], [`recovery::ReadinessCheck`], …) without depending on

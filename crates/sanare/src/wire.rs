@@ -203,14 +203,13 @@ fn corruption(
         ..
     } = *env;
     let (snapshot_service, journal_service) = (&shared.snapshots, &shared.journal);
-    let checksum =
-        Checksummer::for_algorithm(config.corruption.checksum_algorithm, b.checksum_key)
-            .map_err(|_| {
-                Error::config(
-                    "corruption.checksum_algorithm",
-                    "blake3_keyed needs the key: pass it with SanareBuilder::checksum_key",
-                )
-            })?;
+    let checksum = Checksummer::for_algorithm(config.corruption.checksum_algorithm, b.checksum_key)
+        .map_err(|_| {
+            Error::config(
+                "corruption.checksum_algorithm",
+                "blake3_keyed needs the key: pass it with SanareBuilder::checksum_key",
+            )
+        })?;
     let mut corruption = CorruptionDetector::builder()
         .pool(pool.clone())
         .schema(schema.clone())

@@ -20,6 +20,8 @@ impl Snapshots {
                 content,
                 rows: 0,
                 key_filter: Vec::new(),
+                first_key: None,
+                last_key: None,
             },
             self.inner.config.codec,
         )
