@@ -23,8 +23,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
 
-use crate::{File, LockGuard, OpenMode, Storage};
+use crate::{DirEntry, EntryKind, File, LockGuard, OpenMode, Storage};
 
 /// The size of a sector: a torn write keeps or drops each one on its own.
 pub const SECTOR: u64 = 512;
@@ -70,11 +71,24 @@ struct Disk {
     locks: HashSet<PathBuf>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inode {
     durable: Vec<u8>,
     current: Vec<u8>,
     pending: Vec<DataOp>,
+    /// When the contents last changed (the clock's time; kept through a cut).
+    modified: SystemTime,
+}
+
+impl Inode {
+    fn new() -> Self {
+        Self {
+            durable: Vec::new(),
+            current: Vec::new(),
+            pending: Vec::new(),
+            modified: SystemTime::now(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -163,7 +177,7 @@ impl Disk {
         let d = self.dir(&dir)?;
         d.current.insert(name.clone(), ino);
         d.pending.push(DirOp::Link { name, ino });
-        self.inodes.insert(ino, Inode::default());
+        self.inodes.insert(ino, Inode::new());
         Ok(ino)
     }
 }
@@ -339,6 +353,7 @@ impl File for SimFile {
         self.check_writable()?;
         self.with(|i| {
             write_into(&mut i.current, offset, buf);
+            i.modified = SystemTime::now();
             i.pending.push(DataOp::Write {
                 offset,
                 data: buf.to_vec(),
@@ -355,6 +370,7 @@ impl File for SimFile {
         self.check_writable()?;
         self.with(|i| {
             set_len(&mut i.current, len);
+            i.modified = SystemTime::now();
             i.pending.push(DataOp::SetLen(len));
             Ok(())
         })
@@ -474,6 +490,54 @@ impl Storage for SimDisk {
         let d = disk.dir(&dir)?;
         d.current.remove(&name);
         d.pending.push(DirOp::Unlink { name, ino });
+        Ok(())
+    }
+
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<DirEntry>> {
+        let disk = self.lock();
+        let d = disk.dirs.get(dir).ok_or_else(|| not_found(dir))?;
+        let mut out = Vec::new();
+        for (name, ino) in &d.current {
+            let inode = disk
+                .inodes
+                .get(ino)
+                .ok_or_else(|| io::Error::other("simulated disk: inode vanished"))?;
+            out.push(DirEntry::new(
+                name.clone(),
+                EntryKind::File,
+                inode.current.len() as u64,
+                inode.modified,
+            ));
+        }
+        // Subdirectories: the directories whose parent is `dir`.
+        for sub in disk.dirs.keys() {
+            if sub.parent() == Some(dir)
+                && let Some(name) = sub.file_name()
+            {
+                out.push(DirEntry::new(
+                    name.to_string_lossy().into_owned(),
+                    EntryKind::Dir,
+                    0,
+                    SystemTime::UNIX_EPOCH,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut disk = self.lock();
+        let ino = disk.lookup(from)?;
+        if disk.lookup(to).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists (simulated disk)", to.display()),
+            ));
+        }
+        let (dir, name) = split(to)?;
+        let d = disk.dir(&dir)?;
+        d.current.insert(name.clone(), ino);
+        d.pending.push(DirOp::Link { name, ino });
         Ok(())
     }
 
