@@ -108,6 +108,7 @@
 mod copy;
 pub mod ddl;
 pub mod format;
+mod fs_store;
 mod manifest;
 pub mod pack;
 mod pack_index;
