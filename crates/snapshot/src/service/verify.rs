@@ -100,8 +100,8 @@ impl Snapshots {
             Err(e) => return Err(e),
         };
         let mut ids = index.block_ids();
-        // A capture counts the DDL block with the index's blocks (a manifest
-        // without one, or from before it was counted, counts the index's alone).
+        // The count is of the index's blocks; a capture of the development
+        // version for a while counted the DDL block too, which is as consistent.
         let with_ddl =
             ids.len() as u64 + u64::from(manifest.ddl.is_some_and(|d| !ids.contains(&d)));
         if manifest.block_count != with_ddl && manifest.block_count != ids.len() as u64 {
