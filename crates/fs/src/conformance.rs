@@ -131,7 +131,10 @@ fn listing_and_links(storage: &dyn Storage, dir: &Path) {
     create_durable(storage, &file, b"four").unwrap();
     let mut got = storage.read_dir(&top).unwrap();
     got.sort_by(|a, b| a.name.cmp(&b.name));
-    let seen: Vec<_> = got.iter().map(|e| (e.name.as_str(), e.kind, e.len)).collect();
+    let seen: Vec<_> = got
+        .iter()
+        .map(|e| (e.name.as_str(), e.kind, e.len))
+        .collect();
     assert_eq!(
         seen,
         [("child", EntryKind::Dir, 0), ("f", EntryKind::File, 4)],
@@ -139,7 +142,10 @@ fn listing_and_links(storage: &dyn Storage, dir: &Path) {
     );
     assert!(got[1].modified >= before, "a new file's time is recent");
     assert_eq!(
-        storage.read_dir(&dir.join("missing")).err().map(|e| e.kind()),
+        storage
+            .read_dir(&dir.join("missing"))
+            .err()
+            .map(|e| e.kind()),
         Some(ErrorKind::NotFound)
     );
     let link = top.join("g");
