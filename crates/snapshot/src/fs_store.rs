@@ -272,13 +272,12 @@ impl FsStore {
             };
             let key = rel.to_string_lossy().replace('\\', "/");
             match entry.kind {
-                EntryKind::Dir => {
+                EntryKind::Dir
                     if prefix.is_empty()
                         || key.starts_with(prefix)
-                        || prefix.starts_with(&format!("{key}/"))
-                    {
-                        self.walk(&path, prefix, out)?;
-                    }
+                        || prefix.starts_with(&format!("{key}/")) =>
+                {
+                    self.walk(&path, prefix, out)?;
                 }
                 EntryKind::File if entry.name.starts_with(TEMP_PREFIX) => {
                     let age = now.duration_since(entry.modified).unwrap_or_default();
