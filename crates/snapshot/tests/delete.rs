@@ -123,7 +123,6 @@ async fn a_capture_never_reuses_blocks_another_process_collected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gc_that_copies_a_pack_unchanged_keeps_it() {
     let db = common::shop_db(300).await;
-    let client = db.client().await;
     let dir = tempfile::tempdir().unwrap();
     let key = sanare_snapshot::RepositoryKey::generate().unwrap();
     let service = || {
@@ -141,13 +140,7 @@ async fn a_gc_that_copies_a_pack_unchanged_keeps_it() {
     let request = || SnapshotRequest::new().schemas(["shop"]);
     let snaps = service();
     let first = snaps.create(request(), &ctl).await.unwrap();
-    client
-        .batch_execute(
-            "UPDATE shop.orders SET note = 'changed' WHERE id % 5 = 0;
-             DELETE FROM shop.payments WHERE id % 7 = 0;",
-        )
-        .await
-        .unwrap();
+    common::change_spread_rows(&db).await;
     let second = snaps.create(request(), &ctl).await.unwrap();
     snaps.delete(first.id).await.unwrap();
     snaps.gc(Duration::ZERO, &ctl).await.unwrap();

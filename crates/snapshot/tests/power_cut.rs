@@ -335,7 +335,6 @@ async fn capture_cut(seed: u64) -> &'static str {
     let ctl = Control::detached();
     let mut rng = fastrand::Rng::with_seed(seed);
     let db = common::shop_db(300).await;
-    let client = db.client().await;
     let key = RepositoryKey::generate().unwrap();
     let disk = SimDisk::new();
     let switch = Switched::new(disk.clone(), seed);
@@ -348,13 +347,7 @@ async fn capture_cut(seed: u64) -> &'static str {
     let a_ops = switch.ops() - start;
     let mut acked = vec![(a.id, fingerprints(&db, "shop").await)];
     let mut deleting = None;
-    client
-        .batch_execute(
-            "UPDATE shop.orders SET note = 'changed' WHERE id % 5 = 0;
-             DELETE FROM shop.payments WHERE id % 7 = 0;",
-        )
-        .await
-        .unwrap();
+    common::change_spread_rows(&db).await;
     // B takes about as many changes as A did; the delete and GC a few more.
     switch.arm(rng.u64(0..a_ops * 3 / 2 + 8));
     let mut phase = "capture";
