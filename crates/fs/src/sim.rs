@@ -643,6 +643,30 @@ mod tests {
     }
 
     #[test]
+    fn a_link_is_durable_only_once_its_directory_is_synced() {
+        let mut outcomes = HashSet::new();
+        for seed in 0..32 {
+            let disk = SimDisk::new();
+            disk.create_dir_all(dir()).unwrap();
+            let (tmp, name, synced) = (dir().join("tmp"), dir().join("f"), dir().join("g"));
+            crate::create_durable(&disk, &tmp, b"data").unwrap();
+            disk.hard_link(&tmp, &synced).unwrap();
+            disk.sync_dir(dir()).unwrap();
+            disk.hard_link(&tmp, &name).unwrap();
+            disk.remove_file(&tmp).unwrap();
+            disk.cut_power(seed);
+            assert_eq!(read_file(&disk, &synced, 100).unwrap(), b"data");
+            let linked = disk.exists(&name).unwrap();
+            if linked {
+                assert_eq!(read_file(&disk, &name, 100).unwrap(), b"data");
+            }
+            outcomes.insert((linked, disk.exists(&tmp).unwrap()));
+        }
+        // The unsynced link and the unsynced removal each survive or not.
+        assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+    }
+
+    #[test]
     fn locks_are_exclusive_and_released_by_a_power_cut() {
         let disk = SimDisk::new();
         disk.create_dir_all(dir()).unwrap();
