@@ -171,10 +171,20 @@ impl FsStore {
         ));
         let ctx = || format!("writing {}", path.display());
         let result = (|| {
-            let f = self
-                .storage
-                .open(&tmp, OpenMode::CreateNew)
-                .map_err(|e| Error::io(ctx(), e))?;
+            let f = match self.storage.open(&tmp, OpenMode::CreateNew) {
+                // The directory is gone since this store made it (removed by
+                // hand): make it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.known_dirs
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(dir);
+                    self.ensure_dir(dir)?;
+                    self.storage.open(&tmp, OpenMode::CreateNew)
+                }
+                opened => opened,
+            }
+            .map_err(|e| Error::io(ctx(), e))?;
             f.write_all_at(data, 0).map_err(|e| Error::io(ctx(), e))?;
             f.sync_data().map_err(|e| Error::io(ctx(), e))?;
             drop(f);
@@ -368,5 +378,30 @@ impl BlockStore for FsStore {
     fn location(&self) -> String {
         let abs = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
         format!("filesystem directory {}", abs.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_directory_removed_by_hand_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        store
+            .put("packs/ab/x", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(dir.path().join("packs")).unwrap();
+        store
+            .put("packs/ab/y", Bytes::from_static(b"y"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get("packs/ab/y").await.unwrap().as_deref(),
+            Some(&b"y"[..])
+        );
+        assert_eq!(store.get("packs/ab/x").await.unwrap(), None);
     }
 }
