@@ -472,3 +472,72 @@ async fn collect_ok<T>(stream: futures_util::stream::BoxStream<'_, sanare::Resul
     use futures_util::StreamExt as _;
     stream.map(|r| r.unwrap()).collect().await
 }
+
+/// A restore undoes what replay had applied after the snapshot's cut, so those
+/// entries are replayed again: the orders come back, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_reopens_the_entries_after_its_cut_for_the_next_replay() {
+    let db = shop(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sanare = start(&db, &dir, orders::register).await;
+    let snaps = sanare.snapshots();
+    let control = Control::detached();
+    let snapshot = snaps
+        .create(SnapshotRequest::new(), &control)
+        .await
+        .unwrap();
+    let cut = snapshot
+        .journal_cut
+        .clone()
+        .expect("a journaled snapshot has a cut");
+    for n in 1..=5 {
+        orders::place_order(&sanare, &PlaceOrder::nth(300, n, 30, 6))
+            .await
+            .unwrap();
+    }
+    // A replay after the cut marks the five entries applied (their orders are
+    // there already: applying them again changes nothing).
+    let first = sanare
+        .journal()
+        .replay(
+            ReplayRequest::new(ReplayRange::After(cut.clone())),
+            &control,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.failures.len(), 0, "{first:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM shop.orders").await, 305);
+
+    // The restore takes the tables back to the snapshot: the five orders are gone.
+    let restored = snaps
+        .restore(sanare::core::RestoreRequest::new(snapshot.id), &control)
+        .await
+        .unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM shop.orders").await, 300);
+    assert!(
+        restored
+            .notes
+            .iter()
+            .any(|n| n.contains("5 journal entries")),
+        "{:?}",
+        restored.notes
+    );
+    // The next replay after the cut applies them again, exactly once.
+    let again = sanare
+        .journal()
+        .replay(
+            ReplayRequest::new(ReplayRange::After(cut.clone())),
+            &control,
+        )
+        .await
+        .unwrap();
+    assert_eq!((again.applied, again.failures.len()), (5, 0), "{again:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM shop.orders").await, 305);
+    let third = sanare
+        .journal()
+        .replay(ReplayRequest::new(ReplayRange::After(cut)), &control)
+        .await
+        .unwrap();
+    assert_eq!(third.applied, 0, "applied once: {third:?}");
+    sanare.shutdown().await.unwrap();
+}
