@@ -496,6 +496,21 @@ impl Piece {
 /// after it, is the tail (`tail` in a sealed segment is corruption instead, since a
 /// segment is sealed only once every group in it is durable).
 pub(crate) fn scan_groups(buf: &[u8], start: usize, base: u64, sealed: bool) -> Scan {
+    scan_groups_from(buf, start, 0, base.saturating_sub(1), sealed)
+}
+
+/// [`scan_groups`] of the part of a version-2 segment body that starts at segment
+/// offset `origin` (byte 0 of `buf`) right after a complete group whose last
+/// position is `prev_last` (an active segment's checkpoint). Offsets in the
+/// result are relative to `buf`; a group whose trailer says it starts before
+/// `origin` is not complete.
+pub(crate) fn scan_groups_from(
+    buf: &[u8],
+    start: usize,
+    origin: u64,
+    prev_last: u64,
+    sealed: bool,
+) -> Scan {
     let raw = scan(buf, start);
     let mut pieces: Vec<Piece> = raw
         .frames
@@ -540,7 +555,7 @@ pub(crate) fn scan_groups(buf: &[u8], start: usize, base: u64, sealed: bool) -> 
         ..Scan::default()
     };
     // The last position of the previous complete group.
-    let mut prev_last = base.saturating_sub(1);
+    let mut prev_last = prev_last;
     let mut pending: Vec<Piece> = Vec::new();
     for piece in pieces {
         let trailer = match &piece {
@@ -551,10 +566,12 @@ pub(crate) fn scan_groups(buf: &[u8], start: usize, base: u64, sealed: bool) -> 
             } => decode_group(&buf[body.clone()]).map(|t| (*offset, t)),
             _ => None,
         };
-        let Some((at, t)) = trailer else {
+        let Some((at, mut t)) = trailer else {
             pending.push(piece);
             continue;
         };
+        // In `buf`'s coordinates (a start before `origin` matches no frame).
+        t.start = t.start.checked_sub(origin).unwrap_or(u64::MAX);
         let split = pending.partition_point(|p| (p.offset() as u64) < t.start);
         if !group_is_complete(&pending[split..], at, &t) {
             pending.push(piece);

@@ -737,6 +737,17 @@ impl Journal {
         }
     }
 
+    /// WAL: writes a checkpoint of the active segment once everything recorded so
+    /// far is durable, so that the next open decodes only what is recorded after
+    /// it. The WAL also checkpoints by itself every few MiB; this is for a planned
+    /// shutdown. No-op for PostgreSQL.
+    pub async fn checkpoint(&self) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Wal(w) => w.checkpoint().await,
+            Backend::Pg(_) => Ok(()),
+        }
+    }
+
     /// WAL: compresses every sealed segment (sealed segments never change). No-op for
     /// PostgreSQL, whose storage is the server's.
     pub async fn compact(&self, control: &Control) -> Result<CompactionReport> {

@@ -40,6 +40,26 @@ impl KeyWindow {
         }
     }
 
+    /// An empty window with room for `expected` keys.
+    pub(crate) fn with_capacity(capacity: usize, expected: usize) -> Self {
+        Self {
+            map: HashMap::with_capacity(expected),
+            order: VecDeque::with_capacity(expected),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Puts the keys of `newer` (recorded after every key here) after these,
+    /// oldest first, forgetting the oldest beyond the capacity.
+    pub(crate) fn extend(&mut self, newer: KeyWindow) {
+        let KeyWindow { mut map, order, .. } = newer;
+        for h in order {
+            if let Some(at) = map.remove(&h) {
+                self.insert_hash(h, at);
+            }
+        }
+    }
+
     /// The entry first recorded with `key`, if it is in the window.
     pub(crate) fn get(&self, key: &str) -> Option<(u64, Uuid)> {
         self.map.get(&hash(key)).copied()
