@@ -191,3 +191,30 @@ pub(super) fn read_exact_at(f: &dyn sanare_fs::File, buf: &mut [u8], at: u64) ->
     }
     Some(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_that_names_another_last_position_than_its_group_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = crate::Journal::wal(dir.path()).build().await.unwrap();
+        for i in 0..5 {
+            let e = crate::NewEntry::new("op", &format!("e{i}")).unwrap();
+            journal.record(e).await.unwrap();
+        }
+        journal.checkpoint().await.unwrap();
+        drop(journal);
+        let storage = sanare_fs::os();
+        let seg = dir.path().join(format!("{:020}.wal", 1));
+        let resumed = resume(&*storage, dir.path(), 1, &seg).expect("a true checkpoint is used");
+        assert_eq!((resumed.info.entries, resumed.info.last), (5, Some(5)));
+        assert!(resumed.tail.entries.is_empty());
+        // The checksum is right, the offset is a group's end, the positions lie.
+        let mut s = crate::summary::load_from(&*storage, &path(dir.path(), 1), 1).unwrap();
+        s.last = Some(4);
+        sanare_fs::write_atomic(&*storage, &path(dir.path(), 1), &s.encode()).unwrap();
+        assert!(resume(&*storage, dir.path(), 1, &seg).is_none());
+    }
+}
