@@ -216,20 +216,23 @@ pub(crate) async fn record_in<C: GenericClient + Sync>(
     entry: NewEntry,
 ) -> Result<Recorded> {
     entry.validate()?;
+    use tokio_postgres::types::Type;
     let e = entry.into_entry(JournalPosition::START);
+    // One round trip: the parameters' types are given, so the statement is not
+    // prepared first (the host's connection has no statement cache of ours).
     let rows = client
-        .query(
+        .query_typed(
             &sql.insert_one,
             &[
-                &e.id.as_uuid(),
-                &e.transaction_id,
-                &e.operation_type,
-                &e.recorded_at,
-                &e.idempotency_key,
-                &e.payload,
-                &&e.payload_hash[..],
-                &e.user,
-                &e.source_system,
+                (&e.id.as_uuid(), Type::UUID),
+                (&e.transaction_id, Type::TEXT),
+                (&e.operation_type, Type::TEXT),
+                (&e.recorded_at, Type::TIMESTAMPTZ),
+                (&e.idempotency_key, Type::TEXT),
+                (&e.payload, Type::BYTEA),
+                (&&e.payload_hash[..], Type::BYTEA),
+                (&e.user, Type::TEXT),
+                (&e.source_system, Type::TEXT),
             ],
         )
         .await
