@@ -134,26 +134,77 @@ struct EntryBody {
     payload: Vec<u8>,
 }
 
-/// Encodes `entry` as an entry frame appended to `out`.
+/// [`EntryBody`] borrowing the entry's fields: the same bytes (postcard writes a
+/// `&str` as a `String` and a `&[u8]` as a `Vec<u8>`), without copying them first.
+#[derive(Serialize)]
+struct EntryBodyRef<'a> {
+    position: u64,
+    id: [u8; 16],
+    recorded_at_unix_ns: i128,
+    transaction_id: &'a str,
+    operation_type: &'a str,
+    idempotency_key: Option<&'a str>,
+    user: Option<&'a str>,
+    source_system: Option<&'a str>,
+    payload_hash: [u8; 32],
+    payload: &'a [u8],
+}
+
+/// A postcard output appending to a borrowed buffer.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encodes `entry` as an entry frame appended to `out`, serialized in place (no
+/// copy of its fields, no allocation beyond `out` growing). On error `out` is
+/// left as it was.
 pub(crate) fn encode_entry(entry: &JournalEntry, out: &mut Vec<u8>) -> Result<()> {
-    let body = EntryBody {
+    let body = EntryBodyRef {
         position: entry.position.0,
         id: *entry.id.as_uuid().as_bytes(),
         recorded_at_unix_ns: entry.recorded_at.unix_timestamp_nanos(),
-        transaction_id: entry.transaction_id.clone(),
-        operation_type: entry.operation_type.clone(),
-        idempotency_key: entry.idempotency_key.clone(),
-        user: entry.user.clone(),
-        source_system: entry.source_system.clone(),
+        transaction_id: &entry.transaction_id,
+        operation_type: &entry.operation_type,
+        idempotency_key: entry.idempotency_key.as_deref(),
+        user: entry.user.as_deref(),
+        source_system: entry.source_system.as_deref(),
         payload_hash: entry.payload_hash,
-        payload: entry.payload.clone(),
+        payload: &entry.payload,
     };
-    let bytes = postcard::to_allocvec(&body)
-        .map_err(|e| Error::other("encoding a journal record with postcard", e))?;
-    if bytes.len() > MAX_BODY {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER]);
+    if let Err(e) = postcard::serialize_with_flavor(&body, Append(out)) {
+        out.truncate(start);
+        return Err(Error::other("encoding a journal record with postcard", e));
+    }
+    let len = out.len() - start - FRAME_HEADER;
+    if len > MAX_BODY {
+        out.truncate(start);
         return Err(Error::invalid_input("journal record over the 16 MiB limit"));
     }
-    encode_frame(KIND_ENTRY, &bytes, out);
+    let (header, body) = out[start..].split_at_mut(FRAME_HEADER);
+    header[0..2].copy_from_slice(&FRAME_MAGIC);
+    header[2] = FRAME_VERSION;
+    header[3] = KIND_ENTRY;
+    header[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[0..8]), body);
+    header[8..12].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
