@@ -4,7 +4,7 @@
 //!
 //! Opening reads the summary part of each sealed segment's file (a few hundred
 //! bytes) instead of decoding the segment, so open time does not grow with the
-//! journal's length; the keys are read later by the writer thread, newest segment
+//! journal's length; the keys are read later by the key loader thread, newest segment
 //! first, until the idempotency window is full. A summary is derived data: one
 //! that is missing, damaged, or describes another file (length, sealed or not)
 //! is ignored and the segment decoded (and the summary written anew).
