@@ -208,6 +208,24 @@ pub(crate) fn encode_entry(entry: &JournalEntry, out: &mut Vec<u8>) -> Result<()
     Ok(())
 }
 
+/// The leading fields of an entry body, borrowed: enough to know its key.
+#[derive(Deserialize)]
+struct KeyView<'a> {
+    position: u64,
+    id: [u8; 16],
+    _recorded_at_unix_ns: i128,
+    _transaction_id: &'a str,
+    _operation_type: &'a str,
+    idempotency_key: Option<&'a str>,
+}
+
+/// The position, id and idempotency key of an entry frame's body, read without
+/// decoding (or copying) the rest of it.
+pub(crate) fn entry_key(body: &[u8]) -> Option<(u64, Uuid, Option<&str>)> {
+    let v: KeyView<'_> = postcard::from_bytes(body).ok()?;
+    Some((v.position, Uuid::from_bytes(v.id), v.idempotency_key))
+}
+
 /// Decodes the body of an entry frame.
 pub(crate) fn decode_entry(body: &[u8]) -> Result<JournalEntry> {
     let b: EntryBody = postcard::from_bytes(body)

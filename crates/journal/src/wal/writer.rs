@@ -66,14 +66,19 @@ impl KeyLoad {
                 let f = storage.open(&path, sanare_fs::OpenMode::Read).ok()?;
                 let mut raw = vec![0u8; usize::try_from(len).ok()?];
                 super::checkpoint::read_exact_at(&*f, &mut raw, 0)?;
-                let name = path.file_name()?.to_string_lossy().into_owned();
-                let d = decode_segment(&raw, &name, false).ok()?;
+                let (version, base) = frame::parse_segment_header_versioned(&raw, "").ok()?;
+                if version != frame::SEGMENT_VERSION_GROUPS {
+                    return None;
+                }
+                // Only the keys: the entries are not decoded.
+                let scan = frame::scan_groups(&raw, frame::SEGMENT_HEADER, base, false);
                 Some(
-                    d.entries
+                    scan.frames
                         .iter()
-                        .filter_map(|e| {
-                            let k = e.idempotency_key.as_deref()?;
-                            Some((e.position.0, super::keys::hash(k), e.id.as_uuid()))
+                        .filter(|(_, kind, _)| *kind == frame::KIND_ENTRY)
+                        .filter_map(|(_, _, body)| {
+                            let (p, id, key) = frame::entry_key(&raw[body.clone()])?;
+                            Some((p, super::keys::hash(key?), id))
                         })
                         .collect(),
                 )
