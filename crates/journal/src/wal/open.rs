@@ -164,7 +164,7 @@ impl Wal {
             sources: keys,
             capacity: key_window,
         }
-        .start(storage.clone())?;
+        .start(shared.clone())?;
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             dir: dir.to_owned(),
@@ -355,7 +355,7 @@ fn resume_active(
     }
     r.report.corrupt.extend(tail.corrupt);
     r.keys.push(KeySource::Prefix {
-        path: info.path.clone(),
+        base: info.base,
         len: origin,
     });
     let mut keys = Vec::new();

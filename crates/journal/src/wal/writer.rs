@@ -25,9 +25,9 @@ pub(super) enum KeySource {
     Decoded(Vec<(u64, KeyHash, Uuid)>),
     /// In the summary of the sealed segment with this base.
     Summary(u64),
-    /// In the first `len` bytes of the active segment at `path` (its checkpointed
-    /// prefix, which opening did not decode).
-    Prefix { path: PathBuf, len: u64 },
+    /// In the first `len` bytes of the segment `base`, the active one at open
+    /// (its checkpointed prefix, which opening did not decode).
+    Prefix { base: u64, len: u64 },
 }
 
 /// Fills the idempotency window of an opened journal on a thread of its own, so
@@ -42,30 +42,40 @@ pub(super) struct KeyLoad {
 
 impl KeyLoad {
     /// Starts loading; the window arrives on the receiver.
-    pub(super) fn start(
-        self,
-        storage: Arc<dyn sanare_fs::Storage>,
-    ) -> Result<std::sync::mpsc::Receiver<KeyWindow>> {
+    pub(super) fn start(self, shared: Arc<Shared>) -> Result<std::sync::mpsc::Receiver<KeyWindow>> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("sanare-journal-keys".into())
             .spawn(move || {
-                let _ = tx.send(self.window(&*storage));
+                let _ = tx.send(self.window(&shared));
             })
             .map_err(|e| Error::io("starting the journal key loader thread", e))?;
         Ok(rx)
     }
 
     /// The keys of one source, in position order (`None` when unreadable).
-    fn load(&self, storage: &dyn sanare_fs::Storage, source: KeySource) -> Option<Vec<(u64, KeyHash, Uuid)>> {
+    fn load(&self, shared: &Shared, source: KeySource) -> Option<Vec<(u64, KeyHash, Uuid)>> {
         match source {
             KeySource::Decoded(keys) => Some(keys),
-            KeySource::Summary(base) => crate::summary::load_keys(storage, &self.dir, base),
-            KeySource::Prefix { path, len } => {
+            KeySource::Summary(base) => {
+                crate::summary::load_keys(&*shared.storage, &self.dir, base)
+            }
+            KeySource::Prefix { base, len } => {
+                // The segment as it is now (sealed and compacted since open,
+                // maybe), not removed while it is read.
+                let (mut raw, damage) = {
+                    let _files = shared.files.read().unwrap_or_else(|e| e.into_inner());
+                    let info = lock(&shared.segments)
+                        .iter()
+                        .find(|s| s.base == base)
+                        .cloned()?;
+                    read_raw(&*shared.storage, &info).ok()?
+                };
+                if !damage.is_empty() {
+                    return None;
+                }
                 // `len` was checked against the segment's frames on open.
-                let f = storage.open(&path, sanare_fs::OpenMode::Read).ok()?;
-                let mut raw = vec![0u8; usize::try_from(len).ok()?];
-                super::checkpoint::read_exact_at(&*f, &mut raw, 0)?;
+                raw.truncate(usize::try_from(len).ok()?);
                 let (version, base) = frame::parse_segment_header_versioned(&raw, "").ok()?;
                 if version != frame::SEGMENT_VERSION_GROUPS {
                     return None;
@@ -88,13 +98,13 @@ impl KeyLoad {
 
     /// The window of the newest `capacity` keys: sources are read newest first
     /// until the window is full, then inserted oldest first.
-    fn window(mut self, storage: &dyn sanare_fs::Storage) -> KeyWindow {
+    fn window(mut self, shared: &Shared) -> KeyWindow {
         let mut chunks = Vec::new();
         let mut total = 0usize;
         while total < self.capacity
             && let Some(source) = self.sources.pop()
         {
-            match self.load(storage, source) {
+            match self.load(shared, source) {
                 Some(keys) => {
                     total += keys.len();
                     chunks.push(keys);
