@@ -106,4 +106,19 @@ mod tests {
         assert_eq!(w.get("b").map(|x| x.0), Some(1));
         assert_eq!(w.get("d").map(|x| x.0), Some(4));
     }
+
+    #[test]
+    fn keys_recorded_since_open_go_after_the_loaded_ones() {
+        let mut older = KeyWindow::with_capacity(3, 2);
+        older.insert("a", (1, Uuid::nil()));
+        older.insert("b", (2, Uuid::nil()));
+        let mut newer = KeyWindow::new(3);
+        newer.insert("c", (3, Uuid::nil()));
+        newer.insert("d", (4, Uuid::nil()));
+        older.extend(newer);
+        assert_eq!(older.len(), 3);
+        assert_eq!(older.get("a"), None, "the oldest key is forgotten");
+        assert_eq!(older.get("b").map(|x| x.0), Some(2));
+        assert_eq!(older.get("d").map(|x| x.0), Some(4));
+    }
 }
