@@ -177,7 +177,10 @@ async fn a_damaged_or_foreign_checkpoint_is_ignored() {
     let journal = open(other.path()).await;
     for i in 0..7 {
         journal
-            .record(entry("op", &format!("a longer payload than the others {i}")))
+            .record(entry(
+                "op",
+                &format!("a longer payload than the others {i}"),
+            ))
             .await
             .unwrap();
     }

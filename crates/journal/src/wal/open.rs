@@ -386,7 +386,15 @@ fn resume_active(
     info.raw_len = info.len;
     if let Some(at) = tail.torn {
         let total = usize::try_from(file_len).unwrap_or(usize::MAX);
-        cut_tail(storage, &mut info, &mut r.report, total, at, true, read_only)?;
+        cut_tail(
+            storage,
+            &mut info,
+            &mut r.report,
+            total,
+            at,
+            true,
+            read_only,
+        )?;
     }
     r.segments.push(info);
     Ok(())
