@@ -125,17 +125,7 @@ async fn a_torn_tail_and_damage_after_the_checkpoint_are_found_as_without_it() {
     // A torn group after the data: cut off as a tail.
     let dir = tempfile::tempdir().unwrap();
     checkpointed(dir.path()).await;
-    let seg = file_with_ext(dir.path(), "wal");
-    let bytes = std::fs::read(&seg).unwrap();
-    let good_len = bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
-    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(
-        &f,
-        b"SJ\x01\x01\x64\x00\x00\x00\x00\x00\x00\x00abcdefghij",
-        good_len,
-    )
-    .unwrap();
-    drop(f);
+    let (good_len, _) = common::tear_after_the_data(&file_with_ext(dir.path(), "wal"));
     let report = same_as_a_whole_decode(dir.path()).await;
     let (_, offset, _) = report.truncated_tail.expect("torn tail reported");
     assert_eq!(offset, good_len);

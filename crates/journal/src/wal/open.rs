@@ -18,6 +18,7 @@ use super::{
     decode_segment, ensure_index, ensure_summary, open_segment, open_sync_files, read_raw,
     sync_dir,
 };
+use crate::entry::JournalEntry;
 use crate::frame::{self, CorruptRegion};
 use crate::lock::DirLock;
 use crate::pipeline::Pipeline;
@@ -281,30 +282,7 @@ fn recover(
             // preallocated zeros after it.
             info.len = end as u64;
         }
-        let mut max_t = i128::MIN;
-        let mut keys = Vec::new();
-        for (n, e) in entries.iter().enumerate() {
-            if e.position.0 <= r.last_pos {
-                r.report.corrupt.push(CorruptRegion {
-                    segment: name.clone(),
-                    offset: 0,
-                    len: 0,
-                    reason: format!("position {} out of order; entry ignored", e.position),
-                });
-                continue;
-            }
-            r.last_pos = e.position.0;
-            info.add(e);
-            if let Some(k) = &e.idempotency_key {
-                keys.push((e.position.0, super::keys::hash(k), e.id.as_uuid()));
-            }
-            r.report.entries += 1;
-            max_t = max_t.max(e.recorded_at.unix_timestamp_nanos());
-            if is_last && (n % 64 == 63 || n + 1 == entries.len()) {
-                r.recent.push_back((e.position.0, max_t));
-            }
-        }
-        r.keys.push(KeySource::Decoded(keys));
+        take_entries(&mut r, &mut info, &entries, is_last, i128::MIN);
         if !is_last && let Some(last) = info.last {
             // Older segments are summed up by one sample.
             r.recent.clear();
@@ -331,36 +309,19 @@ fn recover(
     Ok(r)
 }
 
-/// Takes in the active segment as its checkpoint and the frames after it
-/// describe it (the prefix's keys are read later, by the key loader).
-fn resume_active(
-    storage: &dyn Storage,
+/// Adds the decoded `entries` of the segment `info` to what recovery learnt: an
+/// entry out of order is reported and ignored, keys are remembered, and (`sample`,
+/// for the last segment) every 64th entry's time is sampled, starting from `max_t`.
+fn take_entries(
     r: &mut Recovered,
-    resumed: checkpoint::Resumed,
-    read_only: bool,
-) -> Result<()> {
-    let checkpoint::Resumed {
-        mut info,
-        tail,
-        origin,
-        file_len,
-    } = resumed;
+    info: &mut SegmentInfo,
+    entries: &[JournalEntry],
+    sample: bool,
+    mut max_t: i128,
+) {
     let name = info.name();
-    r.report.resumed_at = Some(origin);
-    r.report.entries += info.entries;
-    r.last_pos = r.last_pos.max(info.last.unwrap_or(0));
-    r.recent.clear();
-    if let Some(last) = info.last {
-        r.recent.push_back((last, info.max_time_ns));
-    }
-    r.report.corrupt.extend(tail.corrupt);
-    r.keys.push(KeySource::Prefix {
-        base: info.base,
-        len: origin,
-    });
     let mut keys = Vec::new();
-    let mut max_t = info.max_time_ns;
-    for (n, e) in tail.entries.iter().enumerate() {
+    for (n, e) in entries.iter().enumerate() {
         if e.position.0 <= r.last_pos {
             r.report.corrupt.push(CorruptRegion {
                 segment: name.clone(),
@@ -377,11 +338,41 @@ fn resume_active(
         }
         r.report.entries += 1;
         max_t = max_t.max(e.recorded_at.unix_timestamp_nanos());
-        if n % 64 == 63 || n + 1 == tail.entries.len() {
+        if sample && (n % 64 == 63 || n + 1 == entries.len()) {
             r.recent.push_back((e.position.0, max_t));
         }
     }
     r.keys.push(KeySource::Decoded(keys));
+}
+
+/// Takes in the active segment as its checkpoint and the frames after it
+/// describe it (the prefix's keys are read later, by the key loader).
+fn resume_active(
+    storage: &dyn Storage,
+    r: &mut Recovered,
+    resumed: checkpoint::Resumed,
+    read_only: bool,
+) -> Result<()> {
+    let checkpoint::Resumed {
+        mut info,
+        tail,
+        origin,
+        file_len,
+    } = resumed;
+    r.report.resumed_at = Some(origin);
+    r.report.entries += info.entries;
+    r.last_pos = r.last_pos.max(info.last.unwrap_or(0));
+    r.recent.clear();
+    if let Some(last) = info.last {
+        r.recent.push_back((last, info.max_time_ns));
+    }
+    r.report.corrupt.extend(tail.corrupt);
+    r.keys.push(KeySource::Prefix {
+        base: info.base,
+        len: origin,
+    });
+    let max_t = info.max_time_ns;
+    take_entries(r, &mut info, &tail.entries, true, max_t);
     info.len = tail.end as u64;
     info.raw_len = info.len;
     if let Some(at) = tail.torn {
