@@ -525,7 +525,7 @@ fn index_child(url: &str) {
     let (build_s, entries) = rt.block_on(async {
         let pool = sanare_pg::connect_pool(url, 4).unwrap();
         let schema = SchemaName::new("sanare_index_bench").unwrap();
-        sanare_snapshot::migrate(&mut **sanare_pg::get_conn(&pool).await.unwrap(), &schema)
+        sanare_snapshot::migrate(&mut sanare_pg::get_conn(&pool).await.unwrap(), &schema)
             .await
             .unwrap();
         let store = Arc::new(SyntheticStore {

@@ -418,7 +418,7 @@ pub async fn generate(
             lines,
             total,
             pay_after: 30 + rng.below(3_000) as i64,
-            method: *rng.pick(METHODS),
+            method: rng.pick::<&str>(METHODS),
             reference: format!("{:016x}", rng.next_u64()),
         });
     }

@@ -44,6 +44,7 @@
 //! table = "public.orders"
 //! query = "SELECT o.id FROM public.orders o WHERE o.total_cents <> (SELECT coalesce(sum(l.amount_cents), 0) FROM public.order_lines l WHERE l.order_id = o.id)"
 //! recompute = "total_cents"
+//! recompute_expression = "(SELECT coalesce(sum(l.amount_cents), 0) FROM public.order_lines l WHERE l.order_id = t.id)"
 //! ```
 //!
 //! Rules on a partitioned table apply to its partitions (row rules, relationships,
@@ -229,6 +230,16 @@ pub struct ConsistencyRule {
     /// in its own (trusted) configuration.
     #[serde(default)]
     pub recompute: Option<String>,
+    /// The SQL expression, over the offending row aliased `t`, of the right value of
+    /// the [`recompute`](Self::recompute) column (for an order total:
+    /// `(SELECT coalesce(sum(l.amount_cents), 0) FROM public.order_lines l WHERE
+    /// l.order_id = t.id)`). It comes from this trusted configuration, never from a
+    /// finding: `sanare` registers the rule with the repair engine under its name,
+    /// and a repair sets the column to it after re-checking that the row still
+    /// violates. Without it a finding names the rule and column, and the repair is
+    /// an operator's.
+    #[serde(default)]
+    pub recompute_expression: Option<String>,
 }
 
 impl ConsistencyRule {
@@ -243,6 +254,7 @@ impl ConsistencyRule {
             severity: None,
             recommended_action: None,
             recompute: None,
+            recompute_expression: None,
         }
     }
 
@@ -257,6 +269,7 @@ impl ConsistencyRule {
             severity: None,
             recommended_action: None,
             recompute: None,
+            recompute_expression: None,
         }
     }
 
@@ -341,6 +354,20 @@ impl ConsistencyRule {
     pub fn with_recompute(mut self, column: &str) -> Self {
         self.recompute = Some(column.to_owned());
         self
+    }
+
+    /// Names the column a repair recomputes, and the SQL expression (over the row
+    /// aliased `t`) of its right value (see
+    /// [`recompute_expression`](Self::recompute_expression)).
+    pub fn with_recompute_as(mut self, column: &str, expression: impl Into<String>) -> Self {
+        self.recompute = Some(column.to_owned());
+        self.recompute_expression = Some(expression.into());
+        self
+    }
+
+    /// The table the rule judges.
+    pub fn table_ref(&self) -> Result<TableRef> {
+        parse_table(&self.table)
     }
 }
 
@@ -461,6 +488,21 @@ impl Rules {
                     "consistency rule `{}` names an empty recompute column",
                     r.name
                 ));
+            }
+            match (&r.recompute, &r.recompute_expression) {
+                (None, Some(_)) => {
+                    return bad(format!(
+                        "consistency rule `{}` has a recompute_expression but no recompute column",
+                        r.name
+                    ));
+                }
+                (Some(_), Some(e)) if e.trim().is_empty() => {
+                    return bad(format!(
+                        "consistency rule `{}` has an empty recompute_expression",
+                        r.name
+                    ));
+                }
+                _ => {}
             }
             if r.predicate.is_some() == r.query.is_some() {
                 return bad(format!(
@@ -704,6 +746,33 @@ predicate = "shipped_at >= placed_at"
                 .range(&orders, "x", None, None)
                 .build()
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_recompute_expression_needs_its_column_and_reads_from_toml() {
+        let toml = r#"
+            [[consistency]]
+            name = "order_total"
+            table = "shop.orders"
+            query = "SELECT id FROM shop.orders"
+            recompute = "total_cents"
+            recompute_expression = "(SELECT 1)"
+        "#;
+        let rules = Rules::from_toml(toml).unwrap();
+        let r = &rules.consistency[0];
+        assert_eq!(r.recompute_expression.as_deref(), Some("(SELECT 1)"));
+        assert_eq!(r.table_ref().unwrap(), TableRef::new("shop", "orders"));
+        let orders = TableRef::new("shop", "orders");
+        let mut lone = ConsistencyRule::predicate("p", &orders, "true");
+        lone.recompute_expression = Some("(SELECT 1)".into());
+        let err = Rules::builder().consistency(lone).build().unwrap_err();
+        assert!(err.to_string().contains("no recompute column"), "{err}");
+        let empty = ConsistencyRule::predicate("p", &orders, "true").with_recompute_as("x", " ");
+        let err = Rules::builder().consistency(empty).build().unwrap_err();
+        assert!(
+            err.to_string().contains("empty recompute_expression"),
+            "{err}"
         );
     }
 }

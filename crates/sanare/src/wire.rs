@@ -47,9 +47,13 @@ pub(crate) async fn wire(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Wired> 
         journal: journal_service,
         snapshots: snapshots.clone(),
     };
+    let rules = match &env.config.validation.rules_file {
+        Some(path) => Rules::from_toml_file(path)?,
+        None => std::mem::take(&mut b.rules),
+    };
     Ok(Wired {
-        integrity: integrity(b, env)?,
-        repair: repair(env, &shared)?,
+        repair: repair(env, &shared, &rules)?,
+        integrity: integrity(b, env, rules)?,
         corruption: corruption(b, env, &shared)?,
         journal,
         snapshots,
@@ -129,7 +133,7 @@ fn snapshots(
     Ok(snapshots)
 }
 
-fn integrity(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Arc<Integrity>> {
+fn integrity(b: &SanareBuilder, env: &Env<'_>, rules: Rules) -> Result<Arc<Integrity>> {
     let Env {
         config,
         pool,
@@ -144,10 +148,6 @@ fn integrity(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Arc<Integrity>> {
     integrity_config.chunk_timeout = config.validation.chunk_timeout;
     integrity_config.report_dir = data_dir.join("reports");
     integrity_config.families = config.validation.families();
-    let rules = match &config.validation.rules_file {
-        Some(path) => Rules::from_toml_file(path)?,
-        None => std::mem::take(&mut b.rules),
-    };
     let mut integrity = Integrity::builder()
         .pool(pool.clone())
         .schema(schema.clone())
@@ -162,7 +162,10 @@ fn integrity(b: &mut SanareBuilder, env: &Env<'_>) -> Result<Arc<Integrity>> {
     Ok(integrity)
 }
 
-fn repair(env: &Env<'_>, shared: &Shared) -> Result<Arc<RepairEngine>> {
+/// The repair engine; the business rules that name a recompute column and its
+/// expression become its recompute rules (so a violation of one is repaired by
+/// setting the column, by the rule's name, from this trusted configuration).
+fn repair(env: &Env<'_>, shared: &Shared, rules: &Rules) -> Result<Arc<RepairEngine>> {
     let Env {
         config,
         pool,
@@ -176,16 +179,19 @@ fn repair(env: &Env<'_>, shared: &Shared) -> Result<Arc<RepairEngine>> {
     repair_config.approval_max_rows = config.repair.max_rows_without_approval;
     repair_config.removals_need_approval = config.repair.removals_need_approval;
     repair_config.statement_timeout = config.repair.max_duration;
-    let repair = Arc::new(
-        RepairEngine::builder()
-            .pool(pool.clone())
-            .schema(schema.clone())
-            .snapshots(snapshot_service.clone())
-            .journal(journal_service.clone())
-            .events(events.clone())
-            .config(repair_config)
-            .build()?,
-    );
+    let mut repair = RepairEngine::builder()
+        .pool(pool.clone())
+        .schema(schema.clone())
+        .snapshots(snapshot_service.clone())
+        .journal(journal_service.clone())
+        .events(events.clone())
+        .config(repair_config);
+    for rule in &rules.consistency {
+        if let (Some(column), Some(expression)) = (&rule.recompute, &rule.recompute_expression) {
+            repair = repair.recompute_rule(&rule.name, rule.table_ref()?, column, expression);
+        }
+    }
+    let repair = Arc::new(repair.build()?);
 
     Ok(repair)
 }

@@ -109,7 +109,7 @@ impl<const N: usize> RunWriter<N> {
 
     /// Appends a record.
     pub(crate) fn push(&mut self, r: &[u8; N]) -> Result<()> {
-        if self.len % PAGE as u64 == 0 {
+        if self.len.is_multiple_of(PAGE as u64) {
             self.fences.push(r[..self.key].to_vec());
         }
         self.out

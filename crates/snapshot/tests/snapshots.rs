@@ -22,6 +22,8 @@ struct FakeJournal {
     cuts: Mutex<Vec<Option<String>>>,
     replays: Mutex<Vec<ReplayRange>>,
     untils: Mutex<Vec<Option<time::OffsetDateTime>>>,
+    /// Every call, in order: `reopen <position>` or `replay`.
+    calls: Mutex<Vec<String>>,
     head: Mutex<u64>,
 }
 
@@ -47,7 +49,15 @@ impl JournalService for FakeJournal {
     ) -> sanare_core::Result<ReplaySummary> {
         self.untils.lock().unwrap().push(request.until);
         self.replays.lock().unwrap().push(request.range);
+        self.calls.lock().unwrap().push("replay".into());
         Ok(ReplaySummary::default())
+    }
+    async fn reopen_after(&self, cut: &JournalCut) -> sanare_core::Result<u64> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("reopen {}", cut.position.0));
+        Ok(1)
     }
 }
 
@@ -165,11 +175,30 @@ async fn second_snapshot_deduplicates_and_both_restore() {
         .unwrap();
     assert_eq!(out.tables[0].table.schema, "scratch");
     assert_eq!(table_hashes(&e.db, "scratch").await, v1);
-    e.snaps
+    assert!(
+        e.journal.calls.lock().unwrap().is_empty(),
+        "a scratch restore leaves the live tables, and so the journal's marks, alone"
+    );
+    let out = e
+        .snaps
         .restore(RestoreRequest::new(first.id), &Control::detached())
         .await
         .unwrap();
     assert_eq!(table_hashes(&e.db, "shop").await, v1);
+    assert_eq!(
+        e.journal.calls.lock().unwrap().clone(),
+        vec![format!(
+            "reopen {}",
+            first.journal_cut.as_ref().unwrap().position.0
+        )]
+    );
+    assert!(
+        out.notes
+            .iter()
+            .any(|n| n.contains("next replay applies them again")),
+        "{:?}",
+        out.notes
+    );
     e.snaps
         .restore(RestoreRequest::new(second.id), &Control::detached())
         .await
@@ -413,6 +442,11 @@ async fn point_in_time_restores_then_replays_after_the_cut() {
     let out = e.snaps.restore_to(t1, &Control::detached()).await.unwrap();
     assert_eq!(out.restore.snapshot, s1.id);
     assert!(out.replay.is_some());
+    assert_eq!(
+        e.journal.calls.lock().unwrap().clone(),
+        vec!["reopen 41".to_owned(), "replay".to_owned()],
+        "the entries after the cut are reopened once the restore commits, before the replay"
+    );
     let replays = e.journal.replays.lock().unwrap().clone();
     assert_eq!(replays.len(), 1);
     match &replays[0] {

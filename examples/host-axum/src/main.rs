@@ -186,10 +186,8 @@ async fn main() -> anyhow::Result<()> {
         .with_graceful_shutdown(stop_requested())
         .await?;
 
-    // A clean shutdown clears the shutdown marker; without it, the next start
-    // treats this run as a crash.
-    let sanare = Arc::try_unwrap(sanare)
-        .map_err(|_| anyhow::anyhow!("requests still hold sanare at shutdown"))?;
+    // A clean shutdown marks the run clean; without it, the next start treats this
+    // run as a crash.
     sanare.shutdown().await?;
     Ok(())
 }

@@ -65,6 +65,9 @@ impl Snapshots {
             _ => self.restore_live(id, chosen, &request, control).await?,
         };
         outcome.journal_cut = info.journal_cut.clone();
+        if matches!(request.target, RestoreTarget::Live) {
+            self.reopen_journal_after_restore(&mut outcome).await?;
+        }
         progress.finish();
         let total_rows: u64 = outcome.tables.iter().map(|t| t.rows).sum();
         metrics::counter!("sanare_snapshot_restores_total").increment(1);
@@ -78,6 +81,35 @@ impl Snapshots {
             });
         }
         Ok(outcome)
+    }
+
+    /// After a live restore committed: the journal entries after the restored
+    /// snapshot's cut lose their applied marks, since the restore undid their
+    /// effects; the next replay (at the next start, or the one a point-in-time
+    /// restore runs) applies them again, exactly once.
+    async fn reopen_journal_after_restore(&self, outcome: &mut RestoreOutcome) -> Result<()> {
+        let (Some(journal), Some(cut)) = (&self.inner.journal, &outcome.journal_cut) else {
+            return Ok(());
+        };
+        match journal.reopen_after(cut).await {
+            Ok(0) => {}
+            Ok(n) => outcome.notes.push(format!(
+                "{n} journal entries after position {} had been applied after the snapshot; \
+                 the restore undid them and the next replay applies them again",
+                cut.position
+            )),
+            Err(e) => {
+                tracing::error!(snapshot = %outcome.snapshot, error = %e, "the restore committed but the journal's applied marks were not reopened");
+                return Err(Error::conflict(format!(
+                    "snapshot {} was restored and committed, but the journal entries after \
+                     its cut (position {}) could not be marked for replay again: {e}. \
+                     Replay them explicitly (`sanare journal replay --after {}`), or the \
+                     changes they made after the snapshot stay undone",
+                    outcome.snapshot, cut.position, cut.position.0
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Restores `chosen` into the live tables in one transaction (see
