@@ -196,6 +196,39 @@ pub(super) fn read_exact_at(f: &dyn sanare_fs::File, buf: &mut [u8], at: u64) ->
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_checkpoint_is_asked_for_each_time_enough_more_bytes_are_durable() {
+        let (tx, rx) = mpsc::channel();
+        let mut active = SegmentInfo::new(1, PathBuf::from("a.wal"), false);
+        active.len = 24;
+        let mut c = Checkpoints {
+            tx,
+            every: 100,
+            last: (1, 24),
+        };
+        let asked = |c: &mut Checkpoints, info: &SegmentInfo| {
+            c.offer(info);
+            rx.try_iter().map(|i| (i.base, i.len)).collect::<Vec<_>>()
+        };
+        active.len = 123;
+        assert_eq!(asked(&mut c, &active), vec![], "99 bytes: not yet");
+        active.len = 124;
+        assert_eq!(asked(&mut c, &active), vec![], "no entry to vouch for");
+        active.last = Some(7);
+        assert_eq!(asked(&mut c, &active), vec![(1, 124)]);
+        active.len = 200;
+        assert_eq!(asked(&mut c, &active), vec![], "counted from the last one");
+        active.len = 224;
+        assert_eq!(asked(&mut c, &active), vec![(1, 224)]);
+        // A new active segment counts from its header.
+        let mut next = SegmentInfo::new(9, PathBuf::from("b.wal"), false);
+        next.last = Some(9);
+        next.len = 100;
+        assert_eq!(asked(&mut c, &next), vec![]);
+        next.len = 124;
+        assert_eq!(asked(&mut c, &next), vec![(9, 124)]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_checkpoint_that_names_another_last_position_than_its_group_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
