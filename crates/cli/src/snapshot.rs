@@ -287,6 +287,12 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
                     gc.blocks_in_grace,
                     gc.blocks_live
                 ));
+                if gc.packs_kept_damaged > 0 {
+                    out.line(format!(
+                        "{} packs kept as they were: a block they hold does not decode; run `sanare snapshot verify` on the snapshots",
+                        gc.packs_kept_damaged
+                    ));
+                }
             });
             Ok(0)
         }

@@ -66,6 +66,9 @@ async fn spread_changes_are_stored_as_small_deltas_and_every_snapshot_restores()
         .await
         .unwrap();
     assert!(gc.blocks_deleted > 0, "{gc:?}");
+    // The third snapshot's small pack of deltas is merged like any other, its
+    // deltas checked against their bases (not taken for damage).
+    assert_eq!(gc.packs_kept_damaged, 0, "{gc:?}");
     let report = e
         .snaps
         .verify(third.id, &Control::detached())
@@ -114,4 +117,12 @@ async fn a_damaged_base_fails_the_restore_of_its_deltas_and_changes_nothing() {
     let err = e.restore(RestoreRequest::new(inc.id)).await.unwrap_err();
     assert!(err.to_string().contains(&base.to_string()), "{err}");
     assert_eq!(e.rows("z").await, before);
+    // GC leaves the pack holding the damaged base as it is, and says so.
+    e.snaps.delete(full.id).await.unwrap();
+    let gc = e
+        .snaps
+        .gc(Duration::ZERO, &Control::detached())
+        .await
+        .unwrap();
+    assert!(gc.packs_kept_damaged >= 1, "{gc:?}");
 }

@@ -328,20 +328,32 @@ impl Snapshots {
                 let bytes = bytes.clone();
                 let entries = entries.clone();
                 tokio::task::spawn_blocking(move || {
-                    entries.iter().try_for_each(|e| {
+                    // Whole blocks are decoded here; deltas are set aside with their
+                    // bases, to be decoded with them below.
+                    let mut deltas = Vec::new();
+                    for e in &entries {
                         let object = bytes
                             .get(e.offset as usize..(e.offset as usize + e.len as usize))
                             .ok_or_else(|| {
                                 Error::corrupt(format!("block {}", e.id), "outside its pack")
                             })?;
-                        decode_block(&e.id, object).map(drop)
-                    })
+                        match crate::format::delta_base(object) {
+                            Some(base) => deltas.push((e.id, base)),
+                            None => drop(decode_block(&e.id, object)?),
+                        }
+                    }
+                    Ok::<_, Error>(deltas)
                 })
                 .await
                 .map_err(|e| Error::other("checking blocks before rewriting a pack", e))?
             };
+            let checked = match checked {
+                Ok(deltas) => self.check_deltas(&deltas, live).await?,
+                Err(e) => Err(e),
+            };
             if let Err(e) = checked {
                 tracing::warn!(pack = %old.key, error = %e, "GC keeps a pack with a damaged block; verify the snapshots that use it");
+                report.packs_kept_damaged += 1;
                 continue;
             }
             for e in &entries {
@@ -375,6 +387,32 @@ impl Snapshots {
         report.packs_rewritten += done.len() as u64;
         report.bytes_freed += freed.saturating_sub(written);
         Ok(())
+    }
+
+    /// Whether the live blocks stored as deltas (`(block, base)`) decode with their
+    /// bases, each base kept too: `Ok(Err(why))` when one does not (the pack holding
+    /// them is then kept as it is). The outer error is a store failure.
+    async fn check_deltas(
+        &self,
+        deltas: &[(BlockId, BlockId)],
+        live: &BTreeSet<BlockId>,
+    ) -> Result<Result<()>> {
+        if let Some((id, base)) = deltas.iter().find(|(_, base)| !live.contains(base)) {
+            return Ok(Err(Error::corrupt(
+                format!("block {id}"),
+                format!("its delta base {base} is not among the blocks GC keeps"),
+            )));
+        }
+        let ids: Vec<BlockId> = deltas.iter().map(|(id, _)| *id).collect();
+        let locs = self.locate_indexed(&ids).await?;
+        for f in super::blocks::plan(ids.into_iter().zip(locs)) {
+            for (_, got) in self.fetch(f).await? {
+                if let Err(e) = got {
+                    return Ok(Err(e));
+                }
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// What the store holds.

@@ -137,6 +137,11 @@ pub struct GcReport {
     /// Packs rewritten without their unreferenced blocks, or merged because they
     /// were small.
     pub packs_rewritten: u64,
+    /// Packs left as they were because a live block in them did not decode (a
+    /// damaged block, or a delta whose base is damaged or gone): verify the
+    /// snapshots that use them.
+    #[serde(default)]
+    pub packs_kept_damaged: u64,
     /// Snapshots whose blocks were kept: every manifest in the store, also those
     /// of other databases sharing it.
     pub snapshots_in_store: u64,
