@@ -19,6 +19,7 @@ use serde_json::Value;
 
 mod guide;
 mod msrv;
+mod rooms;
 
 const USAGE: &str = "usage: cargo xtask <task>
 
@@ -28,6 +29,7 @@ tasks:
                   DATABASE_URL is set)
   msrv            check that no dependency of a published crate needs a newer Rust
                   than the declared rust-version
+  rooms           list source files over 1,200 lines and functions over 150 lines
   demo            run the quickstart example against a throwaway PostgreSQL
   pg [--durable]  start a throwaway PostgreSQL, print its DATABASE_URL, keep it
                   running until this process is interrupted (for quick test loops;
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("msrv") => check_msrv(),
+        Some("rooms") => check_rooms(),
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("pg") => pg(&args[1..]),
@@ -294,6 +297,26 @@ fn metadata() -> Result<Value, String> {
         return Err(format!("cargo metadata failed ({})", output.status));
     }
     serde_json::from_slice(&output.stdout).map_err(|e| format!("cargo metadata: {e}"))
+}
+
+fn check_rooms() -> Result<(), String> {
+    let offenders = rooms::check(&root())?;
+    for offender in &offenders {
+        println!("{offender}");
+    }
+    if offenders.is_empty() {
+        eprintln!(
+            "xtask: no file over {} lines, no function over {} lines",
+            rooms::MAX_FILE_LINES,
+            rooms::MAX_FN_LINES
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "{} rooms too big (carve them by concept)",
+            offenders.len()
+        ))
+    }
 }
 
 fn check_msrv() -> Result<(), String> {
