@@ -427,6 +427,51 @@ mod tests {
         assert_eq!(i.report_dir, Path::new("/data/reports"));
     }
 
+    #[tokio::test]
+    async fn alert_keys_make_their_sinks_or_name_what_is_missing() {
+        assert!(
+            alert_sinks(&SanareConfig::default().corruption.alerts)
+                .unwrap()
+                .is_none()
+        );
+        for key in [
+            "slack_webhook_url = \"https://hooks.slack.test/x\"",
+            "pagerduty_routing_key = \"r0ut1ng\"",
+            "webhook_url = \"https://hooks.test/x\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"",
+            "smtp_url = \"smtp://mail.test:2525\"\nemail_from = \"s@x.test\"\nemail_to = [\"o@x.test\"]",
+        ] {
+            let c = from(&format!("[corruption.alerts]\n{key}"));
+            assert!(
+                alert_sinks(&c.corruption.alerts).unwrap().is_some(),
+                "{key}"
+            );
+        }
+        for (key, missing) in [
+            (
+                "webhook_url = \"https://hooks.test/x\"",
+                "corruption.alerts.webhook_secret",
+            ),
+            (
+                "smtp_url = \"smtp://mail.test\"\nemail_to = [\"o@x.test\"]",
+                "corruption.alerts.email_from",
+            ),
+            (
+                "smtp_url = \"smtp://mail.test\"\nemail_from = \"s@x.test\"",
+                "corruption.alerts.email_to",
+            ),
+            ("smtp_url = \"mail.test\"", "corruption.alerts.smtp_url"),
+        ] {
+            let c = from(&format!("[corruption.alerts]\n{key}"));
+            let err = alert_sinks(&c.corruption.alerts)
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(missing)),
+                "{key}: {err:?}"
+            );
+        }
+    }
+
     #[test]
     fn repair_keys_reach_the_repair_engine() {
         let c = from(

@@ -1,0 +1,61 @@
+//! Configuration keys whose effect shows only on a running service: each test
+//! sets the key away from its default and fails if the service ignores it.
+
+use sanare::config::JournalBackend;
+use sanare::journal::NewEntry;
+use sanare::{Sanare, SanareConfig};
+
+async fn start(db: &sanare_testing::TestDb, dir: &std::path::Path, config: SanareConfig) -> Sanare {
+    Sanare::builder()
+        .config(config)
+        .pool(db.pool().clone())
+        .data_dir(dir)
+        .background(false)
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_backend_postgres_keeps_the_journal_in_the_database() {
+    let db = sanare_testing::test_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SanareConfig::default();
+    config.journal.backend = JournalBackend::Postgres;
+    let sanare = start(&db, dir.path(), config).await;
+    sanare
+        .journal()
+        .record(NewEntry::new("order.placed", &1u32).unwrap())
+        .await
+        .unwrap();
+    let rows: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM sanare.transaction_journal", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the entry is a row of the journal table");
+    assert!(
+        !dir.path().join("journal").exists(),
+        "no segment files beside the table"
+    );
+    sanare.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_detection_off_does_not_judge_how_the_previous_run_ended() {
+    let db = sanare_testing::test_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SanareConfig::default();
+    config.crash_detection.enabled = false;
+    let first = start(&db, dir.path(), config.clone()).await;
+    drop(first); // no clean shutdown
+    let second = start(&db, dir.path(), config).await;
+    assert!(
+        second.startup_report().crash().is_none(),
+        "{:?}",
+        second.startup_report().previous_run
+    );
+    second.shutdown().await.unwrap();
+}
