@@ -59,3 +59,34 @@ async fn crash_detection_off_does_not_judge_how_the_previous_run_ended() {
     );
     second.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_key_file_is_where_the_signing_key_is_made_and_read() {
+    let db = sanare_testing::test_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("orders.key");
+    let mut config = SanareConfig::default();
+    config.snapshots.key_file = Some(key.clone());
+    let sanare = start(&db, dir.path(), config.clone()).await;
+    sanare.shutdown().await.unwrap();
+    drop(sanare);
+    assert!(key.exists(), "the key is made where the key names");
+    assert!(
+        !dir.path().join("snapshot.key").exists(),
+        "and not in the data directory"
+    );
+    // A key file that is not a key is refused by the next start, not replaced.
+    std::fs::write(&key, "not a key").unwrap();
+    let err = Sanare::builder()
+        .config(config)
+        .pool(db.pool().clone())
+        .data_dir(dir.path())
+        .background(false)
+        .build()
+        .await
+        .err()
+        .expect("a damaged key file is refused");
+    assert!(err.to_string().contains("orders.key"), "{err}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "not a key");
+}
