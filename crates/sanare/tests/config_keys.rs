@@ -78,15 +78,16 @@ async fn snapshots_key_file_is_where_the_signing_key_is_made_and_read() {
     );
     // A key file that is not a key is refused by the next start, not replaced.
     std::fs::write(&key, "not a key").unwrap();
-    let err = Sanare::builder()
+    let Err(err) = Sanare::builder()
         .config(config)
         .pool(db.pool().clone())
         .data_dir(dir.path())
         .background(false)
         .build()
         .await
-        .err()
-        .expect("a damaged key file is refused");
+    else {
+        panic!("a damaged key file is refused");
+    };
     assert!(err.to_string().contains("orders.key"), "{err}");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "not a key");
 }
