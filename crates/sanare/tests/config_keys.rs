@@ -91,3 +91,38 @@ async fn snapshots_key_file_is_where_the_signing_key_is_made_and_read() {
     assert!(err.to_string().contains("orders.key"), "{err}");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "not a key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_rules_file_declares_the_rules_and_a_missing_one_is_named() {
+    let db = sanare_testing::test_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[not_null]]\ntable = \"public.orders\"\ncolumn = \"note\"\n\n\
+         [[consistency]]\nname = \"positive_total\"\ntable = \"public.orders\"\n\
+         predicate = \"total_cents >= 0\"\n",
+    )
+    .unwrap();
+    let mut config = SanareConfig::default();
+    config.validation.rules_file = Some(rules.clone());
+    let sanare = start(&db, dir.path(), config.clone()).await;
+    let declared = sanare.integrity().rules();
+    assert_eq!(declared.not_null.len(), 1);
+    assert_eq!(declared.consistency[0].name, "positive_total");
+    sanare.shutdown().await.unwrap();
+    drop(sanare);
+
+    std::fs::remove_file(&rules).unwrap();
+    let Err(err) = Sanare::builder()
+        .config(config)
+        .pool(db.pool().clone())
+        .data_dir(dir.path())
+        .background(false)
+        .build()
+        .await
+    else {
+        panic!("a missing rules file is refused");
+    };
+    assert!(err.to_string().contains("rules.toml"), "{err}");
+}
