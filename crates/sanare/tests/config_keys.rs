@@ -126,3 +126,71 @@ async fn validation_rules_file_declares_the_rules_and_a_missing_one_is_named() {
     };
     assert!(err.to_string().contains("rules.toml"), "{err}");
 }
+
+/// The schedule holds the tasks the configuration turns on, and only those:
+/// `snapshots.interval` and `journal.compaction_interval` off leave their tasks
+/// out, and `corruption.monitoring = false` stops scans whatever their interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_has_the_tasks_the_configuration_turns_on() {
+    let db = sanare_testing::test_db().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE public.t (id int PRIMARY KEY); INSERT INTO public.t VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SanareConfig::default();
+    config.snapshots.interval = None;
+    config.journal.compaction_interval = None;
+    config.validation.interval = Some(std::time::Duration::from_secs(1));
+    config.corruption.scan_interval = Some(std::time::Duration::from_secs(1));
+    config.corruption.monitoring = false;
+    let sanare = Sanare::builder()
+        .config(config)
+        .pool(db.pool().clone())
+        .data_dir(dir.path())
+        .poll_interval(std::time::Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move {
+            db.client()
+                .await
+                .query_one(sql, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    // Two validation runs: a scan due as often would have run by the second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count("SELECT count(DISTINCT batch_id) FROM sanare.jobs WHERE kind = 'integrity.table'")
+        .await
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no two validation runs in 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let tasks: Vec<String> = db
+        .client()
+        .await
+        .query("SELECT name FROM sanare.scheduled_tasks ORDER BY name", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tasks, [sanare::task::VALIDATE]);
+    assert_eq!(
+        count("SELECT count(*) FROM sanare.jobs WHERE kind = 'corruption.table'").await,
+        0
+    );
+    sanare.shutdown().await.unwrap();
+}
