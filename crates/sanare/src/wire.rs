@@ -235,14 +235,25 @@ fn corruption(
         .snapshots(snapshot_service.clone())
         .journal(journal_service.clone())
         .events(events.clone());
-    if let Some(alerts) = b.alerts.take().or(alert_sinks(&config.corruption.alerts)?)
-        && config.corruption.alert_on_detection
-    {
+    if let Some(alerts) = detection_alerts(config, b.alerts.take())? {
         corruption = corruption.alerts(alerts);
     }
     let corruption = Arc::new(corruption.build()?);
 
     Ok(corruption)
+}
+
+/// Where the detector's alerts go: the host's sink, else the configured ones;
+/// none when `corruption.alert_on_detection` is off.
+fn detection_alerts(
+    config: &SanareConfig,
+    host: Option<Arc<dyn AlertSink>>,
+) -> Result<Option<Arc<dyn AlertSink>>> {
+    let sinks = match host {
+        Some(sink) => Some(sink),
+        None => alert_sinks(&config.corruption.alerts)?,
+    };
+    Ok(sinks.filter(|_| config.corruption.alert_on_detection))
 }
 
 /// The alert sinks named by the configuration, behind one dispatcher (batching,
@@ -469,6 +480,39 @@ mod tests {
                 err.as_deref().is_some_and(|e| e.contains(missing)),
                 "{key}: {err:?}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn alert_on_detection_off_sends_no_alert_anywhere() {
+        struct Host;
+        #[async_trait::async_trait]
+        impl AlertSink for Host {
+            fn name(&self) -> &str {
+                "host"
+            }
+            async fn send(&self, _: &sanare_core::Alert) -> Result<()> {
+                Ok(())
+            }
+        }
+        let slack = "[corruption.alerts]\nslack_webhook_url = \"https://hooks.slack.test/x\"";
+        for (text, host, sends) in [
+            (slack.to_owned(), false, true),
+            (
+                format!("{slack}\n[corruption]\nalert_on_detection = false"),
+                false,
+                false,
+            ),
+            (
+                "[corruption]\nalert_on_detection = false".to_owned(),
+                true,
+                false,
+            ),
+            (String::new(), true, true),
+        ] {
+            let host = host.then(|| Arc::new(Host) as Arc<dyn AlertSink>);
+            let alerts = detection_alerts(&from(&text), host).unwrap();
+            assert_eq!(alerts.is_some(), sends, "{text}");
         }
     }
 
