@@ -482,12 +482,42 @@ async fn run_figures(figures: &mut Figures) {
         figures.set("wal_vs_naive_fsync_ratio", wal_rate / naive);
         figures.set("wal_vs_textbook_ratio", wal_rate / textbook);
 
-        // Many requests in flight: 256 one-at-a-time writers.
+        // Many requests in flight: 256 one-at-a-time writers. The group commits
+        // are counted from the journal's events: entries per flush, flushes per
+        // second, against the disk's own fdatasync rate measured just before.
         let dir = scratch();
-        let wal = Journal::wal(dir.path()).build().await.expect("wal");
+        let bus = sanare_core::EventBus::new(1 << 16);
+        let wal = Journal::wal(dir.path())
+            .events(bus.clone())
+            .build()
+            .await
+            .expect("wal");
         let _ = concurrent_records_by(&wal, 256, 10).await;
+        let prealloc_256 = fdatasync_preallocated(2000);
+        let mut sub = bus.subscribe();
+        let started = Instant::now();
         let many = concurrent_records_by(&wal, 256, 800).await;
+        let elapsed = started.elapsed().as_secs_f64();
         drop(wal);
+        let (mut groups, mut grouped) = (0u64, 0u64);
+        while let Some(r) = sub.try_recv() {
+            if let sanare_core::Event::JournalRecorded { entries, .. } = r.event {
+                groups += 1;
+                grouped += entries;
+            }
+        }
+        let group_size = grouped as f64 / groups.max(1) as f64;
+        println!(
+            "wal, 256 writers: {many:.0}/s in {groups} groups of {group_size:.1} \
+             ({:.0} flushes/s); fdatasync alone just before: {prealloc_256:.0}/s \
+             (ceiling 256 × that = {:.0}/s)",
+            groups as f64 / elapsed,
+            256.0 * prealloc_256
+        );
+        figures.set("wal_256_writers_group_size", group_size);
+        figures.set("wal_256_writers_flushes_per_s", groups as f64 / elapsed);
+        figures.set("wal_256_fdatasync_preallocated_per_s", prealloc_256);
+        figures.set("wal_ceiling_256_writers_per_s", 256.0 * prealloc_256);
         // okaywal, same 32 writers, and ours again right after (alternated, so
         // a change in the disk's flush rate hits both).
         let okay = tokio::task::spawn_blocking(|| okaywal_records(WRITERS, 2000))
@@ -676,8 +706,11 @@ async fn run_figures(figures: &mut Figures) {
 }
 
 /// A journal of `SANARE_BENCH_OPEN_ENTRIES` entries (10 million by default; 64-byte
-/// payloads, each with an idempotency key), then the time to open it and to
-/// record the first entry after (which waits for the idempotency window).
+/// payloads, each with an idempotency key), built once per run by 4,096 concurrent
+/// writers (groups of thousands of entries per flush), then the time to open it
+/// and to record the first entry after: one without a key (which does not wait
+/// for the idempotency window) and one whose key repeats a recent entry (which
+/// does).
 async fn open_figures(figures: &mut Figures) {
     let n: usize = std::env::var("SANARE_BENCH_OPEN_ENTRIES")
         .ok()
@@ -686,7 +719,7 @@ async fn open_figures(figures: &mut Figures) {
     let dir = scratch();
     let build = || Journal::wal(dir.path()).max_batch(8192).build();
     let wal = build().await.expect("wal");
-    let writers = 256;
+    let writers = 4096;
     let per = n.div_ceil(writers);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -707,35 +740,60 @@ async fn open_figures(figures: &mut Figures) {
         t.await.expect("writer");
     }
     let wrote = start.elapsed();
+    let total = writers * per;
     drop(wal);
     // Once untimed: summaries that sealing left to a background thread are
     // written by then.
     drop(build().await.expect("reopen"));
-    let mut opens = Vec::new();
-    let mut first_append = Vec::new();
-    for _ in 0..3 {
+    // The last entry of writer 0: among the last `writers` entries recorded.
+    let recent_key = format!("k-{}", per - 1);
+    let (mut opens, mut first_append, mut first_keyed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut report = None;
+    for round in 0..3 {
         let start = Instant::now();
         let wal = build().await.expect("reopen");
         opens.push(start.elapsed().as_secs_f64() * 1000.0);
+        report = wal.open_report().cloned();
         let start = Instant::now();
-        wal.record(NewEntry::from_bytes("bench", b"after".to_vec()).idempotency_key("k-0"))
+        let r = wal
+            .record(NewEntry::from_bytes("bench", b"after".to_vec()))
             .await
             .expect("record");
         first_append.push(start.elapsed().as_secs_f64() * 1000.0);
-        assert_eq!(wal.head().await.expect("head").0 as usize, writers * per);
+        assert_eq!(r.position.0 as usize, total + round + 1);
+        let start = Instant::now();
+        let again = wal
+            .record(NewEntry::from_bytes("bench", b"again".to_vec()).idempotency_key(&recent_key))
+            .await
+            .expect("record");
+        first_keyed.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert!(again.duplicate, "a recent key is remembered after open");
     }
-    opens.sort_by(f64::total_cmp);
-    first_append.sort_by(f64::total_cmp);
-    println!(
-        "open: {} entries written in {:.1} s; open {:.1} ms (median of 3), first append after open {:.1} ms",
-        writers * per,
-        wrote.as_secs_f64(),
-        opens[1],
-        first_append[1]
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (open_ms, append_ms, keyed_ms) = (
+        median(&mut opens),
+        median(&mut first_append),
+        median(&mut first_keyed),
     );
-    figures.set("open_entries", (writers * per) as f64);
-    figures.set("open_ms_10m_entries", opens[1]);
-    figures.set("open_first_append_ms", first_append[1]);
+    let report = report.expect("open report");
+    println!(
+        "open: {total} entries written in {:.1} s ({:.0}/s); {} segments, active segment \
+         decoded from offset {:?}; open {open_ms:.1} ms (median of 3), first append \
+         after open {append_ms:.1} ms, first append with a key (waits for the \
+         idempotency window) {keyed_ms:.1} ms",
+        wrote.as_secs_f64(),
+        total as f64 / wrote.as_secs_f64(),
+        report.segments,
+        report.resumed_at,
+    );
+    figures.set("open_entries", total as f64);
+    figures.set("open_build_s", wrote.as_secs_f64());
+    figures.set("open_ms_10m_entries", open_ms);
+    figures.set("open_first_append_ms", append_ms);
+    figures.set("open_first_keyed_append_ms", keyed_ms);
 }
 
 /// A host's own write transactions per second on 32 sessions, with one

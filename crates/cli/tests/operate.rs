@@ -353,13 +353,16 @@ async fn repair_plan_approve_apply_rollback_and_history() {
         .unwrap();
     let nothing = env.json(&["repair", "plan"], 0);
     assert_eq!(nothing.as_array().unwrap().len(), 0, "no check has run yet");
-    let report = env.json(&["validate"], 3);
+    // One document: the report and every violation.
+    let validated = env.json(&["validate"], 3);
     assert!(
-        !report["report"]["violations_by_severity"]
+        !validated["report"]["violations_by_severity"]
             .as_object()
             .unwrap()
-            .is_empty()
+            .is_empty(),
+        "{validated}"
     );
+    assert!(!validated["violations"].as_array().unwrap().is_empty());
 
     let out = env.run(&["repair", "plan", "--json"]);
     let plans: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -11,13 +11,14 @@
 use std::io::ErrorKind;
 use std::path::Path;
 
-use crate::{OpenMode, Storage, create_durable, read_file, write_atomic};
+use crate::{EntryKind, OpenMode, Storage, create_durable, read_file, write_atomic};
 
 /// Runs every check on `storage` in `dir` (an existing, empty directory).
 /// Panics with what failed.
 pub fn run(storage: &dyn Storage, dir: &Path) {
     files(storage, dir);
     entries(storage, dir);
+    listing_and_links(storage, dir);
     helpers(storage, dir);
     locks(storage, dir);
 }
@@ -120,6 +121,50 @@ fn entries(storage: &dyn Storage, dir: &Path) {
         storage.remove_file(&y).err().map(|e| e.kind()),
         Some(ErrorKind::NotFound)
     );
+}
+
+fn listing_and_links(storage: &dyn Storage, dir: &Path) {
+    let top = dir.join("listed");
+    storage.create_dir_all(&top.join("child")).unwrap();
+    let file = top.join("f");
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    create_durable(storage, &file, b"four").unwrap();
+    let mut got = storage.read_dir(&top).unwrap();
+    got.sort_by(|a, b| a.name.cmp(&b.name));
+    let seen: Vec<_> = got
+        .iter()
+        .map(|e| (e.name.as_str(), e.kind, e.len))
+        .collect();
+    assert_eq!(
+        seen,
+        [("child", EntryKind::Dir, 0), ("f", EntryKind::File, 4)],
+        "read_dir lists files and subdirectories with their lengths"
+    );
+    assert!(got[1].modified >= before, "a new file's time is recent");
+    assert_eq!(
+        storage
+            .read_dir(&dir.join("missing"))
+            .err()
+            .map(|e| e.kind()),
+        Some(ErrorKind::NotFound)
+    );
+    let link = top.join("g");
+    storage.hard_link(&file, &link).unwrap();
+    storage.sync_dir(&top).unwrap();
+    assert_eq!(read_file(storage, &link, 100).unwrap(), b"four");
+    storage.remove_file(&file).unwrap();
+    assert_eq!(
+        read_file(storage, &link, 100).unwrap(),
+        b"four",
+        "a link outlives the other name"
+    );
+    create_durable(storage, &file, b"other").unwrap();
+    assert_eq!(
+        storage.hard_link(&file, &link).err().map(|e| e.kind()),
+        Some(ErrorKind::AlreadyExists),
+        "a link never replaces"
+    );
+    assert_eq!(read_file(storage, &link, 100).unwrap(), b"four");
 }
 
 fn helpers(storage: &dyn Storage, dir: &Path) {

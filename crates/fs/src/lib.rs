@@ -62,6 +62,7 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 pub use os::OsStorage;
 
@@ -116,6 +117,49 @@ pub trait File: Send + Sync + fmt::Debug {
     fn sync_all(&self) -> io::Result<()>;
 }
 
+/// What a directory entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+}
+
+/// An entry of a directory, as [`Storage::read_dir`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DirEntry {
+    /// Its name in the directory.
+    pub name: String,
+    /// A file or a directory.
+    pub kind: EntryKind,
+    /// A file's length in bytes (0 for a directory).
+    pub len: u64,
+    /// When its contents last changed.
+    pub modified: SystemTime,
+}
+
+impl DirEntry {
+    /// An entry (for [`Storage::read_dir`] implementations outside this crate).
+    pub fn new(name: impl Into<String>, kind: EntryKind, len: u64, modified: SystemTime) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            len,
+            modified,
+        }
+    }
+}
+
+fn unsupported(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("this storage does not implement {what}"),
+    )
+}
+
 /// An exclusive lock held by [`Storage::try_lock`]; released when dropped.
 pub struct LockGuard(#[allow(dead_code)] Box<dyn Send + Sync>);
 
@@ -164,6 +208,30 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Takes the exclusive lock named by `path` (creating the file), or `None`
     /// when another holder has it.
     fn try_lock(&self, path: &Path) -> io::Result<Option<LockGuard>>;
+
+    /// The entries of `dir`, files and subdirectories, with their lengths and
+    /// modification times, in no particular order. `NotFound` when `dir` does not
+    /// exist; an entry removed while the directory is read is left out.
+    ///
+    /// The provided implementation fails with `Unsupported` (for implementations
+    /// written before this method existed); [`OsStorage`] and the simulated disk
+    /// implement it.
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<DirEntry>> {
+        let _ = dir;
+        Err(unsupported("read_dir"))
+    }
+
+    /// Gives the file at `from` a second name `to`, never replacing anything:
+    /// `AlreadyExists` when `to` exists. The new entry is durable like a create
+    /// (when `sync_dir` of `to`'s directory returns). With a temporary file, this
+    /// publishes a complete file under a name only if nobody else did first.
+    ///
+    /// The provided implementation fails with `Unsupported`; [`OsStorage`] and the
+    /// simulated disk implement it.
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let _ = (from, to);
+        Err(unsupported("hard_link"))
+    }
 }
 
 /// Reads the whole file at `path`, refusing one longer than `limit` bytes (so a

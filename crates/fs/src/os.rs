@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rustix::fs::{FlockOperation, flock};
 
-use crate::{File, LockGuard, OpenMode, Storage};
+use crate::{DirEntry, EntryKind, File, LockGuard, OpenMode, Storage};
 
 /// Files of the operating system: `pwrite`/`pread`, `fdatasync`, `fsync` of a
 /// directory, `rename`, `flock`. Each [`open`](Storage::open) is a separate open
@@ -122,6 +122,38 @@ impl Storage for OsStorage {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
+    }
+
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<DirEntry>> {
+        let mut out = Vec::new();
+        for item in fs::read_dir(dir)? {
+            let item = item?;
+            let meta = match item.metadata() {
+                Ok(m) => m,
+                // Removed between the listing and the look.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let kind = if meta.is_dir() {
+                EntryKind::Dir
+            } else if meta.is_file() {
+                EntryKind::File
+            } else {
+                continue;
+            };
+            let len = if meta.is_file() { meta.len() } else { 0 };
+            out.push(DirEntry {
+                name: item.file_name().to_string_lossy().into_owned(),
+                kind,
+                len,
+                modified: meta.modified()?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::hard_link(from, to)
     }
 
     fn try_lock(&self, path: &Path) -> io::Result<Option<LockGuard>> {

@@ -23,8 +23,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
 
-use crate::{File, LockGuard, OpenMode, Storage};
+use crate::{DirEntry, EntryKind, File, LockGuard, OpenMode, Storage};
 
 /// The size of a sector: a torn write keeps or drops each one on its own.
 pub const SECTOR: u64 = 512;
@@ -70,11 +71,24 @@ struct Disk {
     locks: HashSet<PathBuf>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inode {
     durable: Vec<u8>,
     current: Vec<u8>,
     pending: Vec<DataOp>,
+    /// When the contents last changed (the clock's time; kept through a cut).
+    modified: SystemTime,
+}
+
+impl Inode {
+    fn new() -> Self {
+        Self {
+            durable: Vec::new(),
+            current: Vec::new(),
+            pending: Vec::new(),
+            modified: SystemTime::now(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -163,7 +177,7 @@ impl Disk {
         let d = self.dir(&dir)?;
         d.current.insert(name.clone(), ino);
         d.pending.push(DirOp::Link { name, ino });
-        self.inodes.insert(ino, Inode::default());
+        self.inodes.insert(ino, Inode::new());
         Ok(ino)
     }
 }
@@ -339,6 +353,7 @@ impl File for SimFile {
         self.check_writable()?;
         self.with(|i| {
             write_into(&mut i.current, offset, buf);
+            i.modified = SystemTime::now();
             i.pending.push(DataOp::Write {
                 offset,
                 data: buf.to_vec(),
@@ -355,6 +370,7 @@ impl File for SimFile {
         self.check_writable()?;
         self.with(|i| {
             set_len(&mut i.current, len);
+            i.modified = SystemTime::now();
             i.pending.push(DataOp::SetLen(len));
             Ok(())
         })
@@ -477,6 +493,54 @@ impl Storage for SimDisk {
         Ok(())
     }
 
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<DirEntry>> {
+        let disk = self.lock();
+        let d = disk.dirs.get(dir).ok_or_else(|| not_found(dir))?;
+        let mut out = Vec::new();
+        for (name, ino) in &d.current {
+            let inode = disk
+                .inodes
+                .get(ino)
+                .ok_or_else(|| io::Error::other("simulated disk: inode vanished"))?;
+            out.push(DirEntry::new(
+                name.clone(),
+                EntryKind::File,
+                inode.current.len() as u64,
+                inode.modified,
+            ));
+        }
+        // Subdirectories: the directories whose parent is `dir`.
+        for sub in disk.dirs.keys() {
+            if sub.parent() == Some(dir)
+                && let Some(name) = sub.file_name()
+            {
+                out.push(DirEntry::new(
+                    name.to_string_lossy().into_owned(),
+                    EntryKind::Dir,
+                    0,
+                    SystemTime::UNIX_EPOCH,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut disk = self.lock();
+        let ino = disk.lookup(from)?;
+        if disk.lookup(to).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists (simulated disk)", to.display()),
+            ));
+        }
+        let (dir, name) = split(to)?;
+        let d = disk.dir(&dir)?;
+        d.current.insert(name.clone(), ino);
+        d.pending.push(DirOp::Link { name, ino });
+        Ok(())
+    }
+
     fn try_lock(&self, path: &Path) -> io::Result<Option<LockGuard>> {
         let mut disk = self.lock();
         if disk.lookup(path).is_err() {
@@ -576,6 +640,30 @@ mod tests {
             seen.insert(back);
         }
         assert_eq!(seen.len(), 2, "both outcomes happen");
+    }
+
+    #[test]
+    fn a_link_is_durable_only_once_its_directory_is_synced() {
+        let mut outcomes = HashSet::new();
+        for seed in 0..32 {
+            let disk = SimDisk::new();
+            disk.create_dir_all(dir()).unwrap();
+            let (tmp, name, synced) = (dir().join("tmp"), dir().join("f"), dir().join("g"));
+            crate::create_durable(&disk, &tmp, b"data").unwrap();
+            disk.hard_link(&tmp, &synced).unwrap();
+            disk.sync_dir(dir()).unwrap();
+            disk.hard_link(&tmp, &name).unwrap();
+            disk.remove_file(&tmp).unwrap();
+            disk.cut_power(seed);
+            assert_eq!(read_file(&disk, &synced, 100).unwrap(), b"data");
+            let linked = disk.exists(&name).unwrap();
+            if linked {
+                assert_eq!(read_file(&disk, &name, 100).unwrap(), b"data");
+            }
+            outcomes.insert((linked, disk.exists(&tmp).unwrap()));
+        }
+        // The unsynced link and the unsynced removal each survive or not.
+        assert_eq!(outcomes.len(), 4, "{outcomes:?}");
     }
 
     #[test]

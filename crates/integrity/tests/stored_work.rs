@@ -57,28 +57,6 @@ fn identities(vs: &[Violation]) -> BTreeSet<String> {
         .collect()
 }
 
-/// Statements the server logged from `offset` on (`statement:` and `execute`
-/// lines and their continuations; not the `DETAIL` lines that show bound values).
-fn statements_since(log: &str, offset: usize) -> String {
-    let mut out = String::new();
-    let mut in_statement = false;
-    for line in log[offset.min(log.len())..].lines() {
-        if line.contains("LOG:  statement:") || line.contains("LOG:  execute") {
-            in_statement = true;
-        } else if line.contains(" LOG:  ")
-            || line.contains("DETAIL:  ")
-            || line.contains("ERROR:  ")
-        {
-            in_statement = false;
-        }
-        if in_statement {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
-}
-
 /// Ways to tamper with one stored unit of `shop.orders`: (what, SQL over the row
 /// `WHERE check_id = $1 AND table_name = 'orders' AND unit = <u>`).
 const TAMPERS: &[(&str, &str)] = &[
@@ -223,7 +201,7 @@ async fn a_tampered_work_unit_is_refused_and_nothing_runs_then_the_run_resumes()
             .to_string();
         assert!(err.contains("stored integrity work unit"), "{what}: {err}");
         assert!(err.contains("orders"), "{what}: {err}");
-        let logged = statements_since(&cluster.log(), log_at);
+        let logged = cluster.statements_logged_since(log_at);
 
         // Nothing ran: no statement read a host table, none carried the payload.
         let ran: Vec<String> = c

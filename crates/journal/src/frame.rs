@@ -134,27 +134,96 @@ struct EntryBody {
     payload: Vec<u8>,
 }
 
-/// Encodes `entry` as an entry frame appended to `out`.
+/// [`EntryBody`] borrowing the entry's fields: the same bytes (postcard writes a
+/// `&str` as a `String` and a `&[u8]` as a `Vec<u8>`), without copying them first.
+#[derive(Serialize)]
+struct EntryBodyRef<'a> {
+    position: u64,
+    id: [u8; 16],
+    recorded_at_unix_ns: i128,
+    transaction_id: &'a str,
+    operation_type: &'a str,
+    idempotency_key: Option<&'a str>,
+    user: Option<&'a str>,
+    source_system: Option<&'a str>,
+    payload_hash: [u8; 32],
+    payload: &'a [u8],
+}
+
+/// A postcard output appending to a borrowed buffer.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encodes `entry` as an entry frame appended to `out`, serialized in place (no
+/// copy of its fields, no allocation beyond `out` growing). On error `out` is
+/// left as it was.
 pub(crate) fn encode_entry(entry: &JournalEntry, out: &mut Vec<u8>) -> Result<()> {
-    let body = EntryBody {
+    let body = EntryBodyRef {
         position: entry.position.0,
         id: *entry.id.as_uuid().as_bytes(),
         recorded_at_unix_ns: entry.recorded_at.unix_timestamp_nanos(),
-        transaction_id: entry.transaction_id.clone(),
-        operation_type: entry.operation_type.clone(),
-        idempotency_key: entry.idempotency_key.clone(),
-        user: entry.user.clone(),
-        source_system: entry.source_system.clone(),
+        transaction_id: &entry.transaction_id,
+        operation_type: &entry.operation_type,
+        idempotency_key: entry.idempotency_key.as_deref(),
+        user: entry.user.as_deref(),
+        source_system: entry.source_system.as_deref(),
         payload_hash: entry.payload_hash,
-        payload: entry.payload.clone(),
+        payload: &entry.payload,
     };
-    let bytes = postcard::to_allocvec(&body)
-        .map_err(|e| Error::other("encoding a journal record with postcard", e))?;
-    if bytes.len() > MAX_BODY {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER]);
+    if let Err(e) = postcard::serialize_with_flavor(&body, Append(out)) {
+        out.truncate(start);
+        return Err(Error::other("encoding a journal record with postcard", e));
+    }
+    let len = out.len() - start - FRAME_HEADER;
+    if len > MAX_BODY {
+        out.truncate(start);
         return Err(Error::invalid_input("journal record over the 16 MiB limit"));
     }
-    encode_frame(KIND_ENTRY, &bytes, out);
+    let (header, body) = out[start..].split_at_mut(FRAME_HEADER);
+    header[0..2].copy_from_slice(&FRAME_MAGIC);
+    header[2] = FRAME_VERSION;
+    header[3] = KIND_ENTRY;
+    header[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[0..8]), body);
+    header[8..12].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// The leading fields of an entry body, borrowed: enough to know its key.
+#[derive(Deserialize)]
+struct KeyView<'a> {
+    position: u64,
+    id: [u8; 16],
+    _recorded_at_unix_ns: i128,
+    _transaction_id: &'a str,
+    _operation_type: &'a str,
+    idempotency_key: Option<&'a str>,
+}
+
+/// The position, id and idempotency key of an entry frame's body, read without
+/// decoding (or copying) the rest of it.
+pub(crate) fn entry_key(body: &[u8]) -> Option<(u64, Uuid, Option<&str>)> {
+    let v: KeyView<'_> = postcard::from_bytes(body).ok()?;
+    Some((v.position, Uuid::from_bytes(v.id), v.idempotency_key))
 }
 
 /// Decodes the body of an entry frame.
@@ -496,6 +565,21 @@ impl Piece {
 /// after it, is the tail (`tail` in a sealed segment is corruption instead, since a
 /// segment is sealed only once every group in it is durable).
 pub(crate) fn scan_groups(buf: &[u8], start: usize, base: u64, sealed: bool) -> Scan {
+    scan_groups_from(buf, start, 0, base.saturating_sub(1), sealed)
+}
+
+/// [`scan_groups`] of the part of a version-2 segment body that starts at segment
+/// offset `origin` (byte 0 of `buf`) right after a complete group whose last
+/// position is `prev_last` (an active segment's checkpoint). Offsets in the
+/// result are relative to `buf`; a group whose trailer says it starts before
+/// `origin` is not complete.
+pub(crate) fn scan_groups_from(
+    buf: &[u8],
+    start: usize,
+    origin: u64,
+    prev_last: u64,
+    sealed: bool,
+) -> Scan {
     let raw = scan(buf, start);
     let mut pieces: Vec<Piece> = raw
         .frames
@@ -540,7 +624,7 @@ pub(crate) fn scan_groups(buf: &[u8], start: usize, base: u64, sealed: bool) -> 
         ..Scan::default()
     };
     // The last position of the previous complete group.
-    let mut prev_last = base.saturating_sub(1);
+    let mut prev_last = prev_last;
     let mut pending: Vec<Piece> = Vec::new();
     for piece in pieces {
         let trailer = match &piece {
@@ -551,10 +635,12 @@ pub(crate) fn scan_groups(buf: &[u8], start: usize, base: u64, sealed: bool) -> 
             } => decode_group(&buf[body.clone()]).map(|t| (*offset, t)),
             _ => None,
         };
-        let Some((at, t)) = trailer else {
+        let Some((at, mut t)) = trailer else {
             pending.push(piece);
             continue;
         };
+        // In `buf`'s coordinates (a start before `origin` matches no frame).
+        t.start = t.start.checked_sub(origin).unwrap_or(u64::MAX);
         let split = pending.partition_point(|p| (p.offset() as u64) < t.start);
         if !group_is_complete(&pending[split..], at, &t) {
             pending.push(piece);

@@ -23,8 +23,14 @@
 //!   of one block, never the segment), [`Journal::purge`] drops whole segments
 //!   before a retained position, and the applied marks of their entries. A summary
 //!   per sealed segment (positions, time range, operation types, idempotency keys)
-//!   lets open skip decoding it, so open time does not grow with the journal, and
-//!   lets queries skip segments; every sealed segment has an index file (position,
+//!   lets open skip decoding it, and a checkpoint of the active segment, written
+//!   every few MiB of durable data off the writers' path (and by
+//!   [`Journal::checkpoint`]), lets open decode only what follows it: open time
+//!   grows neither with the journal nor with the active segment (a checkpoint is
+//!   a hint checked against the segment's frames; without a valid one the segment
+//!   is decoded whole). The idempotency keys are loaded on a thread of their own
+//!   after open: appends without a key do not wait for them. Summaries also
+//!   let queries skip segments; every sealed segment has an index file (position,
 //!   time, operation type and frame offset of each entry; rebuilt when missing or
 //!   damaged) so queries decode only the entries they select. The active segment
 //!   is zero-filled ahead of its data, so a group commit's `fdatasync` rarely has
@@ -257,8 +263,10 @@ impl JournalBuilder {
     /// WAL: how many of the most recent idempotency keys are remembered (default
     /// 1,000,000, about 60 MB). A key recorded again within the last `n` keyed
     /// entries returns the first entry; an older key is recorded anew. Memory
-    /// stays bounded however long the journal grows. (The PostgreSQL backend keeps
-    /// every key, in its table's unique index.)
+    /// stays bounded however long the journal grows. After an open the window is
+    /// loaded in the background (newest segments first, at most `n` keys); the first
+    /// append *with* a key waits until it is, appends without a key do not.
+    /// (The PostgreSQL backend keeps every key, in its table's unique index.)
     pub fn idempotency_window(mut self, n: usize) -> Self {
         self.idempotency_window = n.max(1);
         self
@@ -733,6 +741,17 @@ impl Journal {
     pub async fn rotate(&self) -> Result<()> {
         match &self.inner.backend {
             Backend::Wal(w) => w.rotate().await,
+            Backend::Pg(_) => Ok(()),
+        }
+    }
+
+    /// WAL: writes a checkpoint of the active segment once everything recorded so
+    /// far is durable, so that the next open decodes only what is recorded after
+    /// it. The WAL also checkpoints by itself every few MiB; this is for a planned
+    /// shutdown. No-op for PostgreSQL.
+    pub async fn checkpoint(&self) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Wal(w) => w.checkpoint().await,
             Backend::Pg(_) => Ok(()),
         }
     }

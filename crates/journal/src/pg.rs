@@ -120,6 +120,9 @@ pub(crate) struct Sql {
     pub(crate) table: String,
     pub(crate) applied: String,
     pub(crate) insert_one: String,
+    /// `insert_one` for an entry without an idempotency key: no conflict is
+    /// possible (keys are NULL), so no `ON CONFLICT` (speculative insertion).
+    pub(crate) insert_one_unkeyed: String,
     pub(crate) insert_many: String,
     pub(crate) by_key: String,
     pub(crate) scan: String,
@@ -143,6 +146,10 @@ impl Sql {
             insert_one: format!(
                 "INSERT INTO {j} ({insert_cols}) VALUES (pg_current_xact_id(), $1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (idempotency_key) DO NOTHING RETURNING sequence_number"
+            ),
+            insert_one_unkeyed: format!(
+                "INSERT INTO {j} ({insert_cols}) VALUES (pg_current_xact_id(), $1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 RETURNING sequence_number"
             ),
             insert_many: format!(
                 "INSERT INTO {j} ({insert_cols}, write_ahead) SELECT pg_current_xact_id(), u.*, true FROM unnest(\
@@ -216,20 +223,27 @@ pub(crate) async fn record_in<C: GenericClient + Sync>(
     entry: NewEntry,
 ) -> Result<Recorded> {
     entry.validate()?;
+    use tokio_postgres::types::Type;
     let e = entry.into_entry(JournalPosition::START);
+    // One round trip: the parameters' types are given, so the statement is not
+    // prepared first (the host's connection has no statement cache of ours).
     let rows = client
-        .query(
-            &sql.insert_one,
+        .query_typed(
+            if e.idempotency_key.is_some() {
+                &sql.insert_one
+            } else {
+                &sql.insert_one_unkeyed
+            },
             &[
-                &e.id.as_uuid(),
-                &e.transaction_id,
-                &e.operation_type,
-                &e.recorded_at,
-                &e.idempotency_key,
-                &e.payload,
-                &&e.payload_hash[..],
-                &e.user,
-                &e.source_system,
+                (&e.id.as_uuid(), Type::UUID),
+                (&e.transaction_id, Type::TEXT),
+                (&e.operation_type, Type::TEXT),
+                (&e.recorded_at, Type::TIMESTAMPTZ),
+                (&e.idempotency_key, Type::TEXT),
+                (&e.payload, Type::BYTEA),
+                (&&e.payload_hash[..], Type::BYTEA),
+                (&e.user, Type::TEXT),
+                (&e.source_system, Type::TEXT),
             ],
         )
         .await

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use sanare_core::{Error, EventBus, Result};
 
 use crate::entry::{JournalEntry, Recorded};
-use crate::wal::{Reply, Shared};
+use crate::wal::{Checkpoints, Reply, Shared};
 
 /// An I/O step of the writer, as seen by a fault hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +123,8 @@ pub(crate) struct Pipeline {
     shared: Arc<Shared>,
     events: Option<EventBus>,
     faults: Faults,
+    /// Asks for a checkpoint of the active segment as it grows.
+    checkpoints: Mutex<Checkpoints>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,6 +139,7 @@ impl Pipeline {
         shared: Arc<Shared>,
         events: Option<EventBus>,
         faults: Faults,
+        checkpoints: Checkpoints,
     ) -> Result<(Arc<Self>, Vec<mpsc::Sender<SyncJob>>)> {
         let depth = depth.max(1);
         let pipeline = Arc::new(Self {
@@ -155,6 +158,7 @@ impl Pipeline {
             shared,
             events,
             faults,
+            checkpoints: Mutex::new(checkpoints),
         });
         let mut senders = Vec::with_capacity(depth);
         for slot in 0..depth {
@@ -366,6 +370,7 @@ impl Pipeline {
                     active.len = g.end;
                     active.raw_len = g.end;
                 }
+                lock(&self.checkpoints).offer(active);
             }
         }
         if let Some(last) = groups.iter().rev().find_map(|g| g.entries.last()) {

@@ -4,7 +4,7 @@
 //!
 //! Opening reads the summary part of each sealed segment's file (a few hundred
 //! bytes) instead of decoding the segment, so open time does not grow with the
-//! journal's length; the keys are read later by the writer thread, newest segment
+//! journal's length; the keys are read later by the key loader thread, newest segment
 //! first, until the idempotency window is full. A summary is derived data: one
 //! that is missing, damaged, or describes another file (length, sealed or not)
 //! is ignored and the segment decoded (and the summary written anew).
@@ -164,7 +164,14 @@ pub(crate) fn store(storage: &dyn Storage, dir: &Path, s: &Summary) -> std::io::
 /// The summary part of the segment `base`'s summary, when it checks. Reads the
 /// file's first few kilobytes only.
 pub(crate) fn load(storage: &dyn Storage, dir: &Path, base: u64) -> Option<Summary> {
-    let f = storage.open(&path(dir, base), OpenMode::Read).ok()?;
+    load_from(storage, &path(dir, base), base)
+}
+
+/// The summary part of the file at `file` (a summary, or an active segment's
+/// checkpoint, which has the same format) when it checks and describes the
+/// segment `base`.
+pub(crate) fn load_from(storage: &dyn Storage, file: &Path, base: u64) -> Option<Summary> {
+    let f = storage.open(file, OpenMode::Read).ok()?;
     let mut buf = vec![0u8; 4096];
     let n = f.read_at(&mut buf, 0).ok()?;
     buf.truncate(n);

@@ -67,28 +67,14 @@ async fn a_torn_tail_is_truncated_and_reported() {
     }
     drop(journal);
     let seg = segment(dir.path());
-    // The active segment is preallocated: the data ends at the last non-zero byte
-    // (the last record's payload, "e2"), zeros follow.
-    let bytes = std::fs::read(&seg).unwrap();
-    let good_len = bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
-    assert!(bytes.len() as u64 > good_len, "preallocated");
-    // Half a record where the next group would have gone: a header claiming 100
-    // bytes, then 10 bytes.
-    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(
-        &f,
-        b"SJ\x01\x01\x64\x00\x00\x00\x00\x00\x00\x00abcdefghij",
-        good_len,
-    )
-    .unwrap();
-    drop(f);
+    let (good_len, file_len) = common::tear_after_the_data(&seg);
 
     let journal = open(dir.path()).await;
     let report = journal.open_report().unwrap().clone();
     let (name, offset, removed) = report.truncated_tail.expect("torn tail reported");
     assert!(seg.ends_with(&name));
     assert_eq!(offset, good_len);
-    assert_eq!(removed, bytes.len() as u64 - good_len);
+    assert_eq!(removed, file_len - good_len);
     assert!(report.corrupt.is_empty());
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len);
     assert_eq!(journal.head().await.unwrap(), JournalPosition(3));

@@ -82,12 +82,17 @@
 //! - **Stores**: [`FsStore`] (embedded default), [`PgStore`] (a table), and with the
 //!   `s3` feature `S3Store` (any S3-compatible server through `object_store`), all
 //!   held to one conformance suite (`testing::conformance`, feature `testing`).
+//!   [`FsStore`] does every file operation through `sanare-fs`'s storage trait: an
+//!   object is put as a temporary file, fsynced, renamed into place, its directory
+//!   fsynced, so after a power cut it is absent or whole and every put or delete
+//!   that returned holds ([`FsStore::with_storage`] runs it on a simulated disk
+//!   whose power the tests cut).
 //! - **Point in time**: [`Snapshots::restore_to`] restores the latest good snapshot
 //!   before T (falling back to an older one when it turns out damaged) and replays
 //!   the journal after its cut up to T, through the core trait.
 //!
 //! # Architecture invariant
-//! This crate depends on `sanare-core` and `sanare-pg` only; the journal is reached
+//! This crate depends on `sanare-core`, `sanare-pg` and `sanare-fs` only; the journal is reached
 //! through [`sanare_core::JournalService`]. It never writes to host tables except in
 //! a restore, and then in one transaction that either commits every table or none.
 //! It never snapshots its own schema. It never marks a snapshot it cannot see: only
@@ -100,7 +105,9 @@
 //! algorithm), `blake3` (fast cryptographic block ids), `lz4_flex` and `brotli` (pure
 //! Rust codecs), `postcard` (a stable, specified encoding for index and manifest),
 //! `object_store` (feature `s3`: the Apache Arrow project's object storage client),
-//! `getrandom` (the operating system's random source, for repository keys).
+//! `getrandom` (the operating system's random source, for repository keys),
+//! `sanare-fs` (durable file I/O with a documented contract, and the simulated disk
+//! the power-cut tests cut).
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -108,6 +115,7 @@
 mod copy;
 pub mod ddl;
 pub mod format;
+mod fs_store;
 mod manifest;
 pub mod pack;
 mod pack_index;

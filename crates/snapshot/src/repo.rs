@@ -205,9 +205,12 @@ impl RepositoryKey {
 
     /// The key in the file at `path`, made (random, readable by its owner only)
     /// when the file does not exist.
+    ///
+    /// The new file is written whole under a temporary name, fsynced, linked to
+    /// `path` (which never replaces a key another process made first: that one is
+    /// used), and the directory fsynced. So a crash or a power cut leaves either no
+    /// key file or a complete one, and a key that was returned survives.
     pub fn load_or_create(path: &Path) -> Result<Self> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if path.exists() {
             return Self::load(path);
         }
@@ -216,29 +219,13 @@ impl RepositoryKey {
             "{KEY_FILE_HEADER}\n{}\n",
             blake3::Hash::from_bytes(secret).to_hex()
         );
-        let ctx = || format!("writing snapshot key file {}", path.display());
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::store::fsio::create_dirs(dir)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path);
-        let mut file = match file {
-            Ok(f) => f,
+        if write_private_new(path, text.as_bytes())? {
+            tracing::info!(path = %path.display(), "snapshot key created; keep a copy outside the data directory");
+            Ok(Self::from_bytes(secret))
+        } else {
             // Another process made it first: use that one.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Self::load(path),
-            Err(e) => return Err(Error::io(ctx(), e)),
-        };
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io(ctx(), e))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::store::fsio::sync_dir(dir)?;
+            Self::load(path)
         }
-        tracing::info!(path = %path.display(), "snapshot key created; keep a copy outside the data directory");
-        Ok(Self::from_bytes(secret))
     }
 
     /// The key's public id (8 bytes): which key signed a manifest.
@@ -255,6 +242,45 @@ impl RepositoryKey {
     pub(crate) fn mac(&self, data: &[u8]) -> [u8; 32] {
         *blake3::keyed_hash(&self.mac_key, data).as_bytes()
     }
+}
+
+/// Writes `bytes` as the new file `path`, readable by its owner only, durably and
+/// whole: `false` (and nothing written) when `path` exists.
+fn write_private_new(path: &Path, bytes: &[u8]) -> Result<bool> {
+    use sanare_fs::Storage;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let os = sanare_fs::OsStorage;
+    let ctx = || format!("writing snapshot key file {}", path.display());
+    let dir = sanare_fs::parent(path).map_err(|e| Error::io(ctx(), e))?;
+    // Durable in its parent when it returns (the directory is new only once).
+    os.create_dir_all(dir).map_err(|e| Error::io(ctx(), e))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    ));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| Error::io(ctx(), e))?;
+        file.write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io(ctx(), e))?;
+        let created = match os.hard_link(&tmp, path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(Error::io(ctx(), e)),
+        };
+        os.sync_dir(dir).map_err(|e| Error::io(ctx(), e))?;
+        Ok(created)
+    })();
+    let _ = os.remove_file(&tmp);
+    result
 }
 
 fn random_secret() -> Result<[u8; 32]> {

@@ -6,7 +6,10 @@
 //!
 //! The files live in a temporary directory (`tempfile`, under `TMPDIR`) removed when
 //! the value owning it is dropped; they are a process's working copy, never shared
-//! and never read by another version.
+//! and never read by another version. So they use `std::fs` directly, not the
+//! crash-safe [`crate::FsStore`] path, and are never fsynced: everything in them is
+//! derived (from the packs' tables of contents, or a capture's own blocks), and a
+//! process that loses them to a crash or a power cut rebuilds them from the store.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};

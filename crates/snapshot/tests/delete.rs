@@ -114,3 +114,39 @@ async fn a_capture_never_reuses_blocks_another_process_collected() {
         .get(0);
     assert_eq!(after, before);
 }
+
+/// A GC that copies a pack whose blocks are all live, with nothing else to put in
+/// the new pack, writes a pack identical to the old one, under the same key (pack
+/// keys are content hashes). It must not then delete that key as "the old pack".
+/// Here: the first GC collects a deleted snapshot's blocks into one small pack;
+/// the next GC (a later process) finds that pack small and copies it unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gc_that_copies_a_pack_unchanged_keeps_it() {
+    let db = common::shop_db(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = sanare_snapshot::RepositoryKey::generate().unwrap();
+    let service = || {
+        let mut config = sanare_snapshot::SnapshotConfig::default();
+        config.pack_size = 64 * 1024;
+        Snapshots::builder()
+            .store(Arc::new(FsStore::new(dir.path()).unwrap()))
+            .pool(db.pool().clone())
+            .key(key.clone())
+            .config(config)
+            .build()
+            .unwrap()
+    };
+    let ctl = Control::detached();
+    let request = || SnapshotRequest::new().schemas(["shop"]);
+    let snaps = service();
+    let first = snaps.create(request(), &ctl).await.unwrap();
+    common::change_spread_rows(&db).await;
+    let second = snaps.create(request(), &ctl).await.unwrap();
+    snaps.delete(first.id).await.unwrap();
+    snaps.gc(Duration::ZERO, &ctl).await.unwrap();
+    assert!(snaps.verify(second.id, &ctl).await.unwrap().is_ok());
+    let later = service();
+    let gc = later.gc(Duration::ZERO, &ctl).await.unwrap();
+    let report = later.verify(second.id, &ctl).await.unwrap();
+    assert!(report.is_ok(), "after {gc:?}: {report:?}");
+}

@@ -371,6 +371,30 @@ impl Cluster {
         read_to_string_lossy(&self.root_path().join("postgres.log"))
     }
 
+    /// The statements the server logged from byte `offset` of [`log`](Self::log) on
+    /// (`statement:` and `execute` lines and their continuations; not the `DETAIL`
+    /// lines that show bound values), with `log_statement = all`.
+    pub fn statements_logged_since(&self, offset: usize) -> String {
+        let log = self.log();
+        let mut out = String::new();
+        let mut in_statement = false;
+        for line in log.get(offset..).unwrap_or_default().lines() {
+            if line.contains("LOG:  statement:") || line.contains("LOG:  execute") {
+                in_statement = true;
+            } else if line.contains(" LOG:  ")
+                || line.contains("DETAIL:  ")
+                || line.contains("ERROR:  ")
+            {
+                in_statement = false;
+            }
+            if in_statement {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// Whether the server process is running.
     pub fn is_running(&mut self) -> bool {
         self.child

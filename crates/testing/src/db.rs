@@ -31,8 +31,17 @@ pub fn admin_url() -> String {
 /// When no server can be reached or started (tests want the failure loud); the
 /// message says why and what to do.
 pub async fn test_db() -> TestDb {
+    test_db_on(&admin_url()).await
+}
+
+/// A fresh, empty database on the server of `admin_url` (a superuser's URL, e.g.
+/// of a [`Cluster`](crate::cluster::Cluster) a test started with settings of its own).
+///
+/// # Panics
+/// When the server cannot be reached or the database created.
+pub async fn test_db_on(admin_url: &str) -> TestDb {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let admin_url = admin_url();
+    let admin_url = admin_url.to_owned();
     let name = format!(
         "sanare_test_{}_{}_{}",
         std::process::id(),

@@ -4,6 +4,7 @@
 //! Every file operation goes through a [`sanare_fs::Storage`], so the tests can run
 //! the WAL on a simulated disk and cut its power.
 
+mod checkpoint;
 pub(crate) mod keys;
 mod marks;
 mod open;
@@ -26,6 +27,7 @@ use crate::lock::DirLock;
 use crate::pipeline::Faults;
 use crate::query::ScanPlan;
 
+pub(crate) use checkpoint::Checkpoints;
 pub(crate) use marks::Marks;
 
 /// What opening the WAL found and did.
@@ -38,6 +40,9 @@ pub struct OpenReport {
     pub entries: u64,
     /// A torn tail cut off the active segment: (segment, offset, bytes removed).
     pub truncated_tail: Option<(String, u64, u64)>,
+    /// The offset from which the active segment was decoded when its checkpoint
+    /// vouched for what comes before (`None`: decoded whole).
+    pub resumed_at: Option<u64>,
     /// Damaged regions isolated (each followed by valid records, which stay readable).
     pub corrupt: Vec<CorruptRegion>,
 }
@@ -54,6 +59,8 @@ pub(crate) struct SegmentInfo {
     pub(crate) min_time_ns: i128,
     pub(crate) max_time_ns: i128,
     pub(crate) op_types: BTreeSet<String>,
+    /// Number of entries.
+    pub(crate) entries: u64,
     /// Durable length of a raw segment (bytes readers may look at).
     pub(crate) len: u64,
     pub(crate) raw_len: u64,
@@ -70,6 +77,7 @@ impl SegmentInfo {
             min_time_ns: i128::MAX,
             max_time_ns: i128::MIN,
             op_types: BTreeSet::new(),
+            entries: 0,
             len: 0,
             raw_len: 0,
         }
@@ -78,6 +86,7 @@ impl SegmentInfo {
     pub(crate) fn add(&mut self, e: &JournalEntry) {
         self.first.get_or_insert(e.position.0);
         self.last = Some(e.position.0);
+        self.entries += 1;
         let t = e.recorded_at.unix_timestamp_nanos();
         self.min_time_ns = self.min_time_ns.min(t);
         self.max_time_ns = self.max_time_ns.max(t);
@@ -130,6 +139,7 @@ type CachedSegment = ((u64, bool, u64), Arc<DecodedSegment>);
 enum Cmd {
     Append(NewEntry, Reply),
     Rotate(oneshot::Sender<Result<()>>),
+    Checkpoint(oneshot::Sender<Result<()>>),
 }
 
 pub(crate) struct Shared {
@@ -254,12 +264,27 @@ pub(crate) fn decode_segment(raw: &[u8], name: &str, sealed: bool) -> Result<Dec
     } else {
         frame::scan(raw, frame::SEGMENT_HEADER)
     };
+    Ok(decode_scan(raw, 0, scan, name))
+}
+
+/// Decodes the part of an active version-2 segment that follows its checkpoint:
+/// `tail` holds the segment's bytes from offset `origin`, right after the
+/// complete group whose last position is `prev_last`. Offsets in the result are
+/// the segment's.
+pub(crate) fn decode_tail(tail: &[u8], origin: u64, prev_last: u64, name: &str) -> DecodedSegment {
+    let scan = frame::scan_groups_from(tail, 0, origin, prev_last, false);
+    decode_scan(tail, origin as usize, scan, name)
+}
+
+/// The entries and damage of a scan of `raw`, whose byte 0 is at segment offset
+/// `origin`.
+fn decode_scan(raw: &[u8], origin: usize, scan: frame::Scan, name: &str) -> DecodedSegment {
     let mut corrupt: Vec<CorruptRegion> = scan
         .corrupt
         .iter()
         .map(|&(offset, len, reason)| CorruptRegion {
             segment: name.to_owned(),
-            offset: offset as u64,
+            offset: (origin + offset) as u64,
             len: len as u64,
             reason: reason.to_owned(),
         })
@@ -273,18 +298,18 @@ pub(crate) fn decode_segment(raw: &[u8], name: &str, sealed: bool) -> Result<Dec
             Ok(e) => entries.push(e),
             Err(e) => corrupt.push(CorruptRegion {
                 segment: name.to_owned(),
-                offset: offset as u64,
+                offset: (origin + offset) as u64,
                 len: (range.end - offset) as u64,
                 reason: e.to_string(),
             }),
         }
     }
-    Ok(DecodedSegment {
+    DecodedSegment {
         entries,
         corrupt,
-        torn: scan.torn_tail_at,
-        end: scan.end,
-    })
+        torn: scan.torn_tail_at.map(|at| origin + at),
+        end: origin + scan.end,
+    }
 }
 
 impl Wal {
@@ -353,6 +378,18 @@ impl Wal {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Rotate(reply))
+            .map_err(|_| Error::unavailable("the journal writer has stopped"))?;
+        rx.await
+            .map_err(|_| Error::unavailable("the journal writer stopped"))?
+    }
+
+    /// Writes a checkpoint of the active segment once every entry recorded so
+    /// far is durable.
+    pub(crate) async fn checkpoint(&self) -> Result<()> {
+        self.writable("checkpoint the active segment")?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Checkpoint(reply))
             .map_err(|_| Error::unavailable("the journal writer has stopped"))?;
         rx.await
             .map_err(|_| Error::unavailable("the journal writer stopped"))?
@@ -570,6 +607,7 @@ impl Wal {
                 for derived in [
                     index::path(&self.dir, info.base),
                     crate::summary::path(&self.dir, info.base),
+                    checkpoint::path(&self.dir, info.base),
                 ] {
                     match storage.remove_file(&derived) {
                         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

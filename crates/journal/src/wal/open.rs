@@ -10,13 +10,15 @@ use tokio::sync::mpsc;
 
 use sanare_core::{Error, Result};
 
-use super::keys::{KeyHash, KeyWindow};
-use super::writer::{KeyLoad, Writer};
+use super::checkpoint;
+use super::keys::KeyWindow;
+use super::writer::{KeyLoad, KeySource, Writer};
 use super::{
     DecodedSegment, Marks, OpenReport, SegmentInfo, Shared, Wal, WalOptions, create_segment,
     decode_segment, ensure_index, ensure_summary, open_segment, open_sync_files, read_raw,
     sync_dir,
 };
+use crate::entry::JournalEntry;
 use crate::frame::{self, CorruptRegion};
 use crate::lock::DirLock;
 use crate::pipeline::Pipeline;
@@ -54,10 +56,8 @@ fn list(storage: &dyn Storage, dir: &Path) -> Result<Listing> {
 struct Recovered {
     segments: Vec<SegmentInfo>,
     report: OpenReport,
-    /// Keys of the segments decoded, in position order.
-    keys: Vec<(u64, KeyHash, uuid::Uuid)>,
-    /// Sealed segments known from their summaries (keys read later), in order.
-    summarized: Vec<u64>,
+    /// Where the idempotency keys of each segment are, in position order.
+    keys: Vec<KeySource>,
     /// The last position of an entry found.
     last_pos: u64,
     /// The highest base of a segment: no position below it may be handed out again.
@@ -95,7 +95,6 @@ impl Wal {
             mut segments,
             report,
             keys,
-            summarized,
             last_pos,
             high_base,
             recent,
@@ -146,13 +145,27 @@ impl Wal {
             .max(active.len);
         *super::lock(&shared.segments) = segments;
         let depth = options.sync_pipeline_depth.max(1);
+        let checkpoints = checkpoint::Checkpoints::start(
+            storage.clone(),
+            dir.to_owned(),
+            checkpoint::interval(options.segment_size),
+            &active,
+        )
+        .map_err(|e| Error::io("starting the journal checkpoint thread", e))?;
         let (pipe, jobs) = Pipeline::start(
             depth,
             shared.clone(),
             options.events.clone(),
             options.faults.clone(),
+            checkpoints,
         )?;
         let sync_files = open_sync_files(&*storage, &active.path, depth)?;
+        let older_keys = KeyLoad {
+            dir: dir.to_owned(),
+            sources: keys,
+            capacity: key_window,
+        }
+        .start(shared.clone())?;
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             dir: dir.to_owned(),
@@ -161,12 +174,7 @@ impl Wal {
             alloc,
             next,
             keys: KeyWindow::new(key_window),
-            key_load: Some(KeyLoad {
-                dir: dir.to_owned(),
-                summarized,
-                decoded: keys,
-                capacity: key_window,
-            }),
+            older_keys: Some(older_keys),
             options,
             shared: shared.clone(),
             pipe,
@@ -200,7 +208,6 @@ fn recover(
         segments: Vec::new(),
         report: OpenReport::default(),
         keys: Vec::new(),
-        summarized: Vec::new(),
         last_pos: 0,
         high_base: 0,
         recent: VecDeque::new(),
@@ -217,8 +224,18 @@ fn recover(
             if let Some(last) = info.last {
                 r.recent.push_back((last, info.max_time_ns));
             }
-            r.summarized.push(base);
+            r.keys.push(KeySource::Summary(base));
             r.segments.push(info);
+            continue;
+        }
+        if is_last
+            && sealed.is_none()
+            && let Some(path) = &raw
+            && let Some(resumed) = checkpoint::resume(storage, dir, base, path)
+            && resumed.info.first.is_some_and(|f| f > r.last_pos)
+        {
+            // The active segment, from its checkpoint: only what follows is decoded.
+            resume_active(storage, &mut r, resumed, read_only)?;
             continue;
         }
         let Some((mut info, bytes)) = load_segment(storage, dir, base, raw, sealed, &mut r.report)?
@@ -265,29 +282,7 @@ fn recover(
             // preallocated zeros after it.
             info.len = end as u64;
         }
-        let mut max_t = i128::MIN;
-        for (n, e) in entries.iter().enumerate() {
-            if e.position.0 <= r.last_pos {
-                r.report.corrupt.push(CorruptRegion {
-                    segment: name.clone(),
-                    offset: 0,
-                    len: 0,
-                    reason: format!("position {} out of order; entry ignored", e.position),
-                });
-                continue;
-            }
-            r.last_pos = e.position.0;
-            info.add(e);
-            if let Some(k) = &e.idempotency_key {
-                r.keys
-                    .push((e.position.0, super::keys::hash(k), e.id.as_uuid()));
-            }
-            r.report.entries += 1;
-            max_t = max_t.max(e.recorded_at.unix_timestamp_nanos());
-            if is_last && (n % 64 == 63 || n + 1 == entries.len()) {
-                r.recent.push_back((e.position.0, max_t));
-            }
-        }
+        take_entries(&mut r, &mut info, &entries, is_last, i128::MIN);
         if !is_last && let Some(last) = info.last {
             // Older segments are summed up by one sample.
             r.recent.clear();
@@ -298,7 +293,7 @@ fn recover(
                 storage,
                 &mut info,
                 &mut r.report,
-                &bytes,
+                bytes.len(),
                 at,
                 is_last,
                 read_only,
@@ -312,6 +307,88 @@ fn recover(
     }
     r.report.segments = r.segments.len() as u64;
     Ok(r)
+}
+
+/// Adds the decoded `entries` of the segment `info` to what recovery learnt: an
+/// entry out of order is reported and ignored, keys are remembered, and (`sample`,
+/// for the last segment) every 64th entry's time is sampled, starting from `max_t`.
+fn take_entries(
+    r: &mut Recovered,
+    info: &mut SegmentInfo,
+    entries: &[JournalEntry],
+    sample: bool,
+    mut max_t: i128,
+) {
+    let name = info.name();
+    let mut keys = Vec::new();
+    for (n, e) in entries.iter().enumerate() {
+        if e.position.0 <= r.last_pos {
+            r.report.corrupt.push(CorruptRegion {
+                segment: name.clone(),
+                offset: 0,
+                len: 0,
+                reason: format!("position {} out of order; entry ignored", e.position),
+            });
+            continue;
+        }
+        r.last_pos = e.position.0;
+        info.add(e);
+        if let Some(k) = &e.idempotency_key {
+            keys.push((e.position.0, super::keys::hash(k), e.id.as_uuid()));
+        }
+        r.report.entries += 1;
+        max_t = max_t.max(e.recorded_at.unix_timestamp_nanos());
+        if sample && (n % 64 == 63 || n + 1 == entries.len()) {
+            r.recent.push_back((e.position.0, max_t));
+        }
+    }
+    r.keys.push(KeySource::Decoded(keys));
+}
+
+/// Takes in the active segment as its checkpoint and the frames after it
+/// describe it (the prefix's keys are read later, by the key loader).
+fn resume_active(
+    storage: &dyn Storage,
+    r: &mut Recovered,
+    resumed: checkpoint::Resumed,
+    read_only: bool,
+) -> Result<()> {
+    let checkpoint::Resumed {
+        mut info,
+        tail,
+        origin,
+        file_len,
+    } = resumed;
+    r.report.resumed_at = Some(origin);
+    r.report.entries += info.entries;
+    r.last_pos = r.last_pos.max(info.last.unwrap_or(0));
+    r.recent.clear();
+    if let Some(last) = info.last {
+        r.recent.push_back((last, info.max_time_ns));
+    }
+    r.report.corrupt.extend(tail.corrupt);
+    r.keys.push(KeySource::Prefix {
+        base: info.base,
+        len: origin,
+    });
+    let max_t = info.max_time_ns;
+    take_entries(r, &mut info, &tail.entries, true, max_t);
+    info.len = tail.end as u64;
+    info.raw_len = info.len;
+    if let Some(at) = tail.torn {
+        let total = usize::try_from(file_len).unwrap_or(usize::MAX);
+        cut_tail(
+            storage,
+            &mut info,
+            &mut r.report,
+            total,
+            at,
+            true,
+            read_only,
+        )?;
+    }
+    r.segments.push(info);
+    Ok(())
 }
 
 /// Reads one segment: the sealed file when it verifies (a crash during compaction
@@ -355,13 +432,13 @@ fn cut_tail(
     storage: &dyn Storage,
     info: &mut SegmentInfo,
     report: &mut OpenReport,
-    bytes: &[u8],
+    total: usize,
     at: usize,
     is_last: bool,
     read_only: bool,
 ) -> Result<()> {
     let name = info.name();
-    let removed = bytes.len() - at;
+    let removed = total - at;
     if is_last && !info.sealed && read_only {
         // The writer's in-flight group, or a torn tail the writer will cut at
         // its next open: read up to it, change nothing.

@@ -19,37 +19,104 @@ use crate::entry::{JournalEntry, Recorded};
 use crate::frame;
 use crate::pipeline::{FaultPoint, Group, Pipeline, SyncJob};
 
-/// Where the idempotency keys of an opened journal come from: the segments
-/// decoded on open, and the summaries of the others (read here, on the writer's
-/// thread, so that opening does not wait for them; appends do).
+/// Where the idempotency keys of one segment (or part of it) are.
+pub(super) enum KeySource {
+    /// Decoded on open.
+    Decoded(Vec<(u64, KeyHash, Uuid)>),
+    /// In the summary of the sealed segment with this base.
+    Summary(u64),
+    /// In the first `len` bytes of the segment `base`, the active one at open
+    /// (its checkpointed prefix, which opening did not decode).
+    Prefix { base: u64, len: u64 },
+}
+
+/// Fills the idempotency window of an opened journal on a thread of its own, so
+/// that opening and appends without a key do not wait for it; the writer waits
+/// for it before it answers the first append with a key.
 pub(super) struct KeyLoad {
     pub(super) dir: PathBuf,
-    /// Bases of the segments known from their summaries, in order.
-    pub(super) summarized: Vec<u64>,
-    /// Keys of the decoded segments.
-    pub(super) decoded: Vec<(u64, KeyHash, Uuid)>,
+    /// Every segment's keys, in position order.
+    pub(super) sources: Vec<KeySource>,
     pub(super) capacity: usize,
 }
 
 impl KeyLoad {
-    /// The window of the newest `capacity` keys.
-    fn window(self, storage: &dyn sanare_fs::Storage) -> KeyWindow {
-        let mut keys = self.decoded;
-        for base in self.summarized.iter().rev() {
-            if keys.len() >= self.capacity {
-                break;
+    /// Starts loading; the window arrives on the receiver.
+    pub(super) fn start(self, shared: Arc<Shared>) -> Result<std::sync::mpsc::Receiver<KeyWindow>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("sanare-journal-keys".into())
+            .spawn(move || {
+                let _ = tx.send(self.window(&shared));
+            })
+            .map_err(|e| Error::io("starting the journal key loader thread", e))?;
+        Ok(rx)
+    }
+
+    /// The keys of one source, in position order (`None` when unreadable).
+    fn load(&self, shared: &Shared, source: KeySource) -> Option<Vec<(u64, KeyHash, Uuid)>> {
+        match source {
+            KeySource::Decoded(keys) => Some(keys),
+            KeySource::Summary(base) => {
+                crate::summary::load_keys(&*shared.storage, &self.dir, base)
             }
-            match crate::summary::load_keys(storage, &self.dir, *base) {
-                Some(k) => keys.extend(k),
+            KeySource::Prefix { base, len } => {
+                // The segment as it is now (sealed and compacted since open,
+                // maybe), not removed while it is read.
+                let (mut raw, damage) = {
+                    let _files = shared.files.read().unwrap_or_else(|e| e.into_inner());
+                    let info = lock(&shared.segments)
+                        .iter()
+                        .find(|s| s.base == base)
+                        .cloned()?;
+                    read_raw(&*shared.storage, &info).ok()?
+                };
+                if !damage.is_empty() {
+                    return None;
+                }
+                // `len` was checked against the segment's frames on open.
+                raw.truncate(usize::try_from(len).ok()?);
+                let (version, base) = frame::parse_segment_header_versioned(&raw, "").ok()?;
+                if version != frame::SEGMENT_VERSION_GROUPS {
+                    return None;
+                }
+                // Only the keys: the entries are not decoded.
+                let scan = frame::scan_groups(&raw, frame::SEGMENT_HEADER, base, false);
+                Some(
+                    scan.frames
+                        .iter()
+                        .filter(|(_, kind, _)| *kind == frame::KIND_ENTRY)
+                        .filter_map(|(_, _, body)| {
+                            let (p, id, key) = frame::entry_key(&raw[body.clone()])?;
+                            Some((p, super::keys::hash(key?), id))
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// The window of the newest `capacity` keys: sources are read newest first
+    /// until the window is full, then inserted oldest first.
+    fn window(mut self, shared: &Shared) -> KeyWindow {
+        let mut chunks = Vec::new();
+        let mut total = 0usize;
+        while total < self.capacity
+            && let Some(source) = self.sources.pop()
+        {
+            match self.load(shared, source) {
+                Some(keys) => {
+                    total += keys.len();
+                    chunks.push(keys);
+                }
                 None => tracing::warn!(
-                    segment = base,
-                    "journal segment summary unreadable; its idempotency keys are not remembered"
+                    "journal segment summary or checkpointed prefix unreadable; its idempotency keys are not remembered"
                 ),
             }
         }
-        keys.sort_unstable_by_key(|k| k.0);
-        let mut window = KeyWindow::new(self.capacity);
-        for (p, h, id) in keys {
+        let mut window = KeyWindow::with_capacity(self.capacity, total.min(self.capacity));
+        let skip = total.saturating_sub(self.capacity);
+        for (p, h, id) in chunks.into_iter().rev().flatten().skip(skip) {
             window.insert_hash(h, (p, id));
         }
         window
@@ -72,8 +139,8 @@ pub(super) struct Writer {
     pub(super) next: u64,
     /// Idempotency keys of the most recent entries written (durable or in flight).
     pub(super) keys: KeyWindow,
-    /// What the key window is filled from, before the first append.
-    pub(super) key_load: Option<KeyLoad>,
+    /// The keys recorded before this open, while they are being loaded.
+    pub(super) older_keys: Option<std::sync::mpsc::Receiver<KeyWindow>>,
     pub(super) options: WalOptions,
     pub(super) shared: Arc<Shared>,
     /// Groups in flight and the sync threads.
@@ -94,15 +161,13 @@ impl Writer {
     /// order. While every sync thread is busy the writer waits, and callers queue
     /// up for the next group.
     pub(super) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-        if let Some(load) = self.key_load.take() {
-            self.keys = load.window(&*self.shared.storage);
-        }
         // Buffers reused from group to group: no allocation per group beyond the
         // entries themselves.
         let mut buf = Vec::with_capacity(1 << 20);
         let mut batch = Vec::with_capacity(self.options.max_batch.min(4096));
         let mut batch_keys: HashMap<String, (u64, Uuid)> = HashMap::new();
         let mut rotate = Vec::new();
+        let mut checkpoint = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
             // An idle sync thread; while there is none, more callers queue up.
@@ -126,12 +191,16 @@ impl Writer {
             for cmd in batch.drain(..) {
                 match cmd {
                     Cmd::Rotate(r) => rotate.push(r),
+                    Cmd::Checkpoint(r) => checkpoint.push(r),
                     Cmd::Append(entry, reply) => {
                         if let Some(p) = &self.poisoned {
                             let _ = reply.send(Err(Error::unavailable(format!(
                                 "the journal stopped accepting writes after a failed write ({p}); reopen it"
                             ))));
                             continue;
+                        }
+                        if entry.idempotency_key.is_some() {
+                            self.older_keys_loaded();
                         }
                         // A key seen before, durable or still in flight: the
                         // duplicate is answered in its own group, after the
@@ -186,19 +255,7 @@ impl Writer {
             }
             self.commit(slot, &mut buf, &mut batch_keys, written, replies);
             if self.len >= self.options.segment_size || !rotate.is_empty() {
-                // Seal only what is durable: every group answered, no sync running.
-                let res = match self.pipe.drain() {
-                    Err(msg) => {
-                        self.poisoned.get_or_insert(msg.clone());
-                        Err(Error::unavailable(format!(
-                            "the journal stopped accepting writes after a failed write ({msg}); reopen it"
-                        )))
-                    }
-                    Ok(()) if self.poisoned.is_some() => {
-                        Err(Error::unavailable("journal write failed"))
-                    }
-                    Ok(()) => self.rotate_now(),
-                };
+                let res = self.durable().and_then(|()| self.rotate_now());
                 if let Err(e) = &res {
                     tracing::error!(error = %e, "journal segment rotation failed");
                 }
@@ -209,10 +266,62 @@ impl Writer {
                     });
                 }
             }
+            if !checkpoint.is_empty() {
+                let res = self.durable().and_then(|()| self.checkpoint_now());
+                for r in checkpoint.drain(..) {
+                    let _ = r.send(match &res {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(Error::unavailable(format!("checkpoint failed: {e}"))),
+                    });
+                }
+            }
         }
         // Every caller answered before the thread ends; dropping `self.jobs`
         // stops the sync threads.
         let _ = self.pipe.drain();
+    }
+
+    /// Waits until every group written is durable and answered, no sync running.
+    fn durable(&mut self) -> Result<()> {
+        match self.pipe.drain() {
+            Err(msg) => {
+                self.poisoned.get_or_insert(msg.clone());
+                Err(Error::unavailable(format!(
+                    "the journal stopped accepting writes after a failed write ({msg}); reopen it"
+                )))
+            }
+            Ok(()) if self.poisoned.is_some() => Err(Error::unavailable("journal write failed")),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Writes the active segment's checkpoint (call with every group durable).
+    fn checkpoint_now(&self) -> Result<()> {
+        let Some(active) = lock(&self.shared.segments).last().cloned() else {
+            return Ok(());
+        };
+        if active.last.is_none() {
+            return Ok(()); // nothing to vouch for
+        }
+        super::checkpoint::store(&*self.shared.storage, &self.dir, &active)
+            .map_err(|e| Error::io("writing the journal checkpoint", e))
+    }
+
+    /// Waits for the keys recorded before this open (once), and puts the keys
+    /// recorded since after them.
+    fn older_keys_loaded(&mut self) {
+        let Some(rx) = self.older_keys.take() else {
+            return;
+        };
+        match rx.recv() {
+            Ok(mut older) => {
+                older.extend(std::mem::replace(&mut self.keys, KeyWindow::new(1)));
+                self.keys = older;
+            }
+            Err(_) => tracing::warn!(
+                "the journal key loader stopped; idempotency keys recorded before this open are not remembered"
+            ),
+        }
     }
 
     /// Queues callers whose entries were not written (nothing to write, a duplicate

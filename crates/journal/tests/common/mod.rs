@@ -46,6 +46,25 @@ impl Handler for Counting {
     }
 }
 
+/// Writes half a record (a header claiming 100 bytes, then 10 bytes) where the
+/// next group of the active segment `seg` would have gone, as a torn write
+/// leaves it. Returns (where the data ended, the file's length before).
+pub fn tear_after_the_data(seg: &std::path::Path) -> (u64, u64) {
+    // The active segment is preallocated: the data ends at the last non-zero byte
+    // (a group trailer's end marker), zeros follow.
+    let bytes = std::fs::read(seg).unwrap();
+    let good_len = bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+    assert!(bytes.len() as u64 > good_len, "preallocated");
+    let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &f,
+        b"SJ\x01\x01\x64\x00\x00\x00\x00\x00\x00\x00abcdefghij",
+        good_len,
+    )
+    .unwrap();
+    (good_len, bytes.len() as u64)
+}
+
 pub fn entry(op: &str, payload: &str) -> NewEntry {
     NewEntry::new(op, payload).unwrap()
 }

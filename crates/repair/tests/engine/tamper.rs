@@ -417,3 +417,109 @@ async fn an_assignment_calling_a_function_is_refused_unless_its_keyed_hash_verif
         .unwrap();
     assert_eq!(out.status, RepairStatus::Completed, "{:?}", out.message);
 }
+
+/// The issue's own payloads (a condition that calls `pg_sleep`, an assignment that
+/// calls a function, a table name with a `;`) on a server that logs every statement
+/// and counts them with `pg_stat_statements`: each is refused, and after the
+/// tampering no statement the server saw carried the payload or touched a host
+/// table; the canary table stays empty.
+#[tokio::test]
+async fn tampered_repairs_are_refused_as_the_server_log_and_pg_stat_statements_show() {
+    use sanare_testing::cluster::{Cluster, ClusterOptions};
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(
+            ClusterOptions::default()
+                .setting("shared_preload_libraries", "pg_stat_statements")
+                .setting("log_statement", "all"),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let db = sanare_testing::test_db_on(&cluster.url("postgres")).await;
+    {
+        let c = db.client().await;
+        sanare_testing::fixtures::order_service::install(&**c, S)
+            .await
+            .unwrap();
+        sanare_testing::fixtures::order_service::generate(&**c, S, 40)
+            .await
+            .unwrap();
+        c.batch_execute("CREATE EXTENSION pg_stat_statements")
+            .await
+            .unwrap();
+    }
+    let (engine, id, before) = planned_orphans(&db).await;
+    let tables = ["order_lines", "orders"];
+    let original: serde_json::Value = db
+        .client()
+        .await
+        .query_one(
+            "SELECT action FROM sanare.repair_operations WHERE id = $1",
+            &[&id.as_uuid()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let cases = [
+        (
+            "a condition calling pg_sleep",
+            r#"UPDATE sanare.repair_operations SET action = jsonb_build_object('op', 'delete',
+                 'cond', 'true) OR (SELECT pg_sleep(0)) IS NULL OR (SELECT shop.canary()) OR (true',
+                 'table', jsonb_build_object('schema', 'shop', 'name', 'order_lines'), 'keys', null)
+               WHERE id = $1"#,
+            "not a repair action",
+        ),
+        (
+            "an assignment calling a function",
+            r#"UPDATE sanare.repair_operations SET action = jsonb_set(action, '{op}',
+                 '{"op": "update", "set": [{"set": "null", "column": "product_id = shop.canary()::int, quantity"}],
+                   "check": {"check": "unchanged"}}')
+               WHERE id = $1"#,
+            "has no column",
+        ),
+        (
+            "a table name with a `;`",
+            r#"UPDATE sanare.repair_operations SET action = jsonb_set(action, '{table,name}',
+                 '"order_lines; SELECT pg_sleep(0); SELECT shop.canary()"')
+               WHERE id = $1"#,
+            "not the plan's table",
+        ),
+    ];
+    for (what, sql, why) in cases {
+        tamper(&db, id, sql).await;
+        let c = db.client().await;
+        c.batch_execute("SELECT pg_stat_statements_reset()")
+            .await
+            .unwrap();
+        let log_at = cluster.log().len();
+        refused(&db, &engine, id, &tables, &before, why).await;
+        let logged = cluster.statements_logged_since(log_at);
+        assert!(!logged.is_empty(), "the server logs statements");
+        for word in ["pg_sleep", "canary()", "order_lines;"] {
+            assert!(!logged.contains(word), "{what}: `{word}` in\n{logged}");
+        }
+        let ran: Vec<String> = c
+            .query(
+                "SELECT query FROM pg_stat_statements
+                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND (query LIKE '%pg_sleep%' OR query LIKE '%canary()%'
+                         OR query ~* '(update|delete from|insert into)\\s+\"?shop\"?\\.')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(ran.is_empty(), "{what}: {ran:#?}");
+        c.execute(
+            "UPDATE sanare.repair_operations SET action = $2 WHERE id = $1",
+            &[&id.as_uuid(), &original],
+        )
+        .await
+        .unwrap();
+    }
+    drop(engine);
+    drop(db);
+}

@@ -158,7 +158,7 @@ impl GroupBuilder {
 }
 
 /// Splits a table's block references into content-defined groups: a group ends
-/// after a reference [`ends_group`] picks or after 256 references, so an edit
+/// after a reference `ends_group` picks or after 256 references, so an edit
 /// changes only the groups around it (and an update of rows moves no boundary).
 /// Indexes written before this rule cut groups after block ids below 8; they are
 /// read the same way (a reader takes the groups as the index lists them).

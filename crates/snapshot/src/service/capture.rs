@@ -221,9 +221,6 @@ impl Snapshots {
         // The DDL that recreates the tables, stored as a block.
         let (ddl, ddl_bytes) = self.capture_ddl(&tx, &tables, &writer, &mut pack).await?;
         compressed_bytes += ddl_bytes;
-        ids.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(ddl.0)?;
         writer.flush(&mut pack).await?;
         let mut stored_bytes = writer.finish().await?;
 

@@ -353,9 +353,22 @@ impl Snapshots {
         }
         writer.flush(&mut pack).await?;
         let written = writer.finish().await?;
+        // Pack keys are content hashes: a copy identical to its original (every
+        // block live, nothing else in the new pack) has the original's key, and
+        // deleting "the original" would delete the copy.
+        let new_keys: BTreeSet<Arc<str>> = scratch
+            .read()
+            .await
+            .packs()
+            .iter()
+            .map(|p| p.key.clone())
+            .collect();
         // The copies are durable; only now the originals go.
         let mut freed = 0u64;
         for old in &done {
+            if new_keys.contains(&old.key) {
+                continue;
+            }
             self.inner.store.delete(&old.key).await?;
             freed += old.size;
         }

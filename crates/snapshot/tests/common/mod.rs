@@ -20,3 +20,17 @@ pub(crate) async fn shop_db(orders: u64) -> TestDb {
         .unwrap();
     db
 }
+
+/// Changes rows spread over the fixture's `orders` and `payments` (so a second
+/// snapshot stores deltas against the first's blocks).
+#[allow(dead_code)] // not every test file uses it
+pub(crate) async fn change_spread_rows(db: &TestDb) {
+    db.client()
+        .await
+        .batch_execute(
+            "UPDATE shop.orders SET note = 'changed' WHERE id % 5 = 0;
+             DELETE FROM shop.payments WHERE id % 7 = 0;",
+        )
+        .await
+        .unwrap();
+}
