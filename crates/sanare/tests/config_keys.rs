@@ -5,7 +5,11 @@ use sanare::config::JournalBackend;
 use sanare::journal::NewEntry;
 use sanare::{Sanare, SanareConfig};
 
-async fn start(db: &sanare_testing::TestDb, dir: &std::path::Path, config: SanareConfig) -> Sanare {
+async fn try_start(
+    db: &sanare_testing::TestDb,
+    dir: &std::path::Path,
+    config: SanareConfig,
+) -> sanare::Result<Sanare> {
     Sanare::builder()
         .config(config)
         .pool(db.pool().clone())
@@ -13,7 +17,10 @@ async fn start(db: &sanare_testing::TestDb, dir: &std::path::Path, config: Sanar
         .background(false)
         .build()
         .await
-        .unwrap()
+}
+
+async fn start(db: &sanare_testing::TestDb, dir: &std::path::Path, config: SanareConfig) -> Sanare {
+    try_start(db, dir, config).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,14 +85,7 @@ async fn snapshots_key_file_is_where_the_signing_key_is_made_and_read() {
     );
     // A key file that is not a key is refused by the next start, not replaced.
     std::fs::write(&key, "not a key").unwrap();
-    let Err(err) = Sanare::builder()
-        .config(config)
-        .pool(db.pool().clone())
-        .data_dir(dir.path())
-        .background(false)
-        .build()
-        .await
-    else {
+    let Err(err) = try_start(&db, dir.path(), config).await else {
         panic!("a damaged key file is refused");
     };
     assert!(err.to_string().contains("orders.key"), "{err}");
@@ -114,14 +114,7 @@ async fn validation_rules_file_declares_the_rules_and_a_missing_one_is_named() {
     drop(sanare);
 
     std::fs::remove_file(&rules).unwrap();
-    let Err(err) = Sanare::builder()
-        .config(config)
-        .pool(db.pool().clone())
-        .data_dir(dir.path())
-        .background(false)
-        .build()
-        .await
-    else {
+    let Err(err) = try_start(&db, dir.path(), config).await else {
         panic!("a missing rules file is refused");
     };
     assert!(err.to_string().contains("rules.toml"), "{err}");
