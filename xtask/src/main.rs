@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's development tasks.
 //!
-//! - `test`: format check, the MSRV check ([`msrv`]), clippy with `-D warnings`, docs
+//! - `test`: format check, the MSRV check ([`msrv`]), no new oversized file or
+//!   function ([`rooms`]), clippy with `-D warnings`, docs
 //!   with `-D warnings`, `cargo package --workspace`, the host crate built from the
 //!   getting-started guide ([`guide`]), and every test of the workspace, against one
 //!   throwaway PostgreSQL for the whole run (or `DATABASE_URL` when set);
@@ -19,6 +20,7 @@ use serde_json::Value;
 
 mod guide;
 mod msrv;
+mod rooms;
 
 const USAGE: &str = "usage: cargo xtask <task>
 
@@ -28,6 +30,8 @@ tasks:
                   DATABASE_URL is set)
   msrv            check that no dependency of a published crate needs a newer Rust
                   than the declared rust-version
+  rooms           list source files over 1,200 lines and functions over 150 lines
+                  (`test` fails on any not in rooms::NOT_YET_CARVED)
   demo            run the quickstart example against a throwaway PostgreSQL
   pg [--durable]  start a throwaway PostgreSQL, print its DATABASE_URL, keep it
                   running until this process is interrupted (for quick test loops;
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("msrv") => check_msrv(),
+        Some("rooms") => check_rooms(),
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("pg") => pg(&args[1..]),
@@ -171,6 +176,27 @@ fn test(args: &[String]) -> Result<(), String> {
     let metadata = metadata()?;
     step("msrv", || msrv_report(&metadata))?;
     step("getting-started and the host crate agree", check_guide)?;
+    step(
+        "rooms: no new file over 1,200 lines or function over 150",
+        || {
+            let offenders = rooms::check(&root())?;
+            let (new, carved) = rooms::new_and_carved(&offenders);
+            for (file, function) in carved {
+                eprintln!(
+                    "xtask: {file}: fn {function} is carved: remove it from rooms::NOT_YET_CARVED"
+                );
+            }
+            if new.is_empty() {
+                Ok(())
+            } else {
+                Err(new
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            }
+        },
+    )?;
     run(
         "cargo clippy",
         cargo().args([
@@ -294,6 +320,26 @@ fn metadata() -> Result<Value, String> {
         return Err(format!("cargo metadata failed ({})", output.status));
     }
     serde_json::from_slice(&output.stdout).map_err(|e| format!("cargo metadata: {e}"))
+}
+
+fn check_rooms() -> Result<(), String> {
+    let offenders = rooms::check(&root())?;
+    for offender in &offenders {
+        println!("{offender}");
+    }
+    if offenders.is_empty() {
+        eprintln!(
+            "xtask: no file over {} lines, no function over {} lines",
+            rooms::MAX_FILE_LINES,
+            rooms::MAX_FN_LINES
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "{} rooms too big (carve them by concept)",
+            offenders.len()
+        ))
+    }
 }
 
 fn check_msrv() -> Result<(), String> {

@@ -168,7 +168,7 @@ fn print_scan<'a>(
     }
     for p in physical {
         out.line(format!(
-            "physical {}: amcheck {:?}, {} heap blocks, {} indexes, {} relations",
+            "physical {}: amcheck {}, {} heap blocks, {} indexes, {} relations",
             p.table,
             p.amcheck,
             p.heap_blocks_checked,
@@ -181,7 +181,7 @@ fn print_scan<'a>(
             &["kind", "severity", "table", "row", "what", "do"],
             issues.take(HUMAN_ISSUES).map(|i| {
                 vec![
-                    format!("{:?}", i.kind),
+                    i.kind.to_string(),
                     i.severity.to_string(),
                     i.table.to_string(),
                     i.row.as_ref().map(ToString::to_string).unwrap_or_default(),

@@ -37,7 +37,7 @@ pub(crate) async fn crashes(ctx: &Context, command: CrashesCommand) -> anyhow::R
                     crashes.iter().map(|c| {
                         vec![
                             c.crash.id.to_string(),
-                            c.crash.detected_at.to_string(),
+                            crate::output::time(c.crash.detected_at),
                             c.crash.kind.as_str().to_owned(),
                             c.crash.severity.to_string(),
                             match c.recovery_successful {
@@ -61,8 +61,8 @@ pub(crate) async fn crashes(ctx: &Context, command: CrashesCommand) -> anyhow::R
                         ("id", r.id.to_string()),
                         ("kind", r.kind.as_str().to_owned()),
                         ("severity", r.severity.to_string()),
-                        ("crashed at", r.crashed_at.to_string()),
-                        ("detected at", r.detected_at.to_string()),
+                        ("crashed at", crate::output::time(r.crashed_at)),
+                        ("detected at", crate::output::time(r.detected_at)),
                         ("type", r.exception_type.clone().unwrap_or_default()),
                         ("message", r.message.clone().unwrap_or_default()),
                         ("location", r.location.clone().unwrap_or_default()),

@@ -97,6 +97,26 @@ impl Filter {
     }
 }
 
+/// What opening the journal found, in words.
+fn open_report_text(r: &sanare::journal::OpenReport) -> String {
+    let mut text = format!(
+        "opening the journal found {} entries in {} segments",
+        r.entries, r.segments
+    );
+    if let Some((segment, offset, bytes)) = &r.truncated_tail {
+        text.push_str(&format!(
+            "; a torn tail of {bytes} bytes was cut off segment {segment} at offset {offset}"
+        ));
+    }
+    if !r.corrupt.is_empty() {
+        text.push_str(&format!(
+            "; {} damaged regions isolated (`sanare journal verify` lists them)",
+            r.corrupt.len()
+        ));
+    }
+    text
+}
+
 pub(crate) async fn run(ctx: &Context, command: JournalCommand) -> anyhow::Result<u8> {
     if let JournalCommand::Archive {
         read: Some(path), ..
@@ -123,7 +143,7 @@ pub(crate) async fn run(ctx: &Context, command: JournalCommand) -> anyhow::Resul
                     ]],
                 );
                 if let Some(r) = &opened {
-                    out.line(format!("opening the journal found: {r:?}"));
+                    out.line(open_report_text(r));
                 }
             });
             Ok(0)
@@ -242,10 +262,10 @@ fn print_entries(ctx: &Context, entries: &[sanare::journal::JournalEntry]) -> an
             entries.iter().map(|e| {
                 vec![
                     e.position.to_string(),
-                    e.recorded_at.to_string(),
+                    crate::output::time(e.recorded_at),
                     e.operation_type.clone(),
                     e.idempotency_key.clone().unwrap_or_default(),
-                    format!("{:?}", e.status).to_lowercase(),
+                    e.status.as_str().to_owned(),
                     e.payload.len().to_string(),
                     if e.payload_intact() { "yes" } else { "NO" }.into(),
                 ]

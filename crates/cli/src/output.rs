@@ -66,6 +66,14 @@ impl Human {
     }
 }
 
+/// A time for people: RFC 3339 to the second, in the offset it carries (UTC from
+/// the database: `2026-12-07T12:08:36Z`).
+pub(crate) fn time(t: time::OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{} (unix seconds)", t.unix_timestamp()))
+}
+
 /// Prints the error a command failed with: the whole chain (each message once) on
 /// stderr and, with `--json`, the same as a JSON object on stdout, with the
 /// server's words as fields when PostgreSQL refused a statement.
@@ -141,4 +149,15 @@ where
         bar.finish_and_clear();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_in_rfc3339_to_the_second_with_their_offset() {
+        let utc = time::macros::datetime!(2026-12-07 12:08:36.787818 UTC);
+        assert_eq!(super::time(utc), "2026-12-07T12:08:36Z");
+        let cet = time::macros::datetime!(2026-12-07 13:08:36.5 +01:00);
+        assert_eq!(super::time(cet), "2026-12-07T13:08:36+01:00");
+    }
 }

@@ -91,7 +91,7 @@ pub(crate) async fn run(ctx: &Context, args: RecoverArgs) -> anyhow::Result<u8> 
                 c.crash.id,
                 c.crash.kind.as_str(),
                 c.crash.severity,
-                c.crash.detected_at,
+                crate::output::time(c.crash.detected_at),
                 c.crash.message.as_deref().unwrap_or("no message")
             ),
             None => eprintln!(
@@ -163,7 +163,7 @@ async fn undo(
     let what = format!(
         "undo recovery {id} ({}, {}): restore {} from backup snapshot {}",
         record.result.option,
-        record.result.started_at,
+        crate::output::time(record.result.started_at),
         if record.result.tables_restored.is_empty() {
             "no table".to_owned()
         } else {

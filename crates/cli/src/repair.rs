@@ -239,7 +239,7 @@ async fn history(
                     ("rolled back", record.rolled_back_at),
                 ]
                 .into_iter()
-                .filter_map(|(k, v)| v.map(|v| vec![k.to_owned(), v.to_string()])),
+                .filter_map(|(k, v)| v.map(|v| vec![k.to_owned(), crate::output::time(v)])),
             );
             for line in record.execution_log.iter().chain(&record.rollback_log) {
                 out.line(format!("  {line}"));
@@ -261,10 +261,10 @@ async fn history(
         |r| {
             vec![
                 r.plan.id.to_string(),
-                r.created_at.to_string(),
+                crate::output::time(r.created_at),
                 r.plan.table.to_string(),
                 sanare::repair::strategy_code(&r.plan.strategy),
-                format!("{:?}", r.plan.status),
+                r.plan.status.to_string(),
                 r.rows_affected.map(|n| n.to_string()).unwrap_or_default(),
                 r.rows_skipped.map(|n| n.to_string()).unwrap_or_default(),
                 r.executed_by.clone().unwrap_or_default(),
@@ -296,9 +296,13 @@ async fn quarantine(
                         q.repair.to_string(),
                         q.table.to_string(),
                         q.key.join(", "),
-                        q.quarantined_at.to_string(),
+                        crate::output::time(q.quarantined_at),
                         match (&q.restored_at, &q.restored_by) {
-                            (Some(at), by) => format!("{at} by {}", by.as_deref().unwrap_or("?")),
+                            (Some(at), by) => format!(
+                                "{} by {}",
+                                crate::output::time(*at),
+                                by.as_deref().unwrap_or("?")
+                            ),
                             (None, _) => String::new(),
                         },
                     ]
@@ -406,7 +410,7 @@ fn outcome_or_approval(
 fn print_outcome(ctx: &Context, outcome: &sanare::core::RepairOutcome) -> anyhow::Result<()> {
     ctx.out.show(outcome, |out| {
         out.line(format!(
-            "repair {}: {:?}{} — {} rows changed, {} left alone, in {:.2}s",
+            "repair {}: {}{} — {} rows changed, {} left alone, in {:.2}s",
             outcome.repair,
             outcome.status,
             if outcome.dry_run {
@@ -450,7 +454,7 @@ fn plan_row(p: &RepairPlan) -> Vec<String> {
             (None, true) => "NEEDED".into(),
             (None, false) => "not needed".into(),
         },
-        format!("{:?}", p.status),
+        p.status.to_string(),
         p.description.clone(),
     ]
 }

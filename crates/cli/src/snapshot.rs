@@ -161,35 +161,7 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
             Ok(0)
         }
         SnapshotCommand::List => list(ctx, snapshots).await,
-        SnapshotCommand::Verify { id } => {
-            let id = resolve(snapshots, &id).await?;
-            let report = with_progress(&ctx.out, "verify", |control| async move {
-                snapshots.verify(id, &control).await
-            })
-            .await?;
-            let ok = report.is_ok();
-            ctx.out.show(&report, |out| {
-                out.line(format!(
-                    "snapshot {}: {} blocks checked, {} missing, {} corrupt — {}",
-                    report.snapshot,
-                    report.blocks_checked,
-                    report.blocks_missing,
-                    report.blocks_corrupt,
-                    match (ok, ctx.url.is_some()) {
-                        (true, _) => "intact",
-                        (false, true) => "DAMAGED (marked corrupted)",
-                        (false, false) => "DAMAGED (not marked: no database)",
-                    }
-                ));
-                for p in &report.problems {
-                    out.line(format!("  {p}"));
-                }
-                for n in &report.notes {
-                    out.line(format!("  note: {n}"));
-                }
-            })?;
-            Ok(if ok { 0 } else { EXIT_FINDINGS })
-        }
+        SnapshotCommand::Verify { id } => verify(ctx, snapshots, &id).await,
         SnapshotCommand::Restore {
             id,
             table,
@@ -299,6 +271,37 @@ pub(crate) async fn run(ctx: &Context, command: SnapshotCommand) -> anyhow::Resu
     }
 }
 
+/// `snapshot verify`: every block of one snapshot read back and checked.
+async fn verify(ctx: &Context, snapshots: &Snapshots, id: &str) -> anyhow::Result<u8> {
+    let id = resolve(snapshots, id).await?;
+    let report = with_progress(&ctx.out, "verify", |control| async move {
+        snapshots.verify(id, &control).await
+    })
+    .await?;
+    let ok = report.is_ok();
+    ctx.out.show(&report, |out| {
+        out.line(format!(
+            "snapshot {}: {} blocks checked, {} missing, {} corrupt — {}",
+            report.snapshot,
+            report.blocks_checked,
+            report.blocks_missing,
+            report.blocks_corrupt,
+            match (ok, ctx.url.is_some()) {
+                (true, _) => "intact",
+                (false, true) => "DAMAGED (marked corrupted)",
+                (false, false) => "DAMAGED (not marked: no database)",
+            }
+        ));
+        for p in &report.problems {
+            out.line(format!("  {p}"));
+        }
+        for n in &report.notes {
+            out.line(format!("  note: {n}"));
+        }
+    })?;
+    Ok(if ok { 0 } else { EXIT_FINDINGS })
+}
+
 /// `snapshot list`: the repository opened, then every snapshot with where it is.
 async fn list(ctx: &Context, snapshots: &Snapshots) -> anyhow::Result<u8> {
     let listing = snapshots.list_all().await?;
@@ -360,11 +363,11 @@ fn row(s: &ListedSnapshot) -> Vec<String> {
             ..
         } => "in the store only".to_owned(),
         Availability::StoreOnly { .. } => "in the store only (not authenticated)".to_owned(),
-        _ => format!("{:?}", i.status).to_lowercase(),
+        _ => i.status.to_string(),
     };
     vec![
         i.id.to_string(),
-        i.created_at.to_string(),
+        crate::output::time(i.created_at),
         status,
         i.label.clone().unwrap_or_default(),
         i.tables.len().to_string(),

@@ -58,6 +58,26 @@ impl Env {
         })
     }
 
+    /// Runs without `--json`, checks the exit code, and returns what a person
+    /// reads (stdout and stderr) after checking it speaks to them: no Rust
+    /// `Debug` text, and times in RFC 3339.
+    fn human(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "`sanare {}`\n{text}",
+            args.join(" ")
+        );
+        assert_speaks_to_people(&text, args);
+        text
+    }
+
     async fn count(&self, sql: &str) -> i64 {
         self.db
             .client()
@@ -80,6 +100,41 @@ impl Env {
             .await
             .unwrap()
     }
+}
+
+/// No `Debug` output (`Available { version: "1.3" }`, `Some(…)`, `a::b` paths), and
+/// no time in `time`'s default form (`2026-12-07 12:08:36.787818 +00:00:00`).
+fn assert_speaks_to_people(text: &str, args: &[&str]) {
+    for debug in ["{ ", " }", "Some(", "None", "::"] {
+        assert!(
+            !text.contains(debug),
+            "`sanare {}` printed Debug text `{debug}`:\n{text}",
+            args.join(" ")
+        );
+    }
+    let bytes = text.as_bytes();
+    for (i, w) in bytes.windows(10).enumerate() {
+        // ` +HH:MM:SS` is the default form's offset.
+        let default_offset = (w[0] == b' ' && (w[1] == b'+' || w[1] == b'-'))
+            && [2, 3, 5, 6, 8, 9].iter().all(|&j| w[j].is_ascii_digit())
+            && w[4] == b':'
+            && w[7] == b':';
+        assert!(
+            !default_offset,
+            "`sanare {}` printed a time in the default form at byte {i}:\n{text}",
+            args.join(" ")
+        );
+    }
+}
+
+/// Whether `text` holds an RFC 3339 time to the second in UTC
+/// (`2026-12-07T12:08:36Z`).
+fn has_rfc3339(text: &str) -> bool {
+    text.as_bytes().windows(20).any(|w| {
+        let digits = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+        digits.iter().all(|&j| w[j].is_ascii_digit())
+            && (w[4], w[7], w[10], w[13], w[16], w[19]) == (b'-', b'-', b'T', b':', b':', b'Z')
+    })
 }
 
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -121,11 +176,16 @@ async fn snapshot_lifecycle_create_list_verify_restore_delete_prune() {
     let list = env.json(&["snapshot", "list"], 0);
     assert_eq!(list["snapshots"].as_array().unwrap().len(), 1);
     assert!(list["storage"]["blocks"].as_u64().unwrap() > 0);
-    let text = String::from_utf8_lossy(&env.run(&["snapshot", "list"]).stdout).into_owned();
+    let text = env.human(&["snapshot", "list"], 0);
     assert!(text.contains(&id) && text.contains("first"), "{text}");
+    assert!(has_rfc3339(&text), "{text}");
 
     let verified = env.json(&["snapshot", "verify", "latest"], 0);
     assert_eq!(verified["blocks_corrupt"], 0);
+    assert!(
+        env.human(&["snapshot", "verify", "latest"], 0)
+            .contains("intact")
+    );
 
     // Damage the live data, then restore: refused without --yes, beside into a
     // scratch schema, then into the live tables.
@@ -224,6 +284,14 @@ async fn journal_stats_query_archive_verify_and_a_damaged_record() {
     assert_eq!(placed.as_array().unwrap().len(), 10);
     let tail = env.json(&["journal", "query", "--after", "15"], 0);
     assert_eq!(tail.as_array().unwrap().len(), 5);
+    let text = env.human(&["journal", "stats"], 0);
+    assert!(text.contains("20 entries"), "{text}");
+    let text = env.human(&["journal", "query", "--after", "15"], 0);
+    assert!(
+        text.contains("order.placed") && text.contains("recorded"),
+        "{text}"
+    );
+    assert!(has_rfc3339(&text), "{text}");
     let verified = env.json(&["journal", "verify"], 0);
     assert_eq!(verified["entries"], 20);
     // Compaction of the sealed segments (none yet: one active segment) reports what
@@ -389,6 +457,13 @@ async fn repair_plan_approve_apply_rollback_and_history() {
     let first = plans[0]["id"].as_str().unwrap();
     let one = env.json(&["repair", "history", "--id", first], 0);
     assert!(one["rolled_back_at"].is_string(), "{one}");
+    let text = env.human(&["repair", "history", "--id", first], 0);
+    assert!(text.contains("rolled_back") && has_rfc3339(&text), "{text}");
+    let text = env.human(&["repair", "history"], 0);
+    assert!(
+        text.contains("rolled_back") && text.contains("failed") && has_rfc3339(&text),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,18 +481,25 @@ async fn crashes_show_and_the_recovery_wizard_without_a_terminal() {
     let shown = env.json(&["crashes", "show", &crash.to_string()], 0);
     assert_eq!(shown["crash"]["kind"], "application_crash");
     assert!(shown["recovery_successful"].is_null());
+    let text = env.human(&["crashes", "list"], 0);
+    assert!(
+        text.contains("application_crash") && has_rfc3339(&text),
+        "{text}"
+    );
+    let text = env.human(&["crashes", "show", &crash.to_string()], 0);
+    assert!(has_rfc3339(&text), "{text}");
 
     // Not on a terminal and no --yes: the plan is printed, nothing runs, exit 4.
-    let planned = env.run(&["recover", "--option", "repair-only"]);
-    assert_eq!(planned.status.code(), Some(4));
-    let stderr = String::from_utf8_lossy(&planned.stderr);
+    let stderr = env.human(&["recover", "--option", "repair-only"], 4);
     assert!(
-        stderr.contains("validate") && stderr.contains("--yes"),
+        stderr.contains("validate") && stderr.contains("--yes") && has_rfc3339(&stderr),
         "{stderr}"
     );
-    // With --json, the plan that was not run is the one document on stdout.
+    // With --json, the plan that was not run is the one document on stdout, and
+    // nothing ran.
     let plan = env.json(&["recover", "--option", "repair-only"], 4);
     assert_eq!(plan["steps"][0]["step"], "validate");
+    assert!(env.json(&["crashes", "show", &crash.to_string()], 0)["recovery_successful"].is_null());
 
     let result = env.json(&["recover", "--option", "repair-only", "--yes"], 0);
     assert_eq!(result["success"], true);
@@ -474,8 +556,14 @@ async fn the_operators_snapshot_restore_is_undone_by_recovery_id() {
     );
     let id = restored["id"].as_str().unwrap();
 
-    // Without --yes nothing is undone.
-    assert_eq!(env.run(&["recover", "--undo", id]).status.code(), Some(4));
+    // Without --yes nothing is undone: a person reads what would be, a script
+    // gets the record as one JSON document.
+    let text = env.human(&["recover", "--undo", id], 4);
+    assert!(
+        text.contains("undo recovery") && has_rfc3339(&text),
+        "{text}"
+    );
+    assert_eq!(env.json(&["recover", "--undo", id], 4)["result"]["id"], id);
     assert_eq!(env.count(customer).await, 0);
     let undone = env.json(&["recover", "--undo", id, "--yes"], 0);
     assert_eq!(undone["undoes"], id);
@@ -493,6 +581,13 @@ async fn scan_reports_tables_without_checksums_and_physical_checks() {
         report["scan"]["tables_skipped"].as_array().unwrap().len(),
         1
     );
-    let text = String::from_utf8_lossy(&env.run(&["scan"]).stdout).into_owned();
+    let text = env.human(&["scan"], 0);
     assert!(text.contains("skipped shop."), "{text}");
+    let text = env.human(&["scan", "--table", "shop.orders", "--physical"], 0);
+    assert!(
+        text.contains("amcheck available (")
+            || text.contains("amcheck unavailable: ")
+            || text.contains("amcheck disabled"),
+        "{text}"
+    );
 }

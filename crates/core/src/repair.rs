@@ -58,6 +58,28 @@ pub enum RepairStatus {
     ReplanNeeded,
 }
 
+impl RepairStatus {
+    /// The stable snake_case name, as serialized and printed.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RepairStatus::Planning => "planning",
+            RepairStatus::Pending => "pending",
+            RepairStatus::AwaitingApproval => "awaiting_approval",
+            RepairStatus::InProgress => "in_progress",
+            RepairStatus::Completed => "completed",
+            RepairStatus::Failed => "failed",
+            RepairStatus::RolledBack => "rolled_back",
+            RepairStatus::ReplanNeeded => "replan_needed",
+        }
+    }
+}
+
+impl std::fmt::Display for RepairStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How many violation ids a [`RepairPlan`] carries at most, and how many rows a
 /// [`RepairOutcome`] lists at most: a repair may cover millions of rows, which stay
 /// in the repair engine's tables.

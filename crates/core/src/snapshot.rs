@@ -27,6 +27,26 @@ pub enum SnapshotStatus {
     Deleted,
 }
 
+impl SnapshotStatus {
+    /// The stable snake_case name, as serialized and printed.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SnapshotStatus::Creating => "creating",
+            SnapshotStatus::Ready => "ready",
+            SnapshotStatus::Validating => "validating",
+            SnapshotStatus::Corrupted => "corrupted",
+            SnapshotStatus::Archived => "archived",
+            SnapshotStatus::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Rows captured for one table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableRowCount {

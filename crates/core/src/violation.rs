@@ -44,6 +44,12 @@ impl CorruptionKind {
     }
 }
 
+impl std::fmt::Display for CorruptionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What rule a [`Violation`] breaks (spec §4.2's violation types, with the facts a
 /// repair strategy needs to act on them).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -142,8 +142,9 @@ impl Run {
     fn out_of_time(&mut self, plan: &RecoveryPlan, what: &str) -> String {
         let target = plan.options.time_target.unwrap_or_default();
         let text = format!(
-            "{what} stopped at the recovery time target ({target:?}): what it did not reach was not checked now; \
-             the scheduled checks (or `sanare validate` / `sanare scan`) cover it"
+            "{what} stopped at the recovery time target ({}s): what it did not reach was not checked now; \
+             the scheduled checks (or `sanare validate` / `sanare scan`) cover it",
+            target.as_secs_f64()
         );
         self.result.warnings.push(text.clone());
         text

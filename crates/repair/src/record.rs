@@ -63,17 +63,7 @@ pub(crate) const RECORD_COLUMNS: &str =
      rollback_log, error_message, table_schema, table_name, violation_count";
 
 pub(crate) fn status_code(s: RepairStatus) -> &'static str {
-    match s {
-        RepairStatus::Planning => "planning",
-        RepairStatus::Pending => "pending",
-        RepairStatus::AwaitingApproval => "awaiting_approval",
-        RepairStatus::InProgress => "in_progress",
-        RepairStatus::Completed => "completed",
-        RepairStatus::Failed => "failed",
-        RepairStatus::RolledBack => "rolled_back",
-        RepairStatus::ReplanNeeded => "replan_needed",
-        _ => "unknown",
-    }
+    s.as_str()
 }
 
 fn parse_status(s: &str) -> Result<RepairStatus> {

@@ -106,7 +106,7 @@ async fn run_one<S: RepairService + ?Sized>(
         Ok(out) => summary.not_completed.push((
             plan.id,
             out.message
-                .unwrap_or_else(|| format!("ended {:?}", out.status)),
+                .unwrap_or_else(|| format!("ended {}", out.status)),
         )),
         Err(e) if e.is_cancelled() => return Err(e),
         Err(Error::ApprovalRequired(why)) => {

@@ -162,9 +162,7 @@ fn scheduler(c: &Components, instance: &str, timing: &Timing) -> Scheduler {
             async move { scheduled_snapshot(&c, &control).await }
         });
     }
-    if c.config.journal.enabled
-        && let Some(every) = c.config.journal.compaction_interval
-    {
+    if let Some(every) = c.config.journal.compaction_interval {
         // The journal is this installation's own: no work lock across schemas.
         let c = c.clone();
         scheduler = scheduler.task(task::COMPACT, every, move |control| {

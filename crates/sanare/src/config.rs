@@ -254,18 +254,8 @@ pub enum StorageConfig {
     },
 }
 
-/// Block compression.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Codec {
-    /// lz4 (fast; the default).
-    Lz4,
-    /// brotli (dense; for archives).
-    Brotli,
-    /// No compression.
-    None,
-}
+/// Block compression: the snapshot crate's own type (`lz4`, `brotli`, `none`).
+pub use sanare_snapshot::Codec;
 
 /// Snapshot settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -275,10 +265,9 @@ pub struct SnapshotConfig {
     /// Take a scheduled snapshot this often (never when unset).
     #[serde(with = "humantime_serde::option")]
     pub interval: Option<Duration>,
-    /// The block codec.
+    /// The codec of new blocks. Every snapshot is incremental: blocks are
+    /// content-addressed, so a capture stores only blocks no snapshot holds yet.
     pub codec: Codec,
-    /// Capture only what changed since the previous snapshot.
-    pub incremental: bool,
     /// Keep at least the newest N snapshots.
     pub keep_last: u32,
     /// Keep every snapshot younger than this many days.
@@ -301,7 +290,6 @@ impl Default for SnapshotConfig {
         Self {
             interval: Some(Duration::from_secs(30 * 60)),
             codec: Codec::Lz4,
-            incremental: true,
             keep_last: 10,
             keep_days: 7,
             storage: StorageConfig::Filesystem { path: None },
@@ -328,15 +316,13 @@ pub enum JournalBackend {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct JournalConfig {
-    /// Keep a journal.
-    pub enabled: bool,
-    /// Which backend.
+    /// Which backend. (There is no switch to turn the journal off: every start
+    /// replays it, and snapshots, repairs and point-in-time restores read it.)
     pub backend: JournalBackend,
-    /// Compact sealed data this often.
+    /// Compact sealed data this often, and purge what `retention_days` allows
+    /// (never when unset).
     #[serde(with = "humantime_serde::option")]
     pub compaction_interval: Option<Duration>,
-    /// Archive entries older than this many days.
-    pub archive_after_days: u32,
     /// Purge entries older than this many days (and covered by a snapshot).
     pub retention_days: u32,
 }
@@ -344,10 +330,8 @@ pub struct JournalConfig {
 impl Default for JournalConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
             backend: JournalBackend::Wal,
             compaction_interval: Some(Duration::from_secs(24 * 3600)),
-            archive_after_days: 30,
             retention_days: 90,
         }
     }
@@ -485,6 +469,7 @@ impl SanareConfig {
     }
 
     fn from_value(value: toml::Value) -> Result<Self> {
+        refuse_removed_keys(&value)?;
         let config: SanareConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
             let message = e.inner().to_string();
@@ -575,6 +560,35 @@ impl SanareConfig {
     pub fn schema_name(&self) -> Result<sanare_pg::SchemaName> {
         sanare_pg::SchemaName::new(self.schema.clone())
     }
+}
+
+/// Keys earlier versions accepted but never honoured, with what to do instead:
+/// refused by name, so a configuration that relied on one learns it did nothing.
+const REMOVED_KEYS: &[(&str, &str, &str)] = &[
+    (
+        "snapshots",
+        "incremental",
+        "removed: every snapshot is incremental (blocks are content-addressed, a capture stores only new ones); delete the key",
+    ),
+    (
+        "journal",
+        "enabled",
+        "removed: the journal cannot be turned off (every start replays it; snapshots and repairs read it); delete the key, and set `journal.compaction_interval = \"off\"` to stop compaction",
+    ),
+    (
+        "journal",
+        "archive_after_days",
+        "removed: it never archived anything; write archives with `sanare journal archive --until <time> --out <file>`, and `journal.retention_days` purges what a snapshot covers",
+    ),
+];
+
+fn refuse_removed_keys(value: &toml::Value) -> Result<()> {
+    for (section, key, why) in REMOVED_KEYS {
+        if value.get(section).and_then(|s| s.get(key)).is_some() {
+            return Err(Error::config(format!("{section}.{key}"), *why));
+        }
+    }
+    Ok(())
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {
@@ -729,6 +743,40 @@ mod tests {
         let text = toml::to_string(&SanareConfig::default()).unwrap();
         let back = SanareConfig::from_toml_str(&text, "defaults").unwrap();
         assert_eq!(back, SanareConfig::default());
+    }
+
+    #[test]
+    fn removed_keys_are_refused_by_name_with_what_to_do() {
+        for (text, key, hint) in [
+            (
+                "[snapshots]\nincremental = true",
+                "snapshots.incremental",
+                "content-addressed",
+            ),
+            (
+                "[journal]\nenabled = false",
+                "journal.enabled",
+                "cannot be turned off",
+            ),
+            (
+                "[journal]\narchive_after_days = 30",
+                "journal.archive_after_days",
+                "journal archive",
+            ),
+        ] {
+            let err = SanareConfig::from_toml_str(text, "f")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(hint), "{text}: {err}");
+        }
+        let err = SanareConfig::default()
+            .with_env([("SANARE__JOURNAL__ENABLED".to_owned(), "false".to_owned())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("journal.enabled"), "{err}");
+        // Other keys of those sections still read.
+        let c = SanareConfig::from_toml_str("[journal]\nretention_days = 3", "f").unwrap();
+        assert_eq!(c.journal.retention_days, 3);
     }
 
     #[test]

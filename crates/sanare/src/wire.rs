@@ -12,7 +12,7 @@ use sanare_repair::RepairEngine;
 use sanare_snapshot::{BlockStore, FsStore, PgStore, Snapshots};
 
 use crate::builder::SanareBuilder;
-use crate::config::{AlertsConfig, Codec, JournalBackend, SanareConfig, StorageConfig};
+use crate::config::{AlertsConfig, JournalBackend, SanareConfig, StorageConfig};
 
 /// The components, wired.
 pub(crate) struct Wired {
@@ -107,13 +107,6 @@ fn snapshots(
     } = *env;
     let store = config.snapshot_store(data_dir, Some(pool))?;
     let key = config.snapshot_key(data_dir, true)?;
-    let mut snapshot_config = sanare_snapshot::SnapshotConfig::default();
-    snapshot_config.codec = match config.snapshots.codec {
-        Codec::Lz4 => sanare_snapshot::Codec::Lz4,
-        Codec::Brotli => sanare_snapshot::Codec::Brotli,
-        Codec::None => sanare_snapshot::Codec::None,
-    };
-    snapshot_config.default_schemas = config.snapshots.schemas.clone();
     let mut snapshots = Snapshots::builder()
         .store(store)
         .new_repository(config.snapshots.new_repository)
@@ -121,7 +114,7 @@ fn snapshots(
         .schema(schema.clone())
         .journal(journal_service.clone())
         .events(events.clone())
-        .config(snapshot_config);
+        .config(snapshot_config(config));
     if let Some(key) = key {
         snapshots = snapshots.key(key);
     }
@@ -141,19 +134,12 @@ fn integrity(b: &SanareBuilder, env: &Env<'_>, rules: Rules) -> Result<Arc<Integ
         data_dir,
         events,
     } = *env;
-    let mut integrity_config = IntegrityConfig::default();
-    integrity_config.chunk_rows = u64::from(config.validation.chunk_size);
-    integrity_config.parallelism = usize::from(config.validation.parallelism);
-    integrity_config.duty_cycle = config.validation.duty_cycle;
-    integrity_config.chunk_timeout = config.validation.chunk_timeout;
-    integrity_config.report_dir = data_dir.join("reports");
-    integrity_config.families = config.validation.families();
     let mut integrity = Integrity::builder()
         .pool(pool.clone())
         .schema(schema.clone())
         .rules(rules)
         .events(events.clone())
-        .config(integrity_config);
+        .config(integrity_config(config, data_dir));
     if let Some(key) = b.checksum_key {
         integrity = integrity.checksum_key(key);
     }
@@ -174,18 +160,13 @@ fn repair(env: &Env<'_>, shared: &Shared, rules: &Rules) -> Result<Arc<RepairEng
         ..
     } = *env;
     let (snapshot_service, journal_service) = (&shared.snapshots, &shared.journal);
-    let mut repair_config = sanare_repair::RepairConfig::default();
-    repair_config.approval_severity = Some(config.repair.approval_threshold);
-    repair_config.approval_max_rows = config.repair.max_rows_without_approval;
-    repair_config.removals_need_approval = config.repair.removals_need_approval;
-    repair_config.statement_timeout = config.repair.max_duration;
     let mut repair = RepairEngine::builder()
         .pool(pool.clone())
         .schema(schema.clone())
         .snapshots(snapshot_service.clone())
         .journal(journal_service.clone())
         .events(events.clone())
-        .config(repair_config);
+        .config(repair_config(config));
     for rule in &rules.consistency {
         if let (Some(column), Some(expression)) = (&rule.recompute, &rule.recompute_expression) {
             repair = repair.recompute_rule(&rule.name, rule.table_ref()?, column, expression);
@@ -194,6 +175,36 @@ fn repair(env: &Env<'_>, shared: &Shared, rules: &Rules) -> Result<Arc<RepairEng
     let repair = Arc::new(repair.build()?);
 
     Ok(repair)
+}
+
+/// The snapshot component's settings from `[snapshots]`.
+fn snapshot_config(config: &SanareConfig) -> sanare_snapshot::SnapshotConfig {
+    let mut c = sanare_snapshot::SnapshotConfig::default();
+    c.codec = config.snapshots.codec;
+    c.default_schemas = config.snapshots.schemas.clone();
+    c
+}
+
+/// The integrity component's settings from `[validation]`.
+fn integrity_config(config: &SanareConfig, data_dir: &Path) -> IntegrityConfig {
+    let mut c = IntegrityConfig::default();
+    c.chunk_rows = u64::from(config.validation.chunk_size);
+    c.parallelism = usize::from(config.validation.parallelism);
+    c.duty_cycle = config.validation.duty_cycle;
+    c.chunk_timeout = config.validation.chunk_timeout;
+    c.report_dir = data_dir.join("reports");
+    c.families = config.validation.families();
+    c
+}
+
+/// The repair engine's settings from `[repair]`.
+fn repair_config(config: &SanareConfig) -> sanare_repair::RepairConfig {
+    let mut c = sanare_repair::RepairConfig::default();
+    c.approval_severity = Some(config.repair.approval_threshold);
+    c.approval_max_rows = config.repair.max_rows_without_approval;
+    c.removals_need_approval = config.repair.removals_need_approval;
+    c.statement_timeout = config.repair.max_duration;
+    c
 }
 
 fn corruption(
@@ -224,14 +235,25 @@ fn corruption(
         .snapshots(snapshot_service.clone())
         .journal(journal_service.clone())
         .events(events.clone());
-    if let Some(alerts) = b.alerts.take().or(alert_sinks(&config.corruption.alerts)?)
-        && config.corruption.alert_on_detection
-    {
+    if let Some(alerts) = detection_alerts(config, b.alerts.take())? {
         corruption = corruption.alerts(alerts);
     }
     let corruption = Arc::new(corruption.build()?);
 
     Ok(corruption)
+}
+
+/// Where the detector's alerts go: the host's sink, else the configured ones;
+/// none when `corruption.alert_on_detection` is off.
+fn detection_alerts(
+    config: &SanareConfig,
+    host: Option<Arc<dyn AlertSink>>,
+) -> Result<Option<Arc<dyn AlertSink>>> {
+    let sinks = match host {
+        Some(sink) => Some(sink),
+        None => alert_sinks(&config.corruption.alerts)?,
+    };
+    Ok(sinks.filter(|_| config.corruption.alert_on_detection))
 }
 
 /// The alert sinks named by the configuration, behind one dispatcher (batching,
@@ -368,5 +390,144 @@ impl SanareConfig {
         } else {
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sanare_core::{CheckFamily, Severity};
+
+    use super::*;
+
+    fn from(text: &str) -> SanareConfig {
+        SanareConfig::from_toml_str(text, "test").unwrap()
+    }
+
+    /// Each key reaches the component that honours it: set to a value other
+    /// than the component's default, it must come out in the component's config.
+    #[test]
+    fn snapshot_keys_reach_the_snapshot_component() {
+        for (name, codec) in [
+            ("none", sanare_snapshot::Codec::None),
+            ("brotli", sanare_snapshot::Codec::Brotli),
+            ("lz4", sanare_snapshot::Codec::Lz4),
+        ] {
+            let c = from(&format!("[snapshots]\ncodec = \"{name}\""));
+            assert_eq!(snapshot_config(&c).codec, codec, "{name}");
+        }
+        let err = SanareConfig::from_toml_str("[snapshots]\ncodec = \"zstd\"", "f").unwrap_err();
+        assert!(err.to_string().contains("snapshots.codec"), "{err}");
+        let c = from("[snapshots]\nschemas = [\"shop\", \"billing\"]");
+        assert_eq!(snapshot_config(&c).default_schemas, ["shop", "billing"]);
+    }
+
+    #[test]
+    fn validation_keys_reach_the_integrity_component() {
+        let c = from(
+            "[validation]\nchunk_size = 77\nchunk_timeout = \"7s\"\nparallelism = 5\n\
+             duty_cycle = 0.5\nchecksum = false\nconsistency = false",
+        );
+        let i = integrity_config(&c, Path::new("/data"));
+        assert_eq!(i.chunk_rows, 77);
+        assert_eq!(i.chunk_timeout, Duration::from_secs(7));
+        assert_eq!(i.parallelism, 5);
+        assert!((i.duty_cycle - 0.5).abs() < f64::EPSILON);
+        assert_eq!(i.families, [CheckFamily::Schema, CheckFamily::Referential]);
+        assert_eq!(i.report_dir, Path::new("/data/reports"));
+    }
+
+    #[tokio::test]
+    async fn alert_keys_make_their_sinks_or_name_what_is_missing() {
+        assert!(
+            alert_sinks(&SanareConfig::default().corruption.alerts)
+                .unwrap()
+                .is_none()
+        );
+        for key in [
+            "slack_webhook_url = \"https://hooks.slack.test/x\"",
+            "pagerduty_routing_key = \"r0ut1ng\"",
+            "webhook_url = \"https://hooks.test/x\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"",
+            "smtp_url = \"smtp://mail.test:2525\"\nemail_from = \"s@x.test\"\nemail_to = [\"o@x.test\"]",
+        ] {
+            let c = from(&format!("[corruption.alerts]\n{key}"));
+            assert!(
+                alert_sinks(&c.corruption.alerts).unwrap().is_some(),
+                "{key}"
+            );
+        }
+        for (key, missing) in [
+            (
+                "webhook_url = \"https://hooks.test/x\"",
+                "corruption.alerts.webhook_secret",
+            ),
+            (
+                "smtp_url = \"smtp://mail.test\"\nemail_to = [\"o@x.test\"]",
+                "corruption.alerts.email_from",
+            ),
+            (
+                "smtp_url = \"smtp://mail.test\"\nemail_from = \"s@x.test\"",
+                "corruption.alerts.email_to",
+            ),
+            ("smtp_url = \"mail.test\"", "corruption.alerts.smtp_url"),
+        ] {
+            let c = from(&format!("[corruption.alerts]\n{key}"));
+            let err = alert_sinks(&c.corruption.alerts)
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(missing)),
+                "{key}: {err:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn alert_on_detection_off_sends_no_alert_anywhere() {
+        struct Host;
+        #[async_trait::async_trait]
+        impl AlertSink for Host {
+            fn name(&self) -> &str {
+                "host"
+            }
+            async fn send(&self, _: &sanare_core::Alert) -> Result<()> {
+                Ok(())
+            }
+        }
+        let slack = "[corruption.alerts]\nslack_webhook_url = \"https://hooks.slack.test/x\"";
+        for (text, host, sends) in [
+            (slack.to_owned(), false, true),
+            (
+                format!("{slack}\n[corruption]\nalert_on_detection = false"),
+                false,
+                false,
+            ),
+            (
+                "[corruption]\nalert_on_detection = false".to_owned(),
+                true,
+                false,
+            ),
+            (String::new(), true, true),
+        ] {
+            let host = host.then(|| Arc::new(Host) as Arc<dyn AlertSink>);
+            let alerts = detection_alerts(&from(&text), host).unwrap();
+            assert_eq!(alerts.is_some(), sends, "{text}");
+        }
+    }
+
+    #[test]
+    fn repair_keys_reach_the_repair_engine() {
+        let c = from(
+            "[repair]\napproval_threshold = \"critical\"\nmax_rows_without_approval = 12\n\
+             removals_need_approval = false\nmax_duration = \"9s\"",
+        );
+        let r = repair_config(&c);
+        assert_eq!(r.approval_severity, Some(Severity::Critical));
+        assert_eq!(r.approval_max_rows, 12);
+        assert!(!r.removals_need_approval);
+        assert_eq!(r.statement_timeout, Duration::from_secs(9));
+        let d = repair_config(&SanareConfig::default());
+        assert!(d.removals_need_approval);
     }
 }

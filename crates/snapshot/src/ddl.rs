@@ -57,6 +57,30 @@ pub enum DdlKind {
     Comment,
 }
 
+impl DdlKind {
+    /// What it creates, in words (`sequence owner`, `foreign key`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DdlKind::Schema => "schema",
+            DdlKind::Extension => "extension",
+            DdlKind::Type => "type",
+            DdlKind::Sequence => "sequence",
+            DdlKind::Table => "table",
+            DdlKind::SequenceOwner => "sequence owner",
+            DdlKind::Constraint => "constraint",
+            DdlKind::Index => "index",
+            DdlKind::ForeignKey => "foreign key",
+            DdlKind::Comment => "comment",
+        }
+    }
+}
+
+impl std::fmt::Display for DdlKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One statement of a snapshot's DDL.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DdlStatement {
@@ -888,7 +912,7 @@ pub(crate) async fn recreate(
             if run {
                 c.batch_execute(&s.sql)
                     .await
-                    .with_context(|| format!("recreating {:?} {}.{} from the snapshot's DDL", s.kind, s.schema, s.name))?;
+                    .with_context(|| format!("recreating {} {}.{} from the snapshot's DDL", s.kind, s.schema, s.name))?;
             }
         }
         Ok::<_, Error>(())

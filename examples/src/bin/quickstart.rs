@@ -120,10 +120,75 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "== 2. the service snapshots, places orders (journaled write-ahead), and is killed -9"
     );
+    let placed_before = kill_mid_workload(&url, data.path(), &client).await?;
+
+    println!("== 3. restart: sanare detects the crash, records it and recovers before serving");
+    let (sanare, crash, placed_after) = restart_and_recover(&url, data.path(), &client).await?;
+
+    println!("== 4. damage planted behind the database's back");
+    client
+        .batch_execute(
+            "SET session_replication_role = replica;
+             DELETE FROM shop.customers WHERE id = 7;
+             UPDATE shop.customers SET email = overlay(email placing chr(ascii(substr(email, 1, 1)) # 1) from 1 for 1) WHERE id = 11;
+             SET session_replication_role = origin;",
+        )
+        .await?;
+    println!("   customer 7 deleted under its orders; one bit of customer 11's email flipped");
+
+    println!("== 5. detect and repair");
+    let control = Control::detached();
+    let (summary, scan, repaired) = detect_and_repair(&sanare, &control).await?;
+
+    println!("== 6. final report");
+    let after = sanare
+        .integrity()
+        .validate(ValidationScope::all(), &control)
+        .await?;
+    let rescan = sanare.corruption().scan_all(&control).await?;
+    let customer7: i64 = client
+        .query_one("SELECT count(*) FROM shop.customers WHERE id = 7", &[])
+        .await?
+        .get(0);
+    println!("   crash detected:            {}", crash.kind.as_str());
+    println!("   orders after recovery:     {placed_after} (killed at {placed_before})");
+    println!(
+        "   violations found / left:   {} / {}",
+        summary.total_violations(),
+        after.total_violations()
+    );
+    println!(
+        "   corruption found / left:   {} / {}",
+        scan.issues.len(),
+        rescan.issues.len()
+    );
+    println!(
+        "   repairs run / rows changed: {} / {}",
+        repaired.completed, repaired.rows_changed
+    );
+    println!("   customer 7 present again:  {}", customer7 == 1);
+    println!(
+        "   total time:                {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    sanare.shutdown().await?;
+    if after.total_violations() > 0 || !rescan.issues.is_empty() {
+        bail!("damage left after repair");
+    }
+    Ok(())
+}
+
+/// Step 2: the order service runs in its own process, snapshots and places orders,
+/// and is killed with SIGKILL once it placed 300; returns the orders placed.
+async fn kill_mid_workload(
+    url: &str,
+    data: &std::path::Path,
+    client: &tokio_postgres::Client,
+) -> anyhow::Result<i64> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("--worker")
-        .arg(data.path())
-        .env("DATABASE_URL", &url)
+        .arg(data)
+        .env("DATABASE_URL", url)
         .spawn()
         .context("starting the order service process")?;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -156,17 +221,25 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .get(0);
     println!("   killed with {placed_before} new orders in the database");
+    Ok(placed_before)
+}
 
-    println!("== 3. restart: sanare detects the crash, records it and recovers before serving");
-    let sanare = start(&url, data.path()).await?;
+/// Step 3: the restart detects the crash and recovers before serving; returns the
+/// service, the crash and the orders in the database after recovery.
+async fn restart_and_recover(
+    url: &str,
+    data: &std::path::Path,
+    client: &tokio_postgres::Client,
+) -> anyhow::Result<(Sanare, sanare::recovery::CrashRecord, i64)> {
+    let sanare = start(url, data).await?;
     let crash = sanare
         .startup_report()
         .crash()
         .context("the crash was not detected")?
         .clone();
     println!(
-        "   previous run crashed: {:?} ({}), evidence: {}",
-        crash.kind,
+        "   previous run crashed: {} ({}), evidence: {}",
+        crash.kind.as_str(),
         crash.severity,
         crash.evidence.join("; ")
     );
@@ -210,23 +283,22 @@ async fn main() -> anyhow::Result<()> {
             journaled.entries
         );
     }
+    Ok((sanare, crash, placed_after))
+}
 
-    println!("== 4. damage planted behind the database's back");
-    client
-        .batch_execute(
-            "SET session_replication_role = replica;
-             DELETE FROM shop.customers WHERE id = 7;
-             UPDATE shop.customers SET email = overlay(email placing chr(ascii(substr(email, 1, 1)) # 1) from 1 for 1) WHERE id = 11;
-             SET session_replication_role = origin;",
-        )
-        .await?;
-    println!("   customer 7 deleted under its orders; one bit of customer 11's email flipped");
-
-    println!("== 5. detect and repair");
-    let control = Control::detached();
+/// Step 5: validation and the corruption scan find the damage; the repair engine
+/// plans, approves and runs the repairs.
+async fn detect_and_repair(
+    sanare: &Sanare,
+    control: &Control,
+) -> anyhow::Result<(
+    sanare::core::ValidationSummary,
+    sanare::corruption::ScanReport,
+    sanare::core::RepairRunSummary,
+)> {
     let summary = sanare
         .integrity()
-        .validate(ValidationScope::all(), &control)
+        .validate(ValidationScope::all(), control)
         .await?;
     let mut violations: Vec<Violation> = sanare
         .integrity()
@@ -239,14 +311,14 @@ async fn main() -> anyhow::Result<()> {
         summary.rows_checked,
         summary.total_violations()
     );
-    let scan = sanare.corruption().scan_all(&control).await?;
+    let scan = sanare.corruption().scan_all(control).await?;
     println!(
         "   corruption scan: {} rows scanned, {} issues ({})",
         scan.rows_scanned,
         scan.issues.len(),
         scan.issues
             .iter()
-            .map(|i| format!("{:?} in {}", i.kind, i.table))
+            .map(|i| format!("{} in {}", i.kind, i.table))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -259,7 +331,7 @@ async fn main() -> anyhow::Result<()> {
         .repair_all(
             futures_util::stream::iter(violations.into_iter().map(Ok)).boxed(),
             &policy,
-            &control,
+            control,
         )
         .await?;
     println!(
@@ -269,43 +341,7 @@ async fn main() -> anyhow::Result<()> {
     for (id, why) in &repaired.not_completed {
         println!("   repair {id} did not complete: {why}");
     }
-
-    println!("== 6. final report");
-    let after = sanare
-        .integrity()
-        .validate(ValidationScope::all(), &control)
-        .await?;
-    let rescan = sanare.corruption().scan_all(&control).await?;
-    let customer7: i64 = client
-        .query_one("SELECT count(*) FROM shop.customers WHERE id = 7", &[])
-        .await?
-        .get(0);
-    println!("   crash detected:            {:?}", crash.kind);
-    println!("   orders after recovery:     {placed_after} (killed at {placed_before})");
-    println!(
-        "   violations found / left:   {} / {}",
-        summary.total_violations(),
-        after.total_violations()
-    );
-    println!(
-        "   corruption found / left:   {} / {}",
-        scan.issues.len(),
-        rescan.issues.len()
-    );
-    println!(
-        "   repairs run / rows changed: {} / {}",
-        repaired.completed, repaired.rows_changed
-    );
-    println!("   customer 7 present again:  {}", customer7 == 1);
-    println!(
-        "   total time:                {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    sanare.shutdown().await?;
-    if after.total_violations() > 0 || !rescan.issues.is_empty() {
-        bail!("damage left after repair");
-    }
-    Ok(())
+    Ok((summary, scan, repaired))
 }
 
 /// Adds the checksum column's trigger (sanare's built-in SQL) to `shop.customers`,

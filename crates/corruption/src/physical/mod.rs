@@ -41,6 +41,17 @@ pub enum AmcheckStatus {
     },
 }
 
+impl std::fmt::Display for AmcheckStatus {
+    /// `available (1.3)`, `disabled`, or `unavailable: <why>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AmcheckStatus::Available { version } => write!(f, "available ({version})"),
+            AmcheckStatus::Disabled => f.write_str("disabled"),
+            AmcheckStatus::Unavailable { reason } => write!(f, "unavailable: {reason}"),
+        }
+    }
+}
+
 /// What a physical check did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -399,14 +399,7 @@ fn index_key(id: SnapshotId) -> String {
 }
 
 fn status_str(s: SnapshotStatus) -> &'static str {
-    match s {
-        SnapshotStatus::Creating => "creating",
-        SnapshotStatus::Ready => "ready",
-        SnapshotStatus::Validating => "validating",
-        SnapshotStatus::Corrupted => "corrupted",
-        SnapshotStatus::Archived => "archived",
-        _ => "deleted",
-    }
+    s.as_str()
 }
 
 fn parse_status(s: &str) -> SnapshotStatus {

@@ -20,7 +20,9 @@ impl Snapshots {
                 .find(|s| !skipped.iter().any(|(id, _)| *id == s.id));
             let Some(snap) = candidate else {
                 return Err(Error::not_found(format!(
-                    "a good snapshot taken at or before {at}{}",
+                    "a good snapshot taken at or before {}{}",
+                    at.format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_else(|_| at.to_string()),
                     if skipped.is_empty() {
                         String::new()
                     } else {
