@@ -37,10 +37,10 @@ fn config() -> SanareConfig {
 
 /// In a child: one instance of the service, running until its stdin closes.
 #[test]
+#[ignore = "the child process of this file's tests: they run it, it is not a test of its own"]
 fn service_child_entry() {
-    let Ok(instance) = std::env::var(INSTANCE) else {
-        return;
-    };
+    let instance = std::env::var(INSTANCE)
+        .expect("a child entry: run by this file's tests (with --ignored), not on its own");
     let dir = std::env::var(DIR).unwrap();
     let url = std::env::var("DATABASE_URL").unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -81,6 +81,7 @@ impl Instance {
             .args([
                 "--exact",
                 "service_child_entry",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
