@@ -99,11 +99,7 @@ async fn a_tampered_work_unit_is_refused_and_nothing_runs_then_the_run_resumes()
     // A cluster of its own: it logs every statement and counts them with
     // pg_stat_statements.
     let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start_with(
-            ClusterOptions::default()
-                .setting("shared_preload_libraries", "pg_stat_statements")
-                .setting("log_statement", "all"),
-        )
+        Cluster::start_with(ClusterOptions::default().logging_every_statement())
     })
     .await
     .unwrap()

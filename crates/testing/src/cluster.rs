@@ -132,6 +132,15 @@ impl ClusterOptions {
         self
     }
 
+    /// A server that logs every statement (`log_statement = all`, read back with
+    /// [`Cluster::statements_logged_since`]) and can count them with
+    /// `pg_stat_statements` (preloaded; `CREATE EXTENSION pg_stat_statements` in
+    /// the database to read it): for tests that must show a statement never ran.
+    pub fn logging_every_statement(self) -> Self {
+        self.setting("shared_preload_libraries", "pg_stat_statements")
+            .setting("log_statement", "all")
+    }
+
     /// An extra server setting.
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));

@@ -23,6 +23,31 @@ async fn tamper(db: &TestDb, repair: RepairId, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
 }
 
+/// The stored action of `repair`.
+async fn stored_action(db: &TestDb, repair: RepairId) -> serde_json::Value {
+    db.client()
+        .await
+        .query_one(
+            "SELECT action FROM sanare.repair_operations WHERE id = $1",
+            &[&repair.as_uuid()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Puts `action` back as the stored action of `repair`.
+async fn put_action(db: &TestDb, repair: RepairId, action: &serde_json::Value) {
+    db.client()
+        .await
+        .execute(
+            "UPDATE sanare.repair_operations SET action = $2 WHERE id = $1",
+            &[&repair.as_uuid(), action],
+        )
+        .await
+        .unwrap();
+}
+
 /// Both a dry run and a real run of `repair` are refused; nothing ran.
 async fn refused(
     db: &TestDb,
@@ -93,16 +118,7 @@ async fn extra_fields_unknown_columns_and_wrong_tables_in_a_stored_action_are_re
     let db = setup(40).await;
     let (engine, id, before) = planned_orphans(&db).await;
     let tables = ["order_lines", "orders"];
-    let original: serde_json::Value = db
-        .client()
-        .await
-        .query_one(
-            "SELECT action FROM sanare.repair_operations WHERE id = $1",
-            &[&id.as_uuid()],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let original = stored_action(&db, id).await;
     let cases = [
         (
             "jsonb_set(action, '{op,cond}', '\"true) OR (SELECT shop.canary()) OR (true\"')",
@@ -138,14 +154,7 @@ async fn extra_fields_unknown_columns_and_wrong_tables_in_a_stored_action_are_re
         )
         .await;
         refused(&db, &engine, id, &tables, &before, why).await;
-        db.client()
-            .await
-            .execute(
-                "UPDATE sanare.repair_operations SET action = $2 WHERE id = $1",
-                &[&id.as_uuid(), &original],
-            )
-            .await
-            .unwrap();
+        put_action(&db, id, &original).await;
     }
     // A table name with a `;`, changed everywhere the plan names it, names no table.
     tamper(
@@ -264,16 +273,7 @@ async fn a_tampered_recompute_detail_or_rule_name_is_refused() {
         "jsonb_set(jsonb_set(action, '{op,set,0,rule}', '\"(SELECT shop.canary())\"'), '{op,check,rule}', '\"(SELECT shop.canary())\"')",
         "jsonb_set(action, '{op,set,0}', '{\"set\": \"expression\", \"column\": \"total_cents\", \"sql\": \"shop.canary()\"}')",
     ] {
-        let original: serde_json::Value = db
-            .client()
-            .await
-            .query_one(
-                "SELECT action FROM sanare.repair_operations WHERE id = $1",
-                &[&plan.id.as_uuid()],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let original = stored_action(&db, plan.id).await;
         tamper(
             &db,
             plan.id,
@@ -286,14 +286,7 @@ async fn a_tampered_recompute_detail_or_rule_name_is_refused() {
             "not in this engine's configuration"
         };
         refused(&db, &engine, plan.id, &["orders"], &before, why).await;
-        db.client()
-            .await
-            .execute(
-                "UPDATE sanare.repair_operations SET action = $2 WHERE id = $1",
-                &[&plan.id.as_uuid(), &original],
-            )
-            .await
-            .unwrap();
+        put_action(&db, plan.id, &original).await;
     }
     // An engine configured without the rule refuses the untampered plan too.
     let bare = engine_without_rules(&db);
@@ -427,11 +420,7 @@ async fn an_assignment_calling_a_function_is_refused_unless_its_keyed_hash_verif
 async fn tampered_repairs_are_refused_as_the_server_log_and_pg_stat_statements_show() {
     use sanare_testing::cluster::{Cluster, ClusterOptions};
     let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start_with(
-            ClusterOptions::default()
-                .setting("shared_preload_libraries", "pg_stat_statements")
-                .setting("log_statement", "all"),
-        )
+        Cluster::start_with(ClusterOptions::default().logging_every_statement())
     })
     .await
     .unwrap()
@@ -451,16 +440,7 @@ async fn tampered_repairs_are_refused_as_the_server_log_and_pg_stat_statements_s
     }
     let (engine, id, before) = planned_orphans(&db).await;
     let tables = ["order_lines", "orders"];
-    let original: serde_json::Value = db
-        .client()
-        .await
-        .query_one(
-            "SELECT action FROM sanare.repair_operations WHERE id = $1",
-            &[&id.as_uuid()],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let original = stored_action(&db, id).await;
     let cases = [
         (
             "a condition calling pg_sleep",
@@ -513,12 +493,7 @@ async fn tampered_repairs_are_refused_as_the_server_log_and_pg_stat_statements_s
             .map(|r| r.get(0))
             .collect();
         assert!(ran.is_empty(), "{what}: {ran:#?}");
-        c.execute(
-            "UPDATE sanare.repair_operations SET action = $2 WHERE id = $1",
-            &[&id.as_uuid(), &original],
-        )
-        .await
-        .unwrap();
+        put_action(&db, id, &original).await;
     }
     drop(engine);
     drop(db);
