@@ -12,17 +12,32 @@ use crate::BlockStore;
 ///
 /// # Panics
 /// On the first check that fails, saying which.
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub async fn conformance(store: &dyn BlockStore) {
-    // Missing objects are None, not errors.
+    missing_objects(store).await;
+    let big = round_trip(store).await;
+    ranges(store, &big).await;
+    idempotent_put(store).await;
+    listing(store).await;
+    bad_keys(store).await;
+    concurrent_puts(store).await;
+    put_new(store).await;
+    deletes(store).await;
+}
+
+/// Missing objects are None, not errors.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+async fn missing_objects(store: &dyn BlockStore) {
     assert!(store.get("blocks/00/missing").await.unwrap().is_none());
     assert!(!store.contains("blocks/00/missing").await.unwrap());
     store
         .delete("blocks/00/missing")
         .await
         .expect("deleting a missing key is not an error");
+}
 
-    // Round trip, including empty and large objects.
+/// Round trip, including empty and large objects; returns the large one.
+#[allow(clippy::unwrap_used)]
+async fn round_trip(store: &dyn BlockStore) -> Vec<u8> {
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     store
         .put("blocks/ab/one", Bytes::from_static(b"one"))
@@ -47,8 +62,12 @@ pub async fn conformance(store: &dyn BlockStore) {
     );
     assert_eq!(store.get("blocks/cd/big").await.unwrap().unwrap(), big);
     assert!(store.contains("blocks/ab/one").await.unwrap());
+    big
+}
 
-    // Parts of objects: any range inside, empty ranges, not past the end.
+/// Parts of objects: any range inside, empty ranges, not past the end.
+#[allow(clippy::unwrap_used)]
+async fn ranges(store: &dyn BlockStore, big: &[u8]) {
     assert_eq!(
         store
             .get_range("blocks/cd/big", 1_000_000..1_000_300)
@@ -93,8 +112,11 @@ pub async fn conformance(store: &dyn BlockStore) {
         matches!(past_end, Err(sanare_core::Error::Corrupt { .. })),
         "a range past the end is Corrupt: {past_end:?}"
     );
+}
 
-    // Putting the same key again is idempotent.
+/// Putting the same key again is idempotent.
+#[allow(clippy::unwrap_used)]
+async fn idempotent_put(store: &dyn BlockStore) {
     store
         .put("blocks/ab/one", Bytes::from_static(b"one"))
         .await
@@ -103,8 +125,11 @@ pub async fn conformance(store: &dyn BlockStore) {
         store.get("blocks/ab/one").await.unwrap().unwrap(),
         &b"one"[..]
     );
+}
 
-    // Listing by prefix, sorted, with sizes.
+/// Listing by prefix, sorted, with sizes.
+#[allow(clippy::unwrap_used)]
+async fn listing(store: &dyn BlockStore) {
     let keys =
         |v: Vec<crate::ObjectMeta>| v.into_iter().map(|m| (m.key, m.size)).collect::<Vec<_>>();
     assert_eq!(
@@ -124,16 +149,21 @@ pub async fn conformance(store: &dyn BlockStore) {
         age.whole_minutes().abs() < 10,
         "modified time is now-ish: {age}"
     );
+}
 
-    // Bad keys are refused, not mapped somewhere surprising.
+/// Bad keys are refused, not mapped somewhere surprising.
+async fn bad_keys(store: &dyn BlockStore) {
     for bad in ["", "../escape", "blocks//x", "blocks/./x", "a b"] {
         assert!(
             store.put(bad, Bytes::from_static(b"x")).await.is_err(),
             "key {bad:?} accepted"
         );
     }
+}
 
-    // Concurrent puts of the same and different keys.
+/// Concurrent puts of the same and different keys.
+#[allow(clippy::unwrap_used)]
+async fn concurrent_puts(store: &dyn BlockStore) {
     let mut tasks = Vec::new();
     for i in 0..16u32 {
         let data = Bytes::from(vec![(i % 4) as u8; 10_000]);
@@ -150,8 +180,11 @@ pub async fn conformance(store: &dyn BlockStore) {
             .unwrap();
         assert_eq!(got, vec![i; 10_000]);
     }
+}
 
-    // Creating only what is not there: the first wins, the second changes nothing.
+/// Creating only what is not there: the first wins, the second changes nothing.
+#[allow(clippy::unwrap_used)]
+async fn put_new(store: &dyn BlockStore) {
     assert!(
         store
             .put_new("locks/first", Bytes::from_static(b"a"))
@@ -167,8 +200,11 @@ pub async fn conformance(store: &dyn BlockStore) {
     assert_eq!(store.get("locks/first").await.unwrap().unwrap(), &b"a"[..]);
     store.delete("locks/first").await.unwrap();
     assert!(!store.location().is_empty());
+}
 
-    // Delete.
+/// Delete.
+#[allow(clippy::unwrap_used)]
+async fn deletes(store: &dyn BlockStore) {
     store.delete("blocks/ab/one").await.unwrap();
     assert!(store.get("blocks/ab/one").await.unwrap().is_none());
     assert!(!store.contains("blocks/ab/one").await.unwrap());

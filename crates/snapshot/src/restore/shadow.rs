@@ -157,58 +157,9 @@ async fn table_plan(
     obstacles: &mut Vec<String>,
     views: &mut BTreeMap<u32, String>,
 ) -> Result<(u32, Shadow)> {
-    let ctx = || format!("reading the catalog entry of {table} for a parallel restore");
-    let r = client
-        .query_opt(
-            "SELECT c.oid, c.relkind = 'r' AND NOT c.relispartition AND NOT c.relhassubclass
-                      AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = c.oid)
-                      AND c.reloftype = 0,
-                    c.relpersistence = 'u', (SELECT spcname FROM pg_tablespace WHERE oid = c.reltablespace),
-                    array_to_string(c.reloptions, ', '), c.relrowsecurity OR c.relforcerowsecurity
-                      OR EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = c.oid),
-                    quote_ident(pg_get_userbyid(c.relowner)), obj_description(c.oid, 'pg_class'),
-                    c.relreplident::text, quote_ident(n.nspname), quote_ident(c.relname),
-                    c.oid::regclass::text,
-                    EXISTS (SELECT 1 FROM pg_publication_rel WHERE prrelid = c.oid),
-                    EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL),
-                    c.relacl IS NULL
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&table.schema, &table.name],
-        )
-        .await
-        .with_context(ctx)?
-        .ok_or_else(|| {
-            Error::not_found(format!(
-                "table {table} in the live database (restore it into a scratch schema with \
-                 `--into`, or create it first)"
-            ))
-        })?;
-    let oid: u32 = r.get(0);
-    let simple: bool = r.get(1);
-    let unlogged: bool = r.get(2);
-    let tablespace: Option<String> = r.get(3);
-    let options: Option<String> = r.get(4);
-    let rls: bool = r.get(5);
-    let owner: String = r.get(6);
-    let comment: Option<String> = r.get(7);
-    let replident: String = r.get(8);
-    let (nsp, rel, live): (String, String, String) = (r.get(9), r.get(10), r.get(11));
-    let (published, column_acl, default_acl): (bool, bool, bool) =
-        (r.get(12), r.get(13), r.get(14));
-    for (bad, what) in [
-        (
-            !simple,
-            "is partitioned, a partition, or part of an inheritance tree or a typed table",
-        ),
-        (rls, "has row-level security"),
-        (published, "is in a publication"),
-        (column_acl, "has column privileges"),
-    ] {
-        if bad {
-            obstacles.push(format!("{live} {what}"));
-        }
-    }
+    let f = TableFacts::read(client, table).await?;
+    f.obstacles(obstacles);
+    let (nsp, rel, live) = (&f.nsp, &f.rel, &f.live);
     let shadow_bare = format!("sanare_shadow_{token}_{n}");
     let shadow = format!("{nsp}.{shadow_bare}");
     let old_bare = format!("sanare_old_{token}_{n}");
@@ -218,34 +169,10 @@ async fn table_plan(
         old: format!("{nsp}.{old_bare}"),
         ..Shadow::default()
     };
-    let quoted_cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-    s.create.push(format!(
-        "CREATE {}TABLE {shadow} (LIKE {live} INCLUDING DEFAULTS INCLUDING GENERATED \
-         INCLUDING IDENTITY INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING COMMENTS){}{}",
-        if unlogged { "UNLOGGED " } else { "" },
-        options
-            .filter(|o| !o.is_empty())
-            .map(|o| format!(" WITH ({o})"))
-            .unwrap_or_default(),
-        tablespace
-            .map(|t| format!(" TABLESPACE {}", quote_ident(&t)))
-            .unwrap_or_default(),
-    ));
-    s.create
-        .push(format!("ALTER TABLE {shadow} OWNER TO {owner}"));
-    if let Some(c) = comment {
-        s.create.push(format!(
-            "COMMENT ON TABLE {shadow} IS {}",
-            quote_literal(&c)
-        ));
-    }
-    s.copy = format!(
-        "COPY {shadow} ({}) FROM STDIN (FORMAT binary, FREEZE)",
-        quoted_cols.join(", ")
-    );
-    columns_plan(client, oid, &live, &mut s).await?;
-    let renames = keys_and_indexes(client, oid, &nsp, &rel, &mut s, obstacles).await?;
-    dependents(client, oid, &live, obstacles, views).await?;
+    f.create_statements(&mut s, columns);
+    columns_plan(client, f.oid, live, &mut s).await?;
+    let renames = keys_and_indexes(client, f.oid, nsp, rel, &mut s, obstacles).await?;
+    dependents(client, f.oid, live, obstacles, views).await?;
     // The swap.
     s.rename
         .push(format!("ALTER TABLE {live} RENAME TO {old_bare}"));
@@ -264,68 +191,205 @@ async fn table_plan(
         })
         .collect();
     s.attach.splice(0..0, named);
-    let triggers = client
-        .query(
-            "SELECT pg_get_triggerdef(oid), quote_ident(tgname), tgenabled::text FROM pg_trigger
-              WHERE tgrelid = $1 AND NOT tgisinternal ORDER BY tgname",
-            &[&oid],
-        )
-        .await
-        .with_context(ctx)?;
-    for t in &triggers {
-        let (def, name, state): (String, String, String) = (t.get(0), t.get(1), t.get(2));
-        s.attach.push(def);
-        match state.as_str() {
-            "D" => s
-                .attach
-                .push(format!("ALTER TABLE {new} DISABLE TRIGGER {name}")),
-            "R" => s
-                .attach
-                .push(format!("ALTER TABLE {new} ENABLE REPLICA TRIGGER {name}")),
-            "A" => s
-                .attach
-                .push(format!("ALTER TABLE {new} ENABLE ALWAYS TRIGGER {name}")),
-            _ => {}
+    f.attach_statements(client, &new, &mut s).await?;
+    Ok((f.oid, s))
+}
+
+/// What the catalog says of one table that its shadow must repeat or that
+/// prevents a swap.
+struct TableFacts {
+    oid: u32,
+    /// A plain table: not partitioned, a partition, in an inheritance tree or typed.
+    simple: bool,
+    unlogged: bool,
+    tablespace: Option<String>,
+    options: Option<String>,
+    /// Row-level security on, forced, or policies defined.
+    rls: bool,
+    /// Quoted.
+    owner: String,
+    comment: Option<String>,
+    replident: String,
+    /// Its schema and name, quoted.
+    nsp: String,
+    rel: String,
+    /// As `regclass` prints it.
+    live: String,
+    published: bool,
+    column_acl: bool,
+    /// No grants recorded: the owner's defaults.
+    default_acl: bool,
+}
+
+impl TableFacts {
+    async fn read(client: &impl GenericClient, table: &TableRef) -> Result<Self> {
+        let r = client
+            .query_opt(
+                "SELECT c.oid, c.relkind = 'r' AND NOT c.relispartition AND NOT c.relhassubclass
+                          AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = c.oid)
+                          AND c.reloftype = 0,
+                        c.relpersistence = 'u', (SELECT spcname FROM pg_tablespace WHERE oid = c.reltablespace),
+                        array_to_string(c.reloptions, ', '), c.relrowsecurity OR c.relforcerowsecurity
+                          OR EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = c.oid),
+                        quote_ident(pg_get_userbyid(c.relowner)), obj_description(c.oid, 'pg_class'),
+                        c.relreplident::text, quote_ident(n.nspname), quote_ident(c.relname),
+                        c.oid::regclass::text,
+                        EXISTS (SELECT 1 FROM pg_publication_rel WHERE prrelid = c.oid),
+                        EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL),
+                        c.relacl IS NULL
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .with_context(|| format!("reading the catalog entry of {table} for a parallel restore"))?
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "table {table} in the live database (restore it into a scratch schema with \
+                     `--into`, or create it first)"
+                ))
+            })?;
+        Ok(Self {
+            oid: r.get(0),
+            simple: r.get(1),
+            unlogged: r.get(2),
+            tablespace: r.get(3),
+            options: r.get(4),
+            rls: r.get(5),
+            owner: r.get(6),
+            comment: r.get(7),
+            replident: r.get(8),
+            nsp: r.get(9),
+            rel: r.get(10),
+            live: r.get(11),
+            published: r.get(12),
+            column_acl: r.get(13),
+            default_acl: r.get(14),
+        })
+    }
+
+    /// Pushes to `obstacles` what of this table a swap cannot carry over.
+    fn obstacles(&self, obstacles: &mut Vec<String>) {
+        for (bad, what) in [
+            (
+                !self.simple,
+                "is partitioned, a partition, or part of an inheritance tree or a typed table",
+            ),
+            (self.rls, "has row-level security"),
+            (self.published, "is in a publication"),
+            (self.column_acl, "has column privileges"),
+        ] {
+            if bad {
+                obstacles.push(format!("{} {what}", self.live));
+            }
         }
     }
-    let stats = client
-        .query(
-            "SELECT pg_get_statisticsobjdef(oid) FROM pg_statistic_ext WHERE stxrelid = $1 ORDER BY oid",
-            &[&oid],
-        )
-        .await
-        .with_context(ctx)?;
-    s.attach.extend(stats.iter().map(|r| r.get::<_, String>(0)));
-    // Grants: the new table's (its creator's defaults) replaced by the old one's.
-    if !default_acl {
-        let grants = client
+
+    /// The statements that create the shadow `s` (owner, comment) and load the
+    /// captured `columns` into it.
+    fn create_statements(&self, s: &mut Shadow, columns: &[String]) {
+        let (live, shadow) = (&self.live, &s.shadow);
+        s.create.push(format!(
+            "CREATE {}TABLE {shadow} (LIKE {live} INCLUDING DEFAULTS INCLUDING GENERATED \
+             INCLUDING IDENTITY INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING COMMENTS){}{}",
+            if self.unlogged { "UNLOGGED " } else { "" },
+            self.options
+                .as_ref()
+                .filter(|o| !o.is_empty())
+                .map(|o| format!(" WITH ({o})"))
+                .unwrap_or_default(),
+            self.tablespace
+                .as_ref()
+                .map(|t| format!(" TABLESPACE {}", quote_ident(t)))
+                .unwrap_or_default(),
+        ));
+        s.create
+            .push(format!("ALTER TABLE {shadow} OWNER TO {}", self.owner));
+        if let Some(c) = &self.comment {
+            s.create
+                .push(format!("COMMENT ON TABLE {shadow} IS {}", quote_literal(c)));
+        }
+        let quoted_cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+        s.copy = format!(
+            "COPY {} ({}) FROM STDIN (FORMAT binary, FREEZE)",
+            s.shadow,
+            quoted_cols.join(", ")
+        );
+    }
+
+    /// The swap's statements after the old table is dropped, on the table now
+    /// named `new`: its triggers (in their state), extended statistics, grants
+    /// and replica identity.
+    async fn attach_statements(
+        &self,
+        client: &impl GenericClient,
+        new: &str,
+        s: &mut Shadow,
+    ) -> Result<()> {
+        let ctx = || {
+            format!(
+                "reading the catalog entry of {} for a parallel restore",
+                self.live
+            )
+        };
+        let oid = self.oid;
+        let triggers = client
             .query(
-                "SELECT format('GRANT %s ON %s TO %s%s', a.privilege_type, $2::text,
-                               CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
-                               CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
-                   FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = $1",
-                &[&oid, &new],
+                "SELECT pg_get_triggerdef(oid), quote_ident(tgname), tgenabled::text FROM pg_trigger
+                  WHERE tgrelid = $1 AND NOT tgisinternal ORDER BY tgname",
+                &[&oid],
             )
             .await
             .with_context(ctx)?;
-        s.attach
-            .push(format!("REVOKE ALL ON {new} FROM PUBLIC, {owner}"));
-        s.attach
-            .extend(grants.iter().map(|r| r.get::<_, String>(0)));
+        for t in &triggers {
+            let (def, name, state): (String, String, String) = (t.get(0), t.get(1), t.get(2));
+            s.attach.push(def);
+            let state = match state.as_str() {
+                "D" => "DISABLE",
+                "R" => "ENABLE REPLICA",
+                "A" => "ENABLE ALWAYS",
+                _ => continue,
+            };
+            s.attach
+                .push(format!("ALTER TABLE {new} {state} TRIGGER {name}"));
+        }
+        let stats = client
+            .query(
+                "SELECT pg_get_statisticsobjdef(oid) FROM pg_statistic_ext WHERE stxrelid = $1 ORDER BY oid",
+                &[&oid],
+            )
+            .await
+            .with_context(ctx)?;
+        s.attach.extend(stats.iter().map(|r| r.get::<_, String>(0)));
+        // Grants: the new table's (its creator's defaults) replaced by the old one's.
+        if !self.default_acl {
+            let grants = client
+                .query(
+                    "SELECT format('GRANT %s ON %s TO %s%s', a.privilege_type, $2::text,
+                                   CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
+                                   CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+                       FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = $1",
+                    &[&oid, &new],
+                )
+                .await
+                .with_context(ctx)?;
+            s.attach
+                .push(format!("REVOKE ALL ON {new} FROM PUBLIC, {}", self.owner));
+            s.attach
+                .extend(grants.iter().map(|r| r.get::<_, String>(0)));
+        }
+        match self.replident.as_str() {
+            "f" => s
+                .attach
+                .push(format!("ALTER TABLE {new} REPLICA IDENTITY FULL")),
+            "n" => s
+                .attach
+                .push(format!("ALTER TABLE {new} REPLICA IDENTITY NOTHING")),
+            _ => {}
+        }
+        Ok(())
     }
-    match replident.as_str() {
-        "f" => s
-            .attach
-            .push(format!("ALTER TABLE {new} REPLICA IDENTITY FULL")),
-        "n" => s
-            .attach
-            .push(format!("ALTER TABLE {new} REPLICA IDENTITY NOTHING")),
-        _ => {}
-    }
-    Ok((oid, s))
 }
-
-/// Column settings `LIKE` does not copy, serial sequences to move, identity
 /// sequences to rename.
 async fn columns_plan(
     client: &impl GenericClient,
@@ -390,21 +454,47 @@ async fn keys_and_indexes(
     s: &mut Shadow,
     obstacles: &mut Vec<String>,
 ) -> Result<Vec<(String, String, bool)>> {
-    let ctx = || format!("reading the keys and indexes of {}", s.live);
-    let default_ts: String = client
+    let default: String = client
         .query_one("SELECT current_setting('default_tablespace')", &[])
         .await
-        .with_context(ctx)?
+        .with_context(|| format!("reading the keys and indexes of {}", s.live))?
         .get(0);
-    let in_ts = |ts: &Option<String>, sql: String| match ts {
-        Some(ts) => format!(
-            "SET LOCAL default_tablespace = {}; {sql}; SET LOCAL default_tablespace = {}",
-            quote_literal(ts),
-            quote_literal(&default_ts)
-        ),
-        None => sql,
-    };
-    let mut renames = Vec::new();
+    let place = Tablespaces { default };
+    let new = format!("{nsp}.{rel}");
+    let mut renames = constraints_plan(client, oid, nsp, &new, &place, s).await?;
+    renames.extend(indexes_plan(client, oid, (nsp, rel), &new, &place, s, obstacles).await?);
+    s.build.push(format!("ANALYZE {}", s.shadow));
+    Ok(renames)
+}
+
+/// Builds an index in its own tablespace, the session's default around it.
+struct Tablespaces {
+    default: String,
+}
+
+impl Tablespaces {
+    fn wrap(&self, ts: &Option<String>, sql: String) -> String {
+        match ts {
+            Some(ts) => format!(
+                "SET LOCAL default_tablespace = {}; {sql}; SET LOCAL default_tablespace = {}",
+                quote_literal(ts),
+                quote_literal(&self.default)
+            ),
+            None => sql,
+        }
+    }
+}
+
+/// The shadow's key, exclusion and check constraints (`new`: the table's name
+/// after the swap); returns the renames of the keys.
+async fn constraints_plan(
+    client: &impl GenericClient,
+    oid: u32,
+    nsp: &str,
+    new: &str,
+    place: &Tablespaces,
+    s: &mut Shadow,
+) -> Result<Vec<(String, String, bool)>> {
     let rows = client
         .query(
             "SELECT quote_ident(c.conname), pg_get_constraintdef(c.oid), c.contype::text,
@@ -418,13 +508,12 @@ async fn keys_and_indexes(
             &[&oid],
         )
         .await
-        .with_context(ctx)?;
-    let new = format!("{nsp}.{rel}");
+        .with_context(|| format!("reading the keys of {}", s.live))?;
+    let mut renames = Vec::new();
     for (k, r) in rows.iter().enumerate() {
         let (name, def, kind): (String, String, String) = (r.get(0), r.get(1), r.get(2));
         let (comment, index_comment, ts): (Option<String>, Option<String>, Option<String>) =
             (r.get(3), r.get(4), r.get(5));
-        let (replident, clustered): (bool, bool) = (r.get(6), r.get(7));
         let shadow = &s.shadow;
         if kind == "c" {
             // Per-table names: the original one at once. A valid check is there
@@ -446,7 +535,7 @@ async fn keys_and_indexes(
         }
         // Key names are index names, unique in the schema: temporary until the swap.
         let tmp = format!("sanare_shadow_{}_k{k}", s.shadow_suffix());
-        s.build.push(in_ts(
+        s.build.push(place.wrap(
             &ts,
             format!("ALTER TABLE {shadow} ADD CONSTRAINT {tmp} {def}"),
         ));
@@ -462,17 +551,24 @@ async fn keys_and_indexes(
                 quote_literal(&c)
             ));
         }
-        if replident {
-            s.attach.push(format!(
-                "ALTER TABLE {new} REPLICA IDENTITY USING INDEX {name}"
-            ));
-        }
-        if clustered {
-            s.attach
-                .push(format!("ALTER TABLE {new} CLUSTER ON {name}"));
-        }
+        s.index_marks(new, &name, r.get(6), r.get(7));
         renames.push((tmp, name, true));
     }
+    Ok(renames)
+}
+
+/// The shadow's indexes that back no constraint (`(nsp, rel)`: the table's
+/// quoted schema and name; `new`: its name after the swap); an invalid one is an
+/// obstacle. Returns their renames.
+async fn indexes_plan(
+    client: &impl GenericClient,
+    oid: u32,
+    (nsp, rel): (&str, &str),
+    new: &str,
+    place: &Tablespaces,
+    s: &mut Shadow,
+    obstacles: &mut Vec<String>,
+) -> Result<Vec<(String, String, bool)>> {
     let rows = client
         .query(
             "SELECT quote_ident(ic.relname), pg_get_indexdef(i.indexrelid), i.indisunique,
@@ -490,13 +586,13 @@ async fn keys_and_indexes(
             &[&oid],
         )
         .await
-        .with_context(ctx)?;
+        .with_context(|| format!("reading the indexes of {}", s.live))?;
+    let mut renames = Vec::new();
     for (k, r) in rows.iter().enumerate() {
         let (name, def, unique, valid): (String, String, bool, bool) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
         let (comment, ts): (Option<String>, Option<String>) = (r.get(4), r.get(5));
-        let (replident, clustered, stats): (bool, bool, Vec<String>) =
-            (r.get(6), r.get(7), r.get(8));
+        let stats: Vec<String> = r.get(8);
         if !valid {
             obstacles.push(format!(
                 "index {nsp}.{name} of {} is invalid (a shadow cannot have it so)",
@@ -504,10 +600,8 @@ async fn keys_and_indexes(
             ));
             continue;
         }
-        let prefix = format!(
-            "CREATE {}INDEX {name} ON {nsp}.{rel} USING ",
-            if unique { "UNIQUE " } else { "" }
-        );
+        let unique = if unique { "UNIQUE " } else { "" };
+        let prefix = format!("CREATE {unique}INDEX {name} ON {nsp}.{rel} USING ");
         let Some(rest) = def.strip_prefix(&prefix) else {
             obstacles.push(format!(
                 "index {nsp}.{name} of {} could not be read",
@@ -516,13 +610,9 @@ async fn keys_and_indexes(
             continue;
         };
         let tmp = format!("sanare_shadow_{}_i{k}", s.shadow_suffix());
-        s.build.push(in_ts(
+        s.build.push(place.wrap(
             &ts,
-            format!(
-                "CREATE {}INDEX {tmp} ON {} USING {rest}",
-                if unique { "UNIQUE " } else { "" },
-                s.shadow
-            ),
+            format!("CREATE {unique}INDEX {tmp} ON {} USING {rest}", s.shadow),
         ));
         if let Some(c) = comment {
             s.build.push(format!(
@@ -537,22 +627,27 @@ async fn keys_and_indexes(
                 ));
             }
         }
-        if replident {
-            s.attach.push(format!(
-                "ALTER TABLE {new} REPLICA IDENTITY USING INDEX {name}"
-            ));
-        }
-        if clustered {
-            s.attach
-                .push(format!("ALTER TABLE {new} CLUSTER ON {name}"));
-        }
+        s.index_marks(new, &name, r.get(6), r.get(7));
         renames.push((tmp, name, false));
     }
-    s.build.push(format!("ANALYZE {}", s.shadow));
     Ok(renames)
 }
 
 impl Shadow {
+    /// In the swap, on the table named `new`: the replica identity and the
+    /// cluster mark that index `name` carried.
+    fn index_marks(&mut self, new: &str, name: &str, replident: bool, clustered: bool) {
+        if replident {
+            self.attach.push(format!(
+                "ALTER TABLE {new} REPLICA IDENTITY USING INDEX {name}"
+            ));
+        }
+        if clustered {
+            self.attach
+                .push(format!("ALTER TABLE {new} CLUSTER ON {name}"));
+        }
+    }
+
     /// The `<token>_<n>` part of the shadow's name.
     fn shadow_suffix(&self) -> &str {
         self.shadow

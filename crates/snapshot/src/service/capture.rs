@@ -63,46 +63,133 @@ impl Snapshots {
         };
         let tables = self.resolve_tables(&*tx, request).await?;
         let tables = without_nested_partitions(&*tx, tables).await?;
-        let progress = control.progress();
-        progress.phase("capturing tables", "tables", Some(tables.len() as u64));
-        let mut index = Index {
-            snapshot: *id.as_uuid().as_bytes(),
-            tables: Vec::with_capacity(tables.len()),
-            streams: Vec::new(),
-        };
+        control
+            .progress()
+            .phase("capturing tables", "tables", Some(tables.len() as u64));
         // Read the packs afresh, under the lock GC waits for: a map loaded before a
         // GC in another process could name blocks that GC has since deleted, and
         // this capture must not reuse those.
         self.refresh_index().await?;
         let writer = PackWriter::new(&inner.store, &inner.index, inner.config.pack_size);
-        // The previous snapshot, whose blocks lend themselves as delta bases.
-        let previous = match base {
-            Some(b) => match self.read_index(b).await {
-                Ok(i) => Some((b, i)),
-                Err(e) => {
-                    tracing::warn!(base = %b, error = %e, "the previous snapshot's index cannot be read: no block will be stored as a delta");
-                    None
-                }
-            },
-            None => None,
+        // Every id the snapshot references, counted without holding them.
+        let ids = std::sync::Mutex::new(crate::sorted::Spill::<32>::new(
+            crate::sorted::TempDir::default(),
+            1 << 16,
+        ));
+        let previous = self.previous_index(base).await;
+        let (table_indexes, mut compressed_bytes) = self
+            .capture_tables(&tx, &tables, &writer, previous.as_ref(), &ids, control)
+            .await?;
+        let mut index = Index {
+            snapshot: *id.as_uuid().as_bytes(),
+            tables: table_indexes,
+            streams: Vec::new(),
         };
+        // The capture's transaction stays open (holding the lock GC waits for) until
+        // the manifest is written, so GC never deletes a block this capture reuses.
+        control.checkpoint()?;
+        let mut pack = PackBuilder::new();
+        compressed_bytes += self
+            .capture_sources(&writer, &mut pack, &mut index, &ids, control)
+            .await?;
+        // The DDL that recreates the tables, stored as a block.
+        let (ddl, ddl_bytes) = self.capture_ddl(&tx, &tables, &writer, &mut pack).await?;
+        compressed_bytes += ddl_bytes;
+        writer.flush(&mut pack).await?;
+        let stored_bytes = writer.finish().await?;
+        let block_count = {
+            let ids = ids
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            tokio::task::spawn_blocking(move || ids.count_distinct())
+                .await
+                .map_err(|e| Error::other("counting the snapshot's blocks", e))??
+        };
+        let sealed = self
+            .seal(
+                id,
+                base,
+                request,
+                created_at,
+                cut.as_ref(),
+                &index,
+                Totals {
+                    compressed_bytes,
+                    stored_bytes,
+                    block_count,
+                    ddl,
+                },
+            )
+            .await?;
+        let mut info = SnapshotInfo::new(id, created_at, SnapshotStatus::Ready);
+        info.label = request.label.clone();
+        info.base = base;
+        info.journal_cut = cut;
+        info.tables = index
+            .tables
+            .iter()
+            .map(|t| TableRowCount {
+                table: TableRef::new(&t.schema, &t.name),
+                rows: t.rows,
+            })
+            .collect();
+        info.size_bytes = sealed.size_bytes;
+        info.stored_bytes = sealed.stored_bytes;
+        info.metadata = request.metadata.clone();
+        tx.commit()
+            .await
+            .context("ending the snapshot transaction")?;
+        self.mark_ready(&conn, &info, &sealed.manifest_hash).await?;
+        metrics::counter!("sanare_snapshots_created_total").increment(1);
+        metrics::counter!("sanare_snapshot_bytes_stored_total").increment(info.stored_bytes);
+        control.progress().finish();
+        tracing::info!(%id, size_bytes = info.size_bytes, stored_bytes = info.stored_bytes, tables = index.tables.len(), "snapshot ready");
+        if let Some(bus) = &inner.events {
+            bus.publish(Event::SnapshotCreated {
+                snapshot: id,
+                size_bytes: info.size_bytes,
+                stored_bytes: info.stored_bytes,
+            });
+        }
+        Ok(info)
+    }
+
+    /// The index of `base` (the previous snapshot), whose blocks lend themselves
+    /// as delta bases; `None` (with a warning) when it cannot be read.
+    async fn previous_index(&self, base: Option<SnapshotId>) -> Option<(SnapshotId, Index)> {
+        let b = base?;
+        match self.read_index(b).await {
+            Ok(i) => Some((b, i)),
+            Err(e) => {
+                tracing::warn!(base = %b, error = %e, "the previous snapshot's index cannot be read: no block will be stored as a delta");
+                None
+            }
+        }
+    }
+
+    /// Captures `tables` with up to `capture_concurrency` connections whose
+    /// transactions all import `tx`'s snapshot, so every table is read at the same
+    /// instant; `tx` stays open until they finish. Returns the tables' index
+    /// entries in the order of `tables` and the compressed bytes they reference.
+    async fn capture_tables(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tables: &[TableRef],
+        writer: &PackWriter<'_>,
+        previous: Option<&(SnapshotId, Index)>,
+        ids: &std::sync::Mutex<crate::sorted::Spill<32>>,
+        control: &Control,
+    ) -> Result<(Vec<TableIndex>, u64)> {
+        let inner = &self.inner;
+        let progress = control.progress();
         let preds_of = |table: &TableRef| {
-            let (b, index) = previous.as_ref()?;
+            let (b, index) = previous?;
             let t = index
                 .tables
                 .iter()
                 .find(|t| t.schema == table.schema && t.name == table.name)?;
             Some(super::encode::Predecessors::new(self, *b, t))
         };
-        // Every id the snapshot references, counted without holding them.
-        let ids = std::sync::Mutex::new(crate::sorted::Spill::<32>::new(
-            crate::sorted::TempDir::default(),
-            1 << 16,
-        ));
-        let mut compressed_bytes = 0u64;
-        // Tables are captured by up to `capture_concurrency` connections whose
-        // transactions all import this transaction's snapshot, so every table is
-        // read at the same instant. This transaction stays open until they finish.
         // Worker 0 uses the capture's own connection, every other one takes one
         // more: never ask for more than the pool can ever give.
         let pool_max = inner.pool.status().max_size;
@@ -132,12 +219,10 @@ impl Snapshots {
             })
         };
         let worker = |n: usize| {
-            let tx_main = &tx;
             let exported = exported.clone();
             let next = &next;
-            let writer = &writer;
-            let ids = &ids;
             let preds_of = &preds_of;
+            let progress = &progress;
             async move {
                 let mut done: Vec<(usize, TableIndex, u64)> = Vec::new();
                 let mut pack = PackBuilder::new();
@@ -147,25 +232,10 @@ impl Snapshots {
                 let tx: &tokio_postgres::Transaction<'_> = match (&exported, n) {
                     (Some(snapshot), n) if n > 0 => {
                         own_conn = sanare_pg::get_conn(&inner.pool).await?;
-                        own_tx = own_conn
-                            .build_transaction()
-                            .isolation_level(IsolationLevel::RepeatableRead)
-                            .read_only(true)
-                            .start()
-                            .await
-                            .context("starting a parallel capture transaction")?;
-                        own_tx
-                            .batch_execute(&format!(
-                                "SET TRANSACTION SNAPSHOT {}",
-                                quote_literal(snapshot)
-                            ))
-                            .await
-                            .context(
-                                "importing the snapshot into a parallel capture transaction",
-                            )?;
+                        own_tx = import_snapshot(&mut own_conn, snapshot).await?;
                         &own_tx
                     }
-                    _ => tx_main,
+                    _ => tx,
                 };
                 while let Some((i, table)) = next() {
                     control.checkpoint()?;
@@ -192,19 +262,28 @@ impl Snapshots {
         let results = futures_util::future::try_join_all((0..workers).map(worker)).await?;
         let mut captured: Vec<(usize, TableIndex, u64)> = results.into_iter().flatten().collect();
         captured.sort_by_key(|c| c.0);
-        for (_, ti, compressed) in captured {
-            compressed_bytes += compressed;
-            index.tables.push(ti);
-        }
-        // The capture's transaction stays open (holding the lock GC waits for) until
-        // the manifest is written, so GC never deletes a block this capture reuses.
-        control.checkpoint()?;
-        let mut pack = PackBuilder::new();
-        for source in &inner.sources {
+        let compressed = captured.iter().map(|c| c.2).sum();
+        Ok((captured.into_iter().map(|c| c.1).collect(), compressed))
+    }
+
+    /// Captures every state source into `pack`, adding their entries to `index`
+    /// and their block ids to `ids`; returns the compressed bytes they reference.
+    async fn capture_sources(
+        &self,
+        writer: &PackWriter<'_>,
+        pack: &mut PackBuilder,
+        index: &mut Index,
+        ids: &std::sync::Mutex<crate::sorted::Spill<32>>,
+        control: &Control,
+    ) -> Result<u64> {
+        let mut compressed_bytes = 0;
+        for source in &self.inner.sources {
             control.checkpoint()?;
-            progress.message(format!("capturing state source {}", source.name()));
+            control
+                .progress()
+                .message(format!("capturing state source {}", source.name()));
             let (si, compressed) = self
-                .capture_source(&**source, &writer, &mut pack, control)
+                .capture_source(&**source, writer, pack, control)
                 .await?;
             compressed_bytes += compressed;
             {
@@ -217,25 +296,26 @@ impl Snapshots {
             }
             index.streams.push(si);
         }
+        Ok(compressed_bytes)
+    }
 
-        // The DDL that recreates the tables, stored as a block.
-        let (ddl, ddl_bytes) = self.capture_ddl(&tx, &tables, &writer, &mut pack).await?;
-        compressed_bytes += ddl_bytes;
-        writer.flush(&mut pack).await?;
-        let mut stored_bytes = writer.finish().await?;
-
-        let block_count = {
-            let ids = ids
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            tokio::task::spawn_blocking(move || ids.count_distinct())
-                .await
-                .map_err(|e| Error::other("counting the snapshot's blocks", e))??
-        };
-        // Blocks are durable; now the index, then the manifest.
+    /// Stores the index, then the signed manifest (the blocks are durable by
+    /// now): after this the snapshot is complete in the store.
+    #[allow(clippy::too_many_arguments)]
+    async fn seal(
+        &self,
+        id: SnapshotId,
+        base: Option<SnapshotId>,
+        request: &SnapshotRequest,
+        created_at: OffsetDateTime,
+        cut: Option<&JournalCut>,
+        index: &Index,
+        totals: Totals,
+    ) -> Result<Sealed> {
+        let inner = &self.inner;
         let index_bytes = index.encode()?;
         let index_hash = *blake3::hash(&index_bytes).as_bytes();
-        stored_bytes += index_bytes.len() as u64;
+        let stored_bytes = totals.stored_bytes + index_bytes.len() as u64;
         inner
             .store
             .put(&index_key(id), Bytes::from(index_bytes))
@@ -249,7 +329,7 @@ impl Snapshots {
                 .unwrap_or(i64::MAX),
             label: request.label.clone(),
             base: base.map(|b| *b.as_uuid().as_bytes()),
-            journal_cut: cut.as_ref().map(|c| StoredCut {
+            journal_cut: cut.map(|c| StoredCut {
                 position: c.position.0,
                 db_snapshot: c.db_snapshot.clone(),
             }),
@@ -261,14 +341,14 @@ impl Snapshots {
                 .map(|t| (t.schema.clone(), t.name.clone(), t.rows))
                 .collect(),
             size_bytes,
-            compressed_bytes,
+            compressed_bytes: totals.compressed_bytes,
             stored_bytes,
-            block_count,
+            block_count: totals.block_count,
             index_hash,
             metadata: request.metadata.clone(),
             repository,
             database,
-            ddl: Some(ddl),
+            ddl: Some(totals.ddl),
         };
         let manifest_bytes = manifest.encode(inner.key.as_ref())?;
         let manifest_hash = blake3::hash(&manifest_bytes).as_bytes().to_vec();
@@ -276,27 +356,22 @@ impl Snapshots {
             .store
             .put(&manifest_key(id), Bytes::from(manifest_bytes))
             .await?;
+        Ok(Sealed {
+            size_bytes,
+            stored_bytes,
+            manifest_hash,
+        })
+    }
 
-        let mut info = SnapshotInfo::new(id, created_at, SnapshotStatus::Ready);
-        info.label = request.label.clone();
-        info.base = base;
-        info.journal_cut = cut;
-        info.tables = index
-            .tables
-            .iter()
-            .map(|t| TableRowCount {
-                table: TableRef::new(&t.schema, &t.name),
-                rows: t.rows,
-            })
-            .collect();
-        info.size_bytes = size_bytes;
-        info.stored_bytes = stored_bytes;
-        info.metadata = request.metadata.clone();
+    /// Marks the catalog row of a sealed snapshot `ready`, with what it holds.
+    async fn mark_ready(
+        &self,
+        conn: &tokio_postgres::Client,
+        info: &SnapshotInfo,
+        manifest_hash: &[u8],
+    ) -> Result<()> {
         let json =
-            serde_json::to_value(&info).map_err(|e| Error::other("encoding snapshot info", e))?;
-        tx.commit()
-            .await
-            .context("ending the snapshot transaction")?;
+            serde_json::to_value(info).map_err(|e| Error::other("encoding snapshot info", e))?;
         conn.execute(
             &format!(
                 "UPDATE {} SET status = 'ready', created_at = $2, finished_at = now(), base_id = $3,
@@ -306,33 +381,22 @@ impl Snapshots {
                 self.table("snapshots")
             ),
             &[
-                &id.as_uuid(),
-                &created_at,
-                &base.map(|b| b.as_uuid()),
+                &info.id.as_uuid(),
+                &info.created_at,
+                &info.base.map(|b| b.as_uuid()),
                 &info
                     .journal_cut
                     .as_ref()
                     .map(|c| i64::try_from(c.position.0).unwrap_or(i64::MAX)),
-                &i64::try_from(size_bytes).unwrap_or(i64::MAX),
-                &i64::try_from(stored_bytes).unwrap_or(i64::MAX),
+                &i64::try_from(info.size_bytes).unwrap_or(i64::MAX),
+                &i64::try_from(info.stored_bytes).unwrap_or(i64::MAX),
                 &manifest_hash,
                 &json,
             ],
         )
         .await
         .context("marking the snapshot ready")?;
-        metrics::counter!("sanare_snapshots_created_total").increment(1);
-        metrics::counter!("sanare_snapshot_bytes_stored_total").increment(stored_bytes);
-        control.progress().finish();
-        tracing::info!(%id, size_bytes, stored_bytes, tables = index.tables.len(), "snapshot ready");
-        if let Some(bus) = &inner.events {
-            bus.publish(Event::SnapshotCreated {
-                snapshot: id,
-                size_bytes,
-                stored_bytes,
-            });
-        }
-        Ok(info)
+        Ok(())
     }
 
     /// Captures one table: its rows by binary COPY into blocks (see
@@ -663,4 +727,41 @@ pub(super) async fn sequences(
         });
     }
     Ok(out)
+}
+
+/// What a capture wrote besides the index, for its manifest.
+struct Totals {
+    compressed_bytes: u64,
+    stored_bytes: u64,
+    block_count: u64,
+    ddl: BlockId,
+}
+
+/// A snapshot complete in the store: its sizes and the hash of its manifest.
+struct Sealed {
+    size_bytes: u64,
+    stored_bytes: u64,
+    manifest_hash: Vec<u8>,
+}
+
+/// A read-only repeatable-read transaction on `conn` that sees the exported
+/// snapshot `snapshot`, for a parallel capture worker.
+async fn import_snapshot<'c>(
+    conn: &'c mut deadpool_postgres::Object,
+    snapshot: &str,
+) -> Result<deadpool_postgres::Transaction<'c>> {
+    let tx = conn
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .context("starting a parallel capture transaction")?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot)
+    ))
+    .await
+    .context("importing the snapshot into a parallel capture transaction")?;
+    Ok(tx)
 }
