@@ -94,10 +94,10 @@ const TAMPERS: &[(&str, &str)] = &[
     ),
 ];
 
-#[tokio::test]
-async fn a_tampered_work_unit_is_refused_and_nothing_runs_then_the_run_resumes() {
-    // A cluster of its own: it logs every statement and counts them with
-    // pg_stat_statements.
+/// A database `work` with the order fixture, a canary table and four planted
+/// findings, on a cluster of its own that logs every statement and counts them
+/// with pg_stat_statements; returns the cluster, a client and the URL.
+async fn logged_work_database() -> (Cluster, tokio_postgres::Client, String) {
     let cluster = tokio::task::spawn_blocking(|| {
         Cluster::start_with(ClusterOptions::default().logging_every_statement())
     })
@@ -131,6 +131,108 @@ async fn a_tampered_work_unit_is_refused_and_nothing_runs_then_the_run_resumes()
     sanare_integrity::migrate(&mut m, &SchemaName::default_schema())
         .await
         .unwrap();
+    (cluster, c, url)
+}
+
+/// Counts the done units of a check.
+const DONE: &str =
+    "SELECT count(*) FROM sanare.integrity_chunks WHERE check_id = $1 AND done_at IS NOT NULL";
+
+/// Tampers with one stored unit of `check` as `tamper` says, resumes the run,
+/// sees it refused with nothing run and nothing marked, and puts the unit back.
+async fn tamper_and_resume(
+    (cluster, c, i): (&Cluster, &tokio_postgres::Client, &Integrity),
+    check: uuid::Uuid,
+    done_before: i64,
+    (what, tamper): (&str, &str),
+) {
+    // A chunk unit, or for the probe a whole-table unit.
+    let which = if what.contains("probe") {
+        "work->>'probe' IS NOT NULL"
+    } else {
+        "unit = 1"
+    };
+    let target = format!("WHERE check_id = $1 AND table_name = 'orders' AND {which}");
+    let original: (i32, serde_json::Value) = {
+        let r = c
+            .query_one(
+                &format!("SELECT unit, work FROM sanare.integrity_chunks {target}"),
+                &[&check],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        c.execute(&format!("{tamper} {target}"), &[&check])
+            .await
+            .unwrap(),
+        1,
+        "{what}"
+    );
+    c.batch_execute("SELECT pg_stat_statements_reset()")
+        .await
+        .unwrap();
+    let log_at = cluster.log().len();
+
+    let err = i
+        .resume(sanare_core::CheckId::from_uuid(check), &Control::detached())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stored integrity work unit"), "{what}: {err}");
+    assert!(err.contains("orders"), "{what}: {err}");
+    let logged = cluster.statements_logged_since(log_at);
+
+    // Nothing ran: no statement read a host table, none carried the payload.
+    let ran: Vec<String> = c
+        .query(
+            "SELECT query FROM pg_stat_statements
+              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND (query LIKE '%\"shop\"%' OR query LIKE '%shop.%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ran.is_empty(), "{what}: {ran:#?}");
+    assert!(!logged.is_empty(), "the server logs statements");
+    for word in ["pg_sleep", "canary", "\"shop\"", "DROP"] {
+        assert!(!logged.contains(word), "{what}: `{word}` in\n{logged}");
+    }
+    let canary: i64 = c
+        .query_one("SELECT count(*) FROM shop.canary", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(canary, 1, "{what}");
+    let done_now: i64 = c.query_one(DONE, &[&check]).await.unwrap().get(0);
+    assert_eq!(done_now, done_before, "{what}");
+    let status: String = c
+        .query_one(
+            "SELECT status FROM sanare.integrity_checks WHERE id = $1",
+            &[&check],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "failed", "{what}");
+
+    c.execute(
+        "UPDATE sanare.integrity_chunks SET table_name = 'orders', work = $3
+          WHERE check_id = $1 AND unit = $2 AND table_schema = 'shop'
+            AND table_name IN ('orders', 'orders; DROP TABLE shop.canary; --')",
+        &[&check, &original.0, &original.1],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_tampered_work_unit_is_refused_and_nothing_runs_then_the_run_resumes() {
+    let (cluster, c, url) = logged_work_database().await;
     let dir = tempfile::tempdir().unwrap();
     let pool = sanare_pg::connect_pool(&url, 8).unwrap();
     let i = integrity(pool, dir.path(), rules());
@@ -156,93 +258,10 @@ async fn a_tampered_work_unit_is_refused_and_nothing_runs_then_the_run_resumes()
         .await
         .unwrap();
     assert!(undone > 3);
-    let done =
-        "SELECT count(*) FROM sanare.integrity_chunks WHERE check_id = $1 AND done_at IS NOT NULL";
-    let done_before: i64 = c.query_one(done, &[&check]).await.unwrap().get(0);
+    let done_before: i64 = c.query_one(DONE, &[&check]).await.unwrap().get(0);
 
-    for (what, tamper) in TAMPERS {
-        // A chunk unit, or for the probe a whole-table unit.
-        let which = if what.contains("probe") {
-            "work->>'probe' IS NOT NULL"
-        } else {
-            "unit = 1"
-        };
-        let target = format!("WHERE check_id = $1 AND table_name = 'orders' AND {which}");
-        let original: (i32, serde_json::Value) = {
-            let r = c
-                .query_one(
-                    &format!("SELECT unit, work FROM sanare.integrity_chunks {target}"),
-                    &[&check],
-                )
-                .await
-                .unwrap();
-            (r.get(0), r.get(1))
-        };
-        assert_eq!(
-            c.execute(&format!("{tamper} {target}"), &[&check])
-                .await
-                .unwrap(),
-            1,
-            "{what}"
-        );
-        c.batch_execute("SELECT pg_stat_statements_reset()")
-            .await
-            .unwrap();
-        let log_at = cluster.log().len();
-
-        let err = i
-            .resume(sanare_core::CheckId::from_uuid(check), &Control::detached())
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("stored integrity work unit"), "{what}: {err}");
-        assert!(err.contains("orders"), "{what}: {err}");
-        let logged = cluster.statements_logged_since(log_at);
-
-        // Nothing ran: no statement read a host table, none carried the payload.
-        let ran: Vec<String> = c
-            .query(
-                "SELECT query FROM pg_stat_statements
-                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND (query LIKE '%\"shop\"%' OR query LIKE '%shop.%')",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        assert!(ran.is_empty(), "{what}: {ran:#?}");
-        assert!(!logged.is_empty(), "the server logs statements");
-        for word in ["pg_sleep", "canary", "\"shop\"", "DROP"] {
-            assert!(!logged.contains(word), "{what}: `{word}` in\n{logged}");
-        }
-        let canary: i64 = c
-            .query_one("SELECT count(*) FROM shop.canary", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(canary, 1, "{what}");
-        let done_now: i64 = c.query_one(done, &[&check]).await.unwrap().get(0);
-        assert_eq!(done_now, done_before, "{what}");
-        let status: String = c
-            .query_one(
-                "SELECT status FROM sanare.integrity_checks WHERE id = $1",
-                &[&check],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(status, "failed", "{what}");
-
-        c.execute(
-            "UPDATE sanare.integrity_chunks SET table_name = 'orders', work = $3
-              WHERE check_id = $1 AND unit = $2 AND table_schema = 'shop'
-                AND table_name IN ('orders', 'orders; DROP TABLE shop.canary; --')",
-            &[&check, &original.0, &original.1],
-        )
-        .await
-        .unwrap();
+    for &tamper in TAMPERS {
+        tamper_and_resume((&cluster, &c, &i), check, done_before, tamper).await;
     }
 
     // Untampered, the run resumes and ends with the full run's report.

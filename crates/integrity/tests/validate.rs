@@ -141,10 +141,9 @@ async fn a_clean_database_has_no_violations_and_the_run_is_recorded() {
     assert!(report.families[&CheckFamily::Referential].probes_run > 5);
 }
 
-#[tokio::test]
-async fn every_planted_rule_violation_is_found_exactly() {
-    let s = setup(400).await;
-    let c = s.db.connect().await;
+/// Plants one or more violations of every kind behind PostgreSQL's back; returns
+/// the ids of the payments whose enum label was removed.
+async fn plant_rule_violations(c: &tokio_postgres::Client) -> BTreeSet<String> {
     // Enum: a label added, used, then removed from pg_enum behind PostgreSQL's back
     // (ADD VALUE must commit before the value can be used).
     c.batch_execute("ALTER TYPE shop.payment_method ADD VALUE 'cash'")
@@ -199,7 +198,13 @@ async fn every_planted_rule_violation_is_found_exactly() {
     )
     .await
     .unwrap();
-    let rules = Rules::builder()
+    enum_ids
+}
+
+/// Declared rules of every kind, each broken by a planted violation or by the
+/// fixture's own data.
+fn planted_rules() -> Rules {
+    Rules::builder()
         .not_null(&t("orders"), "note")
         .range(
             &t("order_lines"),
@@ -227,12 +232,153 @@ async fn every_planted_rule_violation_is_found_exactly() {
             .with_severity(Severity::Low),
         )
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// The findings a run over the planted database must report, by kind code and
+/// name: the rows each check's own query finds (the planted kinds must find
+/// some), and the planted rows named outright.
+async fn expected_findings(
+    db: &TestDb,
+    enum_ids: &BTreeSet<String>,
+) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut want: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for (code, name, sql, planted) in [
+        (
+            "type_mismatch",
+            "quantity",
+            "SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity = 2",
+            true,
+        ),
+        (
+            "null_constraint",
+            "full_name",
+            "SELECT id::text FROM shop.customers WHERE full_name IS NULL",
+            true,
+        ),
+        (
+            "check_constraint",
+            "price_below_500",
+            "SELECT id::text FROM shop.products WHERE price_cents >= 500",
+            true,
+        ),
+        (
+            "referential",
+            "order_lines_product_id_fkey",
+            "SELECT order_id || '/' || line_no FROM shop.order_lines WHERE product_id = 7",
+            false,
+        ),
+        (
+            "type_mismatch",
+            "email",
+            "SELECT id::text FROM shop.customers WHERE char_length(email) > 21",
+            true,
+        ),
+        (
+            "type_mismatch",
+            "amount_cents",
+            "SELECT id::text FROM shop.payments WHERE amount_cents >= 10000",
+            false,
+        ),
+        (
+            "null_constraint",
+            "note",
+            "SELECT id::text FROM shop.orders WHERE note IS NULL",
+            false,
+        ),
+        (
+            "check_constraint",
+            "range_quantity",
+            "SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity > 3",
+            false,
+        ),
+        (
+            "check_constraint",
+            "regex_sku",
+            "SELECT id::text FROM shop.products WHERE sku !~ '^SKU-0000000[0-9]$'",
+            false,
+        ),
+        (
+            "check_constraint",
+            "allowed_country",
+            "SELECT id::text FROM shop.customers WHERE country = 'IN'",
+            false,
+        ),
+        (
+            "referential",
+            "payment_customer",
+            "SELECT id::text FROM shop.payments p WHERE NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = p.id)",
+            false,
+        ),
+    ] {
+        let keys = expected(db, sql).await;
+        assert!(!planted || !keys.is_empty(), "nothing planted for {name}");
+        if !keys.is_empty() {
+            want.insert((code.into(), name.into()), keys);
+        }
+    }
+    assert_eq!(
+        want[&("null_constraint".into(), "full_name".into())].len(),
+        2
+    );
+    let set = |keys: &[&str]| {
+        keys.iter()
+            .map(|k| (*k).to_owned())
+            .collect::<BTreeSet<_>>()
+    };
+    for (code, name, keys) in [
+        ("type_mismatch", "method", enum_ids.clone()),
+        ("unique_constraint", "product_name", set(&["1", "2"])),
+        (
+            "unique_constraint",
+            "customers_email_key",
+            set(&["1", "100000"]),
+        ),
+        (
+            "referential",
+            "order_lines_order_id_fkey",
+            set(&["900001/1", "900002/1"]),
+        ),
+        ("consistency", "order_total", set(&["5", "8"])),
+        ("consistency", "cancelled_not_shipped", set(&["4"])),
+    ] {
+        want.insert((code.into(), name.into()), keys);
+    }
+    want
+}
+
+/// The check's JSON document, CSV and JSON-lines file hold exactly `vs`.
+async fn assert_reports_hold(i: &Integrity, check: sanare_core::CheckId, vs: &[Violation]) {
+    let mut json = Vec::new();
+    i.export_json(check, &mut json).await.unwrap();
+    let doc = read_json(&json[..]).unwrap();
+    assert_eq!(doc.report.id, check);
+    let mut a = doc.violations.clone();
+    let mut b = vs.to_vec();
+    a.sort_by_key(|v| v.id);
+    b.sort_by_key(|v| v.id);
+    assert_eq!(a, b);
+    let mut csv = Vec::new();
+    i.export_csv(check, &mut csv).await.unwrap();
+    let csv = String::from_utf8(csv).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some(CSV_HEADER));
+    assert_eq!(lines.count(), vs.len());
+    // The JSON-lines file on disk holds the same violations.
+    let file = std::fs::read_to_string(doc.report.violations_file.as_ref().unwrap()).unwrap();
+    assert_eq!(file.lines().count(), vs.len());
+}
+
+#[tokio::test]
+async fn every_planted_rule_violation_is_found_exactly() {
+    let s = setup(400).await;
+    let c = s.db.connect().await;
+    let enum_ids = plant_rule_violations(&c).await;
     let bus = EventBus::new(100_000);
     let mut sub = bus.subscribe();
     let i = Integrity::builder()
         .pool(s.db.pool().clone())
-        .rules(rules)
+        .rules(planted_rules())
         .events(bus.clone())
         .config(config(&s))
         .build()
@@ -245,173 +391,9 @@ async fn every_planted_rule_violation_is_found_exactly() {
     assert!(writer.await.unwrap() > 0);
     let vs = all_violations(&i, summary.check).await;
     assert_eq!(vs.len() as u64, summary.total_violations());
-    assert_eq!(keys(&vs, "type_mismatch", "method"), enum_ids);
-    assert_eq!(
-        keys(&vs, "type_mismatch", "quantity"),
-        e_of(
-            &s.db,
-            "SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity = 2"
-        )
-        .await
-    );
-    assert!(!keys(&vs, "type_mismatch", "quantity").is_empty());
-    assert_eq!(
-        keys(&vs, "unique_constraint", "product_name"),
-        BTreeSet::from(["1".to_owned(), "2".to_owned()])
-    );
 
-    let e = |sql: &'static str| expected(&s.db, sql);
-    assert_eq!(
-        keys(&vs, "null_constraint", "full_name"),
-        e("SELECT id::text FROM shop.customers WHERE full_name IS NULL").await
-    );
-    assert_eq!(keys(&vs, "null_constraint", "full_name").len(), 2);
-    assert_eq!(
-        keys(&vs, "check_constraint", "price_below_500"),
-        e("SELECT id::text FROM shop.products WHERE price_cents >= 500").await
-    );
-    assert!(!keys(&vs, "check_constraint", "price_below_500").is_empty());
-    assert_eq!(
-        keys(&vs, "referential", "order_lines_order_id_fkey"),
-        BTreeSet::from(["900001/1".to_owned(), "900002/1".to_owned()])
-    );
-    assert_eq!(
-        keys(&vs, "referential", "order_lines_product_id_fkey"),
-        e("SELECT order_id || '/' || line_no FROM shop.order_lines WHERE product_id = 7").await
-    );
-    assert_eq!(
-        keys(&vs, "type_mismatch", "email"),
-        e("SELECT id::text FROM shop.customers WHERE char_length(email) > 21").await
-    );
-    assert!(!keys(&vs, "type_mismatch", "email").is_empty());
-    assert_eq!(
-        keys(&vs, "type_mismatch", "amount_cents"),
-        e("SELECT id::text FROM shop.payments WHERE amount_cents >= 10000").await
-    );
-    assert_eq!(
-        keys(&vs, "unique_constraint", "customers_email_key"),
-        BTreeSet::from(["1".to_owned(), "100000".to_owned()])
-    );
-    assert_eq!(
-        keys(&vs, "null_constraint", "note"),
-        e("SELECT id::text FROM shop.orders WHERE note IS NULL").await
-    );
-    assert_eq!(
-        keys(&vs, "check_constraint", "range_quantity"),
-        e("SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity > 3").await
-    );
-    assert_eq!(
-        keys(&vs, "check_constraint", "regex_sku"),
-        e("SELECT id::text FROM shop.products WHERE sku !~ '^SKU-0000000[0-9]$'").await
-    );
-    assert_eq!(
-        keys(&vs, "check_constraint", "allowed_country"),
-        e("SELECT id::text FROM shop.customers WHERE country = 'IN'").await
-    );
-    assert_eq!(
-        keys(&vs, "referential", "payment_customer"),
-        e("SELECT id::text FROM shop.payments p WHERE NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = p.id)").await
-    );
-    assert_eq!(
-        keys(&vs, "consistency", "order_total"),
-        BTreeSet::from(["5".to_owned(), "8".to_owned()])
-    );
-    assert_eq!(
-        keys(&vs, "consistency", "cancelled_not_shipped"),
-        BTreeSet::from(["4".to_owned()])
-    );
-
-    // Nothing else was reported: the run's findings, grouped by kind and name, are
-    // exactly the sets above, one violation per row and rule.
-    let mut want: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-    for (code, name, sql) in [
-        (
-            "type_mismatch",
-            "quantity",
-            "SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity = 2",
-        ),
-        (
-            "null_constraint",
-            "full_name",
-            "SELECT id::text FROM shop.customers WHERE full_name IS NULL",
-        ),
-        (
-            "check_constraint",
-            "price_below_500",
-            "SELECT id::text FROM shop.products WHERE price_cents >= 500",
-        ),
-        (
-            "referential",
-            "order_lines_product_id_fkey",
-            "SELECT order_id || '/' || line_no FROM shop.order_lines WHERE product_id = 7",
-        ),
-        (
-            "type_mismatch",
-            "email",
-            "SELECT id::text FROM shop.customers WHERE char_length(email) > 21",
-        ),
-        (
-            "type_mismatch",
-            "amount_cents",
-            "SELECT id::text FROM shop.payments WHERE amount_cents >= 10000",
-        ),
-        (
-            "null_constraint",
-            "note",
-            "SELECT id::text FROM shop.orders WHERE note IS NULL",
-        ),
-        (
-            "check_constraint",
-            "range_quantity",
-            "SELECT order_id || '/' || line_no FROM shop.order_lines WHERE quantity > 3",
-        ),
-        (
-            "check_constraint",
-            "regex_sku",
-            "SELECT id::text FROM shop.products WHERE sku !~ '^SKU-0000000[0-9]$'",
-        ),
-        (
-            "check_constraint",
-            "allowed_country",
-            "SELECT id::text FROM shop.customers WHERE country = 'IN'",
-        ),
-        (
-            "referential",
-            "payment_customer",
-            "SELECT id::text FROM shop.payments p WHERE NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = p.id)",
-        ),
-    ] {
-        let keys = expected(&s.db, sql).await;
-        if !keys.is_empty() {
-            want.insert((code.into(), name.into()), keys);
-        }
-    }
-    let set = |keys: &[&str]| {
-        keys.iter()
-            .map(|k| (*k).to_owned())
-            .collect::<BTreeSet<_>>()
-    };
-    want.insert(("type_mismatch".into(), "method".into()), enum_ids.clone());
-    want.insert(
-        ("unique_constraint".into(), "product_name".into()),
-        set(&["1", "2"]),
-    );
-    want.insert(
-        ("unique_constraint".into(), "customers_email_key".into()),
-        set(&["1", "100000"]),
-    );
-    want.insert(
-        ("referential".into(), "order_lines_order_id_fkey".into()),
-        set(&["900001/1", "900002/1"]),
-    );
-    want.insert(
-        ("consistency".into(), "order_total".into()),
-        set(&["5", "8"]),
-    );
-    want.insert(
-        ("consistency".into(), "cancelled_not_shipped".into()),
-        set(&["4"]),
-    );
+    // Exactly the planted findings, one violation per row and rule.
+    let want = expected_findings(&s.db, &enum_ids).await;
     assert_eq!(grouped(&vs), want);
     assert_eq!(vs.len(), want.values().map(BTreeSet::len).sum::<usize>());
     let orphan = vs
@@ -445,25 +427,7 @@ async fn every_planted_rule_violation_is_found_exactly() {
     assert_eq!(q.len(), keys(&vs, "referential", "order_lines_").len());
     assert!(q.iter().all(|v| v.table == t("order_lines")));
 
-    // JSON round trip and CSV.
-    let mut json = Vec::new();
-    i.export_json(summary.check, &mut json).await.unwrap();
-    let doc = read_json(&json[..]).unwrap();
-    assert_eq!(doc.report.id, summary.check);
-    let mut a = doc.violations.clone();
-    let mut b = vs.clone();
-    a.sort_by_key(|v| v.id);
-    b.sort_by_key(|v| v.id);
-    assert_eq!(a, b);
-    let mut csv = Vec::new();
-    i.export_csv(summary.check, &mut csv).await.unwrap();
-    let csv = String::from_utf8(csv).unwrap();
-    let mut lines = csv.lines();
-    assert_eq!(lines.next(), Some(CSV_HEADER));
-    assert_eq!(lines.count(), vs.len());
-    // The JSON-lines file on disk holds the same violations.
-    let file = std::fs::read_to_string(doc.report.violations_file.as_ref().unwrap()).unwrap();
-    assert_eq!(file.lines().count(), vs.len());
+    assert_reports_hold(&i, summary.check, &vs).await;
 
     // Re-check: a live violation holds; once repaired it does not.
     let v = vs
@@ -821,10 +785,6 @@ async fn a_suspect_fixed_before_its_re_read_is_dismissed() {
     );
     assert_eq!(report.total_violations(), 0);
     assert_eq!(all_violations(&i, report.id).await.len(), 0);
-}
-
-async fn e_of(db: &TestDb, sql: &str) -> BTreeSet<String> {
-    expected(db, sql).await
 }
 
 /// A writer that inserts orders (with a note, a consistent total and one line) until

@@ -53,157 +53,14 @@ impl Journal {
         request: ReplayRequest,
         control: &Control,
     ) -> Result<ReplaySummary> {
-        let mut plan = self.resolve(&request.range).await?;
-        if let Some(until) = request.until {
-            // `time_to` is exclusive; entries recorded exactly at `until` are in.
-            // PostgreSQL keeps microseconds (an entry's time is stored truncated),
-            // so there the bound is the next microsecond after `until`'s own.
-            let bound = match &self.inner.backend {
-                Backend::Wal(_) => until + time::Duration::nanoseconds(1),
-                Backend::Pg(_) => {
-                    let sub_micro = i64::from(until.nanosecond() % 1_000);
-                    until - time::Duration::nanoseconds(sub_micro) + time::Duration::microseconds(1)
-                }
-            };
-            plan.time_to = Some(plan.time_to.map_or(bound, |t| t.min(bound)));
-        }
-        plan.operation_types = request.operation_types.clone();
-        plan.idempotency_keys = request.idempotency_keys.clone();
+        let plan = self.replay_plan(&request).await?;
         control
             .progress()
             .phase("replaying journal", "entries", None);
         let mut initial = ReplaySummary::default();
         initial.dry_run = request.dry_run;
         let state = Mutex::new(initial);
-        let mut seen_damage: HashSet<(String, u64)> = HashSet::new();
-        let mut after = plan.after;
-        let result: Result<()> = async {
-            loop {
-                control.checkpoint()?;
-                let (batch, damage) = self.scan(&plan, after, self.inner.replay_batch).await?;
-                for d in damage {
-                    if seen_damage.insert((d.segment.clone(), d.offset)) {
-                        lock(&state).failures.push(ReplayFailure {
-                            position: JournalPosition(after),
-                            entry: None,
-                            operation_type: None,
-                            reason: format!(
-                                "corrupt journal data in {} at offset {} ({}): skipped",
-                                d.segment, d.offset, d.reason
-                            ),
-                        });
-                    }
-                }
-                let Some(last) = batch.last() else { break };
-                after = last.position.0;
-                let pg_marked = self.pg_marked(&batch).await?;
-                let pending = Mutex::new(Vec::new());
-                let outcome = if request.parallel {
-                    let mut groups: Vec<Vec<&JournalEntry>> = Vec::new();
-                    let mut by_key: HashMap<&str, usize> = HashMap::new();
-                    for e in &batch {
-                        match e.idempotency_key.as_deref() {
-                            Some(k) => {
-                                let i = *by_key.entry(k).or_insert_with(|| {
-                                    groups.push(Vec::new());
-                                    groups.len() - 1
-                                });
-                                groups[i].push(e);
-                            }
-                            None => groups.push(vec![e]),
-                        }
-                    }
-                    let cancelled = std::sync::atomic::AtomicBool::new(false);
-                    futures_util::stream::iter(groups)
-                        .for_each_concurrent(self.inner.replay_concurrency, |group| {
-                            let (state, pending, pg_marked, cancelled) =
-                                (&state, &pending, &pg_marked, &cancelled);
-                            let dry = request.dry_run;
-                            async move {
-                                for e in group {
-                                    if control.is_cancelled() {
-                                        cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
-                                        return;
-                                    }
-                                    self.apply_one(e, dry, pg_marked, state, pending).await;
-                                }
-                            }
-                        })
-                        .await;
-                    if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
-                        Err(Error::Cancelled)
-                    } else {
-                        Ok(())
-                    }
-                } else {
-                    let mut r = Ok(());
-                    let mut i = 0;
-                    while i < batch.len() {
-                        if let Err(err) = control.checkpoint() {
-                            r = Err(err);
-                            break;
-                        }
-                        // A run of entries for PostgreSQL handlers commits in one
-                        // transaction with their marks; on any failure the run is
-                        // rolled back and retried entry by entry.
-                        let run = if request.dry_run {
-                            0
-                        } else {
-                            batch[i..]
-                                .iter()
-                                .take_while(|e| {
-                                    matches!(
-                                        self.inner.handlers.get(&e.operation_type),
-                                        Some(AnyHandler::Pg(_))
-                                    ) && e.payload_intact()
-                                })
-                                .count()
-                        };
-                        if run > 1 {
-                            let chunk: Vec<&JournalEntry> = batch[i..i + run].iter().collect();
-                            match self.apply_pg_chunk(&chunk).await {
-                                Ok(applied) => {
-                                    let mut s = lock(&state);
-                                    for fresh in applied {
-                                        s.entries_seen += 1;
-                                        if fresh {
-                                            s.applied += 1;
-                                        } else {
-                                            s.already_applied += 1;
-                                        }
-                                    }
-                                }
-                                Err(err) => {
-                                    tracing::debug!(error = %err, "replay chunk failed; applying one by one");
-                                    for e in chunk {
-                                        self.apply_one(e, false, &pg_marked, &state, &pending)
-                                            .await;
-                                    }
-                                }
-                            }
-                            i += run;
-                            continue;
-                        }
-                        self.apply_one(&batch[i], request.dry_run, &pg_marked, &state, &pending)
-                            .await;
-                        i += 1;
-                    }
-                    r
-                };
-                let marks = std::mem::take(&mut *lock(&pending));
-                self.mark_plain(&marks).await?;
-                {
-                    let mut s = lock(&state);
-                    s.last_position = Some(last.position);
-                    control
-                        .progress()
-                        .set_done(s.applied + s.already_applied + s.failures.len() as u64);
-                }
-                outcome?;
-            }
-            Ok(())
-        }
-        .await;
+        let result = self.replay_batches(&plan, &request, &state, control).await;
         let summary = state
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -223,7 +80,182 @@ impl Journal {
         Ok(summary)
     }
 
-    /// The ids of `batch` already marked in the handler database.
+    /// What a replay request scans: its range, its time bound and its filters.
+    async fn replay_plan(&self, request: &ReplayRequest) -> Result<ScanPlan> {
+        let mut plan = self.resolve(&request.range).await?;
+        if let Some(until) = request.until {
+            // `time_to` is exclusive; entries recorded exactly at `until` are in.
+            // PostgreSQL keeps microseconds (an entry's time is stored truncated),
+            // so there the bound is the next microsecond after `until`'s own.
+            let bound = match &self.inner.backend {
+                Backend::Wal(_) => until + time::Duration::nanoseconds(1),
+                Backend::Pg(_) => {
+                    let sub_micro = i64::from(until.nanosecond() % 1_000);
+                    until - time::Duration::nanoseconds(sub_micro) + time::Duration::microseconds(1)
+                }
+            };
+            plan.time_to = Some(plan.time_to.map_or(bound, |t| t.min(bound)));
+        }
+        plan.operation_types = request.operation_types.clone();
+        plan.idempotency_keys = request.idempotency_keys.clone();
+        Ok(plan)
+    }
+
+    /// Replays `plan` batch by batch (`replay_batch` entries each), marking each
+    /// batch's plain-handler entries before the next; outcomes go to `state`.
+    async fn replay_batches(
+        &self,
+        plan: &ScanPlan,
+        request: &ReplayRequest,
+        state: &Mutex<ReplaySummary>,
+        control: &Control,
+    ) -> Result<()> {
+        let mut seen_damage: HashSet<(String, u64)> = HashSet::new();
+        let mut after = plan.after;
+        loop {
+            control.checkpoint()?;
+            let (batch, damage) = self.scan(plan, after, self.inner.replay_batch).await?;
+            for d in damage {
+                if seen_damage.insert((d.segment.clone(), d.offset)) {
+                    lock(state).failures.push(ReplayFailure {
+                        position: JournalPosition(after),
+                        entry: None,
+                        operation_type: None,
+                        reason: format!(
+                            "corrupt journal data in {} at offset {} ({}): skipped",
+                            d.segment, d.offset, d.reason
+                        ),
+                    });
+                }
+            }
+            let Some(last) = batch.last() else { break };
+            after = last.position.0;
+            let pg_marked = self.pg_marked(&batch).await?;
+            let pending = Mutex::new(Vec::new());
+            let pass = Pass {
+                dry_run: request.dry_run,
+                pg_marked: &pg_marked,
+                state,
+                pending: &pending,
+            };
+            let outcome = if request.parallel {
+                self.apply_parallel(&batch, &pass, control).await
+            } else {
+                self.apply_in_order(&batch, &pass, control).await
+            };
+            let marks = std::mem::take(&mut *lock(&pending));
+            self.mark_plain(&marks).await?;
+            {
+                let mut s = lock(state);
+                s.last_position = Some(last.position);
+                control
+                    .progress()
+                    .set_done(s.applied + s.already_applied + s.failures.len() as u64);
+            }
+            outcome?;
+        }
+        Ok(())
+    }
+
+    /// Applies a batch with up to `replay_concurrency` entries at once; entries
+    /// sharing an idempotency key stay in order, one after the other.
+    async fn apply_parallel(
+        &self,
+        batch: &[JournalEntry],
+        pass: &Pass<'_>,
+        control: &Control,
+    ) -> Result<()> {
+        let mut groups: Vec<Vec<&JournalEntry>> = Vec::new();
+        let mut by_key: HashMap<&str, usize> = HashMap::new();
+        for e in batch {
+            match e.idempotency_key.as_deref() {
+                Some(k) => {
+                    let i = *by_key.entry(k).or_insert_with(|| {
+                        groups.push(Vec::new());
+                        groups.len() - 1
+                    });
+                    groups[i].push(e);
+                }
+                None => groups.push(vec![e]),
+            }
+        }
+        let cancelled = std::sync::atomic::AtomicBool::new(false);
+        futures_util::stream::iter(groups)
+            .for_each_concurrent(self.inner.replay_concurrency, |group| {
+                let cancelled = &cancelled;
+                async move {
+                    for e in group {
+                        if control.is_cancelled() {
+                            cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                        self.apply_one(e, pass).await;
+                    }
+                }
+            })
+            .await;
+        if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Applies a batch in position order. A run of entries for PostgreSQL
+    /// handlers commits in one transaction with their marks; on any failure the
+    /// run is rolled back and retried entry by entry.
+    async fn apply_in_order(
+        &self,
+        batch: &[JournalEntry],
+        pass: &Pass<'_>,
+        control: &Control,
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < batch.len() {
+            control.checkpoint()?;
+            let run = if pass.dry_run {
+                0
+            } else {
+                batch[i..]
+                    .iter()
+                    .take_while(|e| {
+                        matches!(
+                            self.inner.handlers.get(&e.operation_type),
+                            Some(AnyHandler::Pg(_))
+                        ) && e.payload_intact()
+                    })
+                    .count()
+            };
+            if run > 1 {
+                let chunk: Vec<&JournalEntry> = batch[i..i + run].iter().collect();
+                match self.apply_pg_chunk(&chunk).await {
+                    Ok(applied) => {
+                        let mut s = lock(pass.state);
+                        for fresh in applied {
+                            s.entries_seen += 1;
+                            if fresh {
+                                s.applied += 1;
+                            } else {
+                                s.already_applied += 1;
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "replay chunk failed; applying one by one");
+                        for e in chunk {
+                            self.apply_one(e, pass).await;
+                        }
+                    }
+                }
+                i += run;
+                continue;
+            }
+            self.apply_one(&batch[i], pass).await;
+            i += 1;
+        }
+        Ok(())
+    }
+
     async fn pg_marked(&self, batch: &[JournalEntry]) -> Result<HashSet<uuid::Uuid>> {
         let Some((pool, sql)) = &self.inner.handler_db else {
             return Ok(HashSet::new());
@@ -261,14 +293,13 @@ impl Journal {
         }
     }
 
-    async fn apply_one(
-        &self,
-        e: &JournalEntry,
-        dry_run: bool,
-        pg_marked: &HashSet<uuid::Uuid>,
-        state: &Mutex<ReplaySummary>,
-        pending: &Mutex<Vec<(JournalPosition, JournalEntryId)>>,
-    ) {
+    async fn apply_one(&self, e: &JournalEntry, pass: &Pass<'_>) {
+        let Pass {
+            dry_run,
+            pg_marked,
+            state,
+            pending,
+        } = *pass;
         enum Outcome {
             Applied,
             Already,
@@ -420,4 +451,14 @@ impl Journal {
             .map_err(|err| sanare_pg::map_pg_error("committing a replayed journal entry", err))?;
         Ok(true)
     }
+}
+
+/// What the entries of one replayed batch share.
+struct Pass<'a> {
+    dry_run: bool,
+    /// Entries whose PostgreSQL handler's mark is already there.
+    pg_marked: &'a HashSet<uuid::Uuid>,
+    state: &'a Mutex<ReplaySummary>,
+    /// Applied plain-handler entries, marked once the batch is done.
+    pending: &'a Mutex<Vec<(JournalPosition, JournalEntryId)>>,
 }
