@@ -83,10 +83,42 @@ async fn main() {
         "integrity_machine",
         "2 cores, 24 GiB, shared with other engineers' builds",
     );
+    let c = prepare(&db, scale).await;
+    if only == "orphans" {
+        million_orphans(&url, &c, scale, &mut figures).await;
+        let path = Figures::path_for("integrity");
+        figures.write(&path).expect("writing figures");
+        return;
+    }
 
+    let mut cfg = IntegrityConfig::default();
+    cfg.chunk_rows = 250_000;
+    cfg.parallelism = 2;
+    cfg.publish_violations = false;
+    let dir = tempfile::tempdir().expect("tempdir");
+    cfg.report_dir = dir.path().to_owned();
+    let declared = fused_schema_figures(&db, &c, &cfg, &mut figures).await;
+    let checksums = checksum_figure(&db, &c, &cfg, &mut figures).await;
+    if only == "checksum" {
+        // Quick iterations on the checksum figure (with a small scale): skip the rest.
+        eprintln!("integrity bench: checksum only: {figures:?}");
+        return;
+    }
+    let all = all_checks_figures(&db, &cfg, declared, checksums, &mut figures).await;
+    write_load_figures(&db, &c, &cfg, all.rules(), load_secs, &mut figures).await;
+    million_orphans(&url, &c, scale, &mut figures).await;
+
+    let path = Figures::path_for("integrity");
+    figures.write(&path).expect("writing figures");
+    eprintln!("integrity bench: figures in {}", path.display());
+}
+
+/// `pgbench -i -s <scale>` plus the order-service fixture (100k orders) and
+/// sanare's tables, vacuumed and checkpointed; returns a connection.
+async fn prepare(db: &sanare_testing::TestDb, scale: u64) -> tokio_postgres::Client {
     let t = Instant::now();
     {
-        let url = url.clone();
+        let url = db.url().to_owned();
         tokio::task::spawn_blocking(move || pgbench::init(&url, scale, false))
             .await
             .expect("pgbench -i");
@@ -113,36 +145,36 @@ async fn main() {
     // flushing the fixture's (or an earlier phase's) dirty buffers, 1.3 GB after
     // `pgbench -i -s 100`.
     checkpoint(&c, "integrity").await;
+    c
+}
+
+fn accounts() -> TableRef {
+    TableRef::new("public", "pgbench_accounts")
+}
+
+/// `fused_rows_per_s` (the schema family over `pgbench_accounts`) against
+/// `count_rows_per_s` (`count(*)` of the same table); returns the declared rules.
+async fn fused_schema_figures(
+    db: &sanare_testing::TestDb,
+    c: &tokio_postgres::Client,
+    cfg: &IntegrityConfig,
+    figures: &mut Figures,
+) -> Rules {
     let rows: i64 = c
         .query_one("SELECT count(*) FROM pgbench_accounts", &[])
         .await
         .expect("count")
         .get(0);
-    let rows = rows as f64;
-    if only == "orphans" {
-        million_orphans(&url, &c, scale, &mut figures).await;
-        let path = Figures::path_for("integrity");
-        figures.write(&path).expect("writing figures");
-        return;
-    }
-
     // Baseline: count(*) on the same table.
     let t = Instant::now();
     c.query_one("SELECT count(*) FROM pgbench_accounts", &[])
         .await
         .expect("count");
-    let count_rps = rows / t.elapsed().as_secs_f64();
+    let count_rps = rows as f64 / t.elapsed().as_secs_f64();
     figures.set("count_rows_per_s", count_rps);
 
-    let accounts = TableRef::new("public", "pgbench_accounts");
-    let mut cfg = IntegrityConfig::default();
-    cfg.chunk_rows = 250_000;
-    cfg.parallelism = 2;
-    cfg.publish_violations = false;
-    let dir = tempfile::tempdir().expect("tempdir");
-    cfg.report_dir = dir.path().to_owned();
-
     // Fused schema checks on the 10M-row table.
+    let accounts = accounts();
     let declared = Rules::builder()
         .range(
             &accounts,
@@ -176,12 +208,21 @@ async fn main() {
     let fused_rps = s.rows_checked as f64 / fused_s;
     figures.set("fused_rows_per_s", fused_rps);
     figures.set("fused_vs_count_ratio", fused_rps / count_rps);
+    declared
+}
 
-    // Checksums: 1M accounts with a BLAKE3 v1 checksum computed here by the
-    // canonical encoding (as a host writing its own checksums does).
+/// `checksum_rows_per_s`: 1M accounts with a BLAKE3 v1 checksum computed here by
+/// the canonical encoding (as a host writing its own checksums does), verified;
+/// returns the checksum rule.
+async fn checksum_figure(
+    db: &sanare_testing::TestDb,
+    c: &tokio_postgres::Client,
+    cfg: &IntegrityConfig,
+    figures: &mut Figures,
+) -> Rules {
     let c2 = db.connect().await;
-    build_checksum_table(&c, &c2, 1_000_000).await;
-    checkpoint(&c, "integrity").await;
+    build_checksum_table(c, &c2, 1_000_000).await;
+    checkpoint(c, "integrity").await;
     let cks = TableRef::new("public", "cks");
     let rules = Rules::builder()
         .checksum(&cks, "row_checksum", ChecksumAlgorithm::Blake3)
@@ -208,15 +249,20 @@ async fn main() {
         "checksum_rows_per_s",
         s.rows_checked as f64 / t.elapsed().as_secs_f64(),
     );
-    if only == "checksum" {
-        // Quick iterations on the checksum figure (with a small scale): skip the rest.
-        eprintln!("integrity bench: checksum only: {figures:?}");
-        return;
-    }
+    rules
+}
 
-    // All four families over everything.
+/// `all_checks_10m_rows_s`: all four families over everything; returns the
+/// service with every rule.
+async fn all_checks_figures(
+    db: &sanare_testing::TestDb,
+    cfg: &IntegrityConfig,
+    declared: Rules,
+    checksums: Rules,
+    figures: &mut Figures,
+) -> Integrity {
     let mut all_rules = declared;
-    all_rules.extend(rules);
+    all_rules.extend(checksums);
     let shop = |n: &str| TableRef::new("shop", n);
     all_rules.extend(
         Rules::builder()
@@ -249,35 +295,46 @@ async fn main() {
     figures.set("all_checks_10m_rows_s", all_s);
     figures.set("all_checks_rows", s.rows_checked as f64);
     figures.set("all_checks_violations", s.total_violations() as f64);
+    all
+}
 
-    // Write load with and without validation running, alternating (without, with,
-    // without, with) so a change in the shared machine's load hits both sides. The
-    // validation alongside the load runs with one worker at a 10 % duty cycle:
-    // the setting for a host whose writes matter more than the validation's speed,
-    // on 2 cores, where a CPU-bound pgbench (two clients on a quiet disk) has no
-    // core to spare.
+/// `write_load_retained_pct`: the write load with and without validation
+/// running, alternating (without, with, without, with) so a change in the shared
+/// machine's load hits both sides. The validation alongside the load runs with
+/// one worker at a 10 % duty cycle: the setting for a host whose writes matter
+/// more than the validation's speed, on 2 cores, where a CPU-bound pgbench (two
+/// clients on a quiet disk) has no core to spare.
+async fn write_load_figures(
+    db: &sanare_testing::TestDb,
+    c: &tokio_postgres::Client,
+    cfg: &IntegrityConfig,
+    rules: &Rules,
+    load_secs: u64,
+    figures: &mut Figures,
+) {
+    let url = db.url();
     let mut bg_cfg = cfg.clone();
     bg_cfg.parallelism = 1;
     bg_cfg.duty_cycle = 0.1;
     let bg_cfg_duty = bg_cfg.duty_cycle;
     let background = Integrity::builder()
         .pool(db.pool().clone())
-        .rules(all.rules().clone())
+        .rules(rules.clone())
         .config(bg_cfg)
         .build()
         .expect("integrity");
     let (mut base_tps, mut loaded_tps) = (0.0, 0.0);
     let mut phases = Vec::new();
     for _ in 0..2 {
-        checkpoint(&c, "integrity").await;
-        let tps = write_load(&url, load_secs).await;
+        checkpoint(c, "integrity").await;
+        let tps = write_load(url, load_secs).await;
         phases.push(format!("without {tps:.0}"));
         base_tps += tps / 2.0;
-        checkpoint(&c, "integrity").await;
+        checkpoint(c, "integrity").await;
         let run = {
             let background = background.clone();
             let scope = ValidationScope::all()
-                .tables([accounts.clone()])
+                .tables([accounts()])
                 .families([CheckFamily::Schema, CheckFamily::Referential]);
             tokio::spawn(async move {
                 let (control, _) = Control::new();
@@ -292,7 +349,7 @@ async fn main() {
                     .or_else(|e| if e.is_cancelled() { Ok(()) } else { Err(e) })
             })
         };
-        let tps = write_load(&url, load_secs).await;
+        let tps = write_load(url, load_secs).await;
         phases.push(format!("with {tps:.0}"));
         loaded_tps += tps / 2.0;
         run.await
@@ -305,12 +362,6 @@ async fn main() {
     figures.note("write_tps_phases", phases.join(", "));
     figures.set("write_load_validation_workers", 1.0);
     figures.set("write_load_validation_duty_cycle", bg_cfg_duty);
-
-    million_orphans(&url, &c, scale, &mut figures).await;
-
-    let path = Figures::path_for("integrity");
-    figures.write(&path).expect("writing figures");
-    eprintln!("integrity bench: figures in {}", path.display());
 }
 
 /// `cks`: the first `n` accounts plus `row_checksum`, BLAKE3 over the canonical

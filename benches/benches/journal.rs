@@ -435,183 +435,200 @@ fn section(name: &str) -> bool {
 async fn run_figures(figures: &mut Figures) {
     // --- Segment WAL, durable group commit vs fsync per entry.
     if section("wal") {
-        let dir = scratch();
-        let wal = Journal::wal(dir.path()).build().await.expect("wal");
-        let _ = concurrent_records(&wal, 50).await; // warm-up
-        let cpu = cpu_seconds();
-        let started = Instant::now();
-        let wal_rate = concurrent_records(&wal, 4000).await;
-        let cpu_share = (cpu_seconds() - cpu) / started.elapsed().as_secs_f64();
-        drop(wal);
-        // The same workload with one flush at a time (classic group commit).
-        let dir1 = scratch();
-        let wal1 = Journal::wal(dir1.path())
-            .sync_pipeline_depth(1)
-            .build()
-            .await
-            .expect("wal");
-        let _ = concurrent_records(&wal1, 50).await;
-        let depth1 = concurrent_records(&wal1, 4000).await;
-        drop(wal1);
-        let naive = naive_fsync_per_entry(3000);
-        let (textbook, textbook_group) =
-            tokio::task::spawn_blocking(|| textbook_group_commit(WRITERS, 2000))
-                .await
-                .expect("textbook group commit");
-        let prealloc = fdatasync_preallocated(3000);
-        let two = tokio::task::spawn_blocking(|| fdatasync_preallocated_threads(2, 1500))
-            .await
-            .expect("two flushers");
-        println!(
-            "wal: {wal_rate:.0} entries/s ({:.0} % of one core), one flush at a time: \
-             {depth1:.0}/s, naive fsync per entry: {naive:.0}/s, fdatasync on a \
-             preallocated file: {prealloc:.0}/s (ceiling {:.0}/s), two threads: {two:.0}/s, \
-             textbook group commit (32 OS threads): {textbook:.0}/s in groups of {textbook_group:.1}",
-            cpu_share * 100.0,
-            WRITERS as f64 * prealloc
-        );
-        figures.set("wal_fdatasync_preallocated_per_s", prealloc);
-        figures.set("wal_fdatasync_preallocated_2_threads_per_s", two);
-        figures.set("wal_ceiling_32_writers_per_s", WRITERS as f64 * prealloc);
-        figures.set("wal_appends_per_s", wal_rate);
-        figures.set("wal_cpu_cores_used", cpu_share);
-        figures.set("wal_one_flush_at_a_time_per_s", depth1);
-        figures.set("wal_naive_fsync_per_s", naive);
-        figures.set("wal_textbook_group_commit_per_s", textbook);
-        figures.set("wal_textbook_group_commit_group_size", textbook_group);
-        figures.set("wal_vs_naive_fsync_ratio", wal_rate / naive);
-        figures.set("wal_vs_textbook_ratio", wal_rate / textbook);
-
-        // Many requests in flight: 256 one-at-a-time writers. The group commits
-        // are counted from the journal's events: entries per flush, flushes per
-        // second, against the disk's own fdatasync rate measured just before.
-        let dir = scratch();
-        let bus = sanare_core::EventBus::new(1 << 16);
-        let wal = Journal::wal(dir.path())
-            .events(bus.clone())
-            .build()
-            .await
-            .expect("wal");
-        let _ = concurrent_records_by(&wal, 256, 10).await;
-        let prealloc_256 = fdatasync_preallocated(2000);
-        let mut sub = bus.subscribe();
-        let started = Instant::now();
-        let many = concurrent_records_by(&wal, 256, 800).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        drop(wal);
-        let (mut groups, mut grouped) = (0u64, 0u64);
-        while let Some(r) = sub.try_recv() {
-            if let sanare_core::Event::JournalRecorded { entries, .. } = r.event {
-                groups += 1;
-                grouped += entries;
-            }
-        }
-        let group_size = grouped as f64 / groups.max(1) as f64;
-        println!(
-            "wal, 256 writers: {many:.0}/s in {groups} groups of {group_size:.1} \
-             ({:.0} flushes/s); fdatasync alone just before: {prealloc_256:.0}/s \
-             (ceiling 256 × that = {:.0}/s)",
-            groups as f64 / elapsed,
-            256.0 * prealloc_256
-        );
-        figures.set("wal_256_writers_group_size", group_size);
-        figures.set("wal_256_writers_flushes_per_s", groups as f64 / elapsed);
-        figures.set("wal_256_fdatasync_preallocated_per_s", prealloc_256);
-        figures.set("wal_ceiling_256_writers_per_s", 256.0 * prealloc_256);
-        // okaywal, same 32 writers, and ours again right after (alternated, so
-        // a change in the disk's flush rate hits both).
-        let okay = tokio::task::spawn_blocking(|| okaywal_records(WRITERS, 2000))
-            .await
-            .expect("okaywal");
-        let dir = scratch();
-        let wal = Journal::wal(dir.path()).build().await.expect("wal");
-        let ours_again = concurrent_records(&wal, 2000).await;
-        drop(wal);
-        let okay2 = tokio::task::spawn_blocking(|| okaywal_records(WRITERS, 2000))
-            .await
-            .expect("okaywal");
-        let ours = (wal_rate + ours_again) / 2.0;
-        let okay = (okay + okay2) / 2.0;
-        println!(
-            "wal, 256 writers: {many:.0}/s; okaywal (32 OS threads): {okay:.0}/s, ours {ours:.0}/s"
-        );
-        figures.set("wal_appends_256_writers_per_s", many);
-        figures.set("wal_okaywal_appends_per_s", okay);
-        figures.set("wal_vs_okaywal_ratio", ours / okay);
+        wal_figures(figures).await;
     }
-
     // --- Opening a long journal (10 million entries by default).
     if section("open") {
         open_figures(figures).await;
     }
-
     // --- Replay into a no-op handler (WAL).
     if section("replay") {
-        let dir = scratch();
-        let wal = Journal::wal(dir.path())
-            .handler("bench", NoopHandler)
-            .build()
-            .await
-            .expect("wal");
-        concurrent_records(&wal, 200_000 / WRITERS).await;
-        let start = Instant::now();
-        let cpu = cpu_seconds();
-        let s = wal
-            .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
-            .await
-            .expect("replay");
-        let replay_noop = s.applied as f64 / start.elapsed().as_secs_f64();
-        let per_cpu = s.applied as f64 / (cpu_seconds() - cpu).max(1e-9);
-        println!(
-            "replay noop: {} entries, {replay_noop:.0}/s wall, {per_cpu:.0} per CPU-second",
-            s.applied
-        );
-        figures.set("replay_noop_per_s", replay_noop);
-        figures.set("replay_noop_per_cpu_s", per_cpu);
-        drop(wal);
+        replay_noop_figures(figures).await;
     }
-
     // --- Compaction of order-service payloads.
     if section("compaction") {
-        let dir = scratch();
-        let wal = Journal::wal(dir.path())
-            .segment_size(4 << 20)
-            .build()
-            .await
-            .expect("wal");
-        let mut tasks = Vec::new();
-        for w in 0..WRITERS {
-            let j = wal.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..1000 {
-                    let n = w * 1000 + i;
-                    j.record(
-                        NewEntry::new("order.updated", &order_json(n))
-                            .expect("payload")
-                            .idempotency_key(format!("order-{n}"))
-                            .user("checkout")
-                            .source_system("order-service"),
-                    )
-                    .await
-                    .expect("record");
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("writer");
-        }
-        wal.rotate().await.expect("rotate");
-        let report = wal.compact(&Control::detached()).await.expect("compact");
-        let pct = 100.0 * (1.0 - report.bytes_after as f64 / report.bytes_before.max(1) as f64);
-        println!("compaction: {report:?} -> {pct:.1}% smaller");
-        figures.set("compaction_reduction_pct", pct);
-        drop(wal);
+        compaction_figures(figures).await;
     }
-
     // --- PostgreSQL backend.
-    if !section("pg") {
-        return;
+    if section("pg") {
+        pg_figures(figures).await;
     }
+}
+
+/// The segment WAL: durable group commit against fsync per entry, a textbook
+/// group commit, okaywal and the disk's own flush rate; then 256 writers.
+async fn wal_figures(figures: &mut Figures) {
+    let dir = scratch();
+    let wal = Journal::wal(dir.path()).build().await.expect("wal");
+    let _ = concurrent_records(&wal, 50).await; // warm-up
+    let cpu = cpu_seconds();
+    let started = Instant::now();
+    let wal_rate = concurrent_records(&wal, 4000).await;
+    let cpu_share = (cpu_seconds() - cpu) / started.elapsed().as_secs_f64();
+    drop(wal);
+    // The same workload with one flush at a time (classic group commit).
+    let dir1 = scratch();
+    let wal1 = Journal::wal(dir1.path())
+        .sync_pipeline_depth(1)
+        .build()
+        .await
+        .expect("wal");
+    let _ = concurrent_records(&wal1, 50).await;
+    let depth1 = concurrent_records(&wal1, 4000).await;
+    drop(wal1);
+    let naive = naive_fsync_per_entry(3000);
+    let (textbook, textbook_group) =
+        tokio::task::spawn_blocking(|| textbook_group_commit(WRITERS, 2000))
+            .await
+            .expect("textbook group commit");
+    let prealloc = fdatasync_preallocated(3000);
+    let two = tokio::task::spawn_blocking(|| fdatasync_preallocated_threads(2, 1500))
+        .await
+        .expect("two flushers");
+    println!(
+        "wal: {wal_rate:.0} entries/s ({:.0} % of one core), one flush at a time: \
+         {depth1:.0}/s, naive fsync per entry: {naive:.0}/s, fdatasync on a \
+         preallocated file: {prealloc:.0}/s (ceiling {:.0}/s), two threads: {two:.0}/s, \
+         textbook group commit (32 OS threads): {textbook:.0}/s in groups of {textbook_group:.1}",
+        cpu_share * 100.0,
+        WRITERS as f64 * prealloc
+    );
+    figures.set("wal_fdatasync_preallocated_per_s", prealloc);
+    figures.set("wal_fdatasync_preallocated_2_threads_per_s", two);
+    figures.set("wal_ceiling_32_writers_per_s", WRITERS as f64 * prealloc);
+    figures.set("wal_appends_per_s", wal_rate);
+    figures.set("wal_cpu_cores_used", cpu_share);
+    figures.set("wal_one_flush_at_a_time_per_s", depth1);
+    figures.set("wal_naive_fsync_per_s", naive);
+    figures.set("wal_textbook_group_commit_per_s", textbook);
+    figures.set("wal_textbook_group_commit_group_size", textbook_group);
+    figures.set("wal_vs_naive_fsync_ratio", wal_rate / naive);
+    figures.set("wal_vs_textbook_ratio", wal_rate / textbook);
+
+    // Many requests in flight: 256 one-at-a-time writers. The group commits
+    // are counted from the journal's events: entries per flush, flushes per
+    // second, against the disk's own fdatasync rate measured just before.
+    let dir = scratch();
+    let bus = sanare_core::EventBus::new(1 << 16);
+    let wal = Journal::wal(dir.path())
+        .events(bus.clone())
+        .build()
+        .await
+        .expect("wal");
+    let _ = concurrent_records_by(&wal, 256, 10).await;
+    let prealloc_256 = fdatasync_preallocated(2000);
+    let mut sub = bus.subscribe();
+    let started = Instant::now();
+    let many = concurrent_records_by(&wal, 256, 800).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(wal);
+    let (mut groups, mut grouped) = (0u64, 0u64);
+    while let Some(r) = sub.try_recv() {
+        if let sanare_core::Event::JournalRecorded { entries, .. } = r.event {
+            groups += 1;
+            grouped += entries;
+        }
+    }
+    let group_size = grouped as f64 / groups.max(1) as f64;
+    println!(
+        "wal, 256 writers: {many:.0}/s in {groups} groups of {group_size:.1} \
+         ({:.0} flushes/s); fdatasync alone just before: {prealloc_256:.0}/s \
+         (ceiling 256 × that = {:.0}/s)",
+        groups as f64 / elapsed,
+        256.0 * prealloc_256
+    );
+    figures.set("wal_256_writers_group_size", group_size);
+    figures.set("wal_256_writers_flushes_per_s", groups as f64 / elapsed);
+    figures.set("wal_256_fdatasync_preallocated_per_s", prealloc_256);
+    figures.set("wal_ceiling_256_writers_per_s", 256.0 * prealloc_256);
+    // okaywal, same 32 writers, and ours again right after (alternated, so
+    // a change in the disk's flush rate hits both).
+    let okay = tokio::task::spawn_blocking(|| okaywal_records(WRITERS, 2000))
+        .await
+        .expect("okaywal");
+    let dir = scratch();
+    let wal = Journal::wal(dir.path()).build().await.expect("wal");
+    let ours_again = concurrent_records(&wal, 2000).await;
+    drop(wal);
+    let okay2 = tokio::task::spawn_blocking(|| okaywal_records(WRITERS, 2000))
+        .await
+        .expect("okaywal");
+    let ours = (wal_rate + ours_again) / 2.0;
+    let okay = (okay + okay2) / 2.0;
+    println!(
+        "wal, 256 writers: {many:.0}/s; okaywal (32 OS threads): {okay:.0}/s, ours {ours:.0}/s"
+    );
+    figures.set("wal_appends_256_writers_per_s", many);
+    figures.set("wal_okaywal_appends_per_s", okay);
+    figures.set("wal_vs_okaywal_ratio", ours / okay);
+}
+
+/// Replay of 200,000 entries into a no-op handler (WAL).
+async fn replay_noop_figures(figures: &mut Figures) {
+    let dir = scratch();
+    let wal = Journal::wal(dir.path())
+        .handler("bench", NoopHandler)
+        .build()
+        .await
+        .expect("wal");
+    concurrent_records(&wal, 200_000 / WRITERS).await;
+    let start = Instant::now();
+    let cpu = cpu_seconds();
+    let s = wal
+        .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
+        .await
+        .expect("replay");
+    let replay_noop = s.applied as f64 / start.elapsed().as_secs_f64();
+    let per_cpu = s.applied as f64 / (cpu_seconds() - cpu).max(1e-9);
+    println!(
+        "replay noop: {} entries, {replay_noop:.0}/s wall, {per_cpu:.0} per CPU-second",
+        s.applied
+    );
+    figures.set("replay_noop_per_s", replay_noop);
+    figures.set("replay_noop_per_cpu_s", per_cpu);
+    drop(wal);
+}
+
+/// Compaction of 32,000 order-service payloads.
+async fn compaction_figures(figures: &mut Figures) {
+    let dir = scratch();
+    let wal = Journal::wal(dir.path())
+        .segment_size(4 << 20)
+        .build()
+        .await
+        .expect("wal");
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let j = wal.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..1000 {
+                let n = w * 1000 + i;
+                j.record(
+                    NewEntry::new("order.updated", &order_json(n))
+                        .expect("payload")
+                        .idempotency_key(format!("order-{n}"))
+                        .user("checkout")
+                        .source_system("order-service"),
+                )
+                .await
+                .expect("record");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    wal.rotate().await.expect("rotate");
+    let report = wal.compact(&Control::detached()).await.expect("compact");
+    let pct = 100.0 * (1.0 - report.bytes_after as f64 / report.bytes_before.max(1) as f64);
+    println!("compaction: {report:?} -> {pct:.1}% smaller");
+    figures.set("compaction_reduction_pct", pct);
+    drop(wal);
+}
+
+/// The PostgreSQL backend: `record()` against single INSERTs, `record_in`, and
+/// replay into the order service's upsert handler.
+async fn pg_figures(figures: &mut Figures) {
     let Ok(url) = std::env::var("DATABASE_URL") else {
         println!("DATABASE_URL unset: PostgreSQL figures skipped (run through cargo xtask bench)");
         return;
@@ -660,10 +677,19 @@ async fn run_figures(figures: &mut Figures) {
     figures.set("pg_single_insert_per_s", single);
     figures.set("pg_vs_single_insert_ratio", pg_rate / single);
     record_in_figures(figures, &pool, &journal).await;
+    pg_replay_figures(figures, &pool, &journal).await;
+    drop(journal);
+    drop(client);
+    drop(pool);
+    let _ = admin_client
+        .batch_execute("DROP DATABASE IF EXISTS sanare_bench_journal WITH (FORCE)")
+        .await;
+}
 
-    // Replay into the order service's upsert handler (exactly-once marks in the
-    // same transaction): 3,000 events one round trip per entry, then 50,000 events
-    // through the batch path.
+/// Replay into the order service's upsert handler (exactly-once marks in the
+/// same transaction): 3,000 events one round trip per entry, then 50,000 events
+/// through the batch path.
+async fn pg_replay_figures(figures: &mut Figures, pool: &sanare_pg::Pool, journal: &Journal) {
     let replay = async |journal: &Journal, first: usize, n: usize| {
         let from = journal.head().await.expect("head").0 + 1;
         record_orders(journal, first, n).await;
@@ -691,18 +717,12 @@ async fn run_figures(figures: &mut Figures) {
         .expect("pg journal");
     let replay_per_entry = replay(&per_entry_journal, 0, 3_200).await;
     drop(per_entry_journal);
-    let replay_pg = replay(&journal, 3_200, 51_200).await;
+    let replay_pg = replay(journal, 3_200, 51_200).await;
     println!(
         "replay pg (order upsert): batch path {replay_pg:.0}/s, one round trip per entry {replay_per_entry:.0}/s"
     );
     figures.set("replay_pg_per_s", replay_pg);
     figures.set("replay_pg_per_entry_handler_per_s", replay_per_entry);
-    drop(journal);
-    drop(client);
-    drop(pool);
-    let _ = admin_client
-        .batch_execute("DROP DATABASE IF EXISTS sanare_bench_journal WITH (FORCE)")
-        .await;
 }
 
 /// A journal of `SANARE_BENCH_OPEN_ENTRIES` entries (10 million by default; 64-byte

@@ -177,46 +177,7 @@ async fn recovery_figures(figures: &mut Figures) {
     let entries = i64::try_from(env("SANARE_BENCH_RECOVERY_ENTRIES", 100_000)).expect("entries");
     let db = sanare_testing::test_db().await;
     let client = db.client().await;
-    order_service::install(&**client, "shop")
-        .await
-        .expect("fixture");
-    let counts = order_service::generate(&**client, "shop", orders_n)
-        .await
-        .expect("fixture data");
-    let size: i64 = client
-        .query_one(
-            "SELECT sum(pg_table_size(c.oid))::bigint FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = 'shop' AND c.relkind = 'r'",
-            &[],
-        )
-        .await
-        .expect("size")
-        .get(0);
-    figures.note(
-        "recovery_workload",
-        format!(
-            "order-service fixture, {orders_n} orders ({} MB of table data), snapshot, then {entries} journaled orders; power failure; WAL journal and filesystem blocks in one data dir",
-            size / 1_000_000
-        ),
-    );
-    figures.set("recovery_table_mb", size as f64 / 1e6);
-
-    // Baseline: the bare copy of every table a restore writes.
-    let t = Instant::now();
-    client
-        .batch_execute(
-            "BEGIN;
-             CREATE TABLE public.b1 AS SELECT * FROM shop.customers;
-             CREATE TABLE public.b2 AS SELECT * FROM shop.products;
-             CREATE TABLE public.b3 AS SELECT * FROM shop.orders;
-             CREATE TABLE public.b4 AS SELECT * FROM shop.order_lines;
-             CREATE TABLE public.b5 AS SELECT * FROM shop.payments;
-             ROLLBACK",
-        )
-        .await
-        .expect("baseline");
-    figures.set("recovery_baseline_copy_s", t.elapsed().as_secs_f64());
+    let counts = fixture(&client, orders_n, entries, figures).await;
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let boot = tmp.path().join("boot_id");
@@ -246,33 +207,8 @@ async fn recovery_figures(figures: &mut Figures) {
     // 100,000 orders journaled by 32 concurrent writers; the service died before
     // applying any of them.
     let base = i64::try_from(counts.orders).expect("orders");
-    let (customers, products) = (
-        i64::try_from(counts.customers).expect("customers"),
-        i64::try_from(counts.products).expect("products"),
-    );
     let journal = first.journal().clone();
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..32 {
-        let journal = journal.clone();
-        writers.spawn(async move {
-            let mut n = 1 + w;
-            while n <= entries {
-                let order = PlaceOrder::nth(base, n, customers, products);
-                journal
-                    .record(
-                        NewEntry::new(orders::PLACE_ORDER, &order)
-                            .expect("entry")
-                            .idempotency_key(format!("order-{}", order.order_id)),
-                    )
-                    .await
-                    .expect("record");
-                n += 32;
-            }
-        });
-    }
-    while let Some(r) = writers.join_next().await {
-        r.expect("writer");
-    }
+    journal_orders(&journal, &counts, entries).await;
     drop(journal);
     drop(first); // power failure: no shutdown …
     std::fs::write(&boot, "bbbbbbbb-0000-0000-0000-000000000002\n").expect("boot id"); // … and a new boot
@@ -280,77 +216,8 @@ async fn recovery_figures(figures: &mut Figures) {
     let t = Instant::now();
     let second = start().await.expect("second start");
     let secs = t.elapsed().as_secs_f64();
-    let crash = second
-        .startup_report()
-        .crash()
-        .expect("the power failure is detected");
-    assert_eq!(crash.kind, CrashKind::PowerFailure);
-    let result = second
-        .startup_report()
-        .recovery
-        .clone()
-        .expect("a recovery at start-up");
-    assert!(result.success, "{result:#?}");
-    assert!(
-        result.snapshots_used.is_empty() && result.tables_restored.is_empty(),
-        "nothing restored over committed data: {result:#?}"
-    );
-    assert_eq!(
-        result.entries_replayed,
-        u64::try_from(entries).expect("entries"),
-        "{result:#?}"
-    );
-    let placed: i64 = client
-        .query_one("SELECT count(*) FROM shop.orders WHERE id > $1", &[&base])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(placed, entries);
-    for step in &result.steps {
-        let name = step.step.name().replace(' ', "_");
-        figures.set(
-            &format!("recovery_step_{name}_s"),
-            step.duration.as_secs_f64(),
-        );
-        eprintln!(
-            "  {name}: {:.2} s — {}",
-            step.duration.as_secs_f64(),
-            step.detail
-        );
-    }
-    figures.set("recovery_to_ready_s", secs);
-    let cut_short = result
-        .warnings
-        .iter()
-        .filter(|w| w.contains("recovery time target"))
-        .count();
-    figures.set("recovery_checks_cut_by_time_target", cut_short as f64);
-    eprintln!("recovery_to_ready_s = {secs:.2} ({cut_short} checks stopped at the time target)");
-
-    // What the checks of the evidence plan cost when nothing stops them: the same
-    // validation and scan (rows, and pages and indexes with amcheck), no time target.
-    let plan = second.recovery().plan(
-        None,
-        RecoveryOptions::new(RecoveryOption::RepairOnly)
-            .physical_checks(true)
-            .execute_repairs(false),
-    );
-    let t = Instant::now();
-    let checks = second
-        .recovery()
-        .recover(&plan, &Control::detached())
-        .await
-        .expect("checks");
-    figures.set("recovery_full_checks_s", t.elapsed().as_secs_f64());
-    for step in &checks.steps {
-        eprintln!(
-            "  full checks, {}: {:.2} s — {}",
-            step.step,
-            step.duration.as_secs_f64(),
-            step.detail
-        );
-    }
-    eprintln!("recovery_full_checks_s = {:.2}", t.elapsed().as_secs_f64());
+    startup_figures(&second, &client, base, entries, secs, figures).await;
+    full_checks_figures(&second, figures).await;
     second.shutdown().await.expect("shutdown");
 }
 
@@ -435,4 +302,176 @@ fn main() {
     let path = Figures::path_for("recovery");
     figures.write(&path).expect("write figures");
     eprintln!("figures written to {}", path.display());
+}
+
+/// The order-service fixture with `orders_n` orders in schema `shop`, and the
+/// baseline: the bare copy of every table a restore writes.
+async fn fixture(
+    client: &sanare::deadpool_postgres::Object,
+    orders_n: u64,
+    entries: i64,
+    figures: &mut Figures,
+) -> order_service::Counts {
+    order_service::install(&***client, "shop")
+        .await
+        .expect("fixture");
+    let counts = order_service::generate(&***client, "shop", orders_n)
+        .await
+        .expect("fixture data");
+    let size: i64 = client
+        .query_one(
+            "SELECT sum(pg_table_size(c.oid))::bigint FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'shop' AND c.relkind = 'r'",
+            &[],
+        )
+        .await
+        .expect("size")
+        .get(0);
+    figures.note(
+        "recovery_workload",
+        format!(
+            "order-service fixture, {orders_n} orders ({} MB of table data), snapshot, then {entries} journaled orders; power failure; WAL journal and filesystem blocks in one data dir",
+            size / 1_000_000
+        ),
+    );
+    figures.set("recovery_table_mb", size as f64 / 1e6);
+
+    let t = Instant::now();
+    client
+        .batch_execute(
+            "BEGIN;
+             CREATE TABLE public.b1 AS SELECT * FROM shop.customers;
+             CREATE TABLE public.b2 AS SELECT * FROM shop.products;
+             CREATE TABLE public.b3 AS SELECT * FROM shop.orders;
+             CREATE TABLE public.b4 AS SELECT * FROM shop.order_lines;
+             CREATE TABLE public.b5 AS SELECT * FROM shop.payments;
+             ROLLBACK",
+        )
+        .await
+        .expect("baseline");
+    figures.set("recovery_baseline_copy_s", t.elapsed().as_secs_f64());
+    counts
+}
+
+/// `entries` new orders (after the fixture's `counts`) recorded in `journal` by
+/// 32 concurrent writers, none applied.
+async fn journal_orders(
+    journal: &sanare::journal::Journal,
+    counts: &order_service::Counts,
+    entries: i64,
+) {
+    let base = i64::try_from(counts.orders).expect("orders");
+    let (customers, products) = (
+        i64::try_from(counts.customers).expect("customers"),
+        i64::try_from(counts.products).expect("products"),
+    );
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..32 {
+        let journal = journal.clone();
+        writers.spawn(async move {
+            let mut n = 1 + w;
+            while n <= entries {
+                let order = PlaceOrder::nth(base, n, customers, products);
+                journal
+                    .record(
+                        NewEntry::new(orders::PLACE_ORDER, &order)
+                            .expect("entry")
+                            .idempotency_key(format!("order-{}", order.order_id)),
+                    )
+                    .await
+                    .expect("record");
+                n += 32;
+            }
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r.expect("writer");
+    }
+}
+
+/// The start after the power failure (`secs` to ready): the crash classified,
+/// nothing restored over committed data, every journaled order placed; its
+/// steps' times are the figures.
+async fn startup_figures(
+    second: &Sanare,
+    client: &sanare::deadpool_postgres::Object,
+    base: i64,
+    entries: i64,
+    secs: f64,
+    figures: &mut Figures,
+) {
+    let crash = second
+        .startup_report()
+        .crash()
+        .expect("the power failure is detected");
+    assert_eq!(crash.kind, CrashKind::PowerFailure);
+    let result = second
+        .startup_report()
+        .recovery
+        .clone()
+        .expect("a recovery at start-up");
+    assert!(result.success, "{result:#?}");
+    assert!(
+        result.snapshots_used.is_empty() && result.tables_restored.is_empty(),
+        "nothing restored over committed data: {result:#?}"
+    );
+    assert_eq!(
+        result.entries_replayed,
+        u64::try_from(entries).expect("entries"),
+        "{result:#?}"
+    );
+    let placed: i64 = client
+        .query_one("SELECT count(*) FROM shop.orders WHERE id > $1", &[&base])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(placed, entries);
+    for step in &result.steps {
+        let name = step.step.name().replace(' ', "_");
+        figures.set(
+            &format!("recovery_step_{name}_s"),
+            step.duration.as_secs_f64(),
+        );
+        eprintln!(
+            "  {name}: {:.2} s — {}",
+            step.duration.as_secs_f64(),
+            step.detail
+        );
+    }
+    figures.set("recovery_to_ready_s", secs);
+    let cut_short = result
+        .warnings
+        .iter()
+        .filter(|w| w.contains("recovery time target"))
+        .count();
+    figures.set("recovery_checks_cut_by_time_target", cut_short as f64);
+    eprintln!("recovery_to_ready_s = {secs:.2} ({cut_short} checks stopped at the time target)");
+}
+
+/// What the checks of the evidence plan cost when nothing stops them: the same
+/// validation and scan (rows, and pages and indexes with amcheck), no time target.
+async fn full_checks_figures(second: &Sanare, figures: &mut Figures) {
+    let plan = second.recovery().plan(
+        None,
+        RecoveryOptions::new(RecoveryOption::RepairOnly)
+            .physical_checks(true)
+            .execute_repairs(false),
+    );
+    let t = Instant::now();
+    let checks = second
+        .recovery()
+        .recover(&plan, &Control::detached())
+        .await
+        .expect("checks");
+    figures.set("recovery_full_checks_s", t.elapsed().as_secs_f64());
+    for step in &checks.steps {
+        eprintln!(
+            "  full checks, {}: {:.2} s — {}",
+            step.step,
+            step.duration.as_secs_f64(),
+            step.detail
+        );
+    }
+    eprintln!("recovery_full_checks_s = {:.2}", t.elapsed().as_secs_f64());
 }

@@ -34,6 +34,12 @@ fn with_db(url: &str, db: &str) -> String {
     sanare_testing::with_dbname(url, db)
 }
 
+/// The restore targets of the baselines, dropped before and after a run.
+const BASELINE_DBS: [&str; 2] = [
+    "sanare_bench_snapshot_restore",
+    "sanare_bench_snapshot_restore_j2",
+];
+
 async fn run(figures: &mut Figures) {
     let admin_url =
         std::env::var("DATABASE_URL").expect("DATABASE_URL (run through cargo xtask bench)");
@@ -49,71 +55,8 @@ async fn run(figures: &mut Figures) {
         .await
         .unwrap();
     tokio::spawn(conn);
-    let reuse = keep
-        && admin
-            .query_opt(
-                "SELECT 1 FROM pg_database WHERE datname = 'sanare_bench_snapshot'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .is_some();
-    let fixture_db: &[&str] = if reuse {
-        &[]
-    } else {
-        &["sanare_bench_snapshot"]
-    };
-    for db in fixture_db.iter().chain(&[
-        "sanare_bench_snapshot_restore",
-        "sanare_bench_snapshot_restore_j2",
-    ]) {
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .await
-            .unwrap();
-    }
-    if !reuse {
-        admin
-            .batch_execute("CREATE DATABASE sanare_bench_snapshot")
-            .await
-            .unwrap();
-    }
-    let url = with_db(&admin_url, "sanare_bench_snapshot");
+    let (url, mut client, table_mb) = fixture(&admin, &admin_url, orders, keep).await;
     let pool = sanare_pg::connect_pool(&url, 8).unwrap();
-    let mut client = {
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        c
-    };
-    let t = Instant::now();
-    if reuse {
-        client
-            .batch_execute("DROP SCHEMA IF EXISTS sanare CASCADE")
-            .await
-            .unwrap();
-        client.batch_execute("VACUUM ANALYZE").await.unwrap();
-    } else {
-        order_service::install(&client, "shop").await.unwrap();
-        sanare_benches::shop::generate(&client, "shop", orders, 42)
-            .await
-            .unwrap();
-        client.batch_execute("VACUUM ANALYZE").await.unwrap();
-    }
-    let table_mb: i64 = client
-        .query_one(
-            "SELECT (sum(pg_table_size(c.oid)) / 1000000)::bigint FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'shop' AND c.relkind = 'r'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    println!(
-        "generated {orders} orders ({table_mb} MB of table data) in {:?}",
-        t.elapsed()
-    );
     let schema = SchemaName::default_schema();
     sanare_snapshot::migrate(&mut client, &schema)
         .await
@@ -178,58 +121,7 @@ async fn run(figures: &mut Figures) {
         inc_spread.stored_bytes as f64 / 1e3
     );
 
-    // Restore: ours into the live tables vs pg_restore into a fresh database.
-    checkpoint(&admin, "snapshot").await;
-    let t = Instant::now();
-    snaps
-        .restore(RestoreRequest::new(full.id), &Control::detached())
-        .await
-        .unwrap();
-    let restore_s = t.elapsed().as_secs_f64();
-    admin
-        .batch_execute("CREATE DATABASE sanare_bench_snapshot_restore")
-        .await
-        .unwrap();
-    checkpoint(&admin, "snapshot").await;
-    let t = Instant::now();
-    let st = Command::new(bin("pg_restore"))
-        .args(["--no-owner", "-d"])
-        .arg(with_db(&admin_url, "sanare_bench_snapshot_restore"))
-        .arg(&dump)
-        .status()
-        .unwrap();
-    assert!(st.success(), "pg_restore failed");
-    let pg_restore_s = t.elapsed().as_secs_f64();
-    println!("restore: {restore_s:.2}s (pg_restore {pg_restore_s:.2}s)");
-
-    // Parallel: ours (shadow tables on 2 connections, then the swap) against
-    // pg_restore --jobs 2 into a fresh database.
-    checkpoint(&admin, "snapshot").await;
-    let t = Instant::now();
-    snaps
-        .restore(
-            RestoreRequest::new(full.id).mode(RestoreMode::Parallel { connections: 2 }),
-            &Control::detached(),
-        )
-        .await
-        .unwrap();
-    let parallel_s = t.elapsed().as_secs_f64();
-    admin
-        .batch_execute("CREATE DATABASE sanare_bench_snapshot_restore_j2")
-        .await
-        .unwrap();
-    checkpoint(&admin, "snapshot").await;
-    let t = Instant::now();
-    let st = Command::new(bin("pg_restore"))
-        .args(["--no-owner", "--jobs", "2", "-d"])
-        .arg(with_db(&admin_url, "sanare_bench_snapshot_restore_j2"))
-        .arg(&dump)
-        .status()
-        .unwrap();
-    assert!(st.success(), "pg_restore --jobs 2 failed");
-    let pg_restore_j2_s = t.elapsed().as_secs_f64();
-    println!("parallel restore: {parallel_s:.2}s (pg_restore --jobs 2 {pg_restore_j2_s:.2}s)");
-
+    restore_figures(&admin, &admin_url, &snaps, &full, &dump, figures).await;
     figures
         .set("table_data_mb", table_mb as f64)
         .set("raw_copy_mb", raw_mb)
@@ -237,15 +129,6 @@ async fn run(figures: &mut Figures) {
         .set("pg_dump_s", pg_dump_s)
         .set("capture_mb_per_s", raw_mb / capture_s)
         .set("capture_vs_pg_dump_ratio", pg_dump_s / capture_s)
-        .set("restore_s", restore_s)
-        .set("pg_restore_s", pg_restore_s)
-        .set("restore_vs_pg_restore_ratio", pg_restore_s / restore_s)
-        .set("parallel_restore_s", parallel_s)
-        .set("pg_restore_j2_s", pg_restore_j2_s)
-        .set(
-            "parallel_restore_vs_pg_restore_j2_ratio",
-            pg_restore_j2_s / parallel_s,
-        )
         .set(
             "lz4_reduction_pct",
             100.0 * (1.0 - full.stored_bytes as f64 / full.size_bytes as f64),
@@ -266,8 +149,155 @@ async fn run(figures: &mut Figures) {
                 "order-service schema, {orders} orders of realistic rows (sanare_benches::shop, seed 42), schema shop"
             ),
         );
-    // Memory of capture planning against a 100 GB repository (synthetic: index
-    // entries only), in a child process of its own.
+    index_memory_figures(&client, &url, figures).await;
+    drop(pool);
+    drop_databases(&admin, !keep).await;
+}
+
+/// Drops the baselines' restore targets, and the fixture's database with
+/// `fixture`.
+async fn drop_databases(admin: &tokio_postgres::Client, fixture: bool) {
+    let fixture_db: &[&str] = if fixture {
+        &["sanare_bench_snapshot"]
+    } else {
+        &[]
+    };
+    for db in fixture_db.iter().chain(&BASELINE_DBS) {
+        if let Err(e) = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await
+        {
+            eprintln!("snapshot bench: dropping {db}: {e}");
+        }
+    }
+}
+
+/// The fixture database `sanare_bench_snapshot` with `orders` orders of
+/// realistic rows in schema `shop` (reused when `keep` and it exists); returns
+/// its URL, a connection and its table data in MB.
+async fn fixture(
+    admin: &tokio_postgres::Client,
+    admin_url: &str,
+    orders: u64,
+    keep: bool,
+) -> (String, tokio_postgres::Client, i64) {
+    let reuse = keep
+        && admin
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = 'sanare_bench_snapshot'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some();
+    drop_databases(admin, !reuse).await;
+    if !reuse {
+        admin
+            .batch_execute("CREATE DATABASE sanare_bench_snapshot")
+            .await
+            .unwrap();
+    }
+    let url = with_db(admin_url, "sanare_bench_snapshot");
+    let client = {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let t = Instant::now();
+    if reuse {
+        client
+            .batch_execute("DROP SCHEMA IF EXISTS sanare CASCADE")
+            .await
+            .unwrap();
+    } else {
+        order_service::install(&client, "shop").await.unwrap();
+        sanare_benches::shop::generate(&client, "shop", orders, 42)
+            .await
+            .unwrap();
+    }
+    client.batch_execute("VACUUM ANALYZE").await.unwrap();
+    let table_mb: i64 = client
+        .query_one(
+            "SELECT (sum(pg_table_size(c.oid)) / 1000000)::bigint FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'shop' AND c.relkind = 'r'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "generated {orders} orders ({table_mb} MB of table data) in {:?}",
+        t.elapsed()
+    );
+    (url, client, table_mb)
+}
+
+/// Seconds `pg_restore` (with `jobs` jobs) takes to restore `dump` into a new
+/// database `db`.
+async fn timed_pg_restore(
+    admin: &tokio_postgres::Client,
+    admin_url: &str,
+    db: &str,
+    dump: &std::path::Path,
+    jobs: u32,
+) -> f64 {
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    checkpoint(admin, "snapshot").await;
+    let t = Instant::now();
+    let st = Command::new(bin("pg_restore"))
+        .args(["--no-owner", "--jobs", &jobs.to_string(), "-d"])
+        .arg(with_db(admin_url, db))
+        .arg(dump)
+        .status()
+        .unwrap();
+    assert!(st.success(), "pg_restore --jobs {jobs} failed");
+    t.elapsed().as_secs_f64()
+}
+
+/// Restores: ours into the live tables against pg_restore into a fresh
+/// database, then ours in parallel (shadow tables on 2 connections, then the
+/// swap) against `pg_restore --jobs 2`.
+async fn restore_figures(
+    admin: &tokio_postgres::Client,
+    admin_url: &str,
+    snaps: &Snapshots,
+    full: &sanare_core::SnapshotInfo,
+    dump: &std::path::Path,
+    figures: &mut Figures,
+) {
+    let timed = async |request: RestoreRequest| {
+        checkpoint(admin, "snapshot").await;
+        let t = Instant::now();
+        snaps.restore(request, &Control::detached()).await.unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    let restore_s = timed(RestoreRequest::new(full.id)).await;
+    let pg_restore_s = timed_pg_restore(admin, admin_url, BASELINE_DBS[0], dump, 1).await;
+    println!("restore: {restore_s:.2}s (pg_restore {pg_restore_s:.2}s)");
+    let parallel_s =
+        timed(RestoreRequest::new(full.id).mode(RestoreMode::Parallel { connections: 2 })).await;
+    let pg_restore_j2_s = timed_pg_restore(admin, admin_url, BASELINE_DBS[1], dump, 2).await;
+    println!("parallel restore: {parallel_s:.2}s (pg_restore --jobs 2 {pg_restore_j2_s:.2}s)");
+    figures
+        .set("restore_s", restore_s)
+        .set("pg_restore_s", pg_restore_s)
+        .set("restore_vs_pg_restore_ratio", pg_restore_s / restore_s)
+        .set("parallel_restore_s", parallel_s)
+        .set("pg_restore_j2_s", pg_restore_j2_s)
+        .set(
+            "parallel_restore_vs_pg_restore_j2_ratio",
+            pg_restore_j2_s / parallel_s,
+        );
+}
+
+/// Memory of capture planning against a 100 GB repository (synthetic: index
+/// entries only), in a child process of its own.
+async fn index_memory_figures(client: &tokio_postgres::Client, url: &str, figures: &mut Figures) {
     client
         .batch_execute(
             "DROP SCHEMA IF EXISTS index_bench CASCADE; CREATE SCHEMA index_bench;
@@ -277,7 +307,7 @@ async fn run(figures: &mut Figures) {
         .await
         .unwrap();
     let t = Instant::now();
-    let index = index_figures(&url);
+    let index = index_figures(url);
     println!(
         "index: {index} (child ran {:.1}s)",
         t.elapsed().as_secs_f64()
@@ -296,20 +326,6 @@ async fn run(figures: &mut Figures) {
         .batch_execute("DROP SCHEMA index_bench CASCADE; DROP SCHEMA sanare_index_bench CASCADE")
         .await
         .unwrap();
-    drop(pool);
-    let fixture_db: &[&str] = if keep {
-        &[]
-    } else {
-        &["sanare_bench_snapshot"]
-    };
-    for db in fixture_db.iter().chain(&[
-        "sanare_bench_snapshot_restore",
-        "sanare_bench_snapshot_restore_j2",
-    ]) {
-        let _ = admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .await;
-    }
 }
 
 fn main() {
