@@ -17,51 +17,6 @@ pub(crate) const MAX_FN_LINES: usize = 150;
 /// skipped wherever they are).
 const SOURCE_ROOTS: &[&str] = &["crates", "tests", "examples", "benches", "xtask"];
 
-/// Functions over the limit when the check was written, still to carve: `cargo
-/// xtask test` accepts these (and only these) so that no new one comes in; carve
-/// one and remove it here.
-pub(crate) const NOT_YET_CARVED: &[(&str, &str)] = &[
-    ("benches/benches/integrity.rs", "main"),
-    ("benches/benches/journal.rs", "run_figures"),
-    ("benches/benches/recovery.rs", "recovery_figures"),
-    ("benches/benches/snapshot.rs", "run"),
-    (
-        "crates/integrity/tests/stored_work.rs",
-        "a_tampered_work_unit_is_refused_and_nothing_runs_then_the_run_resumes",
-    ),
-    (
-        "crates/integrity/tests/validate.rs",
-        "every_planted_rule_violation_is_found_exactly",
-    ),
-    ("crates/journal/src/replay.rs", "replay_inner"),
-    ("crates/snapshot/src/restore/shadow.rs", "table_plan"),
-    ("crates/snapshot/src/restore/shadow.rs", "keys_and_indexes"),
-    ("crates/snapshot/src/service/capture.rs", "capture_inner"),
-    ("crates/snapshot/src/service/rows.rs", "fetch_inner"),
-    ("crates/snapshot/src/testing.rs", "conformance"),
-];
-
-/// The offenders not in [`NOT_YET_CARVED`] (which fail `cargo xtask test`), and
-/// the entries of that list that no longer offend (to remove from it).
-pub(crate) fn new_and_carved(offenders: &[Offender]) -> (Vec<&Offender>, Vec<(&str, &str)>) {
-    let listed = |o: &Offender| {
-        NOT_YET_CARVED.iter().any(|(file, function)| {
-            o.file == Path::new(file) && o.function.as_deref() == Some(*function)
-        })
-    };
-    let new = offenders.iter().filter(|o| !listed(o)).collect();
-    let carved = NOT_YET_CARVED
-        .iter()
-        .copied()
-        .filter(|(file, function)| {
-            !offenders
-                .iter()
-                .any(|o| o.file == Path::new(file) && o.function.as_deref() == Some(*function))
-        })
-        .collect();
-    (new, carved)
-}
-
 /// One thing too big.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Offender {
@@ -233,29 +188,6 @@ mod tests {
             ]
         );
         assert_eq!(found[0].line, MAX_FN_LINES + 1);
-    }
-
-    #[test]
-    fn only_listed_functions_are_let_through() {
-        let (file, function) = NOT_YET_CARVED[0];
-        let listed = Offender {
-            file: PathBuf::from(file),
-            function: Some(function.to_owned()),
-            line: 1,
-            lines: MAX_FN_LINES + 1,
-        };
-        let new = Offender {
-            function: Some("grown".to_owned()),
-            ..listed.clone()
-        };
-        let whole_file = Offender {
-            function: None,
-            ..listed.clone()
-        };
-        let offenders = [listed, new.clone(), whole_file.clone()];
-        let (found, carved) = new_and_carved(&offenders);
-        assert_eq!(found, vec![&new, &whole_file]);
-        assert_eq!(carved, NOT_YET_CARVED[1..].to_vec());
     }
 
     #[test]
