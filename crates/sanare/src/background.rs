@@ -204,11 +204,10 @@ fn covered_schemas(config: &SanareConfig) -> String {
 async fn scheduled_snapshot(c: &Components, control: &Control) -> Result<()> {
     let info = c.snapshots.create(SnapshotRequest::new(), control).await?;
     tracing::info!(snapshot = %info.id, bytes = info.stored_bytes, "scheduled snapshot taken");
-    let policy = RetentionPolicy::new(
-        usize::try_from(c.config.snapshots.keep_last).unwrap_or(usize::MAX),
-        Duration::from_secs(u64::from(c.config.snapshots.keep_days) * 86_400),
-    );
-    let retired = c.snapshots.apply_retention(&policy).await?;
+    let retired = c
+        .snapshots
+        .apply_retention(&retention_policy(&c.config))
+        .await?;
     // A grace period keeps blocks a snapshot being written right now may reuse.
     let gc = c.snapshots.gc(Duration::from_secs(3600), control).await?;
     tracing::info!(retired, ?gc, "snapshot retention applied");
@@ -219,8 +218,7 @@ async fn scheduled_compaction(c: &Components, control: &Control) -> Result<()> {
     let report = c.journal.compact(control).await?;
     tracing::info!(?report, "journal compacted");
     // Purge only what the latest good snapshot covers and the retention allows.
-    let retention = time::Duration::days(i64::from(c.config.journal.retention_days));
-    let cutoff = sanare_core::now() - retention;
+    let cutoff = purge_cutoff(&c.config, sanare_core::now());
     if let Some(snapshot) = c.snapshots.latest_good(Some(cutoff)).await?
         && let Some(cut) = snapshot.journal_cut
     {
@@ -299,11 +297,67 @@ async fn auto_repair(
     check: sanare_core::CheckId,
     control: &Control,
 ) -> Result<u64> {
-    let policy =
-        RepairPolicy::new("sanare auto-repair").dry_run_first(c.config.repair.dry_run_first);
     let summary = c
         .repair
-        .repair_all(c.integrity.violations(check), &policy, control)
+        .repair_all(
+            c.integrity.violations(check),
+            &auto_repair_policy(&c.config),
+            control,
+        )
         .await?;
     Ok(summary.completed)
+}
+
+/// Which snapshots the scheduled retention keeps: `snapshots.keep_last` and
+/// `snapshots.keep_days`.
+fn retention_policy(config: &SanareConfig) -> RetentionPolicy {
+    RetentionPolicy::new(
+        usize::try_from(config.snapshots.keep_last).unwrap_or(usize::MAX),
+        Duration::from_secs(u64::from(config.snapshots.keep_days) * 86_400),
+    )
+}
+
+/// The journal's purge reaches only entries a snapshot taken before this covers:
+/// `journal.retention_days` before `now`.
+fn purge_cutoff(config: &SanareConfig, now: time::OffsetDateTime) -> time::OffsetDateTime {
+    now - time::Duration::days(i64::from(config.journal.retention_days))
+}
+
+/// How auto-repair runs: approves nothing itself, dry-runs first as
+/// `repair.dry_run_first` says.
+fn auto_repair_policy(config: &SanareConfig) -> RepairPolicy {
+    RepairPolicy::new("sanare auto-repair").dry_run_first(config.repair.dry_run_first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(text: &str) -> SanareConfig {
+        SanareConfig::from_toml_str(text, "test").unwrap()
+    }
+
+    /// Each key set away from its default changes what the scheduled work does.
+    #[test]
+    fn retention_keys_reach_the_scheduled_snapshot_and_purge() {
+        let c = from("[snapshots]\nkeep_last = 3\nkeep_days = 2\n[journal]\nretention_days = 5");
+        let p = retention_policy(&c);
+        assert_eq!(p.keep_last, 3);
+        assert_eq!(p.keep_within, Duration::from_secs(2 * 86_400));
+        let now = time::macros::datetime!(2026-12-07 12:00 UTC);
+        assert_eq!(
+            purge_cutoff(&c, now),
+            time::macros::datetime!(2026-12-02 12:00 UTC)
+        );
+        let d = retention_policy(&SanareConfig::default());
+        assert_eq!((d.keep_last, d.keep_within.as_secs()), (10, 7 * 86_400));
+    }
+
+    #[test]
+    fn repair_dry_run_first_reaches_auto_repair() {
+        assert!(auto_repair_policy(&SanareConfig::default()).dry_run_first);
+        let p = auto_repair_policy(&from("[repair]\ndry_run_first = false"));
+        assert!(!p.dry_run_first);
+        assert!(!p.auto_approve, "auto-repair never approves by itself");
+    }
 }

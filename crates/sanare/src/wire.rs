@@ -259,10 +259,29 @@ fn detection_alerts(
 /// The alert sinks named by the configuration, behind one dispatcher (batching,
 /// rate limits, retries, never blocking detection); `None` when none is configured.
 fn alert_sinks(config: &AlertsConfig) -> Result<Option<Arc<dyn AlertSink>>> {
-    use sanare_corruption::{
-        AlertDispatcher, EmailSink, PagerDutySink, Route, SlackSink, WebhookSink,
-    };
+    Ok(dispatcher(alert_routes(config)?, config))
+}
+
+/// `routes` behind one dispatcher, each taking alerts at or above
+/// `corruption.alerts.min_severity`; `None` without routes.
+fn dispatcher(
+    routes: Vec<sanare_corruption::Route>,
+    config: &AlertsConfig,
+) -> Option<Arc<dyn AlertSink>> {
+    if routes.is_empty() {
+        return None;
+    }
     let min = config.min_severity.unwrap_or(sanare_core::Severity::Low);
+    let mut dispatcher = sanare_corruption::AlertDispatcher::builder();
+    for route in routes {
+        dispatcher = dispatcher.route(route.min_severity(min));
+    }
+    Some(Arc::new(dispatcher.build()))
+}
+
+/// A route for each sink the configuration names.
+fn alert_routes(config: &AlertsConfig) -> Result<Vec<sanare_corruption::Route>> {
+    use sanare_corruption::{EmailSink, PagerDutySink, Route, SlackSink, WebhookSink};
     let mut routes = Vec::new();
     if let Some(url) = &config.webhook_url {
         let secret = config.webhook_secret.as_deref().ok_or_else(|| {
@@ -299,14 +318,7 @@ fn alert_sinks(config: &AlertsConfig) -> Result<Option<Arc<dyn AlertSink>>> {
             &host, port, from, &to,
         )?)));
     }
-    if routes.is_empty() {
-        return Ok(None);
-    }
-    let mut dispatcher = AlertDispatcher::builder();
-    for route in routes {
-        dispatcher = dispatcher.route(route.min_severity(min));
-    }
-    Ok(Some(Arc::new(dispatcher.build())))
+    Ok(routes)
 }
 
 fn parse_smtp_url(url: &str) -> Result<(String, u16)> {
@@ -513,6 +525,52 @@ mod tests {
             let host = host.then(|| Arc::new(Host) as Arc<dyn AlertSink>);
             let alerts = detection_alerts(&from(&text), host).unwrap();
             assert_eq!(alerts.is_some(), sends, "{text}");
+        }
+    }
+
+    /// `corruption.alerts.min_severity` holds back what is below it from every
+    /// configured sink; unset, every severity goes out.
+    #[tokio::test]
+    async fn alerts_below_min_severity_reach_no_sink() {
+        #[derive(Default)]
+        struct Recording(std::sync::Mutex<Vec<Severity>>);
+        #[async_trait::async_trait]
+        impl AlertSink for Recording {
+            fn name(&self) -> &str {
+                "recording"
+            }
+            async fn send(&self, alert: &sanare_core::Alert) -> Result<()> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(alert.severity);
+                Ok(())
+            }
+        }
+        for (text, want) in [
+            (
+                "[corruption.alerts]\nmin_severity = \"high\"",
+                vec![Severity::High, Severity::Critical],
+            ),
+            ("", vec![Severity::Low, Severity::High, Severity::Critical]),
+        ] {
+            let sink = Arc::new(Recording::default());
+            let route = sanare_corruption::Route::new(sink.clone()).batch(false);
+            let alerts = dispatcher(vec![route], &from(text).corruption.alerts).unwrap();
+            for severity in [Severity::Low, Severity::High, Severity::Critical] {
+                let alert = sanare_core::Alert::new(severity, "test", "k", "t", "s");
+                alerts.send(&alert).await.unwrap();
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while sink.0.lock().unwrap().len() < want.len() && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // Whatever was held back would have arrived by now.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut got = sink.0.lock().unwrap().clone();
+            got.sort();
+            assert_eq!(got, want, "{text}");
         }
     }
 
