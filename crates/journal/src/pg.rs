@@ -26,6 +26,11 @@ use crate::query::ScanPlan;
 /// Version 2 marks the entries written by `record()` (`write_ahead`): their rows
 /// commit before the host's change does, so a cut leaves out the recent ones and a
 /// replay after a cut does not skip them for being visible in its snapshot.
+///
+/// Version 3 drops the indexes on time, operation type and transaction id: every
+/// read goes through the position (the primary key), with its filters written so
+/// that no other index is chosen, and each index was one more entry to write in
+/// every host transaction that records (`record_in`).
 pub const MIGRATIONS: Migrations = Migrations::new(
     "journal",
     &[
@@ -68,6 +73,13 @@ pub const MIGRATIONS: Migrations = Migrations::new(
                 ADD COLUMN write_ahead boolean NOT NULL DEFAULT false;
             CREATE INDEX journal_applied_sequence_number_idx
                 ON {schema}.journal_applied (sequence_number);",
+        ),
+        Migration::new(
+            3,
+            "drop_unread_journal_indexes",
+            "DROP INDEX IF EXISTS {schema}.transaction_journal_timestamp_idx;
+            DROP INDEX IF EXISTS {schema}.transaction_journal_operation_type_idx;
+            DROP INDEX IF EXISTS {schema}.transaction_journal_transaction_id_idx;",
         ),
     ],
 );
