@@ -145,6 +145,15 @@ fn lz4_compress(content: &[u8]) -> Result<Vec<u8>> {
 /// its own, only when [`encode_delta`] pays.
 pub const DELTA_LZ4_TAG: u8 = 3;
 
+/// The codec tag of a block stored as a trimmed delta (what [`encode_delta`]
+/// writes): the payload is the 32-byte id of its base block, the length `p` of the
+/// prefix and the length `s` of the suffix the content shares with the base (u32
+/// LE each), then LZ4 of the content between them with the base's bytes between
+/// its own `p` and `s` as dictionary. Only what changed is compressed, against
+/// only its counterpart: LZ4 cannot reach back past 64 KiB, so a delta of a whole
+/// large block against a whole dictionary finds little.
+pub const DELTA_LZ4_TRIMMED_TAG: u8 = 4;
+
 /// The longest content a block may have: the largest FastCDC block (16 MiB) extended
 /// to the end of the row its cut falls in, and PostgreSQL never sends a row of more
 /// than 1 GiB (its largest allocation) in a COPY. Longer lengths read from a header
@@ -156,26 +165,70 @@ pub const MAX_BLOCK_LEN: usize = (1 << 30) + (16 << 20);
 const LZ4_MAX_RATIO: usize = 255;
 
 /// Encodes `content` as a delta against `base` (whose content is `base_content`):
-/// LZ4 with the base as dictionary. Small when the two differ in a few rows.
+/// the prefix and suffix they share by length, the bytes between by LZ4 with the
+/// base's bytes between as dictionary ([`DELTA_LZ4_TRIMMED_TAG`]). Small when the
+/// two differ in a few rows.
 pub fn encode_delta(content: &[u8], base: &BlockId, base_content: &[u8]) -> Result<Vec<u8>> {
     let raw_len = u32::try_from(content.len())
         .map_err(|_| Error::invalid_input("a block larger than 4 GiB cannot be stored"))?;
-    let payload = lz4_flex::block::compress_with_dict(content, base_content);
-    let mut out = Vec::with_capacity(BLOCK_HEADER + 32 + payload.len());
+    let prefix = common_prefix(content, base_content);
+    let suffix = common_prefix_rev(&content[prefix..], &base_content[prefix..]);
+    let middle = &content[prefix..content.len() - suffix];
+    let dict = &base_content[prefix..base_content.len() - suffix];
+    let payload = lz4_flex::block::compress_with_dict(middle, dict);
+    let mut out = Vec::with_capacity(BLOCK_HEADER + 40 + payload.len());
     out.extend_from_slice(&BLOCK_MAGIC);
     out.push(BLOCK_VERSION);
-    out.push(DELTA_LZ4_TAG);
+    out.push(DELTA_LZ4_TRIMMED_TAG);
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&raw_len.to_le_bytes());
     out.extend_from_slice(&base.0);
+    // Both at most `raw_len`, which fits a u32.
+    out.extend_from_slice(&(prefix as u32).to_le_bytes());
+    out.extend_from_slice(&(suffix as u32).to_le_bytes());
     out.extend_from_slice(&payload);
     Ok(out)
+}
+
+/// How many leading bytes `a` and `b` share.
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    const STEP: usize = 64;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + STEP <= n && a[i..i + STEP] == b[i..i + STEP] {
+        i += STEP;
+    }
+    i + a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// How many trailing bytes `a` and `b` share.
+fn common_prefix_rev(a: &[u8], b: &[u8]) -> usize {
+    a.iter()
+        .rev()
+        .zip(b.iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// A trimmed delta's payload after its base's id: its shared prefix and suffix
+/// lengths and its LZ4 data (`None` when too short for the lengths).
+fn trimmed_parts(after_base: &[u8]) -> Option<(usize, usize, &[u8])> {
+    let (lengths, data) = after_base.split_at_checked(8)?;
+    let prefix = u32::from_le_bytes([lengths[0], lengths[1], lengths[2], lengths[3]]);
+    let suffix = u32::from_le_bytes([lengths[4], lengths[5], lengths[6], lengths[7]]);
+    Some((prefix as usize, suffix as usize, data))
 }
 
 /// The base block of a block object stored as a delta (`None` for any other
 /// object, or one too short to say).
 pub fn delta_base(object: &[u8]) -> Option<BlockId> {
-    if object.len() < BLOCK_HEADER + 32 || object[..4] != BLOCK_MAGIC || object[5] != DELTA_LZ4_TAG
+    if object.len() < BLOCK_HEADER + 32
+        || object[..4] != BLOCK_MAGIC
+        || !matches!(object[5], DELTA_LZ4_TAG | DELTA_LZ4_TRIMMED_TAG)
     {
         return None;
     }
@@ -229,7 +282,7 @@ pub fn decode_block_with(id: &BlockId, object: &[u8], base: Option<&[u8]>) -> Re
             ),
         )
     };
-    let content = if object[5] == DELTA_LZ4_TAG {
+    let content = if matches!(object[5], DELTA_LZ4_TAG | DELTA_LZ4_TRIMMED_TAG) {
         let Some(base_id) = delta_base(object) else {
             return Err(Error::corrupt(what(), "a delta shorter than its base's id"));
         };
@@ -239,16 +292,45 @@ pub fn decode_block_with(id: &BlockId, object: &[u8], base: Option<&[u8]>) -> Re
                  block's content"
             )));
         };
-        let data = &payload[32..];
-        if !lz4_fits(data) {
-            return Err(too_long());
-        }
-        lz4_flex::block::decompress_with_dict(data, raw_len, base).map_err(|e| {
+        let undecodable = |e: lz4_flex::block::DecompressError| {
             Error::corrupt(
                 what(),
                 format!("delta against block {base_id} does not decode: {e}"),
             )
-        })?
+        };
+        if object[5] == DELTA_LZ4_TAG {
+            let data = &payload[32..];
+            if !lz4_fits(data) {
+                return Err(too_long());
+            }
+            lz4_flex::block::decompress_with_dict(data, raw_len, base).map_err(undecodable)?
+        } else {
+            let (prefix, suffix, data) = trimmed_parts(&payload[32..]).ok_or_else(|| {
+                Error::corrupt(what(), "a trimmed delta shorter than its lengths")
+            })?;
+            if prefix.saturating_add(suffix) > raw_len.min(base.len()) {
+                return Err(Error::corrupt(
+                    what(),
+                    format!(
+                        "its shared prefix ({prefix}) and suffix ({suffix}) are longer than \
+                         the block ({raw_len}) or its base ({})",
+                        base.len()
+                    ),
+                ));
+            }
+            let middle_len = raw_len - prefix - suffix;
+            if middle_len > data.len().saturating_mul(LZ4_MAX_RATIO) + 16 {
+                return Err(too_long());
+            }
+            let dict = &base[prefix..base.len() - suffix];
+            let middle = lz4_flex::block::decompress_with_dict(data, middle_len, dict)
+                .map_err(undecodable)?;
+            let mut content = Vec::with_capacity(raw_len);
+            content.extend_from_slice(&base[..prefix]);
+            content.extend_from_slice(&middle);
+            content.extend_from_slice(&base[base.len() - suffix..]);
+            content
+        }
     } else {
         let codec = Codec::from_tag(object[5])
             .ok_or_else(|| Error::corrupt(what(), format!("unknown codec tag {}", object[5])))?;
@@ -314,6 +396,13 @@ mod tests {
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
@@ -432,12 +521,103 @@ mod tests {
         assert_eq!(
             hex(&delta[..44]),
             concat!(
-                "534e424b010300001b000000", // SNBK, version 1, tag 3, length 27
+                "534e424b010400001b000000", // SNBK, version 1, tag 4, length 27
                 "0101010101010101010101010101010101010101010101010101010101010101"
             )
         );
-        // A 21-byte match 27 bytes back (in the base), then 6 literals "sanara".
-        assert_eq!(hex(&delta[44..]), "0f1b00026073616e617261");
+        // 26 bytes shared in front, none behind; the one changed byte "a" as one
+        // literal (against the dictionary "e").
+        assert_eq!(&hex(&delta[44..52]), "1a00000000000000");
+        assert_eq!(hex(&delta[52..]), "1061");
+        assert_eq!(
+            decode_block_with(&BlockId::of(content), &delta, Some(base)).unwrap(),
+            content
+        );
+    }
+
+    /// Blocks written with tag 3 (an untrimmed delta) before trimmed deltas are
+    /// still read: the golden vector of that version decodes.
+    #[test]
+    fn an_untrimmed_delta_of_an_earlier_version_still_decodes() {
+        let base = b"sanare sanare sanare sanare";
+        let content = b"sanare sanare sanare sanara";
+        let object = unhex(concat!(
+            "534e424b010300001b000000",
+            "0101010101010101010101010101010101010101010101010101010101010101",
+            "0f1b00026073616e617261"
+        ));
+        assert_eq!(delta_base(&object), Some(BlockId([1; 32])));
+        assert_eq!(
+            decode_block_with(&BlockId::of(content), &object, Some(base)).unwrap(),
+            content
+        );
+    }
+
+    /// A whole 64 KiB block changed in a few places becomes a delta of a few
+    /// hundred bytes (an untrimmed LZ4 delta of it was as large as the block
+    /// compressed alone), and every edge decodes: a change at either end, in a
+    /// block longer or shorter than its base, an identical block, an empty one.
+    #[test]
+    fn trimmed_deltas_of_large_blocks_stay_small_and_every_edge_decodes() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let base: Vec<u8> = (0..65_536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b"abcdefghij ,.0123456789"[(x % 23) as usize]
+            })
+            .collect();
+        let mut changed = base.clone();
+        changed[20_000..20_010].copy_from_slice(b"CHANGED!!!");
+        changed[40_000] ^= 1;
+        let id = BlockId([9; 32]);
+        let delta = encode_delta(&changed, &id, &base).unwrap();
+        let whole = encode_block(&changed, Codec::Lz4).unwrap();
+        assert!(
+            delta.len() < 400,
+            "{} bytes (whole: {})",
+            delta.len(),
+            whole.len()
+        );
+        let mut cases = vec![changed];
+        let mut first = base.clone();
+        first[0] ^= 1;
+        let mut last = base.clone();
+        *last.last_mut().unwrap() ^= 1;
+        cases.extend([first, last, base.clone(), Vec::new(), base[..1000].to_vec()]);
+        let mut longer = base.clone();
+        longer.splice(30_000..30_000, b"inserted rows".iter().copied());
+        cases.push(longer);
+        for content in cases {
+            let delta = encode_delta(&content, &id, &base).unwrap();
+            assert_eq!(
+                decode_block_with(&BlockId::of(&content), &delta, Some(&base)).unwrap(),
+                content
+            );
+        }
+    }
+
+    /// Damaged lengths in a trimmed delta are refused before anything is read
+    /// past the base or allocated.
+    #[test]
+    fn a_trimmed_delta_with_damaged_lengths_is_refused() {
+        let base = vec![b'x'; 1000];
+        let mut content = base.clone();
+        content[500] = b'y';
+        let id = BlockId::of(&content);
+        let delta = encode_delta(&content, &BlockId([1; 32]), &base).unwrap();
+        for (at, value) in [(44, 2000u32), (48, 2000u32), (44, u32::MAX), (48, u32::MAX)] {
+            let mut bad = delta.clone();
+            bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            let err = decode_block_with(&id, &bad, Some(&base)).unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        }
+        assert!(decode_block_with(&id, &delta[..50], Some(&base)).is_err());
+        assert_eq!(
+            decode_block_with(&id, &delta, Some(&base)).unwrap(),
+            content
+        );
     }
 
     /// A header's length is checked against what the payload can hold before

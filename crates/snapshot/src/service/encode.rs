@@ -5,10 +5,11 @@
 //! new block is compared with its predecessor, the block of the previous snapshot's
 //! copy of the table that held the same rows: the old block whose key filter holds
 //! the new block's first key among the next few old blocks (for a table without a
-//! key, the next old block). When LZ4 of the new block with the predecessor as
-//! dictionary ([`crate::format::encode_delta`]) is under half the size of the block
-//! compressed alone, the block is stored as that delta: an update of 1 % of the rows
-//! spread over a table changes most blocks, by a row or two each.
+//! key, the next old block). When the delta against the predecessor (what the two
+//! share in front and behind by length, the rest by LZ4 with the predecessor's
+//! rest as dictionary: [`crate::format::encode_delta`]) is under half the size of
+//! the block compressed alone, the block is stored as that delta: an update of 1 %
+//! of the rows spread over a table changes most blocks, by a row or two each.
 //!
 //! A predecessor stored as a delta lends its own base instead, so a delta's base is
 //! always a whole block (read with one more block, never a chain); a delta that has
