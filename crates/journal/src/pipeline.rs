@@ -125,6 +125,44 @@ pub(crate) struct Pipeline {
     faults: Faults,
     /// Asks for a checkpoint of the active segment as it grows.
     checkpoints: Mutex<Checkpoints>,
+    /// Hands answered groups' replies to a task on the multi-threaded runtime the
+    /// journal was opened on (see [`Answerer`]); `None` outside one.
+    answerer: Option<Answerer>,
+}
+
+/// Sends the callers' answers from a task of the runtime they wait on: a wake-up
+/// from a runtime worker queues the woken task locally, where one from the sync
+/// thread wakes a parked worker through the kernel, once per caller (a group of a
+/// hundred callers cost a hundred futex wake-ups and the context switches that
+/// follow). Only on a multi-threaded runtime, whose workers keep polling while a
+/// caller blocks; a reply the task can no longer take (its runtime shut down) is
+/// sent from the sync thread as before.
+struct Answerer(tokio::sync::mpsc::UnboundedSender<Vec<(Reply, Result<Recorded>)>>);
+
+impl Answerer {
+    fn start() -> Option<Self> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return None;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(Reply, Result<Recorded>)>>();
+        handle.spawn(async move {
+            while let Some(replies) = rx.recv().await {
+                for (reply, r) in replies {
+                    let _ = reply.send(r);
+                }
+            }
+        });
+        Some(Self(tx))
+    }
+
+    /// Hands `replies` over; gives them back when the task is gone.
+    fn send(
+        &self,
+        replies: Vec<(Reply, Result<Recorded>)>,
+    ) -> std::result::Result<(), Vec<(Reply, Result<Recorded>)>> {
+        self.0.send(replies).map_err(|e| e.0)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -159,6 +197,7 @@ impl Pipeline {
             events,
             faults,
             checkpoints: Mutex::new(checkpoints),
+            answerer: Answerer::start(),
         });
         let mut senders = Vec::with_capacity(depth);
         for slot in 0..depth {
@@ -377,6 +416,7 @@ impl Pipeline {
             self.shared.head.store(last.position.0, Ordering::Release);
             self.sample(groups.iter().flat_map(|g| &g.entries));
         }
+        let mut replies = Vec::new();
         for g in groups {
             if let (Some(first), Some(last)) = (g.entries.first(), g.entries.last()) {
                 metrics::counter!("sanare_journal_records_total", "backend" => "wal")
@@ -389,9 +429,17 @@ impl Pipeline {
                     });
                 }
             }
-            for (reply, r) in g.replies {
-                let _ = reply.send(r);
-            }
+            replies.extend(g.replies);
+        }
+        let replies = match &self.answerer {
+            Some(answerer) => match answerer.send(replies) {
+                Ok(()) => return,
+                Err(back) => back,
+            },
+            None => replies,
+        };
+        for (reply, r) in replies {
+            let _ = reply.send(r);
         }
     }
 }

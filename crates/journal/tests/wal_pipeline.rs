@@ -378,3 +378,37 @@ async fn rotation_under_concurrent_load_loses_nothing() {
         }
     }
 }
+
+/// Callers are answered from a task of the multi-threaded runtime the journal was
+/// opened on; once that runtime is gone, from the sync thread, so a journal that
+/// outlives its first runtime keeps answering (and every entry is there).
+#[test]
+fn a_journal_outliving_the_runtime_it_was_opened_on_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let journal = first.block_on(Journal::wal(dir.path()).build()).unwrap();
+    first.block_on(journal.record(entry("0"))).unwrap();
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        for i in 1..20 {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                journal.record(entry(&i.to_string())),
+            )
+            .await
+            .expect("answered within 10 s")
+            .unwrap();
+        }
+    });
+    drop(journal);
+    let all = second.block_on(contents(dir.path()));
+    assert_eq!(all.len(), 20, "{all:?}");
+}
