@@ -210,6 +210,30 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
     }
 }
 
+/// The statements `pg_stat_statements` counted in `client`'s current database
+/// whose text matches `filter` (an SQL condition over the column `query`); the
+/// extension must be installed there. For tests that show a statement never ran.
+///
+/// # Panics
+/// When the query fails (the extension missing, a bad filter).
+#[allow(clippy::expect_used)]
+pub async fn statements_counted(client: &Client, filter: &str) -> Vec<String> {
+    client
+        .query(
+            &format!(
+                "SELECT query FROM pg_stat_statements
+                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND ({filter})"
+            ),
+            &[],
+        )
+        .await
+        .expect("reading pg_stat_statements")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,4 +33,4 @@ pub mod fixtures;
 pub mod zoo;
 
 #[cfg(feature = "db")]
-pub use db::{TestDb, admin_url, test_db, test_db_on, with_dbname};
+pub use db::{TestDb, admin_url, statements_counted, test_db, test_db_on, with_dbname};

@@ -479,19 +479,12 @@ async fn tampered_repairs_are_refused_as_the_server_log_and_pg_stat_statements_s
         for word in ["pg_sleep", "canary()", "order_lines;"] {
             assert!(!logged.contains(word), "{what}: `{word}` in\n{logged}");
         }
-        let ran: Vec<String> = c
-            .query(
-                "SELECT query FROM pg_stat_statements
-                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND (query LIKE '%pg_sleep%' OR query LIKE '%canary()%'
-                         OR query ~* '(update|delete from|insert into)\\s+\"?shop\"?\\.')",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let ran = sanare_testing::statements_counted(
+            &c,
+            "query LIKE '%pg_sleep%' OR query LIKE '%canary()%'
+             OR query ~* '(update|delete from|insert into)\\s+\"?shop\"?\\.'",
+        )
+        .await;
         assert!(ran.is_empty(), "{what}: {ran:#?}");
         put_action(&db, id, &original).await;
     }
