@@ -37,13 +37,7 @@ impl Snapshots {
     ) -> Result<SnapshotInfo> {
         let inner = &self.inner;
         let mut conn = sanare_pg::get_conn(&inner.pool).await?;
-        let tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .context("starting the snapshot transaction")?;
+        let tx = capture_tx(&mut conn, None).await?;
         // GC waits while any capture holds this (released at commit or on a crash).
         tx.execute(
             "SELECT pg_advisory_xact_lock_shared($1)",
@@ -232,7 +226,7 @@ impl Snapshots {
                 let tx: &tokio_postgres::Transaction<'_> = match (&exported, n) {
                     (Some(snapshot), n) if n > 0 => {
                         own_conn = sanare_pg::get_conn(&inner.pool).await?;
-                        own_tx = import_snapshot(&mut own_conn, snapshot).await?;
+                        own_tx = capture_tx(&mut own_conn, Some(snapshot)).await?;
                         &own_tx
                     }
                     _ => tx,
@@ -744,11 +738,12 @@ struct Sealed {
     manifest_hash: Vec<u8>,
 }
 
-/// A read-only repeatable-read transaction on `conn` that sees the exported
-/// snapshot `snapshot`, for a parallel capture worker.
-async fn import_snapshot<'c>(
+/// A read-only repeatable-read transaction on `conn` for a capture; with
+/// `snapshot` (exported by the capture's own transaction), one that sees exactly
+/// what that one sees, for a parallel capture worker.
+async fn capture_tx<'c>(
     conn: &'c mut deadpool_postgres::Object,
-    snapshot: &str,
+    snapshot: Option<&str>,
 ) -> Result<deadpool_postgres::Transaction<'c>> {
     let tx = conn
         .build_transaction()
@@ -756,12 +751,14 @@ async fn import_snapshot<'c>(
         .read_only(true)
         .start()
         .await
-        .context("starting a parallel capture transaction")?;
-    tx.batch_execute(&format!(
-        "SET TRANSACTION SNAPSHOT {}",
-        quote_literal(snapshot)
-    ))
-    .await
-    .context("importing the snapshot into a parallel capture transaction")?;
+        .context("starting a snapshot transaction")?;
+    if let Some(snapshot) = snapshot {
+        tx.batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .context("importing the snapshot into a parallel capture transaction")?;
+    }
     Ok(tx)
 }
