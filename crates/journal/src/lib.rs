@@ -158,7 +158,7 @@ use sanare_pg::SchemaName;
 pub use entry::{EntryStatus, JournalEntry, NewEntry, Recorded};
 pub use frame::CorruptRegion;
 pub use handler::{Handler, NoopHandler, PgHandler};
-pub use pg::{MIGRATIONS, migrate};
+pub use pg::{HostTransaction, MIGRATIONS, migrate};
 pub use query::Query;
 pub use wal::OpenReport;
 
@@ -590,13 +590,27 @@ impl Journal {
     /// Records `entry` inside the host's transaction `tx` (PostgreSQL backend): it
     /// commits or rolls back with the host's change. Its position is final once `tx`
     /// commits.
-    pub async fn record_in(
+    ///
+    /// `tx` is a [`tokio_postgres::Transaction`] or a [`deadpool_postgres::Transaction`]
+    /// ([`HostTransaction`]). With the latter the insert is prepared once per
+    /// connection, in the connection's statement cache, and then costs one round trip
+    /// with no parsing or planning on the server; with the former it is sent with
+    /// its parameters' types (one round trip, parsed and planned each time). Behind
+    /// a pooler in transaction mode, where a prepared statement may not outlive a
+    /// transaction, pass the inner transaction (`&*tx`).
+    ///
+    /// The call does not depend on the results of the host's statements, so it can
+    /// run concurrently with one of them on the same transaction (for example with
+    /// `futures::try_join!`): the client pipelines both, and the entry costs no
+    /// round trip of its own. If either fails, the transaction is aborted and must
+    /// be rolled back.
+    pub async fn record_in<'a, 'c: 'a>(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: impl Into<HostTransaction<'a, 'c>>,
         entry: NewEntry,
     ) -> Result<Recorded> {
         match &self.inner.backend {
-            Backend::Pg(p) => pg::record_in(&p.sql, tx, entry).await,
+            Backend::Pg(p) => pg::record_in(&p.sql, tx.into(), entry).await,
             Backend::Wal(_) => Err(Error::invalid_input(
                 "record_in needs the PostgreSQL journal backend; the WAL records with record()",
             )),

@@ -31,6 +31,12 @@ use crate::query::ScanPlan;
 /// read goes through the position (the primary key), with its filters written so
 /// that no other index is chosen, and each index was one more entry to write in
 /// every host transaction that records (`record_in`).
+///
+/// Version 4 drops `entry_status` (nothing wrote or read it: whether an entry was
+/// replayed is `journal_applied`; its `CHECK` was evaluated for every entry) and
+/// the unique index on `entry_id`, which no query reads (marks are found through
+/// `journal_applied`'s key and the position); entry ids are version 7 UUIDs,
+/// drawn by the writer.
 pub const MIGRATIONS: Migrations = Migrations::new(
     "journal",
     &[
@@ -80,6 +86,13 @@ pub const MIGRATIONS: Migrations = Migrations::new(
             "DROP INDEX IF EXISTS {schema}.transaction_journal_timestamp_idx;
             DROP INDEX IF EXISTS {schema}.transaction_journal_operation_type_idx;
             DROP INDEX IF EXISTS {schema}.transaction_journal_transaction_id_idx;",
+        ),
+        Migration::new(
+            4,
+            "drop_entry_status_and_entry_id_index",
+            "ALTER TABLE {schema}.transaction_journal DROP COLUMN IF EXISTS entry_status;
+            ALTER TABLE {schema}.transaction_journal
+                DROP CONSTRAINT IF EXISTS transaction_journal_entry_id_key;",
         ),
     ],
 );
@@ -228,40 +241,98 @@ impl Sql {
     }
 }
 
+/// A host's transaction that [`crate::Journal::record_in`] writes into.
+///
+/// Made from a reference to a [`tokio_postgres::Transaction`] (the insert is sent
+/// with its parameters' types, parsed and planned by the server each time) or to a
+/// [`deadpool_postgres::Transaction`] (the insert is prepared once per connection,
+/// in its statement cache).
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub enum HostTransaction<'a, 'c> {
+    /// A plain `tokio_postgres` transaction.
+    Plain(&'a tokio_postgres::Transaction<'c>),
+    /// A transaction of a pooled connection, with the connection's statement cache.
+    Pooled(&'a deadpool_postgres::Transaction<'c>),
+}
+
+impl std::fmt::Debug for HostTransaction<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain(_) => "HostTransaction::Plain",
+            Self::Pooled(_) => "HostTransaction::Pooled",
+        })
+    }
+}
+
+impl<'a, 'c> From<&'a tokio_postgres::Transaction<'c>> for HostTransaction<'a, 'c> {
+    fn from(tx: &'a tokio_postgres::Transaction<'c>) -> Self {
+        Self::Plain(tx)
+    }
+}
+
+impl<'a, 'c> From<&'a deadpool_postgres::Transaction<'c>> for HostTransaction<'a, 'c> {
+    fn from(tx: &'a deadpool_postgres::Transaction<'c>) -> Self {
+        Self::Pooled(tx)
+    }
+}
+
+/// The parameters' types of `insert_one` and `insert_one_unkeyed`.
+const INSERT_TYPES: [tokio_postgres::types::Type; 9] = {
+    use tokio_postgres::types::Type;
+    [
+        Type::UUID,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::BYTEA,
+        Type::BYTEA,
+        Type::TEXT,
+        Type::TEXT,
+    ]
+};
+
 /// Records `entry` inside the caller's transaction (see [`crate::Journal::record_in`]).
-pub(crate) async fn record_in<C: GenericClient + Sync>(
+pub(crate) async fn record_in(
     sql: &Sql,
-    client: &C,
+    tx: HostTransaction<'_, '_>,
     entry: NewEntry,
 ) -> Result<Recorded> {
     entry.validate()?;
-    use tokio_postgres::types::Type;
     let e = entry.into_entry(JournalPosition::START);
-    // One round trip: the parameters' types are given, so the statement is not
-    // prepared first (the host's connection has no statement cache of ours).
-    let rows = client
-        .query_typed(
-            if e.idempotency_key.is_some() {
-                &sql.insert_one
-            } else {
-                &sql.insert_one_unkeyed
-            },
-            &[
-                (&e.id.as_uuid(), Type::UUID),
-                (&e.transaction_id, Type::TEXT),
-                (&e.operation_type, Type::TEXT),
-                (&e.recorded_at, Type::TIMESTAMPTZ),
-                (&e.idempotency_key, Type::TEXT),
-                (&e.payload, Type::BYTEA),
-                (&&e.payload_hash[..], Type::BYTEA),
-                (&e.user, Type::TEXT),
-                (&e.source_system, Type::TEXT),
-            ],
-        )
-        .await
-        .context("recording a journal entry")?;
+    let insert = if e.idempotency_key.is_some() {
+        &sql.insert_one
+    } else {
+        &sql.insert_one_unkeyed
+    };
+    let hash = &e.payload_hash[..];
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+        &e.id.as_uuid(),
+        &e.transaction_id,
+        &e.operation_type,
+        &e.recorded_at,
+        &e.idempotency_key,
+        &e.payload,
+        &hash,
+        &e.user,
+        &e.source_system,
+    ];
+    let rows = match tx {
+        HostTransaction::Plain(tx) => {
+            let typed: Vec<_> = params.iter().copied().zip(INSERT_TYPES).collect();
+            tx.query_typed(insert, &typed).await
+        }
+        HostTransaction::Pooled(tx) => match tx.prepare_typed_cached(insert, &INSERT_TYPES).await {
+            Ok(statement) => tx.query(&statement, &params).await,
+            Err(e) => Err(e),
+        },
+    }
+    .context("recording a journal entry")?;
     if let Some(row) = rows.first() {
-        let seq: i64 = row.get(0);
+        let seq: i64 = row
+            .try_get(0)
+            .context("reading a recorded entry's position")?;
         metrics::counter!("sanare_journal_records_total", "backend" => "postgres").increment(1);
         return Ok(Recorded {
             position: pos(seq),
@@ -270,16 +341,17 @@ pub(crate) async fn record_in<C: GenericClient + Sync>(
         });
     }
     let keys = vec![e.idempotency_key.clone().unwrap_or_default()];
-    let rows = client
-        .query(&sql.by_key, &[&keys])
-        .await
-        .context("looking up the first entry of an idempotency key")?;
+    let rows = match tx {
+        HostTransaction::Plain(tx) => tx.query(&sql.by_key, &[&keys]).await,
+        HostTransaction::Pooled(tx) => tx.query(&sql.by_key, &[&keys]).await,
+    }
+    .context("looking up the first entry of an idempotency key")?;
     let row = rows
         .first()
         .ok_or_else(|| Error::conflict("idempotency key conflict but no entry found"))?;
     Ok(Recorded {
-        position: pos(row.get(1)),
-        id: JournalEntryId::from_uuid(row.get(2)),
+        position: pos(row.try_get(1).context("reading a journal row")?),
+        id: JournalEntryId::from_uuid(row.try_get(2).context("reading a journal row")?),
         duplicate: true,
     })
 }

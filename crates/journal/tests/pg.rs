@@ -63,6 +63,136 @@ async fn conformance_parallel_replay() {
     .await;
 }
 
+/// A journal table created by migrations 1–3, with entries and marks, upgrades to
+/// the current schema with its entries, their marks and its idempotency keys intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_from_migration_3_upgrades_with_its_entries() {
+    let db = test_db().await;
+    let mut client = db.connect().await;
+    static FIRST_THREE: std::sync::OnceLock<Vec<sanare_pg::Migration>> = std::sync::OnceLock::new();
+    let first_three =
+        FIRST_THREE.get_or_init(|| sanare_journal::MIGRATIONS.migrations()[..3].to_vec());
+    sanare_pg::Migrations::new("journal", first_three)
+        .run(&mut client, &schema())
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO sanare.transaction_journal (entry_id, transaction_id, operation_type, \
+               entry_timestamp, idempotency_key, payload, payload_hash, entry_status) \
+             VALUES (gen_random_uuid(), 't', 'op', now(), 'k-old', '\\x00', '\\x00', 'replayed')",
+        )
+        .await
+        .unwrap();
+    let journal = open(&db).await;
+    let columns: Vec<String> = client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = 'sanare' AND table_name = 'transaction_journal'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!columns.iter().any(|c| c == "entry_status"), "{columns:?}");
+    let old = journal.query(&Query::all()).await.unwrap();
+    assert_eq!(old.len(), 1);
+    let again = journal
+        .record(entry("op", "new").idempotency_key("k-old"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.position, old[0].position);
+    let fresh = journal.record(entry("op", "fresh")).await.unwrap();
+    assert!(fresh.position > old[0].position);
+}
+
+/// A pooled connection's transaction: the entry's insert is prepared once in the
+/// connection's statement cache and reused; the call pipelines with a host
+/// statement; a failing host statement in the same pipeline records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_in_on_a_pooled_transaction_uses_its_statement_cache_and_pipelines() {
+    let db = test_db().await;
+    let journal = open(&db).await;
+    let pool = sanare_pg::connect_pool(db.url(), 1).unwrap();
+    let mut conn = sanare_pg::get_conn(&pool).await.unwrap();
+    conn.batch_execute("CREATE TABLE orders (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let prepared_inserts = async |c: &deadpool_postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pg_prepared_statements \
+             WHERE statement LIKE 'INSERT INTO%transaction_journal%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(prepared_inserts(&conn).await, 0);
+
+    let mut positions = Vec::new();
+    for id in 1..=3 {
+        let tx = conn.transaction().await.unwrap();
+        // Both requests are in flight together.
+        let (n, r) = futures_util::future::try_join(
+            async {
+                tx.execute("INSERT INTO orders VALUES ($1)", &[&id])
+                    .await
+                    .map_err(|e| sanare_core::Error::database("host", e, false))
+            },
+            journal.record_in(&tx, entry("order", &id.to_string())),
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 1);
+        positions.push(r.position);
+        tx.commit().await.unwrap();
+    }
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    // One prepared insert for three entries: the statement cache's.
+    assert_eq!(prepared_inserts(&conn).await, 1);
+
+    // The host's statement fails in the same pipeline: nothing commits.
+    let tx = conn.transaction().await.unwrap();
+    let failed = futures_util::future::try_join(
+        async {
+            tx.execute("INSERT INTO orders VALUES (1)", &[])
+                .await
+                .map_err(|e| sanare_core::Error::database("host", e, false))
+        },
+        journal.record_in(&tx, entry("order", "lost")),
+    )
+    .await;
+    assert!(failed.is_err());
+    tx.rollback().await.unwrap();
+    let payloads: Vec<String> = journal
+        .query(&Query::all())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.payload).into_owned())
+        .collect();
+    assert_eq!(payloads.len(), 3, "{payloads:?}");
+    assert!(!payloads.iter().any(|p| p.contains("lost")), "{payloads:?}");
+
+    // A keyed duplicate on the pooled path finds the first entry.
+    let tx = conn.transaction().await.unwrap();
+    let first = journal
+        .record_in(&tx, entry("order", "k").idempotency_key("k1"))
+        .await
+        .unwrap();
+    let again = journal
+        .record_in(&tx, entry("order", "k again").idempotency_key("k1"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(!first.duplicate && again.duplicate);
+    assert_eq!((again.position, again.id), (first.position, first.id));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_in_commits_and_rolls_back_with_the_host_transaction() {
     let db = test_db().await;
