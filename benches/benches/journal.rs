@@ -255,15 +255,6 @@ fn textbook_group_commit(writers: usize, per_writer: usize) -> (f64, f64) {
 }
 
 /// CPU seconds used by this process so far (all threads).
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the zeroed struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
-}
-
 struct OrderRow {
     order_id: i64,
     customer_id: i64,
@@ -426,7 +417,8 @@ async fn single_inserts(pool: &sanare_pg::Pool, per: usize) -> f64 {
 }
 
 /// Whether to run the section `name`: all unless `SANARE_BENCH_ONLY` lists some
-/// (comma-separated: wal, replay, compaction, pg), for quick iterations.
+/// (comma-separated: wal, open, replay, compaction, pg, record_in), for quick
+/// iterations; `record_in` runs only the host-transaction figures of `pg`.
 fn section(name: &str) -> bool {
     std::env::var("SANARE_BENCH_ONLY")
         .map_or(true, |only| only.split(',').any(|s| s.trim() == name))
@@ -450,7 +442,7 @@ async fn run_figures(figures: &mut Figures) {
         compaction_figures(figures).await;
     }
     // --- PostgreSQL backend.
-    if section("pg") {
+    if section("pg") || section("record_in") {
         pg_figures(figures).await;
     }
 }
@@ -461,10 +453,10 @@ async fn wal_figures(figures: &mut Figures) {
     let dir = scratch();
     let wal = Journal::wal(dir.path()).build().await.expect("wal");
     let _ = concurrent_records(&wal, 50).await; // warm-up
-    let cpu = cpu_seconds();
+    let cpu = sanare_benches::cpu_seconds(false);
     let started = Instant::now();
     let wal_rate = concurrent_records(&wal, 4000).await;
-    let cpu_share = (cpu_seconds() - cpu) / started.elapsed().as_secs_f64();
+    let cpu_share = (sanare_benches::cpu_seconds(false) - cpu) / started.elapsed().as_secs_f64();
     drop(wal);
     // The same workload with one flush at a time (classic group commit).
     let dir1 = scratch();
@@ -573,13 +565,13 @@ async fn replay_noop_figures(figures: &mut Figures) {
         .expect("wal");
     concurrent_records(&wal, 200_000 / WRITERS).await;
     let start = Instant::now();
-    let cpu = cpu_seconds();
+    let cpu = sanare_benches::cpu_seconds(false);
     let s = wal
         .replay(ReplayRequest::new(ReplayRange::All), &Control::detached())
         .await
         .expect("replay");
     let replay_noop = s.applied as f64 / start.elapsed().as_secs_f64();
-    let per_cpu = s.applied as f64 / (cpu_seconds() - cpu).max(1e-9);
+    let per_cpu = s.applied as f64 / (sanare_benches::cpu_seconds(false) - cpu).max(1e-9);
     println!(
         "replay noop: {} entries, {replay_noop:.0}/s wall, {per_cpu:.0} per CPU-second",
         s.applied
@@ -658,6 +650,10 @@ async fn pg_figures(figures: &mut Figures) {
         )
         .await
         .expect("orders table");
+    if !section("pg") {
+        record_in_figures(figures, &pool, &journal).await;
+        return;
+    }
     let _ = concurrent_records(&journal, 20).await; // warm-up
     // Batched `record()` and the baseline alternate (ours, baseline, ours,
     // baseline), each about two seconds, so a change in the disk's flush rate or
@@ -816,59 +812,210 @@ async fn open_figures(figures: &mut Figures) {
     figures.set("open_first_keyed_append_ms", keyed_ms);
 }
 
-/// A host's own write transactions per second on 32 sessions, with one
-/// `record_in` inside each and without it, alternated twice.
+/// The host's tables for [`record_in_figures`]: the order service of the
+/// reference integration (`examples/src/orders.rs`), 10,000 customers and 1,000
+/// products, plus a one-row table.
+const HOST_TABLES: &str = "
+    CREATE TABLE host_customers (id bigint PRIMARY KEY, name text NOT NULL);
+    CREATE TABLE host_products (id bigint PRIMARY KEY, name text NOT NULL,
+        price_cents bigint NOT NULL);
+    CREATE TABLE host_orders (id bigint PRIMARY KEY,
+        customer_id bigint NOT NULL REFERENCES host_customers,
+        status text NOT NULL, total_cents bigint NOT NULL,
+        placed_at timestamptz NOT NULL DEFAULT now());
+    CREATE INDEX ON host_orders (customer_id);
+    CREATE TABLE host_order_lines (order_id bigint NOT NULL REFERENCES host_orders,
+        line_no int NOT NULL, product_id bigint NOT NULL REFERENCES host_products,
+        quantity int NOT NULL, unit_price_cents bigint NOT NULL,
+        amount_cents bigint NOT NULL, PRIMARY KEY (order_id, line_no));
+    CREATE INDEX ON host_order_lines (product_id);
+    INSERT INTO host_customers SELECT g, 'Customer ' || g FROM generate_series(1, 10000) g;
+    INSERT INTO host_products SELECT g, 'Product ' || g, 199 + (g * 37) % 9800
+        FROM generate_series(1, 1000) g;
+    CREATE TABLE host_events (id bigint PRIMARY KEY, doc text NOT NULL);
+    ANALYZE;";
+
+/// Which host transaction [`record_in_figures`] runs.
+#[derive(Clone, Copy, PartialEq)]
+enum HostTx {
+    /// The reference integration's order placement: the order, two lines priced
+    /// from the products, the order's total (`examples/src/orders.rs`).
+    PlaceOrder,
+    /// [`HostTx::PlaceOrder`] with `record_in` sent together with the order's
+    /// last statement (pipelined on the connection).
+    PlaceOrderPipelined,
+    /// One small row: the smallest write transaction there is.
+    OneRow,
+}
+
+/// Runs `host` on 32 sessions, `per` transactions each, with one `record_in`
+/// inside each when `record`; returns host transactions per second. Statements
+/// are prepared once per connection (deadpool's statement cache), as a service's
+/// would be.
+async fn host_transactions(
+    pool: &sanare_pg::Pool,
+    journal: &Journal,
+    next: &Arc<std::sync::atomic::AtomicI64>,
+    host: HostTx,
+    record: bool,
+    per: usize,
+) -> f64 {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..WRITERS {
+        let (pool, journal, next) = (pool.clone(), journal.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = sanare_pg::get_conn(&pool).await.expect("connect");
+            for _ in 0..per {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let tx = c.transaction().await.expect("begin");
+                let payload = match host {
+                    HostTx::PlaceOrderPipelined if record => {
+                        place_order(&tx, n, Some(&journal)).await;
+                        tx.commit().await.expect("commit");
+                        continue;
+                    }
+                    HostTx::PlaceOrder | HostTx::PlaceOrderPipelined => {
+                        place_order(&tx, n, None).await
+                    }
+                    HostTx::OneRow => {
+                        let doc = order_json(n as usize);
+                        let st = tx
+                            .prepare_cached("INSERT INTO host_events (id, doc) VALUES ($1, $2)")
+                            .await
+                            .expect("prepare");
+                        tx.execute(&st, &[&n, &doc]).await.expect("insert");
+                        doc
+                    }
+                };
+                if record {
+                    journal
+                        .record_in(
+                            &tx,
+                            NewEntry::new("order.placed", &payload).expect("payload"),
+                        )
+                        .await
+                        .expect("record_in");
+                }
+                tx.commit().await.expect("commit");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("session");
+    }
+    (WRITERS * per) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Places order `n` as the reference integration does; returns the event's
+/// payload. With `pipelined`, also records it with `record_in`, sent together
+/// with the order's last statement.
+async fn place_order(
+    tx: &deadpool_postgres::Transaction<'_>,
+    n: i64,
+    pipelined: Option<&Journal>,
+) -> String {
+    let customer = 1 + n % 10_000;
+    let lines = [(1 + n % 1000, 1 + (n % 3) as i32), (1 + (n * 7) % 1000, 2)];
+    let order = tx
+        .prepare_cached(
+            "INSERT INTO host_orders (id, customer_id, status, total_cents) \
+             VALUES ($1, $2, 'pending', 0)",
+        )
+        .await
+        .expect("prepare");
+    tx.execute(&order, &[&n, &customer]).await.expect("order");
+    let line = tx
+        .prepare_cached(
+            "INSERT INTO host_order_lines (order_id, line_no, product_id, quantity, \
+             unit_price_cents, amount_cents) SELECT $1, $2, p.id, $4::int, p.price_cents, \
+             $4::int * p.price_cents FROM host_products p WHERE p.id = $3",
+        )
+        .await
+        .expect("prepare");
+    for (no, (product, qty)) in (1i32..).zip(lines) {
+        tx.execute(&line, &[&n, &no, &product, &qty])
+            .await
+            .expect("line");
+    }
+    let total = tx
+        .prepare_cached(
+            "UPDATE host_orders SET total_cents = (SELECT coalesce(sum(amount_cents), 0) \
+             FROM host_order_lines WHERE order_id = $1) WHERE id = $1",
+        )
+        .await
+        .expect("prepare");
+    let payload =
+        serde_json::json!({ "order_id": n, "customer_id": customer, "lines": lines }).to_string();
+    let update = async {
+        tx.execute(&total, &[&n])
+            .await
+            .map_err(|e| sanare_core::Error::database("the order's total", e, false))
+    };
+    let updated = match pipelined {
+        None => update.await,
+        Some(journal) => futures_util::future::try_join(
+            update,
+            journal.record_in(
+                tx,
+                NewEntry::new("order.placed", &payload).expect("payload"),
+            ),
+        )
+        .await
+        .map(|(updated, _)| updated),
+    };
+    assert_eq!(updated.expect("the order's total"), 1);
+    payload
+}
+
+/// A host's own write transactions per second on 32 sessions (durable server),
+/// with one `record_in` inside each and without it, alternated five times: the
+/// reference integration's order placement (`record_in_retained_pct`) and a
+/// one-row transaction (`record_in_one_row_retained_pct`).
 async fn record_in_figures(figures: &mut Figures, pool: &sanare_pg::Pool, journal: &Journal) {
     let client = sanare_pg::get_conn(pool).await.expect("connect");
     client
-        .batch_execute("CREATE TABLE host_orders (id bigint PRIMARY KEY, doc text NOT NULL)")
+        .batch_execute(HOST_TABLES)
         .await
-        .expect("host table");
+        .expect("host tables");
     drop(client);
-    let next = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let run = async |with_record: bool| {
-        let per = 150;
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..WRITERS {
-            let (pool, journal, next) = (pool.clone(), journal.clone(), next.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut c = sanare_pg::get_conn(&pool).await.expect("connect");
-                for _ in 0..per {
-                    let id = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let doc = order_json(id as usize);
-                    let tx = c.transaction().await.expect("begin");
-                    tx.execute(
-                        "INSERT INTO host_orders (id, doc) VALUES ($1, $2)",
-                        &[&id, &doc],
-                    )
-                    .await
-                    .expect("insert");
-                    if with_record {
-                        journal
-                            .record_in(&tx, NewEntry::new("order.updated", &doc).expect("payload"))
-                            .await
-                            .expect("record_in");
-                    }
-                    tx.commit().await.expect("commit");
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("session");
-        }
-        (WRITERS * per) as f64 / start.elapsed().as_secs_f64()
+    let next = Arc::new(std::sync::atomic::AtomicI64::new(1));
+    // Before each timed run: the tables vacuumed (so autovacuum does not start
+    // inside one side's run) and a checkpoint (so neither pays for the other's
+    // dirty pages).
+    let settle = async || {
+        let client = sanare_pg::get_conn(pool).await.expect("connect");
+        client.batch_execute("VACUUM").await.expect("vacuum");
+        sanare_benches::checkpoint(&client, "journal").await;
     };
-    let _ = run(false).await; // warm-up
-    let (mut with, mut without) = (0.0, 0.0);
-    for _ in 0..2 {
-        with += run(true).await / 2.0;
-        without += run(false).await / 2.0;
+    for (host, per, name) in [
+        (HostTx::PlaceOrder, 500, "record_in"),
+        (HostTx::PlaceOrderPipelined, 500, "record_in_pipelined"),
+        (HostTx::OneRow, 1000, "record_in_one_row"),
+    ] {
+        let _ = host_transactions(pool, journal, &next, host, true, per / 4).await; // warm-up
+        let (mut with, mut without, mut ratios) = (0.0, 0.0, Vec::new());
+        const PAIRS: usize = 5;
+        for _ in 0..PAIRS {
+            settle().await;
+            let w = host_transactions(pool, journal, &next, host, true, per).await;
+            settle().await;
+            let wo = host_transactions(pool, journal, &next, host, false, per).await;
+            with += w / PAIRS as f64;
+            without += wo / PAIRS as f64;
+            ratios.push(100.0 * w / wo);
+        }
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "{name}: host transactions {with:.0}/s with record_in, {without:.0}/s without; \
+             retained per pair {ratios:.1?}"
+        );
+        figures.set(&format!("{name}_host_tx_per_s"), with);
+        figures.set(&format!("{name}_baseline_host_tx_per_s"), without);
+        // The median of the alternated pairs: a pair shares the machine's state,
+        // and a disturbed pair does not move the median.
+        figures.set(&format!("{name}_retained_pct"), ratios[PAIRS / 2]);
     }
-    println!("host transactions: {with:.0}/s with record_in, {without:.0}/s without");
-    figures.set("record_in_host_tx_per_s", with);
-    figures.set("host_tx_per_s", without);
-    figures.set("record_in_retained_pct", 100.0 * with / without);
 }
 
 fn with_dbname(url: &str, db: &str) -> String {

@@ -270,20 +270,39 @@ async fn restore_figures(
     dump: &std::path::Path,
     figures: &mut Figures,
 ) {
+    // Seconds, and the client's CPU seconds (this process's; pg_restore's own).
     let timed = async |request: RestoreRequest| {
         checkpoint(admin, "snapshot").await;
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), sanare_benches::cpu_seconds(false));
         snaps.restore(request, &Control::detached()).await.unwrap();
-        t.elapsed().as_secs_f64()
+        (
+            t.elapsed().as_secs_f64(),
+            sanare_benches::cpu_seconds(false) - cpu,
+        )
     };
-    let restore_s = timed(RestoreRequest::new(full.id)).await;
-    let pg_restore_s = timed_pg_restore(admin, admin_url, BASELINE_DBS[0], dump, 1).await;
-    println!("restore: {restore_s:.2}s (pg_restore {pg_restore_s:.2}s)");
-    let parallel_s =
+    let baseline = async |db: &str, jobs: u32| {
+        let cpu = sanare_benches::cpu_seconds(true);
+        let s = timed_pg_restore(admin, admin_url, db, dump, jobs).await;
+        (s, sanare_benches::cpu_seconds(true) - cpu)
+    };
+    let (restore_s, restore_cpu) = timed(RestoreRequest::new(full.id)).await;
+    let (pg_restore_s, pg_restore_cpu) = baseline(BASELINE_DBS[0], 1).await;
+    println!(
+        "restore: {restore_s:.2}s, client CPU {restore_cpu:.2}s (pg_restore {pg_restore_s:.2}s, \
+         client CPU {pg_restore_cpu:.2}s)"
+    );
+    let (parallel_s, parallel_cpu) =
         timed(RestoreRequest::new(full.id).mode(RestoreMode::Parallel { connections: 2 })).await;
-    let pg_restore_j2_s = timed_pg_restore(admin, admin_url, BASELINE_DBS[1], dump, 2).await;
-    println!("parallel restore: {parallel_s:.2}s (pg_restore --jobs 2 {pg_restore_j2_s:.2}s)");
+    let (pg_restore_j2_s, pg_restore_j2_cpu) = baseline(BASELINE_DBS[1], 2).await;
+    println!(
+        "parallel restore: {parallel_s:.2}s, client CPU {parallel_cpu:.2}s (pg_restore --jobs 2 \
+         {pg_restore_j2_s:.2}s, client CPU {pg_restore_j2_cpu:.2}s)"
+    );
     figures
+        .set("restore_client_cpu_s", restore_cpu)
+        .set("pg_restore_client_cpu_s", pg_restore_cpu)
+        .set("parallel_restore_client_cpu_s", parallel_cpu)
+        .set("pg_restore_j2_client_cpu_s", pg_restore_j2_cpu)
         .set("restore_s", restore_s)
         .set("pg_restore_s", pg_restore_s)
         .set("restore_vs_pg_restore_ratio", pg_restore_s / restore_s)

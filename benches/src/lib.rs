@@ -89,6 +89,22 @@ pub async fn checkpoint(client: &tokio_postgres::Client, bench: &str) {
     }
 }
 
+/// CPU seconds (user and system) used so far by this process (`RUSAGE_SELF`) or by
+/// its waited-for children (`RUSAGE_CHILDREN`, with `children`).
+pub fn cpu_seconds(children: bool) -> f64 {
+    let who = if children {
+        libc::RUSAGE_CHILDREN
+    } else {
+        libc::RUSAGE_SELF
+    };
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage.
+    unsafe { libc::getrusage(who, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
 /// This process's peak resident set size in MiB (`VmHWM` of `/proc/self/status`),
 /// or `None` where the kernel does not report it.
 pub fn peak_rss_mb() -> Option<f64> {
