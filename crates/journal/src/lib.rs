@@ -601,9 +601,9 @@ impl Journal {
     ///
     /// The call does not depend on the results of the host's statements, so it can
     /// run concurrently with one of them on the same transaction (for example with
-    /// `futures::try_join!`): the client pipelines both, and the entry costs no
-    /// round trip of its own. If either fails, the transaction is aborted and must
-    /// be rolled back.
+    /// `futures::join!`, checking both results): the client pipelines both, and the
+    /// entry costs no round trip of its own. If either fails, roll the transaction
+    /// back.
     pub async fn record_in<'a, 'c: 'a>(
         &self,
         tx: impl Into<HostTransaction<'a, 'c>>,
