@@ -226,8 +226,24 @@ async fn a_damaged_compacted_segment_loses_the_damaged_records_not_the_segment()
     assert!(sealed.len() >= 2, "{sealed:?}");
     let victim = &sealed[0];
     let mut bytes = std::fs::read(victim).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x20;
+    // Damage the middle of the middle block's compressed bytes (docs/formats.md:
+    // a 32-byte header with the block count at 24, then per block a 28-byte header
+    // with the compressed length at 16). A flip near the end of a block's stream
+    // can leave every record of it intact (the decoder has produced them all when
+    // it fails), which this test is not about: here records must be lost.
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let mut payloads = Vec::new();
+    let mut at = 32;
+    for _ in 0..le32(&bytes, 24) {
+        let len = le32(&bytes, at + 16) as usize;
+        payloads.push((at + 28, len));
+        at += 28 + len;
+    }
+    let (start, len) = payloads[payloads.len() / 2];
+    assert!(len >= 64, "{payloads:?}");
+    for b in &mut bytes[start + len / 2..start + len / 2 + 8] {
+        *b ^= 0xFF;
+    }
     std::fs::write(victim, &bytes).unwrap();
 
     // Opening reads summaries, not sealed segments: validation finds the damage.
